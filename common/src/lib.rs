@@ -1,0 +1,243 @@
+//! The map ABI shared by the Portcullis kernel programs and the agent.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, has explicit padding and a size
+//! assertion, and carries no `bool` or Rust `enum` (the kernel side writes raw
+//! integers; the agent converts them with `TryFrom`).
+//!
+//! # Generations
+//! The endpoint, identity and policy maps hold two generations of state side by
+//! side; the `generation` field of every key says which. The kernel reads the
+//! active generation once per decision from [`STATE_MAP`], so a decision always
+//! sees one complete generation. The agent writes the inactive generation, then
+//! flips [`State::active_generation`]: no half-applied policy is ever visible.
+//!
+//! # Addresses
+//! All addresses are 16 bytes. IPv4 addresses are stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so one LPM trie covers both families and a dual-stack
+//! socket connecting to a mapped address is judged like an IPv4 one.
+#![no_std]
+
+/// Map names, shared so both sides agree (kernel limit: 15 characters).
+pub const ENDPOINTS_MAP: &str = "PCL_ENDPOINTS";
+pub const IDENTITIES_MAP: &str = "PCL_IDENTITIES";
+pub const POLICY_MAP: &str = "PCL_POLICY";
+pub const STATE_MAP: &str = "PCL_STATE";
+pub const COUNTERS_MAP: &str = "PCL_COUNTERS";
+pub const UDP_FLOWS_MAP: &str = "PCL_UDP_FLOWS";
+
+/// Program names (the Rust function names in the kernel object).
+pub const PROG_CONNECT4: &str = "pcl_connect4";
+pub const PROG_CONNECT6: &str = "pcl_connect6";
+pub const PROG_SENDMSG4: &str = "pcl_sendmsg4";
+pub const PROG_SENDMSG6: &str = "pcl_sendmsg6";
+pub const PROG_INGRESS: &str = "pcl_ingress";
+
+/// Map capacities. The generational maps hold two generations, so each
+/// generation may use half.
+pub const ENDPOINTS_CAPACITY: u32 = 16_384;
+pub const IDENTITIES_CAPACITY: u32 = 131_072;
+pub const POLICY_CAPACITY: u32 = 1_048_576;
+pub const COUNTERS_CAPACITY: u32 = 65_536;
+pub const UDP_FLOWS_CAPACITY: u32 = 65_536;
+
+/// How many cgroup levels below the root the kernel searches for an enforced
+/// ancestor of a socket's cgroup (pod cgroups sit a few levels deep; their
+/// containers one level lower).
+pub const MAX_CGROUP_DEPTH: u32 = 12;
+
+/// A UDP conversation counts as a reply path for this long after its last
+/// allowed datagram.
+pub const UDP_FLOW_TIMEOUT_NS: u64 = 120 * 1_000_000_000;
+
+/// Directions, as seen from the enforced endpoint.
+pub const DIRECTION_INGRESS: u8 = 0;
+pub const DIRECTION_EGRESS: u8 = 1;
+
+/// IP protocol numbers the data path understands.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Verdicts stored in [`PolicyValue::verdict`] and counted in [`CounterKey`].
+pub const VERDICT_DENY: u8 = 0;
+pub const VERDICT_ALLOW: u8 = 1;
+
+/// Why a verdict was reached.
+/// A rule of a policy matched (allow, or an explicit deny).
+pub const REASON_POLICY: u8 = 1;
+/// The endpoint is isolated in this direction and no rule allowed the flow.
+pub const REASON_DEFAULT_DENY: u8 = 2;
+/// No policy isolates the endpoint in this direction.
+pub const REASON_NOT_ISOLATED: u8 = 3;
+/// Loopback or the pod's own address: always allowed.
+pub const REASON_LOCAL: u8 = 4;
+/// Ingress from the pod's own node (kubelet probes): always allowed.
+pub const REASON_HOST: u8 = 5;
+/// A reply within a UDP conversation that was allowed in the other direction.
+pub const REASON_REPLY: u8 = 6;
+pub const REASON_MAX: u8 = 6;
+
+/// Reserved identities. Identities the agent allocates start at
+/// [`IDENTITY_FIRST_ALLOCATED`].
+/// An address no policy or workload mentions.
+pub const IDENTITY_WORLD: u32 = 0;
+/// An address of this node.
+pub const IDENTITY_HOST: u32 = 1;
+pub const IDENTITY_FIRST_ALLOCATED: u32 = 16;
+/// The wildcard peer in a [`PolicyKeyData`]: the entry applies to every peer
+/// identity that has no entry of its own for this endpoint and direction.
+pub const IDENTITY_ANY: u32 = u32::MAX;
+
+/// Bits of an LPM key that precede the variable part.
+pub const IDENTITY_KEY_FIXED_BITS: u32 = 32;
+pub const POLICY_KEY_FIXED_BITS: u32 = 32 + 32 + 32 + 8 + 8;
+
+/// Generational maps' `generation` values.
+pub const GENERATIONS: u32 = 2;
+
+/// Single-entry array: which generation the kernel reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    pub active_generation: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<State>() == 8);
+
+/// Key of the endpoint map: a cgroup v2 id in one generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub cgroup_id: u64,
+    pub generation: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 16);
+
+/// An enforced endpoint (a pod).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    /// The agent's id for the endpoint; policy keys refer to it.
+    pub endpoint_id: u32,
+    /// `ENDPOINT_FLAG_*`.
+    pub flags: u32,
+    /// The pod's own IPv4 address (mapped) and IPv6 address; all zero when
+    /// absent. Traffic to these is always allowed.
+    pub ipv4_mapped: [u8; 16],
+    pub ipv6: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 40);
+
+pub const ENDPOINT_FLAG_HAS_IPV4: u32 = 1;
+pub const ENDPOINT_FLAG_HAS_IPV6: u32 = 2;
+
+/// Data of an identity LPM key. `prefix_len` counts
+/// [`IDENTITY_KEY_FIXED_BITS`] plus the address prefix (IPv4 prefixes add 96).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdentityKeyData {
+    /// Big-endian generation (LPM keys compare bytes in order).
+    pub generation_be: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<IdentityKeyData>() == 20);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityValue {
+    pub identity: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<IdentityValue>() == 8);
+
+/// Data of a policy LPM key. `prefix_len` is [`POLICY_KEY_FIXED_BITS`] plus
+/// the number of leading port bits that must match (0 = any port, 16 = one
+/// port). Multi-byte fields are big-endian so the trie compares them as bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKeyData {
+    pub generation_be: u32,
+    pub endpoint_id_be: u32,
+    /// Peer identity, or [`IDENTITY_ANY`].
+    pub peer_identity_be: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub port_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<PolicyKeyData>() == 16);
+
+/// A compiled decision for (endpoint, peer, direction, protocol, port block).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// `REASON_*`.
+    pub reason: u8,
+    pub _pad: u16,
+    /// Identifies the (policy, rule) that decided, for attribution.
+    pub rule_cookie: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+/// Per-CPU counter key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub endpoint_id: u32,
+    pub rule_cookie: u32,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub protocol: u8,
+}
+const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
+
+/// Key of the UDP conversation table: an endpoint talked with a peer
+/// address and port. A datagram in the opposite direction is a reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    pub endpoint_id: u32,
+    pub peer_addr: [u8; 16],
+    pub peer_port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 24);
+
+/// Last time (`bpf_ktime_get_ns`) the conversation carried an allowed datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpFlowValue {
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<UdpFlowValue>() == 8);
+
+/// Builds the 16-byte form of an IPv4 address given in network byte order.
+#[inline(always)]
+pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, made only of integers, and have
+    // no implicit padding (checked by the size assertions above).
+    unsafe impl aya::Pod for State {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for IdentityKeyData {}
+    unsafe impl aya::Pod for IdentityValue {}
+    unsafe impl aya::Pod for PolicyKeyData {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for UdpFlowKey {}
+    unsafe impl aya::Pod for UdpFlowValue {}
+}
+
+/// Bumped whenever a map's key or value layout changes, so an agent never
+/// reuses pinned maps written by an incompatible one.
+pub const ABI_VERSION: u32 = 1;

@@ -1,0 +1,38 @@
+//! The kernel side of the map ABI in `portcullis-common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+};
+use portcullis_common::{
+    CounterKey, EndpointKey, EndpointValue, IdentityKeyData, IdentityValue, PolicyKeyData,
+    PolicyValue, State, UdpFlowKey, UdpFlowValue, COUNTERS_CAPACITY, ENDPOINTS_CAPACITY,
+    IDENTITIES_CAPACITY, POLICY_CAPACITY, UDP_FLOWS_CAPACITY,
+};
+
+// Map names below must equal the `*_MAP` constants in portcullis-common.
+
+#[map(name = "PCL_STATE")]
+pub static STATE: Array<State> = Array::pinned(1, 0);
+
+#[map(name = "PCL_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(ENDPOINTS_CAPACITY, 0);
+
+#[map(name = "PCL_IDENTITIES")]
+pub static IDENTITIES: LpmTrie<IdentityKeyData, IdentityValue> =
+    LpmTrie::pinned(IDENTITIES_CAPACITY, 0);
+
+#[map(name = "PCL_POLICY")]
+pub static POLICY: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::pinned(POLICY_CAPACITY, 0);
+
+#[map(name = "PCL_COUNTERS")]
+pub static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::pinned(COUNTERS_CAPACITY, 0);
+
+/// Decisions that could not be counted because [`COUNTERS`] was full, so a
+/// full map shows up as a number rather than as silence.
+#[map(name = "PCL_CNT_LOST")]
+pub static COUNTERS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+#[map(name = "PCL_UDP_FLOWS")]
+pub static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlowValue> =
+    LruHashMap::pinned(UDP_FLOWS_CAPACITY, 0);
