@@ -1,0 +1,377 @@
+//! `cargo xtask setup`: detect what building, testing and running the lab
+//! need, and install only what is missing. Running it again installs nothing.
+//!
+//! The eBPF side needs a toolchain that can build `core` for
+//! `bpfel-unknown-none` (nightly + rust-src, or Debian's rustc with its library
+//! source linked as the rustup toolchain `bpf`) and `bpf-linker`. See
+//! "Building the kernel side on these machines" in the design notes.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{bail, Result};
+
+use crate::run::{self, is_root, output};
+
+/// rustup toolchain name for Debian's rustc (must match `agent/build.rs`).
+const LINKED_TOOLCHAIN: &str = "bpf";
+/// Debian's rustc 1.96 with the library source, linked as `bpf`.
+const DEBIAN_TOOLCHAIN: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
+/// What building bpf-linker against the system LLVM needs.
+const LINKER_BUILD_DEPS: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_FEATURE: &str = "llvm-22";
+/// Needed by the lab, the privileged tests and the benchmarks.
+const RUNTIME: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "iperf3",
+    "iptables",
+    "nftables",
+    "hyperfine",
+    "prometheus",
+];
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// What is missing, found before anything is changed.
+#[derive(Default)]
+struct Plan {
+    /// Debian packages to install, in one apt-get run.
+    apt: Vec<&'static str>,
+    link_toolchain: bool,
+    /// The eBPF toolchain is not usable yet; check again after installing.
+    toolchain_pending: bool,
+    install_linker: bool,
+    /// Where a found or installed bpf-linker lives, if not on PATH yet.
+    path_dir: Option<PathBuf>,
+}
+
+impl Plan {
+    fn add_apt(&mut self, pkgs: Vec<&'static str>) {
+        for p in pkgs {
+            if !self.apt.contains(&p) {
+                self.apt.push(p);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.apt.is_empty() && !self.link_toolchain && !self.install_linker
+    }
+
+    fn describe(&self) -> String {
+        let mut what = Vec::new();
+        if !self.apt.is_empty() {
+            what.push(format!("Debian packages ({})", self.apt.join(" ")));
+        }
+        if self.link_toolchain {
+            what.push(format!("the `{LINKED_TOOLCHAIN}` rustup toolchain"));
+        }
+        if self.install_linker {
+            what.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+        }
+        what.join(", ")
+    }
+}
+
+pub fn setup() -> Result<()> {
+    let start = Instant::now();
+    println!("== setup");
+    let mut plan = Plan::default();
+
+    let toolchain = check_toolchain(&mut plan)?;
+    check_linker(&mut plan);
+    check_runtime(&mut plan);
+
+    if !plan.is_empty() {
+        if !is_root() {
+            bail!(
+                "setup must install {}; run as root (sudo -E cargo xtask setup)",
+                plan.describe()
+            );
+        }
+        install(&plan)?;
+    }
+    if let Some(dir) = &plan.path_dir {
+        prepend_path(dir);
+    }
+    verify(&toolchain, &plan)?;
+    mount_bpffs()?;
+
+    println!("✓ setup complete in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Picks the toolchain `agent/build.rs` will use and plans what it lacks.
+fn check_toolchain(plan: &mut Plan) -> Result<String> {
+    if let Ok(tc) = std::env::var("PORTCULLIS_EBPF_TOOLCHAIN") {
+        if !has_rust_src(&tc) {
+            bail!("PORTCULLIS_EBPF_TOOLCHAIN={tc}, but that toolchain has no rust-src");
+        }
+        println!("✓ eBPF toolchain `{tc}` (from PORTCULLIS_EBPF_TOOLCHAIN) has rust-src");
+        return Ok(tc);
+    }
+    if has_rust_src("nightly") {
+        println!("✓ eBPF toolchain `nightly` has rust-src");
+        return Ok("nightly".into());
+    }
+    println!("· nightly has no rust-src; using Debian's rustc linked as `{LINKED_TOOLCHAIN}`");
+    let missing = missing_packages(DEBIAN_TOOLCHAIN);
+    if missing.is_empty() {
+        println!(
+            "✓ Debian toolchain packages present ({})",
+            DEBIAN_TOOLCHAIN.join(" ")
+        );
+    } else {
+        println!("→ Debian toolchain packages missing: {}", missing.join(" "));
+    }
+    plan.add_apt(missing);
+
+    if !toolchain_linked(LINKED_TOOLCHAIN) {
+        println!("→ toolchain `{LINKED_TOOLCHAIN}` not linked");
+        plan.link_toolchain = true;
+        plan.toolchain_pending = true;
+    } else if has_rust_src(LINKED_TOOLCHAIN) {
+        println!(
+            "✓ toolchain `{LINKED_TOOLCHAIN}` linked with library source ({})",
+            rustc_version(LINKED_TOOLCHAIN)
+        );
+    } else if plan.apt.contains(&"rust-web-src") {
+        println!("→ toolchain `{LINKED_TOOLCHAIN}` linked, library source not installed yet");
+        plan.toolchain_pending = true;
+    } else {
+        bail!(
+            "toolchain `{LINKED_TOOLCHAIN}` is linked but has no library source under \
+             <sysroot>/lib/rustlib/src/rust/library; it should point at /usr: \
+             `rustup toolchain uninstall {LINKED_TOOLCHAIN}` and run setup again"
+        );
+    }
+    Ok(LINKED_TOOLCHAIN.into())
+}
+
+fn check_linker(plan: &mut Plan) {
+    if let Some(v) = linker_version(None) {
+        println!("✓ {v} present");
+        return;
+    }
+    let dir = install_bin_dir();
+    if let Some(v) = dir.as_deref().and_then(|d| linker_version(Some(d))) {
+        let dir = dir.expect("checked above");
+        println!("✓ {v} present in {} (added to PATH)", dir.display());
+        plan.path_dir = Some(dir);
+        return;
+    }
+    println!("→ bpf-linker not found");
+    plan.install_linker = true;
+    plan.path_dir = dir;
+    plan.add_apt(missing_packages(LINKER_BUILD_DEPS));
+}
+
+fn check_runtime(plan: &mut Plan) {
+    let missing = missing_packages(RUNTIME);
+    if missing.is_empty() {
+        println!("✓ runtime packages present ({})", RUNTIME.join(" "));
+    } else {
+        println!("→ runtime packages missing: {}", missing.join(" "));
+    }
+    plan.add_apt(missing);
+}
+
+fn install(plan: &Plan) -> Result<()> {
+    if !plan.apt.is_empty() {
+        if output(Command::new("apt-get").arg("--version")).is_none() {
+            bail!(
+                "apt-get not found: this host is not Debian-like; install by hand: {} \
+                 (or a nightly toolchain with rust-src and bpf-linker)",
+                plan.apt.join(" ")
+            );
+        }
+        println!("→ installing Debian packages: {}", plan.apt.join(" "));
+        let apt = |args: &[&str]| {
+            let mut cmd = Command::new("apt-get");
+            cmd.env("DEBIAN_FRONTEND", "noninteractive")
+                // Wait for a boot-time unattended-upgrades instead of failing.
+                .args(["-o", "DPkg::Lock::Timeout=600"])
+                .args(args)
+                .stdin(Stdio::null());
+            cmd
+        };
+        run::run("apt-get update", &mut apt(&["update"]))?;
+        run::run(
+            "installing Debian packages",
+            apt(&["install", "-y"]).args(&plan.apt),
+        )?;
+    }
+    if plan.link_toolchain {
+        println!("→ linking Debian's rustc as the `{LINKED_TOOLCHAIN}` toolchain");
+        run::run(
+            "linking the bpf toolchain",
+            Command::new("rustup").args(["toolchain", "link", LINKED_TOOLCHAIN, "/usr"]),
+        )?;
+    }
+    if plan.install_linker {
+        println!("→ installing bpf-linker {BPF_LINKER_VERSION} (takes ~2 min)…");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path = std::env::join_paths(
+            std::iter::once(PathBuf::from(LLVM_PREFIX).join("bin"))
+                .chain(std::env::split_paths(&path)),
+        )?;
+        let mut cmd = run::cargo();
+        cmd.env("PATH", path)
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", BPF_LINKER_FEATURE])
+            .stdin(Stdio::null());
+        run::run("installing bpf-linker", &mut cmd)?;
+    }
+    Ok(())
+}
+
+/// Checks, after installing, that the eBPF build will find what it needs.
+fn verify(toolchain: &str, plan: &Plan) -> Result<()> {
+    if plan.toolchain_pending {
+        if !has_rust_src(toolchain) {
+            bail!(
+                "toolchain `{toolchain}` still has no library source under \
+                 <sysroot>/lib/rustlib/src/rust/library; it should point at /usr: \
+                 `rustup toolchain uninstall {toolchain}` and run setup again"
+            );
+        }
+        println!(
+            "✓ toolchain `{toolchain}` ready ({})",
+            rustc_version(toolchain)
+        );
+    }
+    if plan.install_linker {
+        match linker_version(None) {
+            Some(v) => println!("✓ {v} installed"),
+            None => bail!(
+                "bpf-linker was installed but does not run; is cargo's bin directory ({}) on PATH?",
+                plan.path_dir
+                    .as_deref()
+                    .map_or_else(|| "~/.cargo/bin".into(), |d| d.display().to_string())
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn mount_bpffs() -> Result<()> {
+    if bpffs_mounted() {
+        println!("✓ bpffs mounted at {BPFFS}");
+        return Ok(());
+    }
+    if !is_root() {
+        println!("! bpffs not mounted at {BPFFS} (mounting needs root; the agent needs it)");
+        return Ok(());
+    }
+    println!("→ mounting bpffs at {BPFFS}");
+    std::fs::create_dir_all(BPFFS).ok();
+    run::run(
+        "mounting bpffs",
+        Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]),
+    )
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/mounts").is_ok_and(|mounts| {
+        mounts.lines().any(|l| {
+            let mut f = l.split_whitespace().skip(1);
+            f.next() == Some(BPFFS) && f.next() == Some("bpf")
+        })
+    })
+}
+
+fn rustup(args: &[&str]) -> Command {
+    let mut cmd = Command::new("rustup");
+    // Never let a probe download a toolchain.
+    cmd.env("RUSTUP_AUTO_INSTALL", "0").args(args);
+    cmd
+}
+
+fn has_rust_src(toolchain: &str) -> bool {
+    output(&mut rustup(&[
+        "run", toolchain, "rustc", "--print", "sysroot",
+    ]))
+    .is_some_and(|sysroot| {
+        Path::new(&sysroot)
+            .join("lib/rustlib/src/rust/library/core")
+            .exists()
+    })
+}
+
+fn rustc_version(toolchain: &str) -> String {
+    output(&mut rustup(&["run", toolchain, "rustc", "--version"]))
+        .unwrap_or_else(|| "rustc version unknown".into())
+}
+
+fn toolchain_linked(name: &str) -> bool {
+    output(&mut rustup(&["toolchain", "list"])).is_some_and(|list| {
+        list.lines()
+            .any(|l| l.split_whitespace().next() == Some(name))
+    })
+}
+
+/// `bpf-linker --version`, from PATH or from `dir`.
+fn linker_version(dir: Option<&Path>) -> Option<String> {
+    let exe = dir.map_or_else(|| PathBuf::from("bpf-linker"), |d| d.join("bpf-linker"));
+    output(Command::new(exe).arg("--version")).filter(|v| !v.is_empty())
+}
+
+/// Where `cargo install` puts binaries.
+fn install_bin_dir() -> Option<PathBuf> {
+    if let Some(root) = std::env::var_os("CARGO_INSTALL_ROOT") {
+        return Some(PathBuf::from(root).join("bin"));
+    }
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    Some(home.join("bin"))
+}
+
+/// Puts `dir` first on PATH for this process and every command it starts.
+fn prepend_path(dir: &Path) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    if dirs.iter().any(|d| d == dir) {
+        return;
+    }
+    dirs.insert(0, dir.to_path_buf());
+    if let Ok(joined) = std::env::join_paths(dirs) {
+        // Edition 2021: set_var is safe; xtask is single-threaded here.
+        std::env::set_var("PATH", joined);
+    }
+}
+
+/// Those of `pkgs` that dpkg does not report as installed.
+fn missing_packages(pkgs: &[&'static str]) -> Vec<&'static str> {
+    // Unknown packages make dpkg-query exit 1 but it still lists the rest.
+    let listed = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Status}\n"])
+        .args(pkgs)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let installed: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, status)| status.trim() == "installed")
+        .map(|(name, _)| name)
+        .collect();
+    pkgs.iter()
+        .copied()
+        .filter(|p| !installed.contains(p))
+        .collect()
+}
