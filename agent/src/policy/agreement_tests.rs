@@ -1,0 +1,477 @@
+//! The compiler's key property: for random inventories and policies, the
+//! kernel's lookup procedure over the compiled maps reaches the same verdict,
+//! with the same attribution, as the evaluator reading the policies directly.
+//!
+//! Addresses, CIDRs, ports and labels come from small pools that overlap on
+//! purpose (pods inside and outside CIDRs and excepts, node addresses inside
+//! CIDRs, ports at range edges, IPv6 blocks covering the IPv4-mapped range),
+//! so the corner cases are hit often.
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use proptest::{collection::vec, option, prelude::*, sample::select};
+
+use crate::policy::{
+    compile::{Compiled, Compiler},
+    evaluate::{evaluate, FlowQuery},
+    model::{
+        ContainerPort, IntOrString, Inventory, IpBlock, LabelSelector, LabelSelectorRequirement,
+        Namespace, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
+        NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec, ObjectMeta, PolicyObject,
+        Protocol, Workload,
+    },
+    parse::{parse_inventory, parse_policies},
+    test_support::{chain, kernel_decide},
+};
+
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+const V4_POOL: [&str; 8] = [
+    "10.0.0.1",
+    "10.0.0.2",
+    "10.0.0.3",
+    "10.0.0.5",
+    "10.0.1.1",
+    "10.0.1.2",
+    "10.1.0.1",
+    "192.168.0.1",
+];
+const V6_POOL: [&str; 6] = [
+    "fd00::1",
+    "fd00::2",
+    "fd00::5",
+    "fd00::1:1",
+    "fd01::1",
+    "2001:db8::7",
+];
+const NODE_V4: &str = "10.0.0.254";
+const NODE_V6: &str = "fd00::fe";
+/// Addresses that are never workloads or nodes.
+const OUTSIDERS: [&str; 10] = [
+    "10.0.0.7",
+    "10.0.2.9",
+    "203.0.113.1",
+    "127.0.0.1",
+    "::ffff:10.0.0.1",
+    "fd00::3",
+    "fd00::ff",
+    "2001:db8::1",
+    "::1",
+    "fe80::1",
+];
+const CIDRS: [&str; 20] = [
+    "0.0.0.0/0",
+    "10.0.0.0/8",
+    "10.0.0.0/16",
+    "10.0.0.0/24",
+    "10.0.1.0/24",
+    "10.0.0.0/29",
+    "10.0.0.0/30",
+    "10.0.0.0/31",
+    "10.0.0.2/31",
+    "10.0.0.3/32",
+    "10.0.0.254/32",
+    "10.1.0.0/16",
+    "::/0",
+    "fd00::/8",
+    "fd00::/112",
+    "fd00::/126",
+    "fd00::4/126",
+    "fd00::1/128",
+    "fd00::fe/128",
+    "2001:db8::/32",
+];
+const RULE_PORTS: [u16; 8] = [1, 53, 79, 80, 81, 443, 8080, 65535];
+const QUERY_PORTS: [u16; 14] = [0, 1, 2, 52, 53, 54, 79, 80, 81, 82, 443, 8080, 8081, 65535];
+const PORT_NAMES: [&str; 3] = ["http", "dns", "metrics"];
+
+/// Label keys with their possible values.
+const POD_LABELS: [(&str, [&str; 2]); 2] = [("app", ["web", "db"]), ("tier", ["front", "back"])];
+const NAMESPACE_LABELS: [(&str, [&str; 2]); 2] = [("team", ["a", "b"]), ("env", ["a", "b"])];
+
+fn labels(
+    keys: &'static [(&'static str, [&'static str; 2])],
+) -> impl Strategy<Value = BTreeMap<String, String>> {
+    vec(option::of(0..2usize), keys.len()).prop_map(move |choice| {
+        keys.iter()
+            .zip(choice)
+            .filter_map(|((k, values), c)| c.map(|i| (k.to_string(), values[i].to_string())))
+            .collect()
+    })
+}
+
+fn inventory() -> impl Strategy<Value = Inventory> {
+    let workload = (
+        0..NAMESPACES.len(),
+        labels(&POD_LABELS),
+        prop::bool::weighted(0.7),
+        prop::bool::weighted(0.85),
+        prop::bool::weighted(0.4),
+        vec(
+            (0..PORT_NAMES.len(), select(&RULE_PORTS[..]), any::<bool>()),
+            0..3,
+        ),
+    );
+    (
+        vec(workload, 1..=6),
+        vec(labels(&NAMESPACE_LABELS), NAMESPACES.len()),
+        (any::<bool>(), any::<bool>()),
+        Just(V4_POOL.to_vec()).prop_shuffle(),
+        Just(V6_POOL.to_vec()).prop_shuffle(),
+    )
+        .prop_map(|(seeds, ns_labels, (node4, node6), v4, v6)| {
+            let workloads = seeds
+                .into_iter()
+                .enumerate()
+                .map(|(i, (ns, labels, local, has_v4, has_v6, ports))| {
+                    let mut ips: Vec<IpAddr> = Vec::new();
+                    if has_v4 {
+                        ips.push(v4[i].parse().unwrap());
+                    }
+                    if has_v6 {
+                        ips.push(v6[i].parse().unwrap());
+                    }
+                    let mut named: BTreeMap<&str, ContainerPort> = BTreeMap::new();
+                    for (name, port, udp) in ports {
+                        named.entry(PORT_NAMES[name]).or_insert(ContainerPort {
+                            name: PORT_NAMES[name].to_string(),
+                            container_port: port,
+                            protocol: if udp { Protocol::Udp } else { Protocol::Tcp },
+                        });
+                    }
+                    Workload {
+                        name: format!("w{i}"),
+                        namespace: NAMESPACES[ns].to_string(),
+                        labels,
+                        cgroup: local.then(|| format!("/lab/w{i}").into()),
+                        ips,
+                        ports: named.into_values().collect(),
+                    }
+                })
+                .collect();
+            let mut node_ips = Vec::new();
+            if node4 {
+                node_ips.push(NODE_V4.parse().unwrap());
+            }
+            if node6 {
+                node_ips.push(NODE_V6.parse().unwrap());
+            }
+            Inventory {
+                node_ips,
+                namespaces: NAMESPACES
+                    .iter()
+                    .zip(ns_labels)
+                    .map(|(n, labels)| Namespace {
+                        name: n.to_string(),
+                        labels,
+                    })
+                    .collect(),
+                workloads,
+            }
+        })
+}
+
+fn expression() -> impl Strategy<Value = LabelSelectorRequirement> {
+    let keys: Vec<(&str, [&str; 2])> = POD_LABELS
+        .iter()
+        .chain(&NAMESPACE_LABELS)
+        .copied()
+        .chain([("kubernetes.io/metadata.name", ["x", "y"])])
+        .collect();
+    (
+        select(keys),
+        0..4usize,
+        prop::sample::subsequence(vec![0usize, 1], 1..=2),
+    )
+        .prop_map(|((key, values), op, chosen)| {
+            let (operator, values) = match op {
+                0 => (
+                    "In",
+                    Some(chosen.iter().map(|i| values[*i].to_string()).collect()),
+                ),
+                1 => (
+                    "NotIn",
+                    Some(chosen.iter().map(|i| values[*i].to_string()).collect()),
+                ),
+                2 => ("Exists", None),
+                _ => ("DoesNotExist", None),
+            };
+            LabelSelectorRequirement {
+                key: key.to_string(),
+                operator: operator.to_string(),
+                values,
+            }
+        })
+}
+
+fn selector(
+    keys: &'static [(&'static str, [&'static str; 2])],
+) -> impl Strategy<Value = LabelSelector> {
+    prop_oneof![
+        2 => Just(LabelSelector::default()),
+        3 => (labels(keys), vec(expression(), 0..2)).prop_map(|(match_labels, exprs)| LabelSelector {
+            match_labels: Some(match_labels),
+            match_expressions: Some(exprs),
+        }),
+    ]
+}
+
+fn peer() -> impl Strategy<Value = NetworkPolicyPeer> {
+    prop_oneof![
+        3 => selector(&POD_LABELS).prop_map(|s| NetworkPolicyPeer { pod_selector: Some(s), ..Default::default() }),
+        2 => selector(&NAMESPACE_LABELS).prop_map(|s| NetworkPolicyPeer { namespace_selector: Some(s), ..Default::default() }),
+        2 => (selector(&NAMESPACE_LABELS), selector(&POD_LABELS)).prop_map(|(n, p)| NetworkPolicyPeer {
+            namespace_selector: Some(n),
+            pod_selector: Some(p),
+            ..Default::default()
+        }),
+        4 => (select(&CIDRS[..]), vec(select(&CIDRS[..]), 0..3)).prop_map(|(cidr, excepts)| {
+            let net: ipnet::IpNet = cidr.parse().unwrap();
+            let except: Vec<String> = excepts
+                .into_iter()
+                .filter(|e| {
+                    let e: ipnet::IpNet = e.parse().unwrap();
+                    net.contains(&e) && e.prefix_len() > net.prefix_len()
+                })
+                .map(str::to_string)
+                .collect();
+            NetworkPolicyPeer {
+                ip_block: Some(IpBlock { cidr: cidr.to_string(), except: Some(except) }),
+                ..Default::default()
+            }
+        }),
+    ]
+}
+
+fn port() -> impl Strategy<Value = NetworkPolicyPort> {
+    let protocol = prop_oneof![Just(None), Just(Some("TCP")), Just(Some("UDP"))];
+    let spec = prop_oneof![
+        1 => Just((None, None)),
+        3 => select(&RULE_PORTS[..]).prop_map(|p| (Some(IntOrString::Int(p.into())), None)),
+        3 => (select(&RULE_PORTS[..]), select(&RULE_PORTS[..]))
+            .prop_map(|(a, b)| (Some(IntOrString::Int(a.min(b).into())), Some(i64::from(a.max(b))))),
+        3 => select(&["http", "dns", "metrics", "nope"][..]).prop_map(|n| (Some(IntOrString::String(n.to_string())), None)),
+    ];
+    (protocol, spec).prop_map(|(protocol, (port, end_port))| NetworkPolicyPort {
+        protocol: protocol.map(str::to_string),
+        port,
+        end_port,
+    })
+}
+
+/// `from`/`to` and `ports`: absent, empty or a short list.
+fn rule_parts() -> impl Strategy<
+    Value = (
+        Option<Vec<NetworkPolicyPeer>>,
+        Option<Vec<NetworkPolicyPort>>,
+    ),
+> {
+    (
+        option::weighted(0.75, vec(peer(), 0..3)),
+        option::weighted(0.6, vec(port(), 0..3)),
+    )
+}
+
+fn network_policy() -> impl Strategy<Value = NetworkPolicy> {
+    let types = option::weighted(
+        0.5,
+        prop::sample::subsequence(vec!["Ingress", "Egress"], 0..=2),
+    );
+    (
+        0..NAMESPACES.len(),
+        selector(&POD_LABELS),
+        types,
+        option::weighted(0.8, vec(rule_parts(), 0..4)),
+        option::weighted(0.6, vec(rule_parts(), 0..4)),
+    )
+        .prop_map(|(ns, pod_selector, types, ingress, egress)| NetworkPolicy {
+            api_version: "networking.k8s.io/v1".into(),
+            kind: "NetworkPolicy".into(),
+            metadata: ObjectMeta {
+                namespace: Some(NAMESPACES[ns].to_string()),
+                ..Default::default()
+            },
+            spec: NetworkPolicySpec {
+                pod_selector,
+                policy_types: types.map(|t| t.into_iter().map(str::to_string).collect()),
+                ingress: ingress.map(|rules| {
+                    rules
+                        .into_iter()
+                        .map(|(from, ports)| NetworkPolicyIngressRule { from, ports })
+                        .collect()
+                }),
+                egress: egress.map(|rules| {
+                    rules
+                        .into_iter()
+                        .map(|(to, ports)| NetworkPolicyEgressRule { to, ports })
+                        .collect()
+                }),
+            },
+        })
+}
+
+/// Policies as a multi-document YAML file, named p0, p1, ...
+fn policy_file() -> impl Strategy<Value = String> {
+    vec(network_policy(), 0..5).prop_map(|policies| {
+        policies
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut p)| {
+                p.metadata.name = Some(format!("p{i}"));
+                format!("---\n{}", serde_yaml::to_string(&p).unwrap())
+            })
+            .collect()
+    })
+}
+
+/// Every address worth asking about: workloads, node, outsiders.
+fn addresses(inventory: &Inventory) -> Vec<IpAddr> {
+    V4_POOL
+        .iter()
+        .chain(&V6_POOL)
+        .chain(&[NODE_V4, NODE_V6])
+        .chain(&OUTSIDERS)
+        .map(|a| a.parse().unwrap())
+        .chain(
+            inventory
+                .workloads
+                .iter()
+                .flat_map(|w| w.ips.iter().copied()),
+        )
+        .collect::<std::collections::BTreeSet<IpAddr>>()
+        .into_iter()
+        .collect()
+}
+
+fn same_family(a: IpAddr, b: IpAddr) -> bool {
+    a.to_canonical().is_ipv4() == b.to_canonical().is_ipv4()
+}
+
+/// Checks every flow between same-family addresses with a local end, on
+/// every interesting port, and the shape of the compiled maps.
+fn check_agreement(
+    inventory: &Inventory,
+    policies: &[PolicyObject],
+    compiled: &Compiled,
+    context: &str,
+) -> Result<(), TestCaseError> {
+    check_shape(compiled)?;
+    let addresses = addresses(inventory);
+    let local = |a: IpAddr| {
+        let a = a.to_canonical();
+        inventory
+            .workloads
+            .iter()
+            .any(|w| w.is_local() && w.ips.contains(&a))
+    };
+    for &src in &addresses {
+        let others = addresses
+            .iter()
+            .filter(|d| same_family(src, **d) && (local(src) || local(**d)));
+        for &dst in others {
+            for port in QUERY_PORTS {
+                for protocol in Protocol::ENFORCED {
+                    let query = FlowQuery {
+                        src,
+                        dst,
+                        port,
+                        protocol,
+                    };
+                    let expected = evaluate(inventory, policies, &query);
+                    let kernel = kernel_decide(compiled, &query);
+                    prop_assert_eq!(&kernel, &expected, "{:?}\n{}", query, context);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Structural promises: aligned, disjoint port blocks; reserved ids kept
+/// out of allocation; every cookie attributed and every attribution used.
+fn check_shape(compiled: &Compiled) -> Result<(), TestCaseError> {
+    use portcullis_common::{
+        IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST, IDENTITY_WORLD,
+    };
+    for id in compiled.identities.values() {
+        prop_assert!(
+            *id == IDENTITY_HOST
+                || *id == IDENTITY_WORLD
+                || (*id >= IDENTITY_FIRST_ALLOCATED && *id != IDENTITY_ANY)
+        );
+    }
+    let mut used_cookies = std::collections::BTreeSet::new();
+    // (endpoint, peer, direction, protocol) → [start, end) of each block.
+    type Partition = (u32, u32, u8, u8);
+    let mut blocks: BTreeMap<Partition, Vec<(u32, u32)>> = BTreeMap::new();
+    for (key, value) in &compiled.rules {
+        prop_assert!(key.port_prefix_len <= 16);
+        let size = 1u32 << (16 - u32::from(key.port_prefix_len));
+        prop_assert_eq!(u32::from(key.port) % size, 0, "unaligned block {:?}", key);
+        prop_assert!(
+            compiled.cookies.contains_key(&value.rule_cookie),
+            "unattributed {:?}",
+            value
+        );
+        used_cookies.insert(value.rule_cookie);
+        if key.port_prefix_len > 0 || value.verdict == portcullis_common::VERDICT_ALLOW {
+            blocks
+                .entry((
+                    key.endpoint_id,
+                    key.peer_identity,
+                    key.direction,
+                    key.protocol,
+                ))
+                .or_default()
+                .push((u32::from(key.port), u32::from(key.port) + size));
+        }
+    }
+    prop_assert_eq!(
+        used_cookies.len(),
+        compiled.cookies.len(),
+        "attributions without entries"
+    );
+    for ranges in blocks.values_mut() {
+        ranges.sort();
+        for pair in ranges.windows(2) {
+            prop_assert!(pair[0].1 <= pair[1].0, "overlapping blocks {:?}", pair);
+        }
+    }
+    Ok(())
+}
+
+fn parse_case(
+    inventory: &Inventory,
+    policy_text: &str,
+) -> Result<(Inventory, Vec<PolicyObject>), TestCaseError> {
+    // Through the text formats, so parsing accepts all it should.
+    let inventory_text = serde_yaml::to_string(inventory).unwrap();
+    let inventory = parse_inventory(Path::new("workloads.yaml"), &inventory_text)
+        .map_err(|e| TestCaseError::fail(format!("{}\n{inventory_text}", chain(&e))))?;
+    let policies = parse_policies(Path::new("policies.yaml"), policy_text)
+        .map_err(|e| TestCaseError::fail(format!("{}\n{policy_text}", chain(&e))))?;
+    Ok((inventory, policies))
+}
+
+proptest! {
+    // 256 cases by default; PROPTEST_CASES=10000 for a longer hunt.
+    #[test]
+    fn compiled_maps_decide_like_the_policies(
+        first_inventory in inventory(),
+        first_policies in policy_file(),
+        second_inventory in inventory(),
+        second_policies in policy_file(),
+    ) {
+        // One compiler for two different states, as the agent uses it: ids
+        // carried over from the first compile must not confuse the second.
+        let mut compiler = Compiler::new();
+        for (inventory, text) in [(&first_inventory, &first_policies), (&second_inventory, &second_policies)] {
+            let (inventory, policies) = parse_case(inventory, text)?;
+            let compiled = compiler
+                .compile(&inventory, &policies)
+                .map_err(|e| TestCaseError::fail(chain(&e)))?;
+            let context = format!("--- workloads\n{}\n--- policies\n{text}", serde_yaml::to_string(&inventory).unwrap());
+            check_agreement(&inventory, &policies, &compiled, &context)?;
+            prop_assert_eq!(&compiler.compile(&inventory, &policies).unwrap(), &compiled, "recompiling changed the output");
+        }
+    }
+}

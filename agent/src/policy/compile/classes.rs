@@ -1,0 +1,252 @@
+//! Peer classes: sets of addresses that every policy predicate treats alike,
+//! each becoming one identity in the kernel's address → identity trie.
+//!
+//! A peer predicate looks at a pod's namespace, labels and namespace labels
+//! (selectors), its named ports (named egress ports), and which policy CIDRs
+//! contain the address (ipBlock). The CIDRs any policy mentions that contain
+//! one address form a chain, so the most specific one decides every ipBlock
+//! test: the address is in `cidr` iff that prefix is inside `cidr`, and in an
+//! `except` iff that prefix is inside the `except`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::AddrPrefix;
+use crate::policy::model::{Inventory, Labels, NamespaceScope, NetworkPolicyRules, Peer, Protocol};
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PeerClass {
+    /// Pod addresses.
+    Pod {
+        namespace: String,
+        labels: Labels,
+        namespace_labels: Labels,
+        /// (name, protocol, port), sorted.
+        named_ports: Vec<(String, Protocol, u16)>,
+        /// Most specific policy CIDR containing the address.
+        cidr: Option<IpNet>,
+    },
+    /// Other addresses whose most specific policy CIDR is this one.
+    Cidr(IpNet),
+}
+
+/// What an identity-trie prefix stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Member {
+    /// Index into [`PeerClasses::classes`].
+    Class(usize),
+    /// This node's addresses: the kernel's reserved HOST identity.
+    Host,
+    /// Explicitly no identity (see [`PeerClasses::build`]).
+    World,
+}
+
+pub struct PeerClasses {
+    /// Sorted, so identities are allocated in a deterministic order.
+    pub classes: Vec<PeerClass>,
+    pub prefixes: BTreeMap<AddrPrefix, Member>,
+    /// Classes by their most specific policy CIDR, for ipBlock peers.
+    by_cidr: BTreeMap<IpNet, Vec<usize>>,
+    /// Pod classes, for selector peers.
+    pods: Vec<usize>,
+}
+
+impl PeerClasses {
+    pub fn build<'a>(
+        inventory: &Inventory,
+        policies: impl IntoIterator<Item = &'a NetworkPolicyRules>,
+    ) -> Self {
+        let mentioned = mentioned_cidrs(policies);
+        // One lookup per prefix length, longest first: policies may mention
+        // thousands of CIDRs.
+        let most_specific = |ip: IpAddr| -> Option<IpNet> {
+            let max_len = if ip.is_ipv4() { 32 } else { 128 };
+            (0..=max_len)
+                .rev()
+                .filter_map(|len| IpNet::new(ip, len).ok().map(|net| net.trunc()))
+                .find(|net| mentioned.contains(net))
+        };
+
+        let mut members: BTreeMap<AddrPrefix, PeerClass> = BTreeMap::new();
+        let mut prefixes: BTreeMap<AddrPrefix, Member> = BTreeMap::new();
+        // Node addresses are HOST even if a policy CIDR names them exactly:
+        // the kernel lets HOST in unconditionally and ipBlocks never match it.
+        for ip in &inventory.node_ips {
+            prefixes.insert(AddrPrefix::host(*ip), Member::Host);
+        }
+        for w in &inventory.workloads {
+            let mut named_ports: Vec<_> = w
+                .ports
+                .iter()
+                .map(|p| (p.name.clone(), p.protocol, p.container_port))
+                .collect();
+            named_ports.sort();
+            for ip in &w.ips {
+                let class = PeerClass::Pod {
+                    namespace: w.namespace.clone(),
+                    labels: w.labels.clone(),
+                    namespace_labels: inventory.namespace_labels(&w.namespace),
+                    named_ports: named_ports.clone(),
+                    cidr: most_specific(*ip),
+                };
+                members.insert(AddrPrefix::host(*ip), class);
+            }
+        }
+        for net in &mentioned {
+            let prefix = AddrPrefix::from_net(*net);
+            // A /32 or /128 naming a pod or node: the host entry already
+            // carries (or overrides) what the CIDR would say.
+            if !members.contains_key(&prefix) && !prefixes.contains_key(&prefix) {
+                members.insert(prefix, PeerClass::Cidr(*net));
+            }
+        }
+        // IPv4 lives at ::ffff:0:0/96 in the kernel's trie, so an IPv6 policy
+        // CIDR covering that range (e.g. ::/0) would capture IPv4 addresses
+        // that no IPv4 CIDR names. Pin that range to "no identity" unless
+        // 0.0.0.0/0 itself is a policy CIDR.
+        let ipv4_space = AddrPrefix::from_net(IpNet::V4(Ipv4Net::default()));
+        let mapped_root = IpAddr::V6(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
+        if !members.contains_key(&ipv4_space)
+            && mentioned
+                .iter()
+                .any(|net| matches!(net, IpNet::V6(_)) && net.contains(&mapped_root))
+        {
+            prefixes.insert(ipv4_space, Member::World);
+        }
+
+        let classes: Vec<PeerClass> = members
+            .values()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for (prefix, class) in members {
+            // The list was built from these classes, so the search succeeds.
+            if let Ok(index) = classes.binary_search(&class) {
+                prefixes.insert(prefix, Member::Class(index));
+            }
+        }
+        let mut by_cidr: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+        let mut pods = Vec::new();
+        for (index, class) in classes.iter().enumerate() {
+            let cidr = match class {
+                PeerClass::Pod { cidr, .. } => {
+                    pods.push(index);
+                    *cidr
+                }
+                PeerClass::Cidr(cidr) => Some(*cidr),
+            };
+            if let Some(cidr) = cidr {
+                by_cidr.entry(cidr).or_default().push(index);
+            }
+        }
+        Self {
+            classes,
+            prefixes,
+            by_cidr,
+            pods,
+        }
+    }
+
+    /// Indexes of the classes a peer matches, ascending.
+    pub fn matching(&self, peer: &Peer) -> Vec<usize> {
+        let mut matched: Vec<usize> = match peer {
+            Peer::Pods { .. } => self.pods.clone(),
+            // Only classes whose CIDR lies inside the block can match; they
+            // sort between (network, /0) and (broadcast, /max).
+            Peer::Block { cidr, .. } => {
+                let (low, high) = match cidr {
+                    IpNet::V4(net) => (
+                        IpNet::V4(Ipv4Net::new_assert(net.network(), 0)),
+                        IpNet::V4(Ipv4Net::new_assert(net.broadcast(), 32)),
+                    ),
+                    IpNet::V6(net) => (
+                        IpNet::V6(Ipv6Net::new_assert(net.network(), 0)),
+                        IpNet::V6(Ipv6Net::new_assert(net.broadcast(), 128)),
+                    ),
+                };
+                self.by_cidr
+                    .range(low..=high)
+                    .flat_map(|(_, classes)| classes.iter().copied())
+                    .collect()
+            }
+        };
+        matched.retain(|i| self.classes[*i].matched_by(peer));
+        matched.sort_unstable();
+        matched
+    }
+
+    /// Indexes of the pod classes, ascending.
+    pub fn pod_classes(&self) -> &[usize] {
+        &self.pods
+    }
+}
+
+/// Every `cidr` and `except` of every policy.
+fn mentioned_cidrs<'a>(
+    policies: impl IntoIterator<Item = &'a NetworkPolicyRules>,
+) -> BTreeSet<IpNet> {
+    let mut cidrs = BTreeSet::new();
+    for np in policies {
+        for rule in np.ingress.iter().chain(&np.egress) {
+            if let crate::policy::model::Peers::Only(peers) = &rule.peers {
+                for peer in peers {
+                    if let Peer::Block { cidr, except } = peer {
+                        cidrs.insert(*cidr);
+                        cidrs.extend(except.iter().copied());
+                    }
+                }
+            }
+        }
+    }
+    cidrs
+}
+
+impl PeerClass {
+    /// Does the peer (of a policy in `policy_namespace`) match this class?
+    pub fn matched_by(&self, peer: &Peer) -> bool {
+        match (peer, self) {
+            (
+                Peer::Pods { namespaces, pods },
+                PeerClass::Pod {
+                    namespace,
+                    labels,
+                    namespace_labels,
+                    ..
+                },
+            ) => {
+                let namespace_ok = match namespaces {
+                    NamespaceScope::Exactly(ns) => ns == namespace,
+                    NamespaceScope::Matching(selector) => selector.matches(namespace_labels),
+                };
+                namespace_ok && pods.matches(labels)
+            }
+            (Peer::Pods { .. }, PeerClass::Cidr(_)) => false,
+            (Peer::Block { cidr, except }, class) => {
+                let most_specific = match class {
+                    PeerClass::Pod { cidr, .. } => match cidr {
+                        Some(c) => c,
+                        None => return false,
+                    },
+                    PeerClass::Cidr(c) => c,
+                };
+                cidr.contains(most_specific) && !except.iter().any(|e| e.contains(most_specific))
+            }
+        }
+    }
+
+    /// Resolves a container port name against the pods of this class.
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        match self {
+            PeerClass::Pod { named_ports, .. } => named_ports
+                .iter()
+                .find(|(n, p, _)| n == name && *p == protocol)
+                .map(|(_, _, port)| *port),
+            PeerClass::Cidr(_) => None,
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! What the compiler writes: entry shapes, identities, attribution and id
+//! stability. Verdict semantics are covered by the evaluator's scenario
+//! tests (which also run the kernel model) and the agreement property test.
+
+use std::str::FromStr;
+
+use portcullis_common::{DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_TCP, PROTO_UDP};
+
+use super::*;
+use crate::policy::{
+    model::InventoryError,
+    test_support::{chain, inventory, policies},
+};
+
+fn lab() -> Inventory {
+    inventory(
+        r#"
+nodeIPs: [198.18.0.1]
+workloads:
+  - {name: a, namespace: x, labels: {app: web}, cgroup: /lab/x-a, ips: [198.18.0.10], ports: [{name: http, containerPort: 80}]}
+  - {name: b, namespace: x, labels: {app: web}, cgroup: /lab/x-b, ips: [198.18.0.11], ports: [{name: http, containerPort: 80}]}
+  - {name: c, namespace: x, labels: {app: db}, cgroup: /lab/x-c, ips: [198.18.0.12, "fd70::12"], ports: [{name: http, containerPort: 8080}]}
+  - {name: r, namespace: y, labels: {app: web}, ips: [198.18.0.20]}
+"#,
+    )
+}
+
+fn np(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n"
+    )
+}
+
+fn compile(inv: &Inventory, text: &str) -> Compiled {
+    Compiler::new()
+        .compile(inv, &policies(text))
+        .unwrap_or_else(|e| panic!("{}", chain(&e)))
+}
+
+fn endpoint(c: &Compiled, name: &str) -> u32 {
+    c.endpoints
+        .iter()
+        .find(|e| e.workload.name == name)
+        .map(|e| e.id)
+        .expect("endpoint")
+}
+
+fn identity(c: &Compiled, ip: &str) -> u32 {
+    let ip = IpAddr::from_str(ip).expect("address");
+    c.identities[&AddrPrefix::host(ip)]
+}
+
+/// The (port, prefix length, verdict) entries of one partition.
+fn entries(
+    c: &Compiled,
+    endpoint_id: u32,
+    peer: u32,
+    direction: u8,
+    protocol: u8,
+) -> Vec<(u16, u8, u8)> {
+    c.rules
+        .iter()
+        .filter(|(k, _)| {
+            (k.endpoint_id, k.peer_identity, k.direction, k.protocol)
+                == (endpoint_id, peer, direction, protocol)
+        })
+        .map(|(k, v)| (k.port, k.port_prefix_len, v.verdict))
+        .collect()
+}
+
+fn policy_ref(ns: &str, name: &str) -> PolicyRef {
+    PolicyRef {
+        namespace: ns.into(),
+        name: name.into(),
+    }
+}
+
+#[test]
+fn endpoints_are_the_local_workloads() {
+    let c = compile(&lab(), "");
+    let names: Vec<_> = c.endpoints.iter().map(|e| e.workload.to_string()).collect();
+    assert_eq!(names, ["x/a", "x/b", "x/c"]);
+    let ep = &c.endpoints[2];
+    assert_eq!(ep.cgroup, PathBuf::from("/lab/x-c"));
+    assert_eq!(ep.ipv4, Some(Ipv4Addr::new(198, 18, 0, 12)));
+    assert_eq!(ep.ipv6, Some("fd70::12".parse().unwrap()));
+    assert!(
+        c.rules.is_empty() && c.cookies.is_empty(),
+        "nothing is isolated"
+    );
+}
+
+#[test]
+fn default_deny_is_one_wildcard_entry_per_direction_and_protocol() {
+    let c = compile(
+        &lab(),
+        &np(
+            "x",
+            "deny",
+            "  podSelector: {matchLabels: {app: db}}\n  policyTypes: [Ingress, Egress]",
+        ),
+    );
+    let id = endpoint(&c, "c");
+    assert_eq!(c.rules.len(), 4);
+    for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
+        for protocol in [PROTO_TCP, PROTO_UDP] {
+            assert_eq!(
+                entries(&c, id, IDENTITY_ANY, direction, protocol),
+                [(0, 0, VERDICT_DENY)]
+            );
+        }
+    }
+    let value = c.rules.values().next().unwrap();
+    assert_eq!(value.reason, REASON_DEFAULT_DENY);
+    assert_eq!(
+        c.cookies[&value.rule_cookie],
+        Attribution::DefaultDeny {
+            direction: Direction::Ingress,
+            isolated_by: vec![policy_ref("x", "deny")],
+        }
+    );
+    assert_eq!(c.cookies.len(), 2, "one default-deny cookie per direction");
+}
+
+#[test]
+fn port_ranges_become_aligned_prefix_blocks() {
+    let c = compile(
+        &lab(),
+        &np(
+            "x",
+            "p",
+            "  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - ports: [{port: 80, endPort: 81}, {port: 443}, {protocol: UDP, port: 1, endPort: 65535}]",
+        ),
+    );
+    let id = endpoint(&c, "c");
+    assert_eq!(
+        entries(&c, id, IDENTITY_ANY, DIRECTION_INGRESS, PROTO_TCP),
+        [
+            (0, 0, VERDICT_DENY),
+            (80, 15, VERDICT_ALLOW),
+            (443, 16, VERDICT_ALLOW)
+        ]
+    );
+    let udp = entries(&c, id, IDENTITY_ANY, DIRECTION_INGRESS, PROTO_UDP);
+    assert_eq!(
+        udp.len(),
+        17,
+        "default deny (port 0 stays denied) + 16 blocks"
+    );
+    assert_eq!(udp[0], (0, 0, VERDICT_DENY));
+    assert!(udp.contains(&(1, 16, VERDICT_ALLOW)) && udp.contains(&(32768, 1, VERDICT_ALLOW)));
+}
+
+#[test]
+fn a_rule_allowing_every_port_needs_no_default_entry() {
+    let c = compile(
+        &lab(),
+        &np(
+            "x",
+            "p",
+            "  podSelector: {matchLabels: {app: db}}\n  ingress: [{}]",
+        ),
+    );
+    let id = endpoint(&c, "c");
+    for protocol in [PROTO_TCP, PROTO_UDP] {
+        assert_eq!(
+            entries(&c, id, IDENTITY_ANY, DIRECTION_INGRESS, protocol),
+            [(0, 0, VERDICT_ALLOW)]
+        );
+    }
+    let cookie = c.rules.values().next().unwrap().rule_cookie;
+    assert_eq!(
+        c.cookies[&cookie],
+        Attribution::Rule {
+            policy: policy_ref("x", "p"),
+            direction: Direction::Ingress,
+            rule_index: 0,
+        }
+    );
+    assert_eq!(
+        c.cookies.len(),
+        1,
+        "the unused default-deny cookie is not listed"
+    );
+}
+
+#[test]
+fn identities_group_alike_pods_and_reserve_the_node() {
+    let c = compile(&lab(), "");
+    assert_eq!(identity(&c, "198.18.0.1"), IDENTITY_HOST);
+    let (a, b) = (identity(&c, "198.18.0.10"), identity(&c, "198.18.0.11"));
+    assert_eq!(a, b, "same namespace, labels and ports: one identity");
+    assert!(a >= IDENTITY_FIRST_ALLOCATED);
+    assert_ne!(identity(&c, "198.18.0.20"), a, "another namespace");
+    assert_eq!(
+        identity(&c, "198.18.0.12"),
+        identity(&c, "fd70::12"),
+        "both addresses of c"
+    );
+
+    // A policy CIDR containing only one of them splits the class.
+    let c = compile(
+        &lab(),
+        &np(
+            "x",
+            "p",
+            "  podSelector: {}\n  ingress:\n  - from: [{ipBlock: {cidr: 198.18.0.10/32}}]",
+        ),
+    );
+    assert_ne!(identity(&c, "198.18.0.10"), identity(&c, "198.18.0.11"));
+}
+
+#[test]
+fn peers_get_entries_only_where_their_verdict_differs() {
+    let c = compile(
+        &lab(),
+        &np(
+            "x",
+            "p",
+            "  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: web}}}]\n    ports: [{port: 5432}]\n  - ports: [{port: 9090}]",
+        ),
+    );
+    let id = endpoint(&c, "c");
+    let web = identity(&c, "198.18.0.10");
+    assert_eq!(
+        entries(&c, id, web, DIRECTION_INGRESS, PROTO_TCP),
+        [
+            (0, 0, VERDICT_DENY),
+            (5432, 16, VERDICT_ALLOW),
+            (9090, 16, VERDICT_ALLOW)
+        ],
+        "a named peer's entries include the rules for every peer"
+    );
+    assert_eq!(
+        entries(&c, id, IDENTITY_ANY, DIRECTION_INGRESS, PROTO_TCP),
+        [(0, 0, VERDICT_DENY), (9090, 16, VERDICT_ALLOW)]
+    );
+    assert!(
+        entries(&c, id, web, DIRECTION_INGRESS, PROTO_UDP).is_empty(),
+        "no UDP rule names web, so the wildcard entry decides"
+    );
+    let remote = identity(&c, "198.18.0.20");
+    assert!(
+        entries(&c, id, remote, DIRECTION_INGRESS, PROTO_TCP).is_empty(),
+        "y/r is in another namespace"
+    );
+}
+
+#[test]
+fn named_egress_ports_get_an_entry_per_destination_class() {
+    let c = compile(
+        &lab(),
+        &np(
+            "x",
+            "p",
+            "  podSelector: {matchLabels: {app: web}}\n  egress:\n  - ports: [{port: http}]",
+        ),
+    );
+    let a = endpoint(&c, "a");
+    assert_eq!(
+        entries(&c, a, IDENTITY_ANY, DIRECTION_EGRESS, PROTO_TCP),
+        [(0, 0, VERDICT_DENY)]
+    );
+    let web = identity(&c, "198.18.0.11");
+    let db = identity(&c, "198.18.0.12");
+    assert_eq!(
+        entries(&c, a, web, DIRECTION_EGRESS, PROTO_TCP),
+        [(0, 0, VERDICT_DENY), (80, 16, VERDICT_ALLOW)]
+    );
+    assert_eq!(
+        entries(&c, a, db, DIRECTION_EGRESS, PROTO_TCP),
+        [(0, 0, VERDICT_DENY), (8080, 16, VERDICT_ALLOW)]
+    );
+}
+
+#[test]
+fn ip_blocks_become_cidr_identities() {
+    let c = compile(
+        &lab(),
+        &np(
+            "x",
+            "p",
+            "  podSelector: {}\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}, {ipBlock: {cidr: '2001:db8::/32'}}]",
+        ),
+    );
+    let prefix = |s: &str| AddrPrefix::from_net(s.parse().unwrap());
+    let ten = c.identities[&prefix("10.0.0.0/8")];
+    let except = c.identities[&prefix("10.1.0.0/16")];
+    assert!(ten >= IDENTITY_FIRST_ALLOCATED && except >= IDENTITY_FIRST_ALLOCATED && ten != except);
+    assert_eq!(prefix("10.0.0.0/8").len, 104);
+    assert!(c.identities.contains_key(&prefix("2001:db8::/32")));
+    let a = endpoint(&c, "a");
+    assert_eq!(
+        entries(&c, a, ten, DIRECTION_EGRESS, PROTO_TCP),
+        [(0, 0, VERDICT_ALLOW)]
+    );
+    assert!(entries(&c, a, except, DIRECTION_EGRESS, PROTO_TCP).is_empty());
+}
+
+#[test]
+fn an_ipv6_block_containing_the_ipv4_mapped_range_leaves_ipv4_unnamed() {
+    let c = compile(
+        &lab(),
+        &np(
+            "x",
+            "p",
+            "  podSelector: {}\n  egress:\n  - to: [{ipBlock: {cidr: '::/0'}}]",
+        ),
+    );
+    let ipv4_space = AddrPrefix::from_net("0.0.0.0/0".parse().unwrap());
+    assert_eq!(ipv4_space.len, 96);
+    assert_eq!(c.identities[&ipv4_space], IDENTITY_WORLD);
+
+    let c = compile(
+        &lab(),
+        &np("x", "p", "  podSelector: {}\n  egress:\n  - to: [{ipBlock: {cidr: '::/0'}}, {ipBlock: {cidr: 0.0.0.0/0}}]"),
+    );
+    assert!(c.identities[&ipv4_space] >= IDENTITY_FIRST_ALLOCATED);
+}
+
+#[test]
+fn ids_are_stable_across_recompiles() {
+    let text = [
+        np("x", "web", "  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: db}}}]"),
+        np("x", "db", "  podSelector: {matchLabels: {app: db}}\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/8}}]"),
+    ]
+    .concat();
+    let inv = lab();
+    let pols = policies(&text);
+    let mut compiler = Compiler::new();
+    let first = compiler.compile(&inv, &pols).unwrap();
+    assert_eq!(
+        compiler.compile(&inv, &pols).unwrap(),
+        first,
+        "same input, same output"
+    );
+    assert_eq!(
+        Compiler::new().compile(&inv, &pols).unwrap(),
+        first,
+        "deterministic"
+    );
+
+    // A new workload and a new policy: what was there keeps its ids.
+    let mut grown = inv.clone();
+    grown.workloads.insert(
+        0,
+        Workload {
+            name: "new".into(),
+            namespace: "x".into(),
+            labels: [("app".to_string(), "cache".to_string())].into(),
+            cgroup: Some("/lab/x-new".into()),
+            ips: vec!["198.18.0.30".parse().unwrap()],
+            ports: vec![],
+        },
+    );
+    let mut more = pols.clone();
+    more.extend(policies(&np(
+        "x",
+        "cache",
+        "  podSelector: {matchLabels: {app: cache}}\n  ingress: [{}]",
+    )));
+    let second = compiler.compile(&grown, &more).unwrap();
+
+    for ep in &first.endpoints {
+        let again = second
+            .endpoints
+            .iter()
+            .find(|e| e.workload == ep.workload)
+            .unwrap();
+        assert_eq!(again.id, ep.id, "{}", ep.workload);
+    }
+    for (prefix, id) in &first.identities {
+        assert_eq!(second.identities.get(prefix), Some(id), "{prefix}");
+    }
+    for (cookie, attribution) in &first.cookies {
+        assert_eq!(second.cookies.get(cookie), Some(attribution));
+    }
+    for (key, value) in &first.rules {
+        assert_eq!(
+            second.rules.get(key),
+            Some(value),
+            "{key:?} is still there unchanged"
+        );
+    }
+}
+
+#[test]
+fn two_local_workloads_cannot_share_a_cgroup() {
+    let mut inv = lab();
+    inv.workloads[1].cgroup = Some("/lab/x-a/".into());
+    let err = Compiler::new().compile(&inv, &[]).unwrap_err();
+    assert!(
+        matches!(&err, CompileError::Inventory { source } if matches!(&**source,
+            InventoryError::DuplicateCgroup { first, second, .. } if first.name == "a" && second.name == "b")),
+        "{err:?}"
+    );
+    assert!(
+        chain(&err).contains("workloads x/a and x/b share cgroup /lab/x-a"),
+        "{}",
+        chain(&err)
+    );
+}
+
+#[test]
+fn a_policy_given_twice_is_an_error() {
+    let mut pols = policies(&np("x", "p", "  podSelector: {}"));
+    pols.push(pols[0].clone());
+    let err = Compiler::new().compile(&lab(), &pols).unwrap_err();
+    assert!(
+        matches!(err, CompileError::DuplicatePolicy { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("x/p"));
+}
+
+/// The benchmark's shape: one policy with thousands of single-address
+/// rules. Each address gets a CIDR identity with its own TCP partition
+/// (default deny + one port); UDP and unnamed peers share the wildcard.
+#[test]
+fn thousands_of_cidr_rules_compile_to_two_entries_each() {
+    let n = 2000;
+    let inv = inventory(
+        "workloads:\n  - {name: client, namespace: bench, labels: {pod: client}, cgroup: /b/c, ips: [198.18.0.10]}\n  - {name: server, namespace: bench, labels: {pod: server}, cgroup: /b/s, ips: [198.18.0.11]}\n",
+    );
+    let mut text = String::from("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bench, namespace: bench}\nspec:\n  podSelector: {matchLabels: {pod: server}}\n  ingress:\n");
+    for i in 0..n {
+        let ip = Ipv4Addr::from(u32::from_be_bytes([198, 19, 0, 0]) + i + 1);
+        text.push_str(&format!(
+            "    - from: [{{ipBlock: {{cidr: {ip}/32}}}}]\n      ports: [{{port: {}}}]\n",
+            10_000 + i
+        ));
+    }
+    let c = compile(&inv, &text);
+    assert_eq!(c.identities.len(), n as usize + 2);
+    assert_eq!(c.rules.len(), 2 * n as usize + 2);
+}

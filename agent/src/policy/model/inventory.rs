@@ -1,0 +1,381 @@
+//! The standalone "workloads file": this node's addresses, namespace labels,
+//! and every workload (local ones, with a cgroup, are enforced here).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Deserializer, Serialize};
+use thiserror::Error;
+
+use super::{default_namespace, is_valid_port_name, Labels, Protocol, NAMESPACE_NAME_LABEL};
+
+/// Everything the node knows about workloads: its own addresses, namespace
+/// labels, and every workload (local ones have a cgroup).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Inventory {
+    /// Addresses of this node; ingress from them is always allowed.
+    #[serde(default, rename = "nodeIPs", skip_serializing_if = "Vec::is_empty")]
+    pub node_ips: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<Namespace>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<Workload>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Namespace {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    /// cgroup v2 path (absolute, or relative to the cgroup2 mount). Present
+    /// for workloads enforced on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// At most one IPv4 and one IPv6 address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
+    /// Named container ports, for policies that name ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ContainerPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerPort {
+    pub name: String,
+    #[serde(deserialize_with = "deserialize_container_port")]
+    pub container_port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+/// Reads a container port as a wide integer so out-of-range values get a
+/// clear message (serde_yaml adds the path of the port entry).
+fn deserialize_container_port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    let n = i64::deserialize(d)?;
+    u16::try_from(n).ok().filter(|p| *p != 0).ok_or_else(|| {
+        serde::de::Error::custom(format!("containerPort {n} is out of range 1-65535"))
+    })
+}
+
+/// Identifies a workload.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for WorkloadRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Workload {
+    pub fn reference(&self) -> WorkloadRef {
+        WorkloadRef {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// Enforced on this node?
+    pub fn is_local(&self) -> bool {
+        self.cgroup.is_some()
+    }
+
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        })
+    }
+
+    /// Resolves a named port the way Kubernetes does: same name and protocol.
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.container_port)
+    }
+}
+
+impl Inventory {
+    /// Labels of a namespace, including the `kubernetes.io/metadata.name`
+    /// label every namespace carries; unlisted namespaces have only that one.
+    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+        let mut labels = self
+            .namespaces
+            .iter()
+            .find(|n| n.name == namespace)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string());
+        labels
+    }
+
+    /// Checks what the type cannot express: unique names, addresses and
+    /// cgroups, one address per family, usable addresses and port names.
+    pub fn check(&self) -> Result<(), InventoryError> {
+        let mut address_owners: HashMap<IpAddr, String> = HashMap::new();
+        let mut claim = |address: IpAddr, field: String| -> Result<(), InventoryError> {
+            check_address(address, &field)?;
+            match address_owners.get(&address) {
+                Some(first) => Err(InventoryError::DuplicateAddress {
+                    field,
+                    address,
+                    first: first.clone(),
+                }),
+                None => {
+                    address_owners.insert(address, field);
+                    Ok(())
+                }
+            }
+        };
+        for (i, ip) in self.node_ips.iter().enumerate() {
+            claim(*ip, format!("nodeIPs[{i}]"))?;
+        }
+
+        let mut namespaces: HashMap<&str, usize> = HashMap::new();
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            if ns.name.is_empty() {
+                return Err(InventoryError::EmptyName {
+                    field: format!("namespaces[{i}].name"),
+                });
+            }
+            if let Some(first) = namespaces.insert(&ns.name, i) {
+                return Err(InventoryError::DuplicateNamespace {
+                    field: format!("namespaces[{i}]"),
+                    namespace: ns.name.clone(),
+                    first: format!("namespaces[{first}]"),
+                });
+            }
+        }
+
+        let mut workloads: HashMap<WorkloadRef, usize> = HashMap::new();
+        let mut cgroups: HashMap<&Path, WorkloadRef> = HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = format!("workloads[{i}]");
+            if w.name.is_empty() || w.namespace.is_empty() {
+                return Err(InventoryError::EmptyName {
+                    field: format!(
+                        "{at}.{}",
+                        if w.name.is_empty() {
+                            "name"
+                        } else {
+                            "namespace"
+                        }
+                    ),
+                });
+            }
+            let workload = w.reference();
+            if let Some(first) = workloads.insert(workload.clone(), i) {
+                return Err(InventoryError::DuplicateWorkload {
+                    field: at,
+                    workload,
+                    first: format!("workloads[{first}]"),
+                });
+            }
+            let (mut v4, mut v6): (Option<IpAddr>, Option<IpAddr>) = (None, None);
+            for (j, ip) in w.ips.iter().enumerate() {
+                let field = format!("{at}.ips[{j}]");
+                let slot = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+                if let Some(first) = *slot {
+                    return Err(InventoryError::SecondAddressOfFamily {
+                        field,
+                        workload,
+                        first,
+                        second: *ip,
+                    });
+                }
+                *slot = Some(*ip);
+                claim(*ip, field)?;
+            }
+            let mut port_names: HashMap<&str, usize> = HashMap::new();
+            for (j, port) in w.ports.iter().enumerate() {
+                let field = format!("{at}.ports[{j}]");
+                if !is_valid_port_name(&port.name) {
+                    return Err(InventoryError::InvalidPortName {
+                        field: format!("{field}.name"),
+                        workload,
+                        name: port.name.clone(),
+                    });
+                }
+                if port.container_port == 0 {
+                    return Err(InventoryError::PortOutOfRange {
+                        field: format!("{field}.containerPort"),
+                        workload,
+                        port: 0,
+                    });
+                }
+                if let Some(first) = port_names.insert(&port.name, j) {
+                    return Err(InventoryError::DuplicatePortName {
+                        field: format!("{field}.name"),
+                        workload,
+                        name: port.name.clone(),
+                        first: format!("{at}.ports[{first}]"),
+                    });
+                }
+            }
+            if let Some(cgroup) = &w.cgroup {
+                if let Some(first) = cgroups.insert(cgroup, workload.clone()) {
+                    return Err(InventoryError::DuplicateCgroup {
+                        cgroup: cgroup.clone(),
+                        first,
+                        second: workload,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Addresses that cannot identify a workload or node: the kernel treats
+/// loopback as local, and stores IPv4 as IPv4-mapped IPv6, so a mapped IPv6
+/// address would alias an IPv4 one.
+fn check_address(address: IpAddr, field: &str) -> Result<(), InventoryError> {
+    let reason = if address.is_loopback() {
+        Some("a loopback address")
+    } else if address.is_unspecified() {
+        Some("the unspecified address")
+    } else if address.is_multicast() {
+        Some("a multicast address")
+    } else if matches!(address, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+        Some("an IPv4-mapped IPv6 address (write the IPv4 form)")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(InventoryError::UnusableAddress {
+            field: field.to_string(),
+            address,
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn family(address: &IpAddr) -> &'static str {
+    if address.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+/// An inventory that is well-formed YAML but inconsistent. `field` is the
+/// path of the offending entry, e.g. `workloads[2].ips[1]`.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum InventoryError {
+    #[error("{field}: name must not be empty")]
+    EmptyName { field: String },
+    #[error("{field}: namespace {namespace:?} is listed twice (first at {first})")]
+    DuplicateNamespace {
+        field: String,
+        namespace: String,
+        first: String,
+    },
+    #[error("{field}: workload {workload} is listed twice (first at {first})")]
+    DuplicateWorkload {
+        field: String,
+        workload: WorkloadRef,
+        first: String,
+    },
+    #[error("{field}: workload {workload} has a second {} address {second} (already has {first}); at most one per family", family(second))]
+    SecondAddressOfFamily {
+        field: String,
+        workload: WorkloadRef,
+        first: IpAddr,
+        second: IpAddr,
+    },
+    #[error("{field}: address {address} is already used at {first}")]
+    DuplicateAddress {
+        field: String,
+        address: IpAddr,
+        first: String,
+    },
+    #[error("{field}: {address} is {reason}")]
+    UnusableAddress {
+        field: String,
+        address: IpAddr,
+        reason: &'static str,
+    },
+    #[error("{field}: workload {workload}: port {port} is out of range 1-65535")]
+    PortOutOfRange {
+        field: String,
+        workload: WorkloadRef,
+        port: u16,
+    },
+    #[error("{field}: workload {workload}: {name:?} is not a valid port name (1-15 characters a-z, 0-9, '-', with a letter)")]
+    InvalidPortName {
+        field: String,
+        workload: WorkloadRef,
+        name: String,
+    },
+    #[error("{field}: workload {workload}: port name {name:?} is used twice (first at {first})")]
+    DuplicatePortName {
+        field: String,
+        workload: WorkloadRef,
+        name: String,
+        first: String,
+    },
+    #[error("workloads {first} and {second} share cgroup {}", cgroup.display())]
+    DuplicateCgroup {
+        cgroup: PathBuf,
+        first: WorkloadRef,
+        second: WorkloadRef,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_carry_their_name_label() {
+        let inv = Inventory {
+            namespaces: vec![Namespace {
+                name: "x".into(),
+                labels: [("team".to_string(), "a".to_string())].into(),
+            }],
+            ..Default::default()
+        };
+        let x = inv.namespace_labels("x");
+        assert_eq!(x.get("team").map(String::as_str), Some("a"));
+        assert_eq!(x.get(NAMESPACE_NAME_LABEL).map(String::as_str), Some("x"));
+        let y = inv.namespace_labels("unlisted");
+        assert_eq!(y.len(), 1);
+        assert_eq!(
+            y.get(NAMESPACE_NAME_LABEL).map(String::as_str),
+            Some("unlisted")
+        );
+    }
+}

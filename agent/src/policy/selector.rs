@@ -1,0 +1,257 @@
+//! Kubernetes label selectors: validation of the wire form and matching.
+//!
+//! A selector matches a label set when every `matchLabels` pair and every
+//! `matchExpressions` requirement holds; the empty selector matches
+//! everything (as in Kubernetes, where `podSelector: {}` selects all pods).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use thiserror::Error;
+
+use crate::policy::model::{LabelSelector, Labels};
+
+/// A validated label selector.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Selector {
+    pub match_labels: Labels,
+    pub requirements: Vec<Requirement>,
+}
+
+/// One `matchExpressions` entry, with the operator's value rules enforced by
+/// construction.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Requirement {
+    In {
+        key: String,
+        values: BTreeSet<String>,
+    },
+    NotIn {
+        key: String,
+        values: BTreeSet<String>,
+    },
+    Exists {
+        key: String,
+    },
+    DoesNotExist {
+        key: String,
+    },
+}
+
+/// Why a selector is invalid. `index` is the position in `matchExpressions`.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SelectorError {
+    #[error("unknown operator {operator:?} (expected In, NotIn, Exists or DoesNotExist)")]
+    UnknownOperator { index: usize, operator: String },
+    #[error("operator {operator} on key {key:?} needs at least one value")]
+    MissingValues {
+        index: usize,
+        key: String,
+        operator: &'static str,
+    },
+    #[error("operator {operator} on key {key:?} takes no values")]
+    UnexpectedValues {
+        index: usize,
+        key: String,
+        operator: &'static str,
+    },
+    #[error("empty label key")]
+    EmptyKey { index: usize },
+}
+
+impl SelectorError {
+    /// Where in the selector the problem is, relative to the selector itself.
+    pub fn field(&self) -> String {
+        match self {
+            Self::UnknownOperator { index, .. } => format!("matchExpressions[{index}].operator"),
+            Self::MissingValues { index, .. } | Self::UnexpectedValues { index, .. } => {
+                format!("matchExpressions[{index}].values")
+            }
+            Self::EmptyKey { index } => format!("matchExpressions[{index}].key"),
+        }
+    }
+}
+
+impl Selector {
+    /// The selector that matches every label set.
+    pub fn everything() -> Self {
+        Self::default()
+    }
+
+    /// Validates the wire form.
+    pub fn from_label_selector(raw: &LabelSelector) -> Result<Self, SelectorError> {
+        let match_labels = raw.match_labels.clone().unwrap_or_default();
+        let mut requirements = Vec::new();
+        for (index, expr) in raw.match_expressions.iter().flatten().enumerate() {
+            if expr.key.is_empty() {
+                return Err(SelectorError::EmptyKey { index });
+            }
+            let key = expr.key.clone();
+            let values: BTreeSet<String> = expr.values.iter().flatten().cloned().collect();
+            let requirement = match expr.operator.as_str() {
+                "In" | "NotIn" => {
+                    let operator = if expr.operator == "In" { "In" } else { "NotIn" };
+                    if values.is_empty() {
+                        return Err(SelectorError::MissingValues {
+                            index,
+                            key,
+                            operator,
+                        });
+                    }
+                    if operator == "In" {
+                        Requirement::In { key, values }
+                    } else {
+                        Requirement::NotIn { key, values }
+                    }
+                }
+                "Exists" | "DoesNotExist" => {
+                    let operator = if expr.operator == "Exists" {
+                        "Exists"
+                    } else {
+                        "DoesNotExist"
+                    };
+                    if !values.is_empty() {
+                        return Err(SelectorError::UnexpectedValues {
+                            index,
+                            key,
+                            operator,
+                        });
+                    }
+                    if operator == "Exists" {
+                        Requirement::Exists { key }
+                    } else {
+                        Requirement::DoesNotExist { key }
+                    }
+                }
+                other => {
+                    return Err(SelectorError::UnknownOperator {
+                        index,
+                        operator: other.to_string(),
+                    })
+                }
+            };
+            requirements.push(requirement);
+        }
+        Ok(Self {
+            match_labels,
+            requirements,
+        })
+    }
+
+    /// Does this selector match every label set?
+    pub fn is_everything(&self) -> bool {
+        self.match_labels.is_empty() && self.requirements.is_empty()
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.requirements.iter().all(|r| r.matches(labels))
+    }
+}
+
+impl Requirement {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Self::In { key, values } => labels.get(key).is_some_and(|v| values.contains(v)),
+            // As in Kubernetes: a pod without the key satisfies NotIn.
+            Self::NotIn { key, values } => labels.get(key).is_none_or(|v| !values.contains(v)),
+            Self::Exists { key } => labels.contains_key(key),
+            Self::DoesNotExist { key } => !labels.contains_key(key),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::model::LabelSelectorRequirement;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn expr(key: &str, operator: &str, values: Option<&[&str]>) -> LabelSelectorRequirement {
+        LabelSelectorRequirement {
+            key: key.into(),
+            operator: operator.into(),
+            values: values.map(|v| v.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    fn selector(match_labels: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>) -> Selector {
+        Selector::from_label_selector(&LabelSelector {
+            match_labels: Some(labels(match_labels)),
+            match_expressions: Some(exprs),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn empty_selector_matches_everything() {
+        let s = Selector::from_label_selector(&LabelSelector::default()).unwrap();
+        assert!(s.is_everything());
+        assert!(s.matches(&labels(&[])));
+        assert!(s.matches(&labels(&[("app", "web")])));
+    }
+
+    #[test]
+    fn match_labels_and_expressions_are_anded() {
+        let s = selector(
+            &[("app", "web")],
+            vec![expr("tier", "In", Some(&["front", "back"]))],
+        );
+        assert!(s.matches(&labels(&[("app", "web"), ("tier", "front")])));
+        assert!(!s.matches(&labels(&[("app", "web")])));
+        assert!(!s.matches(&labels(&[("app", "db"), ("tier", "front")])));
+        assert!(!s.matches(&labels(&[("app", "web"), ("tier", "middle")])));
+    }
+
+    #[test]
+    fn operators() {
+        let not_in = selector(&[], vec![expr("env", "NotIn", Some(&["prod"]))]);
+        assert!(not_in.matches(&labels(&[])), "absent key satisfies NotIn");
+        assert!(not_in.matches(&labels(&[("env", "dev")])));
+        assert!(!not_in.matches(&labels(&[("env", "prod")])));
+
+        let exists = selector(&[], vec![expr("env", "Exists", None)]);
+        assert!(exists.matches(&labels(&[("env", "")])));
+        assert!(!exists.matches(&labels(&[("other", "x")])));
+
+        let absent = selector(&[], vec![expr("env", "DoesNotExist", Some(&[]))]);
+        assert!(absent.matches(&labels(&[("other", "x")])));
+        assert!(!absent.matches(&labels(&[("env", "prod")])));
+    }
+
+    #[test]
+    fn invalid_expressions_are_rejected_with_their_position() {
+        let check = |e: LabelSelectorRequirement| {
+            Selector::from_label_selector(&LabelSelector {
+                match_labels: None,
+                match_expressions: Some(vec![expr("ok", "Exists", None), e]),
+            })
+            .unwrap_err()
+        };
+        let err = check(expr("env", "In", None));
+        assert!(matches!(err, SelectorError::MissingValues { index: 1, .. }));
+        assert_eq!(err.field(), "matchExpressions[1].values");
+        assert!(matches!(
+            check(expr("env", "NotIn", Some(&[]))),
+            SelectorError::MissingValues { .. }
+        ));
+        assert!(matches!(
+            check(expr("env", "Exists", Some(&["x"]))),
+            SelectorError::UnexpectedValues { .. }
+        ));
+        let err = check(expr("env", "Equals", Some(&["x"])));
+        assert_eq!(err.field(), "matchExpressions[1].operator");
+        assert!(err.to_string().contains("\"Equals\""));
+        assert!(matches!(
+            check(expr("", "Exists", None)),
+            SelectorError::EmptyKey { index: 1 }
+        ));
+    }
+}

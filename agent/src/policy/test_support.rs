@@ -1,0 +1,200 @@
+//! Helpers shared by the policy tests, chiefly a model of the kernel's
+//! decision procedure (ebpf/src/verdict.rs) over [`Compiled`] maps.
+
+use std::{error::Error, net::IpAddr, path::Path};
+
+use portcullis_common::{
+    DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, REASON_DEFAULT_DENY,
+    REASON_POLICY, VERDICT_ALLOW, VERDICT_DENY,
+};
+
+use crate::policy::{
+    compile::{addr16, Attribution, Compiled, CompiledEndpoint, Compiler, RuleKey},
+    evaluate::{evaluate, Decision, DirectionVerdict, FlowQuery},
+    model::{Direction, Inventory, PolicyObject, Protocol},
+    parse::{parse_inventory, parse_policies},
+};
+
+/// An error and its causes on one line.
+pub fn chain(e: &dyn Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+pub fn policies(yaml: &str) -> Vec<PolicyObject> {
+    parse_policies(Path::new("test.yaml"), yaml).unwrap_or_else(|e| panic!("{}", chain(&e)))
+}
+
+pub fn inventory(yaml: &str) -> Inventory {
+    parse_inventory(Path::new("workloads.yaml"), yaml).unwrap_or_else(|e| panic!("{}", chain(&e)))
+}
+
+pub fn tcp(src: &str, dst: &str, port: u16) -> FlowQuery {
+    flow(src, dst, port, Protocol::Tcp)
+}
+
+pub fn udp(src: &str, dst: &str, port: u16) -> FlowQuery {
+    flow(src, dst, port, Protocol::Udp)
+}
+
+fn flow(src: &str, dst: &str, port: u16, protocol: Protocol) -> FlowQuery {
+    FlowQuery {
+        src: src.parse().expect("src address"),
+        dst: dst.parse().expect("dst address"),
+        port,
+        protocol,
+    }
+}
+
+/// Decides with the evaluator and with the kernel model over the compiled
+/// maps, insists they agree, and returns the decision.
+pub fn decide(inventory: &Inventory, policies: &[PolicyObject], query: &FlowQuery) -> Decision {
+    let compiled = Compiler::new()
+        .compile(inventory, policies)
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    let expected = evaluate(inventory, policies, query);
+    let kernel = kernel_decide(&compiled, query);
+    assert_eq!(
+        kernel, expected,
+        "kernel model disagrees with evaluate for {query:?}"
+    );
+    expected
+}
+
+/// The kernel's decision for both ends of a flow, in evaluator terms.
+pub fn kernel_decide(compiled: &Compiled, query: &FlowQuery) -> Decision {
+    let src = addr16(query.src);
+    let dst = addr16(query.dst);
+    let judge = |own: [u8; 16], direction: u8, peer: [u8; 16]| match endpoint_with(compiled, own) {
+        Some(ep) => kernel_judge(
+            compiled,
+            ep,
+            direction,
+            query.protocol.number(),
+            query.port,
+            peer,
+        ),
+        None => DirectionVerdict::NotEnforced,
+    };
+    let egress = judge(src, portcullis_common::DIRECTION_EGRESS, dst);
+    let ingress = judge(dst, DIRECTION_INGRESS, src);
+    Decision {
+        allowed: egress.allows() && ingress.allows(),
+        egress,
+        ingress,
+    }
+}
+
+fn endpoint_with(compiled: &Compiled, addr: [u8; 16]) -> Option<&CompiledEndpoint> {
+    compiled.endpoints.iter().find(|e| own_address(e, &addr))
+}
+
+fn own_address(ep: &CompiledEndpoint, addr: &[u8; 16]) -> bool {
+    ep.ipv4.map(|v4| addr16(IpAddr::V4(v4))) == Some(*addr)
+        || ep.ipv6.map(|v6| v6.octets()) == Some(*addr)
+}
+
+/// ebpf/src/verdict.rs `decide`, step by step.
+fn kernel_judge(
+    compiled: &Compiled,
+    ep: &CompiledEndpoint,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+    peer: [u8; 16],
+) -> DirectionVerdict {
+    let loopback4 =
+        peer[..12] == addr16(std::net::Ipv4Addr::UNSPECIFIED.into())[..12] && peer[12] == 127;
+    let loopback6 = peer == std::net::Ipv6Addr::LOCALHOST.octets();
+    if loopback4 || loopback6 || own_address(ep, &peer) {
+        return DirectionVerdict::Local;
+    }
+    let identity = compiled
+        .identities
+        .iter()
+        .filter(|(prefix, _)| prefix.contains(&peer))
+        .max_by_key(|(prefix, _)| prefix.len)
+        .map_or(IDENTITY_WORLD, |(_, id)| *id);
+    if direction == DIRECTION_INGRESS && identity == IDENTITY_HOST {
+        return DirectionVerdict::Host;
+    }
+    let found = policy_lookup(compiled, ep.id, identity, direction, protocol, port)
+        .or_else(|| policy_lookup(compiled, ep.id, IDENTITY_ANY, direction, protocol, port));
+    let Some(value) = found else {
+        return DirectionVerdict::NotIsolated;
+    };
+    let attribution = compiled
+        .cookies
+        .get(&value.rule_cookie)
+        .unwrap_or_else(|| panic!("cookie {} has no attribution", value.rule_cookie));
+    let expected_direction = if direction == DIRECTION_INGRESS {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    match attribution {
+        Attribution::Rule {
+            policy,
+            direction,
+            rule_index,
+        } => {
+            assert_eq!(
+                (value.verdict, value.reason),
+                (VERDICT_ALLOW, REASON_POLICY)
+            );
+            assert_eq!(*direction, expected_direction);
+            DirectionVerdict::Allowed {
+                policy: policy.clone(),
+                rule_index: *rule_index,
+            }
+        }
+        Attribution::DefaultDeny {
+            direction,
+            isolated_by,
+        } => {
+            assert_eq!(
+                (value.verdict, value.reason),
+                (VERDICT_DENY, REASON_DEFAULT_DENY)
+            );
+            assert_eq!(*direction, expected_direction);
+            DirectionVerdict::DefaultDeny {
+                isolated_by: isolated_by.clone(),
+            }
+        }
+    }
+}
+
+/// Longest-prefix match on the port among one (endpoint, peer, direction,
+/// protocol)'s entries.
+fn policy_lookup(
+    compiled: &Compiled,
+    endpoint_id: u32,
+    peer_identity: u32,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+) -> Option<portcullis_common::PolicyValue> {
+    let key = |port, port_prefix_len| RuleKey {
+        endpoint_id,
+        peer_identity,
+        direction,
+        protocol,
+        port,
+        port_prefix_len,
+    };
+    compiled
+        .rules
+        .range(key(0, 0)..=key(u16::MAX, u8::MAX))
+        .filter(|(k, _)| {
+            let shift = 16 - u32::from(k.port_prefix_len);
+            u32::from(k.port) >> shift == u32::from(port) >> shift
+        })
+        .max_by_key(|(k, _)| k.port_prefix_len)
+        .map(|(_, v)| *v)
+}
