@@ -99,7 +99,9 @@ pub const GENERATIONS: u32 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct State {
     pub active_generation: u32,
-    pub _pad: u32,
+    /// [`ABI_VERSION`] of the agent that wrote the maps; 0 before the first
+    /// write.
+    pub abi_version: u32,
 }
 const _: () = assert!(core::mem::size_of::<State>() == 8);
 
@@ -193,17 +195,25 @@ pub struct CounterKey {
 }
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
 
-/// Key of the UDP conversation table: an endpoint talked with a peer
-/// address and port. A datagram in the opposite direction is a reply.
+/// Key of the UDP conversation table: an endpoint's conversation with a
+/// peer, remembered when its first datagram was allowed. Only a datagram in
+/// the opposite direction — from the responder back to the initiator, between
+/// the same ports — counts as a reply.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct UdpFlowKey {
     pub endpoint_id: u32,
     pub peer_addr: [u8; 16],
     pub peer_port: u16,
-    pub _pad: u16,
+    /// The endpoint's port; 0 when the endpoint initiated with connect(),
+    /// which runs before the socket has a port.
+    pub local_port: u16,
+    /// `DIRECTION_EGRESS` if the endpoint initiated, `DIRECTION_INGRESS` if
+    /// the peer did.
+    pub initiated: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 24);
+const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 28);
 
 /// Last time (`bpf_ktime_get_ns`) the conversation carried an allowed datagram.
 #[repr(C)]
@@ -240,4 +250,4 @@ mod pod {
 
 /// Bumped whenever a map's key or value layout changes, so an agent never
 /// reuses pinned maps written by an incompatible one.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;

@@ -28,25 +28,39 @@ const REJECT: i32 = 0;
 #[cgroup_sock_addr(connect4)]
 pub fn pcl_connect4(ctx: SockAddrContext) -> i32 {
     let (protocol, addr, port) = sock_addr_v4(&ctx);
-    egress(protocol, addr, port, false)
+    // connect() runs before the socket has a local port.
+    egress(protocol, addr, port, None)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn pcl_connect6(ctx: SockAddrContext) -> i32 {
     let (protocol, addr, port) = sock_addr_v6(&ctx);
-    egress(protocol, addr, port, false)
+    egress(protocol, addr, port, None)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn pcl_sendmsg4(ctx: SockAddrContext) -> i32 {
     let (protocol, addr, port) = sock_addr_v4(&ctx);
-    egress(protocol, addr, port, true)
+    egress(protocol, addr, port, Some(local_port(&ctx)))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn pcl_sendmsg6(ctx: SockAddrContext) -> i32 {
     let (protocol, addr, port) = sock_addr_v6(&ctx);
-    egress(protocol, addr, port, true)
+    egress(protocol, addr, port, Some(local_port(&ctx)))
+}
+
+/// The sending socket's port (sendmsg binds a port before the hook runs).
+#[inline(always)]
+fn local_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: the context and its socket are valid for the program's run.
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return 0;
+        }
+        (*sk).src_port as u16
+    }
 }
 
 #[cgroup_skb(ingress)]
@@ -76,9 +90,10 @@ fn sock_addr_v6(ctx: &SockAddrContext) -> (u8, [u8; 16], u16) {
     (sa.protocol as u8, addr, u16::from_be(sa.user_port as u16))
 }
 
-/// connect() (TCP, connected UDP) and sendmsg() (unconnected UDP).
+/// connect() (TCP, connected UDP) and sendmsg() (unconnected UDP, with the
+/// socket's local port).
 #[inline(always)]
-fn egress(protocol: u8, peer_addr: [u8; 16], port: u16, is_sendmsg: bool) -> i32 {
+fn egress(protocol: u8, peer_addr: [u8; 16], port: u16, sendmsg_port: Option<u16>) -> i32 {
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return PASS;
     }
@@ -94,11 +109,12 @@ fn egress(protocol: u8, peer_addr: [u8; 16], port: u16, is_sendmsg: bool) -> i32
         peer_port: port,
         policy_port: port,
     };
-    if protocol == PROTO_UDP && is_sendmsg && verdict::is_udp_reply(&ep, &flow) {
-        verdict::remember_udp(&ep, &flow);
-        return PASS;
+    if let Some(local) = sendmsg_port {
+        if protocol == PROTO_UDP && verdict::udp_reply(&ep, &flow, local) {
+            return PASS;
+        }
     }
-    judge(&ep, &flow)
+    judge(&ep, &flow, sendmsg_port.unwrap_or(0))
 }
 
 #[inline(always)]
@@ -118,23 +134,22 @@ fn ingress(ctx: &SkBuffContext) -> i32 {
         peer_port: new.src_port,
         policy_port: new.dst_port,
     };
-    if new.protocol == PROTO_UDP && verdict::is_udp_reply(&ep, &flow) {
-        verdict::remember_udp(&ep, &flow);
+    if new.protocol == PROTO_UDP && verdict::udp_reply(&ep, &flow, new.dst_port) {
         return PASS;
     }
-    judge(&ep, &flow)
+    judge(&ep, &flow, new.dst_port)
 }
 
 /// Decides, counts, and remembers allowed UDP conversations for replies.
 #[inline(always)]
-fn judge(ep: &portcullis_common::EndpointValue, flow: &Flow) -> i32 {
+fn judge(ep: &portcullis_common::EndpointValue, flow: &Flow, local_port: u16) -> i32 {
     let v = verdict::decide(ep, flow);
     verdict::count(ep, flow, &v);
     if v.verdict != VERDICT_ALLOW {
         return REJECT;
     }
     if flow.protocol == PROTO_UDP {
-        verdict::remember_udp(ep, flow);
+        verdict::remember_udp(ep, flow, local_port);
     }
     PASS
 }

@@ -3,9 +3,9 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use portcullis_common::{
     CounterKey, EndpointValue, IdentityKeyData, PolicyKeyData, PolicyValue, UdpFlowKey,
-    UdpFlowValue, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_KEY_FIXED_BITS,
-    IDENTITY_WORLD, POLICY_KEY_FIXED_BITS, REASON_HOST, REASON_LOCAL, REASON_NOT_ISOLATED,
-    UDP_FLOW_TIMEOUT_NS, VERDICT_ALLOW,
+    UdpFlowValue, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_HOST,
+    IDENTITY_KEY_FIXED_BITS, IDENTITY_WORLD, POLICY_KEY_FIXED_BITS, REASON_HOST, REASON_LOCAL,
+    REASON_NOT_ISOLATED, UDP_FLOW_TIMEOUT_NS, VERDICT_ALLOW,
 };
 
 use crate::maps::{COUNTERS, COUNTERS_LOST, IDENTITIES, POLICY, UDP_FLOWS};
@@ -119,34 +119,62 @@ pub fn count(ep: &EndpointValue, flow: &Flow, v: &PolicyValue) {
     }
 }
 
+/// The conversation a datagram belongs to, as its initiator recorded it.
 #[inline(always)]
-fn udp_flow_key(ep: &EndpointValue, flow: &Flow) -> UdpFlowKey {
+fn udp_flow_key(ep: &EndpointValue, flow: &Flow, local_port: u16, initiated: u8) -> UdpFlowKey {
     UdpFlowKey {
         endpoint_id: ep.endpoint_id,
         peer_addr: flow.peer_addr,
         peer_port: flow.peer_port,
-        _pad: 0,
+        local_port,
+        initiated,
+        _pad: [0; 3],
     }
 }
 
-/// Is this datagram part of a conversation allowed in the other direction?
+/// Is this datagram a reply within a live conversation that the other side
+/// (the peer, for an egress datagram; this endpoint, for an ingress one)
+/// started with an allowed datagram? A live one is refreshed.
 #[inline(always)]
-pub fn is_udp_reply(ep: &EndpointValue, flow: &Flow) -> bool {
-    let key = udp_flow_key(ep, flow);
-    // SAFETY: the value is plain data; a racing update only changes a time.
-    match unsafe { UDP_FLOWS.get(&key) } {
+pub fn udp_reply(ep: &EndpointValue, flow: &Flow, local_port: u16) -> bool {
+    let initiated = if flow.direction == DIRECTION_INGRESS {
+        DIRECTION_EGRESS
+    } else {
+        DIRECTION_INGRESS
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut key = udp_flow_key(ep, flow, local_port, initiated);
+    if refresh_if_live(&key, now) {
+        return true;
+    }
+    // A conversation started with connect() was recorded without a port.
+    if initiated == DIRECTION_EGRESS {
+        key.local_port = 0;
+        return refresh_if_live(&key, now);
+    }
+    false
+}
+
+#[inline(always)]
+fn refresh_if_live(key: &UdpFlowKey, now: u64) -> bool {
+    match UDP_FLOWS.get_ptr_mut(key) {
         Some(v) => {
-            let now = unsafe { bpf_ktime_get_ns() };
-            now.saturating_sub(v.last_seen_ns) < UDP_FLOW_TIMEOUT_NS
+            // SAFETY: plain data; a racing writer only stores a time too.
+            let last = unsafe { (*v).last_seen_ns };
+            if now.saturating_sub(last) >= UDP_FLOW_TIMEOUT_NS {
+                return false;
+            }
+            unsafe { (*v).last_seen_ns = now };
+            true
         }
         None => false,
     }
 }
 
-/// Remembers an allowed UDP conversation so replies pass.
+/// Remembers a conversation this datagram (allowed by policy) starts.
 #[inline(always)]
-pub fn remember_udp(ep: &EndpointValue, flow: &Flow) {
-    let key = udp_flow_key(ep, flow);
+pub fn remember_udp(ep: &EndpointValue, flow: &Flow, local_port: u16) {
+    let key = udp_flow_key(ep, flow, local_port, flow.direction);
     let value = UdpFlowValue {
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
     };
