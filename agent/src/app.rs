@@ -1,0 +1,184 @@
+//! Wiring for the standalone agent: file source → reconciler → kernel, on a
+//! dedicated thread (map writes are blocking syscalls), with its progress
+//! published on a watch channel.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    bpf::{writer::MapUsage, Dataplane, DataplaneOptions, LoadError},
+    cgroup::{self, CgroupError},
+    reconcile::Reconciler,
+    source::file::{error_chain, FileSource, Fingerprint},
+};
+
+/// How often the files are checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a pass is repeated while some workload's cgroup is missing.
+const MISSING_CGROUP_RETRY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("finding the cgroup v2 hierarchy")]
+    Cgroup {
+        #[source]
+        source: CgroupError,
+    },
+    #[error("loading the kernel programs")]
+    Load {
+        #[source]
+        source: LoadError,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub policies_dir: PathBuf,
+    pub workloads: PathBuf,
+    pub pin_dir: PathBuf,
+    /// Where to attach; the cgroup v2 root when `None`.
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// What the agent has done so far.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Files the latest pass read; compare with [`crate::source::file::fingerprint`].
+    pub fingerprint: Fingerprint,
+    /// Passes that reached the kernel.
+    pub applied: u64,
+    /// Problems of the latest pass (invalid files, failed writes).
+    pub problems: Vec<String>,
+    pub usage: MapUsage,
+}
+
+pub struct AgentHandle {
+    pub status: watch::Receiver<Status>,
+    pub pin_dir: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl AgentHandle {
+    /// Stops the loop. Enforcement stays in the kernel (pinned).
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Loads the programs and starts syncing. Errors that stop the agent from
+/// enforcing anything are returned here; later problems go to the status.
+pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
+    let mount = cgroup::cgroup2_mount().map_err(|source| AgentError::Cgroup { source })?;
+    let cgroup_root = opts.cgroup_root.clone().unwrap_or_else(|| mount.clone());
+    let dataplane = Dataplane::load(&DataplaneOptions {
+        pin_dir: opts.pin_dir.clone(),
+        cgroup_root: cgroup_root.clone(),
+    })
+    .map_err(|source| AgentError::Load { source })?;
+    info!(
+        cgroup = %cgroup_root.display(),
+        pins = %opts.pin_dir.display(),
+        "kernel programs attached"
+    );
+    let (tx, rx) = watch::channel(Status::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        let source = FileSource::new(opts.policies_dir.clone(), opts.workloads.clone());
+        thread::Builder::new()
+            .name("portcullis-sync".into())
+            .spawn(move || sync_loop(source, Reconciler::new(mount), dataplane, tx, &stop))
+            .expect("spawning the sync thread")
+    };
+    Ok(AgentHandle {
+        status: rx,
+        pin_dir: opts.pin_dir,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn sync_loop(
+    mut source: FileSource,
+    mut reconciler: Reconciler,
+    mut dataplane: Dataplane,
+    tx: watch::Sender<Status>,
+    stop: &AtomicBool,
+) {
+    let mut seen: Option<Fingerprint> = None;
+    let mut status = Status::default();
+    let mut missing_cgroups = false;
+    let mut last_pass = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let fp = source.fingerprint();
+        // A pass that met missing cgroups is retried now and then: the
+        // workload's cgroup may appear without any file changing.
+        let retry = missing_cgroups && last_pass.elapsed() >= MISSING_CGROUP_RETRY;
+        if seen.as_ref() != Some(&fp) || retry {
+            last_pass = Instant::now();
+            status.fingerprint = fp.clone();
+            status.problems.clear();
+            match source.load() {
+                Ok(snapshot) => {
+                    status.problems = snapshot.problems.clone();
+                    match reconciler.reconcile(&snapshot, &mut dataplane.writer) {
+                        Ok(applied) => {
+                            missing_cgroups = !applied.missing_cgroups.is_empty();
+                            status.applied += 1;
+                            status.usage = applied.usage;
+                            status.problems.extend(
+                                applied
+                                    .missing_cgroups
+                                    .iter()
+                                    .map(|m| format!("not enforced yet, cgroup missing: {m}")),
+                            );
+                            info!(
+                                endpoints = applied.endpoints,
+                                identities = applied.usage.identities,
+                                rules = applied.usage.policy,
+                                policies = snapshot.policies.len(),
+                                "policy applied"
+                            );
+                        }
+                        Err(e) => status.problems.push(error_chain(&e)),
+                    }
+                }
+                Err(e) => status.problems.push(error_chain(&e)),
+            }
+            for p in &status.problems {
+                if p.contains("cgroup missing") {
+                    warn!("{p}");
+                } else {
+                    error!("{p}");
+                }
+            }
+            seen = Some(fp);
+            tx.send_replace(status.clone());
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}

@@ -1,0 +1,10 @@
+//! The only code that touches aya: loading and attaching the kernel programs,
+//! pinning, and reading and writing the maps.
+
+pub mod counters;
+pub mod loader;
+pub mod writer;
+
+pub use counters::{read_counters, CounterSample};
+pub use loader::{Dataplane, DataplaneOptions, LoadError};
+pub use writer::{DesiredState, PolicySlot, WriteError};

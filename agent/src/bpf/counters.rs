@@ -1,0 +1,53 @@
+//! Reads the kernel's per-CPU decision counters.
+
+use std::path::Path;
+
+use aya::maps::{Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use portcullis_common::{CounterKey, COUNTERS_MAP};
+
+use super::loader::LoadError;
+
+/// One counter, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CounterSample {
+    pub key: CounterKey,
+    pub count: u64,
+}
+
+/// Name of the map counting decisions lost because the counter map was full.
+pub const COUNTERS_LOST_MAP: &str = "PCL_CNT_LOST";
+
+/// Reads all counters from the maps pinned in `pin_dir`, plus the number of
+/// decisions that could not be counted because the map was full.
+pub fn read_counters(pin_dir: &Path) -> Result<(Vec<CounterSample>, u64), LoadError> {
+    let open = |name: &'static str| {
+        MapData::from_pin(pin_dir.join(name)).map_err(|source| LoadError::PinnedMap {
+            path: pin_dir.join(name),
+            source,
+        })
+    };
+    let counters: PerCpuHashMap<MapData, CounterKey, u64> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(COUNTERS_MAP)?))
+            .map_err(|source| map_err(COUNTERS_MAP, source))?;
+    let mut out = Vec::new();
+    for item in counters.iter() {
+        let (key, per_cpu) = item.map_err(|source| map_err(COUNTERS_MAP, source))?;
+        out.push(CounterSample {
+            key,
+            count: per_cpu.iter().sum(),
+        });
+    }
+    let lost: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(COUNTERS_LOST_MAP)?))
+            .map_err(|source| map_err(COUNTERS_LOST_MAP, source))?;
+    let lost = lost
+        .get(&0, 0)
+        .map_err(|source| map_err(COUNTERS_LOST_MAP, source))?
+        .iter()
+        .sum();
+    Ok((out, lost))
+}
+
+fn map_err(map: &'static str, source: MapError) -> LoadError {
+    LoadError::Map { map, source }
+}

@@ -1,0 +1,317 @@
+//! Loads the kernel object, attaches it once at a cgroup v2 root and pins
+//! maps and links, so enforcement outlives the agent process.
+//!
+//! Restart: maps are reused from their pins (the enforced state stays in
+//! place); the new programs are attached before the old links are unpinned,
+//! so there is no moment without a program on the cgroup.
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::{
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
+    },
+    Ebpf, EbpfError, EbpfLoader,
+};
+use portcullis_common::{
+    State, ABI_VERSION, ENDPOINTS_MAP, IDENTITIES_MAP, POLICY_MAP, PROG_CONNECT4, PROG_CONNECT6,
+    PROG_INGRESS, PROG_SENDMSG4, PROG_SENDMSG6, STATE_MAP,
+};
+
+use super::writer::MapWriter;
+
+/// The kernel object built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const LINKS_DIR: &str = "links";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("this agent was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild it")]
+    NoObject,
+    #[error("{path} is not a BPF filesystem and mounting one there failed")]
+    NoBpfFs {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error(
+        "{pin_dir} holds maps of ABI version {found}, this agent uses {expected}; \
+         run `portcullis uninstall --pin-dir {pin_dir}` to remove the old state"
+    )]
+    AbiMismatch {
+        pin_dir: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object")]
+    Object {
+        #[source]
+        source: EbpfError,
+    },
+    #[error("program {name} is missing from the eBPF object or has the wrong type")]
+    MissingProgram { name: &'static str },
+    #[error("loading or attaching program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("pinning or replacing the link of program {name} at {path}")]
+    Link {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("map {map} is missing from the eBPF object")]
+    MissingMap { map: &'static str },
+    #[error("opening pinned map {path}; is the agent (or lab) running?")]
+    PinnedMap {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("accessing map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// bpffs directory for pinned maps and links.
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory the programs attach to; sockets in its subtree are
+    /// candidates for enforcement.
+    pub cgroup_root: PathBuf,
+}
+
+/// The loaded programs and the map writer.
+pub struct Dataplane {
+    pub writer: MapWriter,
+    pin_dir: PathBuf,
+    // Owns the program fds; links are pinned and outlive it.
+    _ebpf: Ebpf,
+}
+
+enum Hook {
+    SockAddr,
+    SkbIngress,
+}
+
+const PROGRAMS: [(&str, Hook); 5] = [
+    (PROG_CONNECT4, Hook::SockAddr),
+    (PROG_CONNECT6, Hook::SockAddr),
+    (PROG_SENDMSG4, Hook::SockAddr),
+    (PROG_SENDMSG6, Hook::SockAddr),
+    (PROG_INGRESS, Hook::SkbIngress),
+];
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoadError {
+    let path = path.to_path_buf();
+    move |source| LoadError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+impl Dataplane {
+    pub fn load(opts: &DataplaneOptions) -> Result<Self, LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        ensure_bpffs(opts.pin_dir.parent().unwrap_or(Path::new("/sys/fs/bpf")))?;
+        check_abi(&opts.pin_dir)?;
+        let links_dir = opts.pin_dir.join(LINKS_DIR);
+        fs::create_dir_all(&links_dir).map_err(io("creating", &links_dir))?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&opts.pin_dir)
+            .load(OBJECT)
+            .map_err(|source| LoadError::Object { source })?;
+        let cgroup = File::open(&opts.cgroup_root).map_err(io("opening", &opts.cgroup_root))?;
+
+        let old_links: Vec<PathBuf> = fs::read_dir(&links_dir)
+            .map_err(io("listing", &links_dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        for (name, hook) in PROGRAMS {
+            let link = attach(&mut ebpf, name, hook, &cgroup)?;
+            let path = links_dir.join(format!("{name}-{stamp}"));
+            link.pin(&path).map_err(|e| LoadError::Link {
+                name,
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
+        }
+        // The new programs run; now drop the previous agent's links.
+        for path in old_links {
+            let unpinned = PinnedLink::from_pin(&path)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                .and_then(|l| l.unpin().map_err(|e| Box::new(e) as _));
+            unpinned.map_err(|source| LoadError::Link {
+                name: "previous",
+                path,
+                source,
+            })?;
+        }
+
+        let writer = MapWriter::new(
+            Array::try_from(take_map(&mut ebpf, STATE_MAP)?).map_err(map(STATE_MAP))?,
+            HashMap::try_from(take_map(&mut ebpf, ENDPOINTS_MAP)?).map_err(map(ENDPOINTS_MAP))?,
+            LpmTrie::try_from(take_map(&mut ebpf, IDENTITIES_MAP)?).map_err(map(IDENTITIES_MAP))?,
+            LpmTrie::try_from(take_map(&mut ebpf, POLICY_MAP)?).map_err(map(POLICY_MAP))?,
+        );
+        Ok(Self {
+            writer,
+            pin_dir: opts.pin_dir.clone(),
+            _ebpf: ebpf,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+fn map(map: &'static str) -> impl FnOnce(MapError) -> LoadError {
+    move |source| LoadError::Map { map, source }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
+    ebpf.take_map(name)
+        .ok_or(LoadError::MissingMap { map: name })
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    hook: Hook,
+    cgroup: &File,
+) -> Result<FdLink, LoadError> {
+    let err = |source| LoadError::Program { name, source };
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?;
+    // Through bpf_link_create (kernel >= 5.7) a cgroup link always coexists
+    // with other programs and the kernel rejects any attach flag; `Single`
+    // is aya's name for "no flags".
+    let mode = CgroupAttachMode::Single;
+    let link = match hook {
+        Hook::SockAddr => {
+            let p: &mut CgroupSockAddr = program
+                .try_into()
+                .map_err(|_| LoadError::MissingProgram { name })?;
+            p.load().map_err(err)?;
+            let id = p.attach(cgroup, mode).map_err(err)?;
+            FdLink::try_from(p.take_link(id).map_err(err)?)
+        }
+        Hook::SkbIngress => {
+            let p: &mut CgroupSkb = program
+                .try_into()
+                .map_err(|_| LoadError::MissingProgram { name })?;
+            p.load().map_err(err)?;
+            let id = p
+                .attach(cgroup, CgroupSkbAttachType::Ingress, mode)
+                .map_err(err)?;
+            FdLink::try_from(p.take_link(id).map_err(err)?)
+        }
+    };
+    link.map_err(|e| LoadError::Link {
+        name,
+        path: PathBuf::new(),
+        source: Box::new(e),
+    })
+}
+
+/// Mounts bpffs at `dir` unless one is there already.
+fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    if is_bpffs(dir) {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| LoadError::NoBpfFs {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Refuses to reuse pinned maps that an agent with another map layout wrote.
+fn check_abi(pin_dir: &Path) -> Result<(), LoadError> {
+    let path = pin_dir.join(STATE_MAP);
+    if !path.exists() {
+        return Ok(());
+    }
+    let data = MapData::from_pin(&path).map_err(|source| LoadError::PinnedMap {
+        path: path.clone(),
+        source,
+    })?;
+    let state: Array<MapData, State> = Array::try_from(Map::Array(data)).map_err(map(STATE_MAP))?;
+    let found = state.get(&0, 0).map_err(map(STATE_MAP))?.abi_version;
+    if found != 0 && found != ABI_VERSION {
+        return Err(LoadError::AbiMismatch {
+            pin_dir: pin_dir.to_path_buf(),
+            found,
+            expected: ABI_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Detaches the programs and removes every pinned map and link under
+/// `pin_dir`: enforcement stops. Missing state is not an error.
+pub fn uninstall(pin_dir: &Path) -> Result<(), LoadError> {
+    let links_dir = pin_dir.join(LINKS_DIR);
+    if let Ok(entries) = fs::read_dir(&links_dir) {
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            // Unpinning drops the last reference: the link detaches.
+            if let Ok(link) = PinnedLink::from_pin(&path) {
+                let _ = link.unpin();
+            } else {
+                fs::remove_file(&path).map_err(io("removing", &path))?;
+            }
+        }
+        fs::remove_dir(&links_dir).map_err(io("removing", &links_dir))?;
+    }
+    if let Ok(entries) = fs::read_dir(pin_dir) {
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            fs::remove_file(&path).map_err(io("removing", &path))?;
+        }
+        fs::remove_dir(pin_dir).map_err(io("removing", pin_dir))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! Writes desired map contents so that no half-applied state is ever visible.
+//!
+//! The endpoint, identity and policy maps hold two generations. A change is
+//! written completely into the inactive generation, then one write to the
+//! state map flips the kernel over to it. If anything fails before the flip,
+//! the active generation — what is enforced now — is untouched.
+//!
+//! To keep updates proportional to the change, the writer remembers what each
+//! generation holds (its shadow) and writes only the difference. A generation
+//! whose contents are unknown (first start over pinned maps, or a failed
+//! write) is reconciled by scanning the map.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError};
+use portcullis_common::{
+    EndpointKey, EndpointValue, IdentityKeyData, IdentityValue, PolicyKeyData, PolicyValue, State,
+    ABI_VERSION, ENDPOINTS_CAPACITY, ENDPOINTS_MAP, GENERATIONS, IDENTITIES_CAPACITY,
+    IDENTITIES_MAP, IDENTITY_KEY_FIXED_BITS, POLICY_CAPACITY, POLICY_KEY_FIXED_BITS, POLICY_MAP,
+    STATE_MAP,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(
+        "map {map} would need {needed} entries but one generation holds at most {capacity}; \
+         nothing was changed"
+    )]
+    Capacity {
+        map: &'static str,
+        needed: usize,
+        capacity: usize,
+    },
+    #[error("writing map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// One policy map entry without its generation: a block of ports
+/// (`port` with `port_prefix_len` leading bits significant).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicySlot {
+    pub endpoint_id: u32,
+    pub peer_identity: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub port: u16,
+    pub port_prefix_len: u8,
+}
+
+/// Everything the kernel should see, without generations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DesiredState {
+    /// cgroup id → endpoint.
+    pub endpoints: BTreeMap<u64, EndpointValue>,
+    /// (address prefix length in the 128-bit space, address) → identity.
+    pub identities: BTreeMap<(u8, [u8; 16]), u32>,
+    pub policy: BTreeMap<PolicySlot, PolicyValue>,
+}
+
+/// Entry counts after an apply, per map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapUsage {
+    pub endpoints: usize,
+    pub identities: usize,
+    pub policy: usize,
+}
+
+impl DesiredState {
+    pub fn usage(&self) -> MapUsage {
+        MapUsage {
+            endpoints: self.endpoints.len(),
+            identities: self.identities.len(),
+            policy: self.policy.len(),
+        }
+    }
+}
+
+/// Per-generation capacities (each map holds two generations).
+pub fn generation_capacity() -> MapUsage {
+    let per = |c: u32| (c / GENERATIONS) as usize;
+    MapUsage {
+        endpoints: per(ENDPOINTS_CAPACITY),
+        identities: per(IDENTITIES_CAPACITY),
+        policy: per(POLICY_CAPACITY),
+    }
+}
+
+pub struct MapWriter {
+    state: Array<MapData, State>,
+    endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+    identities: LpmTrie<MapData, IdentityKeyData, IdentityValue>,
+    policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
+    /// What each generation holds, when known.
+    shadows: [Option<DesiredState>; GENERATIONS as usize],
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> WriteError {
+    move |source| WriteError::Map { map, source }
+}
+
+impl MapWriter {
+    pub fn new(
+        state: Array<MapData, State>,
+        endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+        identities: LpmTrie<MapData, IdentityKeyData, IdentityValue>,
+        policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
+    ) -> Self {
+        Self {
+            state,
+            endpoints,
+            identities,
+            policy,
+            shadows: [None, None],
+        }
+    }
+
+    pub fn active_generation(&self) -> Result<u32, WriteError> {
+        let s = self.state.get(&0, 0).map_err(map_err(STATE_MAP))?;
+        Ok(s.active_generation % GENERATIONS)
+    }
+
+    /// Makes `desired` the enforced state. On error the enforced state is
+    /// unchanged.
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<MapUsage, WriteError> {
+        check_capacity(desired)?;
+        let active = self.active_generation()?;
+        let next = (active + 1) % GENERATIONS;
+        let shadow = self.shadows[next as usize].take();
+        // The shadow is only restored once every map of `next` matches.
+        self.sync_generation(next, shadow.as_ref(), desired)?;
+        self.state
+            .set(
+                0,
+                State {
+                    active_generation: next,
+                    abi_version: ABI_VERSION,
+                },
+                0,
+            )
+            .map_err(map_err(STATE_MAP))?;
+        self.shadows[next as usize] = Some(desired.clone());
+        Ok(desired.usage())
+    }
+
+    fn sync_generation(
+        &mut self,
+        generation: u32,
+        shadow: Option<&DesiredState>,
+        desired: &DesiredState,
+    ) -> Result<(), WriteError> {
+        let g = generation;
+        let endpoints = &mut self.endpoints;
+        let present = match shadow {
+            Some(s) => s.endpoints.keys().copied().collect(),
+            None => scan(endpoints.keys(), |k: &EndpointKey| {
+                (k.generation == g).then_some(k.cgroup_id)
+            })
+            .map_err(map_err(ENDPOINTS_MAP))?,
+        };
+        sync(
+            present,
+            shadow.map(|s| &s.endpoints),
+            &desired.endpoints,
+            endpoints,
+            |m, id| m.remove(&endpoint_key(g, *id)),
+            |m, id, v| m.insert(endpoint_key(g, *id), v, 0),
+        )
+        .map_err(map_err(ENDPOINTS_MAP))?;
+
+        let identities = &mut self.identities;
+        let present = match shadow {
+            Some(s) => s.identities.keys().copied().collect(),
+            None => scan(identities.keys(), |k: &Key<IdentityKeyData>| {
+                let d = k.data();
+                (u32::from_be(d.generation_be) == g)
+                    .then(|| ((k.prefix_len() - IDENTITY_KEY_FIXED_BITS) as u8, d.addr))
+            })
+            .map_err(map_err(IDENTITIES_MAP))?,
+        };
+        sync(
+            present,
+            shadow.map(|s| &s.identities),
+            &desired.identities,
+            identities,
+            |m, k| m.remove(&identity_key(g, *k)),
+            |m, k, v| m.insert(&identity_key(g, *k), identity_value(v), 0),
+        )
+        .map_err(map_err(IDENTITIES_MAP))?;
+
+        let policy = &mut self.policy;
+        let present = match shadow {
+            Some(s) => s.policy.keys().copied().collect(),
+            None => scan(policy.keys(), |k: &Key<PolicyKeyData>| {
+                let d = k.data();
+                (u32::from_be(d.generation_be) == g).then(|| policy_slot(k))
+            })
+            .map_err(map_err(POLICY_MAP))?,
+        };
+        sync(
+            present,
+            shadow.map(|s| &s.policy),
+            &desired.policy,
+            policy,
+            |m, k| m.remove(&policy_key(g, k)),
+            |m, k, v| m.insert(&policy_key(g, k), v, 0),
+        )
+        .map_err(map_err(POLICY_MAP))
+    }
+}
+
+fn check_capacity(desired: &DesiredState) -> Result<(), WriteError> {
+    let cap = generation_capacity();
+    let used = desired.usage();
+    for (map, needed, capacity) in [
+        (ENDPOINTS_MAP, used.endpoints, cap.endpoints),
+        (IDENTITIES_MAP, used.identities, cap.identities),
+        (POLICY_MAP, used.policy, cap.policy),
+    ] {
+        if needed > capacity {
+            return Err(WriteError::Capacity {
+                map,
+                needed,
+                capacity,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Collects the generation-free keys of one generation from a map's keys.
+fn scan<MK, K: Ord>(
+    keys: impl Iterator<Item = Result<MK, MapError>>,
+    select: impl Fn(&MK) -> Option<K>,
+) -> Result<Vec<K>, MapError> {
+    let mut out = Vec::new();
+    for k in keys {
+        if let Some(k) = select(&k?) {
+            out.push(k);
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes what is present but not desired, then writes what differs.
+/// Deleting first frees room before new entries need it.
+fn sync<M, K: Ord, V: PartialEq + Copy>(
+    present: Vec<K>,
+    known: Option<&BTreeMap<K, V>>,
+    desired: &BTreeMap<K, V>,
+    map: &mut M,
+    remove: impl Fn(&mut M, &K) -> Result<(), MapError>,
+    insert: impl Fn(&mut M, &K, V) -> Result<(), MapError>,
+) -> Result<(), MapError> {
+    for k in present.iter().filter(|k| !desired.contains_key(k)) {
+        match remove(map, k) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for (k, v) in desired {
+        if known.and_then(|m| m.get(k)) != Some(v) {
+            insert(map, k, *v)?;
+        }
+    }
+    Ok(())
+}
+
+fn endpoint_key(generation: u32, cgroup_id: u64) -> EndpointKey {
+    EndpointKey {
+        cgroup_id,
+        generation,
+        _pad: 0,
+    }
+}
+
+fn identity_key(generation: u32, (len, addr): (u8, [u8; 16])) -> Key<IdentityKeyData> {
+    Key::new(
+        IDENTITY_KEY_FIXED_BITS + u32::from(len),
+        IdentityKeyData {
+            generation_be: generation.to_be(),
+            addr: mask_addr(addr, len),
+        },
+    )
+}
+
+fn identity_value(identity: u32) -> IdentityValue {
+    IdentityValue { identity, _pad: 0 }
+}
+
+fn policy_key(generation: u32, s: &PolicySlot) -> Key<PolicyKeyData> {
+    Key::new(
+        POLICY_KEY_FIXED_BITS + u32::from(s.port_prefix_len),
+        PolicyKeyData {
+            generation_be: generation.to_be(),
+            endpoint_id_be: s.endpoint_id.to_be(),
+            peer_identity_be: s.peer_identity.to_be(),
+            direction: s.direction,
+            protocol: s.protocol,
+            // Bits past the prefix are ignored by the trie but stored; keep
+            // them zero so keys read back compare equal to desired ones.
+            port_be: mask_port(s.port, s.port_prefix_len).to_be(),
+        },
+    )
+}
+
+fn mask_port(port: u16, prefix_len: u8) -> u16 {
+    match prefix_len {
+        0 => 0,
+        l if l >= 16 => port,
+        l => port & !(u16::MAX >> l),
+    }
+}
+
+fn mask_addr(mut addr: [u8; 16], prefix_len: u8) -> [u8; 16] {
+    for (i, byte) in addr.iter_mut().enumerate() {
+        let bits_before = (i * 8) as u32;
+        let keep = u32::from(prefix_len).saturating_sub(bits_before).min(8);
+        *byte &= !(0xffu16 >> keep) as u8;
+    }
+    addr
+}
+
+fn policy_slot(k: &Key<PolicyKeyData>) -> PolicySlot {
+    let d = k.data();
+    PolicySlot {
+        endpoint_id: u32::from_be(d.endpoint_id_be),
+        peer_identity: u32::from_be(d.peer_identity_be),
+        direction: d.direction,
+        protocol: d.protocol,
+        port: u16::from_be(d.port_be),
+        port_prefix_len: (k.prefix_len() - POLICY_KEY_FIXED_BITS) as u8,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_keep_only_prefix_bits() {
+        assert_eq!(mask_port(0x1234, 0), 0);
+        assert_eq!(mask_port(0x1234, 8), 0x1200);
+        assert_eq!(mask_port(0x1234, 16), 0x1234);
+        let a = [0xff; 16];
+        let m = mask_addr(a, 100);
+        assert_eq!(m[11], 0xff);
+        assert_eq!(m[12], 0xf0);
+        assert_eq!(m[13], 0);
+        assert_eq!(mask_addr(a, 128), a);
+    }
+
+    #[test]
+    fn capacity_error_names_the_map() {
+        let mut d = DesiredState::default();
+        for i in 0..=generation_capacity().endpoints as u64 {
+            d.endpoints.insert(i, EndpointValue::default());
+        }
+        let e = check_capacity(&d).unwrap_err().to_string();
+        assert!(
+            e.contains(ENDPOINTS_MAP) && e.contains("nothing was changed"),
+            "{e}"
+        );
+    }
+}

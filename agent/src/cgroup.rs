@@ -1,0 +1,95 @@
+//! cgroup v2 facts: where the unified hierarchy is mounted, and cgroup ids.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("reading /proc/self/mountinfo")]
+    MountInfo {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "no cgroup v2 hierarchy is mounted; Portcullis needs cgroup v2 \
+         (mount -t cgroup2 none /sys/fs/cgroup/unified)"
+    )]
+    NoCgroup2,
+    #[error("cgroup {path} does not exist or cannot be read")]
+    Missing {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The mount point of the cgroup v2 (unified) hierarchy, read from
+/// mountinfo: it is /sys/fs/cgroup on pure v2 hosts and often
+/// /sys/fs/cgroup/unified on hybrid ones.
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|source| CgroupError::MountInfo { source })?;
+    parse_cgroup2_mount(&info).ok_or(CgroupError::NoCgroup2)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // Fields: id parent major:minor root mountpoint options... - fstype source
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let mountpoint = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(mountpoint))
+    })
+}
+
+/// Resolves a cgroup path given as absolute, or relative to the cgroup2 mount.
+pub fn resolve(mount: &Path, path: &Path) -> PathBuf {
+    if path.starts_with(mount) {
+        path.to_path_buf()
+    } else {
+        mount.join(path.strip_prefix("/").unwrap_or(path))
+    }
+}
+
+/// The cgroup id the kernel reports for a cgroup v2 directory: its inode.
+pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
+    fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| CgroupError::Missing {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_unified_mount_on_hybrid_hosts() {
+        let info = "\
+25 1 0:23 / /sys/fs/cgroup rw - tmpfs tmpfs rw
+30 25 0:27 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+35 25 0:30 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            parse_cgroup2_mount(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/vda rw"),
+            None
+        );
+    }
+
+    #[test]
+    fn resolves_relative_and_absolute_paths() {
+        let m = Path::new("/sys/fs/cgroup/unified");
+        assert_eq!(resolve(m, Path::new("/lab/x-a")), m.join("lab/x-a"));
+        assert_eq!(resolve(m, Path::new("lab/x-a")), m.join("lab/x-a"));
+        assert_eq!(resolve(m, &m.join("lab")), m.join("lab"));
+    }
+}

@@ -1,0 +1,581 @@
+//! `portcullis lab`: a throwaway topology of network namespaces ("pods"),
+//! each with its own cgroup, on one bridge, enforced by a real agent, and the
+//! measured reachability between every pair of pods.
+
+pub mod cli;
+pub mod plumbing;
+pub mod pod;
+pub mod report;
+pub mod topology;
+
+use std::{
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde_json::json;
+
+use crate::{
+    app::{self, AgentHandle, AgentOptions, Status},
+    bpf::{self, CounterSample, LoadError},
+    cgroup::{self, CgroupError},
+    source::file::{fingerprint, is_policy_file},
+};
+use plumbing::{LabNames, PlumbingError};
+use pod::{LoadResult, Placement, PodClient, PodError, ProbeOutcome, Protocol};
+use report::{Matrix, ProbeSpec};
+use topology::{PlannedPod, Topology, NODE_IPV4, NODE_IPV6};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("the lab needs root (network namespaces, cgroups and eBPF); run it with sudo")]
+    NotRoot,
+    #[error("finding the cgroup v2 hierarchy")]
+    Cgroup {
+        #[source]
+        source: CgroupError,
+    },
+    #[error("building the lab network")]
+    Plumbing {
+        #[source]
+        source: PlumbingError,
+    },
+    #[error("starting the agent")]
+    Agent {
+        #[source]
+        source: app::AgentError,
+    },
+    #[error("removing the previous lab's pinned state")]
+    Pins {
+        #[source]
+        source: LoadError,
+    },
+    #[error("pod {pod}")]
+    Pod {
+        pod: String,
+        #[source]
+        source: PodError,
+    },
+    #[error("no pod {pod} in the lab (pods are namespace/name, e.g. x/a)")]
+    UnknownPod { pod: String },
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent did not apply the policies within {seconds}s")]
+    ApplyTimeout { seconds: u64 },
+    #[error("reading counters")]
+    Counters {
+        #[source]
+        source: LoadError,
+    },
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LabError {
+    let path = path.to_path_buf();
+    move |source| LabError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// IPv4 or IPv6: which pod address probes go to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Family {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// Names the lab's namespaces, cgroups and pins; labs with different
+    /// names can coexist.
+    pub name: String,
+    pub topology: Topology,
+    /// How long a probe waits for an answer before it counts as dropped.
+    pub probe_timeout: Duration,
+}
+
+impl LabOptions {
+    pub fn new(name: &str, topology: Topology) -> Self {
+        Self {
+            name: name.to_string(),
+            topology,
+            probe_timeout: Duration::from_millis(1000),
+        }
+    }
+}
+
+pub struct Lab {
+    names: LabNames,
+    pods: Vec<PlannedPod>,
+    clients: Vec<PodClient>,
+    node: Option<PodClient>,
+    agent: Option<AgentHandle>,
+    state_dir: PathBuf,
+    policies_dir: PathBuf,
+    workloads: PathBuf,
+    pin_dir: PathBuf,
+    probe_timeout: Duration,
+    torn_down: bool,
+}
+
+const APPLY_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn pin_dir_for(name: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/portcullis-lab-{name}"))
+}
+
+fn state_dir_for(name: &str) -> PathBuf {
+    PathBuf::from(format!("/run/portcullis-lab-{name}"))
+}
+
+/// Removes whatever a lab of this name left behind (a crashed run).
+fn remove_leftovers(names: &LabNames) -> Result<(), LabError> {
+    plumbing::remove_all(names).map_err(|source| LabError::Plumbing { source })?;
+    bpf::loader::uninstall(&pin_dir_for(&names.lab)).map_err(|source| LabError::Pins { source })?;
+    let state = state_dir_for(&names.lab);
+    if state.exists() {
+        fs::remove_dir_all(&state).map_err(io("removing", &state))?;
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// Builds the topology and starts an agent on it with no policies.
+    pub async fn start(opts: LabOptions) -> Result<Lab, LabError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(LabError::NotRoot);
+        }
+        let mount = cgroup::cgroup2_mount().map_err(|source| LabError::Cgroup { source })?;
+        let names = LabNames::new(&opts.name, &mount);
+        remove_leftovers(&names)?;
+        let state_dir = state_dir_for(&opts.name);
+        let mut lab = Lab {
+            pods: topology::plan(&opts.topology),
+            names,
+            clients: Vec::new(),
+            node: None,
+            agent: None,
+            policies_dir: state_dir.join("policies"),
+            workloads: state_dir.join("workloads.yaml"),
+            state_dir,
+            pin_dir: pin_dir_for(&opts.name),
+            probe_timeout: opts.probe_timeout,
+            torn_down: false,
+        };
+        // From here on, Drop cleans up whatever was built if a step fails.
+        lab.build(&opts.topology).await?;
+        Ok(lab)
+    }
+
+    async fn build(&mut self, topology: &Topology) -> Result<(), LabError> {
+        let plumb =
+            |r: Result<(), PlumbingError>| r.map_err(|source| LabError::Plumbing { source });
+        plumb(plumbing::create_node(&self.names))?;
+        plumb(plumbing::create_cgroup(&self.names.cgroup_root))?;
+        for pod in &self.pods {
+            plumb(plumbing::create_pod(&self.names, pod))?;
+            plumb(plumbing::create_cgroup(&self.names.pod_cgroup(pod)))?;
+        }
+        fs::create_dir_all(&self.policies_dir).map_err(io("creating", &self.policies_dir))?;
+        let workloads = workloads_yaml(topology, &self.pods, &self.names);
+        fs::write(&self.workloads, workloads).map_err(io("writing", &self.workloads))?;
+
+        self.attach_agent()?;
+
+        let exe = std::env::current_exe().map_err(io("locating", Path::new("/proc/self/exe")))?;
+        let exe = helper_exe(&exe);
+        for pod in &self.pods {
+            let serve: Vec<(u16, Protocol)> = pod
+                .workload
+                .ports
+                .iter()
+                .map(|p| {
+                    let proto = if p.protocol == "UDP" {
+                        Protocol::Udp
+                    } else {
+                        Protocol::Tcp
+                    };
+                    (p.container_port, proto)
+                })
+                .collect();
+            let netns = plumbing::netns_path(&self.names.pod_netns(pod));
+            let cgroup = self.names.pod_cgroup(pod);
+            let placement = Placement {
+                netns: &netns,
+                cgroup: Some(&cgroup),
+            };
+            let client = PodClient::spawn(&exe, placement, &serve)
+                .await
+                .map_err(|source| LabError::Pod {
+                    pod: pod.key.clone(),
+                    source,
+                })?;
+            self.clients.push(client);
+        }
+        let node_netns = plumbing::netns_path(&self.names.node_netns());
+        let node = PodClient::spawn(
+            &exe,
+            Placement {
+                netns: &node_netns,
+                cgroup: None,
+            },
+            &[],
+        )
+        .await
+        .map_err(|source| LabError::Pod {
+            pod: "node".into(),
+            source,
+        })?;
+        self.node = Some(node);
+        self.wait_applied().await?;
+        Ok(())
+    }
+
+    fn attach_agent(&mut self) -> Result<(), LabError> {
+        self.agent = Some(
+            app::start(AgentOptions {
+                policies_dir: self.policies_dir.clone(),
+                workloads: self.workloads.clone(),
+                pin_dir: self.pin_dir.clone(),
+                cgroup_root: Some(self.names.cgroup_root.clone()),
+            })
+            .map_err(|source| LabError::Agent { source })?,
+        );
+        Ok(())
+    }
+
+    /// Stops the agent and detaches the programs: no enforcement at all
+    /// (the benchmark's baseline).
+    pub fn detach_agent(&mut self) -> Result<(), LabError> {
+        if let Some(agent) = self.agent.take() {
+            agent.stop();
+        }
+        bpf::loader::uninstall(&self.pin_dir).map_err(|source| LabError::Pins { source })
+    }
+
+    /// Starts a fresh agent (after [`Lab::detach_agent`]) and waits until it
+    /// has applied the current policies.
+    pub async fn reattach_agent(&mut self) -> Result<Status, LabError> {
+        self.attach_agent()?;
+        self.wait_applied().await
+    }
+
+    /// Network namespace name of a pod, for tools run inside it.
+    pub fn pod_netns(&self, key: &str) -> Result<String, LabError> {
+        let i = self.pod_index(key)?;
+        Ok(self.names.pod_netns(&self.pods[i]))
+    }
+
+    /// Opens TCP connections from `from` to `to:port` as fast as possible.
+    pub async fn load(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        duration: Duration,
+        concurrency: u32,
+    ) -> Result<LoadResult, LabError> {
+        let (f, t) = (self.pod_index(from)?, self.pod_index(to)?);
+        self.clients[f]
+            .load(self.address(t, Family::Ipv4), port, duration, concurrency)
+            .await
+            .map_err(|source| LabError::Pod {
+                pod: from.into(),
+                source,
+            })
+    }
+
+    pub fn pods(&self) -> &[PlannedPod] {
+        &self.pods
+    }
+
+    pub fn policies_dir(&self) -> &Path {
+        &self.policies_dir
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn workloads_file(&self) -> &Path {
+        &self.workloads
+    }
+
+    /// Replaces the lab's policies with the policy files of `dir`.
+    pub fn use_policies_from(&self, dir: &Path) -> Result<(), LabError> {
+        self.clear_policies()?;
+        let entries = fs::read_dir(dir).map_err(io("reading policies from", dir))?;
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && is_policy_file(p))
+            .collect();
+        files.sort();
+        for f in files {
+            let to = self.policies_dir.join(f.file_name().unwrap_or_default());
+            fs::copy(&f, &to).map_err(io("copying", &f))?;
+        }
+        Ok(())
+    }
+
+    /// Writes (or replaces) one policy file in the lab's policy directory.
+    pub fn write_policy(&self, file_name: &str, yaml: &str) -> Result<(), LabError> {
+        let path = self.policies_dir.join(file_name);
+        // Write aside and rename, so the agent never reads half a file.
+        let tmp = self.state_dir.join(format!(".{file_name}.tmp"));
+        fs::write(&tmp, yaml).map_err(io("writing", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io("writing", &path))
+    }
+
+    pub fn remove_policy(&self, file_name: &str) -> Result<(), LabError> {
+        let path = self.policies_dir.join(file_name);
+        fs::remove_file(&path).map_err(io("removing", &path))
+    }
+
+    pub fn clear_policies(&self) -> Result<(), LabError> {
+        let entries =
+            fs::read_dir(&self.policies_dir).map_err(io("listing", &self.policies_dir))?;
+        for p in entries.flatten().map(|e| e.path()) {
+            fs::remove_file(&p).map_err(io("removing", &p))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the agent has processed the current policy files and
+    /// returns its status (check `problems` for invalid files).
+    pub async fn wait_applied(&self) -> Result<Status, LabError> {
+        let want = fingerprint(&self.policies_dir, &self.workloads);
+        let agent = self
+            .agent
+            .as_ref()
+            .ok_or(LabError::ApplyTimeout { seconds: 0 })?;
+        let mut rx = agent.status.clone();
+        let status = tokio::time::timeout(APPLY_TIMEOUT, async {
+            rx.wait_for(|s| s.fingerprint == want)
+                .await
+                .map(|s| s.clone())
+        })
+        .await;
+        match status {
+            Ok(Ok(status)) => Ok(status),
+            _ => Err(LabError::ApplyTimeout {
+                seconds: APPLY_TIMEOUT.as_secs(),
+            }),
+        }
+    }
+
+    fn pod_index(&self, key: &str) -> Result<usize, LabError> {
+        self.pods
+            .iter()
+            .position(|p| p.key == key)
+            .ok_or_else(|| LabError::UnknownPod { pod: key.into() })
+    }
+
+    fn address(&self, index: usize, family: Family) -> IpAddr {
+        let p = &self.pods[index];
+        match family {
+            Family::Ipv4 => p.ipv4.into(),
+            Family::Ipv6 => p.ipv6.into(),
+        }
+    }
+
+    /// One probe from pod `from` to pod `to` (both `namespace/name`).
+    pub async fn probe(
+        &self,
+        from: &str,
+        to: &str,
+        spec: ProbeSpec,
+        family: Family,
+    ) -> Result<ProbeOutcome, LabError> {
+        let (f, t) = (self.pod_index(from)?, self.pod_index(to)?);
+        self.clients[f]
+            .probe(
+                self.address(t, family),
+                spec.port,
+                spec.protocol,
+                self.probe_timeout,
+            )
+            .await
+            .map_err(|source| LabError::Pod {
+                pod: from.into(),
+                source,
+            })
+    }
+
+    /// A probe from the node itself (like a kubelet health check).
+    pub async fn probe_from_node(
+        &self,
+        to: &str,
+        spec: ProbeSpec,
+        family: Family,
+    ) -> Result<ProbeOutcome, LabError> {
+        let t = self.pod_index(to)?;
+        let node = self
+            .node
+            .as_ref()
+            .ok_or(LabError::UnknownPod { pod: "node".into() })?;
+        node.probe(
+            self.address(t, family),
+            spec.port,
+            spec.protocol,
+            self.probe_timeout,
+        )
+        .await
+        .map_err(|source| LabError::Pod {
+            pod: "node".into(),
+            source,
+        })
+    }
+
+    /// Probes every ordered pair of pods (self included) on each spec, all
+    /// at once: a full matrix takes about one probe timeout.
+    pub async fn probe_matrix(
+        &self,
+        specs: &[ProbeSpec],
+        family: Family,
+    ) -> Result<Vec<Matrix>, LabError> {
+        let mut jobs = Vec::new();
+        for (si, spec) in specs.iter().enumerate() {
+            for (f, from) in self.pods.iter().enumerate() {
+                for (t, to) in self.pods.iter().enumerate() {
+                    let client = &self.clients[f];
+                    let addr = self.address(t, family);
+                    let limit = self.probe_timeout;
+                    let spec = *spec;
+                    jobs.push(async move {
+                        let outcome = client
+                            .probe(addr, spec.port, spec.protocol, limit)
+                            .await
+                            .map_err(|source| LabError::Pod {
+                                pod: from.key.clone(),
+                                source,
+                            })?;
+                        Ok::<_, LabError>((si, from.key.clone(), to.key.clone(), outcome))
+                    });
+                }
+            }
+        }
+        let results = futures::future::join_all(jobs).await;
+        let mut matrices: Vec<Matrix> = specs
+            .iter()
+            .map(|s| Matrix {
+                spec: *s,
+                cells: Default::default(),
+            })
+            .collect();
+        for r in results {
+            let (si, from, to, outcome) = r?;
+            matrices[si]
+                .cells
+                .entry(from)
+                .or_default()
+                .insert(to, outcome);
+        }
+        Ok(matrices)
+    }
+
+    /// Decision counters from the kernel, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<CounterSample>, LabError> {
+        bpf::read_counters(&self.pin_dir)
+            .map(|(c, _)| c)
+            .map_err(|source| LabError::Counters { source })
+    }
+
+    /// Stops everything and removes every trace of the lab.
+    pub async fn shutdown(mut self) -> Result<(), LabError> {
+        for c in self.clients.drain(..) {
+            c.stop().await;
+        }
+        if let Some(n) = self.node.take() {
+            n.stop().await;
+        }
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<(), LabError> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        if let Some(agent) = self.agent.take() {
+            agent.stop();
+        }
+        remove_leftovers(&self.names)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Pod processes die with their handles (kill_on_drop); the rest is
+        // removed here so a failed test or a panic leaves nothing behind.
+        self.clients.clear();
+        self.node = None;
+        if let Err(e) = self.teardown() {
+            eprintln!("portcullis lab: cleanup failed: {e}");
+        }
+    }
+}
+
+/// The binary that runs pod processes: the one running now, unless that is a
+/// test harness, in which case the `portcullis` binary built beside it.
+fn helper_exe(current: &Path) -> PathBuf {
+    if let Ok(p) = std::env::var("PORTCULLIS_BIN") {
+        return PathBuf::from(p);
+    }
+    let is_portcullis = current.file_name().is_some_and(|n| n == "portcullis");
+    if is_portcullis {
+        return current.to_path_buf();
+    }
+    // target/<profile>/deps/test-xxxx → target/<profile>/portcullis
+    current
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|p| p.join("portcullis"))
+        .unwrap_or_else(|| current.to_path_buf())
+}
+
+/// The standalone workloads file describing the lab's pods to the agent.
+fn workloads_yaml(t: &Topology, pods: &[PlannedPod], names: &LabNames) -> String {
+    let namespaces: Vec<_> = t
+        .namespaces
+        .iter()
+        .map(|n| json!({"name": n.name, "labels": n.labels}))
+        .collect();
+    let workloads: Vec<_> = pods
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.workload.name,
+                "namespace": p.workload.namespace,
+                "labels": p.workload.labels,
+                "cgroup": names.pod_cgroup(p),
+                "ips": [p.ipv4.to_string(), p.ipv6.to_string()],
+                "ports": p.workload.ports,
+            })
+        })
+        .collect();
+    let doc = json!({
+        "nodeIPs": [NODE_IPV4.to_string(), NODE_IPV6.to_string()],
+        "namespaces": namespaces,
+        "workloads": workloads,
+    });
+    serde_yaml::to_string(&doc).expect("JSON values serialize to YAML")
+}

@@ -1,0 +1,151 @@
+//! The `portcullis lab` command: build, apply, probe, print, tear down.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context as _};
+
+use super::{
+    report::{self, ProbeSpec},
+    topology::{self, Topology},
+    Family, Lab, LabOptions,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct LabArgs {
+    /// Directory of policy files (every *.yaml / *.yml, multi-document allowed).
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// Namespaces, labels, pods and ports to build instead of the default
+    /// x,y,z × a,b,c (workloads-file format without cgroup and ips).
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
+    /// Port/protocol to probe, e.g. 80/tcp; repeatable. Default: 80/tcp,
+    /// 81/tcp, 80/udp, 81/udp.
+    #[arg(long = "probe")]
+    pub probes: Vec<ProbeSpec>,
+    /// Address family to probe over.
+    #[arg(long, value_enum, default_value_t = Family::Ipv4)]
+    pub family: Family,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Print the pods and their addresses without building anything.
+    #[arg(long)]
+    pub topology_only: bool,
+    /// Probe once before the policies are applied, then again after.
+    #[arg(long)]
+    pub show_before: bool,
+    /// Lab name: labs with different names can run side by side.
+    #[arg(long, default_value = "lab")]
+    pub name: String,
+    /// How long a probe waits before it counts as dropped.
+    #[arg(long, default_value_t = 1000)]
+    pub timeout_ms: u64,
+}
+
+fn load_topology(args: &LabArgs) -> anyhow::Result<Topology> {
+    match &args.topology {
+        None => Ok(topology::default_topology()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading topology {}", path.display()))?;
+            Ok(topology::parse_topology(path, &text)?)
+        }
+    }
+}
+
+pub async fn run(args: LabArgs) -> anyhow::Result<()> {
+    let topology = load_topology(&args)?;
+    if args.topology_only {
+        let pods = topology::plan(&topology);
+        if args.json {
+            println!("{}", serde_json::json!({"pods": report::pods_json(&pods)}));
+        } else {
+            for p in &pods {
+                println!("{:<20} {:<16} {}", p.key, p.ipv4, p.ipv6);
+            }
+        }
+        return Ok(());
+    }
+    if let Some(dir) = &args.policies {
+        if !dir.is_dir() {
+            bail!("--policies {}: not a directory", dir.display());
+        }
+    }
+    let specs = if args.probes.is_empty() {
+        ProbeSpec::all_default()
+    } else {
+        args.probes.clone()
+    };
+    let mut opts = LabOptions::new(&args.name, topology);
+    opts.probe_timeout = Duration::from_millis(args.timeout_ms);
+    if !args.json {
+        eprintln!(
+            "building lab '{}': {} pods …",
+            args.name,
+            opts.topology.workloads.len()
+        );
+    }
+    let lab = Lab::start(opts).await?;
+    // Ctrl-C anywhere below still tears the lab down.
+    let outcome = tokio::select! {
+        r = measure(&lab, &args, &specs) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; lab removed")),
+    };
+    lab.shutdown().await.context("removing the lab")?;
+    outcome
+}
+
+async fn measure(lab: &Lab, args: &LabArgs, specs: &[ProbeSpec]) -> anyhow::Result<()> {
+    let human = !args.json;
+    if args.show_before && human {
+        let before = lab.probe_matrix(specs, args.family).await?;
+        println!("== Before: no policies ==\n");
+        print!(
+            "{}",
+            report::render(lab.pods(), &before, args.family.as_str())
+        );
+    }
+    if let Some(dir) = &args.policies {
+        lab.use_policies_from(dir)?;
+        let status = lab.wait_applied().await?;
+        if !status.problems.is_empty() {
+            for p in &status.problems {
+                eprintln!("error: {p}");
+            }
+            bail!(
+                "{} problem(s) in the policies of {}; nothing was measured",
+                status.problems.len(),
+                dir.display()
+            );
+        }
+        if human {
+            eprintln!(
+                "applied {} policy map entries for {} endpoints",
+                status.usage.policy, status.usage.endpoints
+            );
+        }
+    }
+    let started = std::time::Instant::now();
+    let after = lab.probe_matrix(specs, args.family).await?;
+    if args.json {
+        println!("{}", report::matrices_json(lab.pods(), &after));
+    } else {
+        let title = match &args.policies {
+            Some(dir) => format!("With policies from {}", dir.display()),
+            None => "No policies".to_string(),
+        };
+        println!("== {title} ==\n");
+        print!(
+            "{}",
+            report::render(lab.pods(), &after, args.family.as_str())
+        );
+        eprintln!(
+            "probed {} pairs × {} port(s) in {:.1}s",
+            lab.pods().len() * lab.pods().len(),
+            specs.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

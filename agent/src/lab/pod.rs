@@ -1,0 +1,468 @@
+//! The process inside each lab pod: it serves the pod's ports and makes the
+//! probes, so both ends of every probe are sockets of the pod's cgroup and
+//! network namespace. The lab talks to it with JSON lines on stdin/stdout.
+
+use std::{
+    collections::HashMap,
+    fs::{File, OpenOptions},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    path::Path,
+    process::Stdio,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream, UdpSocket},
+    process::{Child, ChildStdin, Command},
+    sync::oneshot,
+    time::{timeout, Instant},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("opening {path} for the pod process")]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the pod process")]
+    Spawn {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the pod process")]
+    Pipe {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the pod process exited before it was ready (see its stderr above)")]
+    NotReady,
+    #[error("the pod process went away")]
+    Gone,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+/// What happened to one probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeOutcome {
+    /// TCP connected, or the UDP echo came back.
+    Reached,
+    /// connect()/sendmsg() failed with EPERM: an egress deny.
+    Denied,
+    /// No answer within the timeout: dropped on the way (an ingress deny).
+    TimedOut,
+    /// Nothing listens there (TCP RST / ICMP port unreachable).
+    Refused,
+    /// Some other socket error, by errno.
+    Failed { errno: i32 },
+}
+
+impl ProbeOutcome {
+    pub fn reached(self) -> bool {
+        self == ProbeOutcome::Reached
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ProbeRequest {
+    addr: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    timeout_ms: u64,
+}
+
+/// Open and close TCP connections as fast as possible for a while.
+#[derive(Debug, Serialize, Deserialize)]
+struct LoadRequest {
+    addr: IpAddr,
+    port: u16,
+    duration_ms: u64,
+    concurrency: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Request {
+    Probe(ProbeRequest),
+    Load(LoadRequest),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    id: u64,
+    request: Request,
+}
+
+/// Result of a [`LoadRequest`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadResult {
+    /// Connections established (and closed) within the duration.
+    pub connections: u64,
+    /// Connection attempts that failed.
+    pub failures: u64,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Answer {
+    Probe(ProbeOutcome),
+    Load(LoadResult),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum HelperMessage {
+    Ready,
+    Reply { id: u64, answer: Answer },
+}
+
+/// Entry point of `portcullis lab-pod`: serve, then answer probe requests
+/// until stdin closes.
+pub async fn run_helper(serve: &[(u16, Protocol)]) -> std::io::Result<()> {
+    for &(port, protocol) in serve {
+        let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        // [::] is dual-stack here (bindv6only=0), so IPv4 is served too.
+        match protocol {
+            Protocol::Tcp => {
+                let l = TcpListener::bind(addr).await?;
+                tokio::spawn(async move {
+                    while let Ok((conn, _)) = l.accept().await {
+                        drop(conn);
+                    }
+                });
+            }
+            Protocol::Udp => {
+                let s = UdpSocket::bind(addr).await?;
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 512];
+                    while let Ok((n, peer)) = s.recv_from(&mut buf).await {
+                        let _ = s.send_to(&buf[..n], peer).await;
+                    }
+                });
+            }
+        }
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<HelperMessage>();
+    let writer = tokio::spawn(async move {
+        let mut out = tokio::io::stdout();
+        while let Some(msg) = rx.recv().await {
+            let mut line = serde_json::to_vec(&msg).expect("serializable");
+            line.push(b'\n');
+            if out.write_all(&line).await.is_err() || out.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    tx.send(HelperMessage::Ready).ok();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let Ok(env) = serde_json::from_str::<Envelope>(&line) else {
+            eprintln!("lab-pod: ignoring malformed request: {line}");
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let answer = match env.request {
+                Request::Probe(p) => Answer::Probe(probe(&p).await),
+                Request::Load(l) => Answer::Load(load(&l).await),
+            };
+            tx.send(HelperMessage::Reply { id: env.id, answer }).ok();
+        });
+    }
+    drop(tx);
+    let _ = writer.await;
+    Ok(())
+}
+
+fn classify(e: &std::io::Error) -> ProbeOutcome {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => ProbeOutcome::Denied,
+        Some(libc::ECONNREFUSED) => ProbeOutcome::Refused,
+        Some(errno) => ProbeOutcome::Failed { errno },
+        None => ProbeOutcome::Failed { errno: 0 },
+    }
+}
+
+async fn probe(req: &ProbeRequest) -> ProbeOutcome {
+    let dst = SocketAddr::new(req.addr, req.port);
+    let limit = Duration::from_millis(req.timeout_ms);
+    match req.protocol {
+        Protocol::Tcp => match timeout(limit, TcpStream::connect(dst)).await {
+            Ok(Ok(_)) => ProbeOutcome::Reached,
+            Ok(Err(e)) => classify(&e),
+            Err(_) => ProbeOutcome::TimedOut,
+        },
+        Protocol::Udp => udp_probe(dst, limit).await,
+    }
+}
+
+/// Connect-and-close loops; linger 0 closes with RST so no TIME_WAIT
+/// state piles up and exhausts the ephemeral ports.
+async fn load(req: &LoadRequest) -> LoadResult {
+    let dst = SocketAddr::new(req.addr, req.port);
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(req.duration_ms);
+    let workers = (0..req.concurrency.max(1)).map(|_| async move {
+        let (mut ok, mut failed) = (0u64, 0u64);
+        while Instant::now() < deadline {
+            match TcpStream::connect(dst).await {
+                Ok(s) => {
+                    let _ = socket2_linger_zero(&s);
+                    ok += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        (ok, failed)
+    });
+    let results = futures::future::join_all(workers).await;
+    LoadResult {
+        connections: results.iter().map(|r| r.0).sum(),
+        failures: results.iter().map(|r| r.1).sum(),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    }
+}
+
+/// SO_LINGER 0: close() sends RST and leaves no TIME_WAIT behind. The
+/// socket is closed right after, on this task, so blocking is not a concern.
+fn socket2_linger_zero(s: &TcpStream) -> std::io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Sends a datagram (unconnected, so the sendmsg hook decides) and waits for
+/// the echo, resending now and then in case one was lost.
+async fn udp_probe(dst: SocketAddr, limit: Duration) -> ProbeOutcome {
+    let local: SocketAddr = match dst {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = match UdpSocket::bind(local).await {
+        Ok(s) => s,
+        Err(e) => return classify(&e),
+    };
+    let deadline = Instant::now() + limit;
+    let resend = Duration::from_millis(200);
+    let mut buf = [0u8; 64];
+    loop {
+        if let Err(e) = sock.send_to(b"portcullis-probe", dst).await {
+            return classify(&e);
+        }
+        let wait = resend.min(deadline.saturating_duration_since(Instant::now()));
+        match timeout(wait, sock.recv_from(&mut buf)).await {
+            Ok(Ok((_, from))) if from == dst => return ProbeOutcome::Reached,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return classify(&e),
+            Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            return ProbeOutcome::TimedOut;
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+
+/// The lab's handle on one pod process.
+pub struct PodClient {
+    stdin: tokio::sync::Mutex<ChildStdin>,
+    pending: Pending,
+    next_id: AtomicU64,
+    child: Child,
+}
+
+/// Where a pod process runs: a network namespace and optionally a cgroup.
+pub struct Placement<'a> {
+    pub netns: &'a Path,
+    pub cgroup: Option<&'a Path>,
+}
+
+impl PodClient {
+    pub async fn spawn(
+        exe: &Path,
+        placement: Placement<'_>,
+        serve: &[(u16, Protocol)],
+    ) -> Result<Self, PodError> {
+        let open = |path: &Path, write: bool| {
+            OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .open(path)
+                .map_err(|source| PodError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })
+        };
+        let netns: File = open(placement.netns, false)?;
+        let procs: Option<File> = match placement.cgroup {
+            Some(cg) => Some(open(&cg.join("cgroup.procs"), true)?),
+            None => None,
+        };
+        let netns_fd = netns.as_raw_fd();
+        let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+
+        let mut cmd = Command::new(exe);
+        cmd.arg("lab-pod");
+        for (port, proto) in serve {
+            cmd.arg("--serve")
+                .arg(format!("{port}/{}", proto.as_str().to_lowercase()));
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        // SAFETY: only async-signal-safe syscalls on fds opened above.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = procs_fd {
+                    // "0" moves the writing process: the pod process joins the
+                    // pod's cgroup before it opens any socket.
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| PodError::Spawn { source })?;
+        drop((netns, procs));
+        let stdin = child.stdin.take().ok_or(PodError::Gone)?;
+        let stdout = child.stdout.take().ok_or(PodError::Gone)?;
+        let mut lines = BufReader::new(stdout).lines();
+        match lines.next_line().await {
+            Ok(Some(l)) if matches!(serde_json::from_str(&l), Ok(HelperMessage::Ready)) => {}
+            _ => return Err(PodError::NotReady),
+        }
+        let pending: Pending = Arc::default();
+        let dispatch = pending.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(HelperMessage::Reply { id, answer }) = serde_json::from_str(&line) {
+                    if let Some(tx) = dispatch.lock().expect("pending lock").remove(&id) {
+                        let _ = tx.send(answer);
+                    }
+                }
+            }
+            // The process is gone: fail whatever still waits.
+            dispatch.lock().expect("pending lock").clear();
+        });
+        Ok(Self {
+            stdin: tokio::sync::Mutex::new(stdin),
+            pending,
+            next_id: AtomicU64::new(1),
+            child,
+        })
+    }
+
+    pub async fn probe(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        protocol: Protocol,
+        limit: Duration,
+    ) -> Result<ProbeOutcome, PodError> {
+        let request = Request::Probe(ProbeRequest {
+            addr,
+            port,
+            protocol,
+            timeout_ms: limit.as_millis() as u64,
+        });
+        match self.ask(request).await? {
+            Answer::Probe(o) => Ok(o),
+            Answer::Load(_) => Err(PodError::Gone),
+        }
+    }
+
+    /// Opens TCP connections to `addr:port` for `duration` with
+    /// `concurrency` loops and counts them.
+    pub async fn load(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        duration: Duration,
+        concurrency: u32,
+    ) -> Result<LoadResult, PodError> {
+        let request = Request::Load(LoadRequest {
+            addr,
+            port,
+            duration_ms: duration.as_millis() as u64,
+            concurrency,
+        });
+        match self.ask(request).await? {
+            Answer::Load(r) => Ok(r),
+            Answer::Probe(_) => Err(PodError::Gone),
+        }
+    }
+
+    async fn ask(&self, request: Request) -> Result<Answer, PodError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending lock").insert(id, tx);
+        let mut line = serde_json::to_vec(&Envelope { id, request }).expect("serializable");
+        line.push(b'\n');
+        {
+            let mut stdin = self.stdin.lock().await;
+            stdin
+                .write_all(&line)
+                .await
+                .map_err(|source| PodError::Pipe { source })?;
+            stdin
+                .flush()
+                .await
+                .map_err(|source| PodError::Pipe { source })?;
+        }
+        rx.await.map_err(|_| PodError::Gone)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}

@@ -1,0 +1,247 @@
+//! The lab's model of namespaces and pods, and the addresses it assigns.
+//!
+//! Same YAML shape as the standalone workloads file, minus `cgroup` and `ips`
+//! (the lab assigns those). Addresses come from the benchmarking range
+//! 198.18.0.0/15 and a ULA prefix, deterministic in the pod's position.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("{file}: invalid YAML")]
+    Yaml {
+        file: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Topology {
+    #[serde(default)]
+    pub namespaces: Vec<LabNamespace>,
+    pub workloads: Vec<LabWorkload>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabNamespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabWorkload {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<LabPort>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub container_port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "TCP".into()
+}
+
+pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7063, 0x6c00, 0, 0, 0, 0, 1);
+pub const IPV4_PREFIX_LEN: u8 = 15;
+pub const IPV6_PREFIX_LEN: u8 = 64;
+const FIRST_POD_IPV4: u32 = u32::from_be_bytes([198, 18, 1, 10]);
+/// 198.18.0.0/15 ends at 198.19.255.255.
+const LAST_POD_IPV4: u32 = u32::from_be_bytes([198, 19, 255, 254]);
+
+/// The lab's standard topology: namespaces x, y, z with pods a, b, c, each
+/// serving TCP and UDP on 80 and 81.
+pub fn default_topology() -> Topology {
+    let namespaces = ["x", "y", "z"];
+    let pods = ["a", "b", "c"];
+    let ports = [(80, "TCP"), (81, "TCP"), (80, "UDP"), (81, "UDP")]
+        .into_iter()
+        .map(|(p, proto)| LabPort {
+            name: Some(format!("serve-{p}-{}", proto.to_lowercase())),
+            container_port: p,
+            protocol: proto.into(),
+        })
+        .collect::<Vec<_>>();
+    Topology {
+        namespaces: namespaces
+            .iter()
+            .map(|n| LabNamespace {
+                name: n.to_string(),
+                labels: BTreeMap::from([("ns".to_string(), n.to_string())]),
+            })
+            .collect(),
+        workloads: namespaces
+            .iter()
+            .flat_map(|n| {
+                let ports = ports.clone();
+                pods.iter().map(move |p| LabWorkload {
+                    name: p.to_string(),
+                    namespace: n.to_string(),
+                    labels: BTreeMap::from([("pod".to_string(), p.to_string())]),
+                    ports: ports.clone(),
+                })
+            })
+            .collect(),
+    }
+}
+
+pub fn parse_topology(file: &Path, text: &str) -> Result<Topology, TopologyError> {
+    let file = file.display().to_string();
+    let t: Topology = serde_yaml::from_str(text).map_err(|source| TopologyError::Yaml {
+        file: file.clone(),
+        source,
+    })?;
+    validate(&file, &t)?;
+    Ok(t)
+}
+
+fn validate(file: &str, t: &Topology) -> Result<(), TopologyError> {
+    let invalid = |message: String| TopologyError::Invalid {
+        file: file.to_string(),
+        message,
+    };
+    if t.workloads.is_empty() {
+        return Err(invalid("workloads: at least one workload is needed".into()));
+    }
+    let max = (LAST_POD_IPV4 - FIRST_POD_IPV4) as usize;
+    if t.workloads.len() > max {
+        return Err(invalid(format!(
+            "workloads: at most {max} fit the lab's address range"
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, w) in t.workloads.iter().enumerate() {
+        let key = format!("{}/{}", w.namespace, w.name);
+        if !seen.insert(key.clone()) {
+            return Err(invalid(format!("workloads[{i}]: duplicate workload {key}")));
+        }
+        for (j, p) in w.ports.iter().enumerate() {
+            if p.container_port == 0 {
+                return Err(invalid(format!(
+                    "workloads[{i}] ({key}).ports[{j}].containerPort: must be 1-65535"
+                )));
+            }
+            if !matches!(p.protocol.as_str(), "TCP" | "UDP") {
+                return Err(invalid(format!(
+                    "workloads[{i}] ({key}).ports[{j}].protocol: {:?} is not TCP or UDP",
+                    p.protocol
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A pod as the lab builds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedPod {
+    /// `namespace/name`.
+    pub key: String,
+    pub workload: LabWorkload,
+    pub index: usize,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+/// Assigns each pod its addresses, by position in the topology.
+pub fn plan(t: &Topology) -> Vec<PlannedPod> {
+    t.workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| PlannedPod {
+            key: format!("{}/{}", w.namespace, w.name),
+            workload: w.clone(),
+            index: i,
+            ipv4: Ipv4Addr::from(FIRST_POD_IPV4 + i as u32),
+            ipv6: Ipv6Addr::from(u128::from(NODE_IPV6) + 0x1_0000 + i as u128),
+        })
+        .collect()
+}
+
+/// Namespace labels, including the one Kubernetes sets on every namespace.
+pub fn namespace_labels(t: &Topology, ns: &str) -> BTreeMap<String, String> {
+    let mut labels = t
+        .namespaces
+        .iter()
+        .find(|n| n.name == ns)
+        .map(|n| n.labels.clone())
+        .unwrap_or_default();
+    labels.insert("kubernetes.io/metadata.name".into(), ns.into());
+    labels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_topology_has_nine_pods_with_four_named_ports() {
+        let t = default_topology();
+        assert_eq!(t.workloads.len(), 9);
+        let names: Vec<_> = t.workloads[0]
+            .ports
+            .iter()
+            .map(|p| p.name.clone().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "serve-80-tcp",
+                "serve-81-tcp",
+                "serve-80-udp",
+                "serve-81-udp"
+            ]
+        );
+        assert_eq!(
+            namespace_labels(&t, "y").get("kubernetes.io/metadata.name"),
+            Some(&"y".to_string())
+        );
+    }
+
+    #[test]
+    fn addresses_are_deterministic_and_distinct() {
+        let p = plan(&default_topology());
+        assert_eq!(p[0].ipv4, Ipv4Addr::new(198, 18, 1, 10));
+        assert_eq!(p[8].ipv4, Ipv4Addr::new(198, 18, 1, 18));
+        assert_eq!(
+            p[0].ipv6,
+            "fd00:7063:6c00::1:1".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(plan(&default_topology()), p);
+    }
+
+    #[test]
+    fn topology_rejects_lab_assigned_fields() {
+        let e = parse_topology(
+            Path::new("t.yaml"),
+            "workloads: [{name: a, namespace: x, ips: [1.2.3.4]}]",
+        )
+        .unwrap_err();
+        let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(msg.contains("t.yaml") && msg.contains("ips"), "{msg}");
+    }
+}

@@ -1,0 +1,11 @@
+//! Portcullis agent: keeps the kernel's policy maps in sync with policy
+//! objects, and the `lab` that builds throwaway pod topologies to test them.
+
+pub mod app;
+pub mod bench;
+pub mod bpf;
+pub mod cgroup;
+pub mod lab;
+pub mod policy;
+pub mod reconcile;
+pub mod source;

@@ -1,0 +1,205 @@
+//! `portcullis`: the node agent and its command-line tools.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use portcullis_agent::{
+    app::{self, AgentOptions},
+    bpf,
+    lab::{self, pod::Protocol, report::ProbeSpec},
+};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Kernel-speed L4 policy for pod sockets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent standalone: policies from a directory, workloads from a file.
+    Agent {
+        /// Directory of policy files (*.yaml, *.yml), watched for changes.
+        #[arg(long)]
+        policies: PathBuf,
+        /// Workloads file: namespaces, pods, their cgroups, IPs and ports.
+        #[arg(long)]
+        workloads: PathBuf,
+        /// bpffs directory for pinned maps and links.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// cgroup v2 directory to attach to (default: the cgroup v2 root).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+    },
+    /// Build a throwaway pod topology, enforce policies on it and print the
+    /// measured reachability matrix.
+    Lab(lab::cli::LabArgs),
+    /// Measure the TCP connection rate with no agent, with Portcullis and
+    /// with iptables, each holding the same rules; writes BENCHMARKS.md.
+    Bench(portcullis_agent::bench::BenchArgs),
+    /// Print the kernel's decision counters.
+    Counters {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the programs and remove all pinned state: enforcement stops.
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Internal: the process inside a lab pod.
+    #[command(hide = true)]
+    LabPod {
+        #[arg(long = "serve")]
+        serve: Vec<ProbeSpec>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The agent reports what it does; the other commands print their own
+    // results and only log problems.
+    let default_level = match cli.command {
+        Command::Agent { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Agent {
+            policies,
+            workloads,
+            pin_dir,
+            cgroup_root,
+        } => {
+            run_agent(AgentOptions {
+                policies_dir: policies,
+                workloads,
+                pin_dir,
+                cgroup_root,
+            })
+            .await
+        }
+        Command::Lab(args) => lab::cli::run(args).await,
+        Command::Bench(args) => portcullis_agent::bench::run(args).await,
+        Command::Counters { pin_dir, json } => print_counters(&pin_dir, json),
+        Command::Uninstall { pin_dir } => {
+            bpf::loader::uninstall(&pin_dir)?;
+            eprintln!(
+                "removed {}; Portcullis no longer enforces",
+                pin_dir.display()
+            );
+            Ok(())
+        }
+        Command::LabPod { serve } => {
+            let serve: Vec<(u16, Protocol)> = serve.iter().map(|s| (s.port, s.protocol)).collect();
+            Ok(lab::pod::run_helper(&serve).await?)
+        }
+    }
+}
+
+async fn run_agent(opts: AgentOptions) -> anyhow::Result<()> {
+    if !opts.policies_dir.is_dir() {
+        anyhow::bail!(
+            "--policies {}: not a directory",
+            opts.policies_dir.display()
+        );
+    }
+    let handle = app::start(opts).context("starting the agent")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    handle.stop();
+    eprintln!("agent stopped; enforcement stays in the kernel (portcullis uninstall removes it)");
+    Ok(())
+}
+
+fn print_counters(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use portcullis_common::*;
+    let (mut samples, lost) = bpf::read_counters(pin_dir)?;
+    samples.sort_by_key(|s| {
+        (
+            s.key.endpoint_id,
+            s.key.direction,
+            s.key.reason,
+            s.key.rule_cookie,
+        )
+    });
+    let direction = |d: u8| {
+        if d == DIRECTION_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        }
+    };
+    let verdict = |v: u8| if v == VERDICT_ALLOW { "allow" } else { "deny" };
+    let reason = |r: u8| match r {
+        REASON_POLICY => "policy",
+        REASON_DEFAULT_DENY => "default-deny",
+        REASON_NOT_ISOLATED => "not-isolated",
+        REASON_LOCAL => "local",
+        REASON_HOST => "host",
+        REASON_REPLY => "reply",
+        _ => "unknown",
+    };
+    let protocol = |p: u8| match p {
+        PROTO_TCP => "TCP",
+        PROTO_UDP => "UDP",
+        _ => "other",
+    };
+    if json {
+        let rows: Vec<_> = samples
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "endpoint": s.key.endpoint_id, "direction": direction(s.key.direction),
+                    "verdict": verdict(s.key.verdict), "reason": reason(s.key.reason),
+                    "protocol": protocol(s.key.protocol), "rule_cookie": s.key.rule_cookie,
+                    "count": s.count,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({"counters": rows, "lost": lost}));
+    } else {
+        println!(
+            "{:>8} {:>8} {:>6} {:>13} {:>5} {:>8} {:>10}",
+            "endpoint", "dir", "verdict", "reason", "proto", "cookie", "count"
+        );
+        for s in &samples {
+            println!(
+                "{:>8} {:>8} {:>6} {:>13} {:>5} {:>8} {:>10}",
+                s.key.endpoint_id,
+                direction(s.key.direction),
+                verdict(s.key.verdict),
+                reason(s.key.reason),
+                protocol(s.key.protocol),
+                s.key.rule_cookie,
+                s.count
+            );
+        }
+        if lost > 0 {
+            println!("{lost} decisions were not counted: the counter map is full");
+        }
+    }
+    Ok(())
+}

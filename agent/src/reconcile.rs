@@ -1,0 +1,140 @@
+//! Desired state → compiled map contents → kernel. One pass per change.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use portcullis_common::{
+    ipv4_mapped, EndpointValue, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6,
+};
+
+use crate::{
+    bpf::{writer::MapUsage, DesiredState, PolicySlot, WriteError},
+    cgroup,
+    policy::compile::{CompileError, Compiled, Compiler},
+    source::Snapshot,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("compiling policies")]
+    Compile {
+        #[source]
+        source: CompileError,
+    },
+    #[error("writing the kernel maps (what was enforced before stays enforced)")]
+    Write {
+        #[source]
+        source: WriteError,
+    },
+}
+
+/// Anything that can take a complete desired state.
+pub trait MapSink {
+    fn apply(&mut self, desired: &DesiredState) -> Result<MapUsage, WriteError>;
+}
+
+impl MapSink for crate::bpf::writer::MapWriter {
+    fn apply(&mut self, desired: &DesiredState) -> Result<MapUsage, WriteError> {
+        crate::bpf::writer::MapWriter::apply(self, desired)
+    }
+}
+
+/// Result of one successful pass.
+#[derive(Clone, Debug, Default)]
+pub struct Applied {
+    pub usage: MapUsage,
+    pub endpoints: usize,
+    /// Local workloads whose cgroup was not found: not enforced until it is.
+    pub missing_cgroups: Vec<String>,
+}
+
+pub struct Reconciler {
+    compiler: Compiler,
+    cgroup_mount: PathBuf,
+}
+
+impl Reconciler {
+    pub fn new(cgroup_mount: PathBuf) -> Self {
+        Self {
+            compiler: Compiler::new(),
+            cgroup_mount,
+        }
+    }
+
+    pub fn reconcile(
+        &mut self,
+        snapshot: &Snapshot,
+        sink: &mut impl MapSink,
+    ) -> Result<Applied, ReconcileError> {
+        let compiled = self
+            .compiler
+            .compile(&snapshot.inventory, &snapshot.policies)
+            .map_err(|source| ReconcileError::Compile { source })?;
+        let (desired, missing_cgroups) = self.desired_state(&compiled);
+        let usage = sink
+            .apply(&desired)
+            .map_err(|source| ReconcileError::Write { source })?;
+        Ok(Applied {
+            usage,
+            endpoints: desired.endpoints.len(),
+            missing_cgroups,
+        })
+    }
+
+    /// Translates compiler output into map contents. An endpoint whose cgroup
+    /// does not exist (yet) has no process to enforce on; it is skipped and
+    /// reported.
+    fn desired_state(&self, c: &Compiled) -> (DesiredState, Vec<String>) {
+        let mut desired = DesiredState::default();
+        let mut missing = Vec::new();
+        for ep in &c.endpoints {
+            let path = cgroup::resolve(&self.cgroup_mount, &ep.cgroup);
+            let id = match cgroup::cgroup_id(&path) {
+                Ok(id) => id,
+                Err(e) => {
+                    missing.push(format!("{}: {e}", ep.workload));
+                    continue;
+                }
+            };
+            let mut value = EndpointValue {
+                endpoint_id: ep.id,
+                ..Default::default()
+            };
+            if let Some(v4) = ep.ipv4 {
+                value.ipv4_mapped = ipv4_mapped(v4.octets());
+                value.flags |= ENDPOINT_FLAG_HAS_IPV4;
+            }
+            if let Some(v6) = ep.ipv6 {
+                value.ipv6 = v6.octets();
+                value.flags |= ENDPOINT_FLAG_HAS_IPV6;
+            }
+            desired.endpoints.insert(id, value);
+        }
+        for (prefix, identity) in &c.identities {
+            desired
+                .identities
+                .insert((prefix.len, prefix.addr), *identity);
+        }
+        for (k, v) in &c.rules {
+            desired.policy.insert(
+                PolicySlot {
+                    endpoint_id: k.endpoint_id,
+                    peer_identity: k.peer_identity,
+                    direction: k.direction,
+                    protocol: k.protocol,
+                    port: k.port,
+                    port_prefix_len: k.port_prefix_len,
+                },
+                *v,
+            );
+        }
+        (desired, missing)
+    }
+}
+
+/// The 16-byte form the kernel uses for an address.
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}

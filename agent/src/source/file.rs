@@ -1,0 +1,190 @@
+//! Standalone mode: policies from a directory of YAML files, workloads from
+//! one inventory file. Changes are picked up by polling a cheap fingerprint
+//! (names, sizes, modification times), which works on every filesystem and
+//! inside containers where inotify on bind mounts is unreliable.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use super::Snapshot;
+use crate::policy::{
+    model::Inventory,
+    parse::{parse_inventory, parse_policies},
+    PolicyObject,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileSourceError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("workloads file {path} is invalid and no earlier version was valid")]
+    NoInventory {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// What the files looked like; equal fingerprints mean nothing to reload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
+
+pub struct FileSource {
+    policies_dir: PathBuf,
+    workloads: PathBuf,
+    /// Last valid content of each policy file.
+    last_good: BTreeMap<PathBuf, Vec<PolicyObject>>,
+    last_inventory: Option<Inventory>,
+}
+
+pub fn is_policy_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml") | Some("yml")
+    )
+}
+
+fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, FileSourceError> {
+    let read = fs::read_dir(dir).map_err(|source| FileSourceError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = read
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_policy_file(p))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Fingerprint of a policy directory and a workloads file.
+pub fn fingerprint(policies_dir: &Path, workloads: &Path) -> Fingerprint {
+    let mut out = Vec::new();
+    let files = policy_files(policies_dir).unwrap_or_default();
+    for p in files.iter().map(|p| p.as_path()).chain([workloads]) {
+        let meta = fs::metadata(p).ok();
+        out.push((
+            p.to_path_buf(),
+            meta.as_ref().map_or(u64::MAX, |m| m.len()),
+            meta.and_then(|m| m.modified().ok()),
+        ));
+    }
+    Fingerprint(out)
+}
+
+impl FileSource {
+    pub fn new(policies_dir: PathBuf, workloads: PathBuf) -> Self {
+        Self {
+            policies_dir,
+            workloads,
+            last_good: BTreeMap::new(),
+            last_inventory: None,
+        }
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        fingerprint(&self.policies_dir, &self.workloads)
+    }
+
+    /// Reads everything. Invalid files are reported in the snapshot's
+    /// problems and stand in with their last valid content.
+    pub fn load(&mut self) -> Result<Snapshot, FileSourceError> {
+        let mut problems = Vec::new();
+        let inventory = self.load_inventory(&mut problems)?;
+        let files = policy_files(&self.policies_dir)?;
+        self.last_good.retain(|p, _| files.contains(p));
+        for path in &files {
+            let parsed = fs::read_to_string(path)
+                .map_err(|e| format!("{}: {e}", path.display()))
+                .and_then(|text| parse_policies(path, &text).map_err(|e| error_chain(&e)));
+            match parsed {
+                Ok(objects) => {
+                    self.last_good.insert(path.clone(), objects);
+                }
+                Err(e) => {
+                    let kept = if self.last_good.contains_key(path) {
+                        "its last valid version stays enforced"
+                    } else {
+                        "none of its objects are applied"
+                    };
+                    problems.push(format!("{e} ({kept})"));
+                }
+            }
+        }
+        let policies = dedupe(&self.last_good, &mut problems);
+        Ok(Snapshot {
+            inventory,
+            policies,
+            problems,
+        })
+    }
+
+    fn load_inventory(&mut self, problems: &mut Vec<String>) -> Result<Inventory, FileSourceError> {
+        let parsed = fs::read_to_string(&self.workloads)
+            .map_err(|source| -> Box<dyn std::error::Error + Send + Sync> { Box::new(source) })
+            .and_then(|text| parse_inventory(&self.workloads, &text).map_err(|e| Box::new(e) as _));
+        match (parsed, &self.last_inventory) {
+            (Ok(inv), _) => {
+                self.last_inventory = Some(inv.clone());
+                Ok(inv)
+            }
+            (Err(e), Some(last)) => {
+                problems.push(format!(
+                    "{} (the last valid workloads stay in force)",
+                    error_chain(e.as_ref())
+                ));
+                Ok(last.clone())
+            }
+            (Err(source), None) => Err(FileSourceError::NoInventory {
+                path: self.workloads.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+/// One policy per namespace/name: a second definition is a problem, and the
+/// first (in file order) wins.
+fn dedupe(
+    by_file: &BTreeMap<PathBuf, Vec<PolicyObject>>,
+    problems: &mut Vec<String>,
+) -> Vec<PolicyObject> {
+    let mut seen: BTreeMap<_, PathBuf> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (path, objects) in by_file {
+        for o in objects {
+            let id = o.policy_ref();
+            if let Some(first) = seen.get(&id) {
+                problems.push(format!(
+                    "{}: {id} is already defined in {}; this copy is ignored",
+                    path.display(),
+                    first.display()
+                ));
+                continue;
+            }
+            seen.insert(id, path.clone());
+            out.push(o.clone());
+        }
+    }
+    out
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

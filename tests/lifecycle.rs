@@ -1,0 +1,131 @@
+//! Policies changing under a running agent: added, changed, removed, broken.
+//! And the counters a user would watch while that happens.
+
+use portcullis_agent::lab::Family;
+use portcullis_common::{
+    DIRECTION_INGRESS, REASON_DEFAULT_DENY, REASON_POLICY, VERDICT_ALLOW, VERDICT_DENY,
+};
+use portcullis_tests::start_lab;
+
+fn ns(pod: &str) -> &str {
+    pod.split('/').next().unwrap()
+}
+
+fn z_policy(ports: &str) -> String {
+    format!(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: z-web, namespace: z}}
+spec:
+  podSelector: {{}}
+  ingress:
+    - from: [{{namespaceSelector: {{matchLabels: {{ns: x}}}}}}]
+      ports: [{ports}]
+"#
+    )
+}
+
+#[tokio::test]
+async fn policy_added_changed_and_removed_while_running() {
+    let lab = start_lab("lifecycle").await;
+    let z_open_to_x_on = |port: &'static str| {
+        move |f: &str, t: &str| f == t || ns(t) != "z" || (ns(f) == "x" && port == "yes")
+    };
+
+    lab.apply("z.yaml", &z_policy("{port: 80}")).await;
+    lab.assert_matrix("80/tcp", Family::Ipv4, z_open_to_x_on("yes"))
+        .await;
+    lab.assert_matrix("81/tcp", Family::Ipv4, z_open_to_x_on("no"))
+        .await;
+
+    // Changed in place: 81 instead of 80.
+    lab.apply("z.yaml", &z_policy("{port: 81}")).await;
+    lab.assert_matrix("80/tcp", Family::Ipv4, z_open_to_x_on("no"))
+        .await;
+    lab.assert_matrix("81/tcp", Family::Ipv4, z_open_to_x_on("yes"))
+        .await;
+
+    // Removed: z is no longer isolated.
+    lab.remove("z.yaml").await;
+    lab.assert_matrix("80/tcp", Family::Ipv4, |_, _| true).await;
+    lab.assert_matrix("81/tcp", Family::Ipv4, |_, _| true).await;
+}
+
+#[tokio::test]
+async fn invalid_policy_file_leaves_enforcement_intact() {
+    let lab = start_lab("invalid").await;
+    lab.apply("z.yaml", &z_policy("{port: 80}")).await;
+    let enforced = |f: &str, t: &str| f == t || ns(t) != "z" || ns(f) == "x";
+
+    // A broken edit of an enforced file: reported with file, object and
+    // field; the last valid version stays in force.
+    lab.write_policy("z.yaml", &z_policy("{port: 70000}"))
+        .unwrap();
+    let status = lab.wait_applied().await.unwrap();
+    let report = status.problems.join("\n");
+    assert!(report.contains("z.yaml"), "names the file: {report}");
+    assert!(report.contains("z/z-web"), "names the object: {report}");
+    assert!(report.contains("port"), "names the field: {report}");
+    lab.assert_matrix("80/tcp", Family::Ipv4, enforced).await;
+
+    // Malformed YAML in a new file changes nothing either.
+    lab.write_policy("broken.yaml", "kind: NetworkPolicy\n  spec: [unclosed")
+        .unwrap();
+    let status = lab.wait_applied().await.unwrap();
+    assert!(
+        status.problems.iter().any(|p| p.contains("broken.yaml")),
+        "{:?}",
+        status.problems
+    );
+    lab.assert_matrix("80/tcp", Family::Ipv4, enforced).await;
+
+    // Fixing the files applies them again.
+    lab.remove_policy("broken.yaml").unwrap();
+    lab.apply("z.yaml", &z_policy("{port: 81}")).await;
+    lab.assert_matrix("80/tcp", Family::Ipv4, |f, t| f == t || ns(t) != "z")
+        .await;
+}
+
+#[tokio::test]
+async fn counters_move_with_decisions() {
+    let lab = start_lab("counters").await;
+    lab.apply("z.yaml", &z_policy("{port: 80}")).await;
+    let count = |verdict: u8, reason: u8| {
+        lab.counters()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s.key.direction == DIRECTION_INGRESS
+                    && s.key.verdict == verdict
+                    && s.key.reason == reason
+            })
+            .map(|s| s.count)
+            .sum::<u64>()
+    };
+    let denied_before = count(VERDICT_DENY, REASON_DEFAULT_DENY);
+    let allowed_before = count(VERDICT_ALLOW, REASON_POLICY);
+
+    // 80/tcp: x/* → z/* allowed (9 flows), y/* → z/* dropped (9 flows).
+    lab.matrix("80/tcp", Family::Ipv4).await;
+    let denied = count(VERDICT_DENY, REASON_DEFAULT_DENY) - denied_before;
+    let allowed = count(VERDICT_ALLOW, REASON_POLICY) - allowed_before;
+    assert_eq!(allowed, 9, "one allowed SYN per x → z pair");
+    // A dropped SYN is retransmitted within the probe timeout: at least one
+    // drop per y → z pair.
+    assert!(
+        denied >= 9,
+        "at least one dropped SYN per y → z pair, got {denied}"
+    );
+    let default_deny_cookie = lab
+        .counters()
+        .unwrap()
+        .iter()
+        .find(|s| s.key.reason == REASON_DEFAULT_DENY)
+        .map(|s| s.key.rule_cookie)
+        .unwrap();
+    assert_ne!(
+        default_deny_cookie, 0,
+        "a default deny is attributed to its policy"
+    );
+}

@@ -1,0 +1,150 @@
+//! Shared harness for the privileged tests: one lab per test, serialized,
+//! and matrix helpers that compare what the kernel did with what was expected
+//! and with what the policy evaluator predicts.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::{Mutex, MutexGuard};
+
+use portcullis_agent::lab::{
+    report::{Matrix, ProbeSpec},
+    topology::default_topology,
+    Family, Lab, LabOptions,
+};
+
+/// Labs share the kernel (cgroup programs, bpffs): one at a time, even when
+/// the harness runs tests in parallel.
+static KERNEL: Mutex<()> = Mutex::const_new(());
+
+/// Fails the test (never skips it) when not root: these tests exist to
+/// exercise the real kernel data path.
+pub fn require_root() {
+    assert!(
+        nix_is_root(),
+        "this test loads eBPF programs and builds network namespaces: run it as root \
+         (sudo -E cargo xtask test)"
+    );
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Holds the kernel for a (synchronous) test that runs a lab through the CLI.
+pub fn kernel_lock() -> MutexGuard<'static, ()> {
+    KERNEL.blocking_lock()
+}
+
+/// A running lab plus the lock that keeps other labs out.
+pub struct TestLab {
+    pub lab: Lab,
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for TestLab {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
+}
+
+/// Starts the default x,y,z × a,b,c lab, named after the test.
+pub async fn start_lab(name: &str) -> TestLab {
+    require_root();
+    let guard = KERNEL.lock().await;
+    let lab = Lab::start(LabOptions::new(name, default_topology()))
+        .await
+        .unwrap_or_else(|e| panic!("starting lab {name}: {}", chain(&e)));
+    TestLab { lab, _guard: guard }
+}
+
+impl TestLab {
+    /// Writes a policy file and waits until the agent applied it cleanly.
+    pub async fn apply(&self, file: &str, yaml: &str) {
+        self.lab.write_policy(file, yaml).expect("writing policy");
+        let status = self.lab.wait_applied().await.expect("agent applies policy");
+        assert!(
+            status.problems.is_empty(),
+            "policy {file} should apply cleanly: {:?}",
+            status.problems
+        );
+    }
+
+    pub async fn remove(&self, file: &str) {
+        self.lab.remove_policy(file).expect("removing policy");
+        let status = self
+            .lab
+            .wait_applied()
+            .await
+            .expect("agent applies removal");
+        assert!(status.problems.is_empty(), "{:?}", status.problems);
+    }
+
+    pub async fn matrix(&self, spec: &str, family: Family) -> Matrix {
+        let spec: ProbeSpec = spec.parse().expect("probe spec");
+        let mut m = self
+            .lab
+            .probe_matrix(&[spec], family)
+            .await
+            .expect("probing");
+        m.remove(0)
+    }
+
+    /// Probes and asserts the full matrix equals `expected(from, to)`.
+    pub async fn assert_matrix(
+        &self,
+        spec: &str,
+        family: Family,
+        expected: impl Fn(&str, &str) -> bool,
+    ) {
+        let m = self.matrix(spec, family).await;
+        let want = expected_matrix(&self.lab, &expected);
+        assert_matrix_eq(spec, family, &m.booleans(), &want);
+    }
+}
+
+pub fn expected_matrix(
+    lab: &Lab,
+    expected: &impl Fn(&str, &str) -> bool,
+) -> BTreeMap<String, BTreeMap<String, bool>> {
+    let keys: Vec<&str> = lab.pods().iter().map(|p| p.key.as_str()).collect();
+    keys.iter()
+        .map(|f| {
+            (
+                f.to_string(),
+                keys.iter()
+                    .map(|t| (t.to_string(), expected(f, t)))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Compares matrices and, on mismatch, lists every differing cell.
+pub fn assert_matrix_eq(
+    spec: &str,
+    family: Family,
+    got: &BTreeMap<String, BTreeMap<String, bool>>,
+    want: &BTreeMap<String, BTreeMap<String, bool>>,
+) {
+    let mut diffs = Vec::new();
+    for (f, row) in want {
+        for (t, w) in row {
+            let g = got.get(f).and_then(|r| r.get(t)).copied();
+            if g != Some(*w) {
+                diffs.push(format!("{f} → {t}: expected {w}, measured {g:?}"));
+            }
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{spec} over {family:?}: {} cell(s) differ:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    portcullis_agent::source::file::error_chain(e)
+}
