@@ -67,7 +67,8 @@ async fn invalid_policy_file_leaves_enforcement_intact() {
     assert!(report.contains("z.yaml"), "names the file: {report}");
     assert!(report.contains("z/z-web"), "names the object: {report}");
     assert!(report.contains("port"), "names the field: {report}");
-    lab.assert_matrix("80/tcp", Family::Ipv4, enforced).await;
+    lab.assert_kernel_matrix("80/tcp", Family::Ipv4, enforced)
+        .await;
 
     // Malformed YAML in a new file changes nothing either.
     lab.write_policy("broken.yaml", "kind: NetworkPolicy\n  spec: [unclosed")
@@ -78,7 +79,8 @@ async fn invalid_policy_file_leaves_enforcement_intact() {
         "{:?}",
         status.problems
     );
-    lab.assert_matrix("80/tcp", Family::Ipv4, enforced).await;
+    lab.assert_kernel_matrix("80/tcp", Family::Ipv4, enforced)
+        .await;
 
     // Fixing the files applies them again.
     lab.remove_policy("broken.yaml").unwrap();

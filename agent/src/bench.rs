@@ -43,6 +43,7 @@ pub struct BenchArgs {
 }
 
 const PORT: u16 = 80;
+const SETTLE: Duration = Duration::from_millis(500);
 const CLIENT: &str = "bench/client";
 const SERVER: &str = "bench/server";
 /// A pod no rule allows: proves each scenario really enforces.
@@ -257,6 +258,9 @@ async fn measure(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow:
                     expect_blocked(lab, scenario.label()).await?;
                 }
             }
+            // Let deferred kernel work of the switch (freeing detached
+            // programs and maps) finish before measuring.
+            tokio::time::sleep(SETTLE).await;
             let r = lab
                 .load(CLIENT, SERVER, PORT, duration, args.concurrency)
                 .await?;

@@ -2,14 +2,22 @@
 //! and matrix helpers that compare what the kernel did with what was expected
 //! and with what the policy evaluator predicts.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use tokio::sync::{Mutex, MutexGuard};
 
-use portcullis_agent::lab::{
-    report::{Matrix, ProbeSpec},
-    topology::default_topology,
-    Family, Lab, LabOptions,
+use portcullis_agent::{
+    lab::{
+        pod::Protocol,
+        report::{Matrix, ProbeSpec},
+        topology::default_topology,
+        Family, Lab, LabOptions,
+    },
+    policy::{
+        evaluate::{evaluate, FlowQuery},
+        model::Protocol as PolicyProtocol,
+        parse::{parse_inventory, parse_policies},
+    },
 };
 
 /// Labs share the kernel (cgroup programs, bpffs): one at a time, even when
@@ -91,7 +99,22 @@ impl TestLab {
         m.remove(0)
     }
 
-    /// Probes and asserts the full matrix equals `expected(from, to)`.
+    /// Probes and asserts the full matrix equals `expected(from, to)`, without
+    /// the evaluator cross-check: for states with deliberately invalid files,
+    /// whose enforced content (the last valid version) no file shows.
+    pub async fn assert_kernel_matrix(
+        &self,
+        spec: &str,
+        family: Family,
+        expected: impl Fn(&str, &str) -> bool,
+    ) {
+        let m = self.matrix(spec, family).await;
+        let want = expected_matrix(&self.lab, &expected);
+        assert_matrix_eq(spec, family, &m.booleans(), &want);
+    }
+
+    /// Probes and asserts the full matrix equals `expected(from, to)` and
+    /// what the policy evaluator predicts from the current files.
     pub async fn assert_matrix(
         &self,
         spec: &str,
@@ -101,6 +124,57 @@ impl TestLab {
         let m = self.matrix(spec, family).await;
         let want = expected_matrix(&self.lab, &expected);
         assert_matrix_eq(spec, family, &m.booleans(), &want);
+        // The kernel must also agree with the policy evaluator, cell by cell.
+        let predicted = self.evaluator_matrix(&m.spec, family);
+        assert_matrix_eq(
+            &format!("{spec} (evaluator vs kernel)"),
+            family,
+            &m.booleans(),
+            &predicted,
+        );
+    }
+
+    /// What the evaluator says for every pair, from the lab's current
+    /// policy files and workloads file.
+    pub fn evaluator_matrix(
+        &self,
+        spec: &ProbeSpec,
+        family: Family,
+    ) -> BTreeMap<String, BTreeMap<String, bool>> {
+        let inv_path = self.lab.workloads_file();
+        let text = std::fs::read_to_string(inv_path).expect("workloads file");
+        let inventory = parse_inventory(inv_path, &text).expect("lab inventory parses");
+        let mut policies = Vec::new();
+        let mut files: Vec<_> = std::fs::read_dir(self.lab.policies_dir())
+            .expect("policies dir")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).expect("policy file");
+            policies.extend(parse_policies(&f, &text).expect("policies in tests are valid"));
+        }
+        let protocol = match spec.protocol {
+            Protocol::Tcp => PolicyProtocol::Tcp,
+            Protocol::Udp => PolicyProtocol::Udp,
+        };
+        let addr = |key: &str| {
+            let p = self.lab.pods().iter().find(|p| p.key == key).expect("pod");
+            match family {
+                Family::Ipv4 => IpAddr::from(p.ipv4),
+                Family::Ipv6 => IpAddr::from(p.ipv6),
+            }
+        };
+        expected_matrix(&self.lab, &|from: &str, to: &str| {
+            let q = FlowQuery {
+                src: addr(from),
+                dst: addr(to),
+                port: spec.port,
+                protocol,
+            };
+            evaluate(&inventory, &policies, &q).allowed
+        })
     }
 }
 
