@@ -131,3 +131,58 @@ async fn counters_move_with_decisions() {
         "a default deny is attributed to its policy"
     );
 }
+
+const Z_DEFAULT_DENY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: z}
+spec:
+  podSelector: {}
+"#;
+
+/// Policy is checked when a connection starts: a TCP connection established
+/// before a deny keeps carrying data; new ones are refused at once.
+#[tokio::test]
+async fn established_connections_survive_a_new_deny() {
+    let lab = start_lab("established").await;
+    let (held, o) = lab.hold("x/a", "z/b", 80, Family::Ipv4).await.unwrap();
+    assert_eq!(o, portcullis_agent::lab::pod::ProbeOutcome::Reached);
+    assert_eq!(
+        lab.ping(&held).await.unwrap(),
+        portcullis_agent::lab::pod::ProbeOutcome::Reached
+    );
+
+    lab.apply("deny.yaml", Z_DEFAULT_DENY).await;
+    lab.assert_matrix("80/tcp", Family::Ipv4, |f, t| f == t || ns(t) != "z")
+        .await;
+    assert_eq!(
+        lab.ping(&held).await.unwrap(),
+        portcullis_agent::lab::pod::ProbeOutcome::Reached,
+        "the connection established before the deny keeps flowing"
+    );
+}
+
+/// Maps and links are pinned: enforcement continues while no agent runs,
+/// and a restarted agent takes over without duplicating programs.
+#[tokio::test]
+async fn enforcement_survives_agent_stop_and_restart() {
+    let mut lab = start_lab("restart").await;
+    lab.apply("deny.yaml", Z_DEFAULT_DENY).await;
+    let isolated = |f: &str, t: &str| f == t || ns(t) != "z";
+
+    lab.stop_agent();
+    lab.assert_kernel_matrix("80/tcp", Family::Ipv4, isolated)
+        .await;
+
+    let status = lab.restart_agent().await.unwrap();
+    assert!(status.problems.is_empty(), "{:?}", status.problems);
+    lab.assert_matrix("80/tcp", Family::Ipv4, isolated).await;
+    let links = std::fs::read_dir(lab.pin_dir().join("links"))
+        .unwrap()
+        .count();
+    assert_eq!(links, 5, "one pinned link per program after a restart");
+
+    // The new agent applies changes as usual.
+    lab.remove("deny.yaml").await;
+    lab.assert_matrix("80/tcp", Family::Ipv4, |_, _| true).await;
+}

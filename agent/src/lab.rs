@@ -136,6 +136,13 @@ pub struct Lab {
     torn_down: bool,
 }
 
+/// A TCP connection a pod keeps open (see [`Lab::hold`]).
+#[derive(Clone, Copy, Debug)]
+pub struct HeldConnection {
+    pod: usize,
+    id: u64,
+}
+
 const APPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn pin_dir_for(name: &str) -> PathBuf {
@@ -418,6 +425,53 @@ impl Lab {
                 pod: from.into(),
                 source,
             })
+    }
+
+    /// Opens a TCP connection from `from` to `to` and keeps it open.
+    pub async fn hold(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        family: Family,
+    ) -> Result<(HeldConnection, ProbeOutcome), LabError> {
+        let (f, t) = (self.pod_index(from)?, self.pod_index(to)?);
+        let (id, outcome) = self.clients[f]
+            .hold(self.address(t, family), port, self.probe_timeout)
+            .await
+            .map_err(|source| LabError::Pod {
+                pod: from.into(),
+                source,
+            })?;
+        Ok((HeldConnection { pod: f, id }, outcome))
+    }
+
+    /// Sends data on a held connection and waits for the echo.
+    pub async fn ping(&self, held: &HeldConnection) -> Result<ProbeOutcome, LabError> {
+        self.clients[held.pod]
+            .ping(held.id, self.probe_timeout)
+            .await
+            .map_err(|source| LabError::Pod {
+                pod: self.pods[held.pod].key.clone(),
+                source,
+            })
+    }
+
+    /// Stops the agent without removing its pinned state, then starts a new
+    /// one, as an upgrade or a crash-restart would.
+    pub async fn restart_agent(&mut self) -> Result<Status, LabError> {
+        if let Some(agent) = self.agent.take() {
+            agent.stop();
+        }
+        self.attach_agent()?;
+        self.wait_applied().await
+    }
+
+    /// Stops the agent, leaving programs and maps pinned in the kernel.
+    pub fn stop_agent(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.stop();
+        }
     }
 
     /// A probe from the node itself (like a kubelet health check).

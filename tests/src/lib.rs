@@ -10,7 +10,7 @@ use portcullis_agent::{
     lab::{
         pod::Protocol,
         report::{Matrix, ProbeSpec},
-        topology::default_topology,
+        topology::{default_topology, Topology},
         Family, Lab, LabOptions,
     },
     policy::{
@@ -57,6 +57,12 @@ impl std::ops::Deref for TestLab {
     }
 }
 
+impl std::ops::DerefMut for TestLab {
+    fn deref_mut(&mut self) -> &mut Lab {
+        &mut self.lab
+    }
+}
+
 /// Starts the default x,y,z × a,b,c lab, named after the test.
 pub async fn start_lab(name: &str) -> TestLab {
     require_root();
@@ -67,7 +73,44 @@ pub async fn start_lab(name: &str) -> TestLab {
     TestLab { lab, _guard: guard }
 }
 
+/// Starts a lab on a custom topology (e.g. named ports that mean different
+/// numbers on different pods), named after the test.
+pub async fn start_lab_with(name: &str, topology: Topology) -> TestLab {
+    require_root();
+    let guard = KERNEL.lock().await;
+    let lab = Lab::start(LabOptions::new(name, topology))
+        .await
+        .unwrap_or_else(|e| panic!("starting lab {name}: {}", chain(&e)));
+    TestLab { lab, _guard: guard }
+}
+
 impl TestLab {
+    /// Writes a policy file that must be rejected, waits until the agent has
+    /// processed it, and asserts the agent reports a problem for it whose
+    /// text contains every needle (file, object, field, reason...). Returns
+    /// the report.
+    pub async fn apply_expect_problem(&self, file: &str, yaml: &str, needles: &[&str]) -> String {
+        self.lab.write_policy(file, yaml).expect("writing policy");
+        let status = self.lab.wait_applied().await.expect("agent processes policy");
+        let report = status
+            .problems
+            .iter()
+            .find(|p| p.contains(file))
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!(
+                    "policy {file} should be rejected with a problem naming it; problems: {:?}",
+                    status.problems
+                )
+            });
+        let missing: Vec<_> = needles.iter().filter(|n| !report.contains(*n)).collect();
+        assert!(
+            missing.is_empty(),
+            "the problem reported for {file} should mention {missing:?}: {report}"
+        );
+        report
+    }
+
     /// Writes a policy file and waits until the agent applied it cleanly.
     pub async fn apply(&self, file: &str, yaml: &str) {
         self.lab.write_policy(file, yaml).expect("writing policy");

@@ -109,6 +109,13 @@ struct LoadRequest {
 enum Request {
     Probe(ProbeRequest),
     Load(LoadRequest),
+    /// Open a TCP connection and keep it; the request id names it.
+    Hold(ProbeRequest),
+    /// Send a line on a held connection and wait for its echo.
+    Ping {
+        held: u64,
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -151,8 +158,12 @@ pub async fn run_helper(serve: &[(u16, Protocol)]) -> std::io::Result<()> {
             Protocol::Tcp => {
                 let l = TcpListener::bind(addr).await?;
                 tokio::spawn(async move {
-                    while let Ok((conn, _)) = l.accept().await {
-                        drop(conn);
+                    // Echo, so a held connection can show it still carries data.
+                    while let Ok((mut conn, _)) = l.accept().await {
+                        tokio::spawn(async move {
+                            let (mut rd, mut wr) = conn.split();
+                            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                        });
                     }
                 });
             }
@@ -190,6 +201,10 @@ pub async fn run_helper(serve: &[(u16, Protocol)]) -> std::io::Result<()> {
             let answer = match env.request {
                 Request::Probe(p) => Answer::Probe(probe(&p).await),
                 Request::Load(l) => Answer::Load(load(&l).await),
+                Request::Hold(p) => Answer::Probe(hold(env.id, &p).await),
+                Request::Ping { held, timeout_ms } => {
+                    Answer::Probe(ping(held, Duration::from_millis(timeout_ms)).await)
+                }
             };
             tx.send(HelperMessage::Reply { id: env.id, answer }).ok();
         });
@@ -218,6 +233,45 @@ async fn probe(req: &ProbeRequest) -> ProbeOutcome {
             Err(_) => ProbeOutcome::TimedOut,
         },
         Protocol::Udp => udp_probe(dst, limit).await,
+    }
+}
+
+/// Connections kept open by [`Request::Hold`], by request id.
+static HELD: std::sync::LazyLock<tokio::sync::Mutex<HashMap<u64, TcpStream>>> =
+    std::sync::LazyLock::new(Default::default);
+
+async fn hold(id: u64, req: &ProbeRequest) -> ProbeOutcome {
+    let dst = SocketAddr::new(req.addr, req.port);
+    match timeout(
+        Duration::from_millis(req.timeout_ms),
+        TcpStream::connect(dst),
+    )
+    .await
+    {
+        Ok(Ok(s)) => {
+            HELD.lock().await.insert(id, s);
+            ProbeOutcome::Reached
+        }
+        Ok(Err(e)) => classify(&e),
+        Err(_) => ProbeOutcome::TimedOut,
+    }
+}
+
+async fn ping(held: u64, limit: Duration) -> ProbeOutcome {
+    use tokio::io::AsyncReadExt as _;
+    let mut table = HELD.lock().await;
+    let Some(s) = table.get_mut(&held) else {
+        return ProbeOutcome::Failed { errno: libc::EBADF };
+    };
+    let exchange = async {
+        s.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.map(|_| ())
+    };
+    match timeout(limit, exchange).await {
+        Ok(Ok(())) => ProbeOutcome::Reached,
+        Ok(Err(e)) => classify(&e),
+        Err(_) => ProbeOutcome::TimedOut,
     }
 }
 
@@ -442,8 +496,44 @@ impl PodClient {
         }
     }
 
+    /// Opens a TCP connection and keeps it open; returns its handle.
+    pub async fn hold(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        limit: Duration,
+    ) -> Result<(u64, ProbeOutcome), PodError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = Request::Hold(ProbeRequest {
+            addr,
+            port,
+            protocol: Protocol::Tcp,
+            timeout_ms: limit.as_millis() as u64,
+        });
+        match self.ask_as(id, request).await? {
+            Answer::Probe(o) => Ok((id, o)),
+            Answer::Load(_) => Err(PodError::Gone),
+        }
+    }
+
+    /// Exchanges data on a held connection.
+    pub async fn ping(&self, held: u64, limit: Duration) -> Result<ProbeOutcome, PodError> {
+        let request = Request::Ping {
+            held,
+            timeout_ms: limit.as_millis() as u64,
+        };
+        match self.ask(request).await? {
+            Answer::Probe(o) => Ok(o),
+            Answer::Load(_) => Err(PodError::Gone),
+        }
+    }
+
     async fn ask(&self, request: Request) -> Result<Answer, PodError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.ask_as(id, request).await
+    }
+
+    async fn ask_as(&self, id: u64, request: Request) -> Result<Answer, PodError> {
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(id, tx);
         let mut line = serde_json::to_vec(&Envelope { id, request }).expect("serializable");
