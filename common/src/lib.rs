@@ -60,6 +60,8 @@ pub const PROTO_UDP: u8 = 17;
 /// Verdicts stored in [`PolicyValue::verdict`] and counted in [`CounterKey`].
 pub const VERDICT_DENY: u8 = 0;
 pub const VERDICT_ALLOW: u8 = 1;
+/// An audit-mode policy would drop this flow; it passes and is counted.
+pub const VERDICT_AUDIT: u8 = 2;
 
 /// Why a verdict was reached.
 /// A rule of a policy matched (allow, or an explicit deny).

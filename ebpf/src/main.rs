@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use portcullis_common::{
-    ipv4_mapped, DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
+    ipv4_mapped, DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_TCP, PROTO_UDP, VERDICT_DENY,
 };
 use verdict::Flow;
 
@@ -145,7 +145,8 @@ fn ingress(ctx: &SkBuffContext) -> i32 {
 fn judge(ep: &portcullis_common::EndpointValue, flow: &Flow, local_port: u16) -> i32 {
     let v = verdict::decide(ep, flow);
     verdict::count(ep, flow, &v);
-    if v.verdict != VERDICT_ALLOW {
+    // Audit verdicts pass: the would-be drop is only counted.
+    if v.verdict == VERDICT_DENY {
         return REJECT;
     }
     if flow.protocol == PROTO_UDP {
