@@ -134,3 +134,97 @@ fn agent_rejects_a_missing_policy_directory() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
 }
+
+#[test]
+fn lab_runs_a_user_topology() {
+    portcullis_tests::require_root();
+    let _guard = portcullis_tests::kernel_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let topology = dir.path().join("shop.yaml");
+    std::fs::write(
+        &topology,
+        "namespaces: [{name: shop, labels: {team: web}}]\n\
+         workloads:\n\
+         - {name: front, namespace: shop, labels: {app: front}, ports: [{name: http, containerPort: 8080}]}\n\
+         - {name: db, namespace: shop, labels: {app: db}, ports: [{name: sql, containerPort: 5432}]}\n",
+    )
+    .unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("db.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: shop}\n\
+         spec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n\
+         \x20   - from: [{podSelector: {matchLabels: {app: front}}}]\n      ports: [{port: sql}]\n",
+    )
+    .unwrap();
+    let out = portcullis()
+        .args([
+            "lab", "--name", "cli-topo", "--json", "--probe", "5432/tcp", "--probe", "8080/tcp",
+        ])
+        .arg("--topology")
+        .arg(&topology)
+        .arg("--policies")
+        .arg(&policies)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pods"].as_object().unwrap().len(), 2);
+    let sql = &v["probes"][0]["matrix"];
+    assert_eq!(
+        sql["shop/front"]["shop/db"], true,
+        "front may reach db on the named port"
+    );
+    // db does not listen on 8080, and front is not isolated: nothing to
+    // connect to, so not reached; front does listen on 8080.
+    let http = &v["probes"][1]["matrix"];
+    assert_eq!(http["shop/db"]["shop/front"], true);
+    assert_eq!(http["shop/front"]["shop/db"], false);
+}
+
+/// A crashed lab leaves namespaces, cgroups (with processes) and pins; the
+/// next run of the same name removes them and succeeds.
+#[test]
+fn lab_cleans_up_after_a_crashed_run() {
+    portcullis_tests::require_root();
+    let _guard = portcullis_tests::kernel_lock();
+    let ok = |c: &mut Command| assert!(c.status().unwrap().success(), "{c:?}");
+    ok(Command::new("ip").args(["netns", "add", "pcl-crash-node"]));
+    ok(Command::new("ip").args(["netns", "add", "pcl-crash-3"]));
+    let cgroup_mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .map(|l| l.split_whitespace().nth(4).unwrap().to_string())
+        .unwrap();
+    let pod_cgroup = PathBuf::from(&cgroup_mount).join("portcullis-lab-crash/x-a");
+    std::fs::create_dir_all(&pod_cgroup).unwrap();
+    let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+    std::fs::write(pod_cgroup.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+
+    let out = portcullis()
+        .args(["lab", "--name", "crash", "--json", "--probe", "80/tcp"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = sleeper.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "the leftover process in the lab's cgroup was killed"
+    );
+    assert!(!PathBuf::from("/run/netns/pcl-crash-node").exists());
+    assert!(!PathBuf::from("/run/netns/pcl-crash-3").exists());
+    assert!(!PathBuf::from(&cgroup_mount)
+        .join("portcullis-lab-crash")
+        .exists());
+}
