@@ -59,6 +59,9 @@ pub struct Status {
     pub applied: u64,
     /// Problems of the latest pass (invalid files, failed writes).
     pub problems: Vec<String>,
+    /// Local workloads not enforced yet because their cgroup does not exist
+    /// (retried every few seconds).
+    pub waiting_for_cgroup: Vec<String>,
     pub usage: MapUsage,
 }
 
@@ -142,6 +145,7 @@ fn sync_loop(
             last_pass = Instant::now();
             status.fingerprint = fp.clone();
             status.problems.clear();
+            status.waiting_for_cgroup.clear();
             match source.load() {
                 Ok(snapshot) => {
                     status.problems = snapshot.problems.clone();
@@ -150,12 +154,7 @@ fn sync_loop(
                             missing_cgroups = !applied.missing_cgroups.is_empty();
                             status.applied += 1;
                             status.usage = applied.usage;
-                            status.problems.extend(
-                                applied
-                                    .missing_cgroups
-                                    .iter()
-                                    .map(|m| format!("not enforced yet, cgroup missing: {m}")),
-                            );
+                            status.waiting_for_cgroup = applied.missing_cgroups.clone();
                             info!(
                                 endpoints = applied.endpoints,
                                 identities = applied.usage.identities,
@@ -170,11 +169,10 @@ fn sync_loop(
                 Err(e) => status.problems.push(error_chain(&e)),
             }
             for p in &status.problems {
-                if p.contains("cgroup missing") {
-                    warn!("{p}");
-                } else {
-                    error!("{p}");
-                }
+                error!("{p}");
+            }
+            for w in &status.waiting_for_cgroup {
+                warn!("not enforced until its cgroup exists: {w}");
             }
             seen = Some(fp);
             tx.send_replace(status.clone());
