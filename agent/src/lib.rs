@@ -5,6 +5,7 @@ pub mod app;
 pub mod bench;
 pub mod bpf;
 pub mod cgroup;
+pub mod crd;
 pub mod lab;
 pub mod policy;
 pub mod reconcile;

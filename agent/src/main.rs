@@ -59,6 +59,12 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Internal: write the CRD manifests (`cargo xtask crdgen`).
+    #[command(hide = true)]
+    Crdgen {
+        #[arg(long, default_value = "deploy/crds")]
+        out: PathBuf,
+    },
     /// Internal: the process inside a lab pod.
     #[command(hide = true)]
     LabPod {
@@ -109,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Crdgen { out } => Ok(portcullis_agent::crd::crdgen(&out)?),
         Command::LabPod { serve } => {
             let serve: Vec<(u16, Protocol)> = serve.iter().map(|s| (s.port, s.protocol)).collect();
             Ok(lab::pod::run_helper(&serve).await?)
@@ -152,7 +159,11 @@ fn print_counters(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             "egress"
         }
     };
-    let verdict = |v: u8| if v == VERDICT_ALLOW { "allow" } else { "deny" };
+    let verdict = |v: u8| match v {
+        VERDICT_ALLOW => "allow",
+        VERDICT_AUDIT => "audit",
+        _ => "deny",
+    };
     let reason = |r: u8| match r {
         REASON_POLICY => "policy",
         REASON_DEFAULT_DENY => "default-deny",

@@ -47,6 +47,8 @@ enum Cmd {
     },
     /// rustfmt check and clippy with warnings denied (no eBPF build).
     Lint,
+    /// Regenerate the CRD manifests in deploy/crds from agent/src/crd.rs.
+    Crdgen,
 }
 
 fn main() {
@@ -58,6 +60,7 @@ fn main() {
         Cmd::Demo { args } => tasks::demo(&args),
         Cmd::Bench { args } => tasks::bench(&args),
         Cmd::Lint => tasks::lint(),
+        Cmd::Crdgen => tasks::crdgen(),
     };
     if let Err(e) = result {
         eprintln!("✗ xtask: {e:#}");

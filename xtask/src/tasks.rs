@@ -38,6 +38,33 @@ fn build_agent() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// `cargo xtask crdgen`: writes deploy/crds with the agent's hidden
+/// `crdgen` command. Schemas need no kernel object, so the eBPF build is
+/// skipped and no setup is needed.
+pub fn crdgen() -> Result<()> {
+    let out = run::workspace_root().join("deploy").join("crds");
+    println!("== crdgen");
+    run::run(
+        "crdgen",
+        run::cargo()
+            .env("AYA_BUILD_SKIP", "1")
+            .args([
+                "run",
+                "--quiet",
+                "-p",
+                AGENT_PACKAGE,
+                "--bin",
+                AGENT_BIN,
+                "--",
+                "crdgen",
+                "--out",
+            ])
+            .arg(&out),
+    )?;
+    println!("✓ wrote {}", out.display());
+    Ok(())
+}
+
 /// `cargo xtask test`: every test of the default members (ebpf is not a host
 /// crate), one at a time: the privileged tests share kernel state.
 pub fn test(args: &[OsString]) -> Result<()> {

@@ -15,10 +15,11 @@ use crate::policy::{
     compile::{Compiled, Compiler},
     evaluate::{evaluate, FlowQuery},
     model::{
-        ContainerPort, IntOrString, Inventory, IpBlock, LabelSelector, LabelSelectorRequirement,
-        Namespace, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
-        NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec, ObjectMeta, PolicyObject,
-        Protocol, Workload,
+        ClusterL4Policy, ClusterL4PolicyEgressRule, ClusterL4PolicyIngressRule,
+        ClusterL4PolicySpec, ClusterL4PolicySubject, ContainerPort, IntOrString, Inventory,
+        IpBlock, L4Policy, L4PolicySpec, LabelSelector, LabelSelectorRequirement, Namespace,
+        NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+        NetworkPolicyPort, NetworkPolicySpec, ObjectMeta, PolicyObject, Protocol, Workload,
     },
     parse::{parse_inventory, parse_policies},
     test_support::{chain, kernel_decide},
@@ -258,13 +259,14 @@ fn port() -> impl Strategy<Value = NetworkPolicyPort> {
     })
 }
 
+/// A rule's `from`/`to` and `ports`.
+type RuleParts = (
+    Option<Vec<NetworkPolicyPeer>>,
+    Option<Vec<NetworkPolicyPort>>,
+);
+
 /// `from`/`to` and `ports`: absent, empty or a short list.
-fn rule_parts() -> impl Strategy<
-    Value = (
-        Option<Vec<NetworkPolicyPeer>>,
-        Option<Vec<NetworkPolicyPort>>,
-    ),
-> {
+fn rule_parts() -> impl Strategy<Value = RuleParts> {
     (
         option::weighted(0.75, vec(peer(), 0..3)),
         option::weighted(0.6, vec(port(), 0..3)),
@@ -309,18 +311,153 @@ fn network_policy() -> impl Strategy<Value = NetworkPolicy> {
         })
 }
 
-/// Policies as a multi-document YAML file, named p0, p1, ...
-fn policy_file() -> impl Strategy<Value = String> {
-    vec(network_policy(), 0..5).prop_map(|policies| {
-        policies
+fn ingress_rules(rules: Option<Vec<RuleParts>>) -> Option<Vec<NetworkPolicyIngressRule>> {
+    rules.map(|rules| {
+        rules
             .into_iter()
-            .enumerate()
-            .map(|(i, mut p)| {
-                p.metadata.name = Some(format!("p{i}"));
-                format!("---\n{}", serde_yaml::to_string(&p).unwrap())
-            })
+            .map(|(from, ports)| NetworkPolicyIngressRule { from, ports })
             .collect()
     })
+}
+
+fn egress_rules(rules: Option<Vec<RuleParts>>) -> Option<Vec<NetworkPolicyEgressRule>> {
+    rules.map(|rules| {
+        rules
+            .into_iter()
+            .map(|(to, ports)| NetworkPolicyEgressRule { to, ports })
+            .collect()
+    })
+}
+
+/// L4Policies: allows, denies, either mode, with and without policyTypes.
+fn l4_policy() -> impl Strategy<Value = L4Policy> {
+    let types = option::weighted(
+        0.3,
+        prop::sample::subsequence(vec!["Ingress", "Egress"], 0..=2),
+    );
+    (
+        0..NAMESPACES.len(),
+        selector(&POD_LABELS),
+        prop_oneof![Just(None), Just(Some("Enforce")), Just(Some("Audit"))],
+        types,
+        (
+            option::weighted(0.5, vec(rule_parts(), 0..3)),
+            option::weighted(0.5, vec(rule_parts(), 0..3)),
+            option::weighted(0.6, vec(rule_parts(), 0..3)),
+            option::weighted(0.6, vec(rule_parts(), 0..3)),
+        ),
+    )
+        .prop_map(
+            |(ns, pod_selector, mode, types, (ingress, egress, ingress_deny, egress_deny))| {
+                L4Policy {
+                    api_version: "portcullis.dev/v1alpha1".into(),
+                    kind: "L4Policy".into(),
+                    metadata: ObjectMeta {
+                        namespace: Some(NAMESPACES[ns].to_string()),
+                        ..Default::default()
+                    },
+                    spec: L4PolicySpec {
+                        pod_selector: Some(pod_selector),
+                        mode: mode.map(str::to_string),
+                        policy_types: types.map(|t| t.into_iter().map(str::to_string).collect()),
+                        ingress: ingress_rules(ingress),
+                        egress: egress_rules(egress),
+                        ingress_deny: ingress_rules(ingress_deny),
+                        egress_deny: egress_rules(egress_deny),
+                    },
+                }
+            },
+        )
+}
+
+/// ClusterL4Policies: both tiers, every action, priorities that often tie.
+fn cluster_policy() -> impl Strategy<Value = ClusterL4Policy> {
+    let tiered_rules = |admin: bool| {
+        let actions: &'static [&'static str] = if admin {
+            &["Allow", "Deny", "Pass"]
+        } else {
+            &["Allow", "Deny"]
+        };
+        vec((select(actions), rule_parts()), 0..3)
+    };
+    (any::<bool>(), select(&[0i64, 5, 5, 1000][..]))
+        .prop_flat_map(move |(admin, priority)| {
+            (
+                Just((admin, priority)),
+                option::weighted(
+                    0.7,
+                    (
+                        option::of(selector(&NAMESPACE_LABELS)),
+                        option::of(selector(&POD_LABELS)),
+                    ),
+                ),
+                option::weighted(0.8, tiered_rules(admin)),
+                option::weighted(0.8, tiered_rules(admin)),
+            )
+        })
+        .prop_map(
+            |((admin, priority), subject, ingress, egress)| ClusterL4Policy {
+                api_version: "portcullis.dev/v1alpha1".into(),
+                kind: "ClusterL4Policy".into(),
+                metadata: ObjectMeta::default(),
+                spec: ClusterL4PolicySpec {
+                    tier: Some(if admin { "Admin" } else { "Baseline" }.to_string()),
+                    priority: Some(priority),
+                    subject: subject.map(|(namespace_selector, pod_selector)| {
+                        ClusterL4PolicySubject {
+                            namespace_selector,
+                            pod_selector,
+                        }
+                    }),
+                    ingress: ingress.map(|rules| {
+                        rules
+                            .into_iter()
+                            .map(|(action, (from, ports))| ClusterL4PolicyIngressRule {
+                                action: Some(action.to_string()),
+                                from,
+                                ports,
+                            })
+                            .collect()
+                    }),
+                    egress: egress.map(|rules| {
+                        rules
+                            .into_iter()
+                            .map(|(action, (to, ports))| ClusterL4PolicyEgressRule {
+                                action: Some(action.to_string()),
+                                to,
+                                ports,
+                            })
+                            .collect()
+                    }),
+                },
+            },
+        )
+}
+
+/// Policies of every kind as one multi-document YAML file, named p0, p1,
+/// ... (NetworkPolicies and L4Policies share names on purpose).
+fn policy_file() -> impl Strategy<Value = String> {
+    (
+        vec(network_policy(), 0..4),
+        vec(l4_policy(), 0..3),
+        vec(cluster_policy(), 0..4),
+    )
+        .prop_map(|(network, l4, cluster)| {
+            let document = |yaml: String| format!("---\n{yaml}");
+            let network = network.into_iter().enumerate().map(|(i, mut p)| {
+                p.metadata.name = Some(format!("p{i}"));
+                document(serde_yaml::to_string(&p).unwrap())
+            });
+            let l4 = l4.into_iter().enumerate().map(|(i, mut p)| {
+                p.metadata.name = Some(format!("p{i}"));
+                document(serde_yaml::to_string(&p).unwrap())
+            });
+            let cluster = cluster.into_iter().enumerate().map(|(i, mut p)| {
+                p.metadata.name = Some(format!("c{i}"));
+                document(serde_yaml::to_string(&p).unwrap())
+            });
+            network.chain(l4).chain(cluster).collect()
+        })
 }
 
 /// Every address worth asking about: workloads, node, outsiders.
@@ -400,20 +537,30 @@ fn check_shape(compiled: &Compiled) -> Result<(), TestCaseError> {
         );
     }
     let mut used_cookies = std::collections::BTreeSet::new();
-    // (endpoint, peer, direction, protocol) → [start, end) of each block.
+    // (endpoint, peer, direction, protocol) → [start, end) of each block
+    // below the port-0/0 default.
     type Partition = (u32, u32, u8, u8);
     let mut blocks: BTreeMap<Partition, Vec<(u32, u32)>> = BTreeMap::new();
     for (key, value) in &compiled.rules {
         prop_assert!(key.port_prefix_len <= 16);
         let size = 1u32 << (16 - u32::from(key.port_prefix_len));
         prop_assert_eq!(u32::from(key.port) % size, 0, "unaligned block {:?}", key);
-        prop_assert!(
-            compiled.cookies.contains_key(&value.rule_cookie),
-            "unattributed {:?}",
-            value
-        );
-        used_cookies.insert(value.rule_cookie);
-        if key.port_prefix_len > 0 || value.verdict == portcullis_common::VERDICT_ALLOW {
+        if value.rule_cookie == 0 {
+            prop_assert_eq!(
+                value.reason,
+                portcullis_common::REASON_NOT_ISOLATED,
+                "cookie 0 {:?}",
+                value
+            );
+        } else {
+            prop_assert!(
+                compiled.cookies.contains_key(&value.rule_cookie),
+                "unattributed {:?}",
+                value
+            );
+            used_cookies.insert(value.rule_cookie);
+        }
+        if key.port_prefix_len > 0 {
             blocks
                 .entry((
                     key.endpoint_id,

@@ -10,10 +10,17 @@
 //!    [`Compiled::rules`]; if there is no entry, (E, ANY, D, P, p); if there
 //!    is none either, E is not isolated in D and the flow passes.
 //!
-//! So for every endpoint and direction it is isolated in, and each of TCP and
-//! UDP, the compiler writes a complete port partition for the wildcard peer
-//! ANY (rules that allow every peer and whose ports do not depend on the
-//! peer), and one for each peer class whose verdict differs from that.
+//! For every endpoint, direction and protocol the compiler works out the
+//! verdict of every port for each peer view: the wildcard peer ANY (only
+//! rules that name every peer apply) and each peer class some rule names.
+//! The verdict follows the full evaluation order (see
+//! [`crate::policy::evaluate`]): Admin tier, L4Policy denies, NetworkPolicy
+//! and L4Policy isolation, Baseline tier, default allow, then audit. A class
+//! gets entries only where its verdicts differ from the wildcard's, and the
+//! wildcard only where some port is not simply "not isolated", so an
+//! endpoint nothing applies to has no entries at all. Each written partition
+//! is complete (a port-0/0 default plus disjoint blocks), because the kernel
+//! falls back to ANY when a specific identity has no covering entry.
 
 mod classes;
 mod ids;
@@ -29,18 +36,20 @@ use std::{
 use ipnet::IpNet;
 use portcullis_common::{
     PolicyValue, IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST, IDENTITY_WORLD,
-    REASON_DEFAULT_DENY, REASON_POLICY, VERDICT_ALLOW, VERDICT_DENY,
+    REASON_DEFAULT_DENY, REASON_NOT_ISOLATED, REASON_POLICY, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY,
 };
 use thiserror::Error;
 
 use self::{
     classes::{Member, PeerClass, PeerClasses},
     ids::IdAllocator,
-    ports::{covers_all_ports, prefix_blocks, PortPartition, Segment},
+    ports::{prefix_blocks, PortPartition, Segment},
 };
 use crate::policy::model::{
-    Direction, Inventory, InventoryError, NetworkPolicyRules, Origin, Peers, PolicyKind,
-    PolicyObject, PolicyRef, PortSpec, Protocol, Rule, Workload, WorkloadRef,
+    Action, ClusterPolicyRules, Direction, Inventory, InventoryError, L4PolicyRules, Mode,
+    NetworkPolicyRules, Origin, Peers, PolicyKind, PolicyObject, PolicyRef, PortSpec, Protocol,
+    Rule, Tier, Workload, WorkloadRef,
 };
 
 /// Everything the kernel maps should contain (without generations).
@@ -143,10 +152,12 @@ pub struct RuleKey {
     pub port_prefix_len: u8,
 }
 
-/// What a rule cookie stands for.
+/// What a rule cookie stands for. Verdicts no policy made (not isolated,
+/// local, host) carry cookie 0, which has no attribution.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Attribution {
-    /// Rule `rule_index` of `direction` in `policy` allowed the flow.
+    /// Allow rule `rule_index` of `direction` in `policy` (a NetworkPolicy
+    /// or enforced L4Policy) allowed the flow.
     Rule {
         policy: PolicyRef,
         direction: Direction,
@@ -157,6 +168,36 @@ pub enum Attribution {
     DefaultDeny {
         direction: Direction,
         isolated_by: Vec<PolicyRef>,
+    },
+    /// Deny rule `rule_index` (of `ingressDeny`/`egressDeny`) of the enforced
+    /// L4Policy `policy` denied the flow.
+    DenyRule {
+        policy: PolicyRef,
+        direction: Direction,
+        rule_index: usize,
+    },
+    /// Rule `rule_index` of `direction` of the ClusterL4Policy `policy`
+    /// decided (`action` Allow or Deny).
+    TierRule {
+        tier: Tier,
+        priority: u32,
+        policy: PolicyRef,
+        direction: Direction,
+        rule_index: usize,
+        action: Action,
+    },
+    /// AUDIT: the audit-mode L4Policy `policy` would deny the flow by its
+    /// deny rule `rule_index`.
+    AuditDenyRule {
+        policy: PolicyRef,
+        direction: Direction,
+        rule_index: usize,
+    },
+    /// AUDIT: the audit-mode L4Policy `policy` would isolate the endpoint
+    /// and none of its allow rules matches.
+    AuditDefaultDeny {
+        policy: PolicyRef,
+        direction: Direction,
     },
 }
 
@@ -212,8 +253,8 @@ impl Compiler {
             .map_err(|source| CompileError::Inventory {
                 source: source.into(),
             })?;
-        let policies = sorted_network_policies(policies)?;
-        let classes = PeerClasses::build(inventory, policies.iter().map(|(_, np)| *np));
+        let policies = Sorted::new(policies)?;
+        let classes = PeerClasses::build(inventory, policies.all.iter().flat_map(|p| p.rules()));
 
         let mut endpoint_ids = self.endpoint_ids.round();
         let mut identity_ids = self.identity_ids.round();
@@ -243,6 +284,7 @@ impl Compiler {
 
         let mut pass = Pass {
             policies,
+            inventory,
             classes,
             class_identities,
             named: HashMap::new(),
@@ -280,21 +322,261 @@ impl Compiler {
     }
 }
 
+/// The policies of one compile, by kind, in the order they are credited.
+struct Sorted<'p> {
+    /// Every policy, by [`PolicyRef`].
+    all: Vec<&'p PolicyObject>,
+    /// NetworkPolicies and L4Policies by [`PolicyRef`].
+    network: Vec<(&'p PolicyRef, &'p NetworkPolicyRules)>,
+    l4: Vec<(&'p PolicyRef, &'p L4PolicyRules)>,
+    /// ClusterL4Policies by (priority, name).
+    cluster: Vec<(&'p PolicyRef, &'p ClusterPolicyRules)>,
+}
+
+impl<'p> Sorted<'p> {
+    /// Sorts and splits; a policy given twice is an error.
+    fn new(policies: &'p [PolicyObject]) -> Result<Self, CompileError> {
+        let mut all: Vec<&PolicyObject> = policies.iter().collect();
+        all.sort_by(|a, b| a.reference.cmp(&b.reference));
+        for pair in all.windows(2) {
+            if pair[0].reference == pair[1].reference {
+                return Err(CompileError::DuplicatePolicy {
+                    policy: pair[0].reference.clone(),
+                    first: pair[0].origin.clone(),
+                    second: pair[1].origin.clone(),
+                });
+            }
+        }
+        let mut sorted = Self {
+            all: all.clone(),
+            network: Vec::new(),
+            l4: Vec::new(),
+            cluster: Vec::new(),
+        };
+        for p in all {
+            match &p.kind {
+                PolicyKind::NetworkPolicy(np) => sorted.network.push((&p.reference, np)),
+                PolicyKind::L4Policy(lp) => sorted.l4.push((&p.reference, lp)),
+                PolicyKind::ClusterL4Policy(cp) => sorted.cluster.push((&p.reference, cp)),
+            }
+        }
+        sorted
+            .cluster
+            .sort_by(|a, b| (a.1.priority, &a.0.name).cmp(&(b.1.priority, &b.0.name)));
+        Ok(sorted)
+    }
+}
+
 /// One compile's working state.
 struct Pass<'p> {
-    /// Sorted by namespace/name.
-    policies: Vec<(&'p PolicyRef, &'p NetworkPolicyRules)>,
+    policies: Sorted<'p>,
+    inventory: &'p Inventory,
     classes: PeerClasses,
     /// Identity of each class.
     class_identities: Vec<u32>,
-    /// Classes each (policy, direction, rule) names. A policy applies to many
-    /// endpoints, so this is worked out once per rule.
-    named: HashMap<(usize, Direction, usize), Vec<usize>>,
+    /// Classes each rule names (keyed by the rule's address; the policies
+    /// outlive the pass). A policy applies to many endpoints, so this is
+    /// worked out once per rule.
+    named: HashMap<*const Rule, Vec<usize>>,
     out: Compiled,
 }
 
-impl Pass<'_> {
-    /// Writes the entries of one endpoint in one direction, if isolated.
+/// A rule in an endpoint's ordered rule lists.
+struct Entry<'a> {
+    rule: &'a Rule,
+    /// Index into [`Layers::attributions`].
+    attribution: usize,
+    /// Meaningful in the tier lists only.
+    action: Action,
+}
+
+/// An audit-mode L4Policy applying to the endpoint.
+struct AuditLayer<'a> {
+    deny: Vec<Entry<'a>>,
+    isolates: bool,
+    allow: Vec<Entry<'a>>,
+    default_deny: usize,
+}
+
+/// What applies to one endpoint in one direction, in evaluation order.
+#[derive(Default)]
+struct Layers<'a> {
+    attributions: Vec<Attribution>,
+    admin: Vec<Entry<'a>>,
+    deny: Vec<Entry<'a>>,
+    isolated: bool,
+    allow: Vec<Entry<'a>>,
+    default_deny: usize,
+    baseline: Vec<Entry<'a>>,
+    audits: Vec<AuditLayer<'a>>,
+}
+
+impl<'a> Layers<'a> {
+    fn attribution(&mut self, attribution: Attribution) -> usize {
+        self.attributions.push(attribution);
+        self.attributions.len() - 1
+    }
+
+    fn entries(
+        &mut self,
+        rules: &'a [Rule],
+        attribution: impl Fn(usize) -> Attribution,
+    ) -> Vec<Entry<'a>> {
+        rules
+            .iter()
+            .enumerate()
+            .map(|(rule_index, rule)| Entry {
+                rule,
+                attribution: self.attribution(attribution(rule_index)),
+                action: Action::Allow,
+            })
+            .collect()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.admin.is_empty()
+            && self.deny.is_empty()
+            && !self.isolated
+            && self.baseline.is_empty()
+            && self.audits.is_empty()
+    }
+
+    fn all_entries(&self) -> impl Iterator<Item = &Entry<'a>> {
+        self.admin
+            .iter()
+            .chain(&self.deny)
+            .chain(&self.allow)
+            .chain(&self.baseline)
+            .chain(
+                self.audits
+                    .iter()
+                    .flat_map(|a| a.deny.iter().chain(&a.allow)),
+            )
+    }
+}
+
+/// A port's verdict; `attribution` indexes [`Layers::attributions`] (none:
+/// cookie 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Outcome {
+    verdict: u8,
+    reason: u8,
+    attribution: Option<usize>,
+}
+
+const NOT_ISOLATED: Outcome = Outcome {
+    verdict: VERDICT_ALLOW,
+    reason: REASON_NOT_ISOLATED,
+    attribution: None,
+};
+
+/// A run of ports with one outcome.
+type Run = (u16, u16, Outcome);
+
+impl<'p> Pass<'p> {
+    /// The rules that apply to `endpoint` in `direction`, in order.
+    fn layers(&self, endpoint: &Workload, direction: Direction) -> Layers<'p> {
+        let mut layers = Layers::default();
+        let policies = &self.policies;
+        let namespace_labels = self.inventory.namespace_labels(&endpoint.namespace);
+        for &(policy, cp) in &policies.cluster {
+            if !(cp.namespaces.matches(&namespace_labels) && cp.pods.matches(&endpoint.labels)) {
+                continue;
+            }
+            for (rule_index, tier_rule) in cp.rules(direction).iter().enumerate() {
+                let attribution = layers.attribution(Attribution::TierRule {
+                    tier: cp.tier,
+                    priority: cp.priority,
+                    policy: policy.clone(),
+                    direction,
+                    rule_index,
+                    action: tier_rule.action,
+                });
+                let entry = Entry {
+                    rule: &tier_rule.rule,
+                    attribution,
+                    action: tier_rule.action,
+                };
+                match cp.tier {
+                    Tier::Admin => layers.admin.push(entry),
+                    Tier::Baseline => layers.baseline.push(entry),
+                }
+            }
+        }
+        let selects = |policy: &PolicyRef, np: &NetworkPolicyRules| {
+            policy.namespace == endpoint.namespace && np.pod_selector.matches(&endpoint.labels)
+        };
+        let mut isolating: Vec<(&PolicyRef, &NetworkPolicyRules)> = Vec::new();
+        for &(policy, lp) in &policies.l4 {
+            if !selects(policy, &lp.allow) {
+                continue;
+            }
+            let deny_rule = |rule_index| Attribution::DenyRule {
+                policy: policy.clone(),
+                direction,
+                rule_index,
+            };
+            match lp.mode {
+                Mode::Enforce => {
+                    let deny = layers.entries(lp.deny_rules(direction), deny_rule);
+                    layers.deny.extend(deny);
+                    if lp.allow.isolates(direction) {
+                        isolating.push((policy, &lp.allow));
+                    }
+                }
+                Mode::Audit => {
+                    let deny = layers.entries(lp.deny_rules(direction), |rule_index| {
+                        Attribution::AuditDenyRule {
+                            policy: policy.clone(),
+                            direction,
+                            rule_index,
+                        }
+                    });
+                    let allow = layers.entries(lp.allow.effective_rules(direction), |_| {
+                        // Audit allows never decide, so never need a cookie.
+                        Attribution::AuditDefaultDeny {
+                            policy: policy.clone(),
+                            direction,
+                        }
+                    });
+                    let default_deny = layers.attribution(Attribution::AuditDefaultDeny {
+                        policy: policy.clone(),
+                        direction,
+                    });
+                    layers.audits.push(AuditLayer {
+                        deny,
+                        isolates: lp.allow.isolates(direction),
+                        allow,
+                        default_deny,
+                    });
+                }
+            }
+        }
+        for &(policy, np) in &policies.network {
+            if selects(policy, np) && np.isolates(direction) {
+                isolating.push((policy, np));
+            }
+        }
+        isolating.sort_by(|a, b| a.0.cmp(b.0));
+        layers.isolated = !isolating.is_empty();
+        for (policy, np) in &isolating {
+            let allow = layers.entries(np.effective_rules(direction), |rule_index| {
+                Attribution::Rule {
+                    policy: (*policy).clone(),
+                    direction,
+                    rule_index,
+                }
+            });
+            layers.allow.extend(allow);
+        }
+        layers.default_deny = layers.attribution(Attribution::DefaultDeny {
+            direction,
+            isolated_by: isolating.iter().map(|(r, _)| (*r).clone()).collect(),
+        });
+        layers
+    }
+
+    /// Writes the entries of one endpoint in one direction.
     fn endpoint_direction(
         &mut self,
         cookie_ids: &mut ids::IdRound<'_, Attribution>,
@@ -302,72 +584,33 @@ impl Pass<'_> {
         endpoint_id: u32,
         direction: Direction,
     ) -> Result<(), CompileError> {
-        let applicable: Vec<usize> = (0..self.policies.len())
-            .filter(|i| {
-                let (r, np) = self.policies[*i];
-                r.namespace == endpoint.namespace
-                    && np.isolates(direction)
-                    && np.pod_selector.matches(&endpoint.labels)
-            })
-            .collect();
-        if applicable.is_empty() {
+        let layers = self.layers(endpoint, direction);
+        if layers.is_empty() {
             return Ok(());
         }
-        for &index in &applicable {
-            let rules = self.policies[index].1.effective_rules(direction);
-            for (rule_index, rule) in rules.iter().enumerate() {
-                self.named
-                    .entry((index, direction, rule_index))
-                    .or_insert_with(|| named_classes(&self.classes, rule));
-            }
+        for entry in layers.all_entries() {
+            self.named
+                .entry(entry.rule as *const Rule)
+                .or_insert_with(|| named_classes(&self.classes, entry.rule));
         }
-        let mut ordered = Vec::new();
-        for &index in &applicable {
-            let (reference, np) = self.policies[index];
-            for (rule_index, rule) in np.effective_rules(direction).iter().enumerate() {
-                ordered.push(OrderedRule {
-                    attribution: Attribution::Rule {
-                        policy: reference.clone(),
-                        direction,
-                        rule_index,
-                    },
-                    rule,
-                    named: &self.named[&(index, direction, rule_index)],
-                });
-            }
-        }
-        let default_deny = Attribution::DefaultDeny {
-            direction,
-            isolated_by: applicable
-                .iter()
-                .map(|i| self.policies[*i].0.clone())
-                .collect(),
-        };
-
-        // Rules for every peer, and the rules naming each class. Classes no
-        // rule names decide like the wildcard, except that for egress a named
-        // port resolves against the destination pod's ports.
-        let for_all: Vec<usize> = (0..ordered.len())
-            .filter(|p| ordered[*p].rule.peers == Peers::All)
+        // Classes no rule names decide like the wildcard, except that for
+        // egress a named port resolves against the destination pod's ports.
+        let mut by_class: Vec<usize> = layers
+            .all_entries()
+            .flat_map(|e| self.named[&(e.rule as *const Rule)].iter().copied())
             .collect();
-        let mut by_class: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (position, r) in ordered.iter().enumerate() {
-            for &class in r.named {
-                by_class.entry(class).or_default().push(position);
-            }
-        }
         let named_egress_ports = direction == Direction::Egress
-            && ordered.iter().any(|r| {
-                r.rule
+            && layers.all_entries().any(|e| {
+                e.rule
                     .ports
                     .iter()
                     .any(|p| matches!(p.port, PortSpec::Named(_)))
             });
         if named_egress_ports {
-            for &class in self.classes.pod_classes() {
-                by_class.entry(class).or_default();
-            }
+            by_class.extend(self.classes.pod_classes());
         }
+        by_class.sort_unstable();
+        by_class.dedup();
 
         for protocol in Protocol::ENFORCED {
             let key = |peer_identity| RuleKey {
@@ -379,68 +622,37 @@ impl Pass<'_> {
                 port_prefix_len: 0,
             };
             let scope = Scope {
-                ordered: &ordered,
+                layers: &layers,
+                named: &self.named,
                 endpoint,
                 direction,
                 protocol,
             };
-            let wildcard = scope.segments(for_all.iter().copied(), PeerView::Unnamed);
+            let wildcard = scope.runs(PeerView::Unnamed);
             emit(
                 &mut self.out,
                 cookie_ids,
                 key(IDENTITY_ANY),
                 &wildcard,
-                &ordered,
-                &default_deny,
+                &layers.attributions,
+                true,
             )?;
-            for (&class, positions) in &by_class {
-                let view = PeerView::Class(&self.classes.classes[class]);
-                let specific = scope.segments(merge_sorted(&for_all, positions), view);
+            for &class in &by_class {
+                let specific = scope.runs(PeerView::Class(class, &self.classes.classes[class]));
                 if specific != wildcard {
                     emit(
                         &mut self.out,
                         cookie_ids,
                         key(self.class_identities[class]),
                         &specific,
-                        &ordered,
-                        &default_deny,
+                        &layers.attributions,
+                        false,
                     )?;
                 }
             }
         }
         Ok(())
     }
-}
-
-/// The two ascending lists as one.
-fn merge_sorted(a: &[usize], b: &[usize]) -> impl Iterator<Item = usize> {
-    let mut merged: Vec<usize> = a.iter().chain(b).copied().collect();
-    merged.sort_unstable();
-    merged.into_iter()
-}
-
-/// NetworkPolicies sorted by namespace/name (the order rules are credited
-/// in); a policy given twice is an error.
-fn sorted_network_policies(
-    policies: &[PolicyObject],
-) -> Result<Vec<(&PolicyRef, &NetworkPolicyRules)>, CompileError> {
-    let mut sorted: Vec<&PolicyObject> = policies.iter().collect();
-    sorted.sort_by(|a, b| a.reference.cmp(&b.reference));
-    for pair in sorted.windows(2) {
-        if pair[0].reference == pair[1].reference {
-            return Err(CompileError::DuplicatePolicy {
-                policy: pair[0].reference.clone(),
-                first: pair[0].origin.clone(),
-                second: pair[1].origin.clone(),
-            });
-        }
-    }
-    Ok(sorted
-        .into_iter()
-        .map(|p| match &p.kind {
-            PolicyKind::NetworkPolicy(np) => (&p.reference, np),
-        })
-        .collect())
 }
 
 /// Classes the rule's peers select (none when it allows every peer).
@@ -456,37 +668,154 @@ fn named_classes(classes: &PeerClasses, rule: &Rule) -> Vec<usize> {
     }
 }
 
-/// An applicable rule, in crediting order, with the classes its peers name
-/// (ascending; empty when it allows every peer).
-struct OrderedRule<'a> {
-    attribution: Attribution,
-    rule: &'a Rule,
-    named: &'a [usize],
-}
-
 /// Whose verdict a partition describes.
 #[derive(Clone, Copy)]
 enum PeerView<'a> {
     /// Any peer that has no entry of its own (IDENTITY_ANY).
     Unnamed,
-    Class(&'a PeerClass),
+    /// A class (its index and the class).
+    Class(usize, &'a PeerClass),
 }
 
 /// An endpoint's rules in one direction, for one protocol.
 struct Scope<'a> {
-    ordered: &'a [OrderedRule<'a>],
+    layers: &'a Layers<'a>,
+    named: &'a HashMap<*const Rule, Vec<usize>>,
     endpoint: &'a Workload,
     direction: Direction,
     protocol: Protocol,
 }
 
+/// Which entry (by position in its list) decides each port, first match.
+struct Claims(Vec<Segment>);
+
+impl Claims {
+    fn at(&self, port: u16) -> Option<usize> {
+        let i = self.0.partition_point(|s| s.last < port);
+        self.0.get(i).filter(|s| s.first <= port).map(|s| s.rule)
+    }
+}
+
 impl Scope<'_> {
-    /// Which rule allows each port, given the positions (ascending) of the
-    /// rules that match the peer.
-    fn segments(&self, positions: impl Iterator<Item = usize>, peer: PeerView) -> Vec<Segment> {
+    /// The outcome of every port for the peer view, as maximal runs.
+    fn runs(&self, peer: PeerView) -> Vec<Run> {
+        let layers = self.layers;
+        let claims = |entries: &[Entry]| self.claims(entries, peer);
+        let admin = claims(&layers.admin);
+        let deny = claims(&layers.deny);
+        let allow = claims(&layers.allow);
+        let baseline = claims(&layers.baseline);
+        let audits: Vec<(Claims, Claims)> = layers
+            .audits
+            .iter()
+            .map(|a| (claims(&a.deny), claims(&a.allow)))
+            .collect();
+
+        // Outcomes only change where some claim starts or ends.
+        let mut starts: Vec<u32> = vec![0];
+        for c in [&admin, &deny, &allow, &baseline]
+            .into_iter()
+            .chain(audits.iter().flat_map(|(d, a)| [d, a]))
+        {
+            for s in &c.0 {
+                starts.push(u32::from(s.first));
+                starts.push(u32::from(s.last) + 1);
+            }
+        }
+        starts.retain(|s| *s <= u32::from(u16::MAX));
+        starts.sort_unstable();
+        starts.dedup();
+
+        let outcome = |port: u16| -> Outcome {
+            let decided = |entry: &Entry, reason| Outcome {
+                verdict: if entry.action == Action::Deny {
+                    VERDICT_DENY
+                } else {
+                    VERDICT_ALLOW
+                },
+                reason,
+                attribution: Some(entry.attribution),
+            };
+            if let Some(i) = admin.at(port) {
+                if layers.admin[i].action != Action::Pass {
+                    return decided(&layers.admin[i], REASON_POLICY);
+                }
+            }
+            let enforced = if let Some(i) = deny.at(port) {
+                Outcome {
+                    verdict: VERDICT_DENY,
+                    reason: REASON_POLICY,
+                    attribution: Some(layers.deny[i].attribution),
+                }
+            } else if layers.isolated {
+                match allow.at(port) {
+                    Some(i) => decided(&layers.allow[i], REASON_POLICY),
+                    None => Outcome {
+                        verdict: VERDICT_DENY,
+                        reason: REASON_DEFAULT_DENY,
+                        attribution: Some(layers.default_deny),
+                    },
+                }
+            } else if let Some(i) = baseline.at(port) {
+                decided(&layers.baseline[i], REASON_POLICY)
+            } else {
+                NOT_ISOLATED
+            };
+            if enforced.verdict == VERDICT_DENY {
+                return enforced;
+            }
+            for (audit, (deny, allow)) in layers.audits.iter().zip(&audits) {
+                if let Some(i) = deny.at(port) {
+                    return Outcome {
+                        verdict: VERDICT_AUDIT,
+                        reason: REASON_POLICY,
+                        attribution: Some(audit.deny[i].attribution),
+                    };
+                }
+                if !layers.isolated && audit.isolates && allow.at(port).is_none() {
+                    return Outcome {
+                        verdict: VERDICT_AUDIT,
+                        reason: REASON_DEFAULT_DENY,
+                        attribution: Some(audit.default_deny),
+                    };
+                }
+            }
+            enforced
+        };
+
+        let mut runs: Vec<Run> = Vec::new();
+        for (i, &start) in starts.iter().enumerate() {
+            let end = starts
+                .get(i + 1)
+                .map_or(u32::from(u16::MAX), |next| next - 1);
+            // Both bounds are ports (checked above), so the casts are lossless.
+            let (first, last) = (start as u16, end as u16);
+            let o = outcome(first);
+            match runs.last_mut() {
+                Some(prev) if prev.2 == o => prev.1 = last,
+                _ => runs.push((first, last, o)),
+            }
+        }
+        runs
+    }
+
+    /// Which entry matches each port (first one wins), for the peer view.
+    fn claims(&self, entries: &[Entry], peer: PeerView) -> Claims {
         let mut partition = PortPartition::default();
-        for position in positions {
-            let rule = self.ordered[position].rule;
+        for (position, entry) in entries.iter().enumerate() {
+            let rule = entry.rule;
+            let peer_ok = match peer {
+                PeerView::Unnamed => rule.peers == Peers::All,
+                PeerView::Class(class, _) => {
+                    rule.peers == Peers::All
+                        || self.named[&(rule as *const Rule)]
+                            .binary_search(&class)
+                            .is_ok()
+                }
+            };
+            if !peer_ok {
+                continue;
+            }
             if rule.ports.is_empty() {
                 partition.claim(0, u16::MAX, position);
                 continue;
@@ -502,7 +831,7 @@ impl Scope<'_> {
                             (Direction::Ingress, _) => {
                                 self.endpoint.named_port(name, self.protocol)
                             }
-                            (Direction::Egress, PeerView::Class(class)) => {
+                            (Direction::Egress, PeerView::Class(_, class)) => {
                                 class.named_port(name, self.protocol)
                             }
                             (Direction::Egress, PeerView::Unnamed) => None,
@@ -514,23 +843,51 @@ impl Scope<'_> {
                 }
             }
         }
-        partition.into_segments()
+        Claims(partition.into_segments())
     }
 }
 
-/// Writes one (endpoint, peer, direction, protocol) partition: a default
-/// deny for the whole port space (unless rules cover it all) and an allow
-/// per aligned block. The blocks are disjoint, so the longest match is the
-/// block's verdict inside a block and the default outside.
+/// Writes one (endpoint, peer, direction, protocol) partition: the outcome
+/// that saves the most entries as the port-0/0 default, and aligned blocks
+/// for the other runs. The blocks are disjoint, so the longest match is the
+/// block's verdict inside a block and the default outside. For the
+/// wildcard, "not isolated" is what the kernel does without an entry, so it
+/// needs none.
 fn emit(
     out: &mut Compiled,
     cookie_ids: &mut ids::IdRound<'_, Attribution>,
     key: RuleKey,
-    segments: &[Segment],
-    ordered: &[OrderedRule],
-    default_deny: &Attribution,
+    runs: &[Run],
+    attributions: &[Attribution],
+    wildcard: bool,
 ) -> Result<(), CompileError> {
-    let mut cookie = |attribution: &Attribution| -> Result<u32, CompileError> {
+    let blocks: Vec<Vec<(u16, u8)>> = runs.iter().map(|r| prefix_blocks(r.0, r.1)).collect();
+    let cost = |default: Outcome| -> usize {
+        let explicit: usize = runs
+            .iter()
+            .zip(&blocks)
+            .filter(|(r, _)| r.2 != default)
+            .map(|(_, b)| b.len())
+            .sum();
+        explicit + usize::from(!(wildcard && default == NOT_ISOLATED))
+    };
+    let mut default = NOT_ISOLATED;
+    let mut best = if wildcard {
+        cost(NOT_ISOLATED)
+    } else {
+        usize::MAX
+    };
+    for run in runs {
+        let c = cost(run.2);
+        if c < best {
+            (default, best) = (run.2, c);
+        }
+    }
+    let mut cookie = |outcome: Outcome| -> Result<u32, CompileError> {
+        let Some(index) = outcome.attribution else {
+            return Ok(0);
+        };
+        let attribution = &attributions[index];
         let id = cookie_ids
             .id(attribution)
             .ok_or(CompileError::IdsExhausted {
@@ -540,22 +897,21 @@ fn emit(
         Ok(id)
     };
     let mut entries = Vec::new();
-    if !covers_all_ports(segments) {
-        entries.push((
-            0,
-            0,
-            VERDICT_DENY,
-            REASON_DEFAULT_DENY,
-            cookie(default_deny)?,
-        ));
+    if !(wildcard && default == NOT_ISOLATED) {
+        entries.push((0, 0, default, cookie(default)?));
     }
-    for segment in segments {
-        let rule_cookie = cookie(&ordered[segment.rule].attribution)?;
-        for (port, len) in prefix_blocks(segment.first, segment.last) {
-            entries.push((port, len, VERDICT_ALLOW, REASON_POLICY, rule_cookie));
+    for (run, blocks) in runs.iter().zip(blocks) {
+        if run.2 == default {
+            continue;
         }
+        let rule_cookie = cookie(run.2)?;
+        entries.extend(
+            blocks
+                .into_iter()
+                .map(|(port, len)| (port, len, run.2, rule_cookie)),
+        );
     }
-    for (port, port_prefix_len, verdict, reason, rule_cookie) in entries {
+    for (port, port_prefix_len, outcome, rule_cookie) in entries {
         out.rules.insert(
             RuleKey {
                 port,
@@ -563,8 +919,8 @@ fn emit(
                 ..key
             },
             PolicyValue {
-                verdict,
-                reason,
+                verdict: outcome.verdict,
+                reason: outcome.reason,
                 _pad: 0,
                 rule_cookie,
             },
@@ -573,5 +929,7 @@ fn emit(
     Ok(())
 }
 
+#[cfg(test)]
+mod portcullis_tests;
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,20 @@
-//! Decides a flow straight from the policy objects: NetworkPolicy semantics
-//! written as plainly as possible. It shares nothing with the compiler beyond
-//! the data types and label matching, so it serves as the compiler's oracle
-//! and as the explanation of a verdict ("allowed by rule 2 of x/web").
+//! Decides a flow straight from the policy objects: the semantics written as
+//! plainly as possible. It shares nothing with the compiler beyond the data
+//! types and label matching, so it serves as the compiler's oracle and as the
+//! explanation of a verdict ("allowed by rule 2 of x/web").
+//!
+//! Per direction (both the source's egress and the destination's ingress
+//! must pass):
+//! 1. Admin-tier ClusterL4Policy rules whose subject selects the workload,
+//!    by (priority, name, rule index): the first matching rule decides
+//!    (Allow, Deny) or hands over to step 2 (Pass);
+//! 2. an enforced L4Policy deny rule denies; else, if any NetworkPolicy or
+//!    enforced L4Policy isolates the workload, their allow rules decide;
+//! 3. if not isolated, the first matching Baseline-tier rule decides;
+//! 4. otherwise the flow passes.
+//!
+//! A flow allowed by steps 2-4 that an audit-mode L4Policy would deny is an
+//! AUDIT verdict: it passes and is counted against that policy.
 //!
 //! Portcullis' reading of the implementation-defined corners, shared with
 //! the kernel data path:
@@ -9,13 +22,14 @@
 //! - ingress from this node's own addresses is always allowed;
 //! - ipBlock peers match pod addresses, but never this node's addresses
 //!   (the kernel knows them only as the single HOST identity); egress to
-//!   the node is allowed only by rules that allow every peer.
+//!   the node is matched only by rules that name every peer.
 
 use std::net::IpAddr;
 
 use crate::policy::model::{
-    Direction, Inventory, NamespaceScope, NetworkPolicyRules, Peer, Peers, PolicyKind,
-    PolicyObject, PolicyRef, PortSpec, Protocol, Rule, Workload,
+    Action, ClusterPolicyRules, Direction, Inventory, L4PolicyRules, Mode, NamespaceScope,
+    NetworkPolicyRules, Peer, Peers, PolicyKind, PolicyObject, PolicyRef, PortSpec, Protocol, Rule,
+    Tier, Workload,
 };
 
 /// A new flow: `src` connects to `dst` on `port`.
@@ -29,7 +43,7 @@ pub struct FlowQuery {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    /// Both directions allow it.
+    /// Both directions let it pass (an AUDIT verdict passes).
     pub allowed: bool,
     /// Judged for the source workload, if it is local.
     pub egress: DirectionVerdict,
@@ -37,29 +51,78 @@ pub struct Decision {
     pub ingress: DirectionVerdict,
 }
 
+impl Decision {
+    /// Did an audit-mode policy flag either direction?
+    pub fn audited(&self) -> bool {
+        matches!(self.egress, DirectionVerdict::Audit { .. })
+            || matches!(self.ingress, DirectionVerdict::Audit { .. })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DirectionVerdict {
     /// The address is not a workload enforced on this node.
     NotEnforced,
-    /// No policy isolates the workload in this direction.
+    /// Nothing decided: no policy isolates the workload in this direction
+    /// and no tier rule matched.
     NotIsolated,
     /// Loopback, or the workload's own address.
     Local,
     /// Ingress from this node.
     Host,
-    /// Rule `rule_index` (of this direction) of `policy` allowed it; the
-    /// first such rule, policies taken in namespace/name order.
+    /// Allow rule `rule_index` (of this direction) of a NetworkPolicy or
+    /// L4Policy allowed it; the first such rule, policies taken in
+    /// [`PolicyRef`] order.
     Allowed {
         policy: PolicyRef,
         rule_index: usize,
     },
     /// Isolated by these policies (sorted) and no rule allowed it.
     DefaultDeny { isolated_by: Vec<PolicyRef> },
+    /// Rule `rule_index` of an enforced L4Policy's `ingressDeny` or
+    /// `egressDeny` denied it.
+    Denied {
+        policy: PolicyRef,
+        rule_index: usize,
+    },
+    /// Rule `rule_index` of a ClusterL4Policy decided (`action` is Allow or
+    /// Deny).
+    Tier {
+        tier: Tier,
+        priority: u32,
+        policy: PolicyRef,
+        rule_index: usize,
+        action: Action,
+    },
+    /// The enforced policies let it pass, but the audit-mode L4Policy
+    /// `policy` would deny it: it passes and is counted as AUDIT.
+    Audit {
+        policy: PolicyRef,
+        cause: AuditCause,
+    },
+}
+
+/// Why an audit-mode policy would deny a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AuditCause {
+    /// Its deny rule `rule_index` matches.
+    DenyRule { rule_index: usize },
+    /// It would isolate the workload and none of its allow rules matches.
+    DefaultDeny,
 }
 
 impl DirectionVerdict {
+    /// Does the flow pass this side?
     pub fn allows(&self) -> bool {
-        !matches!(self, Self::DefaultDeny { .. })
+        !matches!(
+            self,
+            Self::DefaultDeny { .. }
+                | Self::Denied { .. }
+                | Self::Tier {
+                    action: Action::Deny,
+                    ..
+                }
+        )
     }
 }
 
@@ -70,7 +133,14 @@ pub fn evaluate(inventory: &Inventory, policies: &[PolicyObject], query: &FlowQu
     let judge = |address: IpAddr, direction: Direction, peer: IpAddr| match local_workload(
         inventory, address,
     ) {
-        Some(w) => judge(inventory, policies, w, direction, peer, query),
+        Some(workload) => Judge {
+            inventory,
+            workload,
+            direction,
+            peer,
+            query,
+        }
+        .verdict(policies),
         None => DirectionVerdict::NotEnforced,
     };
     let egress = judge(src, Direction::Egress, dst);
@@ -93,55 +163,167 @@ fn workload_with(inventory: &Inventory, address: IpAddr) -> Option<&Workload> {
         .find(|w| w.ips.contains(&address))
 }
 
-/// The verdict for `workload`'s side of the flow; `peer` is the other end.
-fn judge(
-    inventory: &Inventory,
-    policies: &[PolicyObject],
-    workload: &Workload,
+/// One side of a flow: `workload` in `direction`; `peer` is the other end.
+struct Judge<'a> {
+    inventory: &'a Inventory,
+    workload: &'a Workload,
     direction: Direction,
     peer: IpAddr,
-    query: &FlowQuery,
-) -> DirectionVerdict {
-    if peer.is_loopback() || workload.ips.contains(&peer) {
-        return DirectionVerdict::Local;
-    }
-    if direction == Direction::Ingress && inventory.node_ips.contains(&peer) {
-        return DirectionVerdict::Host;
-    }
-    let mut isolating: Vec<(&PolicyRef, &NetworkPolicyRules)> = policies
-        .iter()
-        .map(|p| match &p.kind {
-            PolicyKind::NetworkPolicy(np) => (&p.reference, np),
-        })
-        .filter(|(r, np)| {
-            r.namespace == workload.namespace
-                && np.pod_selector.matches(&workload.labels)
-                && np.isolates(direction)
-        })
-        .collect();
-    if isolating.is_empty() {
-        return DirectionVerdict::NotIsolated;
-    }
-    isolating.sort_by(|a, b| a.0.cmp(b.0));
-    for (reference, np) in &isolating {
-        let rules = match direction {
-            Direction::Ingress => &np.ingress,
-            Direction::Egress => &np.egress,
-        };
-        for (rule_index, rule) in rules.iter().enumerate() {
-            if rule_allows(inventory, workload, direction, rule, peer, query) {
-                return DirectionVerdict::Allowed {
+    query: &'a FlowQuery,
+}
+
+impl Judge<'_> {
+    fn verdict(&self, policies: &[PolicyObject]) -> DirectionVerdict {
+        let workload = self.workload;
+        if self.peer.is_loopback() || workload.ips.contains(&self.peer) {
+            return DirectionVerdict::Local;
+        }
+        if self.direction == Direction::Ingress && self.inventory.node_ips.contains(&self.peer) {
+            return DirectionVerdict::Host;
+        }
+        let mut sorted: Vec<&PolicyObject> = policies.iter().collect();
+        sorted.sort_by(|a, b| a.reference.cmp(&b.reference));
+        let namespace_labels = self.inventory.namespace_labels(&workload.namespace);
+        let mut tiered: Vec<(&PolicyRef, &ClusterPolicyRules)> = Vec::new();
+        let mut network: Vec<(&PolicyRef, &NetworkPolicyRules)> = Vec::new();
+        let mut l4: Vec<(&PolicyRef, &L4PolicyRules)> = Vec::new();
+        for p in &sorted {
+            let selects = |selector: &crate::policy::selector::Selector| {
+                p.reference.namespace == workload.namespace && selector.matches(&workload.labels)
+            };
+            match &p.kind {
+                PolicyKind::NetworkPolicy(np) if selects(&np.pod_selector) => {
+                    network.push((&p.reference, np))
+                }
+                PolicyKind::L4Policy(lp) if selects(&lp.allow.pod_selector) => {
+                    l4.push((&p.reference, lp))
+                }
+                PolicyKind::ClusterL4Policy(cp)
+                    if cp.namespaces.matches(&namespace_labels)
+                        && cp.pods.matches(&workload.labels) =>
+                {
+                    tiered.push((&p.reference, cp))
+                }
+                _ => {}
+            }
+        }
+        // Ties in priority are broken by name.
+        tiered.sort_by(|a, b| (a.1.priority, &a.0.name).cmp(&(b.1.priority, &b.0.name)));
+
+        if let Some(v) = self.tier(&tiered, Tier::Admin) {
+            return v;
+        }
+        let enforced: Vec<_> = l4.iter().filter(|(_, p)| p.mode == Mode::Enforce).collect();
+        for (reference, lp) in &enforced {
+            if let Some(rule_index) = self.first_match(lp.deny_rules(self.direction)) {
+                return DirectionVerdict::Denied {
                     policy: (*reference).clone(),
                     rule_index,
                 };
             }
         }
+        let mut isolating: Vec<(&PolicyRef, &NetworkPolicyRules)> = network
+            .iter()
+            .copied()
+            .chain(enforced.iter().map(|(r, lp)| (*r, &lp.allow)))
+            .filter(|(_, np)| np.isolates(self.direction))
+            .collect();
+        isolating.sort_by(|a, b| a.0.cmp(b.0));
+        let verdict = if isolating.is_empty() {
+            self.tier(&tiered, Tier::Baseline)
+                .unwrap_or(DirectionVerdict::NotIsolated)
+        } else {
+            self.allowed_by(&isolating)
+                .unwrap_or_else(|| DirectionVerdict::DefaultDeny {
+                    isolated_by: isolating.iter().map(|(r, _)| (*r).clone()).collect(),
+                })
+        };
+        if !verdict.allows() {
+            return verdict;
+        }
+        // Would enforcing one audit policy as well deny it? Audit policies
+        // are tried in PolicyRef order; the first that would deny is named.
+        for (reference, lp) in l4.iter().filter(|(_, p)| p.mode == Mode::Audit) {
+            let cause = match self.first_match(lp.deny_rules(self.direction)) {
+                Some(rule_index) => Some(AuditCause::DenyRule { rule_index }),
+                // Its allows only join a union that already allowed the flow
+                // if the workload was isolated anyway.
+                None if isolating.is_empty()
+                    && lp.allow.isolates(self.direction)
+                    && self.allowed_by(&[(reference, &lp.allow)]).is_none() =>
+                {
+                    Some(AuditCause::DefaultDeny)
+                }
+                None => None,
+            };
+            if let Some(cause) = cause {
+                return DirectionVerdict::Audit {
+                    policy: (*reference).clone(),
+                    cause,
+                };
+            }
+        }
+        verdict
     }
-    DirectionVerdict::DefaultDeny {
-        isolated_by: isolating.into_iter().map(|(r, _)| r.clone()).collect(),
+
+    /// The first matching rule of the tier decides; `None` when no rule
+    /// matches or a Pass rule matches first.
+    fn tier(
+        &self,
+        tiered: &[(&PolicyRef, &ClusterPolicyRules)],
+        tier: Tier,
+    ) -> Option<DirectionVerdict> {
+        for (reference, cp) in tiered.iter().filter(|(_, cp)| cp.tier == tier) {
+            for (rule_index, rule) in cp.rules(self.direction).iter().enumerate() {
+                if !self.matches(&rule.rule) {
+                    continue;
+                }
+                return match rule.action {
+                    Action::Pass => None,
+                    action => Some(DirectionVerdict::Tier {
+                        tier,
+                        priority: cp.priority,
+                        policy: (*reference).clone(),
+                        rule_index,
+                        action,
+                    }),
+                };
+            }
+        }
+        None
+    }
+
+    /// The first allow rule (policies in the given order) that matches.
+    fn allowed_by(
+        &self,
+        isolating: &[(&PolicyRef, &NetworkPolicyRules)],
+    ) -> Option<DirectionVerdict> {
+        isolating.iter().find_map(|(reference, np)| {
+            self.first_match(np.effective_rules(self.direction))
+                .map(|rule_index| DirectionVerdict::Allowed {
+                    policy: (*reference).clone(),
+                    rule_index,
+                })
+        })
+    }
+
+    fn first_match(&self, rules: &[Rule]) -> Option<usize> {
+        rules.iter().position(|r| self.matches(r))
+    }
+
+    fn matches(&self, rule: &Rule) -> bool {
+        rule_allows(
+            self.inventory,
+            self.workload,
+            self.direction,
+            rule,
+            self.peer,
+            self.query,
+        )
     }
 }
 
+/// Does the rule match the flow (peer and port)?
 fn rule_allows(
     inventory: &Inventory,
     workload: &Workload,
@@ -200,5 +382,7 @@ fn peer_matches(inventory: &Inventory, peer: &Peer, address: IpAddr) -> bool {
     }
 }
 
+#[cfg(test)]
+mod portcullis_tests;
 #[cfg(test)]
 mod tests;

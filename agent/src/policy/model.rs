@@ -1,10 +1,12 @@
-//! Data types: the workloads a node knows about ([`Inventory`]), the
-//! `networking.k8s.io/v1` NetworkPolicy wire format ([`NetworkPolicy`]), and
-//! the validated policy form ([`PolicyObject`]) that the compiler and the
-//! evaluator consume.
+//! Data types: the workloads a node knows about ([`Inventory`]), the wire
+//! formats of `networking.k8s.io/v1` NetworkPolicy ([`NetworkPolicy`]) and of
+//! Portcullis' `L4Policy` and `ClusterL4Policy` ([`L4Policy`],
+//! [`ClusterL4Policy`]), and the validated policy form ([`PolicyObject`])
+//! that the compiler and the evaluator consume.
 
 mod inventory;
 mod network_policy;
+mod portcullis;
 
 use std::{collections::BTreeMap, fmt, path::PathBuf};
 
@@ -17,6 +19,10 @@ pub use self::{
         IntOrString, IpBlock, LabelSelector, LabelSelectorRequirement, NetworkPolicy,
         NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
         NetworkPolicySpec, ObjectMeta,
+    },
+    portcullis::{
+        ClusterL4Policy, ClusterL4PolicyEgressRule, ClusterL4PolicyIngressRule,
+        ClusterL4PolicySpec, ClusterL4PolicySubject, L4Policy, L4PolicySpec,
     },
 };
 use crate::policy::selector::Selector;
@@ -105,16 +111,72 @@ pub fn default_namespace() -> String {
     "default".to_string()
 }
 
-/// Identifies a policy object.
+/// The kinds of policy object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKind {
+    NetworkPolicy,
+    L4Policy,
+    ClusterL4Policy,
+}
+
+impl ObjectKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NetworkPolicy => "NetworkPolicy",
+            Self::L4Policy => "L4Policy",
+            Self::ClusterL4Policy => "ClusterL4Policy",
+        }
+    }
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identifies a policy object. A NetworkPolicy and an L4Policy may share a
+/// namespace/name (they are different resources), so the kind is part of
+/// it. Cluster-scoped policies have an empty namespace. Orders by namespace,
+/// name, kind: the order allow rules are credited in.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyRef {
     pub namespace: String,
     pub name: String,
+    pub kind: ObjectKind,
 }
 
+impl PolicyRef {
+    pub fn network_policy(namespace: &str, name: &str) -> Self {
+        Self::new(ObjectKind::NetworkPolicy, namespace, name)
+    }
+
+    pub fn l4_policy(namespace: &str, name: &str) -> Self {
+        Self::new(ObjectKind::L4Policy, namespace, name)
+    }
+
+    pub fn cluster_l4_policy(name: &str) -> Self {
+        Self::new(ObjectKind::ClusterL4Policy, "", name)
+    }
+
+    fn new(kind: ObjectKind, namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            kind,
+        }
+    }
+}
+
+/// NetworkPolicies print as `namespace/name` (as kubectl names them); the
+/// other kinds are prefixed with their kind.
 impl fmt::Display for PolicyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        match self.kind {
+            ObjectKind::NetworkPolicy => write!(f, "{}/{}", self.namespace, self.name),
+            ObjectKind::L4Policy => write!(f, "L4Policy {}/{}", self.namespace, self.name),
+            ObjectKind::ClusterL4Policy => write!(f, "ClusterL4Policy {}", self.name),
+        }
     }
 }
 
@@ -151,13 +213,32 @@ impl PolicyObject {
     pub fn policy_ref(&self) -> PolicyRef {
         self.reference.clone()
     }
+
+    /// Every rule of the policy, of every direction and kind.
+    pub fn rules(&self) -> Box<dyn Iterator<Item = &Rule> + '_> {
+        match &self.kind {
+            PolicyKind::NetworkPolicy(np) => Box::new(np.ingress.iter().chain(&np.egress)),
+            PolicyKind::L4Policy(lp) => Box::new(
+                lp.allow
+                    .ingress
+                    .iter()
+                    .chain(&lp.allow.egress)
+                    .chain(&lp.ingress_deny)
+                    .chain(&lp.egress_deny),
+            ),
+            PolicyKind::ClusterL4Policy(cp) => {
+                Box::new(cp.ingress.iter().chain(&cp.egress).map(|r| &r.rule))
+            }
+        }
+    }
 }
 
-/// The policy kinds Portcullis understands. Portcullis' own CRDs (explicit
-/// deny, tiers, audit, mTLS) will be further variants.
+/// The policy kinds Portcullis understands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicyKind {
     NetworkPolicy(NetworkPolicyRules),
+    L4Policy(L4PolicyRules),
+    ClusterL4Policy(ClusterPolicyRules),
 }
 
 /// A validated `networking.k8s.io/v1` NetworkPolicy spec.
@@ -190,6 +271,101 @@ impl NetworkPolicyRules {
             Direction::Egress => &self.egress,
         }
     }
+}
+
+/// Whether an L4Policy changes what passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    Enforce,
+    /// Evaluated as if enforced; flows it would deny pass and are counted.
+    Audit,
+}
+
+/// A validated L4Policy spec: NetworkPolicy-style isolation and allows
+/// (in `allow`), plus explicit deny rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L4PolicyRules {
+    pub mode: Mode,
+    /// Isolation and allow rules, with NetworkPolicy semantics.
+    pub allow: NetworkPolicyRules,
+    /// `ingressDeny` / `egressDeny`, as written. They apply whatever the
+    /// policy isolates.
+    pub ingress_deny: Vec<Rule>,
+    pub egress_deny: Vec<Rule>,
+}
+
+impl L4PolicyRules {
+    pub fn deny_rules(&self, direction: Direction) -> &[Rule] {
+        match direction {
+            Direction::Ingress => &self.ingress_deny,
+            Direction::Egress => &self.egress_deny,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    /// Before NetworkPolicies and L4Policies.
+    Admin,
+    /// Only where no NetworkPolicy or L4Policy isolates.
+    Baseline,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Admin => "Admin",
+            Self::Baseline => "Baseline",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Leave the Admin tier; NetworkPolicies and L4Policies decide.
+    Pass,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Allow => "Allow",
+            Self::Deny => "Deny",
+            Self::Pass => "Pass",
+        })
+    }
+}
+
+/// A validated ClusterL4Policy spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterPolicyRules {
+    pub tier: Tier,
+    /// 0..=1000; lower first.
+    pub priority: u32,
+    /// Subject: pods matching `pods` in namespaces matching `namespaces`.
+    pub namespaces: Selector,
+    pub pods: Selector,
+    pub ingress: Vec<TierRule>,
+    pub egress: Vec<TierRule>,
+}
+
+impl ClusterPolicyRules {
+    pub fn rules(&self, direction: Direction) -> &[TierRule] {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+}
+
+/// A ClusterL4Policy rule. Its peers never use [`NamespaceScope::Exactly`]:
+/// a peer without `namespaceSelector` matches every namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierRule {
+    pub action: Action,
+    pub rule: Rule,
 }
 
 /// One ingress or egress rule: it allows traffic to/from `peers` on `ports`.

@@ -1,6 +1,9 @@
 //! YAML → validated policies and inventories, with errors that say which
 //! file, document, object and field is wrong, and why.
 //!
+//! Files may mix `networking.k8s.io/v1` NetworkPolicy with Portcullis'
+//! `portcullis.dev/v1alpha1` L4Policy and ClusterL4Policy documents.
+//!
 //! Each policy document is read twice: once as a generic YAML value to learn
 //! its kind and name (so every later error can name the object), then into
 //! the typed wire form straight from the text, so schema errors (unknown
@@ -18,31 +21,40 @@ use thiserror::Error;
 
 use crate::policy::{
     model::{
-        default_namespace, is_valid_port_name, IntOrString, Inventory, InventoryError,
-        LabelSelector, NamespaceScope, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
-        NetworkPolicyRules, Origin, Peer, Peers, PolicyKind, PolicyObject, PolicyRef, PortMatch,
-        PortSpec, Protocol, Rule,
+        default_namespace, is_valid_port_name, Action, ClusterL4Policy, ClusterPolicyRules,
+        IntOrString, Inventory, InventoryError, L4Policy, L4PolicyRules, LabelSelector, Mode,
+        NamespaceScope, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicyRules,
+        ObjectKind, Origin, Peer, Peers, PolicyKind, PolicyObject, PolicyRef, PortMatch, PortSpec,
+        Protocol, Rule, Tier, TierRule,
     },
     selector::{Selector, SelectorError},
 };
 
 pub const NETWORK_POLICY_API_VERSION: &str = "networking.k8s.io/v1";
 pub const NETWORK_POLICY_KIND: &str = "NetworkPolicy";
+pub const PORTCULLIS_API_VERSION: &str = "portcullis.dev/v1alpha1";
+pub const L4_POLICY_KIND: &str = "L4Policy";
+pub const CLUSTER_L4_POLICY_KIND: &str = "ClusterL4Policy";
+/// ClusterL4Policy priorities.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = 0..=1000;
 
 /// The object a message is about, as far as it is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectName {
     pub kind: Option<String>,
-    pub namespace: String,
+    /// `None` for cluster-scoped objects.
+    pub namespace: Option<String>,
     pub name: Option<String>,
 }
 
 impl fmt::Display for ObjectName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = self.kind.as_deref().unwrap_or("object");
-        match &self.name {
-            Some(name) => write!(f, "{kind} {}/{name}", self.namespace),
-            None => write!(f, "unnamed {kind} in namespace {}", self.namespace),
+        match (&self.namespace, &self.name) {
+            (Some(namespace), Some(name)) => write!(f, "{kind} {namespace}/{name}"),
+            (None, Some(name)) => write!(f, "{kind} {name}"),
+            (Some(namespace), None) => write!(f, "unnamed {kind} in namespace {namespace}"),
+            (None, None) => write!(f, "unnamed {kind}"),
         }
     }
 }
@@ -88,17 +100,18 @@ pub enum ParseError {
         object: Box<ObjectName>,
         field: &'static str,
     },
-    #[error("{origin}: {object}: unsupported kind {api_version} {kind} (Portcullis reads {NETWORK_POLICY_API_VERSION} {NETWORK_POLICY_KIND})")]
+    #[error("{origin}: {object}: unsupported kind {api_version} {kind} (Portcullis reads {NETWORK_POLICY_API_VERSION} {NETWORK_POLICY_KIND}, {PORTCULLIS_API_VERSION} {L4_POLICY_KIND} and {CLUSTER_L4_POLICY_KIND})")]
     UnsupportedKind {
         origin: Origin,
         object: Box<ObjectName>,
         api_version: String,
         kind: String,
     },
-    #[error("{origin}: {object}: does not match the {NETWORK_POLICY_KIND} schema")]
+    #[error("{origin}: {object}: does not match the {kind} schema")]
     Schema {
         origin: Origin,
         object: Box<ObjectName>,
+        kind: ObjectKind,
         #[source]
         source: serde_yaml::Error,
     },
@@ -108,6 +121,27 @@ pub enum ParseError {
         policy: PolicyRef,
         first: Origin,
     },
+    #[error(
+        "{origin}: {object}: {kind} is cluster-scoped; remove metadata.namespace ({namespace:?})"
+    )]
+    NamespaceOnClusterPolicy {
+        origin: Origin,
+        object: Box<ObjectName>,
+        kind: ObjectKind,
+        namespace: String,
+    },
+    #[error("{at}: is required")]
+    Required { at: Box<Context> },
+    #[error("{at}: priority {priority} is out of range 0-1000")]
+    PriorityOutOfRange { at: Box<Context>, priority: i64 },
+    #[error("{at}: {value:?} is not a tier (expected Admin or Baseline)")]
+    UnknownTier { at: Box<Context>, value: String },
+    #[error("{at}: {value:?} is not an action (expected Allow, Deny or Pass)")]
+    UnknownAction { at: Box<Context>, value: String },
+    #[error("{at}: action Pass is only allowed in tier Admin")]
+    PassInBaseline { at: Box<Context> },
+    #[error("{at}: {value:?} is not a mode (expected Enforce or Audit)")]
+    UnknownMode { at: Box<Context>, value: String },
     #[error("{at}: {value:?} is not Ingress or Egress")]
     UnknownPolicyType { at: Box<Context>, value: String },
     #[error("{at}: invalid label selector")]
@@ -197,20 +231,34 @@ pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<PolicyObject>, Pars
         }
         let origin = origin(i);
         let header = Header::read(value, &origin)?;
-        if header.api_version != NETWORK_POLICY_API_VERSION || header.kind != NETWORK_POLICY_KIND {
+        let Some(kind) = object_kind(&header.api_version, &header.kind) else {
             return Err(ParseError::UnsupportedKind {
                 origin,
                 object: header.object.into(),
                 api_version: header.api_version,
                 kind: header.kind,
             });
-        }
-        let raw = NetworkPolicy::deserialize(document).map_err(|source| ParseError::Schema {
+        };
+        let schema_error = |source| ParseError::Schema {
             origin: origin.clone(),
             object: header.object.clone().into(),
+            kind,
             source,
-        })?;
-        let policy = network_policy(origin, &raw)?;
+        };
+        let policy = match kind {
+            ObjectKind::NetworkPolicy => network_policy(
+                origin.clone(),
+                &NetworkPolicy::deserialize(document).map_err(schema_error)?,
+            )?,
+            ObjectKind::L4Policy => l4_policy(
+                origin.clone(),
+                &L4Policy::deserialize(document).map_err(schema_error)?,
+            )?,
+            ObjectKind::ClusterL4Policy => cluster_l4_policy(
+                origin.clone(),
+                &ClusterL4Policy::deserialize(document).map_err(schema_error)?,
+            )?,
+        };
         if let Some(first) = first_seen.get(&policy.reference) {
             return Err(ParseError::DuplicatePolicy {
                 origin: policy.origin,
@@ -222,6 +270,16 @@ pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<PolicyObject>, Pars
         policies.push(policy);
     }
     Ok(policies)
+}
+
+/// The kind an apiVersion and kind name, if Portcullis reads it.
+fn object_kind(api_version: &str, kind: &str) -> Option<ObjectKind> {
+    match (api_version, kind) {
+        (NETWORK_POLICY_API_VERSION, NETWORK_POLICY_KIND) => Some(ObjectKind::NetworkPolicy),
+        (PORTCULLIS_API_VERSION, L4_POLICY_KIND) => Some(ObjectKind::L4Policy),
+        (PORTCULLIS_API_VERSION, CLUSTER_L4_POLICY_KIND) => Some(ObjectKind::ClusterL4Policy),
+        _ => None,
+    }
 }
 
 /// What a document says it is, read before its schema is checked.
@@ -241,11 +299,13 @@ impl Header {
         let text = |v: Option<&serde_yaml::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
         let metadata = value.get("metadata");
         let kind = text(value.get("kind"));
+        let cluster_scoped = kind.as_deref() == Some(CLUSTER_L4_POLICY_KIND);
         let object = ObjectName {
             kind: kind.clone(),
-            namespace: text(metadata.and_then(|m| m.get("namespace")))
-                .filter(|ns| !ns.is_empty())
-                .unwrap_or_else(default_namespace),
+            namespace: object_namespace(
+                cluster_scoped,
+                text(metadata.and_then(|m| m.get("namespace"))),
+            ),
             name: text(metadata.and_then(|m| m.get("name"))).filter(|n| !n.is_empty()),
         };
         let missing = |field| ParseError::MissingField {
@@ -269,100 +329,26 @@ impl Header {
 /// Validates a NetworkPolicy in wire form (from a file, or converted from
 /// the Kubernetes API) into a [`PolicyObject`].
 pub fn network_policy(origin: Origin, raw: &NetworkPolicy) -> Result<PolicyObject, ParseError> {
-    let namespace = raw
-        .metadata
-        .namespace
-        .clone()
-        .filter(|ns| !ns.is_empty())
-        .unwrap_or_else(default_namespace);
-    let object = ObjectName {
-        kind: Some(raw.kind.clone()),
-        namespace: namespace.clone(),
-        name: raw.metadata.name.clone().filter(|n| !n.is_empty()),
-    };
-    let Some(name) = object.name.clone() else {
-        return Err(ParseError::MissingField {
-            origin,
-            object: object.into(),
-            field: "metadata.name",
-        });
-    };
-    if raw.api_version != NETWORK_POLICY_API_VERSION || raw.kind != NETWORK_POLICY_KIND {
-        return Err(ParseError::UnsupportedKind {
-            origin,
-            object: object.into(),
-            api_version: raw.api_version.clone(),
-            kind: raw.kind.clone(),
-        });
-    }
-    let cx = Context {
-        origin: origin.clone(),
-        object,
-        field: String::new(),
-    };
+    let (cx, reference) = identify(
+        origin,
+        ObjectKind::NetworkPolicy,
+        &raw.api_version,
+        &raw.kind,
+        &raw.metadata,
+    )?;
     let spec = &raw.spec;
     let pod_selector = selector(&cx.at("spec.podSelector"), &spec.pod_selector)?;
-
     // Kubernetes defaults policyTypes to Ingress, plus Egress when the policy
     // has egress rules.
-    let (isolates_ingress, isolates_egress) = match spec.policy_types.as_deref() {
-        Some(types) if !types.is_empty() => {
-            let mut isolates = (false, false);
-            for (i, value) in types.iter().enumerate() {
-                match value.as_str() {
-                    "Ingress" => isolates.0 = true,
-                    "Egress" => isolates.1 = true,
-                    _ => {
-                        return Err(ParseError::UnknownPolicyType {
-                            at: cx.at(format!("spec.policyTypes[{i}]")).into(),
-                            value: value.clone(),
-                        })
-                    }
-                }
-            }
-            isolates
-        }
-        _ => (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty())),
-    };
-
-    let ingress = spec
-        .ingress
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, r)| {
-            let field = format!("spec.ingress[{i}]");
-            rule(
-                &cx,
-                &namespace,
-                &field,
-                "from",
-                r.from.as_deref(),
-                r.ports.as_deref(),
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let egress = spec
-        .egress
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, r)| {
-            let field = format!("spec.egress[{i}]");
-            rule(
-                &cx,
-                &namespace,
-                &field,
-                "to",
-                r.to.as_deref(),
-                r.ports.as_deref(),
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-
+    let defaults = (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
+    let (isolates_ingress, isolates_egress) =
+        policy_types(&cx, spec.policy_types.as_deref(), defaults)?;
+    let scope = Some(reference.namespace.as_str());
+    let ingress = ingress_rules(&cx, scope, "spec.ingress", spec.ingress.as_deref())?;
+    let egress = egress_rules(&cx, scope, "spec.egress", spec.egress.as_deref())?;
     Ok(PolicyObject {
-        reference: PolicyRef { namespace, name },
-        origin,
+        reference,
+        origin: cx.origin,
         kind: PolicyKind::NetworkPolicy(NetworkPolicyRules {
             pod_selector,
             isolates_ingress,
@@ -373,6 +359,299 @@ pub fn network_policy(origin: Origin, raw: &NetworkPolicy) -> Result<PolicyObjec
     })
 }
 
+/// Validates an L4Policy in wire form (from a file, or converted from the
+/// Kubernetes API) into a [`PolicyObject`].
+pub fn l4_policy(origin: Origin, raw: &L4Policy) -> Result<PolicyObject, ParseError> {
+    let (cx, reference) = identify(
+        origin,
+        ObjectKind::L4Policy,
+        &raw.api_version,
+        &raw.kind,
+        &raw.metadata,
+    )?;
+    let spec = &raw.spec;
+    // Required (unlike NetworkPolicy's) so "applies to every pod" is never
+    // an accident.
+    let Some(raw_selector) = &spec.pod_selector else {
+        return Err(ParseError::Required {
+            at: cx.at("spec.podSelector").into(),
+        });
+    };
+    let pod_selector = selector(&cx.at("spec.podSelector"), raw_selector)?;
+    let mode = match spec.mode.as_deref() {
+        None | Some("Enforce") => Mode::Enforce,
+        Some("Audit") => Mode::Audit,
+        Some(other) => {
+            return Err(ParseError::UnknownMode {
+                at: cx.at("spec.mode").into(),
+                value: other.to_string(),
+            })
+        }
+    };
+    // A direction is isolated when its allow list is present (even empty):
+    // a deny-only policy isolates nothing.
+    let defaults = (spec.ingress.is_some(), spec.egress.is_some());
+    let (isolates_ingress, isolates_egress) =
+        policy_types(&cx, spec.policy_types.as_deref(), defaults)?;
+    let scope = Some(reference.namespace.as_str());
+    let ingress = ingress_rules(&cx, scope, "spec.ingress", spec.ingress.as_deref())?;
+    let egress = egress_rules(&cx, scope, "spec.egress", spec.egress.as_deref())?;
+    let ingress_deny = ingress_rules(&cx, scope, "spec.ingressDeny", spec.ingress_deny.as_deref())?;
+    let egress_deny = egress_rules(&cx, scope, "spec.egressDeny", spec.egress_deny.as_deref())?;
+    Ok(PolicyObject {
+        reference,
+        origin: cx.origin,
+        kind: PolicyKind::L4Policy(L4PolicyRules {
+            mode,
+            allow: NetworkPolicyRules {
+                pod_selector,
+                isolates_ingress,
+                isolates_egress,
+                ingress,
+                egress,
+            },
+            ingress_deny,
+            egress_deny,
+        }),
+    })
+}
+
+/// Validates a ClusterL4Policy in wire form into a [`PolicyObject`].
+pub fn cluster_l4_policy(
+    origin: Origin,
+    raw: &ClusterL4Policy,
+) -> Result<PolicyObject, ParseError> {
+    let (cx, reference) = identify(
+        origin,
+        ObjectKind::ClusterL4Policy,
+        &raw.api_version,
+        &raw.kind,
+        &raw.metadata,
+    )?;
+    let spec = &raw.spec;
+    let required = |field: &str| ParseError::Required {
+        at: cx.at(field).into(),
+    };
+    let tier = match spec.tier.as_deref() {
+        None => return Err(required("spec.tier")),
+        Some("Admin") => Tier::Admin,
+        Some("Baseline") => Tier::Baseline,
+        Some(other) => {
+            return Err(ParseError::UnknownTier {
+                at: cx.at("spec.tier").into(),
+                value: other.to_string(),
+            })
+        }
+    };
+    let priority = spec.priority.ok_or_else(|| required("spec.priority"))?;
+    let priority = u32::try_from(priority)
+        .ok()
+        .filter(|_| PRIORITY_RANGE.contains(&priority))
+        .ok_or_else(|| ParseError::PriorityOutOfRange {
+            at: cx.at("spec.priority").into(),
+            priority,
+        })?;
+    let subject = spec.subject.clone().unwrap_or_default();
+    let everything = LabelSelector::default();
+    let namespaces = selector(
+        &cx.at("spec.subject.namespaceSelector"),
+        subject.namespace_selector.as_ref().unwrap_or(&everything),
+    )?;
+    let pods = selector(
+        &cx.at("spec.subject.podSelector"),
+        subject.pod_selector.as_ref().unwrap_or(&everything),
+    )?;
+    let tier_rule = |field: String, action: Option<&str>, rule: Rule| {
+        let action = match action {
+            None => return Err(required(&format!("{field}.action"))),
+            Some("Allow") => Action::Allow,
+            Some("Deny") => Action::Deny,
+            Some("Pass") if tier == Tier::Admin => Action::Pass,
+            Some("Pass") => {
+                return Err(ParseError::PassInBaseline {
+                    at: cx.at(format!("{field}.action")).into(),
+                })
+            }
+            Some(other) => {
+                return Err(ParseError::UnknownAction {
+                    at: cx.at(format!("{field}.action")).into(),
+                    value: other.to_string(),
+                })
+            }
+        };
+        Ok(TierRule { action, rule })
+    };
+    let mut ingress = Vec::new();
+    for (i, r) in spec.ingress.iter().flatten().enumerate() {
+        let field = format!("spec.ingress[{i}]");
+        let parsed = rule(
+            &cx,
+            None,
+            &field,
+            "from",
+            r.from.as_deref(),
+            r.ports.as_deref(),
+        )?;
+        ingress.push(tier_rule(field, r.action.as_deref(), parsed)?);
+    }
+    let mut egress = Vec::new();
+    for (i, r) in spec.egress.iter().flatten().enumerate() {
+        let field = format!("spec.egress[{i}]");
+        let parsed = rule(&cx, None, &field, "to", r.to.as_deref(), r.ports.as_deref())?;
+        egress.push(tier_rule(field, r.action.as_deref(), parsed)?);
+    }
+    Ok(PolicyObject {
+        reference,
+        origin: cx.origin,
+        kind: PolicyKind::ClusterL4Policy(ClusterPolicyRules {
+            tier,
+            priority,
+            namespaces,
+            pods,
+            ingress,
+            egress,
+        }),
+    })
+}
+
+/// The namespace an object is named with: none for cluster-scoped kinds,
+/// else as given or `default`.
+fn object_namespace(cluster_scoped: bool, namespace: Option<String>) -> Option<String> {
+    if cluster_scoped {
+        return None;
+    }
+    Some(
+        namespace
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or_else(default_namespace),
+    )
+}
+
+/// Checks the header fields of a wire object; returns the context for
+/// field errors and the policy's reference.
+fn identify(
+    origin: Origin,
+    expected: ObjectKind,
+    api_version: &str,
+    kind: &str,
+    metadata: &crate::policy::model::ObjectMeta,
+) -> Result<(Context, PolicyRef), ParseError> {
+    let cluster_scoped = expected == ObjectKind::ClusterL4Policy;
+    let object = ObjectName {
+        kind: Some(kind.to_string()),
+        namespace: object_namespace(cluster_scoped, metadata.namespace.clone()),
+        name: metadata.name.clone().filter(|n| !n.is_empty()),
+    };
+    let Some(name) = object.name.clone() else {
+        return Err(ParseError::MissingField {
+            origin,
+            object: object.into(),
+            field: "metadata.name",
+        });
+    };
+    if object_kind(api_version, kind) != Some(expected) {
+        return Err(ParseError::UnsupportedKind {
+            origin,
+            object: object.into(),
+            api_version: api_version.to_string(),
+            kind: kind.to_string(),
+        });
+    }
+    if let Some(namespace) = metadata.namespace.clone().filter(|_| cluster_scoped) {
+        return Err(ParseError::NamespaceOnClusterPolicy {
+            origin,
+            object: object.into(),
+            kind: expected,
+            namespace,
+        });
+    }
+    let reference = PolicyRef {
+        namespace: object.namespace.clone().unwrap_or_default(),
+        name,
+        kind: expected,
+    };
+    let cx = Context {
+        origin,
+        object,
+        field: String::new(),
+    };
+    Ok((cx, reference))
+}
+
+/// The directions a policy isolates: `policyTypes` if given and not empty,
+/// else `defaults` (ingress, egress).
+fn policy_types(
+    cx: &Context,
+    types: Option<&[String]>,
+    defaults: (bool, bool),
+) -> Result<(bool, bool), ParseError> {
+    let Some(types) = types.filter(|t| !t.is_empty()) else {
+        return Ok(defaults);
+    };
+    let mut isolates = (false, false);
+    for (i, value) in types.iter().enumerate() {
+        match value.as_str() {
+            "Ingress" => isolates.0 = true,
+            "Egress" => isolates.1 = true,
+            _ => {
+                return Err(ParseError::UnknownPolicyType {
+                    at: cx.at(format!("spec.policyTypes[{i}]")).into(),
+                    value: value.clone(),
+                })
+            }
+        }
+    }
+    Ok(isolates)
+}
+
+fn ingress_rules(
+    cx: &Context,
+    namespace: Option<&str>,
+    field: &str,
+    rules: Option<&[crate::policy::model::NetworkPolicyIngressRule]>,
+) -> Result<Vec<Rule>, ParseError> {
+    rules
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let field = format!("{field}[{i}]");
+            rule(
+                cx,
+                namespace,
+                &field,
+                "from",
+                r.from.as_deref(),
+                r.ports.as_deref(),
+            )
+        })
+        .collect()
+}
+
+fn egress_rules(
+    cx: &Context,
+    namespace: Option<&str>,
+    field: &str,
+    rules: Option<&[crate::policy::model::NetworkPolicyEgressRule]>,
+) -> Result<Vec<Rule>, ParseError> {
+    rules
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let field = format!("{field}[{i}]");
+            rule(
+                cx,
+                namespace,
+                &field,
+                "to",
+                r.to.as_deref(),
+                r.ports.as_deref(),
+            )
+        })
+        .collect()
+}
+
 fn selector(at: &Context, raw: &LabelSelector) -> Result<Selector, ParseError> {
     Selector::from_label_selector(raw).map_err(|source| ParseError::Selector {
         at: at.at(format!("{}.{}", at.field, source.field())).into(),
@@ -380,9 +659,11 @@ fn selector(at: &Context, raw: &LabelSelector) -> Result<Selector, ParseError> {
     })
 }
 
+/// `namespace` is the policy's, which a peer without `namespaceSelector`
+/// is limited to; `None` (cluster-scoped policies) means every namespace.
 fn rule(
     cx: &Context,
-    namespace: &str,
+    namespace: Option<&str>,
     field: &str,
     peers_name: &str,
     peers: Option<&[NetworkPolicyPeer]>,
@@ -406,7 +687,11 @@ fn rule(
     Ok(Rule { peers, ports })
 }
 
-fn peer(at: &Context, namespace: &str, raw: &NetworkPolicyPeer) -> Result<Peer, ParseError> {
+fn peer(
+    at: &Context,
+    namespace: Option<&str>,
+    raw: &NetworkPolicyPeer,
+) -> Result<Peer, ParseError> {
     let field = |name: &str| at.at(format!("{}.{name}", at.field));
     match raw {
         NetworkPolicyPeer {
@@ -451,9 +736,10 @@ fn peer(at: &Context, namespace: &str, raw: &NetworkPolicyPeer) -> Result<Peer, 
                 Some(s) => selector(&field("podSelector"), s)?,
                 None => Selector::everything(),
             };
-            let namespaces = match namespace_selector {
-                Some(s) => NamespaceScope::Matching(selector(&field("namespaceSelector"), s)?),
-                None => NamespaceScope::Exactly(namespace.to_string()),
+            let namespaces = match (namespace_selector, namespace) {
+                (Some(s), _) => NamespaceScope::Matching(selector(&field("namespaceSelector"), s)?),
+                (None, Some(ns)) => NamespaceScope::Exactly(ns.to_string()),
+                (None, None) => NamespaceScope::Matching(Selector::everything()),
             };
             Ok(Peer::Pods { namespaces, pods })
         }
@@ -567,5 +853,7 @@ pub fn parse_inventory(path: &Path, text: &str) -> Result<Inventory, ParseError>
     Ok(inventory)
 }
 
+#[cfg(test)]
+mod portcullis_tests;
 #[cfg(test)]
 mod tests;

@@ -5,13 +5,13 @@ use std::{error::Error, net::IpAddr, path::Path};
 
 use portcullis_common::{
     DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, REASON_DEFAULT_DENY,
-    REASON_POLICY, VERDICT_ALLOW, VERDICT_DENY,
+    REASON_NOT_ISOLATED, REASON_POLICY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 
 use crate::policy::{
     compile::{addr16, Attribution, Compiled, CompiledEndpoint, Compiler, RuleKey},
-    evaluate::{evaluate, Decision, DirectionVerdict, FlowQuery},
-    model::{Direction, Inventory, PolicyObject, Protocol},
+    evaluate::{evaluate, AuditCause, Decision, DirectionVerdict, FlowQuery},
+    model::{Action, Direction, Inventory, PolicyObject, Protocol},
     parse::{parse_inventory, parse_policies},
 };
 
@@ -129,6 +129,14 @@ fn kernel_judge(
     let Some(value) = found else {
         return DirectionVerdict::NotIsolated;
     };
+    if value.rule_cookie == 0 {
+        assert_eq!(
+            (value.verdict, value.reason),
+            (VERDICT_ALLOW, REASON_NOT_ISOLATED),
+            "only 'not isolated' entries carry cookie 0"
+        );
+        return DirectionVerdict::NotIsolated;
+    }
     let attribution = compiled
         .cookies
         .get(&value.rule_cookie)
@@ -138,36 +146,83 @@ fn kernel_judge(
     } else {
         Direction::Egress
     };
-    match attribution {
+    // (verdict, reason) the entry must carry, and the evaluator's terms.
+    let (expected, verdict, attributed_direction) = match attribution.clone() {
         Attribution::Rule {
             policy,
             direction,
             rule_index,
-        } => {
-            assert_eq!(
-                (value.verdict, value.reason),
-                (VERDICT_ALLOW, REASON_POLICY)
-            );
-            assert_eq!(*direction, expected_direction);
-            DirectionVerdict::Allowed {
-                policy: policy.clone(),
-                rule_index: *rule_index,
-            }
-        }
+        } => (
+            (VERDICT_ALLOW, REASON_POLICY),
+            DirectionVerdict::Allowed { policy, rule_index },
+            direction,
+        ),
         Attribution::DefaultDeny {
             direction,
             isolated_by,
-        } => {
-            assert_eq!(
-                (value.verdict, value.reason),
-                (VERDICT_DENY, REASON_DEFAULT_DENY)
-            );
-            assert_eq!(*direction, expected_direction);
-            DirectionVerdict::DefaultDeny {
-                isolated_by: isolated_by.clone(),
-            }
-        }
-    }
+        } => (
+            (VERDICT_DENY, REASON_DEFAULT_DENY),
+            DirectionVerdict::DefaultDeny { isolated_by },
+            direction,
+        ),
+        Attribution::DenyRule {
+            policy,
+            direction,
+            rule_index,
+        } => (
+            (VERDICT_DENY, REASON_POLICY),
+            DirectionVerdict::Denied { policy, rule_index },
+            direction,
+        ),
+        Attribution::TierRule {
+            tier,
+            priority,
+            policy,
+            direction,
+            rule_index,
+            action,
+        } => (
+            (
+                if action == Action::Deny {
+                    VERDICT_DENY
+                } else {
+                    VERDICT_ALLOW
+                },
+                REASON_POLICY,
+            ),
+            DirectionVerdict::Tier {
+                tier,
+                priority,
+                policy,
+                rule_index,
+                action,
+            },
+            direction,
+        ),
+        Attribution::AuditDenyRule {
+            policy,
+            direction,
+            rule_index,
+        } => (
+            (VERDICT_AUDIT, REASON_POLICY),
+            DirectionVerdict::Audit {
+                policy,
+                cause: AuditCause::DenyRule { rule_index },
+            },
+            direction,
+        ),
+        Attribution::AuditDefaultDeny { policy, direction } => (
+            (VERDICT_AUDIT, REASON_DEFAULT_DENY),
+            DirectionVerdict::Audit {
+                policy,
+                cause: AuditCause::DefaultDeny,
+            },
+            direction,
+        ),
+    };
+    assert_eq!((value.verdict, value.reason), expected, "{attribution:?}");
+    assert_eq!(attributed_direction, expected_direction);
+    verdict
 }
 
 /// Longest-prefix match on the port among one (endpoint, peer, direction,

@@ -16,7 +16,7 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::AddrPrefix;
-use crate::policy::model::{Inventory, Labels, NamespaceScope, NetworkPolicyRules, Peer, Protocol};
+use crate::policy::model::{Inventory, Labels, NamespaceScope, Peer, Peers, Protocol, Rule};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PeerClass {
@@ -56,11 +56,9 @@ pub struct PeerClasses {
 }
 
 impl PeerClasses {
-    pub fn build<'a>(
-        inventory: &Inventory,
-        policies: impl IntoIterator<Item = &'a NetworkPolicyRules>,
-    ) -> Self {
-        let mentioned = mentioned_cidrs(policies);
+    /// `rules`: every rule of every policy (of any kind).
+    pub fn build<'a>(inventory: &Inventory, rules: impl IntoIterator<Item = &'a Rule>) -> Self {
+        let mentioned = mentioned_cidrs(rules);
         // One lookup per prefix length, longest first: policies may mention
         // thousands of CIDRs.
         let most_specific = |ip: IpAddr| -> Option<IpNet> {
@@ -186,19 +184,15 @@ impl PeerClasses {
     }
 }
 
-/// Every `cidr` and `except` of every policy.
-fn mentioned_cidrs<'a>(
-    policies: impl IntoIterator<Item = &'a NetworkPolicyRules>,
-) -> BTreeSet<IpNet> {
+/// Every `cidr` and `except` of the rules.
+fn mentioned_cidrs<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> BTreeSet<IpNet> {
     let mut cidrs = BTreeSet::new();
-    for np in policies {
-        for rule in np.ingress.iter().chain(&np.egress) {
-            if let crate::policy::model::Peers::Only(peers) = &rule.peers {
-                for peer in peers {
-                    if let Peer::Block { cidr, except } = peer {
-                        cidrs.insert(*cidr);
-                        cidrs.extend(except.iter().copied());
-                    }
+    for rule in rules {
+        if let Peers::Only(peers) = &rule.peers {
+            for peer in peers {
+                if let Peer::Block { cidr, except } = peer {
+                    cidrs.insert(*cidr);
+                    cidrs.extend(except.iter().copied());
                 }
             }
         }

@@ -46,10 +46,7 @@ workloads:
 }
 
 fn policy_ref(namespace: &str, name: &str) -> PolicyRef {
-    PolicyRef {
-        namespace: namespace.into(),
-        name: name.into(),
-    }
+    PolicyRef::network_policy(namespace, name)
 }
 
 fn allowed_by(namespace: &str, name: &str, rule_index: usize) -> DirectionVerdict {

@@ -92,7 +92,9 @@ spec: {podSelector: {}}
             document: 2
         }
     );
-    let PolicyKind::NetworkPolicy(np) = &web.kind;
+    let PolicyKind::NetworkPolicy(np) = &web.kind else {
+        panic!("not a NetworkPolicy")
+    };
     assert!(np.isolates_ingress && np.isolates_egress);
     assert_eq!(np.pod_selector.requirements.len(), 1);
     let rule = &np.ingress[0];
@@ -158,7 +160,9 @@ spec: {podSelector: {}}
         "default/default-deny",
         "namespace defaults to default"
     );
-    let PolicyKind::NetworkPolicy(np) = &deny.kind;
+    let PolicyKind::NetworkPolicy(np) = &deny.kind else {
+        panic!("not a NetworkPolicy")
+    };
     assert!(np.isolates_ingress && !np.isolates_egress);
     assert!(np.pod_selector.is_everything());
 }
