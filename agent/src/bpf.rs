@@ -7,4 +7,5 @@ pub mod writer;
 
 pub use counters::{read_counters, CounterSample};
 pub use loader::{Dataplane, DataplaneOptions, LoadError};
-pub use writer::{DesiredState, PolicySlot, WriteError};
+pub use portcullis_common::PolicySlot;
+pub use writer::{DesiredState, WriteError};

@@ -7,7 +7,7 @@ use portcullis_common::{
 };
 
 use crate::{
-    bpf::{writer::MapUsage, DesiredState, PolicySlot, WriteError},
+    bpf::{writer::MapUsage, DesiredState, WriteError},
     cgroup,
     policy::compile::{CompileError, Compiled, Compiler},
     source::Snapshot,
@@ -114,19 +114,7 @@ impl Reconciler {
                 .identities
                 .insert((prefix.len, prefix.addr), *identity);
         }
-        for (k, v) in &c.rules {
-            desired.policy.insert(
-                PolicySlot {
-                    endpoint_id: k.endpoint_id,
-                    peer_identity: k.peer_identity,
-                    direction: k.direction,
-                    protocol: k.protocol,
-                    port: k.port,
-                    port_prefix_len: k.port_prefix_len,
-                },
-                *v,
-            );
-        }
+        desired.policy = c.rules.clone();
         (desired, missing)
     }
 }

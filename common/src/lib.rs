@@ -170,6 +170,22 @@ pub struct PolicyKeyData {
 }
 const _: () = assert!(core::mem::size_of::<PolicyKeyData>() == 16);
 
+/// A policy map entry's key without its generation, as the compiler
+/// produces it and the agent writes it: `port_prefix_len` leading bits of
+/// `port` must match (0 = any port).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicySlot {
+    pub endpoint_id: u32,
+    /// A peer identity, or [`IDENTITY_ANY`].
+    pub peer_identity: u32,
+    /// `DIRECTION_*`.
+    pub direction: u8,
+    /// `PROTO_*`.
+    pub protocol: u8,
+    pub port: u16,
+    pub port_prefix_len: u8,
+}
+
 /// A compiled decision for (endpoint, peer, direction, protocol, port block).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -14,10 +14,10 @@ use std::collections::BTreeMap;
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError};
 use portcullis_common::{
-    EndpointKey, EndpointValue, IdentityKeyData, IdentityValue, PolicyKeyData, PolicyValue, State,
-    ABI_VERSION, ENDPOINTS_CAPACITY, ENDPOINTS_MAP, GENERATIONS, IDENTITIES_CAPACITY,
-    IDENTITIES_MAP, IDENTITY_KEY_FIXED_BITS, POLICY_CAPACITY, POLICY_KEY_FIXED_BITS, POLICY_MAP,
-    STATE_MAP,
+    EndpointKey, EndpointValue, IdentityKeyData, IdentityValue, PolicyKeyData, PolicySlot,
+    PolicyValue, State, ABI_VERSION, ENDPOINTS_CAPACITY, ENDPOINTS_MAP, GENERATIONS,
+    IDENTITIES_CAPACITY, IDENTITIES_MAP, IDENTITY_KEY_FIXED_BITS, POLICY_CAPACITY,
+    POLICY_KEY_FIXED_BITS, POLICY_MAP, STATE_MAP,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,18 +37,6 @@ pub enum WriteError {
         #[source]
         source: MapError,
     },
-}
-
-/// One policy map entry without its generation: a block of ports
-/// (`port` with `port_prefix_len` leading bits significant).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PolicySlot {
-    pub endpoint_id: u32,
-    pub peer_identity: u32,
-    pub direction: u8,
-    pub protocol: u8,
-    pub port: u16,
-    pub port_prefix_len: u8,
 }
 
 /// Everything the kernel should see, without generations.

@@ -59,7 +59,7 @@ pub struct Compiled {
     pub endpoints: Vec<CompiledEndpoint>,
     /// Address prefix → peer identity.
     pub identities: BTreeMap<AddrPrefix, u32>,
-    pub rules: BTreeMap<RuleKey, PolicyValue>,
+    pub rules: BTreeMap<PolicySlot, PolicyValue>,
     /// Rule cookie → what decided; every cookie in `rules` is here.
     pub cookies: BTreeMap<u32, Attribution>,
 }
@@ -138,19 +138,8 @@ pub fn addr_from16(addr: [u8; 16]) -> IpAddr {
     Ipv6Addr::from(addr).to_canonical()
 }
 
-/// A policy map key: `port_prefix_len` leading bits of `port` must match.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RuleKey {
-    pub endpoint_id: u32,
-    /// A peer identity, or `IDENTITY_ANY`.
-    pub peer_identity: u32,
-    /// `DIRECTION_*`.
-    pub direction: u8,
-    /// `PROTO_*`.
-    pub protocol: u8,
-    pub port: u16,
-    pub port_prefix_len: u8,
-}
+/// A policy map key (the kernel ABI's generation-free key).
+pub use portcullis_common::PolicySlot;
 
 /// What a rule cookie stands for. Verdicts no policy made (not isolated,
 /// local, host) carry cookie 0, which has no attribution.
@@ -613,7 +602,7 @@ impl<'p> Pass<'p> {
         by_class.dedup();
 
         for protocol in Protocol::ENFORCED {
-            let key = |peer_identity| RuleKey {
+            let key = |peer_identity| PolicySlot {
                 endpoint_id,
                 peer_identity,
                 direction: direction.kernel_value(),
@@ -856,7 +845,7 @@ impl Scope<'_> {
 fn emit(
     out: &mut Compiled,
     cookie_ids: &mut ids::IdRound<'_, Attribution>,
-    key: RuleKey,
+    key: PolicySlot,
     runs: &[Run],
     attributions: &[Attribution],
     wildcard: bool,
@@ -913,7 +902,7 @@ fn emit(
     }
     for (port, port_prefix_len, outcome, rule_cookie) in entries {
         out.rules.insert(
-            RuleKey {
+            PolicySlot {
                 port,
                 port_prefix_len,
                 ..key

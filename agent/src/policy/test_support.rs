@@ -9,7 +9,7 @@ use portcullis_common::{
 };
 
 use crate::policy::{
-    compile::{addr16, Attribution, Compiled, CompiledEndpoint, Compiler, RuleKey},
+    compile::{addr16, Attribution, Compiled, CompiledEndpoint, Compiler, PolicySlot},
     evaluate::{evaluate, AuditCause, Decision, DirectionVerdict, FlowQuery},
     model::{Action, Direction, Inventory, PolicyObject, Protocol},
     parse::{parse_inventory, parse_policies},
@@ -235,7 +235,7 @@ fn policy_lookup(
     protocol: u8,
     port: u16,
 ) -> Option<portcullis_common::PolicyValue> {
-    let key = |port, port_prefix_len| RuleKey {
+    let key = |port, port_prefix_len| PolicySlot {
         endpoint_id,
         peer_identity,
         direction,
