@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 use crate::{
     bpf::{writer::MapUsage, Dataplane, DataplaneOptions, LoadError},
     cgroup::{self, CgroupError},
-    reconcile::Reconciler,
+    reconcile::{PublishedNames, Reconciler},
     source::file::{error_chain, FileSource, Fingerprint},
 };
 
@@ -48,6 +48,8 @@ pub struct AgentOptions {
     pub pin_dir: PathBuf,
     /// Where to attach; the cgroup v2 root when `None`.
     pub cgroup_root: Option<PathBuf>,
+    /// Where to publish what endpoint ids and rule cookies mean (JSON).
+    pub names_file: Option<PathBuf>,
 }
 
 /// What the agent has done so far.
@@ -112,9 +114,19 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     let thread = {
         let stop = stop.clone();
         let source = FileSource::new(opts.policies_dir.clone(), opts.workloads.clone());
+        let names_file = opts.names_file.clone();
         thread::Builder::new()
             .name("portcullis-sync".into())
-            .spawn(move || sync_loop(source, Reconciler::new(mount), dataplane, tx, &stop))
+            .spawn(move || {
+                sync_loop(
+                    names_file,
+                    source,
+                    Reconciler::new(mount),
+                    dataplane,
+                    tx,
+                    &stop,
+                )
+            })
             .expect("spawning the sync thread")
     };
     Ok(AgentHandle {
@@ -125,7 +137,18 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     })
 }
 
+/// Writes aside and renames, so readers never see half a file.
+fn publish(path: &std::path::Path, names: &PublishedNames) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(names)?)?;
+    std::fs::rename(&tmp, path)
+}
+
 fn sync_loop(
+    names_file: Option<PathBuf>,
     mut source: FileSource,
     mut reconciler: Reconciler,
     mut dataplane: Dataplane,
@@ -155,6 +178,14 @@ fn sync_loop(
                             status.applied += 1;
                             status.usage = applied.usage;
                             status.waiting_for_cgroup = applied.missing_cgroups.clone();
+                            if let Some(path) = &names_file {
+                                if let Err(e) = publish(path, &applied.names) {
+                                    status.problems.push(format!(
+                                        "publishing names to {}: {e}",
+                                        path.display()
+                                    ));
+                                }
+                            }
                             info!(
                                 endpoints = applied.endpoints,
                                 identities = applied.usage.identities,

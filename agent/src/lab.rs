@@ -143,13 +143,17 @@ pub struct HeldConnection {
     id: u64,
 }
 
+/// File name of the agent's published names in a lab's state directory.
+pub const NAMES_FILE: &str = "names.json";
+
 const APPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn pin_dir_for(name: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/portcullis-lab-{name}"))
 }
 
-fn state_dir_for(name: &str) -> PathBuf {
+/// Where a lab keeps its policies, workloads file and published names.
+pub fn state_dir_for(name: &str) -> PathBuf {
     PathBuf::from(format!("/run/portcullis-lab-{name}"))
 }
 
@@ -263,6 +267,7 @@ impl Lab {
                 workloads: self.workloads.clone(),
                 pin_dir: self.pin_dir.clone(),
                 cgroup_root: Some(self.names.cgroup_root.clone()),
+                names_file: Some(self.names_file()),
             })
             .map_err(|source| LabError::Agent { source })?,
         );
@@ -320,6 +325,11 @@ impl Lab {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Where the lab's agent publishes endpoint and rule names.
+    pub fn names_file(&self) -> PathBuf {
+        self.state_dir.join(NAMES_FILE)
     }
 
     pub fn workloads_file(&self) -> &Path {

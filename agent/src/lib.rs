@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bpf;
 pub mod cgroup;
 pub mod crd;
+pub mod explain;
 pub mod lab;
 pub mod policy;
 pub mod reconcile;

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use portcullis_agent::{
     app::{self, AgentOptions},
-    bpf,
+    bpf, explain,
     lab::{self, pod::Protocol, report::ProbeSpec},
 };
 use tracing_subscriber::EnvFilter;
@@ -23,6 +23,7 @@ struct Cli {
 }
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
+const DEFAULT_NAMES_FILE: &str = "/run/portcullis/names.json";
 
 #[derive(Subcommand)]
 enum Command {
@@ -40,6 +41,37 @@ enum Command {
         /// cgroup v2 directory to attach to (default: the cgroup v2 root).
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
+        /// Where to publish what endpoint ids and rule cookies mean.
+        #[arg(long, default_value = DEFAULT_NAMES_FILE)]
+        names_file: PathBuf,
+    },
+    /// Why would a flow pass or not? The deciding policy and rule, per
+    /// direction, checked against what the kernel maps hold.
+    Explain {
+        /// Source workload, namespace/name.
+        #[arg(long)]
+        from: String,
+        /// Destination workload, namespace/name.
+        #[arg(long)]
+        to: String,
+        /// Destination port/protocol, e.g. 80/tcp.
+        #[arg(long)]
+        port: ProbeSpec,
+        #[arg(long, value_enum, default_value_t = lab::Family::Ipv4)]
+        family: lab::Family,
+        /// Explain against a lab started with `portcullis lab --keep --name NAME`.
+        #[arg(long, conflicts_with_all = ["policies", "workloads"])]
+        lab: Option<String>,
+        #[arg(long, required_unless_present = "lab")]
+        policies: Option<PathBuf>,
+        #[arg(long, required_unless_present = "lab")]
+        workloads: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_NAMES_FILE)]
+        names_file: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Build a throwaway pod topology, enforce policies on it and print the
     /// measured reachability matrix.
@@ -95,14 +127,52 @@ async fn main() -> anyhow::Result<()> {
             workloads,
             pin_dir,
             cgroup_root,
+            names_file,
         } => {
             run_agent(AgentOptions {
                 policies_dir: policies,
                 workloads,
                 pin_dir,
                 cgroup_root,
+                names_file: Some(names_file),
             })
             .await
+        }
+        Command::Explain {
+            from,
+            to,
+            port,
+            family,
+            lab,
+            policies,
+            workloads,
+            pin_dir,
+            names_file,
+            json,
+        } => {
+            let paths = match lab {
+                Some(name) => explain::lab_paths(&name),
+                None => explain::AgentPaths {
+                    policies_dir: policies.unwrap_or_default(),
+                    workloads: workloads.unwrap_or_default(),
+                    pin_dir,
+                    names_file,
+                },
+            };
+            let e = explain::explain(&paths, &from, &to, port, family)
+                .map_err(|e| anyhow::anyhow!(explain::render_error(&e)))?;
+            if json {
+                println!("{}", serde_json::to_string(&e)?);
+            } else {
+                print!("{}", e.render());
+            }
+            if !e.kernel_agrees() {
+                eprintln!(
+                    "error: the kernel does not enforce what the policies say (see MISMATCH)"
+                );
+                std::process::exit(3);
+            }
+            Ok(())
         }
         Command::Lab(args) => lab::cli::run(args).await,
         Command::Bench(args) => portcullis_agent::bench::run(args).await,

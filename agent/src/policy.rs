@@ -12,6 +12,7 @@
 //! Pure code: no I/O beyond the strings it is given, no aya, tokio or kube.
 
 pub mod compile;
+pub mod describe;
 pub mod evaluate;
 pub mod model;
 pub mod parse;

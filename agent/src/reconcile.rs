@@ -1,6 +1,6 @@
 //! Desired state → compiled map contents → kernel. One pass per change.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use portcullis_common::{
     ipv4_mapped, EndpointValue, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6,
@@ -9,7 +9,10 @@ use portcullis_common::{
 use crate::{
     bpf::{writer::MapUsage, DesiredState, WriteError},
     cgroup,
-    policy::compile::{CompileError, Compiled, Compiler},
+    policy::{
+        compile::{CompileError, Compiled, Compiler},
+        describe,
+    },
     source::Snapshot,
 };
 
@@ -45,6 +48,18 @@ pub struct Applied {
     pub endpoints: usize,
     /// Local workloads whose cgroup was not found: not enforced until it is.
     pub missing_cgroups: Vec<String>,
+    /// What the kernel's ids mean, for `portcullis explain` and flow output.
+    pub names: PublishedNames,
+}
+
+/// Endpoint ids and rule cookies as people read them. Cookie numbers belong
+/// to the running agent's compiler, so the agent publishes them.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PublishedNames {
+    /// Endpoint id → `namespace/name`.
+    pub endpoints: BTreeMap<u32, String>,
+    /// Rule cookie → what decided.
+    pub cookies: BTreeMap<u32, String>,
 }
 
 pub struct Reconciler {
@@ -73,10 +88,23 @@ impl Reconciler {
         let usage = sink
             .apply(&desired)
             .map_err(|source| ReconcileError::Write { source })?;
+        let names = PublishedNames {
+            endpoints: compiled
+                .endpoints
+                .iter()
+                .map(|e| (e.id, e.workload.to_string()))
+                .collect(),
+            cookies: compiled
+                .cookies
+                .iter()
+                .map(|(c, a)| (*c, describe::attribution(a)))
+                .collect(),
+        };
         Ok(Applied {
             usage,
             endpoints: desired.endpoints.len(),
             missing_cgroups,
+            names,
         })
     }
 

@@ -41,6 +41,10 @@ pub struct LabArgs {
     /// How long a probe waits before it counts as dropped.
     #[arg(long, default_value_t = 1000)]
     pub timeout_ms: u64,
+    /// Keep the lab running after probing, until Ctrl-C, e.g. to run
+    /// `portcullis explain --lab NAME` against it.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 fn load_topology(args: &LabArgs) -> anyhow::Result<Topology> {
@@ -146,6 +150,14 @@ async fn measure(lab: &Lab, args: &LabArgs, specs: &[ProbeSpec]) -> anyhow::Resu
             specs.len(),
             started.elapsed().as_secs_f64()
         );
+    }
+    if args.keep {
+        eprintln!(
+            "lab '{}' keeps running; try `portcullis explain --lab {} --from x/a --to y/b \
+             --port 80/tcp`. Ctrl-C removes it.",
+            args.name, args.name
+        );
+        std::future::pending::<()>().await;
     }
     Ok(())
 }

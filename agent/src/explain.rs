@@ -1,0 +1,302 @@
+//! `portcullis explain`: why would x/a → y/b:80/tcp pass or not? The
+//! evaluator answers from the policies, per direction, naming the deciding
+//! policy and rule; the answer is then checked against what the kernel maps
+//! actually hold. A disagreement is reported loudly: it means the kernel
+//! does not enforce what the policies say.
+
+use std::{fmt::Write as _, net::IpAddr, path::PathBuf};
+
+use portcullis_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, REASON_HOST, REASON_LOCAL, REASON_NOT_ISOLATED,
+    VERDICT_DENY,
+};
+use serde::Serialize;
+
+use crate::{
+    bpf::{inspect::KernelView, LoadError},
+    cgroup::{self, CgroupError},
+    lab::{report::ProbeSpec, Family},
+    policy::{
+        describe,
+        evaluate::{evaluate, DirectionVerdict, FlowQuery},
+        model::{Inventory, Protocol},
+    },
+    reconcile::{addr16, PublishedNames},
+    source::file::{error_chain, FileSource, FileSourceError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("reading the policies and workloads")]
+    Source {
+        #[source]
+        source: FileSourceError,
+    },
+    #[error("no workload {workload} in the workloads file (workloads are namespace/name)")]
+    UnknownWorkload { workload: String },
+    #[error("workload {workload} has no {family} address")]
+    NoAddress {
+        workload: String,
+        family: &'static str,
+    },
+    #[error("reading the kernel maps")]
+    Kernel {
+        #[source]
+        source: LoadError,
+    },
+    #[error("finding the cgroup of {workload}")]
+    Cgroup {
+        workload: String,
+        #[source]
+        source: CgroupError,
+    },
+    #[error("reading published names from {path}; is the agent running?")]
+    Names {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a running agent keeps its inputs and state.
+#[derive(Clone, Debug)]
+pub struct AgentPaths {
+    pub policies_dir: PathBuf,
+    pub workloads: PathBuf,
+    pub pin_dir: PathBuf,
+    pub names_file: PathBuf,
+}
+
+/// One direction: what the policies say and what the kernel holds.
+#[derive(Clone, Debug, Serialize)]
+pub struct DirectionExplanation {
+    pub workload: String,
+    pub allowed: bool,
+    pub decided_by: String,
+    /// `None` when the workload is not enforced on this node.
+    pub kernel: Option<KernelSide>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelSide {
+    pub allowed: bool,
+    pub decided_by: String,
+    pub agrees: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub family: &'static str,
+    pub allowed: bool,
+    pub egress: DirectionExplanation,
+    pub ingress: DirectionExplanation,
+    /// Problems reading the policy files (their last valid versions apply).
+    pub problems: Vec<String>,
+}
+
+impl Explanation {
+    /// Does the kernel hold what the policies say, in both directions?
+    pub fn kernel_agrees(&self) -> bool {
+        [&self.egress, &self.ingress]
+            .iter()
+            .all(|d| d.kernel.as_ref().is_none_or(|k| k.agrees))
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} → {} {}/{} over {}: {}",
+            self.from,
+            self.to,
+            self.port,
+            self.protocol,
+            self.family,
+            if self.allowed { "ALLOWED" } else { "DENIED" }
+        );
+        for (name, d) in [("egress ", &self.egress), ("ingress", &self.ingress)] {
+            let _ = writeln!(out, "  {name} of {:<12} {}", d.workload, d.decided_by);
+            match &d.kernel {
+                Some(k) if k.agrees => {
+                    let _ = writeln!(out, "  {:<20} kernel agrees", "");
+                }
+                Some(k) => {
+                    let _ = writeln!(
+                        out,
+                        "  {:<20} MISMATCH: the kernel has {} ({})",
+                        "",
+                        k.decided_by,
+                        if k.allowed { "passes" } else { "drops" }
+                    );
+                }
+                None => {}
+            }
+        }
+        for p in &self.problems {
+            let _ = writeln!(out, "  warning: {p}");
+        }
+        out
+    }
+}
+
+fn find_address(
+    inventory: &Inventory,
+    key: &str,
+    family: Family,
+) -> Result<(IpAddr, Option<PathBuf>), ExplainError> {
+    let w = inventory
+        .workloads
+        .iter()
+        .find(|w| format!("{}/{}", w.namespace, w.name) == key)
+        .ok_or_else(|| ExplainError::UnknownWorkload {
+            workload: key.into(),
+        })?;
+    let ip = match family {
+        Family::Ipv4 => w.ipv4().map(IpAddr::from),
+        Family::Ipv6 => w.ipv6().map(IpAddr::from),
+    };
+    let ip = ip.ok_or_else(|| ExplainError::NoAddress {
+        workload: key.into(),
+        family: family.as_str(),
+    })?;
+    Ok((ip, w.cgroup.clone()))
+}
+
+fn kernel_description(reason: u8, cookie: u32, names: &PublishedNames) -> String {
+    match reason {
+        REASON_LOCAL => describe::verdict(&DirectionVerdict::Local),
+        REASON_HOST => describe::verdict(&DirectionVerdict::Host),
+        REASON_NOT_ISOLATED => describe::verdict(&DirectionVerdict::NotIsolated),
+        _ => names
+            .cookies
+            .get(&cookie)
+            .cloned()
+            .unwrap_or_else(|| format!("rule cookie {cookie}, unknown to the agent's names")),
+    }
+}
+
+/// Explains a flow between two workloads from a running agent's files and
+/// pinned maps.
+pub fn explain(
+    paths: &AgentPaths,
+    from: &str,
+    to: &str,
+    spec: ProbeSpec,
+    family: Family,
+) -> Result<Explanation, ExplainError> {
+    let mut source = FileSource::new(paths.policies_dir.clone(), paths.workloads.clone());
+    let snapshot = source
+        .load()
+        .map_err(|source| ExplainError::Source { source })?;
+    let inventory = &snapshot.inventory;
+    let (src, src_cgroup) = find_address(inventory, from, family)?;
+    let (dst, dst_cgroup) = find_address(inventory, to, family)?;
+    let protocol = match spec.protocol {
+        crate::lab::pod::Protocol::Tcp => Protocol::Tcp,
+        crate::lab::pod::Protocol::Udp => Protocol::Udp,
+    };
+    let decision = evaluate(
+        inventory,
+        &snapshot.policies,
+        &FlowQuery {
+            src,
+            dst,
+            port: spec.port,
+            protocol,
+        },
+    );
+    let names: PublishedNames = match std::fs::read(&paths.names_file) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        Err(source) => {
+            return Err(ExplainError::Names {
+                path: paths.names_file.clone(),
+                source,
+            })
+        }
+    };
+    let view =
+        KernelView::open(&paths.pin_dir).map_err(|source| ExplainError::Kernel { source })?;
+    let mount = cgroup::cgroup2_mount().map_err(|source| ExplainError::Cgroup {
+        workload: from.into(),
+        source,
+    })?;
+
+    let side = |workload: &str,
+                cgroup_path: &Option<PathBuf>,
+                verdict: &DirectionVerdict,
+                direction: u8,
+                peer: IpAddr|
+     -> Result<DirectionExplanation, ExplainError> {
+        let decided_by = describe::verdict(verdict);
+        let kernel = match cgroup_path {
+            None => None,
+            Some(path) => {
+                let id = cgroup::cgroup_id(&cgroup::resolve(&mount, path)).map_err(|source| {
+                    ExplainError::Cgroup {
+                        workload: workload.into(),
+                        source,
+                    }
+                })?;
+                let kernel_err = |source| ExplainError::Kernel { source };
+                Some(match view.endpoint(id).map_err(kernel_err)? {
+                    None => KernelSide {
+                        allowed: true,
+                        decided_by: "not an enforced endpoint in the kernel".into(),
+                        agrees: false,
+                    },
+                    Some(ep) => {
+                        let k = view
+                            .decide(&ep, direction, protocol.number(), addr16(peer), spec.port)
+                            .map_err(kernel_err)?;
+                        let kernel_by = kernel_description(k.reason, k.rule_cookie, &names);
+                        let allowed = k.verdict != VERDICT_DENY;
+                        KernelSide {
+                            agrees: allowed == verdict.allows() && kernel_by == decided_by,
+                            allowed,
+                            decided_by: kernel_by,
+                        }
+                    }
+                })
+            }
+        };
+        Ok(DirectionExplanation {
+            workload: workload.into(),
+            allowed: verdict.allows(),
+            decided_by,
+            kernel,
+        })
+    };
+    let egress = side(from, &src_cgroup, &decision.egress, DIRECTION_EGRESS, dst)?;
+    let ingress = side(to, &dst_cgroup, &decision.ingress, DIRECTION_INGRESS, src)?;
+    Ok(Explanation {
+        from: from.into(),
+        to: to.into(),
+        port: spec.port,
+        protocol: spec.protocol.as_str(),
+        family: family.as_str(),
+        allowed: decision.allowed,
+        egress,
+        ingress,
+        problems: snapshot.problems,
+    })
+}
+
+/// Paths of a lab started with `portcullis lab --keep --name NAME`.
+pub fn lab_paths(name: &str) -> AgentPaths {
+    let state = crate::lab::state_dir_for(name);
+    AgentPaths {
+        policies_dir: state.join("policies"),
+        workloads: state.join("workloads.yaml"),
+        pin_dir: crate::lab::pin_dir_for(name),
+        names_file: state.join(crate::lab::NAMES_FILE),
+    }
+}
+
+/// Renders an error chain for the CLI.
+pub fn render_error(e: &ExplainError) -> String {
+    error_chain(e)
+}
