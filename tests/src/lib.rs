@@ -91,7 +91,11 @@ impl TestLab {
     /// the report.
     pub async fn apply_expect_problem(&self, file: &str, yaml: &str, needles: &[&str]) -> String {
         self.lab.write_policy(file, yaml).expect("writing policy");
-        let status = self.lab.wait_applied().await.expect("agent processes policy");
+        let status = self
+            .lab
+            .wait_applied()
+            .await
+            .expect("agent processes policy");
         let report = status
             .problems
             .iter()
@@ -108,6 +112,7 @@ impl TestLab {
             missing.is_empty(),
             "the problem reported for {file} should mention {missing:?}: {report}"
         );
+        eprintln!("{file} rejected as expected: {report}");
         report
     }
 
