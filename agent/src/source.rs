@@ -2,6 +2,7 @@
 //! feeds the same reconcile path.
 
 pub mod file;
+pub mod kube;
 
 use crate::policy::{model::Inventory, PolicyObject};
 
