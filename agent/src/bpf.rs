@@ -2,6 +2,7 @@
 //! pinning, and reading and writing the maps.
 
 pub mod counters;
+pub mod events;
 pub mod inspect;
 pub mod loader;
 pub mod writer;

@@ -1,13 +1,16 @@
 //! Portcullis agent: keeps the kernel's policy maps in sync with policy
 //! objects, and the `lab` that builds throwaway pod topologies to test them.
 
+pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod bpf;
 pub mod cgroup;
 pub mod crd;
 pub mod explain;
+pub mod flows;
 pub mod lab;
+pub mod metrics;
 pub mod policy;
 pub mod reconcile;
 pub mod source;

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use portcullis_agent::{
     app::{self, AgentOptions},
-    bpf, explain,
+    bpf, explain, flows,
     lab::{self, pod::Protocol, report::ProbeSpec},
 };
 use tracing_subscriber::EnvFilter;
@@ -44,6 +44,10 @@ enum Command {
         /// Where to publish what endpoint ids and rule cookies mean.
         #[arg(long, default_value = DEFAULT_NAMES_FILE)]
         names_file: PathBuf,
+        /// Where to serve /metrics, /healthz and /readyz (host:port), or
+        /// `none`.
+        #[arg(long, default_value = portcullis_agent::admin::DEFAULT_ADDR)]
+        admin_addr: portcullis_agent::admin::ListenAddr,
     },
     /// Why would a flow pass or not? The deciding policy and rule, per
     /// direction, checked against what the kernel maps hold.
@@ -79,6 +83,34 @@ enum Command {
     /// Measure the TCP connection rate with no agent, with Portcullis and
     /// with iptables, each holding the same rules; writes BENCHMARKS.md.
     Bench(portcullis_agent::bench::BenchArgs),
+    /// Tail the kernel's flow events: drops, audit verdicts and new allowed
+    /// flows, with the policy and rule that decided.
+    Flows {
+        /// Read the events of a lab started with `portcullis lab --keep --name NAME`.
+        #[arg(long, conflicts_with = "workloads")]
+        lab: Option<String>,
+        /// The agent's workloads file (to name peers).
+        #[arg(long, required_unless_present = "lab")]
+        workloads: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_NAMES_FILE)]
+        names_file: PathBuf,
+        /// Only flows with a side in this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only flows with this workload (namespace/name) on a side.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only this verdict.
+        #[arg(long, value_parser = ["allow", "deny", "audit"])]
+        verdict: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many flows.
+        #[arg(long)]
+        count: Option<usize>,
+    },
     /// Print the kernel's decision counters.
     Counters {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -128,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
             pin_dir,
             cgroup_root,
             names_file,
+            admin_addr,
         } => {
             run_agent(AgentOptions {
                 policies_dir: policies,
@@ -135,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
                 pin_dir,
                 cgroup_root,
                 names_file: Some(names_file),
+                admin_addr: admin_addr.0,
             })
             .await
         }
@@ -176,6 +210,41 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Lab(args) => lab::cli::run(args).await,
         Command::Bench(args) => portcullis_agent::bench::run(args).await,
+        Command::Flows {
+            lab,
+            workloads,
+            pin_dir,
+            names_file,
+            namespace,
+            pod,
+            verdict,
+            json,
+            count,
+        } => {
+            let source = match lab {
+                Some(name) => {
+                    let p = explain::lab_paths(&name);
+                    flows::FlowSource {
+                        pin_dir: p.pin_dir,
+                        names_file: p.names_file,
+                        workloads: p.workloads,
+                    }
+                }
+                None => flows::FlowSource {
+                    pin_dir,
+                    names_file,
+                    workloads: workloads.unwrap_or_default(),
+                },
+            };
+            let filter = flows::FlowFilter {
+                namespace,
+                pod,
+                verdict,
+            };
+            tokio::task::spawn_blocking(move || flows::tail(&source, &filter, json, count))
+                .await?
+                .map_err(|e| anyhow::anyhow!(portcullis_agent::source::file::error_chain(&e)))
+        }
         Command::Counters { pin_dir, json } => print_counters(&pin_dir, json),
         Command::Uninstall { pin_dir } => {
             bpf::loader::uninstall(&pin_dir)?;

@@ -24,6 +24,8 @@ pub const POLICY_MAP: &str = "PCL_POLICY";
 pub const STATE_MAP: &str = "PCL_STATE";
 pub const COUNTERS_MAP: &str = "PCL_COUNTERS";
 pub const UDP_FLOWS_MAP: &str = "PCL_UDP_FLOWS";
+pub const EVENTS_MAP: &str = "PCL_EVENTS";
+pub const EVENTS_LOST_MAP: &str = "PCL_EV_LOST";
 
 /// Program names (the Rust function names in the kernel object).
 pub const PROG_CONNECT4: &str = "pcl_connect4";
@@ -39,6 +41,14 @@ pub const IDENTITIES_CAPACITY: u32 = 131_072;
 pub const POLICY_CAPACITY: u32 = 1_048_576;
 pub const COUNTERS_CAPACITY: u32 = 65_536;
 pub const UDP_FLOWS_CAPACITY: u32 = 65_536;
+
+/// Bytes of the flow event ring buffer (a power of two, page aligned).
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+/// Flow events each CPU may emit per second on average, and in a burst: a
+/// flood of denied connections cannot starve the agent or fill the ring;
+/// what is over the limit is counted in [`EVENTS_LOST_MAP`].
+pub const EVENTS_PER_SECOND_PER_CPU: u64 = 2_000;
+pub const EVENTS_BURST: u64 = 500;
 
 /// How many cgroup levels below the root the kernel searches for an enforced
 /// ancestor of a socket's cgroup (pod cgroups sit a few levels deep; their
@@ -241,6 +251,36 @@ pub struct UdpFlowValue {
 }
 const _: () = assert!(core::mem::size_of::<UdpFlowValue>() == 8);
 
+/// A decision on a new flow, as the kernel reports it to the agent: drops,
+/// audit verdicts and the first packet of allowed flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns` (monotonic, since boot).
+    pub timestamp_ns: u64,
+    pub endpoint_id: u32,
+    pub rule_cookie: u32,
+    /// The other side of the flow.
+    pub peer_addr: [u8; 16],
+    pub peer_port: u16,
+    /// The port policy was evaluated on: the destination port.
+    pub port: u16,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub protocol: u8,
+}
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 40);
+
+/// Per-CPU token bucket of the event rate limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub tokens: u64,
+    pub refilled_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
+
 /// Builds the 16-byte form of an IPv4 address given in network byte order.
 #[inline(always)]
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
@@ -264,8 +304,10 @@ mod pod {
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for UdpFlowKey {}
     unsafe impl aya::Pod for UdpFlowValue {}
+    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for EventBudget {}
 }
 
 /// Bumped whenever a map's key or value layout changes, so an agent never
 /// reuses pinned maps written by an incompatible one.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;

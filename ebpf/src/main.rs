@@ -8,6 +8,7 @@
 #![no_main]
 
 mod endpoint;
+mod events;
 mod maps;
 mod packet;
 mod verdict;
@@ -145,6 +146,7 @@ fn ingress(ctx: &SkBuffContext) -> i32 {
 fn judge(ep: &portcullis_common::EndpointValue, flow: &Flow, local_port: u16) -> i32 {
     let v = verdict::decide(ep, flow);
     verdict::count(ep, flow, &v);
+    events::emit(ep, flow, &v);
     // Audit verdicts pass: the would-be drop is only counted.
     if v.verdict == VERDICT_DENY {
         return REJECT;

@@ -2,12 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use portcullis_common::{
-    CounterKey, EndpointKey, EndpointValue, IdentityKeyData, IdentityValue, PolicyKeyData,
-    PolicyValue, State, UdpFlowKey, UdpFlowValue, COUNTERS_CAPACITY, ENDPOINTS_CAPACITY,
-    IDENTITIES_CAPACITY, POLICY_CAPACITY, UDP_FLOWS_CAPACITY,
+    CounterKey, EndpointKey, EndpointValue, EventBudget, IdentityKeyData, IdentityValue,
+    PolicyKeyData, PolicyValue, State, UdpFlowKey, UdpFlowValue, COUNTERS_CAPACITY,
+    ENDPOINTS_CAPACITY, EVENTS_RING_BYTES, IDENTITIES_CAPACITY, POLICY_CAPACITY,
+    UDP_FLOWS_CAPACITY,
 };
 
 // Map names below must equal the `*_MAP` constants in portcullis-common.
@@ -36,3 +37,15 @@ pub static COUNTERS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 #[map(name = "PCL_UDP_FLOWS")]
 pub static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlowValue> =
     LruHashMap::pinned(UDP_FLOWS_CAPACITY, 0);
+
+/// Flow events for the agent (drops, audits, new allowed flows).
+#[map(name = "PCL_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+/// Per-CPU token buckets limiting the event rate.
+#[map(name = "PCL_EV_BUDGET")]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
+
+/// Events not emitted: over the rate limit, or the ring was full.
+#[map(name = "PCL_EV_LOST")]
+pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);

@@ -1,0 +1,78 @@
+//! Reads flow events from the pinned kernel ring buffer.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+    time::Duration,
+};
+
+use aya::maps::{Map, MapData, PerCpuArray, RingBuf};
+use portcullis_common::{FlowEvent, EVENTS_LOST_MAP, EVENTS_MAP};
+
+use super::loader::LoadError;
+
+pub struct EventReader {
+    ring: RingBuf<MapData>,
+}
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, LoadError> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).map_err(|source| LoadError::PinnedMap { path, source })
+}
+
+impl EventReader {
+    /// Opens the ring buffer of the agent pinned at `pin_dir`. Each event is
+    /// delivered to one reader only.
+    pub fn open(pin_dir: &Path) -> Result<Self, LoadError> {
+        let ring =
+            RingBuf::try_from(Map::RingBuf(open(pin_dir, EVENTS_MAP)?)).map_err(|source| {
+                LoadError::Map {
+                    map: EVENTS_MAP,
+                    source,
+                }
+            })?;
+        Ok(Self { ring })
+    }
+
+    /// The next event, waiting at most `timeout` for one.
+    pub fn next(&mut self, timeout: Duration) -> Option<FlowEvent> {
+        if let Some(e) = self.try_next() {
+            return Some(e);
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.ring.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        self.try_next()
+    }
+
+    fn try_next(&mut self) -> Option<FlowEvent> {
+        let item = self.ring.next()?;
+        if item.len() < std::mem::size_of::<FlowEvent>() {
+            return None;
+        }
+        // SAFETY: the kernel wrote a FlowEvent (plain integers) here; read
+        // unaligned as the ring gives no alignment promise to Rust.
+        Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) })
+    }
+}
+
+/// Events the kernel could not emit (over the rate limit or ring full).
+pub fn events_lost(pin_dir: &Path) -> Result<u64, LoadError> {
+    let lost: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, EVENTS_LOST_MAP)?)).map_err(
+            |source| LoadError::Map {
+                map: EVENTS_LOST_MAP,
+                source,
+            },
+        )?;
+    let values = lost.get(&0, 0).map_err(|source| LoadError::Map {
+        map: EVENTS_LOST_MAP,
+        source,
+    })?;
+    Ok(values.iter().sum())
+}

@@ -1,0 +1,293 @@
+//! `portcullis flows`: the kernel's flow events with names — which workload
+//! talked to which, on what port, and what decided.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
+
+use portcullis_common::{
+    FlowEvent, DIRECTION_INGRESS, PROTO_TCP, PROTO_UDP, REASON_DEFAULT_DENY, REASON_HOST,
+    REASON_LOCAL, REASON_NOT_ISOLATED, REASON_POLICY, REASON_REPLY, VERDICT_ALLOW, VERDICT_AUDIT,
+};
+use serde::Serialize;
+
+use crate::{
+    policy::{compile::addr_from16, model::Inventory},
+    reconcile::PublishedNames,
+};
+
+/// A flow event with names.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NamedFlow {
+    /// Wall-clock time, seconds since the Unix epoch.
+    pub time: f64,
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: &'static str,
+    /// The enforced endpoint's side: ingress or egress.
+    pub direction: &'static str,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub decided_by: String,
+}
+
+/// Names addresses and ids using the inventory and the agent's names.
+pub struct Namer {
+    by_ip: BTreeMap<IpAddr, String>,
+    names: PublishedNames,
+    /// Wall clock minus monotonic clock, to date kernel timestamps.
+    boot_offset: f64,
+}
+
+fn clock(id: libc::clockid_t) -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and timespec.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+impl Namer {
+    pub fn new(inventory: &Inventory, names: PublishedNames) -> Self {
+        let by_ip = inventory
+            .workloads
+            .iter()
+            .flat_map(|w| {
+                let name = format!("{}/{}", w.namespace, w.name);
+                w.ips
+                    .iter()
+                    .map(move |ip| (ip.to_canonical(), name.clone()))
+            })
+            .collect();
+        Self {
+            by_ip,
+            names,
+            boot_offset: clock(libc::CLOCK_REALTIME) - clock(libc::CLOCK_MONOTONIC),
+        }
+    }
+
+    pub fn name(&self, e: &FlowEvent) -> NamedFlow {
+        let endpoint = self
+            .names
+            .endpoints
+            .get(&e.endpoint_id)
+            .cloned()
+            .unwrap_or_else(|| format!("endpoint {}", e.endpoint_id));
+        let peer_ip = addr_from16(e.peer_addr).to_canonical();
+        let peer = self
+            .by_ip
+            .get(&peer_ip)
+            .cloned()
+            .unwrap_or_else(|| peer_ip.to_string());
+        let (from, to) = if e.direction == DIRECTION_INGRESS {
+            (peer, endpoint)
+        } else {
+            (endpoint, peer)
+        };
+        let decided_by = match e.reason {
+            REASON_POLICY | REASON_DEFAULT_DENY => self
+                .names
+                .cookies
+                .get(&e.rule_cookie)
+                .cloned()
+                .unwrap_or_else(|| format!("rule cookie {}", e.rule_cookie)),
+            _ => String::new(),
+        };
+        NamedFlow {
+            time: self.boot_offset + e.timestamp_ns as f64 / 1e9,
+            from,
+            to,
+            port: e.port,
+            protocol: match e.protocol {
+                PROTO_TCP => "TCP",
+                PROTO_UDP => "UDP",
+                _ => "other",
+            },
+            direction: if e.direction == DIRECTION_INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            },
+            verdict: match e.verdict {
+                VERDICT_ALLOW => "allow",
+                VERDICT_AUDIT => "audit",
+                _ => "deny",
+            },
+            reason: match e.reason {
+                REASON_POLICY => "policy",
+                REASON_DEFAULT_DENY => "default-deny",
+                REASON_NOT_ISOLATED => "not-isolated",
+                REASON_LOCAL => "local",
+                REASON_HOST => "host",
+                REASON_REPLY => "reply",
+                _ => "unknown",
+            },
+            decided_by,
+        }
+    }
+}
+
+/// Which flows to show.
+#[derive(Clone, Debug, Default)]
+pub struct FlowFilter {
+    /// Either side in this namespace.
+    pub namespace: Option<String>,
+    /// Either side is this workload (`namespace/name`).
+    pub pod: Option<String>,
+    /// allow, deny or audit.
+    pub verdict: Option<String>,
+}
+
+impl FlowFilter {
+    pub fn matches(&self, f: &NamedFlow) -> bool {
+        let in_ns = |side: &str, ns: &str| side.split_once('/').is_some_and(|(n, _)| n == ns);
+        self.namespace
+            .as_deref()
+            .is_none_or(|ns| in_ns(&f.from, ns) || in_ns(&f.to, ns))
+            && self.pod.as_deref().is_none_or(|p| f.from == p || f.to == p)
+            && self.verdict.as_deref().is_none_or(|v| f.verdict == v)
+    }
+}
+
+impl NamedFlow {
+    pub fn render(&self) -> String {
+        let by = if self.decided_by.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", self.decided_by)
+        };
+        format!(
+            "{:.3} {} → {} {}/{} {} {} ({}){by}",
+            self.time,
+            self.from,
+            self.to,
+            self.port,
+            self.protocol,
+            self.direction,
+            self.verdict.to_uppercase(),
+            self.reason
+        )
+    }
+}
+
+/// Where a running agent's flow events and names are.
+#[derive(Clone, Debug)]
+pub struct FlowSource {
+    pub pin_dir: PathBuf,
+    pub names_file: PathBuf,
+    pub workloads: PathBuf,
+}
+
+/// How long `flows` waits for the next event before checking for Ctrl-C.
+pub const POLL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowsError {
+    #[error("opening the flow events")]
+    Open {
+        #[source]
+        source: crate::bpf::LoadError,
+    },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn load_names(source: &FlowSource) -> Result<Namer, FlowsError> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).map_err(|e| FlowsError::Read {
+            path: path.clone(),
+            source: Box::new(e),
+        })
+    };
+    let names: PublishedNames =
+        serde_json::from_str(&read(&source.names_file)?).map_err(|e| FlowsError::Read {
+            path: source.names_file.clone(),
+            source: Box::new(e),
+        })?;
+    let inventory =
+        crate::policy::parse::parse_inventory(&source.workloads, &read(&source.workloads)?)
+            .map_err(|e| FlowsError::Read {
+                path: source.workloads.clone(),
+                source: Box::new(e),
+            })?;
+    Ok(Namer::new(&inventory, names))
+}
+
+/// Prints matching flows as they come, until `count` were printed (or
+/// forever). Names are reloaded now and then: the agent renumbers rules as
+/// policies change.
+pub fn tail(
+    source: &FlowSource,
+    filter: &FlowFilter,
+    json: bool,
+    count: Option<usize>,
+) -> Result<(), FlowsError> {
+    let mut reader = crate::bpf::events::EventReader::open(&source.pin_dir)
+        .map_err(|source| FlowsError::Open { source })?;
+    let mut namer = load_names(source)?;
+    let mut loaded = std::time::Instant::now();
+    let mut printed = 0;
+    while count.is_none_or(|c| printed < c) {
+        if loaded.elapsed() > Duration::from_secs(2) {
+            if let Ok(n) = load_names(source) {
+                namer = n;
+            }
+            loaded = std::time::Instant::now();
+        }
+        let Some(event) = reader.next(POLL) else {
+            continue;
+        };
+        let flow = namer.name(&event);
+        if !filter.matches(&flow) {
+            continue;
+        }
+        if json {
+            println!("{}", serde_json::to_string(&flow).expect("serializable"));
+        } else {
+            println!("{}", flow.render());
+        }
+        printed += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(from: &str, to: &str, verdict: &'static str) -> NamedFlow {
+        NamedFlow {
+            time: 0.0,
+            from: from.into(),
+            to: to.into(),
+            port: 80,
+            protocol: "TCP",
+            direction: "ingress",
+            verdict,
+            reason: "policy",
+            decided_by: String::new(),
+        }
+    }
+
+    #[test]
+    fn filters_by_namespace_pod_and_verdict() {
+        let f = flow("x/a", "y/b", "deny");
+        let by = |namespace: Option<&str>, pod: Option<&str>, verdict: Option<&str>| FlowFilter {
+            namespace: namespace.map(Into::into),
+            pod: pod.map(Into::into),
+            verdict: verdict.map(Into::into),
+        };
+        assert!(by(Some("y"), None, None).matches(&f));
+        assert!(!by(Some("z"), None, None).matches(&f));
+        assert!(by(None, Some("x/a"), Some("deny")).matches(&f));
+        assert!(!by(None, Some("x/b"), None).matches(&f));
+        assert!(!by(None, None, Some("allow")).matches(&f));
+        // An external address has no namespace.
+        assert!(!by(Some("x"), None, None).matches(&flow("203.0.113.9", "z/a", "deny")));
+    }
+}
