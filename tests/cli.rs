@@ -228,3 +228,126 @@ fn lab_cleans_up_after_a_crashed_run() {
         .join("portcullis-lab-crash")
         .exists());
 }
+
+/// The standalone agent as a user runs it: applies the files, picks up an
+/// edit without a restart, keeps enforcement pinned after SIGTERM, and
+/// `uninstall` removes it.
+#[test]
+fn standalone_agent_applies_watches_and_uninstalls() {
+    portcullis_tests::require_root();
+    let _guard = portcullis_tests::kernel_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let cgroup_mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .map(|l| PathBuf::from(l.split_whitespace().nth(4).unwrap()))
+        .unwrap();
+    let root = cgroup_mount.join("portcullis-cli-agent");
+    std::fs::create_dir_all(root.join("web")).unwrap();
+    let workloads = dir.path().join("workloads.yaml");
+    std::fs::write(
+        &workloads,
+        "workloads:\n  - {name: web, namespace: shop, labels: {app: web}, \
+         cgroup: /portcullis-cli-agent/web, ips: [198.18.7.10]}\n",
+    )
+    .unwrap();
+    let pin_dir = PathBuf::from("/sys/fs/bpf/portcullis-cli-agent");
+    let names = dir.path().join("names.json");
+    let _ = portcullis()
+        .args(["uninstall", "--pin-dir"])
+        .arg(&pin_dir)
+        .output();
+
+    let mut agent = portcullis()
+        .args(["agent", "--policies"])
+        .arg(&policies)
+        .arg("--workloads")
+        .arg(&workloads)
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .arg("--cgroup-root")
+        .arg(&root)
+        .arg("--names-file")
+        .arg(&names)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let cookies = || -> Vec<String> {
+        std::fs::read(&names)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| {
+                v["cookies"]
+                    .as_object()
+                    .map(|m| m.values().map(|c| c.to_string()).collect())
+            })
+            .unwrap_or_default()
+    };
+    wait_for("the agent to publish its first state", &|| names.exists());
+    assert!(cookies().is_empty(), "no policies yet: {:?}", cookies());
+
+    // An edit is picked up without a restart.
+    std::fs::write(
+        policies.join("web.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  podSelector: {}\n",
+    )
+    .unwrap();
+    wait_for("the policy to be applied", &|| {
+        cookies().iter().any(|c| c.contains("isolated by shop/web"))
+    });
+
+    // SIGTERM: the agent exits cleanly and enforcement stays pinned.
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let out = agent.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("policy applied"), "{log}");
+    assert!(
+        pin_dir.join("PCL_POLICY").exists(),
+        "maps stay pinned after the agent exits"
+    );
+    let links = std::fs::read_dir(pin_dir.join("links")).unwrap().count();
+    assert_eq!(links, 5);
+
+    let counters = portcullis()
+        .args(["counters", "--json", "--pin-dir"])
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        counters.status.success(),
+        "{}",
+        String::from_utf8_lossy(&counters.stderr)
+    );
+    let v: Value = serde_json::from_slice(&counters.stdout).unwrap();
+    assert!(v["counters"].is_array());
+
+    let un = portcullis()
+        .args(["uninstall", "--pin-dir"])
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        un.status.success(),
+        "{}",
+        String::from_utf8_lossy(&un.stderr)
+    );
+    assert!(!pin_dir.exists(), "uninstall removes every pin");
+    let _ = std::fs::remove_dir(root.join("web"));
+    let _ = std::fs::remove_dir(&root);
+}
