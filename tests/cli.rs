@@ -351,3 +351,34 @@ fn standalone_agent_applies_watches_and_uninstalls() {
     let _ = std::fs::remove_dir(root.join("web"));
     let _ = std::fs::remove_dir(&root);
 }
+
+/// `lab --keep` runs until Ctrl-C, then removes everything and exits 0.
+#[test]
+fn lab_keep_tears_down_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    portcullis_tests::require_root();
+    let _guard = portcullis_tests::kernel_lock();
+    let mut lab = portcullis()
+        .args(["lab", "--name", "ctrlc", "--keep", "--probe", "80/tcp"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = lab.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("keeps running"));
+    assert!(ready, "the lab announces it keeps running");
+    assert!(PathBuf::from("/run/netns/pcl-ctrlc-node").exists());
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(lab.id() as i32, libc::SIGINT) };
+    let status = lab.wait().unwrap();
+    assert!(
+        status.success(),
+        "Ctrl-C ends a kept lab normally: {status:?}"
+    );
+    assert!(!PathBuf::from("/run/netns/pcl-ctrlc-node").exists());
+    assert!(!PathBuf::from("/sys/fs/bpf/portcullis-lab-ctrlc").exists());
+}

@@ -94,7 +94,15 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
     // Ctrl-C anywhere below still tears the lab down.
     let outcome = tokio::select! {
         r = measure(&lab, &args, &specs) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; lab removed")),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted; removing the lab");
+            // With --keep, Ctrl-C is how the lab is meant to end.
+            if args.keep {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("interrupted before the measurement finished"))
+            }
+        }
     };
     lab.shutdown().await.context("removing the lab")?;
     outcome
