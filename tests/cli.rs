@@ -261,8 +261,8 @@ fn standalone_agent_applies_watches_and_uninstalls() {
         .arg(&pin_dir)
         .output();
 
-    let mut agent = portcullis()
-        .args(["agent", "--policies"])
+    let agent = portcullis()
+        .args(["agent", "--admin-addr", "none", "--policies"])
         .arg(&policies)
         .arg("--workloads")
         .arg(&workloads)

@@ -3,7 +3,8 @@
 //! published on a watch channel.
 
 use std::{
-    path::PathBuf,
+    net::SocketAddr,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -16,8 +17,10 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
+    admin::{self, AdminError, AdminServer, AdminState},
     bpf::{writer::MapUsage, Dataplane, DataplaneOptions, LoadError},
     cgroup::{self, CgroupError},
+    metrics::Metrics,
     reconcile::{PublishedNames, Reconciler},
     source::file::{error_chain, FileSource, Fingerprint},
 };
@@ -39,6 +42,11 @@ pub enum AgentError {
         #[source]
         source: LoadError,
     },
+    #[error("starting the admin endpoint (/metrics, /healthz, /readyz)")]
+    Admin {
+        #[source]
+        source: AdminError,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -50,6 +58,9 @@ pub struct AgentOptions {
     pub cgroup_root: Option<PathBuf>,
     /// Where to publish what endpoint ids and rule cookies mean (JSON).
     pub names_file: Option<PathBuf>,
+    /// Where to serve /metrics, /healthz and /readyz; none when `None`.
+    /// Port 0 picks a free port (see [`AgentHandle::admin_addr`]).
+    pub admin_addr: Option<SocketAddr>,
 }
 
 /// What the agent has done so far.
@@ -65,13 +76,18 @@ pub struct Status {
     /// (retried every few seconds).
     pub waiting_for_cgroup: Vec<String>,
     pub usage: MapUsage,
+    /// Why the latest pass did not reach the kernel (the files could not be
+    /// read, compiling or writing failed); `None` when it did.
+    pub pass_error: Option<String>,
 }
 
 pub struct AgentHandle {
     pub status: watch::Receiver<Status>,
     pub pin_dir: PathBuf,
+    pub metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
+    admin: Option<AdminServer>,
 }
 
 impl AgentHandle {
@@ -80,11 +96,28 @@ impl AgentHandle {
         self.halt();
     }
 
+    /// Where the admin endpoint listens (the bound port when asked for 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::addr)
+    }
+
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
+    }
+}
+
+/// Clears the running flag when the sync loop ends, panics included.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
     }
 }
 
@@ -109,21 +142,52 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         pins = %opts.pin_dir.display(),
         "kernel programs attached"
     );
+    let metrics = Arc::new(Metrics::new());
+    // Counts from before this agent (pinned maps survive restarts) were made
+    // under cookie numbers this agent does not know: start from them.
+    if let Err(e) = metrics.decisions.baseline(&opts.pin_dir) {
+        warn!("metrics: {}", error_chain(&e));
+    }
     let (tx, rx) = watch::channel(Status::default());
     let stop = Arc::new(AtomicBool::new(false));
+    let running = Arc::new(AtomicBool::new(true));
+    let admin = match opts.admin_addr {
+        Some(addr) => {
+            let server = admin::serve(
+                addr,
+                AdminState {
+                    metrics: metrics.clone(),
+                    status: rx.clone(),
+                    running: running.clone(),
+                    pin_dir: opts.pin_dir.clone(),
+                },
+            )
+            .map_err(|source| AgentError::Admin { source })?;
+            info!(addr = %server.addr(), "serving /metrics, /healthz, /readyz");
+            Some(server)
+        }
+        None => None,
+    };
     let thread = {
         let stop = stop.clone();
         let source = FileSource::new(opts.policies_dir.clone(), opts.workloads.clone());
         let names_file = opts.names_file.clone();
+        let metrics = metrics.clone();
+        let pin_dir = opts.pin_dir.clone();
         thread::Builder::new()
             .name("portcullis-sync".into())
             .spawn(move || {
+                let _running = Running(running);
                 sync_loop(
                     names_file,
                     source,
                     Reconciler::new(mount),
                     dataplane,
-                    tx,
+                    Observers {
+                        status: tx,
+                        metrics,
+                        pin_dir,
+                    },
                     &stop,
                 )
             })
@@ -132,13 +196,47 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     Ok(AgentHandle {
         status: rx,
         pin_dir: opts.pin_dir,
+        metrics,
         stop,
         thread: Some(thread),
+        admin,
     })
 }
 
+/// Where the sync loop reports what it did.
+struct Observers {
+    status: watch::Sender<Status>,
+    metrics: Arc<Metrics>,
+    /// Where the kernel counters are pinned.
+    pin_dir: PathBuf,
+}
+
+impl Observers {
+    /// A pass reached the kernel. The counters are read before the new rule
+    /// cookie meanings are published, so what was counted under the old ones
+    /// is attributed to them.
+    fn applied(&self, applied: &crate::reconcile::Applied, changed_at: Option<Instant>) {
+        let m = &self.metrics;
+        m.apply.succeeded(changed_at.map(|t| t.elapsed()));
+        if let Err(e) = m.refresh(&self.pin_dir) {
+            warn!("metrics: {}", error_chain(&e));
+        }
+        m.decisions
+            .set_cookie_policies(applied.names.cookie_policies.clone());
+        m.maps.set_usage(applied.usage);
+    }
+
+    fn publish(&self, status: &Status) {
+        if status.pass_error.is_some() {
+            self.metrics.apply.failed();
+        }
+        self.metrics.apply.set_problems(status.problems.len());
+        self.status.send_replace(status.clone());
+    }
+}
+
 /// Writes aside and renames, so readers never see half a file.
-fn publish(path: &std::path::Path, names: &PublishedNames) -> std::io::Result<()> {
+fn publish(path: &Path, names: &PublishedNames) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -152,7 +250,7 @@ fn sync_loop(
     mut source: FileSource,
     mut reconciler: Reconciler,
     mut dataplane: Dataplane,
-    tx: watch::Sender<Status>,
+    observers: Observers,
     stop: &AtomicBool,
 ) {
     let mut seen: Option<Fingerprint> = None;
@@ -164,16 +262,22 @@ fn sync_loop(
         // A pass that met missing cgroups is retried now and then: the
         // workload's cgroup may appear without any file changing.
         let retry = missing_cgroups && last_pass.elapsed() >= MISSING_CGROUP_RETRY;
-        if seen.as_ref() != Some(&fp) || retry {
+        let changed = seen.as_ref() != Some(&fp);
+        if changed || retry {
             last_pass = Instant::now();
+            // The source event: when the change was seen (at most one poll
+            // interval after it was made). Retries have none.
+            let changed_at = changed.then_some(last_pass);
             status.fingerprint = fp.clone();
             status.problems.clear();
             status.waiting_for_cgroup.clear();
+            status.pass_error = None;
             match source.load() {
                 Ok(snapshot) => {
                     status.problems = snapshot.problems.clone();
                     match reconciler.reconcile(&snapshot, &mut dataplane.writer) {
                         Ok(applied) => {
+                            observers.applied(&applied, changed_at);
                             missing_cgroups = !applied.missing_cgroups.is_empty();
                             status.applied += 1;
                             status.usage = applied.usage;
@@ -194,10 +298,16 @@ fn sync_loop(
                                 "policy applied"
                             );
                         }
-                        Err(e) => status.problems.push(error_chain(&e)),
+                        Err(e) => {
+                            status.pass_error = Some(error_chain(&e));
+                            status.problems.push(error_chain(&e));
+                        }
                     }
                 }
-                Err(e) => status.problems.push(error_chain(&e)),
+                Err(e) => {
+                    status.pass_error = Some(error_chain(&e));
+                    status.problems.push(error_chain(&e));
+                }
             }
             for p in &status.problems {
                 error!("{p}");
@@ -206,7 +316,7 @@ fn sync_loop(
                 warn!("not enforced until its cgroup exists: {w}");
             }
             seen = Some(fp);
-            tx.send_replace(status.clone());
+            observers.publish(&status);
         }
         thread::sleep(POLL_INTERVAL);
     }

@@ -10,7 +10,7 @@ pub mod topology;
 
 use std::{
     fs,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -110,6 +110,9 @@ pub struct LabOptions {
     pub topology: Topology,
     /// How long a probe waits for an answer before it counts as dropped.
     pub probe_timeout: Duration,
+    /// Where the lab's agent serves /metrics, /healthz and /readyz (port 0:
+    /// any free port, see [`Lab::admin_addr`]); none when `None`.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 impl LabOptions {
@@ -118,6 +121,7 @@ impl LabOptions {
             name: name.to_string(),
             topology,
             probe_timeout: Duration::from_millis(1000),
+            admin_addr: None,
         }
     }
 }
@@ -133,6 +137,7 @@ pub struct Lab {
     workloads: PathBuf,
     pin_dir: PathBuf,
     probe_timeout: Duration,
+    admin_addr: Option<SocketAddr>,
     torn_down: bool,
 }
 
@@ -189,6 +194,7 @@ impl Lab {
             state_dir,
             pin_dir: pin_dir_for(&opts.name),
             probe_timeout: opts.probe_timeout,
+            admin_addr: opts.admin_addr,
             torn_down: false,
         };
         // From here on, Drop cleans up whatever was built if a step fails.
@@ -268,6 +274,7 @@ impl Lab {
                 pin_dir: self.pin_dir.clone(),
                 cgroup_root: Some(self.names.cgroup_root.clone()),
                 names_file: Some(self.names_file()),
+                admin_addr: self.admin_addr,
             })
             .map_err(|source| LabError::Agent { source })?,
         );
@@ -317,6 +324,11 @@ impl Lab {
 
     pub fn pods(&self) -> &[PlannedPod] {
         &self.pods
+    }
+
+    /// Where the running agent's admin endpoint listens, if it has one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.agent.as_ref().and_then(AgentHandle::admin_addr)
     }
 
     pub fn policies_dir(&self) -> &Path {

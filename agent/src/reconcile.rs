@@ -10,8 +10,8 @@ use crate::{
     bpf::{writer::MapUsage, DesiredState, WriteError},
     cgroup,
     policy::{
-        compile::{CompileError, Compiled, Compiler},
-        describe,
+        compile::{Attribution, CompileError, Compiled, Compiler},
+        describe, PolicyRef,
     },
     source::Snapshot,
 };
@@ -60,6 +60,47 @@ pub struct PublishedNames {
     pub endpoints: BTreeMap<u32, String>,
     /// Rule cookie → what decided.
     pub cookies: BTreeMap<u32, String>,
+    /// Rule cookie → the policies it stands for, structured (metrics labels
+    /// come from here): the deciding policy, or for a default deny every
+    /// isolating policy, sorted. Cookies no policy made (0) are absent.
+    #[serde(default)]
+    pub cookie_policies: BTreeMap<u32, Vec<PolicyName>>,
+}
+
+/// A policy object as named in metrics and published names.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct PolicyName {
+    /// `NetworkPolicy`, `L4Policy` or `ClusterL4Policy`.
+    pub kind: String,
+    /// Empty for cluster-scoped policies.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl From<&PolicyRef> for PolicyName {
+    fn from(p: &PolicyRef) -> Self {
+        Self {
+            kind: p.kind.as_str().to_string(),
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+        }
+    }
+}
+
+/// The policies an attribution names, in its order.
+pub fn attribution_policies(a: &Attribution) -> Vec<PolicyName> {
+    match a {
+        Attribution::DefaultDeny { isolated_by, .. } => {
+            isolated_by.iter().map(PolicyName::from).collect()
+        }
+        Attribution::Rule { policy, .. }
+        | Attribution::DenyRule { policy, .. }
+        | Attribution::TierRule { policy, .. }
+        | Attribution::AuditDenyRule { policy, .. }
+        | Attribution::AuditDefaultDeny { policy, .. } => vec![PolicyName::from(policy)],
+    }
 }
 
 pub struct Reconciler {
@@ -98,6 +139,11 @@ impl Reconciler {
                 .cookies
                 .iter()
                 .map(|(c, a)| (*c, describe::attribution(a)))
+                .collect(),
+            cookie_policies: compiled
+                .cookies
+                .iter()
+                .map(|(c, a)| (*c, attribution_policies(a)))
                 .collect(),
         };
         Ok(Applied {

@@ -270,3 +270,72 @@ pub fn assert_matrix_eq(
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     portcullis_agent::source::file::error_chain(e)
 }
+
+/// Starts a lab with explicit options (e.g. an admin endpoint); the name in
+/// `opts` should be the test's.
+pub async fn start_lab_with_options(opts: LabOptions) -> TestLab {
+    require_root();
+    let guard = KERNEL.lock().await;
+    let name = opts.name.clone();
+    let lab = Lab::start(opts)
+        .await
+        .unwrap_or_else(|e| panic!("starting lab {name}: {}", chain(&e)));
+    TestLab { lab, _guard: guard }
+}
+
+/// An HTTP response, as [`http_get`] read it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// A plain HTTP/1.1 GET (the admin endpoint speaks nothing fancier), with
+/// an optional `Accept` header.
+pub async fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    accept: Option<&str>,
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("sending request");
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .await
+        .expect("reading response");
+    let raw = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("malformed HTTP response: {raw:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    HttpResponse {
+        status,
+        content_type,
+        body: body.to_string(),
+    }
+}
