@@ -616,6 +616,7 @@ impl<'p> Pass<'p> {
                 endpoint,
                 direction,
                 protocol,
+                index: Default::default(),
             };
             let wildcard = scope.runs(PeerView::Unnamed);
             emit(
@@ -673,6 +674,19 @@ struct Scope<'a> {
     endpoint: &'a Workload,
     direction: Direction,
     protocol: Protocol,
+    /// Per entry list (by address): which positions apply to which peer.
+    /// Built on first use, so deciding one class looks at the entries that
+    /// can match it instead of scanning every rule once per class.
+    index: std::cell::RefCell<HashMap<*const Entry<'a>, EntryIndex>>,
+}
+
+/// Positions of an entry list's entries by the peers they match.
+#[derive(Default)]
+struct EntryIndex {
+    /// Entries matching every peer.
+    all: Vec<usize>,
+    /// Entries naming a class, by class.
+    by_class: HashMap<usize, Vec<usize>>,
 }
 
 /// Which entry (by position in its list) decides each port, first match.
@@ -788,23 +802,41 @@ impl Scope<'_> {
         runs
     }
 
+    /// Positions (ascending) of the entries that match the peer view.
+    fn matching_positions(&self, entries: &[Entry<'_>], peer: PeerView) -> Vec<usize> {
+        let mut index = self.index.borrow_mut();
+        let idx = index.entry(entries.as_ptr().cast()).or_insert_with(|| {
+            let mut idx = EntryIndex::default();
+            for (position, entry) in entries.iter().enumerate() {
+                if entry.rule.peers == Peers::All {
+                    idx.all.push(position);
+                } else {
+                    for &class in &self.named[&(entry.rule as *const Rule)] {
+                        idx.by_class.entry(class).or_default().push(position);
+                    }
+                }
+            }
+            idx
+        });
+        match peer {
+            PeerView::Unnamed => idx.all.clone(),
+            PeerView::Class(class, _) => {
+                let mut positions = idx.all.clone();
+                if let Some(named) = idx.by_class.get(&class) {
+                    positions.extend(named);
+                    positions.sort_unstable();
+                }
+                positions
+            }
+        }
+    }
+
     /// Which entry matches each port (first one wins), for the peer view.
     fn claims(&self, entries: &[Entry], peer: PeerView) -> Claims {
         let mut partition = PortPartition::default();
-        for (position, entry) in entries.iter().enumerate() {
+        for position in self.matching_positions(entries, peer) {
+            let entry = &entries[position];
             let rule = entry.rule;
-            let peer_ok = match peer {
-                PeerView::Unnamed => rule.peers == Peers::All,
-                PeerView::Class(class, _) => {
-                    rule.peers == Peers::All
-                        || self.named[&(rule as *const Rule)]
-                            .binary_search(&class)
-                            .is_ok()
-                }
-            };
-            if !peer_ok {
-                continue;
-            }
             if rule.ports.is_empty() {
                 partition.claim(0, u16::MAX, position);
                 continue;
