@@ -170,3 +170,85 @@ async fn a_flood_of_denied_connections_is_rate_limited() {
         .unwrap();
     assert!(o.reached(), "{o:?}");
 }
+
+const ALL_DECIDERS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: y}
+spec:
+  podSelector: {}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  ingress:
+    - from: [{namespaceSelector: {matchLabels: {ns: x}}}]
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: L4Policy
+metadata: {name: no-c, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  ingressDeny:
+    - from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: c}}}]
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: ClusterL4Policy
+metadata: {name: quarantine}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaceSelector: {matchLabels: {ns: z}}, podSelector: {matchLabels: {pod: c}}}
+  ingress:
+    - action: Deny
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: L4Policy
+metadata: {name: trial, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  mode: Audit
+  ingress:
+    - from: [{podSelector: {}}]
+"#;
+
+/// Explicit deny, a cluster tier rule and an audit verdict each reach the
+/// flow events with the policy that decided.
+#[tokio::test]
+async fn flow_events_attribute_every_kind_of_decision() {
+    let lab = start_lab("flows-all").await;
+    lab.apply("policies.yaml", ALL_DECIDERS).await;
+    let mut reader = EventReader::open(lab.pin_dir()).unwrap();
+    drain(&mut reader, &namer(&lab));
+
+    let spec = "80/tcp".parse().unwrap();
+    for (from, to) in [("x/c", "y/b"), ("x/b", "z/c"), ("y/a", "x/a")] {
+        lab.probe(from, to, spec, Family::Ipv4).await.unwrap();
+    }
+    let flows = drain(&mut reader, &namer(&lab));
+    let ingress = |from: &str, to: &str| {
+        flows
+            .iter()
+            .find(|f| f.from == from && f.to == to && f.direction == "ingress")
+            .unwrap_or_else(|| panic!("no ingress event {from} → {to}: {flows:#?}"))
+    };
+    let deny = ingress("x/c", "y/b");
+    assert_eq!((deny.verdict, deny.reason), ("deny", "policy"));
+    assert_eq!(deny.decided_by, "denied by L4Policy y/no-c deny rule 0");
+    let tier = ingress("x/b", "z/c");
+    assert_eq!(tier.verdict, "deny");
+    assert_eq!(
+        tier.decided_by,
+        "Deny by ClusterL4Policy quarantine rule 0 (Admin tier, priority 5)"
+    );
+    let audit = ingress("y/a", "x/a");
+    assert_eq!(audit.verdict, "audit");
+    assert!(
+        audit
+            .decided_by
+            .starts_with("audit: L4Policy x/trial would deny by default"),
+        "{audit:?}"
+    );
+}
