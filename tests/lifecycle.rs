@@ -186,3 +186,21 @@ async fn enforcement_survives_agent_stop_and_restart() {
     lab.remove("deny.yaml").await;
     lab.assert_matrix("80/tcp", Family::Ipv4, |_, _| true).await;
 }
+
+/// The benchmark's `quiet` switch really stops counting (so "off" in the
+/// overhead benchmark is off), and turning it back on resumes.
+#[tokio::test]
+async fn quiet_switch_stops_and_resumes_counting() {
+    let lab = start_lab("quiet").await;
+    lab.apply("z.yaml", &z_policy("{port: 80}")).await;
+    let total = || lab.counters().unwrap().iter().map(|s| s.count).sum::<u64>();
+
+    portcullis_agent::bpf::counters::set_quiet(lab.pin_dir(), true).unwrap();
+    let before = total();
+    lab.matrix("80/tcp", Family::Ipv4).await;
+    assert_eq!(total(), before, "nothing is counted while quiet");
+
+    portcullis_agent::bpf::counters::set_quiet(lab.pin_dir(), false).unwrap();
+    lab.matrix("80/tcp", Family::Ipv4).await;
+    assert!(total() >= before + 81, "every probed pair is counted again");
+}

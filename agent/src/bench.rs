@@ -3,6 +3,7 @@
 //! compile time, map entries and kernel memory grow with the rule count.
 
 pub mod connrate;
+pub mod overhead;
 pub mod scale;
 
 use std::{fmt::Write as _, path::PathBuf};
@@ -35,6 +36,9 @@ pub struct BenchArgs {
     /// Skip the scale check.
     #[arg(long)]
     pub skip_scale: bool,
+    /// Skip measuring what counters and flow events cost.
+    #[arg(long)]
+    pub skip_overhead: bool,
     /// Where to write the results for people to read.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
@@ -67,6 +71,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     if !args.skip_rate {
         report.push_str(&connrate::run(&args).await?);
+    }
+    if !args.skip_overhead {
+        report.push_str(&overhead::run(&args).await?);
     }
     if !args.skip_scale {
         let points = scale::run(&args.scale_rules, args.workloads)?;

@@ -26,6 +26,7 @@ pub const COUNTERS_MAP: &str = "PCL_COUNTERS";
 pub const UDP_FLOWS_MAP: &str = "PCL_UDP_FLOWS";
 pub const EVENTS_MAP: &str = "PCL_EVENTS";
 pub const EVENTS_LOST_MAP: &str = "PCL_EV_LOST";
+pub const SETTINGS_MAP: &str = "PCL_SETTINGS";
 
 /// Program names (the Rust function names in the kernel object).
 pub const PROG_CONNECT4: &str = "pcl_connect4";
@@ -116,6 +117,17 @@ pub struct State {
     pub abi_version: u32,
 }
 const _: () = assert!(core::mem::size_of::<State>() == 8);
+
+/// Single-entry array of run-time switches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Non-zero: decisions are neither counted nor reported as events. Only
+    /// for measuring what observability costs; zero (the default) in use.
+    pub quiet: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Settings>() == 8);
 
 /// Key of the endpoint map: a cgroup v2 id in one generation.
 #[repr(C)]
@@ -305,9 +317,10 @@ mod pod {
     unsafe impl aya::Pod for UdpFlowKey {}
     unsafe impl aya::Pod for UdpFlowValue {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for EventBudget {}
 }
 
 /// Bumped whenever a map's key or value layout changes, so an agent never
 /// reuses pinned maps written by an incompatible one.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;

@@ -6,12 +6,15 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     CounterKey, EndpointKey, EndpointValue, EventBudget, IdentityKeyData, IdentityValue,
-    PolicyKeyData, PolicyValue, State, UdpFlowKey, UdpFlowValue, COUNTERS_CAPACITY,
+    PolicyKeyData, PolicyValue, Settings, State, UdpFlowKey, UdpFlowValue, COUNTERS_CAPACITY,
     ENDPOINTS_CAPACITY, EVENTS_RING_BYTES, IDENTITIES_CAPACITY, POLICY_CAPACITY,
     UDP_FLOWS_CAPACITY,
 };
 
 // Map names below must equal the `*_MAP` constants in portcullis-common.
+
+#[map(name = "PCL_SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 
 #[map(name = "PCL_STATE")]
 pub static STATE: Array<State> = Array::pinned(1, 0);

@@ -51,3 +51,21 @@ pub fn read_counters(pin_dir: &Path) -> Result<(Vec<CounterSample>, u64), LoadEr
 fn map_err(map: &'static str, source: MapError) -> LoadError {
     LoadError::Map { map, source }
 }
+
+/// Turns counting and flow events off (`quiet`) or on for the agent pinned
+/// at `pin_dir`. Only for measuring what they cost.
+pub fn set_quiet(pin_dir: &Path, quiet: bool) -> Result<(), LoadError> {
+    use aya::maps::Array;
+    use portcullis_common::{Settings, SETTINGS_MAP};
+    let path = pin_dir.join(SETTINGS_MAP);
+    let data = MapData::from_pin(&path).map_err(|source| LoadError::PinnedMap { path, source })?;
+    let mut settings: Array<MapData, Settings> =
+        Array::try_from(Map::Array(data)).map_err(|source| map_err(SETTINGS_MAP, source))?;
+    let value = Settings {
+        quiet: u32::from(quiet),
+        _pad: 0,
+    };
+    settings
+        .set(0, value, 0)
+        .map_err(|source| map_err(SETTINGS_MAP, source))
+}
