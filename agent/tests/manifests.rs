@@ -25,8 +25,9 @@ use serde_json::Value;
 const NAMESPACE: &str = "portcullis-system";
 const SERVICE_ACCOUNT: &str = "portcullis-agent";
 const ADMIN_PORT: i32 = 8080;
-/// Policy examples, not install manifests; `portcullis lab` tests them.
-const NOT_MANIFESTS: &[&str] = &["examples"];
+/// Policy examples, not install manifests (`portcullis lab` tests them), and
+/// the plain Prometheus rule file (tests/prometheus.rs tests it).
+const NOT_MANIFESTS: &[&str] = &["examples", "prometheus"];
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -45,6 +46,7 @@ enum Object {
     CustomResourceDefinition(Box<CustomResourceDefinition>),
     /// monitoring.coreos.com has no typed model here.
     PodMonitor(Value),
+    PrometheusRule(Value),
 }
 
 /// Everything under deploy/, loaded once per test.
@@ -130,6 +132,11 @@ fn parse(doc: &serde_yaml::Value, at: &str) -> Object {
             let v: Value = serde_json::to_value(doc).unwrap();
             assert_eq!(v["apiVersion"], "monitoring.coreos.com/v1", "{at}");
             Object::PodMonitor(v)
+        }
+        "PrometheusRule" => {
+            let v: Value = serde_json::to_value(doc).unwrap();
+            assert_eq!(v["apiVersion"], "monitoring.coreos.com/v1", "{at}");
+            Object::PrometheusRule(v)
         }
         other => panic!(
             "{at}: kind {other} is not one this test knows; add it to `parse` with its \
@@ -261,7 +268,7 @@ fn kustomizations_install_exactly_the_manifests() {
     for r in &deploy.kustomizations[Path::new("kustomization.yaml")] {
         for (_, o) in deploy.objects.iter().filter(|(f, _)| f == r) {
             assert!(
-                !matches!(o, Object::PodMonitor(_)),
+                !matches!(o, Object::PodMonitor(_) | Object::PrometheusRule(_)),
                 "{} is in the base, which would fail without the Prometheus Operator",
                 r.display()
             );
@@ -297,6 +304,7 @@ fn every_kind_is_present_and_namespaced_objects_share_one_namespace() {
                 ("CustomResourceDefinition", Some(NAMESPACE))
             }
             Object::PodMonitor(v) => ("PodMonitor", v["metadata"]["namespace"].as_str()),
+            Object::PrometheusRule(v) => ("PrometheusRule", v["metadata"]["namespace"].as_str()),
         };
         if let Some(ns) = ns {
             assert_eq!(ns, NAMESPACE, "{kind} in {} is elsewhere", file.display());
@@ -314,6 +322,7 @@ fn every_kind_is_present_and_namespaced_objects_share_one_namespace() {
         "Service",
         "CustomResourceDefinition",
         "PodMonitor",
+        "PrometheusRule",
     ] {
         assert!(kinds.contains(want), "no {want} under deploy/");
     }
