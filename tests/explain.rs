@@ -6,50 +6,7 @@ use portcullis_agent::{
     explain::{explain, lab_paths, Explanation},
     lab::Family,
 };
-use portcullis_tests::start_lab;
-
-const POLICIES: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: default-deny, namespace: y}
-spec:
-  podSelector: {}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web, namespace: y}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  ingress:
-    - from: [{namespaceSelector: {matchLabels: {ns: x}}}]
----
-apiVersion: portcullis.dev/v1alpha1
-kind: L4Policy
-metadata: {name: no-c, namespace: y}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  ingressDeny:
-    - from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: c}}}]
----
-apiVersion: portcullis.dev/v1alpha1
-kind: ClusterL4Policy
-metadata: {name: quarantine}
-spec:
-  tier: Admin
-  priority: 5
-  subject: {namespaceSelector: {matchLabels: {ns: z}}, podSelector: {matchLabels: {pod: c}}}
-  ingress:
-    - action: Deny
----
-apiVersion: portcullis.dev/v1alpha1
-kind: L4Policy
-metadata: {name: trial, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  mode: Audit
-  ingress:
-    - from: [{podSelector: {}}]
-"#;
+use portcullis_tests::{start_lab, ALL_DECIDERS};
 
 fn check(e: &Explanation, allowed: bool, ingress_by: &str) {
     let text = e.render();
@@ -73,7 +30,7 @@ fn check(e: &Explanation, allowed: bool, ingress_by: &str) {
 #[tokio::test]
 async fn explain_names_the_deciding_rule_and_matches_the_kernel() {
     let lab = start_lab("explain").await;
-    lab.apply("policies.yaml", POLICIES).await;
+    lab.apply("policies.yaml", ALL_DECIDERS).await;
     let paths = lab_paths("explain");
     let why = |from: &str, to: &str, port: &str| {
         explain(&paths, from, to, port.parse().unwrap(), Family::Ipv4).unwrap()

@@ -16,7 +16,7 @@ use portcullis_agent::{
     reconcile::PublishedNames,
 };
 use portcullis_common::{EVENTS_BURST, EVENTS_PER_SECOND_PER_CPU};
-use portcullis_tests::{start_lab, TestLab};
+use portcullis_tests::{start_lab, TestLab, ALL_DECIDERS};
 
 const POLICIES: &str = r#"
 apiVersion: networking.k8s.io/v1
@@ -170,49 +170,6 @@ async fn a_flood_of_denied_connections_is_rate_limited() {
         .unwrap();
     assert!(o.reached(), "{o:?}");
 }
-
-const ALL_DECIDERS: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: default-deny, namespace: y}
-spec:
-  podSelector: {}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web, namespace: y}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  ingress:
-    - from: [{namespaceSelector: {matchLabels: {ns: x}}}]
----
-apiVersion: portcullis.dev/v1alpha1
-kind: L4Policy
-metadata: {name: no-c, namespace: y}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  ingressDeny:
-    - from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: c}}}]
----
-apiVersion: portcullis.dev/v1alpha1
-kind: ClusterL4Policy
-metadata: {name: quarantine}
-spec:
-  tier: Admin
-  priority: 5
-  subject: {namespaceSelector: {matchLabels: {ns: z}}, podSelector: {matchLabels: {pod: c}}}
-  ingress:
-    - action: Deny
----
-apiVersion: portcullis.dev/v1alpha1
-kind: L4Policy
-metadata: {name: trial, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  mode: Audit
-  ingress:
-    - from: [{podSelector: {}}]
-"#;
 
 /// Explicit deny, a cluster tier rule and an audit verdict each reach the
 /// flow events with the policy that decided.

@@ -13,53 +13,7 @@ use portcullis_common::{
     DIRECTION_INGRESS, PROTO_TCP, PROTO_UDP, REASON_DEFAULT_DENY, REASON_POLICY, VERDICT_AUDIT,
     VERDICT_DENY,
 };
-use portcullis_tests::{http_get, start_lab_with_options, HttpResponse, TestLab};
-
-/// The policy set of tests/explain.rs: a default deny in y, an explicit
-/// L4Policy deny for x/c → y/b, an Admin-tier quarantine of z/c and an
-/// audit-mode policy on x/a that only pods of x may reach.
-const POLICIES: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: default-deny, namespace: y}
-spec:
-  podSelector: {}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web, namespace: y}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  ingress:
-    - from: [{namespaceSelector: {matchLabels: {ns: x}}}]
----
-apiVersion: portcullis.dev/v1alpha1
-kind: L4Policy
-metadata: {name: no-c, namespace: y}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  ingressDeny:
-    - from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: c}}}]
----
-apiVersion: portcullis.dev/v1alpha1
-kind: ClusterL4Policy
-metadata: {name: quarantine}
-spec:
-  tier: Admin
-  priority: 5
-  subject: {namespaceSelector: {matchLabels: {ns: z}}, podSelector: {matchLabels: {pod: c}}}
-  ingress:
-    - action: Deny
----
-apiVersion: portcullis.dev/v1alpha1
-kind: L4Policy
-metadata: {name: trial, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  mode: Audit
-  ingress:
-    - from: [{podSelector: {}}]
-"#;
+use portcullis_tests::{http_get, start_lab_with_options, HttpResponse, TestLab, ALL_DECIDERS};
 
 /// Probes per kind of decision.
 const PROBES: u64 = 3;
@@ -201,7 +155,7 @@ async fn metrics_attribute_drops_and_audits_to_the_deciding_policy() {
     let missing = http_get(addr, "/nope", None).await;
     assert_eq!(missing.status, 404);
 
-    lab.apply("policies.yaml", POLICIES).await;
+    lab.apply("policies.yaml", ALL_DECIDERS).await;
     let names: PublishedNames =
         serde_json::from_slice(&std::fs::read(lab.names_file()).expect("names file"))
             .expect("names file parses");

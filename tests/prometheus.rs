@@ -19,54 +19,8 @@ use std::{
 use portcullis_agent::lab::{
     pod::ProbeOutcome, report::ProbeSpec, topology::default_topology, Family, LabOptions,
 };
-use portcullis_tests::{http_get, start_lab_with_options, TestLab};
+use portcullis_tests::{http_get, start_lab_with_options, TestLab, ALL_DECIDERS};
 use serde_json::Value;
-
-/// The policy set of tests/explain.rs and tests/metrics.rs: a default deny
-/// in y (x may reach y/b), an explicit L4Policy deny for x/c → y/b, an
-/// Admin-tier quarantine of z/c and an audit-mode policy on x/a.
-const POLICIES: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: default-deny, namespace: y}
-spec:
-  podSelector: {}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web, namespace: y}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  ingress:
-    - from: [{namespaceSelector: {matchLabels: {ns: x}}}]
----
-apiVersion: portcullis.dev/v1alpha1
-kind: L4Policy
-metadata: {name: no-c, namespace: y}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  ingressDeny:
-    - from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: c}}}]
----
-apiVersion: portcullis.dev/v1alpha1
-kind: ClusterL4Policy
-metadata: {name: quarantine}
-spec:
-  tier: Admin
-  priority: 5
-  subject: {namespaceSelector: {matchLabels: {ns: z}}, podSelector: {matchLabels: {pod: c}}}
-  ingress:
-    - action: Deny
----
-apiVersion: portcullis.dev/v1alpha1
-kind: L4Policy
-metadata: {name: trial, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  mode: Audit
-  ingress:
-    - from: [{podSelector: {}}]
-"#;
 
 /// What Grafana's variables stand for when the queries run here. The rate
 /// window spans the whole traffic phase and the policy apply before it, so
@@ -569,7 +523,7 @@ async fn dashboard_queries_and_alert_rules_work_against_a_real_prometheus() {
     .await;
 
     // The apply lands inside the queries' rate window (apply latency).
-    lab.apply("policies.yaml", POLICIES).await;
+    lab.apply("policies.yaml", ALL_DECIDERS).await;
 
     let tcp80: ProbeSpec = "80/tcp".parse().unwrap();
     let udp81: ProbeSpec = "81/udp".parse().unwrap();

@@ -6,9 +6,11 @@ pub mod connrate;
 pub mod overhead;
 pub mod scale;
 
-use std::{fmt::Write as _, path::PathBuf};
+use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
 
 use anyhow::Context as _;
+
+use crate::lab::topology::{LabNamespace, LabPort, LabWorkload, Topology};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -42,6 +44,28 @@ pub struct BenchArgs {
     /// Where to write the results for people to read.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
+}
+
+/// A lab of one namespace whose pods (labelled `pod=<name>`) serve TCP on
+/// `port`: the scenarios' client, server and bystanders.
+fn pods_serving(namespace: &str, pods: &[&str], port: u16) -> Topology {
+    let pod = |name: &&str| LabWorkload {
+        name: name.to_string(),
+        namespace: namespace.into(),
+        labels: BTreeMap::from([("pod".to_string(), name.to_string())]),
+        ports: vec![LabPort {
+            name: Some("http".into()),
+            container_port: port,
+            protocol: "TCP".into(),
+        }],
+    };
+    Topology {
+        namespaces: vec![LabNamespace {
+            name: namespace.into(),
+            labels: BTreeMap::new(),
+        }],
+        workloads: pods.iter().map(pod).collect(),
+    }
 }
 
 fn cpu_model() -> String {

@@ -339,3 +339,50 @@ pub async fn http_get(
         body: body.to_string(),
     }
 }
+
+/// A policy set with one flow decided by each kind of decider: a default
+/// deny in y (x may reach y/b), an explicit L4Policy deny for x/c → y/b, an
+/// Admin-tier quarantine of z/c, and an audit-mode L4Policy on x/a that only
+/// pods of x pass.
+pub const ALL_DECIDERS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: y}
+spec:
+  podSelector: {}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  ingress:
+    - from: [{namespaceSelector: {matchLabels: {ns: x}}}]
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: L4Policy
+metadata: {name: no-c, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  ingressDeny:
+    - from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: c}}}]
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: ClusterL4Policy
+metadata: {name: quarantine}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaceSelector: {matchLabels: {ns: z}}, podSelector: {matchLabels: {pod: c}}}
+  ingress:
+    - action: Deny
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: L4Policy
+metadata: {name: trial, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  mode: Audit
+  ingress:
+    - from: [{podSelector: {}}]
+"#;

@@ -17,10 +17,7 @@ use anyhow::{bail, ensure, Context as _};
 
 use super::BenchArgs;
 use crate::lab::{
-    pod::ProbeOutcome,
-    report::ProbeSpec,
-    topology::{LabNamespace, LabPort, LabWorkload, Topology},
-    Family, Lab, LabOptions,
+    pod::ProbeOutcome, report::ProbeSpec, topology::Topology, Family, Lab, LabOptions,
 };
 
 const PORT: u16 = 80;
@@ -48,23 +45,7 @@ impl Scenario {
 }
 
 fn topology() -> Topology {
-    let pod = |name: &str| LabWorkload {
-        name: name.into(),
-        namespace: "bench".into(),
-        labels: BTreeMap::from([("pod".to_string(), name.to_string())]),
-        ports: vec![LabPort {
-            name: Some("http".into()),
-            container_port: PORT,
-            protocol: "TCP".into(),
-        }],
-    };
-    Topology {
-        namespaces: vec![LabNamespace {
-            name: "bench".into(),
-            labels: BTreeMap::new(),
-        }],
-        workloads: vec![pod("client"), pod("server"), pod("outsider")],
-    }
+    super::pods_serving("bench", &["client", "server", "outsider"], PORT)
 }
 
 /// The i-th decoy peer: addresses in 198.19.0.0/16 that no pod uses.

@@ -4,17 +4,14 @@
 //! Every decision of the flood is counted and offered to the event ring,
 //! so this is their worst case.
 
-use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, time::Duration};
 
 use anyhow::ensure;
 
 use super::BenchArgs;
 use crate::{
     bpf::counters::set_quiet,
-    lab::{
-        topology::{LabNamespace, LabPort, LabWorkload, Topology},
-        Lab, LabOptions,
-    },
+    lab::{topology::Topology, Lab, LabOptions},
 };
 
 const PORT: u16 = 80;
@@ -43,23 +40,7 @@ spec:
 "#;
 
 fn topology() -> Topology {
-    let pod = |name: &str| LabWorkload {
-        name: name.into(),
-        namespace: "obs".into(),
-        labels: BTreeMap::from([("pod".to_string(), name.to_string())]),
-        ports: vec![LabPort {
-            name: Some("http".into()),
-            container_port: PORT,
-            protocol: "TCP".into(),
-        }],
-    };
-    Topology {
-        namespaces: vec![LabNamespace {
-            name: "obs".into(),
-            labels: BTreeMap::new(),
-        }],
-        workloads: vec![pod("client"), pod("server"), pod("flooder")],
-    }
+    super::pods_serving("obs", &["client", "server", "flooder"], PORT)
 }
 
 fn median(v: &mut [f64]) -> f64 {
