@@ -10,7 +10,7 @@ use std::{
         Arc,
     },
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::watch;
@@ -215,9 +215,10 @@ impl Observers {
     /// A pass reached the kernel. The counters are read before the new rule
     /// cookie meanings are published, so what was counted under the old ones
     /// is attributed to them.
-    fn applied(&self, applied: &crate::reconcile::Applied, changed_at: Option<Instant>) {
+    fn applied(&self, applied: &crate::reconcile::Applied, changed_at: Option<SystemTime>) {
         let m = &self.metrics;
-        m.apply.succeeded(changed_at.map(|t| t.elapsed()));
+        m.apply
+            .succeeded(changed_at.map(|t| t.elapsed().unwrap_or_default()));
         if let Err(e) = m.refresh(&self.pin_dir) {
             warn!("metrics: {}", error_chain(&e));
         }
@@ -257,6 +258,7 @@ fn sync_loop(
     let mut status = Status::default();
     let mut missing_cgroups = false;
     let mut last_pass = Instant::now();
+    let mut last_pass_wall = SystemTime::now();
     while !stop.load(Ordering::Relaxed) {
         let fp = source.fingerprint();
         // A pass that met missing cgroups is retried now and then: the
@@ -264,10 +266,17 @@ fn sync_loop(
         let retry = missing_cgroups && last_pass.elapsed() >= MISSING_CGROUP_RETRY;
         let changed = seen.as_ref() != Some(&fp);
         if changed || retry {
+            let previous_pass = last_pass_wall;
             last_pass = Instant::now();
-            // The source event: when the change was seen (at most one poll
-            // interval after it was made). Retries have none.
-            let changed_at = changed.then_some(last_pass);
+            last_pass_wall = SystemTime::now();
+            // The source event: when the newest change was written. A file
+            // modified before the previous pass (copied with its old time)
+            // could not have been seen earlier than that pass; a deletion
+            // leaves no time, so its detection stands in. Retries have none.
+            let changed_at = changed.then(|| {
+                fp.newest_change_since(seen.as_ref())
+                    .map_or(last_pass_wall, |t| t.max(previous_pass))
+            });
             status.fingerprint = fp.clone();
             status.problems.clear();
             status.waiting_for_cgroup.clear();

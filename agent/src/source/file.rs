@@ -37,6 +37,19 @@ pub enum FileSourceError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
 
+impl Fingerprint {
+    /// When the newest change since `previous` was made: the latest
+    /// modification time among files that are new or changed. `None` when
+    /// only deletions happened (a deleted file leaves no time behind).
+    pub fn newest_change_since(&self, previous: Option<&Fingerprint>) -> Option<SystemTime> {
+        self.0
+            .iter()
+            .filter(|entry| previous.is_none_or(|p| !p.0.contains(entry)))
+            .filter_map(|(_, _, modified)| *modified)
+            .max()
+    }
+}
+
 pub struct FileSource {
     policies_dir: PathBuf,
     workloads: PathBuf,
@@ -187,4 +200,28 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn newest_change_is_the_latest_modified_new_or_changed_file() {
+        let t = |s| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        let before = Fingerprint(vec![
+            ("a.yaml".into(), 1, t(10)),
+            ("b.yaml".into(), 1, t(20)),
+        ]);
+        let after = Fingerprint(vec![
+            ("a.yaml".into(), 2, t(30)),
+            ("b.yaml".into(), 1, t(20)),
+            ("c.yaml".into(), 1, t(25)),
+        ]);
+        assert_eq!(after.newest_change_since(Some(&before)), t(30));
+        assert_eq!(before.newest_change_since(Some(&before)), None);
+        let deleted = Fingerprint(vec![("a.yaml".into(), 1, t(10))]);
+        assert_eq!(deleted.newest_change_since(Some(&before)), None);
+    }
 }
