@@ -196,13 +196,8 @@ fn lab_cleans_up_after_a_crashed_run() {
     let ok = |c: &mut Command| assert!(c.status().unwrap().success(), "{c:?}");
     ok(Command::new("ip").args(["netns", "add", "pcl-crash-node"]));
     ok(Command::new("ip").args(["netns", "add", "pcl-crash-3"]));
-    let cgroup_mount = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .find(|l| l.contains(" - cgroup2 "))
-        .map(|l| l.split_whitespace().nth(4).unwrap().to_string())
-        .unwrap();
-    let pod_cgroup = PathBuf::from(&cgroup_mount).join("portcullis-lab-crash/x-a");
+    let cgroup_mount = portcullis_agent::cgroup::cgroup2_mount().unwrap();
+    let pod_cgroup = cgroup_mount.join("portcullis-lab-crash/x-a");
     std::fs::create_dir_all(&pod_cgroup).unwrap();
     let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
     std::fs::write(pod_cgroup.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
@@ -224,9 +219,7 @@ fn lab_cleans_up_after_a_crashed_run() {
     );
     assert!(!PathBuf::from("/run/netns/pcl-crash-node").exists());
     assert!(!PathBuf::from("/run/netns/pcl-crash-3").exists());
-    assert!(!PathBuf::from(&cgroup_mount)
-        .join("portcullis-lab-crash")
-        .exists());
+    assert!(!cgroup_mount.join("portcullis-lab-crash").exists());
 }
 
 /// The standalone agent as a user runs it: applies the files, picks up an
@@ -239,12 +232,7 @@ fn standalone_agent_applies_watches_and_uninstalls() {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir(&policies).unwrap();
-    let cgroup_mount = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .find(|l| l.contains(" - cgroup2 "))
-        .map(|l| PathBuf::from(l.split_whitespace().nth(4).unwrap()))
-        .unwrap();
+    let cgroup_mount = portcullis_agent::cgroup::cgroup2_mount().unwrap();
     let root = cgroup_mount.join("portcullis-cli-agent");
     std::fs::create_dir_all(root.join("web")).unwrap();
     let workloads = dir.path().join("workloads.yaml");
