@@ -167,6 +167,7 @@ fn inventory() -> impl Strategy<Value = Inventory> {
                     })
                     .collect(),
                 workloads,
+                services: Vec::new(),
             }
         })
 }

@@ -14,7 +14,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    inventory::{ContainerPort, Inventory, InventoryError, Namespace, Workload, WorkloadRef},
+    inventory::{
+        ContainerPort, Inventory, InventoryError, Namespace, Service, ServiceBackend, ServicePort,
+        Workload, WorkloadRef,
+    },
     network_policy::{
         IntOrString, IpBlock, LabelSelector, LabelSelectorRequirement, NetworkPolicy,
         NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,

@@ -25,6 +25,46 @@ pub struct Inventory {
     pub namespaces: Vec<Namespace>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<Workload>,
+    /// Virtual service addresses (ClusterIPs) and the backends each port
+    /// leads to. Connections to them are translated to a backend at
+    /// connect time, so policy judges the backend really reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
+}
+
+/// A Service as the data path needs it: its virtual addresses and, per
+/// port, the ready backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// At most one IPv4 and one IPv6 address.
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    #[serde(deserialize_with = "deserialize_container_port")]
+    pub port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// Ready backends; none means connections to this port are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<ServiceBackend>,
+}
+
+/// One ready endpoint of a service port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceBackend {
+    pub ip: IpAddr,
+    #[serde(deserialize_with = "deserialize_container_port")]
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
