@@ -165,7 +165,7 @@ fn measure(
         let snapshot = Snapshot {
             inventory: inventory.clone(),
             policies,
-            problems: Vec::new(),
+            ..Default::default()
         };
         let mut reconciler = Reconciler::new(mount.to_path_buf());
         let started = Instant::now();

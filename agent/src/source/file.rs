@@ -137,6 +137,7 @@ impl FileSource {
             inventory,
             policies,
             problems,
+            ..Default::default()
         })
     }
 
