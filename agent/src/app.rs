@@ -22,13 +22,15 @@ use crate::{
     cgroup::{self, CgroupError},
     metrics::Metrics,
     reconcile::{PublishedNames, Reconciler},
-    source::file::{error_chain, FileSource, Fingerprint},
+    source::{
+        file::{error_chain, FileSource},
+        kube::{KubeOptions, KubeSource, KubeSourceError},
+        Revision, Source,
+    },
 };
 
 /// How often the files are checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// How often a pass is repeated while some workload's cgroup is missing.
-const MISSING_CGROUP_RETRY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -47,13 +49,51 @@ pub enum AgentError {
         #[source]
         source: AdminError,
     },
+    #[error("starting the Kubernetes source")]
+    Kube {
+        #[source]
+        source: KubeSourceError,
+    },
+}
+
+/// Where desired state comes from.
+#[derive(Clone)]
+pub enum SourceOptions {
+    /// Standalone: a directory of policy files and a workloads file.
+    Files {
+        policies_dir: PathBuf,
+        workloads: PathBuf,
+    },
+    /// The Kubernetes API (a DaemonSet on every node).
+    Kubernetes(KubeOptions),
+}
+
+impl std::fmt::Debug for SourceOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Files {
+                policies_dir,
+                workloads,
+            } => f
+                .debug_struct("Files")
+                .field("policies_dir", policies_dir)
+                .field("workloads", workloads)
+                .finish(),
+            Self::Kubernetes(k) => f
+                .debug_struct("Kubernetes")
+                .field("node_name", &k.node_name)
+                .finish(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    pub policies_dir: PathBuf,
-    pub workloads: PathBuf,
+    pub source: SourceOptions,
     pub pin_dir: PathBuf,
+    /// The cgroup v2 hierarchy workload cgroups are resolved in; detected
+    /// from mountinfo when `None`. In a container, the host's, mounted in.
+    pub cgroup_mount: Option<PathBuf>,
     /// Where to attach; the cgroup v2 root when `None`.
     pub cgroup_root: Option<PathBuf>,
     /// Where to publish what endpoint ids and rule cookies mean (JSON).
@@ -66,8 +106,12 @@ pub struct AgentOptions {
 /// What the agent has done so far.
 #[derive(Clone, Debug, Default)]
 pub struct Status {
-    /// Files the latest pass read; compare with [`crate::source::file::fingerprint`].
-    pub fingerprint: Fingerprint,
+    /// What the latest pass read; for files, compare with
+    /// [`crate::source::file::fingerprint`].
+    pub revision: Revision,
+    /// Why the source may be out of date (API unreachable, initial list
+    /// pending): the agent is not ready, and keeps enforcing what it has.
+    pub degraded: Option<String>,
     /// Passes that reached the kernel.
     pub applied: u64,
     /// Problems of the latest pass (invalid files, failed writes).
@@ -130,7 +174,10 @@ impl Drop for AgentHandle {
 /// Loads the programs and starts syncing. Errors that stop the agent from
 /// enforcing anything are returned here; later problems go to the status.
 pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
-    let mount = cgroup::cgroup2_mount().map_err(|source| AgentError::Cgroup { source })?;
+    let mount = match &opts.cgroup_mount {
+        Some(m) => m.clone(),
+        None => cgroup::cgroup2_mount().map_err(|source| AgentError::Cgroup { source })?,
+    };
     let cgroup_root = opts.cgroup_root.clone().unwrap_or_else(|| mount.clone());
     let dataplane = Dataplane::load(&DataplaneOptions {
         pin_dir: opts.pin_dir.clone(),
@@ -170,7 +217,16 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     };
     let thread = {
         let stop = stop.clone();
-        let source = FileSource::new(opts.policies_dir.clone(), opts.workloads.clone());
+        let source: Box<dyn Source> = match &opts.source {
+            SourceOptions::Files {
+                policies_dir,
+                workloads,
+            } => Box::new(FileSource::new(policies_dir.clone(), workloads.clone())),
+            SourceOptions::Kubernetes(k) => Box::new(
+                KubeSource::start(k.clone(), &mount)
+                    .map_err(|source| AgentError::Kube { source })?,
+            ),
+        };
         let names_file = opts.names_file.clone();
         let metrics = metrics.clone();
         let pin_dir = opts.pin_dir.clone();
@@ -248,22 +304,34 @@ fn publish(path: &Path, names: &PublishedNames) -> std::io::Result<()> {
 
 fn sync_loop(
     names_file: Option<PathBuf>,
-    mut source: FileSource,
+    mut source: Box<dyn Source>,
     mut reconciler: Reconciler,
     mut dataplane: Dataplane,
     observers: Observers,
     stop: &AtomicBool,
 ) {
-    let mut seen: Option<Fingerprint> = None;
+    let mut seen: Option<Revision> = None;
     let mut status = Status::default();
     let mut missing_cgroups = false;
     let mut last_pass = Instant::now();
     let mut last_pass_wall = SystemTime::now();
     while !stop.load(Ordering::Relaxed) {
-        let fp = source.fingerprint();
+        let degraded = source.degraded();
+        if degraded != status.degraded {
+            match &degraded {
+                Some(why) => warn!("{why}; enforcing the last applied state"),
+                None => info!("source is current again"),
+            }
+            status.degraded = degraded;
+            observers.publish(&status);
+        }
+        let Some(fp) = source.revision() else {
+            thread::sleep(POLL_INTERVAL);
+            continue;
+        };
         // A pass that met missing cgroups is retried now and then: the
-        // workload's cgroup may appear without any file changing.
-        let retry = missing_cgroups && last_pass.elapsed() >= MISSING_CGROUP_RETRY;
+        // workload's cgroup may appear without anything else changing.
+        let retry = missing_cgroups && last_pass.elapsed() >= source.missing_cgroup_retry();
         let changed = seen.as_ref() != Some(&fp);
         if changed || retry {
             let previous_pass = last_pass_wall;
@@ -274,10 +342,11 @@ fn sync_loop(
             // could not have been seen earlier than that pass; a deletion
             // leaves no time, so its detection stands in. Retries have none.
             let changed_at = changed.then(|| {
-                fp.newest_change_since(seen.as_ref())
+                source
+                    .changed_at(&fp, seen.as_ref())
                     .map_or(last_pass_wall, |t| t.max(previous_pass))
             });
-            status.fingerprint = fp.clone();
+            status.revision = fp.clone();
             status.problems.clear();
             status.waiting_for_cgroup.clear();
             status.pass_error = None;
@@ -314,8 +383,8 @@ fn sync_loop(
                     }
                 }
                 Err(e) => {
-                    status.pass_error = Some(error_chain(&e));
-                    status.problems.push(error_chain(&e));
+                    status.pass_error = Some(error_chain(&*e));
+                    status.problems.push(error_chain(&*e));
                 }
             }
             for p in &status.problems {

@@ -21,7 +21,10 @@ use crate::{
     app::{self, AgentHandle, AgentOptions, Status},
     bpf::{self, CounterSample, LoadError},
     cgroup::{self, CgroupError},
-    source::file::{fingerprint, is_policy_file},
+    source::{
+        file::{fingerprint, is_policy_file},
+        Revision,
+    },
 };
 use plumbing::{LabNames, PlumbingError};
 use pod::{LoadResult, Placement, PodClient, PodError, ProbeOutcome, Protocol};
@@ -269,8 +272,11 @@ impl Lab {
     fn attach_agent(&mut self) -> Result<(), LabError> {
         self.agent = Some(
             app::start(AgentOptions {
-                policies_dir: self.policies_dir.clone(),
-                workloads: self.workloads.clone(),
+                source: app::SourceOptions::Files {
+                    policies_dir: self.policies_dir.clone(),
+                    workloads: self.workloads.clone(),
+                },
+                cgroup_mount: None,
                 pin_dir: self.pin_dir.clone(),
                 cgroup_root: Some(self.names.cgroup_root.clone()),
                 names_file: Some(self.names_file()),
@@ -391,16 +397,14 @@ impl Lab {
     /// Waits until the agent has processed the current policy files and
     /// returns its status (check `problems` for invalid files).
     pub async fn wait_applied(&self) -> Result<Status, LabError> {
-        let want = fingerprint(&self.policies_dir, &self.workloads);
+        let want = Revision::Files(fingerprint(&self.policies_dir, &self.workloads));
         let agent = self
             .agent
             .as_ref()
             .ok_or(LabError::ApplyTimeout { seconds: 0 })?;
         let mut rx = agent.status.clone();
         let status = tokio::time::timeout(APPLY_TIMEOUT, async {
-            rx.wait_for(|s| s.fingerprint == want)
-                .await
-                .map(|s| s.clone())
+            rx.wait_for(|s| s.revision == want).await.map(|s| s.clone())
         })
         .await;
         match status {

@@ -8,6 +8,7 @@ use portcullis_agent::{
     app::{self, AgentOptions},
     bpf, explain, flows,
     lab::{self, pod::Protocol, report::ProbeSpec},
+    source::kube::KubeOptions,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -30,11 +31,29 @@ enum Command {
     /// Run the agent standalone: policies from a directory, workloads from a file.
     Agent {
         /// Directory of policy files (*.yaml, *.yml), watched for changes.
-        #[arg(long)]
-        policies: PathBuf,
+        #[arg(long, required_unless_present = "kubernetes")]
+        policies: Option<PathBuf>,
         /// Workloads file: namespaces, pods, their cgroups, IPs and ports.
+        #[arg(long, required_unless_present = "kubernetes")]
+        workloads: Option<PathBuf>,
+        /// Take policies, pods and services from the Kubernetes API (in-cluster
+        /// config, or KUBECONFIG) instead of files.
+        #[arg(long, conflicts_with_all = ["policies", "workloads"])]
+        kubernetes: bool,
+        /// This node's name: its pods are enforced here.
+        #[arg(long, env = "NODE_NAME", required_if_eq("kubernetes", "true"))]
+        node_name: Option<String>,
+        /// The host's cgroup v2 mount as this process sees it (in a
+        /// container, where it is mounted in); default: detected.
         #[arg(long)]
-        workloads: PathBuf,
+        host_cgroup: Option<PathBuf>,
+        /// The kubelet's --cgroup-root, relative to the cgroup v2 mount.
+        #[arg(long, default_value = "/")]
+        kubelet_cgroup_root: PathBuf,
+        /// Deny a local pod's traffic until its endpoint is programmed, so
+        /// a new pod never runs unenforced (see docs/kubernetes.md).
+        #[arg(long, requires = "kubernetes")]
+        deny_unprogrammed: bool,
         /// bpffs directory for pinned maps and links.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -157,14 +176,37 @@ async fn main() -> anyhow::Result<()> {
         Command::Agent {
             policies,
             workloads,
+            kubernetes,
+            node_name,
+            host_cgroup,
+            kubelet_cgroup_root,
+            deny_unprogrammed,
             pin_dir,
             cgroup_root,
             names_file,
             admin_addr,
         } => {
+            let source = if kubernetes {
+                let client = ::kube::Client::try_default().await.context(
+                    "connecting to the Kubernetes API (in-cluster config or KUBECONFIG)",
+                )?;
+                let mut k = KubeOptions::new(client, node_name.unwrap_or_default());
+                k.kubelet_cgroup_root = kubelet_cgroup_root;
+                k.deny_unprogrammed = deny_unprogrammed;
+                app::SourceOptions::Kubernetes(k)
+            } else {
+                let policies_dir = policies.unwrap_or_default();
+                if !policies_dir.is_dir() {
+                    anyhow::bail!("--policies {}: not a directory", policies_dir.display());
+                }
+                app::SourceOptions::Files {
+                    policies_dir,
+                    workloads: workloads.unwrap_or_default(),
+                }
+            };
             run_agent(AgentOptions {
-                policies_dir: policies,
-                workloads,
+                source,
+                cgroup_mount: host_cgroup,
                 pin_dir,
                 cgroup_root,
                 names_file: Some(names_file),
@@ -263,12 +305,6 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_agent(opts: AgentOptions) -> anyhow::Result<()> {
-    if !opts.policies_dir.is_dir() {
-        anyhow::bail!(
-            "--policies {}: not a directory",
-            opts.policies_dir.display()
-        );
-    }
     let handle = app::start(opts).context("starting the agent")?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -4,7 +4,10 @@
 pub mod file;
 pub mod kube;
 
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use crate::policy::{model::Inventory, PolicyObject};
 
@@ -31,4 +34,42 @@ pub struct Guards {
     /// Local pods policy does not apply to (host network): allowed, not
     /// judged, even below a pending root.
     pub unenforced: Vec<PathBuf>,
+}
+
+/// What a source looks like now; a pass runs when it changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Revision {
+    /// The files' names, sizes and modification times.
+    Files(file::Fingerprint),
+    /// How many changes the API watchers have seen.
+    Events(u64),
+}
+
+impl Default for Revision {
+    fn default() -> Self {
+        Self::Events(0)
+    }
+}
+
+/// A source of desired state, polled by the sync loop.
+pub trait Source: Send + 'static {
+    /// The current revision, or `None` while the source has nothing
+    /// complete to offer (no initial list yet): nothing is applied then, so
+    /// a partial view never replaces what is enforced.
+    fn revision(&self) -> Option<Revision>;
+    /// When the newest change between `previous` and `now` was made: where
+    /// apply latency starts.
+    fn changed_at(&self, now: &Revision, previous: Option<&Revision>) -> Option<SystemTime>;
+    /// Reads the complete desired state.
+    fn load(&mut self) -> Result<Snapshot, Box<dyn std::error::Error + Send + Sync>>;
+    /// Why the source may be out of date (API unreachable, initial list
+    /// pending); what is enforced stays enforced meanwhile.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
+    /// How soon to retry a pass that met workloads whose cgroup does not
+    /// exist yet.
+    fn missing_cgroup_retry(&self) -> Duration {
+        Duration::from_secs(2)
+    }
 }

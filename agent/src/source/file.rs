@@ -93,6 +93,31 @@ pub fn fingerprint(policies_dir: &Path, workloads: &Path) -> Fingerprint {
     Fingerprint(out)
 }
 
+impl super::Source for FileSource {
+    fn revision(&self) -> Option<super::Revision> {
+        Some(super::Revision::Files(self.fingerprint()))
+    }
+
+    fn changed_at(
+        &self,
+        now: &super::Revision,
+        previous: Option<&super::Revision>,
+    ) -> Option<SystemTime> {
+        let super::Revision::Files(now) = now else {
+            return None;
+        };
+        let previous = match previous {
+            Some(super::Revision::Files(p)) => Some(p),
+            _ => None,
+        };
+        now.newest_change_since(previous)
+    }
+
+    fn load(&mut self) -> Result<Snapshot, Box<dyn std::error::Error + Send + Sync>> {
+        FileSource::load(self).map_err(Into::into)
+    }
+}
+
 impl FileSource {
     pub fn new(policies_dir: PathBuf, workloads: PathBuf) -> Self {
         Self {

@@ -1,5 +1,544 @@
-//! Kubernetes mode. Today: the node-local facts the kube source needs, i.e.
-//! where the kubelet put each local pod's cgroup. The watchers that turn
-//! API objects into a [`super::Snapshot`] come later (issue 5).
+//! Kubernetes mode: desired state from the API server, through kube-rs
+//! watchers and reflector stores, fed to the same reconcile path as the
+//! file source.
+//!
+//! Safety properties, and how they hold:
+//! - Nothing is applied until every watcher has completed its initial list,
+//!   so a partial view (pods known, their policies not yet) never replaces
+//!   what the pinned maps already enforce.
+//! - A relist (after `410 Gone`, or a reconnect) swaps a store's contents
+//!   atomically when the new list is complete; the maps change only by the
+//!   difference.
+//! - While the API server is unreachable the watchers retry with backoff,
+//!   the kernel keeps enforcing the last applied state, and the agent
+//!   reports not-ready.
 
 pub mod cgroups;
+mod policies;
+mod services;
+mod workloads;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use ::kube::{
+    api::{ApiResource, DynamicObject},
+    runtime::{
+        reflector::{self, store::Writer, Store},
+        watcher::{self, Event},
+        WatchStreamExt,
+    },
+    Api, Client, Resource,
+};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use tokio::{sync::watch, task::JoinHandle};
+
+use self::{
+    cgroups::{PodCgroupFinder, PodUid, QosClass},
+    policies::{ApiPolicy, PolicyTracker},
+    workloads::CgroupLookup,
+};
+use super::{Guards, Revision, Snapshot, Source};
+use crate::{crd, kube_report::ObjectReport};
+
+/// How often the API server is asked whether it is there, when no watch
+/// event says so.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("the Kubernetes source needs a tokio runtime to run its watchers on")]
+    NoRuntime,
+}
+
+/// Settings of the Kubernetes source.
+#[derive(Clone)]
+pub struct KubeOptions {
+    pub client: Client,
+    /// This node's name (`spec.nodeName` of the pods to enforce).
+    pub node_name: String,
+    /// The kubelet's cgroup root, relative to the cgroup2 mount (`/` by
+    /// default; the kubelet's `--cgroup-root`).
+    pub kubelet_cgroup_root: PathBuf,
+    /// Deny traffic of local pods until their endpoint is programmed.
+    pub deny_unprogrammed: bool,
+    pub probe_interval: Duration,
+}
+
+impl KubeOptions {
+    pub fn new(client: Client, node_name: impl Into<String>) -> Self {
+        Self {
+            client,
+            node_name: node_name.into(),
+            kubelet_cgroup_root: PathBuf::from("/"),
+            deny_unprogrammed: false,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+        }
+    }
+}
+
+/// The resources the source watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Watched {
+    Pods,
+    Namespaces,
+    Node,
+    NetworkPolicies,
+    L4Policies,
+    ClusterL4Policies,
+    Services,
+    EndpointSlices,
+}
+
+impl Watched {
+    pub const ALL: [Watched; 8] = [
+        Self::Pods,
+        Self::Namespaces,
+        Self::Node,
+        Self::NetworkPolicies,
+        Self::L4Policies,
+        Self::ClusterL4Policies,
+        Self::Services,
+        Self::EndpointSlices,
+    ];
+}
+
+impl fmt::Display for Watched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Pods => "pods",
+            Self::Namespaces => "namespaces",
+            Self::Node => "this node",
+            Self::NetworkPolicies => "networkpolicies",
+            Self::L4Policies => "l4policies.portcullis.dev",
+            Self::ClusterL4Policies => "clusterl4policies.portcullis.dev",
+            Self::Services => "services",
+            Self::EndpointSlices => "endpointslices",
+        })
+    }
+}
+
+/// What the watchers have seen, shared with the sync loop.
+#[derive(Default)]
+struct Progress {
+    /// Changes seen after the initial lists.
+    revision: u64,
+    changed_at: Option<SystemTime>,
+    synced: BTreeSet<Watched>,
+    /// Latest watch error per resource, until the API answers again.
+    failing: BTreeMap<Watched, (String, Instant)>,
+    last_probe_ok: Option<Instant>,
+    probe_error: Option<String>,
+}
+
+type Shared = Arc<Mutex<Progress>>;
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Progress> {
+    // A panicking watcher task must not take the sync loop with it.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Progress {
+    fn changed(&mut self, what: Watched) {
+        self.revision += 1;
+        self.changed_at = Some(SystemTime::now());
+        self.failing.remove(&what);
+    }
+}
+
+struct Stores {
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    node: Store<Node>,
+    network_policies: Store<NetworkPolicy>,
+    l4_policies: Store<DynamicObject>,
+    cluster_l4_policies: Store<DynamicObject>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+}
+
+pub struct KubeSource {
+    options: KubeOptions,
+    stores: Stores,
+    progress: Shared,
+    finder: PodCgroupFinder,
+    mount: PathBuf,
+    tracker: PolicyTracker,
+    reports: watch::Sender<Vec<ObjectReport>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Runs one watcher into its store, recording progress and errors.
+fn spawn_watch<K>(
+    runtime: &tokio::runtime::Handle,
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    what: Watched,
+    shared: Shared,
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    runtime.spawn(async move {
+        // Managed fields are large and never read: drop them before they
+        // reach the store.
+        let stream = watcher::watcher(api, config)
+            .default_backoff()
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None);
+        let stream = reflector::reflector(writer, stream);
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            let mut p = lock(&shared);
+            match event {
+                Ok(Event::Init) | Ok(Event::InitApply(_)) => {}
+                Ok(Event::InitDone) => {
+                    p.synced.insert(what);
+                    p.changed(what);
+                }
+                Ok(Event::Apply(_)) | Ok(Event::Delete(_)) => p.changed(what),
+                Err(e) => {
+                    tracing::warn!("watching {what}: {}", describe_watch_error(&e));
+                    p.failing
+                        .insert(what, (describe_watch_error(&e), Instant::now()));
+                }
+            }
+        }
+    })
+}
+
+fn describe_watch_error(e: &watcher::Error) -> String {
+    let text = crate::source::file::error_chain(e);
+    if text.contains("404") {
+        format!("{text} (is the CRD installed? kubectl apply -k deploy/)")
+    } else {
+        text
+    }
+}
+
+/// Like [`spawn_watch`], for Portcullis' kinds, watched untyped so one
+/// object that does not decode is reported alone (see `policies.rs`).
+fn spawn_dynamic_watch(
+    runtime: &tokio::runtime::Handle,
+    client: &Client,
+    resource: ApiResource,
+    what: Watched,
+    shared: Shared,
+) -> (Store<DynamicObject>, JoinHandle<()>) {
+    let writer = Writer::new(resource.clone());
+    let store = writer.as_reader();
+    let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+    let task = spawn_watch(
+        runtime,
+        api,
+        watcher::Config::default(),
+        writer,
+        what,
+        shared,
+    );
+    (store, task)
+}
+
+/// Asks the API server for its version now and then: the one signal that
+/// it is back when watches resume silently.
+fn spawn_probe(
+    runtime: &tokio::runtime::Handle,
+    client: Client,
+    every: Duration,
+    shared: Shared,
+) -> JoinHandle<()> {
+    runtime.spawn(async move {
+        loop {
+            let result = client.apiserver_version().await;
+            {
+                let mut p = lock(&shared);
+                match result {
+                    Ok(_) => {
+                        p.last_probe_ok = Some(Instant::now());
+                        p.probe_error = None;
+                    }
+                    Err(e) => p.probe_error = Some(crate::source::file::error_chain(&e)),
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
+impl KubeSource {
+    /// Starts the watchers on the current tokio runtime. `mount` is the
+    /// cgroup2 hierarchy the kubelet's cgroups are in.
+    pub fn start(options: KubeOptions, mount: &Path) -> Result<Self, KubeSourceError> {
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| KubeSourceError::NoRuntime)?;
+        let progress: Shared = Arc::default();
+        let client = options.client.clone();
+        let mut tasks = Vec::new();
+
+        macro_rules! typed {
+            ($kind:ty, $what:expr, $config:expr) => {{
+                let writer = Writer::<$kind>::default();
+                let store = writer.as_reader();
+                tasks.push(spawn_watch(
+                    &runtime,
+                    Api::<$kind>::all(client.clone()),
+                    $config,
+                    writer,
+                    $what,
+                    progress.clone(),
+                ));
+                store
+            }};
+        }
+        let any = watcher::Config::default;
+        let pods = typed!(Pod, Watched::Pods, any());
+        let namespaces = typed!(Namespace, Watched::Namespaces, any());
+        let node = typed!(
+            Node,
+            Watched::Node,
+            any().fields(&format!("metadata.name={}", options.node_name))
+        );
+        let network_policies = typed!(NetworkPolicy, Watched::NetworkPolicies, any());
+        let services = typed!(Service, Watched::Services, any());
+        let endpoint_slices = typed!(EndpointSlice, Watched::EndpointSlices, any());
+        let (l4_policies, task) = spawn_dynamic_watch(
+            &runtime,
+            &client,
+            ApiResource::erase::<crd::L4Policy>(&()),
+            Watched::L4Policies,
+            progress.clone(),
+        );
+        tasks.push(task);
+        let (cluster_l4_policies, task) = spawn_dynamic_watch(
+            &runtime,
+            &client,
+            ApiResource::erase::<crd::ClusterL4Policy>(&()),
+            Watched::ClusterL4Policies,
+            progress.clone(),
+        );
+        tasks.push(task);
+        tasks.push(spawn_probe(
+            &runtime,
+            client.clone(),
+            options.probe_interval,
+            progress.clone(),
+        ));
+        let finder = PodCgroupFinder::new(mount).with_base(&options.kubelet_cgroup_root);
+        let (reports, _) = watch::channel(Vec::new());
+        Ok(Self {
+            options,
+            stores: Stores {
+                pods,
+                namespaces,
+                node,
+                network_policies,
+                l4_policies,
+                cluster_l4_policies,
+                services,
+                endpoint_slices,
+            },
+            progress,
+            finder,
+            mount: mount.to_path_buf(),
+            tracker: PolicyTracker::default(),
+            reports,
+            tasks,
+        })
+    }
+
+    /// Every policy object with its validity, after each pass: what the
+    /// status writer reports to the API.
+    pub fn reports(&self) -> watch::Receiver<Vec<ObjectReport>> {
+        self.reports.subscribe()
+    }
+
+    /// The kubelet's pod-parent cgroups that exist: below them, a pod that
+    /// is not programmed yet is denied when `deny_unprogrammed` is set.
+    fn pending_roots(&self) -> Vec<PathBuf> {
+        let base = self.mount.join(
+            self.options
+                .kubelet_cgroup_root
+                .strip_prefix("/")
+                .unwrap_or(&self.options.kubelet_cgroup_root),
+        );
+        let slice_stem = base
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_suffix(".slice"))
+            .map(|stem| format!("{stem}-"))
+            .unwrap_or_default();
+        [
+            format!("{slice_stem}kubepods.slice"),
+            "kubepods".to_string(),
+        ]
+        .iter()
+        .map(|d| base.join(d))
+        .filter(|p| p.is_dir())
+        .collect()
+    }
+}
+
+/// Local pod cgroups, found by one walk per pass.
+struct ListedCgroups<'a> {
+    mount: &'a Path,
+    finder: &'a PodCgroupFinder,
+    listed: BTreeMap<PodUid, PathBuf>,
+}
+
+impl CgroupLookup for ListedCgroups<'_> {
+    fn pod_cgroup(&self, pod: &Pod) -> Result<PathBuf, PathBuf> {
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+        let Ok(uid) = PodUid::of_pod(uid, &annotations) else {
+            // Not a name the kubelet would make: it has no cgroup to find.
+            return Err(self.mount.join("unknown-pod-uid"));
+        };
+        if let Some(path) = self.listed.get(&uid) {
+            return Ok(self.mount.join(path));
+        }
+        let qos = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.qos_class.as_deref())
+            .and_then(|q| QosClass::from_str(q).ok())
+            .unwrap_or(QosClass::BestEffort);
+        let expected = self.finder.expected_paths(&uid, qos);
+        Err(self.mount.join(&expected[0]))
+    }
+}
+
+impl Source for KubeSource {
+    fn revision(&self) -> Option<Revision> {
+        let p = lock(&self.progress);
+        (p.synced.len() == Watched::ALL.len()).then_some(Revision::Events(p.revision))
+    }
+
+    fn changed_at(&self, _now: &Revision, _previous: Option<&Revision>) -> Option<SystemTime> {
+        lock(&self.progress).changed_at
+    }
+
+    fn load(&mut self) -> Result<Snapshot, Box<dyn std::error::Error + Send + Sync>> {
+        let s = &self.stores;
+        let mut problems = Vec::new();
+        let listed = match self.finder.list() {
+            Ok(listed) => listed,
+            Err(e) => {
+                problems.push(format!(
+                    "listing pod cgroups: {}",
+                    crate::source::file::error_chain(&e)
+                ));
+                BTreeMap::new()
+            }
+        };
+        let lookup = ListedCgroups {
+            mount: &self.mount,
+            finder: &self.finder,
+            listed,
+        };
+        let node = s.node.state();
+        let namespaces = s.namespaces.state();
+        let pods = s.pods.state();
+        let (mut inventory, local) = workloads::inventory(
+            &self.options.node_name,
+            node.first().map(|n| n.as_ref()),
+            namespaces.iter().map(|n| n.as_ref()),
+            pods.iter().map(|p| p.as_ref()),
+            &lookup,
+        );
+        let services = s.services.state();
+        let slices = s.endpoint_slices.state();
+        inventory.services = services::services(
+            services.iter().map(|x| x.as_ref()),
+            slices.iter().map(|x| x.as_ref()),
+        );
+        let network_policies = s.network_policies.state();
+        let l4 = s.l4_policies.state();
+        let cl4 = s.cluster_l4_policies.state();
+        let objects = network_policies
+            .iter()
+            .map(|o| ApiPolicy::NetworkPolicy(o))
+            .chain(l4.iter().map(|o| ApiPolicy::L4Policy(o)))
+            .chain(cl4.iter().map(|o| ApiPolicy::ClusterL4Policy(o)));
+        let tracked = self.tracker.track(objects);
+        problems.extend(tracked.problems);
+        self.reports.send_if_modified(|current| {
+            let changed = *current != tracked.reports;
+            if changed {
+                *current = tracked.reports;
+            }
+            changed
+        });
+        // A view the inventory rules reject would be a bug in the
+        // translation; refuse it whole rather than enforce part of it.
+        inventory.check().map_err(Box::new)?;
+        Ok(Snapshot {
+            inventory,
+            policies: tracked.policies,
+            problems,
+            guards: Guards {
+                pending_roots: if self.options.deny_unprogrammed {
+                    self.pending_roots()
+                } else {
+                    Vec::new()
+                },
+                unenforced: local.host_network,
+            },
+        })
+    }
+
+    fn degraded(&self) -> Option<String> {
+        let p = lock(&self.progress);
+        let waiting: Vec<String> = Watched::ALL
+            .iter()
+            .filter(|w| !p.synced.contains(w))
+            .map(|w| w.to_string())
+            .collect();
+        // A watch error counts until the API server has answered since.
+        let failing: Vec<String> = p
+            .failing
+            .iter()
+            .filter(|(_, (_, at))| p.last_probe_ok.is_none_or(|ok| *at > ok))
+            .map(|(w, (e, _))| format!("{w}: {e}"))
+            .collect();
+        let mut reasons = Vec::new();
+        if let Some(e) = &p.probe_error {
+            reasons.push(format!("API server unreachable: {e}"));
+        }
+        if !failing.is_empty() {
+            reasons.push(format!("watch failing ({})", failing.join("; ")));
+        }
+        if !waiting.is_empty() {
+            reasons.push(format!(
+                "waiting for the initial list of {}",
+                waiting.join(", ")
+            ));
+        }
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+
+    fn missing_cgroup_retry(&self) -> Duration {
+        // A pod whose cgroup is missing is usually starting: the kubelet
+        // creates it any moment, and until then the pod is not enforced
+        // (or, with deny-unprogrammed, gets no traffic).
+        Duration::from_millis(200)
+    }
+}

@@ -1,0 +1,382 @@
+//! Pods, Namespaces and this node's Node object → the [`Inventory`] the
+//! compiler reads. Every pod with an address is a peer; pods scheduled on
+//! this node are also enforced (they get a cgroup).
+//!
+//! The API can momentarily disagree with itself (a terminating pod and its
+//! replacement sharing an address, a pod listing a port name twice across
+//! containers). Such conflicts are resolved here, deterministically, so one
+//! odd object never stops the whole node from being reconciled.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node, Pod};
+
+use crate::policy::model::{
+    is_valid_port_name, ContainerPort, Inventory, Namespace, Protocol, Workload,
+};
+
+/// Where a local pod's cgroup is, or why it is not known yet.
+pub trait CgroupLookup {
+    /// The pod's cgroup (absolute). `Err` carries the path the pod is
+    /// expected at, which the reconciler reports as missing and retries.
+    fn pod_cgroup(&self, pod: &Pod) -> Result<PathBuf, PathBuf>;
+}
+
+/// The node-local part of a translation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalPods {
+    /// Host-network pods on this node: policy does not apply to them.
+    pub host_network: Vec<PathBuf>,
+}
+
+/// Pods that still hold their address and may run: not finished.
+fn is_live(pod: &Pod) -> bool {
+    !matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded") | Some("Failed")
+    )
+}
+
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(
+            status
+                .pod_ip
+                .as_deref()
+                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+        );
+    }
+    // At most one per family, as the inventory requires (and as the API
+    // guarantees for dual-stack pods).
+    let mut seen_v4 = false;
+    let mut seen_v6 = false;
+    ips.retain(|ip| {
+        let seen: &mut bool = if ip.is_ipv4() {
+            &mut seen_v4
+        } else {
+            &mut seen_v6
+        };
+        !std::mem::replace(seen, true)
+    });
+    ips
+}
+
+/// Named container ports; the first of a duplicated name wins.
+fn named_ports(pod: &Pod) -> Vec<ContainerPort> {
+    let mut ports: Vec<ContainerPort> = Vec::new();
+    let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
+    for port in containers.flat_map(|c| c.ports.iter().flatten()) {
+        let Some(name) = port.name.as_deref().filter(|n| is_valid_port_name(n)) else {
+            continue;
+        };
+        let Ok(number) = u16::try_from(port.container_port) else {
+            continue;
+        };
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "UDP" => Protocol::Udp,
+            "SCTP" => Protocol::Sctp,
+            _ => Protocol::Tcp,
+        };
+        if number == 0 || ports.iter().any(|p| p.name == name) {
+            continue;
+        }
+        ports.push(ContainerPort {
+            name: name.to_string(),
+            container_port: number,
+            protocol,
+        });
+    }
+    ports
+}
+
+/// Addresses of this node that traffic from the host comes from: the
+/// Node's addresses, and the gateway (first) address of each pod CIDR,
+/// which bridge-based CNIs give the host side and which kubelet probes
+/// then come from. Returns (node addresses, gateways): a pod holding a
+/// "gateway" address shows the CNI does not use it so, and keeps it.
+pub fn node_ips(node: Option<&Node>) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    let Some(node) = node else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut ips: Vec<IpAddr> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    let cidrs = node.spec.iter().flat_map(|s| {
+        s.pod_cidrs
+            .iter()
+            .flatten()
+            .chain(s.pod_cidr.iter())
+            .cloned()
+            .collect::<Vec<_>>()
+    });
+    let mut gateways: Vec<IpAddr> = cidrs
+        .filter_map(|cidr| first_address(&cidr.parse::<ipnet::IpNet>().ok()?))
+        .filter(|gateway| !ips.contains(gateway))
+        .collect();
+    ips.sort();
+    ips.dedup();
+    gateways.sort();
+    gateways.dedup();
+    (ips, gateways)
+}
+
+/// The network address plus one: the conventional gateway.
+fn first_address(net: &ipnet::IpNet) -> Option<IpAddr> {
+    match net {
+        ipnet::IpNet::V4(n) if n.prefix_len() < 31 => {
+            Some(IpAddr::V4((u32::from(n.network()) + 1).into()))
+        }
+        ipnet::IpNet::V6(n) if n.prefix_len() < 127 => {
+            Some(IpAddr::V6((u128::from(n.network()) + 1).into()))
+        }
+        _ => None,
+    }
+}
+
+/// Which of two pods keeps a contested address: a running pod over a
+/// terminating one, then the newer one (the old one is on its way out).
+fn outranks(a: &Pod, b: &Pod) -> bool {
+    let rank = |p: &Pod| {
+        (
+            p.metadata.deletion_timestamp.is_none(),
+            p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            p.metadata.name.clone(),
+        )
+    };
+    rank(a) > rank(b)
+}
+
+pub fn inventory<'a>(
+    node_name: &str,
+    node: Option<&Node>,
+    namespaces: impl IntoIterator<Item = &'a ApiNamespace>,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    cgroups: &impl CgroupLookup,
+) -> (Inventory, LocalPods) {
+    let mut local = LocalPods::default();
+    let mut namespace_list: Vec<Namespace> = namespaces
+        .into_iter()
+        .filter_map(|ns| {
+            Some(Namespace {
+                name: ns.metadata.name.clone()?,
+                labels: ns.metadata.labels.clone().unwrap_or_default(),
+            })
+        })
+        .collect();
+    namespace_list.sort_by(|a, b| a.name.cmp(&b.name));
+    namespace_list.dedup_by(|a, b| a.name == b.name);
+
+    let (mut node_ips, gateways) = node_ips(node);
+    // Address → index of the pod holding it; node addresses are never
+    // handed to a pod.
+    let mut holders: HashMap<IpAddr, usize> = HashMap::new();
+    let mut candidates: Vec<(&Pod, Workload)> = Vec::new();
+    for pod in pods.into_iter().filter(|p| is_live(p)) {
+        let (Some(name), Some(namespace)) = (&pod.metadata.name, &pod.metadata.namespace) else {
+            continue;
+        };
+        let spec = pod.spec.as_ref();
+        let is_local = spec.and_then(|s| s.node_name.as_deref()) == Some(node_name);
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+        if host_network {
+            // Shares the node's addresses: not a peer of its own, and
+            // NetworkPolicy does not apply to it.
+            if is_local {
+                if let Ok(cgroup) = cgroups.pod_cgroup(pod) {
+                    local.host_network.push(cgroup);
+                }
+            }
+            continue;
+        }
+        let cgroup = is_local.then(|| cgroups.pod_cgroup(pod).unwrap_or_else(|expected| expected));
+        let ips = pod_ips(pod);
+        if ips.is_empty() && cgroup.is_none() {
+            continue;
+        }
+        candidates.push((
+            pod,
+            Workload {
+                name: name.clone(),
+                namespace: namespace.clone(),
+                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                cgroup,
+                ips,
+                ports: named_ports(pod),
+            },
+        ));
+    }
+    for i in 0..candidates.len() {
+        let ips = candidates[i].1.ips.clone();
+        for ip in ips {
+            if node_ips.contains(&ip) {
+                candidates[i].1.ips.retain(|a| *a != ip);
+                continue;
+            }
+            match holders.get(&ip).copied() {
+                None => {
+                    holders.insert(ip, i);
+                }
+                Some(j) if outranks(candidates[i].0, candidates[j].0) => {
+                    candidates[j].1.ips.retain(|a| *a != ip);
+                    holders.insert(ip, i);
+                }
+                Some(_) => candidates[i].1.ips.retain(|a| *a != ip),
+            }
+        }
+    }
+    node_ips.extend(gateways.into_iter().filter(|g| !holders.contains_key(g)));
+    node_ips.sort();
+    // Two local pods never share a cgroup unless the lookup is confused;
+    // keep the first rather than reject the node's whole state.
+    let mut cgroup_owners: BTreeMap<PathBuf, ()> = BTreeMap::new();
+    let mut workloads: Vec<Workload> = Vec::new();
+    for (_, mut w) in candidates {
+        if let Some(cgroup) = &w.cgroup {
+            if cgroup_owners.insert(cgroup.clone(), ()).is_some() {
+                w.cgroup = None;
+            }
+        }
+        if w.ips.is_empty() && w.cgroup.is_none() {
+            continue;
+        }
+        workloads.push(w);
+    }
+    workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    workloads.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
+    (
+        Inventory {
+            node_ips,
+            namespaces: namespace_list,
+            workloads,
+            services: Vec::new(),
+        },
+        local,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    struct Fixed;
+    impl CgroupLookup for Fixed {
+        fn pod_cgroup(&self, pod: &Pod) -> Result<PathBuf, PathBuf> {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            if uid.starts_with("missing") {
+                Err(PathBuf::from(format!("/cg/expected/{uid}")))
+            } else {
+                Ok(PathBuf::from(format!("/cg/{uid}")))
+            }
+        }
+    }
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn web(name: &str, node: &str, ip: &str) -> Pod {
+        pod(json!({
+            "metadata": {"name": name, "namespace": "x", "uid": name, "labels": {"app": "web"}},
+            "spec": {"nodeName": node, "containers": [
+                {"name": "c", "ports": [{"name": "http", "containerPort": 8080},
+                                         {"name": "http", "containerPort": 9090},
+                                         {"name": "dns", "containerPort": 53, "protocol": "UDP"}]}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        }))
+    }
+
+    #[test]
+    fn local_pods_get_cgroups_and_remote_pods_are_peers() {
+        let pods = [web("a", "n1", "10.0.0.2"), web("b", "n2", "10.0.1.2")];
+        let (inv, _) = inventory("n1", None, [], &pods, &Fixed);
+        inv.check().unwrap();
+        let a = &inv.workloads[0];
+        assert_eq!(a.cgroup.as_deref(), Some(std::path::Path::new("/cg/a")));
+        assert_eq!(a.ips, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            a.named_port("http", Protocol::Tcp),
+            Some(8080),
+            "first name wins"
+        );
+        assert_eq!(a.named_port("dns", Protocol::Udp), Some(53));
+        assert!(inv.workloads[1].cgroup.is_none());
+    }
+
+    #[test]
+    fn a_local_pod_without_a_cgroup_yet_is_listed_at_its_expected_path() {
+        let mut p = web("missing-1", "n1", "10.0.0.3");
+        p.status.as_mut().unwrap().pod_ip = None;
+        p.status.as_mut().unwrap().pod_ips = None;
+        let (inv, _) = inventory("n1", None, [], &[p], &Fixed);
+        assert_eq!(
+            inv.workloads[0].cgroup.as_deref(),
+            Some(std::path::Path::new("/cg/expected/missing-1"))
+        );
+        assert!(inv.workloads[0].ips.is_empty());
+    }
+
+    #[test]
+    fn finished_and_host_network_pods_are_not_peers() {
+        let mut done = web("done", "n2", "10.0.0.9");
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        let mut host = web("host", "n1", "192.168.1.10");
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        let (inv, local) = inventory("n1", None, [], &[done, host], &Fixed);
+        assert!(inv.workloads.is_empty());
+        assert_eq!(local.host_network, vec![PathBuf::from("/cg/host")]);
+    }
+
+    #[test]
+    fn a_reused_address_goes_to_the_pod_that_is_not_terminating() {
+        let mut old = web("old", "n2", "10.0.0.7");
+        old.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-01-01T00:00:00Z".parse().unwrap(),
+            ));
+        let new = web("new", "n2", "10.0.0.7");
+        let (inv, _) = inventory("n1", None, [], &[old, new], &Fixed);
+        inv.check().unwrap();
+        assert_eq!(inv.workloads.len(), 1, "the old pod has no other address");
+        assert_eq!(inv.workloads[0].name, "new");
+    }
+
+    #[test]
+    fn node_addresses_include_the_pod_cidr_gateway() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1"},
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:10:244:1::/64"]},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "172.18.0.2"},
+                {"type": "Hostname", "address": "n1"}]}
+        }))
+        .unwrap();
+        let (ips, gateways) = node_ips(Some(&node));
+        let text = |v: Vec<IpAddr>| v.iter().map(|i| i.to_string()).collect::<Vec<_>>();
+        assert_eq!(text(ips), ["172.18.0.2"]);
+        assert_eq!(text(gateways), ["10.244.1.1", "fd00:10:244:1::1"]);
+        // A pod holding the "gateway" keeps it; the node does not claim it.
+        let p = web("p", "n1", "10.244.1.1");
+        let (inv, _) = inventory("n1", Some(&node), [], &[p], &Fixed);
+        inv.check().unwrap();
+        assert_eq!(text(inv.node_ips), ["172.18.0.2", "fd00:10:244:1::1"]);
+        assert_eq!(text(inv.workloads[0].ips.clone()), ["10.244.1.1"]);
+    }
+}
