@@ -276,8 +276,21 @@ fn health(state: &AdminState) -> (StatusCode, String) {
     }
 }
 
-/// Ready once a pass has reached the kernel and the latest pass did too.
+/// Ready once a pass has reached the kernel, the latest pass did too, and
+/// the source is current (in Kubernetes mode: the API server answers and
+/// every watch is up).
 pub fn readiness(status: &Status) -> (StatusCode, String) {
+    if let Some(why) = &status.degraded {
+        let state = if status.applied == 0 {
+            "no policy applied yet"
+        } else {
+            "enforcing the last applied state"
+        };
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{why} ({state})\n"),
+        );
+    }
     match (&status.pass_error, status.applied) {
         (Some(e), 0) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -366,5 +379,20 @@ mod tests {
         let (code, body) = readiness(&s);
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("map full"), "{body}");
+    }
+
+    #[test]
+    fn a_degraded_source_is_not_ready_and_says_enforcement_continues() {
+        let s = Status {
+            applied: 3,
+            degraded: Some("API server unreachable: connection refused".into()),
+            ..Default::default()
+        };
+        let (code, body) = readiness(&s);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("connection refused") && body.contains("last applied state"),
+            "{body}"
+        );
     }
 }

@@ -136,8 +136,9 @@ struct Progress {
     revision: u64,
     changed_at: Option<SystemTime>,
     synced: BTreeSet<Watched>,
-    /// Latest watch error per resource, until the API answers again.
-    failing: BTreeMap<Watched, (String, Instant)>,
+    /// Latest watch error per resource, until the watch delivers again
+    /// (or, for a transient one, the API server answers a probe).
+    failing: BTreeMap<Watched, (WatchFailure, Instant)>,
     last_probe_ok: Option<Instant>,
     probe_error: Option<String>,
 }
@@ -218,21 +219,54 @@ where
                 }
                 Ok(Event::Apply(_)) | Ok(Event::Delete(_)) => p.changed(what),
                 Err(e) => {
-                    tracing::warn!("watching {what}: {}", describe_watch_error(&e));
-                    p.failing
-                        .insert(what, (describe_watch_error(&e), Instant::now()));
+                    let failure = describe_watch_error(&e);
+                    tracing::warn!("watching {what}: {}", failure.message);
+                    p.failing.insert(what, (failure, Instant::now()));
                 }
             }
         }
     })
 }
 
-fn describe_watch_error(e: &watcher::Error) -> String {
-    let text = crate::source::file::error_chain(e);
-    if text.contains("404") {
-        format!("{text} (is the CRD installed? kubectl apply -k deploy/)")
-    } else {
-        text
+/// A watch failure, said briefly, and whether the API server answering
+/// the version probe shows it is over.
+struct WatchFailure {
+    message: String,
+    /// Connection problems and 5xx answers end when the server is back;
+    /// a 403 or 404 persists while the server is up.
+    transient: bool,
+}
+
+fn describe_status(status: &::kube::core::Status) -> WatchFailure {
+    let hint = match status.code {
+        404 => " (is the CRD installed? kubectl apply -k deploy/)",
+        403 => " (check the ClusterRole in deploy/rbac.yaml)",
+        _ => "",
+    };
+    WatchFailure {
+        message: format!(
+            "{} {}: {}{hint}",
+            status.code, status.reason, status.message
+        ),
+        transient: status.code >= 500 || status.code == 429,
+    }
+}
+
+fn describe_watch_error(e: &watcher::Error) -> WatchFailure {
+    use watcher::Error as W;
+    match e {
+        W::InitialListFailed(c) | W::WatchStartFailed(c) | W::WatchFailed(c) => match c {
+            ::kube::Error::Api(status) => describe_status(status),
+            other => WatchFailure {
+                message: crate::source::file::error_chain(other),
+                transient: true,
+            },
+        },
+        W::WatchError(status) => describe_status(status),
+        W::NoResourceVersion => WatchFailure {
+            message: e.to_string(),
+            transient: false,
+        },
     }
 }
 
@@ -475,9 +509,9 @@ impl Source for KubeSource {
         let cl4 = s.cluster_l4_policies.state();
         let objects = network_policies
             .iter()
-            .map(|o| ApiPolicy::NetworkPolicy(o))
-            .chain(l4.iter().map(|o| ApiPolicy::L4Policy(o)))
-            .chain(cl4.iter().map(|o| ApiPolicy::ClusterL4Policy(o)));
+            .map(|o| ApiPolicy::Network(o))
+            .chain(l4.iter().map(|o| ApiPolicy::L4(o)))
+            .chain(cl4.iter().map(|o| ApiPolicy::ClusterL4(o)));
         let tracked = self.tracker.track(objects);
         problems.extend(tracked.problems);
         self.reports.send_if_modified(|current| {
@@ -512,12 +546,13 @@ impl Source for KubeSource {
             .filter(|w| !p.synced.contains(w))
             .map(|w| w.to_string())
             .collect();
-        // A watch error counts until the API server has answered since.
+        // A watch resumed after an outage delivers nothing until something
+        // changes: a transient error counts only until the server answers.
         let failing: Vec<String> = p
             .failing
             .iter()
-            .filter(|(_, (_, at))| p.last_probe_ok.is_none_or(|ok| *at > ok))
-            .map(|(w, (e, _))| format!("{w}: {e}"))
+            .filter(|(_, (f, at))| !f.transient || p.last_probe_ok.is_none_or(|ok| *at > ok))
+            .map(|(w, (f, _))| format!("{w}: {}", f.message))
             .collect();
         let mut reasons = Vec::new();
         if let Some(e) = &p.probe_error {

@@ -21,42 +21,42 @@ use crate::{
 /// watched untyped, so one object that does not decode is reported on its
 /// own instead of failing the whole list.
 pub enum ApiPolicy<'a> {
-    NetworkPolicy(&'a ApiNetworkPolicy),
-    L4Policy(&'a DynamicObject),
-    ClusterL4Policy(&'a DynamicObject),
+    Network(&'a ApiNetworkPolicy),
+    L4(&'a DynamicObject),
+    ClusterL4(&'a DynamicObject),
 }
 
 impl ApiPolicy<'_> {
     fn kind(&self) -> ObjectKind {
         match self {
-            Self::NetworkPolicy(_) => ObjectKind::NetworkPolicy,
-            Self::L4Policy(_) => ObjectKind::L4Policy,
-            Self::ClusterL4Policy(_) => ObjectKind::ClusterL4Policy,
+            Self::Network(_) => ObjectKind::NetworkPolicy,
+            Self::L4(_) => ObjectKind::L4Policy,
+            Self::ClusterL4(_) => ObjectKind::ClusterL4Policy,
         }
     }
 
     fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         match self {
-            Self::NetworkPolicy(o) => &o.metadata,
-            Self::L4Policy(o) | Self::ClusterL4Policy(o) => &o.metadata,
+            Self::Network(o) => &o.metadata,
+            Self::L4(o) | Self::ClusterL4(o) => &o.metadata,
         }
     }
 
     /// Validates the object as the file source validates a document.
     fn validate(&self) -> Result<PolicyObject, String> {
         match self {
-            Self::NetworkPolicy(o) => {
+            Self::Network(o) => {
                 // Same wire form as a file: serialize, then read it strictly.
                 let raw: model::NetworkPolicy = serde_json::to_value(o)
                     .and_then(serde_json::from_value)
                     .map_err(|e| format!("does not match the NetworkPolicy schema: {e}"))?;
                 parse::network_policy(Origin::Kubernetes, &raw).map_err(|e| error_chain(&e))
             }
-            Self::L4Policy(o) => {
+            Self::L4(o) => {
                 let typed: crd::L4Policy = decode(o, "L4Policy")?;
                 typed.to_policy().map_err(|e| error_chain(&e))
             }
-            Self::ClusterL4Policy(o) => {
+            Self::ClusterL4(o) => {
                 let typed: crd::ClusterL4Policy = decode(o, "ClusterL4Policy")?;
                 typed.to_policy().map_err(|e| error_chain(&e))
             }
@@ -169,12 +169,12 @@ mod tests {
     fn an_invalid_edit_keeps_the_last_valid_version_and_is_reported() {
         let mut tracker = PolicyTracker::default();
         let good = l4("web", "u1", json!(80));
-        let first = tracker.track([ApiPolicy::L4Policy(&good)]);
+        let first = tracker.track([ApiPolicy::L4(&good)]);
         assert_eq!(first.policies.len(), 1);
         assert!(first.reports[0].problem.is_none());
 
         let bad = l4("web", "u1", json!(70000));
-        let second = tracker.track([ApiPolicy::L4Policy(&bad)]);
+        let second = tracker.track([ApiPolicy::L4(&bad)]);
         assert_eq!(second.policies, first.policies, "last valid version kept");
         let problem = second.reports[0].problem.as_deref().unwrap();
         assert!(problem.contains("70000"), "{problem}");
@@ -189,9 +189,9 @@ mod tests {
     #[test]
     fn a_recreated_object_inherits_nothing() {
         let mut tracker = PolicyTracker::default();
-        tracker.track([ApiPolicy::L4Policy(&l4("web", "u1", json!(80)))]);
+        tracker.track([ApiPolicy::L4(&l4("web", "u1", json!(80)))]);
         let recreated = l4("web", "u2", json!(0));
-        let out = tracker.track([ApiPolicy::L4Policy(&recreated)]);
+        let out = tracker.track([ApiPolicy::L4(&recreated)]);
         assert!(out.policies.is_empty());
         assert!(
             out.problems[0].contains("it is not applied"),
@@ -206,7 +206,7 @@ mod tests {
         let mut broken = l4("broken", "u3", json!(80));
         broken.data = json!({"spec": {"podSelector": {}, "ingress": "not a list"}});
         let fine = l4("fine", "u4", json!(443));
-        let out = tracker.track([ApiPolicy::L4Policy(&broken), ApiPolicy::L4Policy(&fine)]);
+        let out = tracker.track([ApiPolicy::L4(&broken), ApiPolicy::L4(&fine)]);
         assert_eq!(out.policies.len(), 1);
         assert_eq!(out.policies[0].reference.name, "fine");
         assert!(out.reports[0]
