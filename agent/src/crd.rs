@@ -10,7 +10,10 @@
 
 use std::path::Path;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::{
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::Condition,
+};
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -31,6 +34,9 @@ use crate::policy::{
     plural = "l4policies",
     shortname = "l4p",
     namespaced,
+    status = "PolicyStatus",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     doc = "NetworkPolicy-style L4 allows plus explicit denies and an audit mode."
 )]
 pub struct L4PolicySpec {
@@ -46,6 +52,9 @@ pub struct L4PolicySpec {
     kind = "ClusterL4Policy",
     plural = "clusterl4policies",
     shortname = "cl4p",
+    status = "PolicyStatus",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     doc = "Tiered, prioritised cluster-wide L4 policy (Admin before, Baseline after namespace policies)."
 )]
 // The agent rejects these too; CEL rejects them at `kubectl apply` already.
@@ -56,6 +65,18 @@ pub struct L4PolicySpec {
 pub struct ClusterL4PolicySpec {
     #[serde(flatten)]
     pub spec: model::ClusterL4PolicySpec,
+}
+
+/// Written only by the Portcullis agent holding the status Lease.
+// Written by crate::kube_report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PolicyStatus {
+    /// `Accepted`: True when the agents enforce this generation, False
+    /// (reason `Invalid`) when they rejected it and keep its last valid one.
+    // A map keyed by type, so server-side apply owns only our entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
 }
 
 /// Converts Kubernetes object metadata to the fields policies use.

@@ -52,3 +52,18 @@ fn api_objects_convert_to_policies() {
     let err = cluster.to_policy().unwrap_err().to_string();
     assert!(err.contains("spec.ingress[0].action"), "{err}");
 }
+
+#[test]
+fn both_kinds_have_a_status_subresource_with_keyed_conditions() {
+    for crd in [L4Policy::crd(), ClusterL4Policy::crd()] {
+        let crd = serde_json::to_value(crd).unwrap();
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["subresources"]["status"], serde_json::json!({}));
+        let conditions = &version["schema"]["openAPIV3Schema"]["properties"]["status"]
+            ["properties"]["conditions"];
+        // Server-side apply then owns our condition, not the whole list.
+        assert_eq!(conditions["x-kubernetes-list-type"], "map");
+        assert_eq!(conditions["x-kubernetes-list-map-keys"][0], "type");
+        assert_eq!(conditions["items"]["required"][0], "lastTransitionTime");
+    }
+}
