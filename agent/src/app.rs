@@ -65,7 +65,7 @@ pub enum SourceOptions {
         workloads: PathBuf,
     },
     /// The Kubernetes API (a DaemonSet on every node).
-    Kubernetes(KubeOptions),
+    Kubernetes(Box<KubeOptions>),
 }
 
 impl std::fmt::Debug for SourceOptions {
@@ -223,7 +223,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                 workloads,
             } => Box::new(FileSource::new(policies_dir.clone(), workloads.clone())),
             SourceOptions::Kubernetes(k) => Box::new(
-                KubeSource::start(k.clone(), &mount)
+                KubeSource::start((**k).clone(), &mount)
                     .map_err(|source| AgentError::Kube { source })?,
             ),
         };

@@ -54,6 +54,10 @@ enum Command {
         /// a new pod never runs unenforced (see docs/kubernetes.md).
         #[arg(long, requires = "kubernetes")]
         deny_unprogrammed: bool,
+        /// Namespace of the Lease that elects the agent reporting invalid
+        /// policies to the API (the agent's own namespace).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "portcullis-system")]
+        lease_namespace: String,
         /// bpffs directory for pinned maps and links.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -181,6 +185,7 @@ async fn main() -> anyhow::Result<()> {
             host_cgroup,
             kubelet_cgroup_root,
             deny_unprogrammed,
+            lease_namespace,
             pin_dir,
             cgroup_root,
             names_file,
@@ -193,7 +198,10 @@ async fn main() -> anyhow::Result<()> {
                 let mut k = KubeOptions::new(client, node_name.unwrap_or_default());
                 k.kubelet_cgroup_root = kubelet_cgroup_root;
                 k.deny_unprogrammed = deny_unprogrammed;
-                app::SourceOptions::Kubernetes(k)
+                if let Some(r) = k.reporter.as_mut() {
+                    r.namespace = lease_namespace;
+                }
+                app::SourceOptions::Kubernetes(Box::new(k))
             } else {
                 let policies_dir = policies.unwrap_or_default();
                 if !policies_dir.is_dir() {

@@ -187,6 +187,8 @@ impl Harness {
         let cg_b = node.create_pod_cgroup(&uid(2));
         let mut options = KubeOptions::new(client, NODE);
         options.probe_interval = Duration::from_millis(100);
+        // The status writer has tests of its own (kube_report).
+        options.reporter = None;
         let source = KubeSource::start(options, node.mount.path()).unwrap();
         let reconciler = Reconciler::new(node.mount.path().to_path_buf());
         let mut h = Self {
@@ -554,6 +556,7 @@ async fn a_missing_crd_keeps_the_agent_not_ready_with_a_clear_reason() {
     let node = Node::new();
     let mut options = KubeOptions::new(client, NODE);
     options.probe_interval = Duration::from_millis(100);
+    options.reporter = None;
     let source = KubeSource::start(options, node.mount.path()).unwrap();
     let why = until("the failing watch", || {
         source.degraded().filter(|d| d.contains("watch failing"))

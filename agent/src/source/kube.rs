@@ -50,7 +50,10 @@ use self::{
     workloads::CgroupLookup,
 };
 use super::{Guards, Revision, Snapshot, Source};
-use crate::{crd, kube_report::ObjectReport};
+use crate::{
+    crd,
+    kube_report::{ObjectReport, Reporter, ReporterOptions},
+};
 
 /// How often the API server is asked whether it is there, when no watch
 /// event says so.
@@ -74,13 +77,18 @@ pub struct KubeOptions {
     /// Deny traffic of local pods until their endpoint is programmed.
     pub deny_unprogrammed: bool,
     pub probe_interval: Duration,
+    /// Report invalid policy objects to the API (Events, conditions) when
+    /// this agent holds the Lease; `None` leaves that to others.
+    pub reporter: Option<ReporterOptions>,
 }
 
 impl KubeOptions {
     pub fn new(client: Client, node_name: impl Into<String>) -> Self {
+        let node_name = node_name.into();
         Self {
             client,
-            node_name: node_name.into(),
+            reporter: Some(ReporterOptions::new(node_name.clone())),
+            node_name,
             kubelet_cgroup_root: PathBuf::from("/"),
             deny_unprogrammed: false,
             probe_interval: DEFAULT_PROBE_INTERVAL,
@@ -378,7 +386,21 @@ impl KubeSource {
             progress.clone(),
         ));
         let finder = PodCgroupFinder::new(mount).with_base(&options.kubelet_cgroup_root);
-        let (reports, _) = watch::channel(Vec::new());
+        let (reports, reports_rx) = watch::channel(Vec::new());
+        if let Some(reporter_options) = options.reporter.clone() {
+            let reporter = Reporter::new(client.clone(), reporter_options);
+            let mut leading = reporter.leadership();
+            tasks.push(runtime.spawn(async move {
+                while leading.changed().await.is_ok() {
+                    if *leading.borrow() {
+                        tracing::info!("holding the status-writer Lease: reporting invalid policies to the API");
+                    } else {
+                        tracing::info!("not holding the status-writer Lease");
+                    }
+                }
+            }));
+            tasks.push(runtime.spawn(reporter.run(reports_rx)));
+        }
         Ok(Self {
             options,
             stores: Stores {
