@@ -18,6 +18,11 @@ pub enum CgroupError {
          (mount -t cgroup2 none /sys/fs/cgroup/unified)"
     )]
     NoCgroup2,
+    #[error(
+        "{path} is not a cgroup v2 hierarchy, and neither is {path}/unified \
+         (no cgroup.controllers file); pass the host's cgroup2 mount"
+    )]
+    NotCgroup2 { path: PathBuf },
     #[error("cgroup {path} does not exist or cannot be read")]
     Missing {
         path: PathBuf,
@@ -46,6 +51,17 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 }
 
 /// Resolves a cgroup path given as absolute, or relative to the cgroup2 mount.
+/// The cgroup v2 hierarchy at `path`: the path itself, or `unified/` below
+/// it on a hybrid host (cgroup v1 controllers at the top).
+pub fn cgroup2_at(path: &Path) -> Result<PathBuf, CgroupError> {
+    [path.to_path_buf(), path.join("unified")]
+        .into_iter()
+        .find(|p| p.join("cgroup.controllers").is_file())
+        .ok_or_else(|| CgroupError::NotCgroup2 {
+            path: path.to_path_buf(),
+        })
+}
+
 pub fn resolve(mount: &Path, path: &Path) -> PathBuf {
     if path.starts_with(mount) {
         path.to_path_buf()
@@ -67,6 +83,23 @@ pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_cgroup_is_the_hierarchy_itself_or_unified_below_it() {
+        let hybrid = tempfile::tempdir().unwrap();
+        fs::create_dir(hybrid.path().join("unified")).unwrap();
+        fs::write(hybrid.path().join("unified/cgroup.controllers"), "").unwrap();
+        assert_eq!(
+            cgroup2_at(hybrid.path()).unwrap(),
+            hybrid.path().join("unified")
+        );
+        let pure = tempfile::tempdir().unwrap();
+        fs::write(pure.path().join("cgroup.controllers"), "cpu io").unwrap();
+        assert_eq!(cgroup2_at(pure.path()).unwrap(), pure.path());
+        let neither = tempfile::tempdir().unwrap();
+        let e = cgroup2_at(neither.path()).unwrap_err().to_string();
+        assert!(e.contains("not a cgroup v2 hierarchy"), "{e}");
+    }
 
     #[test]
     fn finds_unified_mount_on_hybrid_hosts() {

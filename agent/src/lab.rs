@@ -3,6 +3,7 @@
 //! measured reachability between every pair of pods.
 
 pub mod cli;
+pub mod kube;
 pub mod plumbing;
 pub mod pod;
 pub mod report;
@@ -21,6 +22,7 @@ use crate::{
     app::{self, AgentHandle, AgentOptions, Status},
     bpf::{self, CounterSample, LoadError},
     cgroup::{self, CgroupError},
+    source::kube::KubeOptions,
     source::{
         file::{fingerprint, is_policy_file},
         Revision,
@@ -116,6 +118,9 @@ pub struct LabOptions {
     /// Where the lab's agent serves /metrics, /healthz and /readyz (port 0:
     /// any free port, see [`Lab::admin_addr`]); none when `None`.
     pub admin_addr: Option<SocketAddr>,
+    /// Kubernetes mode: the agent reads pods and policies from this API
+    /// server instead of the lab's files (see [`kube`]).
+    pub kubernetes: Option<kube::LabKube>,
 }
 
 impl LabOptions {
@@ -125,6 +130,7 @@ impl LabOptions {
             topology,
             probe_timeout: Duration::from_millis(1000),
             admin_addr: None,
+            kubernetes: None,
         }
     }
 }
@@ -141,6 +147,7 @@ pub struct Lab {
     pin_dir: PathBuf,
     probe_timeout: Duration,
     admin_addr: Option<SocketAddr>,
+    kubernetes: Option<kube::LabKube>,
     torn_down: bool,
 }
 
@@ -183,7 +190,8 @@ impl Lab {
             return Err(LabError::NotRoot);
         }
         let mount = cgroup::cgroup2_mount().map_err(|source| LabError::Cgroup { source })?;
-        let names = LabNames::new(&opts.name, &mount);
+        let mut names = LabNames::new(&opts.name, &mount);
+        names.kubelet_layout = opts.kubernetes.is_some();
         remove_leftovers(&names)?;
         let state_dir = state_dir_for(&opts.name);
         let mut lab = Lab {
@@ -198,6 +206,7 @@ impl Lab {
             pin_dir: pin_dir_for(&opts.name),
             probe_timeout: opts.probe_timeout,
             admin_addr: opts.admin_addr,
+            kubernetes: opts.kubernetes.clone(),
             torn_down: false,
         };
         // From here on, Drop cleans up whatever was built if a step fails.
@@ -270,12 +279,28 @@ impl Lab {
     }
 
     fn attach_agent(&mut self) -> Result<(), LabError> {
+        let source = match &self.kubernetes {
+            None => app::SourceOptions::Files {
+                policies_dir: self.policies_dir.clone(),
+                workloads: self.workloads.clone(),
+            },
+            Some(k) => {
+                let mut options = KubeOptions::new(k.client.clone(), &k.node_name);
+                let mount = self.names.cgroup_root.parent().unwrap_or(Path::new("/"));
+                options.kubelet_cgroup_root = self
+                    .names
+                    .cgroup_root
+                    .strip_prefix(mount)
+                    .unwrap_or(Path::new(""))
+                    .to_path_buf();
+                options.probe_interval = Duration::from_millis(200);
+                options.reporter = None;
+                app::SourceOptions::Kubernetes(Box::new(options))
+            }
+        };
         self.agent = Some(
             app::start(AgentOptions {
-                source: app::SourceOptions::Files {
-                    policies_dir: self.policies_dir.clone(),
-                    workloads: self.workloads.clone(),
-                },
+                source,
                 cgroup_mount: None,
                 pin_dir: self.pin_dir.clone(),
                 cgroup_root: Some(self.names.cgroup_root.clone()),
@@ -396,15 +421,36 @@ impl Lab {
 
     /// Waits until the agent has processed the current policy files and
     /// returns its status (check `problems` for invalid files).
+    /// In Kubernetes mode: waits for a pass that reached the kernel with
+    /// the source current.
     pub async fn wait_applied(&self) -> Result<Status, LabError> {
         let want = Revision::Files(fingerprint(&self.policies_dir, &self.workloads));
+        let kubernetes = self.kubernetes.is_some();
+        self.wait_status(|s| {
+            if kubernetes {
+                s.applied > 0 && s.degraded.is_none() && s.pass_error.is_none()
+            } else {
+                s.revision == want
+            }
+        })
+        .await
+    }
+
+    /// The running agent's status, as it changes.
+    pub fn agent_status(&self) -> Option<tokio::sync::watch::Receiver<Status>> {
+        self.agent.as_ref().map(|a| a.status.clone())
+    }
+
+    /// Waits (up to the apply timeout) for the agent's status to satisfy
+    /// `ready`.
+    pub async fn wait_status(&self, ready: impl Fn(&Status) -> bool) -> Result<Status, LabError> {
         let agent = self
             .agent
             .as_ref()
             .ok_or(LabError::ApplyTimeout { seconds: 0 })?;
         let mut rx = agent.status.clone();
         let status = tokio::time::timeout(APPLY_TIMEOUT, async {
-            rx.wait_for(|s| s.revision == want).await.map(|s| s.clone())
+            rx.wait_for(|s| ready(s)).await.map(|s| s.clone())
         })
         .await;
         match status {

@@ -212,9 +212,13 @@ async fn main() -> anyhow::Result<()> {
                     workloads: workloads.unwrap_or_default(),
                 }
             };
+            let cgroup_mount = host_cgroup
+                .map(|p| portcullis_agent::cgroup::cgroup2_at(&p))
+                .transpose()
+                .context("--host-cgroup")?;
             run_agent(AgentOptions {
                 source,
-                cgroup_mount: host_cgroup,
+                cgroup_mount,
                 pin_dir,
                 cgroup_root,
                 names_file: Some(names_file),

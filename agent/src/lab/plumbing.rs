@@ -63,6 +63,8 @@ pub struct LabNames {
     pub lab: String,
     /// cgroup directory the programs attach to; pods' cgroups are below it.
     pub cgroup_root: PathBuf,
+    /// Pods' cgroups named as a kubelet names them (Kubernetes-mode lab).
+    pub kubelet_layout: bool,
 }
 
 impl LabNames {
@@ -70,6 +72,7 @@ impl LabNames {
         Self {
             lab: lab.to_string(),
             cgroup_root: cgroup_mount.join(format!("portcullis-lab-{lab}")),
+            kubelet_layout: false,
         }
     }
 
@@ -86,6 +89,9 @@ impl LabNames {
     }
 
     pub fn pod_cgroup(&self, pod: &PlannedPod) -> PathBuf {
+        if self.kubelet_layout {
+            return self.cgroup_root.join(super::kube::pod_cgroup_relative(pod));
+        }
         self.cgroup_root.join(format!(
             "{}-{}",
             sanitize(&pod.workload.namespace),

@@ -1,0 +1,82 @@
+//! The lab in Kubernetes mode: the same network namespaces and pod
+//! processes, with cgroups laid out as a kubelet (systemd driver) lays them
+//! out and the agent reading pods and policies from an API server (in
+//! tests, a mock one). This module says what the API should hold so it
+//! matches the lab.
+
+use serde_json::{json, Value};
+
+use super::topology::{PlannedPod, Topology, NODE_IPV4, NODE_IPV6};
+
+/// The API-server side of a Kubernetes-mode lab.
+#[derive(Clone)]
+pub struct LabKube {
+    pub client: ::kube::Client,
+    pub node_name: String,
+}
+
+impl std::fmt::Debug for LabKube {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabKube")
+            .field("node_name", &self.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The pod UID the lab uses for a pod: also part of its cgroup's name.
+pub fn pod_uid(pod: &PlannedPod) -> String {
+    format!("00000000-0000-4000-8000-{:012}", pod.index + 1)
+}
+
+/// Where the kubelet (systemd driver) would put a BestEffort pod's cgroup,
+/// relative to its cgroup root.
+pub fn pod_cgroup_relative(pod: &PlannedPod) -> String {
+    format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        pod_uid(pod).replace('-', "_")
+    )
+}
+
+/// The Node object of the lab's node.
+pub fn node_object(node_name: &str) -> Value {
+    json!({
+        "metadata": {"name": node_name},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": NODE_IPV4.to_string()},
+            {"type": "InternalIP", "address": NODE_IPV6.to_string()},
+        ]}
+    })
+}
+
+pub fn namespace_objects(t: &Topology) -> Vec<Value> {
+    t.namespaces
+        .iter()
+        .map(|n| json!({"metadata": {"name": n.name, "labels": n.labels}}))
+        .collect()
+}
+
+/// A running pod object for each lab pod, scheduled on `node_name`.
+pub fn pod_objects(pods: &[PlannedPod], node_name: &str) -> Vec<Value> {
+    pods.iter()
+        .map(|p| {
+            let ports: Vec<Value> = p
+                .workload
+                .ports
+                .iter()
+                .map(|port| {
+                    json!({"name": port.name, "containerPort": port.container_port,
+                           "protocol": port.protocol})
+                })
+                .collect();
+            json!({
+                "metadata": {"name": p.workload.name, "namespace": p.workload.namespace,
+                             "uid": pod_uid(p), "labels": p.workload.labels},
+                "spec": {"nodeName": node_name,
+                         "containers": [{"name": "main", "image": "lab", "ports": ports}]},
+                "status": {"phase": "Running", "qosClass": "BestEffort",
+                           "podIP": p.ipv4.to_string(),
+                           "podIPs": [{"ip": p.ipv4.to_string()}, {"ip": p.ipv6.to_string()}]}
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,122 @@
+//! Kubernetes mode on the real data path: the agent takes pods and
+//! policies from an API server (a mock one, the requests of which
+//! `agent/tests/kube_source.rs` checks in detail), pods run in network
+//! namespaces with cgroups laid out as a kubelet lays them out, and the
+//! kernel enforces what the API says — through an API outage too.
+
+#[path = "../agent/tests/support/mock_api.rs"]
+mod mock_api;
+
+use std::time::Duration;
+
+use mock_api::{MockApi, NAMESPACES, NETWORK_POLICIES, NODES, PODS};
+use portcullis_agent::lab::{
+    kube::{namespace_objects, node_object, pod_objects, LabKube},
+    pod::ProbeOutcome,
+    topology::{default_topology, plan},
+    Family, Lab, LabOptions,
+};
+use portcullis_tests::{http_get, kernel_lock};
+use serde_json::json;
+
+const NODE: &str = "lab-node";
+
+/// x/a accepts TCP 80 only from pods labelled pod=b of its namespace.
+fn only_b_to_a() -> serde_json::Value {
+    json!({
+        "metadata": {"name": "only-b", "namespace": "x"},
+        "spec": {
+            "podSelector": {"matchLabels": {"pod": "a"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}],
+                         "ports": [{"port": 80, "protocol": "TCP"}]}]
+        }
+    })
+}
+
+async fn probe(lab: &Lab, from: &str, to: &str) -> ProbeOutcome {
+    lab.probe(from, to, "80/tcp".parse().unwrap(), Family::Ipv4)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_from_the_api_is_enforced_and_survives_an_api_outage() {
+    let _kernel = tokio::task::block_in_place(kernel_lock);
+    let (client, api) = MockApi::start();
+    let topology = default_topology();
+    api.apply(NODES, node_object(NODE));
+    for ns in namespace_objects(&topology) {
+        api.apply(NAMESPACES, ns);
+    }
+    for pod in pod_objects(&plan(&topology), NODE) {
+        api.apply(PODS, pod);
+    }
+    let mut options = LabOptions::new("kube", topology);
+    options.admin_addr = Some("127.0.0.1:0".parse().unwrap());
+    options.kubernetes = Some(LabKube {
+        client,
+        node_name: NODE.into(),
+    });
+    let lab = Lab::start(options).await.expect("lab in Kubernetes mode");
+    let status = lab.wait_applied().await.unwrap();
+    assert!(
+        status.waiting_for_cgroup.is_empty(),
+        "every pod's kubelet-style cgroup was found: {:?}",
+        status.waiting_for_cgroup
+    );
+    assert_eq!(status.usage.endpoints, 9, "nine local pods programmed");
+    assert_eq!(probe(&lab, "y/c", "x/a").await, ProbeOutcome::Reached);
+
+    // A NetworkPolicy arrives over the watch.
+    let before = status.applied;
+    api.apply(NETWORK_POLICIES, only_b_to_a());
+    lab.wait_status(|s| s.applied > before).await.unwrap();
+    assert_eq!(probe(&lab, "x/b", "x/a").await, ProbeOutcome::Reached);
+    assert_eq!(probe(&lab, "y/c", "x/a").await, ProbeOutcome::TimedOut);
+
+    // The API server goes away: not ready, and the kernel keeps enforcing.
+    api.set_down(true);
+    let degraded = lab
+        .wait_status(|s| s.degraded.is_some())
+        .await
+        .unwrap()
+        .degraded
+        .unwrap();
+    assert!(
+        degraded.contains("unreachable") || degraded.contains("503"),
+        "{degraded}"
+    );
+    let admin = lab.admin_addr().unwrap();
+    let ready = http_get(admin, "/readyz", None).await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(ready.body.contains("last applied state"), "{}", ready.body);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(probe(&lab, "y/c", "x/a").await, ProbeOutcome::TimedOut);
+    assert_eq!(probe(&lab, "x/b", "x/a").await, ProbeOutcome::Reached);
+
+    // Back: ready again, and a deletion made afterwards is enforced.
+    api.set_down(false);
+    let status = lab.wait_status(|s| s.degraded.is_none()).await.unwrap();
+    assert_eq!(http_get(admin, "/readyz", None).await.status, 200);
+    api.delete(NETWORK_POLICIES, "x", "only-b");
+    lab.wait_status(|s| s.applied > status.applied)
+        .await
+        .unwrap();
+    assert_eq!(probe(&lab, "y/c", "x/a").await, ProbeOutcome::Reached);
+
+    // A deleted pod is no longer a known peer: x/a isolated again, now
+    // allowing pod=b; deleting x/b makes its address unknown (world).
+    let status = lab.agent_status().unwrap().borrow().clone();
+    api.apply(NETWORK_POLICIES, only_b_to_a());
+    let status = lab
+        .wait_status(|s| s.applied > status.applied)
+        .await
+        .unwrap();
+    api.delete(PODS, "x", "b");
+    lab.wait_status(|s| s.applied > status.applied)
+        .await
+        .unwrap();
+    assert_eq!(probe(&lab, "x/b", "x/a").await, ProbeOutcome::TimedOut);
+    lab.shutdown().await.unwrap();
+}
