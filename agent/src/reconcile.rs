@@ -1,5 +1,7 @@
 //! Desired state → compiled map contents → kernel. One pass per change.
 
+mod services;
+
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use portcullis_common::{
@@ -11,7 +13,9 @@ use crate::{
     cgroup,
     policy::{
         compile::{Attribution, CompileError, Compiled, Compiler},
-        describe, PolicyRef,
+        describe,
+        model::Inventory,
+        PolicyRef,
     },
     source::Snapshot,
 };
@@ -125,7 +129,7 @@ impl Reconciler {
             .compiler
             .compile(&snapshot.inventory, &snapshot.policies)
             .map_err(|source| ReconcileError::Compile { source })?;
-        let (desired, missing_cgroups) = self.desired_state(&compiled);
+        let (desired, missing_cgroups) = self.desired_state(&compiled, &snapshot.inventory);
         let usage = sink
             .apply(&desired)
             .map_err(|source| ReconcileError::Write { source })?;
@@ -157,7 +161,7 @@ impl Reconciler {
     /// Translates compiler output into map contents. An endpoint whose cgroup
     /// does not exist (yet) has no process to enforce on; it is skipped and
     /// reported.
-    fn desired_state(&self, c: &Compiled) -> (DesiredState, Vec<String>) {
+    fn desired_state(&self, c: &Compiled, inventory: &Inventory) -> (DesiredState, Vec<String>) {
         let mut desired = DesiredState::default();
         let mut missing = Vec::new();
         for ep in &c.endpoints {
@@ -189,6 +193,7 @@ impl Reconciler {
                 .insert((prefix.len, prefix.addr), *identity);
         }
         desired.policy = c.rules.clone();
+        (desired.services, desired.backends) = services::desired(&inventory.services);
         (desired, missing)
     }
 }

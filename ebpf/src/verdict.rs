@@ -5,7 +5,7 @@ use portcullis_common::{
     CounterKey, EndpointValue, IdentityKeyData, PolicyKeyData, PolicyValue, UdpFlowKey,
     UdpFlowValue, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_HOST,
     IDENTITY_KEY_FIXED_BITS, IDENTITY_WORLD, POLICY_KEY_FIXED_BITS, REASON_HOST, REASON_LOCAL,
-    REASON_NOT_ISOLATED, UDP_FLOW_TIMEOUT_NS, VERDICT_ALLOW,
+    REASON_NOT_ISOLATED, UDP_FLOW_TIMEOUT_NS, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::maps::{COUNTERS, COUNTERS_LOST, IDENTITIES, POLICY, UDP_FLOWS};
@@ -89,6 +89,16 @@ pub fn decide(ep: &EndpointValue, flow: &Flow) -> PolicyValue {
 pub fn allow(reason: u8) -> PolicyValue {
     PolicyValue {
         verdict: VERDICT_ALLOW,
+        reason,
+        _pad: 0,
+        rule_cookie: 0,
+    }
+}
+
+#[inline(always)]
+pub fn deny(reason: u8) -> PolicyValue {
+    PolicyValue {
+        verdict: VERDICT_DENY,
         reason,
         _pad: 0,
         rule_cookie: 0,
