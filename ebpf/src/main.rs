@@ -20,6 +20,7 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock_addr},
     programs::{SkBuffContext, SockAddrContext},
 };
+use endpoint::Owner;
 use portcullis_common::{
     ipv4_mapped, EndpointValue, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_ID_NONE, PROTO_TCP,
     PROTO_UDP, REASON_NO_BACKEND, VERDICT_DENY,
@@ -195,9 +196,6 @@ fn egress(
             return refuse_no_backend(generation, protocol, addr, port);
         }
     };
-    let Some(ep) = endpoint::of_current_task(generation) else {
-        return PASS;
-    };
     let flow = Flow {
         generation,
         direction: DIRECTION_EGRESS,
@@ -205,6 +203,11 @@ fn egress(
         peer_addr,
         peer_port,
         policy_port: peer_port,
+    };
+    let ep = match endpoint::of_current_task(generation) {
+        Owner::Endpoint(ep) => ep,
+        Owner::NotProgrammed => return not_programmed(&flow),
+        Owner::Free => return PASS,
     };
     if let Some(local) = sendmsg_port {
         if protocol == PROTO_UDP && verdict::udp_reply(&ep, &flow, local) {
@@ -218,10 +221,10 @@ fn egress(
 /// socket's endpoint (or [`ENDPOINT_ID_NONE`] for other sockets).
 #[inline(always)]
 fn refuse_no_backend(generation: u32, protocol: u8, addr: [u8; 16], port: u16) -> i32 {
-    let ep = endpoint::of_current_task(generation).unwrap_or(EndpointValue {
-        endpoint_id: ENDPOINT_ID_NONE,
-        ..EndpointValue::default()
-    });
+    let ep = match endpoint::of_current_task(generation) {
+        Owner::Endpoint(ep) => ep,
+        _ => no_endpoint(),
+    };
     let flow = Flow {
         generation,
         direction: DIRECTION_EGRESS,
@@ -238,15 +241,39 @@ fn refuse_no_backend(generation: u32, protocol: u8, addr: [u8; 16], port: u16) -
     REJECT
 }
 
+/// Counters and events name sockets no endpoint owns with this.
+#[inline(always)]
+fn no_endpoint() -> EndpointValue {
+    EndpointValue {
+        endpoint_id: ENDPOINT_ID_NONE,
+        ..EndpointValue::default()
+    }
+}
+
+/// A pod below a pending guard that is not registered yet: only what is
+/// always allowed passes (loopback; from the node on ingress), the rest is
+/// denied until the agent has programmed the pod.
+#[inline(always)]
+fn not_programmed(flow: &Flow) -> i32 {
+    let ep = no_endpoint();
+    let v = verdict::decide_unprogrammed(flow);
+    if !quiet() {
+        verdict::count(&ep, flow, &v);
+        events::emit(&ep, flow, &v);
+    }
+    if v.verdict == VERDICT_DENY {
+        REJECT
+    } else {
+        PASS
+    }
+}
+
 #[inline(always)]
 fn ingress(ctx: &SkBuffContext) -> i32 {
     let Some(new) = packet::new_flow(ctx) else {
         return PASS;
     };
     let generation = endpoint::active_generation();
-    let Some(ep) = endpoint::of_skb(generation, ctx.skb.skb) else {
-        return PASS;
-    };
     let flow = Flow {
         generation,
         direction: DIRECTION_INGRESS,
@@ -254,6 +281,11 @@ fn ingress(ctx: &SkBuffContext) -> i32 {
         peer_addr: new.src_addr,
         peer_port: new.src_port,
         policy_port: new.dst_port,
+    };
+    let ep = match endpoint::of_skb(generation, ctx.skb.skb) {
+        Owner::Endpoint(ep) => ep,
+        Owner::NotProgrammed => return not_programmed(&flow),
+        Owner::Free => return PASS,
     };
     if new.protocol == PROTO_UDP && verdict::udp_reply(&ep, &flow, new.dst_port) {
         return PASS;
