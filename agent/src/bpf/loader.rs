@@ -127,6 +127,9 @@ const PROGRAMS: [(&str, Hook); 7] = [
     (PROG_INGRESS, Hook::SkbIngress),
 ];
 
+/// How many programs (and pinned links) the agent attaches.
+pub const PROGRAM_COUNT: usize = PROGRAMS.len();
+
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoadError {
     let path = path.to_path_buf();
     move |source| LoadError::Io {
