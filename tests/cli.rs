@@ -310,7 +310,7 @@ fn standalone_agent_applies_watches_and_uninstalls() {
         "maps stay pinned after the agent exits"
     );
     let links = std::fs::read_dir(pin_dir.join("links")).unwrap().count();
-    assert_eq!(links, 5);
+    assert_eq!(links, portcullis_agent::bpf::loader::PROGRAM_COUNT);
 
     let counters = portcullis()
         .args(["counters", "--json", "--pin-dir"])

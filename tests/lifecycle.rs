@@ -180,7 +180,11 @@ async fn enforcement_survives_agent_stop_and_restart() {
     let links = std::fs::read_dir(lab.pin_dir().join("links"))
         .unwrap()
         .count();
-    assert_eq!(links, 5, "one pinned link per program after a restart");
+    assert_eq!(
+        links,
+        portcullis_agent::bpf::loader::PROGRAM_COUNT,
+        "one pinned link per program after a restart"
+    );
 
     // The new agent applies changes as usual.
     lab.remove("deny.yaml").await;

@@ -300,3 +300,159 @@ pub fn lab_paths(name: &str) -> AgentPaths {
 pub fn render_error(e: &ExplainError) -> String {
     error_chain(e)
 }
+
+/// A flow to a Service: the kernel translates the connection to one of the
+/// backends at connect time, so each backend is explained as a destination.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceExplanation {
+    pub from: String,
+    /// `namespace/name` of the service.
+    pub service: String,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    pub protocol: &'static str,
+    /// One per backend that is a known workload, with the backend's port.
+    pub backends: Vec<Explanation>,
+    /// Backends that are no workload of the inventory (not explained).
+    pub unknown_backends: Vec<String>,
+}
+
+impl ServiceExplanation {
+    pub fn kernel_agrees(&self) -> bool {
+        self.backends.iter().all(Explanation::kernel_agrees)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "{} → service {} ({}:{}/{}): ",
+            self.from, self.service, self.cluster_ip, self.port, self.protocol
+        );
+        if self.backends.is_empty() && self.unknown_backends.is_empty() {
+            out.push_str("DENIED: no ready backend, connections are refused (no-backend)\n");
+            return out;
+        }
+        let _ = writeln!(
+            out,
+            "translated at connect time to one of {} backend(s)",
+            self.backends.len() + self.unknown_backends.len()
+        );
+        for b in &self.backends {
+            for line in b.render().lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        for b in &self.unknown_backends {
+            let _ = writeln!(out, "  {b}: not a known workload, not explained");
+        }
+        out
+    }
+}
+
+/// What `portcullis explain` was asked about: a workload or a service.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Explained {
+    Workload(Explanation),
+    Service(ServiceExplanation),
+}
+
+impl Explained {
+    pub fn kernel_agrees(&self) -> bool {
+        match self {
+            Self::Workload(e) => e.kernel_agrees(),
+            Self::Service(s) => s.kernel_agrees(),
+        }
+    }
+
+    pub fn render(&self) -> String {
+        match self {
+            Self::Workload(e) => e.render(),
+            Self::Service(s) => s.render(),
+        }
+    }
+}
+
+/// Like [`explain`], but `to` may also be a service: its `namespace/name`
+/// (when no workload has that name) or one of its cluster IPs.
+pub fn explain_target(
+    paths: &AgentPaths,
+    from: &str,
+    to: &str,
+    spec: ProbeSpec,
+    family: Family,
+) -> Result<Explained, ExplainError> {
+    let mut source = FileSource::new(paths.policies_dir.clone(), paths.workloads.clone());
+    let snapshot = source
+        .load()
+        .map_err(|source| ExplainError::Source { source })?;
+    let inventory = &snapshot.inventory;
+    let is_workload = inventory
+        .workloads
+        .iter()
+        .any(|w| format!("{}/{}", w.namespace, w.name) == to);
+    let as_ip: Option<IpAddr> = to.parse().ok();
+    let service = inventory.services.iter().find(|s| match as_ip {
+        Some(ip) => s.cluster_ips.contains(&ip),
+        None => !is_workload && format!("{}/{}", s.namespace, s.name) == to,
+    });
+    let Some(service) = service else {
+        return explain(paths, from, to, spec, family).map(Explained::Workload);
+    };
+    let cluster_ip = match as_ip {
+        Some(ip) => ip,
+        None => *service
+            .cluster_ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == (family == Family::Ipv4))
+            .ok_or_else(|| ExplainError::NoAddress {
+                workload: to.into(),
+                family: family.as_str(),
+            })?,
+    };
+    let protocol = match spec.protocol {
+        crate::lab::pod::Protocol::Tcp => Protocol::Tcp,
+        crate::lab::pod::Protocol::Udp => Protocol::Udp,
+    };
+    let backends = service
+        .ports
+        .iter()
+        .find(|p| p.port == spec.port && p.protocol == protocol)
+        .map(|p| p.backends.as_slice())
+        .unwrap_or_default();
+    let mut out = ServiceExplanation {
+        from: from.into(),
+        service: format!("{}/{}", service.namespace, service.name),
+        cluster_ip,
+        port: spec.port,
+        protocol: spec.protocol.as_str(),
+        backends: Vec::new(),
+        unknown_backends: Vec::new(),
+    };
+    let backend_family = if cluster_ip.is_ipv4() {
+        Family::Ipv4
+    } else {
+        Family::Ipv6
+    };
+    for b in backends
+        .iter()
+        .filter(|b| b.ip.is_ipv4() == cluster_ip.is_ipv4())
+    {
+        let workload = inventory
+            .workloads
+            .iter()
+            .find(|w| w.ips.contains(&b.ip))
+            .map(|w| format!("{}/{}", w.namespace, w.name));
+        match workload {
+            Some(w) => {
+                let spec = ProbeSpec {
+                    port: b.port,
+                    ..spec
+                };
+                out.backends
+                    .push(explain(paths, from, &w, spec, backend_family)?);
+            }
+            None => out.unknown_backends.push(format!("{}:{}", b.ip, b.port)),
+        }
+    }
+    Ok(Explained::Service(out))
+}

@@ -4,8 +4,9 @@
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use portcullis_common::{
-    FlowEvent, DIRECTION_INGRESS, PROTO_TCP, PROTO_UDP, REASON_DEFAULT_DENY, REASON_HOST,
-    REASON_LOCAL, REASON_NOT_ISOLATED, REASON_POLICY, REASON_REPLY, VERDICT_ALLOW, VERDICT_AUDIT,
+    FlowEvent, DIRECTION_INGRESS, ENDPOINT_ID_NONE, PROTO_TCP, PROTO_UDP, REASON_DEFAULT_DENY,
+    REASON_HOST, REASON_LOCAL, REASON_NOT_ISOLATED, REASON_NOT_PROGRAMMED, REASON_NO_BACKEND,
+    REASON_POLICY, REASON_REPLY, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 
@@ -59,6 +60,12 @@ impl Namer {
                     .iter()
                     .map(move |ip| (ip.to_canonical(), name.clone()))
             })
+            .chain(inventory.services.iter().flat_map(|s| {
+                let name = format!("service {}/{}", s.namespace, s.name);
+                s.cluster_ips
+                    .iter()
+                    .map(move |ip| (ip.to_canonical(), name.clone()))
+            }))
             .collect();
         Self {
             by_ip,
@@ -73,7 +80,10 @@ impl Namer {
             .endpoints
             .get(&e.endpoint_id)
             .cloned()
-            .unwrap_or_else(|| format!("endpoint {}", e.endpoint_id));
+            .unwrap_or_else(|| match e.endpoint_id {
+                ENDPOINT_ID_NONE => "(unregistered pod)".to_string(),
+                id => format!("endpoint {id}"),
+            });
         let peer_ip = addr_from16(e.peer_addr).to_canonical();
         let peer = self
             .by_ip
@@ -92,6 +102,8 @@ impl Namer {
                 .get(&e.rule_cookie)
                 .cloned()
                 .unwrap_or_else(|| format!("rule cookie {}", e.rule_cookie)),
+            REASON_NO_BACKEND => "the service port has no ready backend".into(),
+            REASON_NOT_PROGRAMMED => "pod not programmed yet".into(),
             _ => String::new(),
         };
         NamedFlow {
@@ -121,6 +133,8 @@ impl Namer {
                 REASON_LOCAL => "local",
                 REASON_HOST => "host",
                 REASON_REPLY => "reply",
+                REASON_NO_BACKEND => "no-backend",
+                REASON_NOT_PROGRAMMED => "not-programmed",
                 _ => "unknown",
             },
             decided_by,

@@ -22,6 +22,7 @@ use crate::{
     app::{self, AgentHandle, AgentOptions, Status},
     bpf::{self, CounterSample, LoadError},
     cgroup::{self, CgroupError},
+    policy::model::Service,
     source::kube::KubeOptions,
     source::{
         file::{fingerprint, is_policy_file},
@@ -148,6 +149,9 @@ pub struct Lab {
     probe_timeout: Duration,
     admin_addr: Option<SocketAddr>,
     kubernetes: Option<kube::LabKube>,
+    /// What the workloads file is generated from.
+    topology: Topology,
+    services: Vec<Service>,
     torn_down: bool,
 }
 
@@ -207,6 +211,8 @@ impl Lab {
             probe_timeout: opts.probe_timeout,
             admin_addr: opts.admin_addr,
             kubernetes: opts.kubernetes.clone(),
+            topology: opts.topology.clone(),
+            services: Vec::new(),
             torn_down: false,
         };
         // From here on, Drop cleans up whatever was built if a step fails.
@@ -224,7 +230,7 @@ impl Lab {
             plumb(plumbing::create_cgroup(&self.names.pod_cgroup(pod)))?;
         }
         fs::create_dir_all(&self.policies_dir).map_err(io("creating", &self.policies_dir))?;
-        let workloads = workloads_yaml(topology, &self.pods, &self.names);
+        let workloads = workloads_yaml(topology, &self.pods, &self.names, &[]);
         fs::write(&self.workloads, workloads).map_err(io("writing", &self.workloads))?;
 
         self.attach_agent()?;
@@ -379,6 +385,19 @@ impl Lab {
         &self.workloads
     }
 
+    /// Replaces the services in the lab's workloads file (cluster IPs should
+    /// be addresses no interface has, e.g. 198.18.200.0/24, so only the
+    /// agent's translation makes them reachable). Wait with
+    /// [`Lab::wait_applied`].
+    pub fn set_services(&mut self, services: Vec<Service>) -> Result<(), LabError> {
+        self.services = services;
+        let yaml = workloads_yaml(&self.topology, &self.pods, &self.names, &self.services);
+        // Write aside and rename, so the agent never reads half a file.
+        let tmp = self.state_dir.join(".workloads.yaml.tmp");
+        fs::write(&tmp, yaml).map_err(io("writing", &tmp))?;
+        fs::rename(&tmp, &self.workloads).map_err(io("writing", &self.workloads))
+    }
+
     /// Replaces the lab's policies with the policy files of `dir`.
     pub fn use_policies_from(&self, dir: &Path) -> Result<(), LabError> {
         self.clear_policies()?;
@@ -499,6 +518,23 @@ impl Lab {
             })
     }
 
+    /// One probe from pod `from` to any address (a service's cluster IP).
+    pub async fn probe_address(
+        &self,
+        from: &str,
+        addr: IpAddr,
+        spec: ProbeSpec,
+    ) -> Result<ProbeOutcome, LabError> {
+        let f = self.pod_index(from)?;
+        self.clients[f]
+            .probe(addr, spec.port, spec.protocol, self.probe_timeout)
+            .await
+            .map_err(|source| LabError::Pod {
+                pod: from.into(),
+                source,
+            })
+    }
+
     /// Opens a TCP connection from `from` to `to` and keeps it open.
     pub async fn hold(
         &self,
@@ -507,9 +543,20 @@ impl Lab {
         port: u16,
         family: Family,
     ) -> Result<(HeldConnection, ProbeOutcome), LabError> {
-        let (f, t) = (self.pod_index(from)?, self.pod_index(to)?);
+        let t = self.pod_index(to)?;
+        self.hold_address(from, self.address(t, family), port).await
+    }
+
+    /// Opens a TCP connection from `from` to any address and keeps it open.
+    pub async fn hold_address(
+        &self,
+        from: &str,
+        addr: IpAddr,
+        port: u16,
+    ) -> Result<(HeldConnection, ProbeOutcome), LabError> {
+        let f = self.pod_index(from)?;
         let (id, outcome) = self.clients[f]
-            .hold(self.address(t, family), port, self.probe_timeout)
+            .hold(addr, port, self.probe_timeout)
             .await
             .map_err(|source| LabError::Pod {
                 pod: from.into(),
@@ -679,7 +726,12 @@ fn helper_exe(current: &Path) -> PathBuf {
 }
 
 /// The standalone workloads file describing the lab's pods to the agent.
-fn workloads_yaml(t: &Topology, pods: &[PlannedPod], names: &LabNames) -> String {
+fn workloads_yaml(
+    t: &Topology,
+    pods: &[PlannedPod],
+    names: &LabNames,
+    services: &[Service],
+) -> String {
     let namespaces: Vec<_> = t
         .namespaces
         .iter()
@@ -698,10 +750,13 @@ fn workloads_yaml(t: &Topology, pods: &[PlannedPod], names: &LabNames) -> String
             })
         })
         .collect();
-    let doc = json!({
+    let mut doc = json!({
         "nodeIPs": [NODE_IPV4.to_string(), NODE_IPV6.to_string()],
         "namespaces": namespaces,
         "workloads": workloads,
     });
+    if !services.is_empty() {
+        doc["services"] = serde_json::to_value(services).expect("services serialize");
+    }
     serde_yaml::to_string(&doc).expect("JSON values serialize to YAML")
 }

@@ -78,7 +78,8 @@ enum Command {
         /// Source workload, namespace/name.
         #[arg(long)]
         from: String,
-        /// Destination workload, namespace/name.
+        /// Destination workload, namespace/name; or a service (its
+        /// namespace/name or a cluster IP): each backend is explained.
         #[arg(long)]
         to: String,
         /// Destination port/protocol, e.g. 80/tcp.
@@ -247,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
                     names_file,
                 },
             };
-            let e = explain::explain(&paths, &from, &to, port, family)
+            let e = explain::explain_target(&paths, &from, &to, port, family)
                 .map_err(|e| anyhow::anyhow!(explain::render_error(&e)))?;
             if json {
                 println!("{}", serde_json::to_string(&e)?);

@@ -1,9 +1,12 @@
 //! Desired state → compiled map contents → kernel. One pass per change.
 
+mod services;
+
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use portcullis_common::{
     ipv4_mapped, EndpointValue, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6,
+    ENDPOINT_FLAG_PENDING, ENDPOINT_FLAG_UNENFORCED, ENDPOINT_ID_NONE,
 };
 
 use crate::{
@@ -125,7 +128,7 @@ impl Reconciler {
             .compiler
             .compile(&snapshot.inventory, &snapshot.policies)
             .map_err(|source| ReconcileError::Compile { source })?;
-        let (desired, missing_cgroups) = self.desired_state(&compiled);
+        let (desired, missing_cgroups) = self.desired_state(&compiled, snapshot);
         let usage = sink
             .apply(&desired)
             .map_err(|source| ReconcileError::Write { source })?;
@@ -148,7 +151,11 @@ impl Reconciler {
         };
         Ok(Applied {
             usage,
-            endpoints: desired.endpoints.len(),
+            endpoints: desired
+                .endpoints
+                .values()
+                .filter(|e| e.endpoint_id != ENDPOINT_ID_NONE)
+                .count(),
             missing_cgroups,
             names,
         })
@@ -157,9 +164,38 @@ impl Reconciler {
     /// Translates compiler output into map contents. An endpoint whose cgroup
     /// does not exist (yet) has no process to enforce on; it is skipped and
     /// reported.
-    fn desired_state(&self, c: &Compiled) -> (DesiredState, Vec<String>) {
+    fn desired_state(&self, c: &Compiled, snapshot: &Snapshot) -> (DesiredState, Vec<String>) {
         let mut desired = DesiredState::default();
         let mut missing = Vec::new();
+        // Guards first: a pod registered as an endpoint overrides a guard on
+        // the same cgroup.
+        let guards = &snapshot.guards;
+        for (paths, flags, kind) in [
+            (
+                &guards.pending_roots,
+                ENDPOINT_FLAG_PENDING,
+                "pending guard",
+            ),
+            (
+                &guards.unenforced,
+                ENDPOINT_FLAG_UNENFORCED,
+                "unenforced pod",
+            ),
+        ] {
+            for path in paths {
+                match cgroup::cgroup_id(&cgroup::resolve(&self.cgroup_mount, path)) {
+                    Ok(id) => {
+                        let guard = EndpointValue {
+                            endpoint_id: ENDPOINT_ID_NONE,
+                            flags,
+                            ..Default::default()
+                        };
+                        desired.endpoints.insert(id, guard);
+                    }
+                    Err(e) => missing.push(format!("{kind} {}: {e}", path.display())),
+                }
+            }
+        }
         for ep in &c.endpoints {
             let path = cgroup::resolve(&self.cgroup_mount, &ep.cgroup);
             let id = match cgroup::cgroup_id(&path) {
@@ -189,6 +225,7 @@ impl Reconciler {
                 .insert((prefix.len, prefix.addr), *identity);
         }
         desired.policy = c.rules.clone();
+        (desired.services, desired.backends) = services::desired(&snapshot.inventory.services);
         (desired, missing)
     }
 }

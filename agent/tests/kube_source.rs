@@ -43,6 +43,8 @@ impl MapSink for Recorder {
             endpoints: desired.endpoints.len(),
             identities: desired.identities.len(),
             policy: desired.policy.len(),
+            services: desired.services.len(),
+            backends: desired.backends.len(),
         })
     }
 }

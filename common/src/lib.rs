@@ -5,7 +5,7 @@
 //! integers; the agent converts them with `TryFrom`).
 //!
 //! # Generations
-//! The endpoint, identity and policy maps hold two generations of state side by
+//! The endpoint, identity, policy, service and backend maps hold two generations of state side by
 //! side; the `generation` field of every key says which. The kernel reads the
 //! active generation once per decision from [`STATE_MAP`], so a decision always
 //! sees one complete generation. The agent writes the inactive generation, then
@@ -27,6 +27,9 @@ pub const UDP_FLOWS_MAP: &str = "PCL_UDP_FLOWS";
 pub const EVENTS_MAP: &str = "PCL_EVENTS";
 pub const EVENTS_LOST_MAP: &str = "PCL_EV_LOST";
 pub const SETTINGS_MAP: &str = "PCL_SETTINGS";
+pub const SERVICES_MAP: &str = "PCL_SERVICES";
+pub const BACKENDS_MAP: &str = "PCL_BACKENDS";
+pub const SVC_REPLIES_MAP: &str = "PCL_SVC_REPLY";
 
 /// Program names (the Rust function names in the kernel object).
 pub const PROG_CONNECT4: &str = "pcl_connect4";
@@ -34,6 +37,8 @@ pub const PROG_CONNECT6: &str = "pcl_connect6";
 pub const PROG_SENDMSG4: &str = "pcl_sendmsg4";
 pub const PROG_SENDMSG6: &str = "pcl_sendmsg6";
 pub const PROG_INGRESS: &str = "pcl_ingress";
+pub const PROG_RECVMSG4: &str = "pcl_recvmsg4";
+pub const PROG_RECVMSG6: &str = "pcl_recvmsg6";
 
 /// Map capacities. The generational maps hold two generations, so each
 /// generation may use half.
@@ -42,6 +47,13 @@ pub const IDENTITIES_CAPACITY: u32 = 131_072;
 pub const POLICY_CAPACITY: u32 = 1_048_576;
 pub const COUNTERS_CAPACITY: u32 = 65_536;
 pub const UDP_FLOWS_CAPACITY: u32 = 65_536;
+/// Service frontends (cluster IP, port, protocol): 8,192 per generation.
+pub const SERVICES_CAPACITY: u32 = 16_384;
+/// Backends over all frontends: 65,536 per generation.
+pub const BACKENDS_CAPACITY: u32 = 131_072;
+/// Unconnected UDP sockets' translations remembered for rewriting replies
+/// (LRU: the oldest conversations are forgotten first).
+pub const SVC_REPLIES_CAPACITY: u32 = 65_536;
 
 /// Bytes of the flow event ring buffer (a power of two, page aligned).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
@@ -87,7 +99,13 @@ pub const REASON_LOCAL: u8 = 4;
 pub const REASON_HOST: u8 = 5;
 /// A reply within a UDP conversation that was allowed in the other direction.
 pub const REASON_REPLY: u8 = 6;
-pub const REASON_MAX: u8 = 6;
+/// The destination is a service port without ready backends: refused rather
+/// than passed on to an address nothing answers.
+pub const REASON_NO_BACKEND: u8 = 7;
+/// The socket's pod is below a deny-until-programmed guard but not
+/// registered as an endpoint yet.
+pub const REASON_NOT_PROGRAMMED: u8 = 8;
+pub const REASON_MAX: u8 = 8;
 
 /// Reserved identities. Identities the agent allocates start at
 /// [`IDENTITY_FIRST_ALLOCATED`].
@@ -156,6 +174,16 @@ const _: () = assert!(core::mem::size_of::<EndpointValue>() == 40);
 
 pub const ENDPOINT_FLAG_HAS_IPV4: u32 = 1;
 pub const ENDPOINT_FLAG_HAS_IPV6: u32 = 2;
+/// A guard, not a pod: sockets below this cgroup are denied with
+/// [`REASON_NOT_PROGRAMMED`] unless a deeper cgroup is a registered endpoint
+/// or unenforced. The ancestry search goes on past it.
+pub const ENDPOINT_FLAG_PENDING: u32 = 4;
+/// A pod policy does not apply to (host network): its sockets are allowed
+/// without judging, even below a pending guard.
+pub const ENDPOINT_FLAG_UNENFORCED: u32 = 8;
+/// The endpoint id counters and events use for sockets no endpoint owns
+/// (denied by a pending guard, or refused for lack of service backends).
+pub const ENDPOINT_ID_NONE: u32 = 0;
 
 /// Data of an identity LPM key. `prefix_len` counts
 /// [`IDENTITY_KEY_FIXED_BITS`] plus the address prefix (IPv4 prefixes add 96).
@@ -293,6 +321,82 @@ pub struct EventBudget {
 }
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
 
+/// Key of the service map: a service frontend (cluster IP, port, protocol)
+/// in one generation. Host byte order; the map is a plain hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub generation: u32,
+    pub addr: [u8; 16],
+    pub port: u16,
+    /// `PROTO_*`.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
+
+/// A frontend's backends are `BackendKey { service_id, index: 0..backend_count }`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    pub service_id: u32,
+    /// Zero: connections are refused with [`REASON_NO_BACKEND`].
+    pub backend_count: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+
+/// A service frontend without its generation, as the agent writes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceSlot {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+}
+
+/// Key of the backend map: one backend of a frontend in one generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub generation: u32,
+    pub service_id: u32,
+    pub index: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendKey>() == 12);
+
+/// Where a translated connection goes. Same family as its frontend (an IPv4
+/// frontend's backends are IPv4, stored mapped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendValue {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<BackendValue>() == 20);
+
+/// Key of the reply translation table: a UDP socket (by cookie) that sent to
+/// a service and the backend it was sent to. Replies from that backend are
+/// shown to the application as coming from the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SvcReplyKey {
+    pub socket_cookie: u64,
+    pub backend_addr: [u8; 16],
+    pub backend_port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<SvcReplyKey>() == 32);
+
+/// The service address and port the application sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SvcReplyValue {
+    pub service_addr: [u8; 16],
+    pub service_port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<SvcReplyValue>() == 24);
+
 /// Builds the 16-byte form of an IPv4 address given in network byte order.
 #[inline(always)]
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
@@ -319,8 +423,14 @@ mod pod {
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for EventBudget {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for SvcReplyKey {}
+    unsafe impl aya::Pod for SvcReplyValue {}
 }
 
 /// Bumped whenever a map's key or value layout changes, so an agent never
 /// reuses pinned maps written by an incompatible one.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;

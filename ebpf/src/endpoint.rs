@@ -4,7 +4,9 @@ use aya_ebpf::{
     bindings::__sk_buff,
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_skb_ancestor_cgroup_id},
 };
-use portcullis_common::{EndpointKey, EndpointValue, MAX_CGROUP_DEPTH};
+use portcullis_common::{
+    EndpointKey, EndpointValue, ENDPOINT_FLAG_PENDING, ENDPOINT_FLAG_UNENFORCED, MAX_CGROUP_DEPTH,
+};
 
 use crate::maps::{ENDPOINTS, STATE};
 
@@ -28,36 +30,59 @@ fn lookup(generation: u32, cgroup_id: u64) -> Option<EndpointValue> {
     unsafe { ENDPOINTS.get(&key).copied() }
 }
 
+/// What owns a socket, as the cgroup ancestry says.
+pub enum Owner {
+    /// An enforced endpoint: judge by its policy.
+    Endpoint(EndpointValue),
+    /// Below a deny-until-programmed guard, and no deeper cgroup registered.
+    NotProgrammed,
+    /// Nothing to enforce: no endpoint, or an unenforced (host network) pod.
+    Free,
+}
+
 /// Searches the cgroup ancestry (root first) for an enforced endpoint: a pod's
-/// containers live in cgroups below the pod's cgroup.
+/// containers live in cgroups below the pod's cgroup. A pending guard does
+/// not end the search (it sits above the pod cgroups it guards); it only
+/// decides when nothing deeper is registered.
 #[inline(always)]
-fn search(generation: u32, ancestor: impl Fn(i32) -> u64) -> Option<EndpointValue> {
+fn search(generation: u32, ancestor: impl Fn(i32) -> u64) -> Owner {
+    let mut pending = false;
     let mut level = 1;
     while level <= MAX_CGROUP_DEPTH as i32 {
         let id = ancestor(level);
         if id == 0 {
-            return None;
+            break;
         }
         if let Some(ep) = lookup(generation, id) {
-            return Some(ep);
+            if ep.flags & ENDPOINT_FLAG_UNENFORCED != 0 {
+                return Owner::Free;
+            }
+            if ep.flags & ENDPOINT_FLAG_PENDING == 0 {
+                return Owner::Endpoint(ep);
+            }
+            pending = true;
         }
         level += 1;
     }
-    None
+    if pending {
+        Owner::NotProgrammed
+    } else {
+        Owner::Free
+    }
 }
 
-/// The endpoint of the task making a socket call (connect, sendmsg).
+/// The owner of the task making a socket call (connect, sendmsg).
 #[inline(always)]
-pub fn of_current_task(generation: u32) -> Option<EndpointValue> {
+pub fn of_current_task(generation: u32) -> Owner {
     // SAFETY: helper without pointer arguments.
     search(generation, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     })
 }
 
-/// The endpoint of the socket an skb is delivered to.
+/// The owner of the socket an skb is delivered to.
 #[inline(always)]
-pub fn of_skb(generation: u32, skb: *mut __sk_buff) -> Option<EndpointValue> {
+pub fn of_skb(generation: u32, skb: *mut __sk_buff) -> Owner {
     // SAFETY: skb is the program's context pointer.
     search(generation, |level| unsafe {
         bpf_skb_ancestor_cgroup_id(skb, level)

@@ -5,10 +5,11 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use portcullis_common::{
-    CounterKey, EndpointKey, EndpointValue, EventBudget, IdentityKeyData, IdentityValue,
-    PolicyKeyData, PolicyValue, Settings, State, UdpFlowKey, UdpFlowValue, COUNTERS_CAPACITY,
-    ENDPOINTS_CAPACITY, EVENTS_RING_BYTES, IDENTITIES_CAPACITY, POLICY_CAPACITY,
-    UDP_FLOWS_CAPACITY,
+    BackendKey, BackendValue, CounterKey, EndpointKey, EndpointValue, EventBudget, IdentityKeyData,
+    IdentityValue, PolicyKeyData, PolicyValue, ServiceKey, ServiceValue, Settings, State,
+    SvcReplyKey, SvcReplyValue, UdpFlowKey, UdpFlowValue, BACKENDS_CAPACITY, COUNTERS_CAPACITY,
+    ENDPOINTS_CAPACITY, EVENTS_RING_BYTES, IDENTITIES_CAPACITY, POLICY_CAPACITY, SERVICES_CAPACITY,
+    SVC_REPLIES_CAPACITY, UDP_FLOWS_CAPACITY,
 };
 
 // Map names below must equal the `*_MAP` constants in portcullis-common.
@@ -52,3 +53,16 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 /// Events not emitted: over the rate limit, or the ring was full.
 #[map(name = "PCL_EV_LOST")]
 pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Service frontends (cluster IP, port, protocol) → backends to translate to.
+#[map(name = "PCL_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_CAPACITY, 0);
+
+#[map(name = "PCL_BACKENDS")]
+pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(BACKENDS_CAPACITY, 0);
+
+/// Unconnected UDP sends that were translated, so replies can be shown as
+/// coming from the service address the application used.
+#[map(name = "PCL_SVC_REPLY")]
+pub static SVC_REPLIES: LruHashMap<SvcReplyKey, SvcReplyValue> =
+    LruHashMap::pinned(SVC_REPLIES_CAPACITY, 0);

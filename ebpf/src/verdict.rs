@@ -5,7 +5,7 @@ use portcullis_common::{
     CounterKey, EndpointValue, IdentityKeyData, PolicyKeyData, PolicyValue, UdpFlowKey,
     UdpFlowValue, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_HOST,
     IDENTITY_KEY_FIXED_BITS, IDENTITY_WORLD, POLICY_KEY_FIXED_BITS, REASON_HOST, REASON_LOCAL,
-    REASON_NOT_ISOLATED, UDP_FLOW_TIMEOUT_NS, VERDICT_ALLOW,
+    REASON_NOT_ISOLATED, REASON_NOT_PROGRAMMED, UDP_FLOW_TIMEOUT_NS, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::maps::{COUNTERS, COUNTERS_LOST, IDENTITIES, POLICY, UDP_FLOWS};
@@ -85,10 +85,36 @@ pub fn decide(ep: &EndpointValue, flow: &Flow) -> PolicyValue {
     allow(REASON_NOT_ISOLATED)
 }
 
+/// Decides a flow of a pod that is not programmed yet (see
+/// `endpoint::Owner::NotProgrammed`): its own addresses are unknown, so
+/// only loopback and, on ingress, the node pass.
+#[inline(always)]
+pub fn decide_unprogrammed(flow: &Flow) -> PolicyValue {
+    if is_local(&EndpointValue::default(), &flow.peer_addr) {
+        return allow(REASON_LOCAL);
+    }
+    if flow.direction == DIRECTION_INGRESS
+        && peer_identity(flow.generation, &flow.peer_addr) == IDENTITY_HOST
+    {
+        return allow(REASON_HOST);
+    }
+    deny(REASON_NOT_PROGRAMMED)
+}
+
 #[inline(always)]
 pub fn allow(reason: u8) -> PolicyValue {
     PolicyValue {
         verdict: VERDICT_ALLOW,
+        reason,
+        _pad: 0,
+        rule_cookie: 0,
+    }
+}
+
+#[inline(always)]
+pub fn deny(reason: u8) -> PolicyValue {
+    PolicyValue {
+        verdict: VERDICT_DENY,
         reason,
         _pad: 0,
         rule_cookie: 0,

@@ -15,7 +15,7 @@ use portcullis_agent::{
     },
     policy::{
         evaluate::{evaluate, FlowQuery},
-        model::Protocol as PolicyProtocol,
+        model::{Protocol as PolicyProtocol, Service},
         parse::{parse_inventory, parse_policies},
     },
 };
@@ -123,6 +123,22 @@ impl TestLab {
         assert!(
             status.problems.is_empty(),
             "policy {file} should apply cleanly: {:?}",
+            status.problems
+        );
+    }
+
+    /// Replaces the lab's services and waits until the agent applied them
+    /// cleanly.
+    pub async fn apply_services(&mut self, services: Vec<Service>) {
+        self.lab.set_services(services).expect("writing services");
+        let status = self
+            .lab
+            .wait_applied()
+            .await
+            .expect("agent applies services");
+        assert!(
+            status.problems.is_empty(),
+            "services should apply cleanly: {:?}",
             status.problems
         );
     }

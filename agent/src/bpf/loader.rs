@@ -20,8 +20,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use portcullis_common::{
-    State, ABI_VERSION, ENDPOINTS_MAP, IDENTITIES_MAP, POLICY_MAP, PROG_CONNECT4, PROG_CONNECT6,
-    PROG_INGRESS, PROG_SENDMSG4, PROG_SENDMSG6, STATE_MAP,
+    State, ABI_VERSION, BACKENDS_MAP, ENDPOINTS_MAP, IDENTITIES_MAP, POLICY_MAP, PROG_CONNECT4,
+    PROG_CONNECT6, PROG_INGRESS, PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6,
+    SERVICES_MAP, STATE_MAP,
 };
 
 use super::writer::MapWriter;
@@ -116,13 +117,18 @@ enum Hook {
     SkbIngress,
 }
 
-const PROGRAMS: [(&str, Hook); 5] = [
+const PROGRAMS: [(&str, Hook); 7] = [
     (PROG_CONNECT4, Hook::SockAddr),
     (PROG_CONNECT6, Hook::SockAddr),
     (PROG_SENDMSG4, Hook::SockAddr),
     (PROG_SENDMSG6, Hook::SockAddr),
+    (PROG_RECVMSG4, Hook::SockAddr),
+    (PROG_RECVMSG6, Hook::SockAddr),
     (PROG_INGRESS, Hook::SkbIngress),
 ];
+
+/// How many programs (and pinned links) the agent attaches.
+pub const PROGRAM_COUNT: usize = PROGRAMS.len();
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoadError {
     let path = path.to_path_buf();
@@ -183,6 +189,8 @@ impl Dataplane {
             HashMap::try_from(take_map(&mut ebpf, ENDPOINTS_MAP)?).map_err(map(ENDPOINTS_MAP))?,
             LpmTrie::try_from(take_map(&mut ebpf, IDENTITIES_MAP)?).map_err(map(IDENTITIES_MAP))?,
             LpmTrie::try_from(take_map(&mut ebpf, POLICY_MAP)?).map_err(map(POLICY_MAP))?,
+            HashMap::try_from(take_map(&mut ebpf, SERVICES_MAP)?).map_err(map(SERVICES_MAP))?,
+            HashMap::try_from(take_map(&mut ebpf, BACKENDS_MAP)?).map_err(map(BACKENDS_MAP))?,
         );
         Ok(Self {
             writer,

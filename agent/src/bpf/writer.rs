@@ -1,6 +1,7 @@
 //! Writes desired map contents so that no half-applied state is ever visible.
 //!
-//! The endpoint, identity and policy maps hold two generations. A change is
+//! The endpoint, identity, policy, service and backend maps hold two
+//! generations. A change is
 //! written completely into the inactive generation, then one write to the
 //! state map flips the kernel over to it. If anything fails before the flip,
 //! the active generation — what is enforced now — is untouched.
@@ -14,10 +15,11 @@ use std::collections::BTreeMap;
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError};
 use portcullis_common::{
-    EndpointKey, EndpointValue, IdentityKeyData, IdentityValue, PolicyKeyData, PolicySlot,
-    PolicyValue, State, ABI_VERSION, ENDPOINTS_CAPACITY, ENDPOINTS_MAP, GENERATIONS,
+    BackendKey, BackendValue, EndpointKey, EndpointValue, IdentityKeyData, IdentityValue,
+    PolicyKeyData, PolicySlot, PolicyValue, ServiceKey, ServiceSlot, ServiceValue, State,
+    ABI_VERSION, BACKENDS_CAPACITY, BACKENDS_MAP, ENDPOINTS_CAPACITY, ENDPOINTS_MAP, GENERATIONS,
     IDENTITIES_CAPACITY, IDENTITIES_MAP, IDENTITY_KEY_FIXED_BITS, POLICY_CAPACITY,
-    POLICY_KEY_FIXED_BITS, POLICY_MAP, STATE_MAP,
+    POLICY_KEY_FIXED_BITS, POLICY_MAP, SERVICES_CAPACITY, SERVICES_MAP, STATE_MAP,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,10 @@ pub struct DesiredState {
     /// (address prefix length in the 128-bit space, address) → identity.
     pub identities: BTreeMap<(u8, [u8; 16]), u32>,
     pub policy: BTreeMap<PolicySlot, PolicyValue>,
+    /// Service frontend → (service id, backend count).
+    pub services: BTreeMap<ServiceSlot, ServiceValue>,
+    /// (service id, index below the frontend's backend count) → backend.
+    pub backends: BTreeMap<(u32, u32), BackendValue>,
 }
 
 /// Entry counts after an apply, per map.
@@ -55,6 +61,8 @@ pub struct MapUsage {
     pub endpoints: usize,
     pub identities: usize,
     pub policy: usize,
+    pub services: usize,
+    pub backends: usize,
 }
 
 impl DesiredState {
@@ -63,6 +71,8 @@ impl DesiredState {
             endpoints: self.endpoints.len(),
             identities: self.identities.len(),
             policy: self.policy.len(),
+            services: self.services.len(),
+            backends: self.backends.len(),
         }
     }
 }
@@ -74,6 +84,8 @@ pub fn generation_capacity() -> MapUsage {
         endpoints: per(ENDPOINTS_CAPACITY),
         identities: per(IDENTITIES_CAPACITY),
         policy: per(POLICY_CAPACITY),
+        services: per(SERVICES_CAPACITY),
+        backends: per(BACKENDS_CAPACITY),
     }
 }
 
@@ -82,6 +94,8 @@ pub struct MapWriter {
     endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
     identities: LpmTrie<MapData, IdentityKeyData, IdentityValue>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, BackendKey, BackendValue>,
     /// What each generation holds, when known.
     shadows: [Option<DesiredState>; GENERATIONS as usize],
 }
@@ -96,12 +110,16 @@ impl MapWriter {
         endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
         identities: LpmTrie<MapData, IdentityKeyData, IdentityValue>,
         policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
+        services: HashMap<MapData, ServiceKey, ServiceValue>,
+        backends: HashMap<MapData, BackendKey, BackendValue>,
     ) -> Self {
         Self {
             state,
             endpoints,
             identities,
             policy,
+            services,
+            backends,
             shadows: [None, None],
         }
     }
@@ -196,7 +214,47 @@ impl MapWriter {
             |m, k| m.remove(&policy_key(g, k)),
             |m, k, v| m.insert(&policy_key(g, k), v, 0),
         )
-        .map_err(map_err(POLICY_MAP))
+        .map_err(map_err(POLICY_MAP))?;
+
+        let services = &mut self.services;
+        let present = match shadow {
+            Some(s) => s.services.keys().copied().collect(),
+            None => scan(services.keys(), |k: &ServiceKey| {
+                (k.generation == g).then_some(ServiceSlot {
+                    addr: k.addr,
+                    port: k.port,
+                    protocol: k.protocol,
+                })
+            })
+            .map_err(map_err(SERVICES_MAP))?,
+        };
+        sync(
+            present,
+            shadow.map(|s| &s.services),
+            &desired.services,
+            services,
+            |m, k| m.remove(&service_key(g, k)),
+            |m, k, v| m.insert(service_key(g, k), v, 0),
+        )
+        .map_err(map_err(SERVICES_MAP))?;
+
+        let backends = &mut self.backends;
+        let present = match shadow {
+            Some(s) => s.backends.keys().copied().collect(),
+            None => scan(backends.keys(), |k: &BackendKey| {
+                (k.generation == g).then_some((k.service_id, k.index))
+            })
+            .map_err(map_err(BACKENDS_MAP))?,
+        };
+        sync(
+            present,
+            shadow.map(|s| &s.backends),
+            &desired.backends,
+            backends,
+            |m, k| m.remove(&backend_key(g, *k)),
+            |m, k, v| m.insert(backend_key(g, *k), v, 0),
+        )
+        .map_err(map_err(BACKENDS_MAP))
     }
 }
 
@@ -207,6 +265,8 @@ fn check_capacity(desired: &DesiredState) -> Result<(), WriteError> {
         (ENDPOINTS_MAP, used.endpoints, cap.endpoints),
         (IDENTITIES_MAP, used.identities, cap.identities),
         (POLICY_MAP, used.policy, cap.policy),
+        (SERVICES_MAP, used.services, cap.services),
+        (BACKENDS_MAP, used.backends, cap.backends),
     ] {
         if needed > capacity {
             return Err(WriteError::Capacity {
@@ -262,6 +322,24 @@ fn endpoint_key(generation: u32, cgroup_id: u64) -> EndpointKey {
         cgroup_id,
         generation,
         _pad: 0,
+    }
+}
+
+fn service_key(generation: u32, s: &ServiceSlot) -> ServiceKey {
+    ServiceKey {
+        generation,
+        addr: s.addr,
+        port: s.port,
+        protocol: s.protocol,
+        _pad: 0,
+    }
+}
+
+fn backend_key(generation: u32, (service_id, index): (u32, u32)) -> BackendKey {
+    BackendKey {
+        generation,
+        service_id,
+        index,
     }
 }
 

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use portcullis_common::{
     CounterKey, DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_TCP, PROTO_UDP, REASON_DEFAULT_DENY,
-    REASON_HOST, REASON_LOCAL, REASON_NOT_ISOLATED, REASON_POLICY, REASON_REPLY, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY,
+    REASON_HOST, REASON_LOCAL, REASON_NOT_ISOLATED, REASON_NOT_PROGRAMMED, REASON_NO_BACKEND,
+    REASON_POLICY, REASON_REPLY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 
@@ -75,6 +75,8 @@ pub fn reason(r: u8) -> &'static str {
         REASON_LOCAL => "local",
         REASON_HOST => "host",
         REASON_REPLY => "reply",
+        REASON_NO_BACKEND => "no_backend",
+        REASON_NOT_PROGRAMMED => "not_programmed",
         _ => "unknown",
     }
 }

@@ -9,8 +9,9 @@ use prometheus_client::{
 
 use crate::bpf::writer::{generation_capacity, MapUsage};
 
-/// Labels of the map gauges: `endpoints`, `identities`, `policy` (entries of
-/// one generation; each map holds two) and `counters`.
+/// Labels of the map gauges: `endpoints`, `identities`, `policy`,
+/// `services`, `backends` (entries of one generation; each map holds two)
+/// and `counters`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
@@ -46,6 +47,8 @@ impl MapMetrics {
             ("endpoints", cap.endpoints),
             ("identities", cap.identities),
             ("policy", cap.policy),
+            ("services", cap.services),
+            ("backends", cap.backends),
             ("counters", COUNTERS_CAPACITY as usize),
         ] {
             m.capacity
@@ -62,6 +65,8 @@ impl MapMetrics {
             ("endpoints", usage.endpoints),
             ("identities", usage.identities),
             ("policy", usage.policy),
+            ("services", usage.services),
+            ("backends", usage.backends),
         ] {
             self.entries
                 .get_or_create(&MapLabels { map })

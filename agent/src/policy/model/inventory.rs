@@ -182,7 +182,9 @@ impl Inventory {
     }
 
     /// Checks what the type cannot express: unique names, addresses and
-    /// cgroups, one address per family, usable addresses and port names.
+    /// cgroups, one address per family, usable addresses and port names;
+    /// services with usable cluster IPs no workload or node uses, one per
+    /// family, and each port and protocol once.
     pub fn check(&self) -> Result<(), InventoryError> {
         let mut address_owners: HashMap<IpAddr, String> = HashMap::new();
         let mut claim = |address: IpAddr, field: String| -> Result<(), InventoryError> {
@@ -294,6 +296,74 @@ impl Inventory {
                 }
             }
         }
+
+        let mut services: HashMap<String, usize> = HashMap::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            let at = format!("services[{i}]");
+            for (field, value) in [("name", &svc.name), ("namespace", &svc.namespace)] {
+                if value.is_empty() {
+                    return Err(InventoryError::EmptyName {
+                        field: format!("{at}.{field}"),
+                    });
+                }
+            }
+            let service = format!("{}/{}", svc.namespace, svc.name);
+            if let Some(first) = services.insert(service.clone(), i) {
+                return Err(InventoryError::DuplicateService {
+                    field: at,
+                    service,
+                    first: format!("services[{first}]"),
+                });
+            }
+            // A cluster IP is claimed like a pod or node address: the kernel
+            // translates every connection to it, so it must mean one thing.
+            let (mut v4, mut v6): (Option<IpAddr>, Option<IpAddr>) = (None, None);
+            for (j, ip) in svc.cluster_ips.iter().enumerate() {
+                let field = format!("{at}.clusterIPs[{j}]");
+                let slot = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+                if let Some(first) = *slot {
+                    return Err(InventoryError::SecondServiceAddressOfFamily {
+                        field,
+                        service,
+                        first,
+                        second: *ip,
+                    });
+                }
+                *slot = Some(*ip);
+                claim(*ip, field)?;
+            }
+            let mut ports: HashMap<(u16, Protocol), usize> = HashMap::new();
+            for (j, port) in svc.ports.iter().enumerate() {
+                let field = format!("{at}.ports[{j}]");
+                if port.port == 0 {
+                    return Err(InventoryError::ServicePortOutOfRange {
+                        field: format!("{field}.port"),
+                        service,
+                        port: 0,
+                    });
+                }
+                if let Some(first) = ports.insert((port.port, port.protocol), j) {
+                    return Err(InventoryError::DuplicateServicePort {
+                        field: format!("{field}.port"),
+                        service,
+                        port: port.port,
+                        protocol: port.protocol,
+                        first: format!("{at}.ports[{first}]"),
+                    });
+                }
+                for (k, backend) in port.backends.iter().enumerate() {
+                    let field = format!("{field}.backends[{k}]");
+                    check_address(backend.ip, &format!("{field}.ip"))?;
+                    if backend.port == 0 {
+                        return Err(InventoryError::ServicePortOutOfRange {
+                            field: format!("{field}.port"),
+                            service,
+                            port: 0,
+                        });
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -387,6 +457,35 @@ pub enum InventoryError {
         name: String,
         first: String,
     },
+    #[error("{field}: service {service} is listed twice (first at {first})")]
+    DuplicateService {
+        field: String,
+        service: String,
+        first: String,
+    },
+    #[error("{field}: service {service} has a second {} cluster IP {second} (already has {first}); at most one per family", family(second))]
+    SecondServiceAddressOfFamily {
+        field: String,
+        service: String,
+        first: IpAddr,
+        second: IpAddr,
+    },
+    #[error("{field}: service {service}: port {port} is out of range 1-65535")]
+    ServicePortOutOfRange {
+        field: String,
+        service: String,
+        port: u16,
+    },
+    #[error(
+        "{field}: service {service}: port {port}/{protocol} is listed twice (first at {first})"
+    )]
+    DuplicateServicePort {
+        field: String,
+        service: String,
+        port: u16,
+        protocol: Protocol,
+        first: String,
+    },
     #[error("workloads {first} and {second} share cgroup {}", cgroup.display())]
     DuplicateCgroup {
         cgroup: PathBuf,
@@ -398,6 +497,66 @@ pub enum InventoryError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_services(yaml: &str) -> Result<(), InventoryError> {
+        let base = "nodeIPs: [10.0.0.1]\nworkloads: [{name: b, namespace: y, ips: [10.0.1.2]}]\n";
+        let inv: Inventory = serde_yaml::from_str(&format!("{base}{yaml}")).unwrap();
+        inv.check()
+    }
+
+    #[test]
+    fn services_are_checked_field_by_field() {
+        let ok = "services: [{name: web, namespace: y, clusterIPs: [10.96.0.10, 'fd00::a'], \
+                  ports: [{port: 80, backends: [{ip: 10.0.1.2, port: 8080}]}, {port: 80, protocol: UDP}]}]";
+        assert_eq!(with_services(ok), Ok(()));
+        let cases = [
+            (
+                "services: [{name: web, clusterIPs: [10.0.1.2], ports: []}]",
+                "services[0].clusterIPs[0]: address 10.0.1.2 is already used at workloads[0].ips[0]",
+            ),
+            (
+                "services: [{name: web, clusterIPs: [10.0.0.1], ports: []}]",
+                "services[0].clusterIPs[0]: address 10.0.0.1 is already used at nodeIPs[0]",
+            ),
+            (
+                "services: [{name: web, clusterIPs: [127.0.0.5], ports: []}]",
+                "services[0].clusterIPs[0]: 127.0.0.5 is a loopback address",
+            ),
+            (
+                "services: [{name: web, clusterIPs: [10.96.0.1, 10.96.0.2], ports: []}]",
+                "services[0].clusterIPs[1]: service default/web has a second IPv4 cluster IP",
+            ),
+            (
+                "services: [{name: web, clusterIPs: [10.96.0.1], ports: [{port: 80}, {port: 81}, {port: 81, protocol: TCP}]}]",
+                "services[0].ports[2].port: service default/web: port 81/TCP is listed twice (first at services[0].ports[1])",
+            ),
+            (
+                "services: [{name: web, clusterIPs: [10.96.0.1], ports: []}, {name: web, clusterIPs: [], ports: []}]",
+                "services[1]: service default/web is listed twice (first at services[0])",
+            ),
+            (
+                "services: [{name: '', clusterIPs: [], ports: []}]",
+                "services[0].name: name must not be empty",
+            ),
+            (
+                "services: [{name: web, clusterIPs: [10.96.0.1], ports: [{port: 80, backends: [{ip: 0.0.0.0, port: 80}]}]}]",
+                "services[0].ports[0].backends[0].ip: 0.0.0.0 is the unspecified address",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = with_services(yaml).unwrap_err().to_string();
+            assert!(got.starts_with(want), "{yaml}\n got: {got}\nwant: {want}");
+        }
+        let e = serde_yaml::from_str::<Inventory>(
+            "services: [{name: web, clusterIPs: [10.96.0.1], ports: [{port: 0}]}]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("services[0].ports[0].port") || e.contains("out of range"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn namespaces_carry_their_name_label() {
