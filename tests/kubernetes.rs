@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use mock_api::{MockApi, NAMESPACES, NETWORK_POLICIES, NODES, PODS};
 use portcullis_agent::lab::{
-    kube::{namespace_objects, node_object, pod_objects, LabKube},
+    kube::{namespace_objects, node_object, pod_objects, pod_uid, LabKube},
     pod::ProbeOutcome,
     topology::{default_topology, plan},
     Family, Lab, LabOptions,
@@ -54,10 +54,7 @@ async fn policy_from_the_api_is_enforced_and_survives_an_api_outage() {
     }
     let mut options = LabOptions::new("kube", topology);
     options.admin_addr = Some("127.0.0.1:0".parse().unwrap());
-    options.kubernetes = Some(LabKube {
-        client,
-        node_name: NODE.into(),
-    });
+    options.kubernetes = Some(LabKube::new(client, NODE));
     let lab = Lab::start(options).await.expect("lab in Kubernetes mode");
     let status = lab.wait_applied().await.unwrap();
     assert!(
@@ -118,5 +115,82 @@ async fn policy_from_the_api_is_enforced_and_survives_an_api_outage() {
         .await
         .unwrap();
     assert_eq!(probe(&lab, "x/b", "x/a").await, ProbeOutcome::TimedOut);
+    lab.shutdown().await.unwrap();
+}
+
+/// With `--deny-unprogrammed`, a pod the agent has not programmed (here: one
+/// the API no longer lists, its process still running) gets no traffic at
+/// all; programmed again, it follows policy. The agent's own pod stays
+/// exempt throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprogrammed_pods_get_no_traffic_and_the_agent_is_exempt() {
+    let _kernel = tokio::task::block_in_place(kernel_lock);
+    let (client, api) = MockApi::start();
+    let topology = default_topology();
+    let pods = plan(&topology);
+    api.apply(NODES, node_object(NODE));
+    for ns in namespace_objects(&topology) {
+        api.apply(NAMESPACES, ns);
+    }
+    let objects = pod_objects(&pods, NODE);
+    for pod in &objects {
+        api.apply(PODS, pod.clone());
+    }
+    // x/c plays the agent's own pod.
+    let agent_pod = pods.iter().find(|p| p.key == "x/c").unwrap();
+    let mut kube = LabKube::new(client, NODE);
+    kube.deny_unprogrammed = true;
+    kube.own_pod_uid = Some(pod_uid(agent_pod));
+    let mut options = LabOptions::new("kubeguard", topology);
+    options.kubernetes = Some(kube);
+    let lab = Lab::start(options).await.expect("lab in Kubernetes mode");
+    let status = lab.wait_applied().await.unwrap();
+    assert!(
+        status.waiting_for_cgroup.is_empty(),
+        "{:?}",
+        status.waiting_for_cgroup
+    );
+    assert_eq!(probe(&lab, "x/b", "y/a").await, ProbeOutcome::Reached);
+
+    // The API stops listing x/b and x/c while their processes run on.
+    for name in ["b", "c"] {
+        let applied = lab.agent_status().unwrap().borrow().applied;
+        api.delete(PODS, "x", name);
+        lab.wait_status(|s| s.applied > applied).await.unwrap();
+    }
+    assert_eq!(
+        probe(&lab, "x/b", "y/a").await,
+        ProbeOutcome::Denied,
+        "an unprogrammed pod's connect() is refused"
+    );
+    assert_eq!(
+        probe(&lab, "y/a", "x/b").await,
+        ProbeOutcome::TimedOut,
+        "and nothing reaches it"
+    );
+    assert_eq!(
+        probe(&lab, "x/c", "y/a").await,
+        ProbeOutcome::Reached,
+        "the agent's own pod is exempt"
+    );
+    let counted = lab
+        .counters()
+        .unwrap()
+        .iter()
+        .filter(|c| c.key.reason == portcullis_common::REASON_NOT_PROGRAMMED)
+        .map(|c| c.count)
+        .sum::<u64>();
+    assert!(counted >= 2, "the denials are counted as not programmed");
+
+    // Listed again, x/b is programmed and reachable.
+    let applied = lab.agent_status().unwrap().borrow().applied;
+    let b = objects
+        .iter()
+        .find(|o| o["metadata"]["name"] == "b" && o["metadata"]["namespace"] == "x")
+        .unwrap();
+    api.apply(PODS, b.clone());
+    lab.wait_status(|s| s.applied > applied).await.unwrap();
+    assert_eq!(probe(&lab, "x/b", "y/a").await, ProbeOutcome::Reached);
+    assert_eq!(probe(&lab, "y/a", "x/b").await, ProbeOutcome::Reached);
     lab.shutdown().await.unwrap();
 }

@@ -222,10 +222,13 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                 policies_dir,
                 workloads,
             } => Box::new(FileSource::new(policies_dir.clone(), workloads.clone())),
-            SourceOptions::Kubernetes(k) => Box::new(
-                KubeSource::start((**k).clone(), &mount)
-                    .map_err(|source| AgentError::Kube { source })?,
-            ),
+            SourceOptions::Kubernetes(k) => {
+                exempt_own_cgroup(&opts.pin_dir, &mount, k)?;
+                Box::new(
+                    KubeSource::start((**k).clone(), &mount)
+                        .map_err(|source| AgentError::Kube { source })?,
+                )
+            }
         };
         let names_file = opts.names_file.clone();
         let metrics = metrics.clone();
@@ -257,6 +260,22 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         thread: Some(thread),
         admin,
     })
+}
+
+/// With deny-until-programmed, the agent's own pod must never be denied
+/// (it could not reach the API to program itself): it is exempted in the
+/// kernel before any watch starts. Without it, any exemption is cleared.
+fn exempt_own_cgroup(pin_dir: &Path, mount: &Path, k: &KubeOptions) -> Result<(), AgentError> {
+    let id = if k.deny_unprogrammed {
+        let own = crate::source::kube::own_cgroup(mount, k)
+            .map_err(|source| AgentError::Kube { source })?;
+        info!(cgroup = %own.display(), "the agent's own pod is exempt from enforcement");
+        cgroup::cgroup_id(&own).map_err(|source| AgentError::Cgroup { source })?
+    } else {
+        0
+    };
+    crate::bpf::counters::set_exempt_cgroup(pin_dir, id)
+        .map_err(|source| AgentError::Load { source })
 }
 
 /// Where the sync loop reports what it did.

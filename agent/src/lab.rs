@@ -301,6 +301,8 @@ impl Lab {
                     .to_path_buf();
                 options.probe_interval = Duration::from_millis(200);
                 options.reporter = None;
+                options.deny_unprogrammed = k.deny_unprogrammed;
+                options.own_pod_uid = k.own_pod_uid.clone();
                 app::SourceOptions::Kubernetes(Box::new(options))
             }
         };

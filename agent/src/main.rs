@@ -54,6 +54,9 @@ enum Command {
         /// a new pod never runs unenforced (see docs/kubernetes.md).
         #[arg(long, requires = "kubernetes")]
         deny_unprogrammed: bool,
+        /// The agent's own pod UID, to exempt its cgroup (downward API).
+        #[arg(long, env = "POD_UID")]
+        pod_uid: Option<String>,
         /// Namespace of the Lease that elects the agent reporting invalid
         /// policies to the API (the agent's own namespace).
         #[arg(long, env = "POD_NAMESPACE", default_value = "portcullis-system")]
@@ -186,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
             host_cgroup,
             kubelet_cgroup_root,
             deny_unprogrammed,
+            pod_uid,
             lease_namespace,
             pin_dir,
             cgroup_root,
@@ -199,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
                 let mut k = KubeOptions::new(client, node_name.unwrap_or_default());
                 k.kubelet_cgroup_root = kubelet_cgroup_root;
                 k.deny_unprogrammed = deny_unprogrammed;
+                k.own_pod_uid = pod_uid;
                 if let Some(r) = k.reporter.as_mut() {
                     r.namespace = lease_namespace;
                 }

@@ -144,8 +144,13 @@ pub struct Settings {
     /// for measuring what observability costs; zero (the default) in use.
     pub quiet: u32,
     pub _pad: u32,
+    /// A cgroup whose sockets are never judged (0: none): the agent's own
+    /// pod in Kubernetes mode, written before the agent talks to the API,
+    /// so a deny-until-programmed guard left by its predecessor cannot
+    /// lock a restarted agent out of the API server.
+    pub exempt_cgroup: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+const _: () = assert!(core::mem::size_of::<Settings>() == 16);
 
 /// Key of the endpoint map: a cgroup v2 id in one generation.
 #[repr(C)]
@@ -433,4 +438,4 @@ mod pod {
 
 /// Bumped whenever a map's key or value layout changes, so an agent never
 /// reuses pinned maps written by an incompatible one.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;

@@ -8,7 +8,7 @@ use portcullis_common::{
     EndpointKey, EndpointValue, ENDPOINT_FLAG_PENDING, ENDPOINT_FLAG_UNENFORCED, MAX_CGROUP_DEPTH,
 };
 
-use crate::maps::{ENDPOINTS, STATE};
+use crate::maps::{ENDPOINTS, SETTINGS, STATE};
 
 /// The generation of the endpoint, identity and policy maps to read.
 #[inline(always)]
@@ -46,12 +46,16 @@ pub enum Owner {
 /// decides when nothing deeper is registered.
 #[inline(always)]
 fn search(generation: u32, ancestor: impl Fn(i32) -> u64) -> Owner {
+    let exempt = SETTINGS.get(0).map_or(0, |s| s.exempt_cgroup);
     let mut pending = false;
     let mut level = 1;
     while level <= MAX_CGROUP_DEPTH as i32 {
         let id = ancestor(level);
         if id == 0 {
             break;
+        }
+        if id == exempt {
+            return Owner::Free;
         }
         if let Some(ep) = lookup(generation, id) {
             if ep.flags & ENDPOINT_FLAG_UNENFORCED != 0 {

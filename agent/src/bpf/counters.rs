@@ -52,20 +52,33 @@ fn map_err(map: &'static str, source: MapError) -> LoadError {
     LoadError::Map { map, source }
 }
 
-/// Turns counting and flow events off (`quiet`) or on for the agent pinned
-/// at `pin_dir`. Only for measuring what they cost.
-pub fn set_quiet(pin_dir: &Path, quiet: bool) -> Result<(), LoadError> {
+/// Changes the run-time switches of the agent pinned at `pin_dir`.
+fn update_settings(
+    pin_dir: &Path,
+    change: impl FnOnce(&mut portcullis_common::Settings),
+) -> Result<(), LoadError> {
     use aya::maps::Array;
     use portcullis_common::{Settings, SETTINGS_MAP};
     let path = pin_dir.join(SETTINGS_MAP);
     let data = MapData::from_pin(&path).map_err(|source| LoadError::PinnedMap { path, source })?;
     let mut settings: Array<MapData, Settings> =
         Array::try_from(Map::Array(data)).map_err(|source| map_err(SETTINGS_MAP, source))?;
-    let value = Settings {
-        quiet: u32::from(quiet),
-        _pad: 0,
-    };
+    let mut value = settings
+        .get(&0, 0)
+        .map_err(|source| map_err(SETTINGS_MAP, source))?;
+    change(&mut value);
     settings
         .set(0, value, 0)
         .map_err(|source| map_err(SETTINGS_MAP, source))
+}
+
+/// Turns counting and flow events off (`quiet`) or on for the agent pinned
+/// at `pin_dir`. Only for measuring what they cost.
+pub fn set_quiet(pin_dir: &Path, quiet: bool) -> Result<(), LoadError> {
+    update_settings(pin_dir, |s| s.quiet = u32::from(quiet))
+}
+
+/// Sockets below cgroup `id` are never judged or denied (0: none).
+pub fn set_exempt_cgroup(pin_dir: &Path, id: u64) -> Result<(), LoadError> {
+    update_settings(pin_dir, |s| s.exempt_cgroup = id)
 }

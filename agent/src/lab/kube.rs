@@ -13,6 +13,21 @@ use super::topology::{PlannedPod, Topology, NODE_IPV4, NODE_IPV6};
 pub struct LabKube {
     pub client: ::kube::Client,
     pub node_name: String,
+    /// Deny a pod's traffic until the API has it and it is programmed.
+    pub deny_unprogrammed: bool,
+    /// The pod the agent takes as its own (exempt from enforcement).
+    pub own_pod_uid: Option<String>,
+}
+
+impl LabKube {
+    pub fn new(client: ::kube::Client, node_name: &str) -> Self {
+        Self {
+            client,
+            node_name: node_name.to_string(),
+            deny_unprogrammed: false,
+            own_pod_uid: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for LabKube {

@@ -63,6 +63,17 @@ pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 pub enum KubeSourceError {
     #[error("the Kubernetes source needs a tokio runtime to run its watchers on")]
     NoRuntime,
+    #[error(
+        "--deny-unprogrammed needs the agent's own pod cgroup, so a restarted \
+         agent is never locked out by its predecessor's guard: set POD_UID \
+         (downward API metadata.uid)"
+    )]
+    OwnCgroupUnknown,
+    #[error("finding the agent's own pod cgroup")]
+    OwnCgroup {
+        #[source]
+        source: cgroups::PodCgroupError,
+    },
 }
 
 /// Settings of the Kubernetes source.
@@ -77,6 +88,8 @@ pub struct KubeOptions {
     /// Deny traffic of local pods until their endpoint is programmed.
     pub deny_unprogrammed: bool,
     pub probe_interval: Duration,
+    /// The agent's own pod UID (downward API), to find its cgroup.
+    pub own_pod_uid: Option<String>,
     /// Report invalid policy objects to the API (Events, conditions) when
     /// this agent holds the Lease; `None` leaves that to others.
     pub reporter: Option<ReporterOptions>,
@@ -92,6 +105,7 @@ impl KubeOptions {
             kubelet_cgroup_root: PathBuf::from("/"),
             deny_unprogrammed: false,
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            own_pod_uid: None,
         }
     }
 }
@@ -451,6 +465,27 @@ impl KubeSource {
         .filter(|p| p.is_dir())
         .collect()
     }
+}
+
+/// The agent's own cgroup in `mount`: its pod's, by UID, or else the one
+/// /proc/self/cgroup names (outside a cgroup namespace).
+pub fn own_cgroup(mount: &Path, options: &KubeOptions) -> Result<PathBuf, KubeSourceError> {
+    if let Some(uid) = &options.own_pod_uid {
+        let uid = PodUid::new(uid).map_err(|source| KubeSourceError::OwnCgroup { source })?;
+        let finder = PodCgroupFinder::new(mount).with_base(&options.kubelet_cgroup_root);
+        // The QoS class only picks the first place to look; find() searches.
+        let relative = finder
+            .find(&uid, QosClass::BestEffort)
+            .map_err(|source| KubeSourceError::OwnCgroup { source })?;
+        return Ok(mount.join(relative));
+    }
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .filter(|p| *p != "/")
+        .map(|p| mount.join(p.trim_start_matches('/')))
+        .filter(|p| p.is_dir())
+        .ok_or(KubeSourceError::OwnCgroupUnknown)
 }
 
 /// Local pod cgroups, found by one walk per pass.
