@@ -561,6 +561,13 @@ impl Source for KubeSource {
             services.iter().map(|x| x.as_ref()),
             slices.iter().map(|x| x.as_ref()),
         );
+        let claimed: Vec<_> = inventory
+            .node_ips
+            .iter()
+            .chain(inventory.workloads.iter().flat_map(|w| w.ips.iter()))
+            .copied()
+            .collect();
+        problems.extend(services::keep_consistent(&mut inventory.services, &claimed));
         let network_policies = s.network_policies.state();
         let l4 = s.l4_policies.state();
         let cl4 = s.cluster_l4_policies.state();

@@ -143,6 +143,42 @@ pub fn services<'a>(
     out
 }
 
+fn usable(ip: &IpAddr) -> bool {
+    !(ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()))
+}
+
+/// Drops what the inventory rules would reject, so one odd Service cannot
+/// stop the node's whole state from applying: a cluster IP that is also a
+/// pod or node address (or another service's), or an unusable address.
+/// Returns a problem per dropped service.
+pub fn keep_consistent(services: &mut Vec<Service>, claimed: &[IpAddr]) -> Vec<String> {
+    let mut taken: std::collections::HashSet<IpAddr> = claimed.iter().copied().collect();
+    let mut problems = Vec::new();
+    services.retain_mut(|svc| {
+        for port in &mut svc.ports {
+            port.backends.retain(|b| usable(&b.ip));
+        }
+        let clash = svc
+            .cluster_ips
+            .iter()
+            .find(|ip| !usable(ip) || taken.contains(ip));
+        if let Some(ip) = clash {
+            problems.push(format!(
+                "Service {}/{}: cluster IP {ip} is unusable or already used by a pod, \
+                 the node or another service; not translated",
+                svc.namespace, svc.name
+            ));
+            return false;
+        }
+        taken.extend(svc.cluster_ips.iter().copied());
+        true
+    });
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +238,21 @@ mod tests {
             "spec": {"type": "ExternalName", "externalName": "example.com"}
         }));
         assert!(services([&headless, &external], []).is_empty());
+    }
+
+    #[test]
+    fn a_cluster_ip_that_clashes_is_dropped_with_a_problem() {
+        let s = |name: &str, ip: &str| {
+            svc(json!({"metadata": {"name": name, "namespace": "x"},
+                       "spec": {"clusterIP": ip, "ports": [{"port": 80}]}}))
+        };
+        let (a, b, c) = (s("a", "10.96.0.1"), s("b", "10.96.0.1"), s("c", "10.0.0.5"));
+        let mut out = services([&a, &b, &c], []);
+        let problems = keep_consistent(&mut out, &["10.0.0.5".parse().unwrap()]);
+        let kept: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(kept, ["a"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("Service x/b"), "{problems:?}");
     }
 
     #[test]
