@@ -34,6 +34,23 @@ fn only_b_to_a() -> serde_json::Value {
     })
 }
 
+/// What the API holds for a lab: its node, namespaces and running pods
+/// (returned, to re-add one later).
+fn populate(
+    api: &MockApi,
+    topology: &portcullis_agent::lab::topology::Topology,
+) -> Vec<serde_json::Value> {
+    api.apply(NODES, node_object(NODE));
+    for ns in namespace_objects(topology) {
+        api.apply(NAMESPACES, ns);
+    }
+    let objects = pod_objects(&plan(topology), NODE);
+    for pod in &objects {
+        api.apply(PODS, pod.clone());
+    }
+    objects
+}
+
 async fn probe(lab: &Lab, from: &str, to: &str) -> ProbeOutcome {
     lab.probe(from, to, "80/tcp".parse().unwrap(), Family::Ipv4)
         .await
@@ -45,13 +62,7 @@ async fn policy_from_the_api_is_enforced_and_survives_an_api_outage() {
     let _kernel = tokio::task::block_in_place(kernel_lock);
     let (client, api) = MockApi::start();
     let topology = default_topology();
-    api.apply(NODES, node_object(NODE));
-    for ns in namespace_objects(&topology) {
-        api.apply(NAMESPACES, ns);
-    }
-    for pod in pod_objects(&plan(&topology), NODE) {
-        api.apply(PODS, pod);
-    }
+    populate(&api, &topology);
     let mut options = LabOptions::new("kube", topology);
     options.admin_addr = Some("127.0.0.1:0".parse().unwrap());
     options.kubernetes = Some(LabKube::new(client, NODE));
@@ -128,14 +139,7 @@ async fn unprogrammed_pods_get_no_traffic_and_the_agent_is_exempt() {
     let (client, api) = MockApi::start();
     let topology = default_topology();
     let pods = plan(&topology);
-    api.apply(NODES, node_object(NODE));
-    for ns in namespace_objects(&topology) {
-        api.apply(NAMESPACES, ns);
-    }
-    let objects = pod_objects(&pods, NODE);
-    for pod in &objects {
-        api.apply(PODS, pod.clone());
-    }
+    let objects = populate(&api, &topology);
     // x/c plays the agent's own pod.
     let agent_pod = pods.iter().find(|p| p.key == "x/c").unwrap();
     let mut kube = LabKube::new(client, NODE);
