@@ -611,3 +611,86 @@ async fn services_lead_to_their_ready_backends() {
         .collect();
     assert_eq!(backends, ["10.0.1.2:8080"], "only ready endpoints");
 }
+
+/// The whole loop for invalid objects: the source finds the problem, the
+/// status writer (holding the Lease) writes a Warning Event and an
+/// `Accepted=False` condition for the invalid L4Policy and `Accepted=True`
+/// for the valid one, and the valid NetworkPolicy is enforced meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_objects_get_an_event_and_a_condition_from_the_lease_holder() {
+    let (client, api) = MockApi::start();
+    let node = Node::new();
+    api.apply(NODES, json!({"metadata": {"name": NODE}}));
+    api.apply(NAMESPACES, namespace("x"));
+    api.apply(PODS, pod("x", "a", 1, NODE, "10.0.0.2", "a"));
+    let cg_a = node.create_pod_cgroup(&uid(1));
+    api.apply(NETWORK_POLICIES, allow_ingress_from("only-b", "a", "b", 80));
+    let l4 = |name: &str, port: u32| {
+        json!({"metadata": {"name": name, "namespace": "x", "generation": 1},
+               "spec": {"podSelector": {}, "ingressDeny": [{"ports": [{"port": port}]}]}})
+    };
+    api.apply(L4_POLICIES, l4("bad-port", 70000));
+    api.apply(L4_POLICIES, l4("no-telnet", 23));
+    let mut options = KubeOptions::new(client, NODE);
+    options.probe_interval = Duration::from_millis(100);
+    let mut source = KubeSource::start(options, node.mount.path()).unwrap();
+    until("the initial lists", || source.revision()).await;
+    let snapshot = source.load().unwrap();
+    assert_eq!(
+        snapshot.policies.len(),
+        2,
+        "the NetworkPolicy and the valid L4Policy"
+    );
+    let mut maps = Recorder::default();
+    Reconciler::new(node.mount.path().to_path_buf())
+        .reconcile(&snapshot, &mut maps)
+        .unwrap();
+    assert_eq!(
+        decide(&maps.desired, cg_a, DIRECTION_INGRESS, ip("10.0.1.2"), 80),
+        VERDICT_DENY
+    );
+
+    let writes = |method: &str, path: &str| -> Vec<Value> {
+        api.requests()
+            .into_iter()
+            .filter(|r| r.method.as_str() == method && r.path == path)
+            .filter_map(|r| r.body)
+            .collect()
+    };
+    let event = until("the Event", || {
+        writes("POST", "/apis/events.k8s.io/v1/namespaces/x/events")
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(event["reason"], "InvalidPolicy");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["kind"], "L4Policy");
+    assert_eq!(event["regarding"]["name"], "bad-port");
+    assert!(event["note"].as_str().unwrap().contains("70000"), "{event}");
+    let condition = |name: &str| {
+        let path = format!("/apis/portcullis.dev/v1alpha1/namespaces/x/l4policies/{name}/status");
+        let patch = writes("PATCH", &path).into_iter().last()?;
+        Some(patch["status"]["conditions"][0].clone())
+    };
+    let bad = until("the bad-port condition", || condition("bad-port")).await;
+    assert_eq!(
+        (bad["type"].as_str(), bad["status"].as_str()),
+        (Some("Accepted"), Some("False"))
+    );
+    let good = until("the no-telnet condition", || condition("no-telnet")).await;
+    assert_eq!(good["status"], "True");
+    assert_eq!(
+        writes("POST", "/apis/events.k8s.io/v1/namespaces/x/events").len(),
+        1,
+        "valid objects get no Event"
+    );
+    assert!(
+        !writes(
+            "POST",
+            "/apis/coordination.k8s.io/v1/namespaces/portcullis-system/leases"
+        )
+        .is_empty(),
+        "the writer took the Lease first"
+    );
+}

@@ -3,7 +3,9 @@
 //! objects with resource versions, answers lists and streaming watches
 //! (with history, bookmarks and `410 Gone` for compacted versions), can go
 //! down (open watches drop, every request gets 503), and records every
-//! request so tests can check what the client asked for.
+//! request so tests can check what the client asked for. Writes (Leases,
+//! Events, status patches) are kept per object path, with resource-version
+//! conflicts as the API server has them.
 
 #![allow(dead_code)]
 
@@ -29,6 +31,8 @@ pub struct Recorded {
     pub method: Method,
     pub path: String,
     pub query: BTreeMap<String, String>,
+    /// The JSON body of a write.
+    pub body: Option<Value>,
 }
 
 impl Recorded {
@@ -60,6 +64,8 @@ struct State {
     watches: Vec<OpenWatch>,
     requests: Vec<Recorded>,
     down: bool,
+    /// Objects written by the client, by object path.
+    written: BTreeMap<String, Value>,
 }
 
 /// The collection paths the Portcullis agent watches, with their kinds.
@@ -149,7 +155,10 @@ impl MockApi {
         let server = api.clone();
         tokio::spawn(async move {
             while let Some((request, send)) = handle.next_request().await {
-                send.send_response(server.respond(request));
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect_bytes().await.unwrap_or_default();
+                let body = serde_json::from_slice(&bytes).ok();
+                send.send_response(server.respond(&parts.method, &parts.uri, body));
             }
         });
         (kube::Client::new(service, "default"), api)
@@ -264,6 +273,50 @@ impl MockApi {
         }
     }
 
+    /// A write, or a read of a written object, on an object path.
+    fn write(s: &mut State, r: &Recorded) -> Response<MockBody> {
+        s.resource_version += 1;
+        let rv = s.resource_version.to_string();
+        let mut body = r.body.clone().unwrap_or(Value::Null);
+        let current = s.written.get(&r.path).cloned();
+        match r.method.clone() {
+            Method::GET => match current {
+                Some(o) => once(StatusCode::OK, &o),
+                None => once(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found")),
+            },
+            Method::POST => {
+                let name = body["metadata"]["name"].as_str().unwrap_or("").to_string();
+                let path = format!("{}/{name}", r.path);
+                if s.written.contains_key(&path) {
+                    return once(
+                        StatusCode::CONFLICT,
+                        &status(409, "AlreadyExists", "already exists"),
+                    );
+                }
+                body["metadata"]["resourceVersion"] = json!(rv);
+                s.written.insert(path, body.clone());
+                once(StatusCode::CREATED, &body)
+            }
+            Method::PUT => {
+                let stale = current.as_ref().is_some_and(|c| {
+                    c["metadata"]["resourceVersion"] != body["metadata"]["resourceVersion"]
+                });
+                if stale {
+                    return once(StatusCode::CONFLICT, &status(409, "Conflict", "stale"));
+                }
+                body["metadata"]["resourceVersion"] = json!(rv);
+                s.written.insert(r.path.clone(), body.clone());
+                once(StatusCode::OK, &body)
+            }
+            _ => {
+                // A patch: answered with the patch itself as the object.
+                body["metadata"]["resourceVersion"] = json!(rv);
+                s.written.insert(r.path.clone(), body.clone());
+                once(StatusCode::OK, &body)
+            }
+        }
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.lock().requests.clone()
     }
@@ -274,8 +327,7 @@ impl MockApi {
         s.watches.len()
     }
 
-    fn respond(&self, request: Request<kube::client::Body>) -> Response<MockBody> {
-        let uri = request.uri();
+    fn respond(&self, method: &Method, uri: &http::Uri, body: Option<Value>) -> Response<MockBody> {
         let query: BTreeMap<String, String> = uri
             .query()
             .unwrap_or("")
@@ -287,9 +339,10 @@ impl MockApi {
             })
             .collect();
         let recorded = Recorded {
-            method: request.method().clone(),
+            method: method.clone(),
             path: uri.path().to_string(),
             query,
+            body,
         };
         let mut s = self.lock();
         s.requests.push(recorded.clone());
@@ -311,11 +364,8 @@ impl MockApi {
                         "goVersion": "", "compiler": "gc", "platform": "linux/amd64"}),
             );
         }
-        if recorded.method != Method::GET {
-            return once(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &status(405, "MethodNotAllowed", "the mock serves reads only"),
-            );
+        if recorded.method != Method::GET || !s.collections.contains_key(&recorded.path) {
+            return Self::write(&mut s, &recorded);
         }
         let name_filter = recorded
             .query
