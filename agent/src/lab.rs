@@ -2,6 +2,7 @@
 //! each with its own cgroup, on one bridge, enforced by a real agent, and the
 //! measured reachability between every pair of pods.
 
+pub mod affinity;
 pub mod cli;
 pub mod plumbing;
 pub mod pod;
@@ -73,6 +74,12 @@ pub enum LabError {
     Counters {
         #[source]
         source: LoadError,
+    },
+    #[error("pinning pod {pod} to CPUs")]
+    Affinity {
+        pod: String,
+        #[source]
+        source: affinity::AffinityError,
     },
 }
 
@@ -320,6 +327,20 @@ impl Lab {
                 pod: from.into(),
                 source,
             })
+    }
+
+    /// Pins a pod's process to `cpus` (benchmarks: keep a flood off the
+    /// measured pods' CPU).
+    pub fn pin_pod(&self, key: &str, cpus: &[usize]) -> Result<(), LabError> {
+        let i = self.pod_index(key)?;
+        let pid = self.clients[i].pid().ok_or_else(|| LabError::Pod {
+            pod: key.into(),
+            source: PodError::Gone,
+        })?;
+        affinity::pin_process(pid, cpus).map_err(|source| LabError::Affinity {
+            pod: key.into(),
+            source,
+        })
     }
 
     pub fn pods(&self) -> &[PlannedPod] {

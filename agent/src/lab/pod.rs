@@ -552,6 +552,11 @@ impl PodClient {
         rx.await.map_err(|_| PodError::Gone)
     }
 
+    /// The pod process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
