@@ -11,6 +11,9 @@ use portcullis_common::{FlowEvent, EVENTS_LOST_MAP, EVENTS_MAP};
 
 use super::loader::LoadError;
 
+/// How long a woken reader lets events gather before it reads them.
+const BATCH: Duration = Duration::from_millis(10);
+
 pub struct EventReader {
     ring: RingBuf<MapData>,
 }
@@ -46,7 +49,14 @@ impl EventReader {
         };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, ms) };
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms) } > 0;
+        if ready {
+            // Woken by the first event after the ring ran empty. Let more
+            // arrive before reading on: the kernel signals only that first
+            // one (an interrupt, then a context switch here), so a flood
+            // costs one wakeup per BATCH instead of one per event.
+            std::thread::sleep(BATCH);
+        }
         self.try_next()
     }
 
