@@ -3,8 +3,11 @@
 //! compile time, map entries and kernel memory grow with the rule count.
 
 pub mod connrate;
+pub mod layout;
 pub mod overhead;
+pub mod reader;
 pub mod scale;
+pub mod verdict;
 
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
 
@@ -23,6 +26,10 @@ pub struct BenchArgs {
     /// Rounds; each measures every scenario once.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Rounds of the overhead measurement, each an on/off pair. Nine let
+    /// the verdict's confidence interval drop the best and worst round.
+    #[arg(long, default_value_t = 9)]
+    pub overhead_rounds: usize,
     /// Concurrent connect loops in the client pod.
     #[arg(long, default_value_t = 2)]
     pub concurrency: u32,
