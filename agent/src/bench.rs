@@ -3,6 +3,7 @@
 //! compile time, map entries and kernel memory grow with the rule count.
 
 pub mod connrate;
+pub mod cputime;
 pub mod layout;
 pub mod overhead;
 pub mod reader;

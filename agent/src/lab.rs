@@ -329,14 +329,19 @@ impl Lab {
             })
     }
 
+    /// The process id of a pod's process, while it runs.
+    pub fn pod_pid(&self, key: &str) -> Result<u32, LabError> {
+        let i = self.pod_index(key)?;
+        self.clients[i].pid().ok_or_else(|| LabError::Pod {
+            pod: key.into(),
+            source: PodError::Gone,
+        })
+    }
+
     /// Pins a pod's process to `cpus` (benchmarks: keep a flood off the
     /// measured pods' CPU).
     pub fn pin_pod(&self, key: &str, cpus: &[usize]) -> Result<(), LabError> {
-        let i = self.pod_index(key)?;
-        let pid = self.clients[i].pid().ok_or_else(|| LabError::Pod {
-            pod: key.into(),
-            source: PodError::Gone,
-        })?;
+        let pid = self.pod_pid(key)?;
         affinity::pin_process(pid, cpus).map_err(|source| LabError::Affinity {
             pod: key.into(),
             source,

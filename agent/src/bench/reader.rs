@@ -57,6 +57,10 @@ impl FlowReader {
         Ok(Self { child })
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Whether the reader still runs (it exits on errors, e.g. no ring).
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
