@@ -1,9 +1,10 @@
 //! What counting and flow events cost under a flood of denied connections,
 //! kernel counters and events on (as deployed) against off (the `quiet`
 //! switch). Every decision of the flood is counted and offered to the event
-//! ring, so this is their worst case. Two measures: the flood's own rate of
-//! denied decisions (the cost per decision), and an allowed client's
-//! connection rate during the flood (the cost to everybody else).
+//! ring, so this is their worst case. Two measures: the flood's own denied
+//! decisions per CPU-second (the cost per decision), and an allowed client's
+//! connections during the flood, per second and per CPU-second (the cost to
+//! everybody else).
 
 use std::{
     fmt::Write as _,
@@ -246,7 +247,8 @@ fn render(args: &BenchArgs, layout: &Layout, pairs: &[Pair], load: [String; 2]) 
          both. A pod floods denied connections: each connect fails with EPERM at once, and \
          each is a decision that is counted and offered to the rate-limited event ring. The \
          real flow-event reader (`portcullis flows --json`, output discarded) drains the \
-         ring throughout, so the userspace side of events is included (median {:.0} events/s \
+         ring throughout, in batches (woken by the first event, it lets 50 ms of them \
+         gather), so the userspace side of events is included (median {:.0} events/s \
          written to the ring with events on, {:.0} with them off; the rest of the decisions \
          are over the rate limit of {} per second per CPU).\n",
         verdict::median(&events_on),
@@ -258,8 +260,8 @@ fn render(args: &BenchArgs, layout: &Layout, pairs: &[Pair], load: [String; 2]) 
         "- **(1) Cost per denied decision**: denied connects per CPU-second of the flooding \
          process (its own CPU time, the kernel's work for its connects included), the flood \
          running alone, on against off. CPU time rather than time by the clock keeps other \
-         processes taking turns on its CPU out of the ratio, so the difference is what \
-         counting and eventing add to each denied decision. (By the clock: median {:.0} \
+         processes taking turns on its CPU (mostly) out of the ratio, so the difference is \
+         what counting and eventing add to each denied decision. (By the clock: median {:.0} \
          denied/s on, {:.0} off.)\n\
          - **(2) Cost to allowed connections during the flood**: an allowed client ({} \
          connect loops) connects to its server while the flood runs, on against off. This \
@@ -268,7 +270,7 @@ fn render(args: &BenchArgs, layout: &Layout, pairs: &[Pair], load: [String; 2]) 
          connection rate by the clock, as a user sees it, but it also moves with whatever \
          else the machine runs on that CPU; (2b) divides the connections by the CPU time of \
          everything on the client's side (client, server, agent, event reader), which other \
-         work on the machine does not disturb.\n",
+         work on the machine disturbs far less (it still shares caches).\n",
         verdict::median(&wall_on),
         verdict::median(&wall_off),
         args.concurrency
