@@ -27,9 +27,10 @@ pub struct BenchArgs {
     /// Rounds; each measures every scenario once.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Rounds of the overhead measurement, each an on/off pair. Nine let
-    /// the verdict's confidence interval drop the best and worst round.
-    #[arg(long, default_value_t = 9)]
+    /// Rounds of the overhead measurement, each an on/off pair. Fifteen
+    /// let the verdict's confidence interval (96%) leave out the three best
+    /// and three worst rounds, which a shared machine needs to be decisive.
+    #[arg(long, default_value_t = 15)]
     pub overhead_rounds: usize,
     /// Concurrent connect loops in the client pod.
     #[arg(long, default_value_t = 2)]
