@@ -3,8 +3,12 @@
 //! compile time, map entries and kernel memory grow with the rule count.
 
 pub mod connrate;
+pub mod cputime;
+pub mod layout;
 pub mod overhead;
+pub mod reader;
 pub mod scale;
+pub mod verdict;
 
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
 
@@ -23,6 +27,11 @@ pub struct BenchArgs {
     /// Rounds; each measures every scenario once.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Rounds of the overhead measurement, each an on/off pair. Fifteen
+    /// let the verdict's confidence interval (96%) leave out the three best
+    /// and three worst rounds, which a shared machine needs to be decisive.
+    #[arg(long, default_value_t = 15)]
+    pub overhead_rounds: usize,
     /// Concurrent connect loops in the client pod.
     #[arg(long, default_value_t = 2)]
     pub concurrency: u32,

@@ -2,6 +2,7 @@
 //! each with its own cgroup, on one bridge, enforced by a real agent, and the
 //! measured reachability between every pair of pods.
 
+pub mod affinity;
 pub mod cli;
 pub mod kube;
 pub mod plumbing;
@@ -79,6 +80,12 @@ pub enum LabError {
     Counters {
         #[source]
         source: LoadError,
+    },
+    #[error("pinning pod {pod} to CPUs")]
+    Affinity {
+        pod: String,
+        #[source]
+        source: affinity::AffinityError,
     },
 }
 
@@ -359,6 +366,25 @@ impl Lab {
                 pod: from.into(),
                 source,
             })
+    }
+
+    /// The process id of a pod's process, while it runs.
+    pub fn pod_pid(&self, key: &str) -> Result<u32, LabError> {
+        let i = self.pod_index(key)?;
+        self.clients[i].pid().ok_or_else(|| LabError::Pod {
+            pod: key.into(),
+            source: PodError::Gone,
+        })
+    }
+
+    /// Pins a pod's process to `cpus` (benchmarks: keep a flood off the
+    /// measured pods' CPU).
+    pub fn pin_pod(&self, key: &str, cpus: &[usize]) -> Result<(), LabError> {
+        let pid = self.pod_pid(key)?;
+        affinity::pin_process(pid, cpus).map_err(|source| LabError::Affinity {
+            pod: key.into(),
+            source,
+        })
     }
 
     pub fn pods(&self) -> &[PlannedPod] {

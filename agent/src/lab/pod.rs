@@ -132,6 +132,11 @@ pub struct LoadResult {
     /// Connection attempts that failed.
     pub failures: u64,
     pub elapsed_ms: u64,
+    /// CPU time the pod process used meanwhile, the kernel's work for its
+    /// system calls included: unlike `elapsed_ms`, unaffected by other
+    /// processes taking turns on the same CPU.
+    #[serde(default)]
+    pub cpu_us: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -280,6 +285,7 @@ async fn ping(held: u64, limit: Duration) -> ProbeOutcome {
 async fn load(req: &LoadRequest) -> LoadResult {
     let dst = SocketAddr::new(req.addr, req.port);
     let started = Instant::now();
+    let cpu_started = process_cpu_us();
     let deadline = started + Duration::from_millis(req.duration_ms);
     let workers = (0..req.concurrency.max(1)).map(|_| async move {
         let (mut ok, mut failed) = (0u64, 0u64);
@@ -299,7 +305,21 @@ async fn load(req: &LoadRequest) -> LoadResult {
         connections: results.iter().map(|r| r.0).sum(),
         failures: results.iter().map(|r| r.1).sum(),
         elapsed_ms: started.elapsed().as_millis() as u64,
+        cpu_us: process_cpu_us().saturating_sub(cpu_started),
     }
+}
+
+/// CPU time used by all threads of this process so far, in microseconds.
+fn process_cpu_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write to.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// SO_LINGER 0: close() sends RST and leaves no TIME_WAIT behind. The
@@ -550,6 +570,11 @@ impl PodClient {
                 .map_err(|source| PodError::Pipe { source })?;
         }
         rx.await.map_err(|_| PodError::Gone)
+    }
+
+    /// The pod process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     pub async fn stop(mut self) {
