@@ -1,10 +1,11 @@
 //! Every YAML example in docs/policy.md is a valid policy (blocks fenced as
-//! ```` ```yaml fragment ```` show part of a spec and must be valid YAML):
-//! the docs cannot drift from what the parser accepts.
+//! ```` ```yaml fragment ```` show part of a spec and must be valid YAML;
+//! ```` ```yaml workloads ```` ones are workloads files): the docs cannot
+//! drift from what the parser accepts.
 
 use std::path::Path;
 
-use portcullis_agent::policy::parse::parse_policies;
+use portcullis_agent::policy::parse::{parse_inventory, parse_policies};
 
 #[test]
 fn policy_doc_examples_parse() {
@@ -12,11 +13,20 @@ fn policy_doc_examples_parse() {
     let doc = std::fs::read_to_string(&path).expect("docs/policy.md");
     let mut blocks = Vec::new();
     let mut fragments = 0;
+    let mut workloads = 0;
     let mut current: Option<(bool, String)> = None;
+    let mut is_workloads = false;
     for line in doc.lines() {
         match (&mut current, line.trim_start()) {
             (None, l) if l.starts_with("```yaml") => {
+                is_workloads = l.contains("workloads");
                 current = Some((l.contains("fragment"), String::new()))
+            }
+            (Some((_, block)), l) if l.starts_with("```") && is_workloads => {
+                parse_inventory(Path::new("workloads.yaml"), block)
+                    .unwrap_or_else(|e| panic!("workloads example is invalid: {e:?}\n{block}"));
+                workloads += 1;
+                current = None;
             }
             (Some((fragment, block)), l) if l.starts_with("```") => {
                 if *fragment {
@@ -36,7 +46,7 @@ fn policy_doc_examples_parse() {
         }
     }
     assert!(
-        blocks.len() >= 5 && fragments >= 1,
+        blocks.len() >= 5 && fragments >= 1 && workloads >= 1,
         "expected examples in {}",
         path.display()
     );
