@@ -694,3 +694,35 @@ async fn invalid_objects_get_an_event_and_a_condition_from_the_lease_holder() {
         "the writer took the Lease first"
     );
 }
+
+/// Deny-until-programmed guards the kubelet's pod parent cgroup, and says
+/// so loudly when there is none to guard (a kubelet with another cgroup
+/// root), rather than leave new pods unguarded in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_unprogrammed_guards_kubepods_or_says_it_cannot() {
+    let (client, api) = MockApi::start();
+    api.apply(NODES, json!({"metadata": {"name": NODE}}));
+    let node = Node::new();
+    let mut options = KubeOptions::new(client, NODE);
+    options.reporter = None;
+    options.deny_unprogrammed = true;
+    let mut source = KubeSource::start(options, node.mount.path()).unwrap();
+    until("the initial lists", || source.revision()).await;
+    let snapshot = source.load().unwrap();
+    assert!(snapshot.guards.pending_roots.is_empty());
+    assert!(
+        snapshot
+            .problems
+            .iter()
+            .any(|p| p.contains("--deny-unprogrammed") && p.contains("--kubelet-cgroup-root")),
+        "{:?}",
+        snapshot.problems
+    );
+    node.create_pod_cgroup(&uid(9));
+    let snapshot = source.load().unwrap();
+    assert_eq!(
+        snapshot.guards.pending_roots,
+        vec![node.mount.path().join("kubepods.slice")]
+    );
+    assert!(snapshot.problems.is_empty(), "{:?}", snapshot.problems);
+}

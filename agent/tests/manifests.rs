@@ -431,6 +431,20 @@ fn daemonset_mounts_bpffs_and_the_host_cgroup_tree() {
         args.iter().any(|a| a == "--node-name=$(NODE_NAME)"),
         "{args:?}"
     );
+    // A new pod never runs unenforced: deny-until-programmed is on, and the
+    // agent can find its own pod cgroup to exempt it.
+    assert!(args.iter().any(|a| a == "--deny-unprogrammed"), "{args:?}");
+    let field_of = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+    };
+    assert_eq!(field_of("POD_UID").as_deref(), Some("metadata.uid"));
+    assert_eq!(
+        field_of("POD_NAMESPACE").as_deref(),
+        Some("metadata.namespace")
+    );
 }
 
 /// The container port a probe or Service targets.

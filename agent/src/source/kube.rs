@@ -442,15 +442,16 @@ impl KubeSource {
         self.reports.subscribe()
     }
 
+    /// The kubelet's cgroup root in the mount.
+    fn kubelet_base(&self) -> PathBuf {
+        let root = &self.options.kubelet_cgroup_root;
+        self.mount.join(root.strip_prefix("/").unwrap_or(root))
+    }
+
     /// The kubelet's pod-parent cgroups that exist: below them, a pod that
     /// is not programmed yet is denied when `deny_unprogrammed` is set.
     fn pending_roots(&self) -> Vec<PathBuf> {
-        let base = self.mount.join(
-            self.options
-                .kubelet_cgroup_root
-                .strip_prefix("/")
-                .unwrap_or(&self.options.kubelet_cgroup_root),
-        );
+        let base = self.kubelet_base();
         let slice_stem = base
             .file_name()
             .and_then(|n| n.to_str()?.strip_suffix(".slice"))
@@ -588,16 +589,25 @@ impl Source for KubeSource {
         // A view the inventory rules reject would be a bug in the
         // translation; refuse it whole rather than enforce part of it.
         inventory.check().map_err(Box::new)?;
+        let pending_roots = if self.options.deny_unprogrammed {
+            self.pending_roots()
+        } else {
+            Vec::new()
+        };
+        if self.options.deny_unprogrammed && pending_roots.is_empty() {
+            // Silently guarding nothing would leave the window open.
+            problems.push(format!(
+                "--deny-unprogrammed: no kubepods cgroup below {}; new pods are not \
+                 guarded (pass the kubelet's --cgroup-root as --kubelet-cgroup-root)",
+                self.kubelet_base().display()
+            ));
+        }
         Ok(Snapshot {
             inventory,
             policies: tracked.policies,
             problems,
             guards: Guards {
-                pending_roots: if self.options.deny_unprogrammed {
-                    self.pending_roots()
-                } else {
-                    Vec::new()
-                },
+                pending_roots,
                 unenforced: local.host_network,
             },
         })
