@@ -287,14 +287,15 @@ impl Compiler {
             .iter()
             .filter(|w| w.is_local())
             .collect();
-        local.sort_by_key(|w| w.reference());
+        local.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for w in local {
+            let workload = w.reference();
             let id = endpoint_ids
-                .id(&w.reference())
+                .id(&workload)
                 .ok_or_else(|| exhausted("endpoint"))?;
             pass.out.endpoints.push(CompiledEndpoint {
                 id,
-                workload: w.reference(),
+                workload,
                 cgroup: w.cgroup.clone().unwrap_or_default(),
                 ipv4: w.ipv4(),
                 ipv6: w.ipv6(),
@@ -446,7 +447,7 @@ impl<'a> Layers<'a> {
 
 /// A port's verdict; `attribution` indexes [`Layers::attributions`] (none:
 /// cookie 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Outcome {
     verdict: u8,
     reason: u8,
@@ -521,17 +522,22 @@ impl<'p> Pass<'p> {
                             rule_index,
                         }
                     });
-                    let allow = layers.entries(lp.allow.effective_rules(direction), |_| {
-                        // Audit allows never decide, so never need a cookie.
-                        Attribution::AuditDefaultDeny {
-                            policy: policy.clone(),
-                            direction,
-                        }
-                    });
                     let default_deny = layers.attribution(Attribution::AuditDefaultDeny {
                         policy: policy.clone(),
                         direction,
                     });
+                    // Audit allows never decide, so never need a cookie of
+                    // their own: they point at the default deny.
+                    let allow = lp
+                        .allow
+                        .effective_rules(direction)
+                        .iter()
+                        .map(|rule| Entry {
+                            rule,
+                            attribution: default_deny,
+                            action: Action::Allow,
+                        })
+                        .collect();
                     layers.audits.push(AuditLayer {
                         deny,
                         isolates: lp.allow.isolates(direction),
@@ -883,13 +889,16 @@ fn emit(
     wildcard: bool,
 ) -> Result<(), CompileError> {
     let blocks: Vec<Vec<(u16, u8)>> = runs.iter().map(|r| prefix_blocks(r.0, r.1)).collect();
+    // Entries each outcome would need explicitly, summed once: choosing the
+    // default is then linear in the runs.
+    let total: usize = blocks.iter().map(Vec::len).sum();
+    let mut per_outcome: std::collections::HashMap<Outcome, usize> =
+        std::collections::HashMap::new();
+    for (run, b) in runs.iter().zip(&blocks) {
+        *per_outcome.entry(run.2).or_default() += b.len();
+    }
     let cost = |default: Outcome| -> usize {
-        let explicit: usize = runs
-            .iter()
-            .zip(&blocks)
-            .filter(|(r, _)| r.2 != default)
-            .map(|(_, b)| b.len())
-            .sum();
+        let explicit = total - per_outcome.get(&default).copied().unwrap_or(0);
         explicit + usize::from(!(wildcard && default == NOT_ISOLATED))
     };
     let mut default = NOT_ISOLATED;

@@ -18,18 +18,24 @@ fn refs(policies: &[PolicyRef]) -> String {
     s
 }
 
-/// What a kernel map entry's rule cookie stands for.
+/// What a kernel map entry's rule cookie stands for: worded as the
+/// evaluator's verdict for the same decider.
 pub fn attribution(a: &Attribution) -> String {
-    match a {
+    verdict(&as_verdict(a))
+}
+
+/// The evaluator's verdict that names the same decider as `a`.
+pub fn as_verdict(a: &Attribution) -> DirectionVerdict {
+    match a.clone() {
         Attribution::Rule {
             policy, rule_index, ..
-        } => format!("allowed by {policy} rule {rule_index}"),
+        } => DirectionVerdict::Allowed { policy, rule_index },
         Attribution::DefaultDeny { isolated_by, .. } => {
-            format!("denied by default: isolated by {}", refs(isolated_by))
+            DirectionVerdict::DefaultDeny { isolated_by }
         }
         Attribution::DenyRule {
             policy, rule_index, ..
-        } => format!("denied by {policy} deny rule {rule_index}"),
+        } => DirectionVerdict::Denied { policy, rule_index },
         Attribution::TierRule {
             tier,
             priority,
@@ -37,15 +43,23 @@ pub fn attribution(a: &Attribution) -> String {
             rule_index,
             action,
             ..
-        } => {
-            format!("{action:?} by {policy} rule {rule_index} ({tier:?} tier, priority {priority})")
-        }
+        } => DirectionVerdict::Tier {
+            tier,
+            priority,
+            policy,
+            rule_index,
+            action,
+        },
         Attribution::AuditDenyRule {
             policy, rule_index, ..
-        } => format!("audit: {policy} deny rule {rule_index} would deny"),
-        Attribution::AuditDefaultDeny { policy, .. } => {
-            format!("audit: {policy} would deny by default (isolation)")
-        }
+        } => DirectionVerdict::Audit {
+            policy,
+            cause: AuditCause::DenyRule { rule_index },
+        },
+        Attribution::AuditDefaultDeny { policy, .. } => DirectionVerdict::Audit {
+            policy,
+            cause: AuditCause::DefaultDeny,
+        },
     }
 }
 

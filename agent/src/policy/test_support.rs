@@ -1,7 +1,7 @@
 //! Helpers shared by the policy tests, chiefly a model of the kernel's
 //! decision procedure (ebpf/src/verdict.rs) over [`Compiled`] maps.
 
-use std::{error::Error, net::IpAddr, path::Path};
+use std::{net::IpAddr, path::Path};
 
 use portcullis_common::{
     DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, REASON_DEFAULT_DENY,
@@ -16,16 +16,7 @@ use crate::policy::{
 };
 
 /// An error and its causes on one line.
-pub fn chain(e: &dyn Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
+pub use crate::source::file::error_chain as chain;
 
 pub fn policies(yaml: &str) -> Vec<PolicyObject> {
     parse_policies(Path::new("test.yaml"), yaml).unwrap_or_else(|e| panic!("{}", chain(&e)))
