@@ -50,7 +50,6 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
-/// Resolves a cgroup path given as absolute, or relative to the cgroup2 mount.
 /// The cgroup v2 hierarchy at `path`: the path itself, or `unified/` below
 /// it on a hybrid host (cgroup v1 controllers at the top).
 pub fn cgroup2_at(path: &Path) -> Result<PathBuf, CgroupError> {
@@ -62,6 +61,7 @@ pub fn cgroup2_at(path: &Path) -> Result<PathBuf, CgroupError> {
         })
 }
 
+/// Resolves a cgroup path given as absolute, or relative to the cgroup2 mount.
 pub fn resolve(mount: &Path, path: &Path) -> PathBuf {
     if path.starts_with(mount) {
         path.to_path_buf()

@@ -111,34 +111,54 @@ impl Namer {
             from,
             to,
             port: e.port,
-            protocol: match e.protocol {
-                PROTO_TCP => "TCP",
-                PROTO_UDP => "UDP",
-                _ => "other",
-            },
-            direction: if e.direction == DIRECTION_INGRESS {
-                "ingress"
-            } else {
-                "egress"
-            },
-            verdict: match e.verdict {
-                VERDICT_ALLOW => "allow",
-                VERDICT_AUDIT => "audit",
-                _ => "deny",
-            },
-            reason: match e.reason {
-                REASON_POLICY => "policy",
-                REASON_DEFAULT_DENY => "default-deny",
-                REASON_NOT_ISOLATED => "not-isolated",
-                REASON_LOCAL => "local",
-                REASON_HOST => "host",
-                REASON_REPLY => "reply",
-                REASON_NO_BACKEND => "no-backend",
-                REASON_NOT_PROGRAMMED => "not-programmed",
-                _ => "unknown",
-            },
+            protocol: protocol_name(e.protocol),
+            direction: direction_name(e.direction),
+            verdict: verdict_name(e.verdict),
+            reason: reason_name(e.reason),
             decided_by,
         }
+    }
+}
+
+/// How people read the kernel's `PROTO_*` values (flows and counters).
+pub fn protocol_name(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "TCP",
+        PROTO_UDP => "UDP",
+        _ => "other",
+    }
+}
+
+/// How people read the kernel's `DIRECTION_*` values.
+pub fn direction_name(d: u8) -> &'static str {
+    if d == DIRECTION_INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+/// How people read the kernel's `VERDICT_*` values.
+pub fn verdict_name(v: u8) -> &'static str {
+    match v {
+        VERDICT_ALLOW => "allow",
+        VERDICT_AUDIT => "audit",
+        _ => "deny",
+    }
+}
+
+/// How people read the kernel's `REASON_*` values.
+pub fn reason_name(r: u8) -> &'static str {
+    match r {
+        REASON_POLICY => "policy",
+        REASON_DEFAULT_DENY => "default-deny",
+        REASON_NOT_ISOLATED => "not-isolated",
+        REASON_LOCAL => "local",
+        REASON_HOST => "host",
+        REASON_REPLY => "reply",
+        REASON_NO_BACKEND => "no-backend",
+        REASON_NOT_PROGRAMMED => "not-programmed",
+        _ => "unknown",
     }
 }
 

@@ -68,16 +68,6 @@ impl ReporterOptions {
     }
 }
 
-/// Runs the reporter until `reports`' sender is dropped, then releases the
-/// Lease. See [`Reporter`] to also watch leadership.
-pub async fn run(
-    client: kube::Client,
-    options: ReporterOptions,
-    reports: watch::Receiver<Vec<ObjectReport>>,
-) {
-    Reporter::new(client, options).run(reports).await
-}
-
 pub struct Reporter {
     client: kube::Client,
     options: ReporterOptions,

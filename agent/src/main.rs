@@ -335,7 +335,6 @@ async fn run_agent(opts: AgentOptions) -> anyhow::Result<()> {
 }
 
 fn print_counters(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    use portcullis_common::*;
     let (mut samples, lost) = bpf::read_counters(pin_dir)?;
     samples.sort_by_key(|s| {
         (
@@ -345,32 +344,8 @@ fn print_counters(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             s.key.rule_cookie,
         )
     });
-    let direction = |d: u8| {
-        if d == DIRECTION_INGRESS {
-            "ingress"
-        } else {
-            "egress"
-        }
-    };
-    let verdict = |v: u8| match v {
-        VERDICT_ALLOW => "allow",
-        VERDICT_AUDIT => "audit",
-        _ => "deny",
-    };
-    let reason = |r: u8| match r {
-        REASON_POLICY => "policy",
-        REASON_DEFAULT_DENY => "default-deny",
-        REASON_NOT_ISOLATED => "not-isolated",
-        REASON_LOCAL => "local",
-        REASON_HOST => "host",
-        REASON_REPLY => "reply",
-        _ => "unknown",
-    };
-    let protocol = |p: u8| match p {
-        PROTO_TCP => "TCP",
-        PROTO_UDP => "UDP",
-        _ => "other",
-    };
+    use portcullis_agent::flows::{direction_name as direction, protocol_name as protocol};
+    use portcullis_agent::flows::{reason_name as reason, verdict_name as verdict};
     if json {
         let rows: Vec<_> = samples
             .iter()

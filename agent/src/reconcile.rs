@@ -2,7 +2,7 @@
 
 mod services;
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use portcullis_common::{
     ipv4_mapped, EndpointValue, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6,
@@ -14,7 +14,9 @@ use crate::{
     cgroup,
     policy::{
         compile::{Attribution, CompileError, Compiled, Compiler},
-        describe, PolicyRef,
+        describe,
+        model::Inventory,
+        PolicyObject, PolicyRef,
     },
     source::Snapshot,
 };
@@ -109,6 +111,15 @@ pub fn attribution_policies(a: &Attribution) -> Vec<PolicyName> {
 pub struct Reconciler {
     compiler: Compiler,
     cgroup_mount: PathBuf,
+    /// The latest compile and what it was made from: a pass repeated only
+    /// to look for missing cgroups again reuses it instead of compiling.
+    last: Option<LastCompile>,
+}
+
+struct LastCompile {
+    inventory: Inventory,
+    policies: Vec<PolicyObject>,
+    compiled: Compiled,
 }
 
 impl Reconciler {
@@ -116,7 +127,28 @@ impl Reconciler {
         Self {
             compiler: Compiler::new(),
             cgroup_mount,
+            last: None,
         }
+    }
+
+    /// Compiles the snapshot, unless it is what was compiled last time.
+    fn compile(&mut self, snapshot: &Snapshot) -> Result<(), ReconcileError> {
+        let unchanged = self
+            .last
+            .as_ref()
+            .is_some_and(|l| l.inventory == snapshot.inventory && l.policies == snapshot.policies);
+        if !unchanged {
+            let compiled = self
+                .compiler
+                .compile(&snapshot.inventory, &snapshot.policies)
+                .map_err(|source| ReconcileError::Compile { source })?;
+            self.last = Some(LastCompile {
+                inventory: snapshot.inventory.clone(),
+                policies: snapshot.policies.clone(),
+                compiled,
+            });
+        }
+        Ok(())
     }
 
     pub fn reconcile(
@@ -124,11 +156,9 @@ impl Reconciler {
         snapshot: &Snapshot,
         sink: &mut impl MapSink,
     ) -> Result<Applied, ReconcileError> {
-        let compiled = self
-            .compiler
-            .compile(&snapshot.inventory, &snapshot.policies)
-            .map_err(|source| ReconcileError::Compile { source })?;
-        let (desired, missing_cgroups) = self.desired_state(&compiled, snapshot);
+        self.compile(snapshot)?;
+        let compiled = &self.last.as_ref().expect("compiled above").compiled;
+        let (desired, missing_cgroups) = self.desired_state(compiled, snapshot);
         let usage = sink
             .apply(&desired)
             .map_err(|source| ReconcileError::Write { source })?;
@@ -231,9 +261,4 @@ impl Reconciler {
 }
 
 /// The 16-byte form the kernel uses for an address.
-pub fn addr16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
+pub use crate::policy::compile::addr16;

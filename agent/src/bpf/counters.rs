@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
-use aya::maps::{Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Map, MapData, PerCpuHashMap};
 use portcullis_common::{CounterKey, COUNTERS_MAP};
 
-use super::loader::LoadError;
+use super::loader::{map, open_pinned, per_cpu_total, LoadError};
 
 /// One counter, summed over CPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,36 +20,18 @@ pub const COUNTERS_LOST_MAP: &str = "PCL_CNT_LOST";
 /// Reads all counters from the maps pinned in `pin_dir`, plus the number of
 /// decisions that could not be counted because the map was full.
 pub fn read_counters(pin_dir: &Path) -> Result<(Vec<CounterSample>, u64), LoadError> {
-    let open = |name: &'static str| {
-        MapData::from_pin(pin_dir.join(name)).map_err(|source| LoadError::PinnedMap {
-            path: pin_dir.join(name),
-            source,
-        })
-    };
     let counters: PerCpuHashMap<MapData, CounterKey, u64> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(COUNTERS_MAP)?))
-            .map_err(|source| map_err(COUNTERS_MAP, source))?;
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open_pinned(pin_dir, COUNTERS_MAP)?))
+            .map_err(map(COUNTERS_MAP))?;
     let mut out = Vec::new();
     for item in counters.iter() {
-        let (key, per_cpu) = item.map_err(|source| map_err(COUNTERS_MAP, source))?;
+        let (key, per_cpu) = item.map_err(map(COUNTERS_MAP))?;
         out.push(CounterSample {
             key,
             count: per_cpu.iter().sum(),
         });
     }
-    let lost: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(COUNTERS_LOST_MAP)?))
-            .map_err(|source| map_err(COUNTERS_LOST_MAP, source))?;
-    let lost = lost
-        .get(&0, 0)
-        .map_err(|source| map_err(COUNTERS_LOST_MAP, source))?
-        .iter()
-        .sum();
-    Ok((out, lost))
-}
-
-fn map_err(map: &'static str, source: MapError) -> LoadError {
-    LoadError::Map { map, source }
+    Ok((out, per_cpu_total(pin_dir, COUNTERS_LOST_MAP)?))
 }
 
 /// Changes the run-time switches of the agent pinned at `pin_dir`.
@@ -59,17 +41,12 @@ fn update_settings(
 ) -> Result<(), LoadError> {
     use aya::maps::Array;
     use portcullis_common::{Settings, SETTINGS_MAP};
-    let path = pin_dir.join(SETTINGS_MAP);
-    let data = MapData::from_pin(&path).map_err(|source| LoadError::PinnedMap { path, source })?;
     let mut settings: Array<MapData, Settings> =
-        Array::try_from(Map::Array(data)).map_err(|source| map_err(SETTINGS_MAP, source))?;
-    let mut value = settings
-        .get(&0, 0)
-        .map_err(|source| map_err(SETTINGS_MAP, source))?;
+        Array::try_from(Map::Array(open_pinned(pin_dir, SETTINGS_MAP)?))
+            .map_err(map(SETTINGS_MAP))?;
+    let mut value = settings.get(&0, 0).map_err(map(SETTINGS_MAP))?;
     change(&mut value);
-    settings
-        .set(0, value, 0)
-        .map_err(|source| map_err(SETTINGS_MAP, source))
+    settings.set(0, value, 0).map_err(map(SETTINGS_MAP))
 }
 
 /// Turns counting and flow events off (`quiet`) or on for the agent pinned

@@ -6,10 +6,10 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Map, MapData, RingBuf};
 use portcullis_common::{FlowEvent, EVENTS_LOST_MAP, EVENTS_MAP};
 
-use super::loader::LoadError;
+use super::loader::{map, open_pinned, per_cpu_total, LoadError};
 
 /// How long a woken reader lets events gather before it reads them: the
 /// most an event waits. The ring (EVENTS_RING_BYTES, ~5000 events) holds
@@ -20,22 +20,12 @@ pub struct EventReader {
     ring: RingBuf<MapData>,
 }
 
-fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, LoadError> {
-    let path = pin_dir.join(name);
-    MapData::from_pin(&path).map_err(|source| LoadError::PinnedMap { path, source })
-}
-
 impl EventReader {
     /// Opens the ring buffer of the agent pinned at `pin_dir`. Each event is
     /// delivered to one reader only.
     pub fn open(pin_dir: &Path) -> Result<Self, LoadError> {
-        let ring =
-            RingBuf::try_from(Map::RingBuf(open(pin_dir, EVENTS_MAP)?)).map_err(|source| {
-                LoadError::Map {
-                    map: EVENTS_MAP,
-                    source,
-                }
-            })?;
+        let ring = RingBuf::try_from(Map::RingBuf(open_pinned(pin_dir, EVENTS_MAP)?))
+            .map_err(map(EVENTS_MAP))?;
         Ok(Self { ring })
     }
 
@@ -76,16 +66,5 @@ impl EventReader {
 
 /// Events the kernel could not emit (over the rate limit or ring full).
 pub fn events_lost(pin_dir: &Path) -> Result<u64, LoadError> {
-    let lost: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, EVENTS_LOST_MAP)?)).map_err(
-            |source| LoadError::Map {
-                map: EVENTS_LOST_MAP,
-                source,
-            },
-        )?;
-    let values = lost.get(&0, 0).map_err(|source| LoadError::Map {
-        map: EVENTS_LOST_MAP,
-        source,
-    })?;
-    Ok(values.iter().sum())
+    per_cpu_total(pin_dir, EVENTS_LOST_MAP)
 }

@@ -12,7 +12,7 @@ use portcullis_common::{
     REASON_LOCAL, REASON_NOT_ISOLATED, STATE_MAP, VERDICT_ALLOW,
 };
 
-use super::loader::LoadError;
+use super::loader::{map, open_pinned, LoadError};
 
 /// The kernel's answer for one direction of a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,17 +33,12 @@ pub struct KernelView {
 }
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<Map, LoadError> {
-    let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| LoadError::PinnedMap { path, source })?;
+    let data = open_pinned(pin_dir, name)?;
     Ok(match name {
         STATE_MAP => Map::Array(data),
         ENDPOINTS_MAP => Map::HashMap(data),
         _ => Map::LpmTrie(data),
     })
-}
-
-fn map_err(map: &'static str) -> impl FnOnce(MapError) -> LoadError {
-    move |source| LoadError::Map { map, source }
 }
 
 /// A missing key is an answer, not an error.
@@ -58,17 +53,17 @@ fn found<V>(r: Result<V, MapError>, map: &'static str) -> Result<Option<V>, Load
 impl KernelView {
     pub fn open(pin_dir: &Path) -> Result<Self, LoadError> {
         Ok(Self {
-            state: Array::try_from(open(pin_dir, STATE_MAP)?).map_err(map_err(STATE_MAP))?,
+            state: Array::try_from(open(pin_dir, STATE_MAP)?).map_err(map(STATE_MAP))?,
             endpoints: HashMap::try_from(open(pin_dir, ENDPOINTS_MAP)?)
-                .map_err(map_err(ENDPOINTS_MAP))?,
+                .map_err(map(ENDPOINTS_MAP))?,
             identities: LpmTrie::try_from(open(pin_dir, IDENTITIES_MAP)?)
-                .map_err(map_err(IDENTITIES_MAP))?,
-            policy: LpmTrie::try_from(open(pin_dir, POLICY_MAP)?).map_err(map_err(POLICY_MAP))?,
+                .map_err(map(IDENTITIES_MAP))?,
+            policy: LpmTrie::try_from(open(pin_dir, POLICY_MAP)?).map_err(map(POLICY_MAP))?,
         })
     }
 
     fn generation(&self) -> Result<u32, LoadError> {
-        let s = self.state.get(&0, 0).map_err(map_err(STATE_MAP))?;
+        let s = self.state.get(&0, 0).map_err(map(STATE_MAP))?;
         Ok(s.active_generation % GENERATIONS)
     }
 

@@ -107,7 +107,6 @@ pub struct DataplaneOptions {
 /// The loaded programs and the map writer.
 pub struct Dataplane {
     pub writer: MapWriter,
-    pin_dir: PathBuf,
     // Owns the program fds; links are pinned and outlive it.
     _ebpf: Ebpf,
 }
@@ -194,18 +193,27 @@ impl Dataplane {
         );
         Ok(Self {
             writer,
-            pin_dir: opts.pin_dir.clone(),
             _ebpf: ebpf,
         })
     }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
 }
 
-fn map(map: &'static str) -> impl FnOnce(MapError) -> LoadError {
+pub(super) fn map(map: &'static str) -> impl FnOnce(MapError) -> LoadError {
     move |source| LoadError::Map { map, source }
+}
+
+/// Opens the map `name` pinned in `pin_dir`.
+pub(super) fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<MapData, LoadError> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).map_err(|source| LoadError::PinnedMap { path, source })
+}
+
+/// A per-CPU counter (index 0 of a per-CPU array), summed over the CPUs.
+pub(super) fn per_cpu_total(pin_dir: &Path, name: &'static str) -> Result<u64, LoadError> {
+    let counter: aya::maps::PerCpuArray<MapData, u64> =
+        aya::maps::PerCpuArray::try_from(Map::PerCpuArray(open_pinned(pin_dir, name)?))
+            .map_err(map(name))?;
+    Ok(counter.get(&0, 0).map_err(map(name))?.iter().sum())
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
@@ -284,11 +292,8 @@ fn check_abi(pin_dir: &Path) -> Result<(), LoadError> {
     if !path.exists() {
         return Ok(());
     }
-    let data = MapData::from_pin(&path).map_err(|source| LoadError::PinnedMap {
-        path: path.clone(),
-        source,
-    })?;
-    let state: Array<MapData, State> = Array::try_from(Map::Array(data)).map_err(map(STATE_MAP))?;
+    let state: Array<MapData, State> =
+        Array::try_from(Map::Array(open_pinned(pin_dir, STATE_MAP)?)).map_err(map(STATE_MAP))?;
     let found = state.get(&0, 0).map_err(map(STATE_MAP))?.abi_version;
     if found != 0 && found != ABI_VERSION {
         return Err(LoadError::AbiMismatch {

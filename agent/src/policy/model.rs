@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 pub use self::{
     inventory::{
-        ContainerPort, Inventory, InventoryError, Namespace, Service, ServiceBackend, ServicePort,
-        Workload, WorkloadRef,
+        unusable_reason, ContainerPort, Inventory, InventoryError, Namespace, Service,
+        ServiceBackend, ServicePort, Workload, WorkloadRef,
     },
     network_policy::{
         IntOrString, IpBlock, LabelSelector, LabelSelectorRequirement, NetworkPolicy,

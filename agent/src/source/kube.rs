@@ -402,17 +402,8 @@ impl KubeSource {
         let finder = PodCgroupFinder::new(mount).with_base(&options.kubelet_cgroup_root);
         let (reports, reports_rx) = watch::channel(Vec::new());
         if let Some(reporter_options) = options.reporter.clone() {
+            // The reporter logs its own leadership changes.
             let reporter = Reporter::new(client.clone(), reporter_options);
-            let mut leading = reporter.leadership();
-            tasks.push(runtime.spawn(async move {
-                while leading.changed().await.is_ok() {
-                    if *leading.borrow() {
-                        tracing::info!("holding the status-writer Lease: reporting invalid policies to the API");
-                    } else {
-                        tracing::info!("not holding the status-writer Lease");
-                    }
-                }
-            }));
             tasks.push(runtime.spawn(reporter.run(reports_rx)));
         }
         Ok(Self {
@@ -440,31 +431,6 @@ impl KubeSource {
     /// status writer reports to the API.
     pub fn reports(&self) -> watch::Receiver<Vec<ObjectReport>> {
         self.reports.subscribe()
-    }
-
-    /// The kubelet's cgroup root in the mount.
-    fn kubelet_base(&self) -> PathBuf {
-        let root = &self.options.kubelet_cgroup_root;
-        self.mount.join(root.strip_prefix("/").unwrap_or(root))
-    }
-
-    /// The kubelet's pod-parent cgroups that exist: below them, a pod that
-    /// is not programmed yet is denied when `deny_unprogrammed` is set.
-    fn pending_roots(&self) -> Vec<PathBuf> {
-        let base = self.kubelet_base();
-        let slice_stem = base
-            .file_name()
-            .and_then(|n| n.to_str()?.strip_suffix(".slice"))
-            .map(|stem| format!("{stem}-"))
-            .unwrap_or_default();
-        [
-            format!("{slice_stem}kubepods.slice"),
-            "kubepods".to_string(),
-        ]
-        .iter()
-        .map(|d| base.join(d))
-        .filter(|p| p.is_dir())
-        .collect()
     }
 }
 
@@ -590,7 +556,7 @@ impl Source for KubeSource {
         // translation; refuse it whole rather than enforce part of it.
         inventory.check().map_err(Box::new)?;
         let pending_roots = if self.options.deny_unprogrammed {
-            self.pending_roots()
+            self.finder.kubepods_dirs()
         } else {
             Vec::new()
         };
@@ -599,7 +565,7 @@ impl Source for KubeSource {
             problems.push(format!(
                 "--deny-unprogrammed: no kubepods cgroup below {}; new pods are not \
                  guarded (pass the kubelet's --cgroup-root as --kubelet-cgroup-root)",
-                self.kubelet_base().display()
+                self.finder.base_dir().display()
             ));
         }
         Ok(Snapshot {

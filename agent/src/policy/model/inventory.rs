@@ -368,11 +368,11 @@ impl Inventory {
     }
 }
 
-/// Addresses that cannot identify a workload or node: the kernel treats
-/// loopback as local, and stores IPv4 as IPv4-mapped IPv6, so a mapped IPv6
-/// address would alias an IPv4 one.
-fn check_address(address: IpAddr, field: &str) -> Result<(), InventoryError> {
-    let reason = if address.is_loopback() {
+/// Why an address cannot identify a workload, node or service, if it
+/// cannot: the kernel treats loopback as local, and stores IPv4 as
+/// IPv4-mapped IPv6, so a mapped IPv6 address would alias an IPv4 one.
+pub fn unusable_reason(address: IpAddr) -> Option<&'static str> {
+    if address.is_loopback() {
         Some("a loopback address")
     } else if address.is_unspecified() {
         Some("the unspecified address")
@@ -382,8 +382,11 @@ fn check_address(address: IpAddr, field: &str) -> Result<(), InventoryError> {
         Some("an IPv4-mapped IPv6 address (write the IPv4 form)")
     } else {
         None
-    };
-    match reason {
+    }
+}
+
+fn check_address(address: IpAddr, field: &str) -> Result<(), InventoryError> {
+    match unusable_reason(address) {
         Some(reason) => Err(InventoryError::UnusableAddress {
             field: field.to_string(),
             address,

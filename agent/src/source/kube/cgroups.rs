@@ -175,6 +175,14 @@ pub enum Driver {
 }
 
 impl Driver {
+    /// The parent of every pod cgroup, relative to the kubelet's cgroup root.
+    fn kubepods(self, slice_prefix: &str) -> PathBuf {
+        match self {
+            Self::Systemd => PathBuf::from(format!("{slice_prefix}kubepods.slice")),
+            Self::Cgroupfs => PathBuf::from("kubepods"),
+        }
+    }
+
     /// Where this driver puts a pod's cgroup, relative to the kubelet's
     /// cgroup root. `slice_prefix` is that root's systemd name plus `-`
     /// (`kubelet-` for `kubelet.slice`), since slice names repeat their
@@ -183,7 +191,7 @@ impl Driver {
         match self {
             Self::Systemd => {
                 let top = format!("{slice_prefix}kubepods");
-                let mut path = PathBuf::from(format!("{top}.slice"));
+                let mut path = self.kubepods(slice_prefix);
                 let parent = match qos.parent() {
                     Some(class) => {
                         let parent = format!("{top}-{class}");
@@ -195,7 +203,7 @@ impl Driver {
                 path.join(format!("{parent}-pod{}.slice", uid.systemd()))
             }
             Self::Cgroupfs => {
-                let mut path = PathBuf::from("kubepods");
+                let mut path = self.kubepods(slice_prefix);
                 path.extend(qos.parent());
                 path.join(format!("pod{uid}"))
             }
@@ -248,18 +256,41 @@ impl PodCgroupFinder {
         self
     }
 
-    /// Where each driver would put the pod, relative to the mount.
-    pub fn expected_paths(&self, uid: &PodUid, qos: QosClass) -> Vec<PathBuf> {
-        let slice_prefix = self
-            .base
+    /// The kubelet's cgroup root, absolute.
+    pub fn base_dir(&self) -> PathBuf {
+        self.mount.join(&self.base)
+    }
+
+    /// The base's systemd name plus `-` (`kubelet-` for `kubelet.slice`),
+    /// since slice names repeat their parents'; empty otherwise.
+    fn slice_prefix(&self) -> String {
+        self.base
             .file_name()
             .and_then(|n| n.to_str()?.strip_suffix(".slice"))
             .map(|stem| format!("{stem}-"))
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Where each driver would put the pod, relative to the mount.
+    pub fn expected_paths(&self, uid: &PodUid, qos: QosClass) -> Vec<PathBuf> {
+        let slice_prefix = self.slice_prefix();
         [Driver::Systemd, Driver::Cgroupfs]
             .into_iter()
             .map(|d| self.base.join(d.pod_path(uid, qos, &slice_prefix)))
             .collect()
+    }
+
+    /// The kubelet's pod-parent cgroups (`kubepods…`, either driver) that
+    /// exist, absolute: every pod cgroup is below one of them.
+    pub fn kubepods_dirs(&self) -> Vec<PathBuf> {
+        [
+            Driver::Systemd.kubepods(&self.slice_prefix()),
+            Driver::Cgroupfs.kubepods(""),
+        ]
+        .into_iter()
+        .map(|d| self.base_dir().join(d))
+        .filter(|p| p.is_dir())
+        .collect()
     }
 
     /// The pod-level cgroup of `uid`, relative to the mount.

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::{core::v1::Service as ApiService, discovery::v1::EndpointSlice};
 
-use crate::policy::model::{Protocol, Service, ServiceBackend, ServicePort};
+use crate::policy::model::{unusable_reason, Protocol, Service, ServiceBackend, ServicePort};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -143,11 +143,9 @@ pub fn services<'a>(
     out
 }
 
+/// The inventory's own rule, so this filter cannot fall behind it.
 fn usable(ip: &IpAddr) -> bool {
-    !(ip.is_loopback()
-        || ip.is_unspecified()
-        || ip.is_multicast()
-        || matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()))
+    unusable_reason(*ip).is_none()
 }
 
 /// Drops what the inventory rules would reject, so one odd Service cannot

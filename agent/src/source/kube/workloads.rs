@@ -8,7 +8,7 @@
 //! odd object never stops the whole node from being reconciled.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
     path::PathBuf,
 };
@@ -245,11 +245,11 @@ pub fn inventory<'a>(
     node_ips.sort();
     // Two local pods never share a cgroup unless the lookup is confused;
     // keep the first rather than reject the node's whole state.
-    let mut cgroup_owners: BTreeMap<PathBuf, ()> = BTreeMap::new();
+    let mut cgroup_owners: BTreeSet<PathBuf> = BTreeSet::new();
     let mut workloads: Vec<Workload> = Vec::new();
     for (_, mut w) in candidates {
         if let Some(cgroup) = &w.cgroup {
-            if cgroup_owners.insert(cgroup.clone(), ()).is_some() {
+            if !cgroup_owners.insert(cgroup.clone()) {
                 w.cgroup = None;
             }
         }
