@@ -5,9 +5,7 @@ use std::{path::PathBuf, process::Command};
 use serde_json::Value;
 
 fn portcullis() -> Command {
-    // target/<profile>/deps/cli-xxxx → target/<profile>/portcullis
-    let exe = std::env::current_exe().unwrap();
-    let bin: PathBuf = exe.parent().unwrap().parent().unwrap().join("portcullis");
+    let bin = portcullis_agent::lab::portcullis_exe().unwrap();
     assert!(
         bin.exists(),
         "{} not built; run through cargo xtask test",

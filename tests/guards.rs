@@ -6,11 +6,7 @@
 //! (programs and maps stay pinned) and drives a reconciler with guards
 //! itself over the same pinned maps.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{fs, path::Path, time::Duration};
 
 use portcullis_agent::{
     bpf::{events::EventReader, Dataplane, DataplaneOptions},
@@ -38,18 +34,10 @@ spec:
     - to: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}]
 "#;
 
-fn helper_exe() -> PathBuf {
-    if let Ok(p) = std::env::var("PORTCULLIS_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("portcullis")
-}
-
 async fn spawn_in(netns: &Path, cgroup: &Path) -> PodClient {
     fs::create_dir_all(cgroup).unwrap();
     PodClient::spawn(
-        &helper_exe(),
+        &portcullis_agent::lab::portcullis_exe().unwrap(),
         Placement {
             netns,
             cgroup: Some(cgroup),
@@ -68,7 +56,7 @@ async fn an_unregistered_pod_below_a_pending_guard_is_denied_until_programmed() 
     lab.stop_agent();
 
     let mount = cgroup::cgroup2_mount().unwrap();
-    let root = mount.join("portcullis-lab-guards");
+    let root = portcullis_agent::lab::plumbing::LabNames::new("guards", &mount).cgroup_root;
     let pending = root.join("kubepods");
     let new_pod = pending.join("pod-new");
     let host_net = pending.join("pod-hostnet");

@@ -16,7 +16,7 @@ use portcullis_agent::lab::{
     topology::{default_topology, plan},
     Family, Lab, LabOptions,
 };
-use portcullis_tests::{http_get, kernel_lock};
+use portcullis_tests::{http_get, start_lab_with_options};
 use serde_json::json;
 
 const NODE: &str = "lab-node";
@@ -59,14 +59,13 @@ async fn probe(lab: &Lab, from: &str, to: &str) -> ProbeOutcome {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_from_the_api_is_enforced_and_survives_an_api_outage() {
-    let _kernel = tokio::task::block_in_place(kernel_lock);
     let (client, api) = MockApi::start();
     let topology = default_topology();
     populate(&api, &topology);
     let mut options = LabOptions::new("kube", topology);
     options.admin_addr = Some("127.0.0.1:0".parse().unwrap());
     options.kubernetes = Some(LabKube::new(client, NODE));
-    let lab = Lab::start(options).await.expect("lab in Kubernetes mode");
+    let lab = start_lab_with_options(options).await;
     let status = lab.wait_applied().await.unwrap();
     assert!(
         status.waiting_for_cgroup.is_empty(),
@@ -126,7 +125,7 @@ async fn policy_from_the_api_is_enforced_and_survives_an_api_outage() {
         .await
         .unwrap();
     assert_eq!(probe(&lab, "x/b", "x/a").await, ProbeOutcome::TimedOut);
-    lab.shutdown().await.unwrap();
+    lab.lab.shutdown().await.unwrap();
 }
 
 /// With `--deny-unprogrammed`, a pod the agent has not programmed (here: one
@@ -135,7 +134,6 @@ async fn policy_from_the_api_is_enforced_and_survives_an_api_outage() {
 /// exempt throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unprogrammed_pods_get_no_traffic_and_the_agent_is_exempt() {
-    let _kernel = tokio::task::block_in_place(kernel_lock);
     let (client, api) = MockApi::start();
     let topology = default_topology();
     let pods = plan(&topology);
@@ -147,7 +145,7 @@ async fn unprogrammed_pods_get_no_traffic_and_the_agent_is_exempt() {
     kube.own_pod_uid = Some(pod_uid(agent_pod));
     let mut options = LabOptions::new("kubeguard", topology);
     options.kubernetes = Some(kube);
-    let lab = Lab::start(options).await.expect("lab in Kubernetes mode");
+    let lab = start_lab_with_options(options).await;
     let status = lab.wait_applied().await.unwrap();
     assert!(
         status.waiting_for_cgroup.is_empty(),
@@ -196,5 +194,5 @@ async fn unprogrammed_pods_get_no_traffic_and_the_agent_is_exempt() {
     lab.wait_status(|s| s.applied > applied).await.unwrap();
     assert_eq!(probe(&lab, "x/b", "y/a").await, ProbeOutcome::Reached);
     assert_eq!(probe(&lab, "y/a", "x/b").await, ProbeOutcome::Reached);
-    lab.shutdown().await.unwrap();
+    lab.lab.shutdown().await.unwrap();
 }

@@ -3,7 +3,7 @@
 //! counted under the policy that decided, equal to what the kernel counted;
 //! readiness; and `promtool check metrics` on the scraped text.
 
-use std::{collections::BTreeMap, io::Write as _, process::Stdio};
+use std::collections::BTreeMap;
 
 use portcullis_agent::{
     lab::{pod::ProbeOutcome, report::ProbeSpec, topology::default_topology, Family, LabOptions},
@@ -13,7 +13,9 @@ use portcullis_common::{
     DIRECTION_INGRESS, PROTO_TCP, PROTO_UDP, REASON_DEFAULT_DENY, REASON_POLICY, VERDICT_AUDIT,
     VERDICT_DENY,
 };
-use portcullis_tests::{http_get, start_lab_with_options, HttpResponse, TestLab, ALL_DECIDERS};
+use portcullis_tests::{
+    http_get, promtool, start_lab_with_options, HttpResponse, TestLab, ALL_DECIDERS,
+};
 
 /// Probes per kind of decision.
 const PROBES: u64 = 3;
@@ -75,33 +77,6 @@ async fn scrape(lab: &TestLab) -> (String, Vec<Sample>) {
     );
     let samples = parse_samples(&r.body);
     (r.body, samples)
-}
-
-/// `promtool check metrics`, for real: the Debian `prometheus` package that
-/// `cargo xtask setup` installs.
-fn promtool_check(text: &str) {
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("running promtool ({e}): install the Debian package `prometheus` (cargo xtask setup)")
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics rejects the scrape: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// What the kernel counted for decisions of this verdict, reason and
@@ -344,7 +319,7 @@ async fn metrics_attribute_drops_and_audits_to_the_deciding_policy() {
         ),
         1.0
     );
-    promtool_check(&text);
+    promtool(&["check", "metrics"], Some(&text));
 
     // Prometheus asks for OpenMetrics and gets it.
     let om: HttpResponse = http_get(
@@ -381,7 +356,7 @@ async fn metrics_attribute_drops_and_audits_to_the_deciding_policy() {
         ) > applied,
         "the removal was an apply too"
     );
-    promtool_check(&text);
+    promtool(&["check", "metrics"], Some(&text));
     let ready = http_get(addr, "/readyz", None).await;
     assert_eq!(ready.status, 200, "{}", ready.body);
 }

@@ -19,7 +19,10 @@ use std::{
 use portcullis_agent::lab::{
     pod::ProbeOutcome, report::ProbeSpec, topology::default_topology, Family, LabOptions,
 };
-use portcullis_tests::{http_get, start_lab_with_options, TestLab, ALL_DECIDERS};
+use portcullis_tests::{
+    http_get, parse_response, promtool, require_binary, start_lab_with_options, TestLab,
+    ALL_DECIDERS,
+};
 use serde_json::Value;
 
 /// What Grafana's variables stand for when the queries run here. The rate
@@ -201,16 +204,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn require_binary(name: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{name}` is not installed: install the Debian package `prometheus` (cargo xtask setup)"
-    );
-}
-
 impl Prometheus {
     fn start(target: SocketAddr) -> Self {
         require_binary("prometheus");
@@ -348,41 +341,8 @@ async fn get_http10(addr: SocketAddr, path: &str) -> (u16, String) {
         .read_to_end(&mut raw)
         .await
         .expect("reading response");
-    let raw = String::from_utf8(raw).expect("UTF-8 response");
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("malformed HTTP response: {raw:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (status, body.to_string())
-}
-
-fn promtool(args: &[&str], stdin: Option<&str>) {
-    use std::io::Write as _;
-    require_binary("promtool");
-    let mut child = Command::new("promtool")
-        .args(args)
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("running promtool ({e}): install the Debian package `prometheus` (cargo xtask setup)"));
-    let mut input = child.stdin.take().unwrap();
-    input
-        .write_all(stdin.unwrap_or_default().as_bytes())
-        .unwrap();
-    drop(input);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool {args:?} fails: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let response = parse_response(raw);
+    (response.status, response.body)
 }
 
 /// The label sets of a result vector.

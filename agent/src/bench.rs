@@ -99,8 +99,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
-        connrate::command_line("uname", &["-r"]),
-        connrate::command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        command_line("uname", &["-r"]),
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
     );
     if !args.skip_rate {
         report.push_str(&connrate::run(&args).await?);
@@ -117,4 +117,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", args.output.display()))?;
     eprintln!("results written to {}", args.output.display());
     Ok(())
+}
+
+/// The first line(s) a command prints, trimmed; empty if it cannot run.
+fn command_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }

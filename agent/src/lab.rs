@@ -76,6 +76,8 @@ pub enum LabError {
     },
     #[error("the agent did not apply the policies within {seconds}s")]
     ApplyTimeout { seconds: u64 },
+    #[error("the lab's agent is not running (stopped or detached)")]
+    NoAgent,
     #[error("reading counters")]
     Counters {
         #[source]
@@ -242,8 +244,7 @@ impl Lab {
 
         self.attach_agent()?;
 
-        let exe = std::env::current_exe().map_err(io("locating", Path::new("/proc/self/exe")))?;
-        let exe = helper_exe(&exe);
+        let exe = portcullis_exe().map_err(io("locating", Path::new("/proc/self/exe")))?;
         for pod in &self.pods {
             let serve: Vec<(u16, Protocol)> = pod
                 .workload
@@ -491,10 +492,7 @@ impl Lab {
     /// Waits (up to the apply timeout) for the agent's status to satisfy
     /// `ready`.
     pub async fn wait_status(&self, ready: impl Fn(&Status) -> bool) -> Result<Status, LabError> {
-        let agent = self
-            .agent
-            .as_ref()
-            .ok_or(LabError::ApplyTimeout { seconds: 0 })?;
+        let agent = self.agent.as_ref().ok_or(LabError::NoAgent)?;
         let mut rx = agent.status.clone();
         let status = tokio::time::timeout(APPLY_TIMEOUT, async {
             rx.wait_for(|s| ready(s)).await.map(|s| s.clone())
@@ -607,11 +605,8 @@ impl Lab {
     /// Stops the agent without removing its pinned state, then starts a new
     /// one, as an upgrade or a crash-restart would.
     pub async fn restart_agent(&mut self) -> Result<Status, LabError> {
-        if let Some(agent) = self.agent.take() {
-            agent.stop();
-        }
-        self.attach_agent()?;
-        self.wait_applied().await
+        self.stop_agent();
+        self.reattach_agent().await
     }
 
     /// Stops the agent, leaving programs and maps pinned in the kernel.
@@ -735,8 +730,13 @@ impl Drop for Lab {
     }
 }
 
-/// The binary that runs pod processes: the one running now, unless that is a
-/// test harness, in which case the `portcullis` binary built beside it.
+/// The `portcullis` binary (it also runs the lab's pod processes): the one
+/// running now, unless that is a test harness, in which case the one built
+/// beside it (or `PORTCULLIS_BIN`, which `cargo xtask test` sets).
+pub fn portcullis_exe() -> std::io::Result<PathBuf> {
+    Ok(helper_exe(&std::env::current_exe()?))
+}
+
 fn helper_exe(current: &Path) -> PathBuf {
     if let Ok(p) = std::env::var("PORTCULLIS_BIN") {
         return PathBuf::from(p);

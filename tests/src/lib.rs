@@ -65,23 +65,13 @@ impl std::ops::DerefMut for TestLab {
 
 /// Starts the default x,y,z × a,b,c lab, named after the test.
 pub async fn start_lab(name: &str) -> TestLab {
-    require_root();
-    let guard = KERNEL.lock().await;
-    let lab = Lab::start(LabOptions::new(name, default_topology()))
-        .await
-        .unwrap_or_else(|e| panic!("starting lab {name}: {}", chain(&e)));
-    TestLab { lab, _guard: guard }
+    start_lab_with(name, default_topology()).await
 }
 
 /// Starts a lab on a custom topology (e.g. named ports that mean different
 /// numbers on different pods), named after the test.
 pub async fn start_lab_with(name: &str, topology: Topology) -> TestLab {
-    require_root();
-    let guard = KERNEL.lock().await;
-    let lab = Lab::start(LabOptions::new(name, topology))
-        .await
-        .unwrap_or_else(|e| panic!("starting lab {name}: {}", chain(&e)));
-    TestLab { lab, _guard: guard }
+    start_lab_with_options(LabOptions::new(name, topology)).await
 }
 
 impl TestLab {
@@ -332,6 +322,11 @@ pub async fn http_get(
         .read_to_end(&mut raw)
         .await
         .expect("reading response");
+    parse_response(raw)
+}
+
+/// Status, content type and body of a whole HTTP/1.x response.
+pub fn parse_response(raw: Vec<u8>) -> HttpResponse {
     let raw = String::from_utf8(raw).expect("UTF-8 response");
     let (head, body) = raw
         .split_once("\r\n\r\n")
@@ -354,6 +349,48 @@ pub async fn http_get(
         content_type,
         body: body.to_string(),
     }
+}
+
+/// Fails the test unless `name` is on PATH (the tools `cargo xtask setup`
+/// installs).
+pub fn require_binary(name: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{name}` is not installed: install the Debian package `prometheus` (cargo xtask setup)"
+    );
+}
+
+/// Runs `promtool` (from the Debian `prometheus` package) in the repository
+/// root, with `stdin` as its input, and fails the test if it complains.
+pub fn promtool(args: &[&str], stdin: Option<&str>) {
+    use std::{
+        io::Write as _,
+        process::{Command, Stdio},
+    };
+    require_binary("promtool");
+    let mut child = Command::new("promtool")
+        .args(args)
+        .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running promtool ({e}): install the Debian package `prometheus` (cargo xtask setup)"));
+    let mut input = child.stdin.take().unwrap();
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool {args:?} fails: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A policy set with one flow decided by each kind of decider: a default

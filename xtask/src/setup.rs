@@ -25,16 +25,9 @@ const LINKER_BUILD_DEPS: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_FEATURE: &str = "llvm-22";
-/// Needed by the lab, the privileged tests and the benchmarks.
-const RUNTIME: &[&str] = &[
-    "iproute2",
-    "bpftool",
-    "iperf3",
-    "iptables",
-    "nftables",
-    "hyperfine",
-    "prometheus",
-];
+/// Needed by the lab (ip), the benchmarks (iptables) and the metrics tests
+/// (prometheus, promtool).
+const RUNTIME: &[&str] = &["iproute2", "iptables", "prometheus"];
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// What is missing, found before anything is changed.
@@ -108,6 +101,14 @@ pub fn setup() -> Result<()> {
 
 /// Picks the toolchain `agent/build.rs` will use and plans what it lacks.
 fn check_toolchain(plan: &mut Plan) -> Result<String> {
+    // Toolchains are picked and linked through rustup; say so up front
+    // rather than fail later at `rustup toolchain link`.
+    let rustup = std::process::Command::new("rustup")
+        .arg("--version")
+        .output();
+    if !rustup.is_ok_and(|o| o.status.success()) {
+        bail!("rustup is needed to manage the eBPF toolchain: install it from https://rustup.rs");
+    }
     if let Ok(tc) = std::env::var("PORTCULLIS_EBPF_TOOLCHAIN") {
         if !has_rust_src(&tc) {
             bail!("PORTCULLIS_EBPF_TOOLCHAIN={tc}, but that toolchain has no rust-src");

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _};
 
-use super::BenchArgs;
+use super::{verdict::median, BenchArgs};
 use crate::lab::{
     pod::ProbeOutcome, report::ProbeSpec, topology::Topology, Family, Lab, LabOptions,
 };
@@ -122,27 +122,6 @@ fn iptables_flush(netns: &str) -> anyhow::Result<()> {
     iptables_restore(netns, "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
 }
 
-pub(super) fn command_line(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// Measures the three scenarios and returns the report section.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     ensure!(args.rules >= 1, "--rules must be at least 1");
@@ -231,14 +210,7 @@ async fn measure(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow:
             }
         }
     }
-    let mut med = |s: Scenario| {
-        median(
-            rates
-                .get_mut(&s)
-                .map(|v| v.as_mut_slice())
-                .unwrap_or(&mut []),
-        )
-    };
+    let med = |s: Scenario| median(rates.get(&s).map_or(&[][..], Vec::as_slice));
     let (a, b, c) = (
         med(Scenario::NoAgent),
         med(Scenario::Portcullis),
@@ -261,7 +233,7 @@ fn render(
     let _ = writeln!(
         out,
         "- iptables: {}\n",
-        command_line("iptables", &["--version"])
+        super::command_line("iptables", &["--version"])
     );
     let _ = writeln!(
         out,
@@ -323,11 +295,5 @@ mod tests {
         assert_eq!(accepts.len(), 3);
         assert!(accepts[2].contains("198.18.1.10/32"));
         assert!(r.contains("-A PCL-BENCH -j DROP"));
-    }
-
-    #[test]
-    fn median_of_even_and_odd() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 }

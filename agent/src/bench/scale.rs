@@ -108,13 +108,9 @@ fn map_memory(path: &Path) -> anyhow::Result<u64> {
         .context("no memlock in fdinfo")
 }
 
+/// Best effort, before a run (leftovers of a crashed one) and after it.
 fn remove_cgroups(root: &Path) {
-    if let Ok(entries) = fs::read_dir(root) {
-        for e in entries.flatten() {
-            let _ = fs::remove_dir(e.path());
-        }
-    }
-    let _ = fs::remove_dir(root);
+    let _ = crate::lab::plumbing::remove_cgroup_tree(root);
 }
 
 /// Measures each rule count with `workloads` local workloads.

@@ -173,7 +173,7 @@ pub fn remove_all(names: &LabNames) -> Result<(), PlumbingError> {
     Ok(())
 }
 
-fn remove_cgroup_tree(root: &Path) -> Result<(), PlumbingError> {
+pub(crate) fn remove_cgroup_tree(root: &Path) -> Result<(), PlumbingError> {
     if !root.exists() {
         return Ok(());
     }
