@@ -24,8 +24,10 @@ pub struct BenchArgs {
     /// Seconds of load per scenario and round.
     #[arg(long, default_value_t = 2.0)]
     pub seconds: f64,
-    /// Rounds; each measures every scenario once.
-    #[arg(long, default_value_t = 5)]
+    /// Rounds of the connection-rate measurement; each measures every
+    /// scenario once. Nine let the verdict's interval for b/a (96%) leave
+    /// out the best and the worst round.
+    #[arg(long, default_value_t = 9)]
     pub rounds: usize,
     /// Rounds of the overhead measurement, each an on/off pair. Fifteen
     /// let the verdict's confidence interval (96%) leave out the three best
