@@ -101,6 +101,8 @@ async fn a_cluster_ip_leads_to_a_backend_and_policy_judges_the_backend() {
     lab.apply_services(vec![web(&lab), empty()]).await;
 
     // (a) TCP to the cluster IP reaches y/b, and carries data, both families.
+    // A TCP probe only counts as reached when getpeername() names the address
+    // it connected to: the cluster IP, not the backend behind it.
     for addr in [WEB_V4, WEB_V6] {
         assert_eq!(
             probe(&lab, "x/a", addr, "8080/tcp").await,

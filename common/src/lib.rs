@@ -39,6 +39,8 @@ pub const PROG_SENDMSG6: &str = "pcl_sendmsg6";
 pub const PROG_INGRESS: &str = "pcl_ingress";
 pub const PROG_RECVMSG4: &str = "pcl_recvmsg4";
 pub const PROG_RECVMSG6: &str = "pcl_recvmsg6";
+pub const PROG_GETPEERNAME4: &str = "pcl_getpeername4";
+pub const PROG_GETPEERNAME6: &str = "pcl_getpeername6";
 
 /// Map capacities. The generational maps hold two generations, so each
 /// generation may use half.
@@ -51,8 +53,9 @@ pub const UDP_FLOWS_CAPACITY: u32 = 65_536;
 pub const SERVICES_CAPACITY: u32 = 16_384;
 /// Backends over all frontends: 65,536 per generation.
 pub const BACKENDS_CAPACITY: u32 = 131_072;
-/// Unconnected UDP sockets' translations remembered for rewriting replies
-/// (LRU: the oldest conversations are forgotten first).
+/// Sockets' service translations remembered for rewriting UDP replies and
+/// getpeername() (LRU: the oldest are forgotten first, and such a socket's
+/// peer then shows as the backend).
 pub const SVC_REPLIES_CAPACITY: u32 = 65_536;
 
 /// Bytes of the flow event ring buffer (a power of two, page aligned).
@@ -379,9 +382,9 @@ pub struct BackendValue {
 }
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 20);
 
-/// Key of the reply translation table: a UDP socket (by cookie) that sent to
-/// a service and the backend it was sent to. Replies from that backend are
-/// shown to the application as coming from the service.
+/// Key of the reply translation table: a socket (by cookie) that connected
+/// or sent to a service, and the backend it went to. Replies from that
+/// backend, and the socket's peer name, show the service instead.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SvcReplyKey {

@@ -5,7 +5,8 @@
 //! identity and policy maps. Egress hooks fail `connect()`/`sendmsg()` with
 //! EPERM; the ingress hook drops the first packet of a flow. Before judging,
 //! egress hooks translate service (ClusterIP) destinations to a backend, and
-//! the recvmsg hooks show UDP replies as coming from the service.
+//! the recvmsg and getpeername hooks show the application the service
+//! address it asked for, not the backend.
 #![no_std]
 #![no_main]
 
@@ -91,6 +92,27 @@ pub fn pcl_recvmsg6(ctx: SockAddrContext) -> i32 {
     PASS
 }
 
+/// getpeername() on a socket connected through a service names the service
+/// address, as it would behind kube-proxy's DNAT: applications that log or
+/// check their peer see what they connected to.
+#[cgroup_sock_addr(getpeername4)]
+pub fn pcl_getpeername4(ctx: SockAddrContext) -> i32 {
+    let (_, addr, port) = sock_addr_v4(&ctx);
+    if let Some((addr, port)) = service::reply_source(&ctx, &addr, port) {
+        set_sock_addr(&ctx, Family::V4, &addr, port);
+    }
+    PASS
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn pcl_getpeername6(ctx: SockAddrContext) -> i32 {
+    let (_, addr, port) = sock_addr_v6(&ctx);
+    if let Some((addr, port)) = service::reply_source(&ctx, &addr, port) {
+        set_sock_addr(&ctx, Family::V6, &addr, port);
+    }
+    PASS
+}
+
 /// The sending socket's port (sendmsg binds a port before the hook runs).
 #[inline(always)]
 fn local_port(ctx: &SockAddrContext) -> u16 {
@@ -143,7 +165,7 @@ fn sock_addr_v6(ctx: &SockAddrContext) -> (u8, [u8; 16], u16) {
 #[inline(always)]
 fn set_sock_addr(ctx: &SockAddrContext, family: Family, addr: &[u8; 16], port: u16) {
     // SAFETY: the context pointer is valid and these fields are writable in
-    // connect, sendmsg and recvmsg programs.
+    // connect, sendmsg, recvmsg and getpeername programs.
     let sa = unsafe { &mut *ctx.sock_addr };
     match family {
         Family::V4 => sa.user_ip4 = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
@@ -187,9 +209,7 @@ fn egress(
             port: backend_port,
         } => {
             set_sock_addr(ctx, family, &backend, backend_port);
-            if protocol == PROTO_UDP {
-                service::remember_reply(ctx, (&backend, backend_port), (&addr, port));
-            }
+            service::remember_reply(ctx, (&backend, backend_port), (&addr, port));
             (backend, backend_port)
         }
         Translation::NoBackend => {

@@ -61,8 +61,8 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICE
 #[map(name = "PCL_BACKENDS")]
 pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(BACKENDS_CAPACITY, 0);
 
-/// Unconnected UDP sends that were translated, so replies can be shown as
-/// coming from the service address the application used.
+/// Translated connects and sends, by socket and backend, so UDP replies and
+/// getpeername() can name the service address the application used.
 #[map(name = "PCL_SVC_REPLY")]
 pub static SVC_REPLIES: LruHashMap<SvcReplyKey, SvcReplyValue> =
     LruHashMap::pinned(SVC_REPLIES_CAPACITY, 0);

@@ -62,8 +62,8 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
 }
 
-/// Remembers that this UDP socket's datagrams to `service` went to
-/// `backend`, so replies can be rewritten by [`reply_source`].
+/// Remembers that this socket's traffic to `service` goes to `backend`, so
+/// UDP replies and getpeername() can name the service ([`reply_source`]).
 #[inline(always)]
 pub fn remember_reply(ctx: &SockAddrContext, backend: (&[u8; 16], u16), service: (&[u8; 16], u16)) {
     let key = SvcReplyKey {
@@ -81,8 +81,9 @@ pub fn remember_reply(ctx: &SockAddrContext, backend: (&[u8; 16], u16), service:
     let _ = SVC_REPLIES.insert(&key, &value, 0);
 }
 
-/// The service address and port a datagram from `addr:port` answers, if
-/// this socket sent to that backend through a service.
+/// The service address and port that `addr:port` (a datagram's source, or
+/// the connected peer) stands for, if this socket reached that backend
+/// through a service.
 #[inline(always)]
 pub fn reply_source(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> Option<([u8; 16], u16)> {
     let key = SvcReplyKey {

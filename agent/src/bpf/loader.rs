@@ -21,8 +21,8 @@ use aya::{
 };
 use portcullis_common::{
     State, ABI_VERSION, BACKENDS_MAP, ENDPOINTS_MAP, IDENTITIES_MAP, POLICY_MAP, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_INGRESS, PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6,
-    SERVICES_MAP, STATE_MAP,
+    PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_INGRESS, PROG_RECVMSG4,
+    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, SERVICES_MAP, STATE_MAP,
 };
 
 use super::writer::MapWriter;
@@ -116,13 +116,15 @@ enum Hook {
     SkbIngress,
 }
 
-const PROGRAMS: [(&str, Hook); 7] = [
+const PROGRAMS: [(&str, Hook); 9] = [
     (PROG_CONNECT4, Hook::SockAddr),
     (PROG_CONNECT6, Hook::SockAddr),
     (PROG_SENDMSG4, Hook::SockAddr),
     (PROG_SENDMSG6, Hook::SockAddr),
     (PROG_RECVMSG4, Hook::SockAddr),
     (PROG_RECVMSG6, Hook::SockAddr),
+    (PROG_GETPEERNAME4, Hook::SockAddr),
+    (PROG_GETPEERNAME6, Hook::SockAddr),
     (PROG_INGRESS, Hook::SkbIngress),
 ];
 

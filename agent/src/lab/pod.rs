@@ -79,6 +79,9 @@ pub enum ProbeOutcome {
     Refused,
     /// Some other socket error, by errno.
     Failed { errno: i32 },
+    /// TCP connected, but getpeername() names another address than the one
+    /// asked for (a service translation leaking the backend).
+    Elsewhere { peer: SocketAddr },
 }
 
 impl ProbeOutcome {
@@ -232,12 +235,25 @@ async fn probe(req: &ProbeRequest) -> ProbeOutcome {
     let dst = SocketAddr::new(req.addr, req.port);
     let limit = Duration::from_millis(req.timeout_ms);
     match req.protocol {
-        Protocol::Tcp => match timeout(limit, TcpStream::connect(dst)).await {
-            Ok(Ok(_)) => ProbeOutcome::Reached,
-            Ok(Err(e)) => classify(&e),
-            Err(_) => ProbeOutcome::TimedOut,
-        },
+        Protocol::Tcp => tcp_connect(dst, limit)
+            .await
+            .err()
+            .unwrap_or(ProbeOutcome::Reached),
         Protocol::Udp => udp_probe(dst, limit).await,
+    }
+}
+
+/// Connects, and insists the socket's peer is the address asked for, as
+/// the UDP probe insists on the echo's source.
+async fn tcp_connect(dst: SocketAddr, limit: Duration) -> Result<TcpStream, ProbeOutcome> {
+    match timeout(limit, TcpStream::connect(dst)).await {
+        Ok(Ok(s)) => match s.peer_addr() {
+            Ok(peer) if peer == dst => Ok(s),
+            Ok(peer) => Err(ProbeOutcome::Elsewhere { peer }),
+            Err(e) => Err(classify(&e)),
+        },
+        Ok(Err(e)) => Err(classify(&e)),
+        Err(_) => Err(ProbeOutcome::TimedOut),
     }
 }
 
@@ -247,18 +263,12 @@ static HELD: std::sync::LazyLock<tokio::sync::Mutex<HashMap<u64, TcpStream>>> =
 
 async fn hold(id: u64, req: &ProbeRequest) -> ProbeOutcome {
     let dst = SocketAddr::new(req.addr, req.port);
-    match timeout(
-        Duration::from_millis(req.timeout_ms),
-        TcpStream::connect(dst),
-    )
-    .await
-    {
-        Ok(Ok(s)) => {
+    match tcp_connect(dst, Duration::from_millis(req.timeout_ms)).await {
+        Ok(s) => {
             HELD.lock().await.insert(id, s);
             ProbeOutcome::Reached
         }
-        Ok(Err(e)) => classify(&e),
-        Err(_) => ProbeOutcome::TimedOut,
+        Err(outcome) => outcome,
     }
 }
 

@@ -143,6 +143,7 @@ pub fn render(pods: &[PlannedPod], matrices: &[Matrix], family: &str) -> String 
                     Some(ProbeOutcome::TimedOut) => "✗",
                     Some(ProbeOutcome::Refused) => "RST",
                     Some(ProbeOutcome::Failed { .. }) => "ERR",
+                    Some(ProbeOutcome::Elsewhere { .. }) => "PEER",
                     None => "?",
                 };
                 let _ = write!(out, "{cell:>width$}");
