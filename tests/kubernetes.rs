@@ -98,6 +98,11 @@ async fn policy_from_the_api_is_enforced_and_survives_an_api_outage() {
     let ready = http_get(admin, "/readyz", None).await;
     assert_eq!(ready.status, 503, "{}", ready.body);
     assert!(ready.body.contains("last applied state"), "{}", ready.body);
+    let metrics = http_get(admin, "/metrics", None).await.body;
+    assert!(
+        metrics.contains("\nportcullis_source_degraded 1\n"),
+        "the outage shows in the metrics:\n{metrics}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(probe(&lab, "y/c", "x/a").await, ProbeOutcome::TimedOut);
     assert_eq!(probe(&lab, "x/b", "x/a").await, ProbeOutcome::Reached);
@@ -106,6 +111,11 @@ async fn policy_from_the_api_is_enforced_and_survives_an_api_outage() {
     api.set_down(false);
     let status = lab.wait_status(|s| s.degraded.is_none()).await.unwrap();
     assert_eq!(http_get(admin, "/readyz", None).await.status, 200);
+    let metrics = http_get(admin, "/metrics", None).await.body;
+    assert!(
+        metrics.contains("\nportcullis_source_degraded 0\n"),
+        "{metrics}"
+    );
     api.delete(NETWORK_POLICIES, "x", "only-b");
     lab.wait_status(|s| s.applied > status.applied)
         .await

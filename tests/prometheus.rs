@@ -454,6 +454,16 @@ fn check_expected_series(title: &str, expr: &str, result: &[Value]) -> Option<&'
         );
         return Some("agents up");
     }
+    if expr.contains("portcullis_source_degraded")
+        || expr.contains("portcullis_policy_report_leader")
+    {
+        // A standalone lab agent follows its files and reports to no API.
+        assert!(
+            result.len() == 1 && sample_value(&result[0]) == 0.0,
+            "panel {title:?}: `{expr}`: {result:?}"
+        );
+        return Some("source health");
+    }
     if expr.contains("portcullis_build_info") {
         check(&[("version", env!("CARGO_PKG_VERSION"))]);
         return Some("build info");
@@ -569,6 +579,7 @@ async fn dashboard_queries_and_alert_rules_work_against_a_real_prometheus() {
         "map pressure",
         "agents up",
         "build info",
+        "source health",
     ] {
         assert!(
             checked.contains(want),

@@ -336,6 +336,10 @@ fn sync_loop(
     let mut last_pass_wall = SystemTime::now();
     while !stop.load(Ordering::Relaxed) {
         let degraded = source.degraded();
+        observers
+            .metrics
+            .source
+            .set(degraded.is_some(), source.is_report_leader());
         if degraded != status.degraded {
             match &degraded {
                 Some(why) => warn!("{why}; enforcing the last applied state"),

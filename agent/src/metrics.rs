@@ -6,6 +6,7 @@ pub mod apply;
 pub mod decisions;
 pub mod labels;
 pub mod maps;
+pub mod source;
 pub mod text;
 
 use prometheus_client::{
@@ -18,6 +19,7 @@ use crate::bpf::LoadError;
 pub use apply::ApplyMetrics;
 pub use decisions::DecisionMetrics;
 pub use maps::MapMetrics;
+pub use source::SourceMetrics;
 
 /// Every metric name starts with this (`portcullis_drops_total`, ...).
 pub const PREFIX: &str = "portcullis";
@@ -49,6 +51,7 @@ pub struct Metrics {
     pub decisions: DecisionMetrics,
     pub apply: ApplyMetrics,
     pub maps: MapMetrics,
+    pub source: SourceMetrics,
 }
 
 impl Default for Metrics {
@@ -63,6 +66,7 @@ impl Metrics {
         let decisions = DecisionMetrics::register(&mut registry);
         let apply = ApplyMetrics::register(&mut registry);
         let maps = MapMetrics::register(&mut registry);
+        let source = SourceMetrics::register(&mut registry);
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -79,6 +83,7 @@ impl Metrics {
             decisions,
             apply,
             maps,
+            source,
         }
     }
 
@@ -148,6 +153,8 @@ mod tests {
             "# UNIT portcullis_policy_apply_seconds seconds",
             "portcullis_policy_applies_total{result=\"success\"} 0",
             "portcullis_policy_problems 0",
+            "portcullis_source_degraded 0",
+            "portcullis_policy_report_leader 0",
             "portcullis_bpf_map_capacity{map=\"policy\"} 524288",
             "portcullis_bpf_map_entries{map=\"endpoints\"} 0",
             &format!(

@@ -67,6 +67,11 @@ pub trait Source: Send + 'static {
     fn degraded(&self) -> Option<String> {
         None
     }
+    /// Whether this agent holds the Lease that makes it the one reporting
+    /// invalid policy objects to the API.
+    fn is_report_leader(&self) -> bool {
+        false
+    }
     /// How soon to retry a pass that met workloads whose cgroup does not
     /// exist yet.
     fn missing_cgroup_retry(&self) -> Duration {

@@ -693,6 +693,10 @@ async fn invalid_objects_get_an_event_and_a_condition_from_the_lease_holder() {
         .is_empty(),
         "the writer took the Lease first"
     );
+    until("the source to know it leads", || {
+        source.is_report_leader().then_some(())
+    })
+    .await;
 }
 
 /// Deny-until-programmed guards the kubelet's pod parent cgroup, and says

@@ -199,6 +199,8 @@ pub struct KubeSource {
     mount: PathBuf,
     tracker: PolicyTracker,
     reports: watch::Sender<Vec<ObjectReport>>,
+    /// Whether this agent's reporter holds the Lease; `None` without one.
+    leadership: Option<watch::Receiver<bool>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -401,11 +403,13 @@ impl KubeSource {
         ));
         let finder = PodCgroupFinder::new(mount).with_base(&options.kubelet_cgroup_root);
         let (reports, reports_rx) = watch::channel(Vec::new());
-        if let Some(reporter_options) = options.reporter.clone() {
+        let leadership = options.reporter.clone().map(|reporter_options| {
             // The reporter logs its own leadership changes.
             let reporter = Reporter::new(client.clone(), reporter_options);
+            let leadership = reporter.leadership();
             tasks.push(runtime.spawn(reporter.run(reports_rx)));
-        }
+            leadership
+        });
         Ok(Self {
             options,
             stores: Stores {
@@ -423,6 +427,7 @@ impl KubeSource {
             mount: mount.to_path_buf(),
             tracker: PolicyTracker::default(),
             reports,
+            leadership,
             tasks,
         })
     }
@@ -577,6 +582,10 @@ impl Source for KubeSource {
                 unenforced: local.host_network,
             },
         })
+    }
+
+    fn is_report_leader(&self) -> bool {
+        self.leadership.as_ref().is_some_and(|l| *l.borrow())
     }
 
     fn degraded(&self) -> Option<String> {
