@@ -25,9 +25,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2.0)]
     pub seconds: f64,
     /// Rounds of the connection-rate measurement; each measures every
-    /// scenario once. Nine let the verdict's interval for b/a (96%) leave
-    /// out the best and the worst round.
-    #[arg(long, default_value_t = 9)]
+    /// scenario once. Fifteen let the verdict's interval for b/a (96%)
+    /// leave out the three best and three worst rounds, as the overhead
+    /// bench does: this VM's neighbours halve single rounds at times.
+    #[arg(long, default_value_t = 15)]
     pub rounds: usize,
     /// Rounds of the overhead measurement, each an on/off pair. Fifteen
     /// let the verdict's confidence interval (96%) leave out the three best
