@@ -240,7 +240,7 @@ fn judge(rates: &BTreeMap<Scenario, Vec<f64>>) -> Judged {
         ),
         b_over_a: verdict::assess(&b_over_a, MAX_COST),
         b_over_c: median(&per_round(Scenario::Portcullis, Scenario::Iptables)),
-        rates_of_a: b_over_a,
+        b_over_a_rounds: b_over_a,
     }
 }
 
@@ -250,7 +250,7 @@ struct Judged {
     b_over_a: Assessment,
     b_over_c: f64,
     /// b/a of each round, in round order.
-    rates_of_a: Vec<f64>,
+    b_over_a_rounds: Vec<f64>,
 }
 
 fn render(
@@ -297,7 +297,7 @@ fn render(
         None => "none (too few rounds)".into(),
     };
     let each: Vec<String> = judged
-        .rates_of_a
+        .b_over_a_rounds
         .iter()
         .map(|r| format!("{r:.3}"))
         .collect();
@@ -360,7 +360,7 @@ mod tests {
         assert_eq!(j.b_over_a.verdict, verdict::Verdict::Met);
         assert!((j.b_over_a.median - 0.97).abs() < 1e-9);
         assert!((j.b_over_c - 4.85).abs() < 1e-9);
-        assert_eq!(j.rates_of_a.len(), 9);
+        assert_eq!(j.b_over_a_rounds.len(), 9);
     }
 
     #[test]
