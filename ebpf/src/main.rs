@@ -76,20 +76,12 @@ pub fn pcl_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// application sent to (only the source address handed to userspace changes).
 #[cgroup_sock_addr(recvmsg4)]
 pub fn pcl_recvmsg4(ctx: SockAddrContext) -> i32 {
-    let (_, addr, port) = sock_addr_v4(&ctx);
-    if let Some((addr, port)) = service::reply_source(&ctx, &addr, port) {
-        set_sock_addr(&ctx, Family::V4, &addr, port);
-    }
-    PASS
+    show_service(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn pcl_recvmsg6(ctx: SockAddrContext) -> i32 {
-    let (_, addr, port) = sock_addr_v6(&ctx);
-    if let Some((addr, port)) = service::reply_source(&ctx, &addr, port) {
-        set_sock_addr(&ctx, Family::V6, &addr, port);
-    }
-    PASS
+    show_service(&ctx, Family::V6)
 }
 
 /// getpeername() on a socket connected through a service names the service
@@ -97,18 +89,24 @@ pub fn pcl_recvmsg6(ctx: SockAddrContext) -> i32 {
 /// check their peer see what they connected to.
 #[cgroup_sock_addr(getpeername4)]
 pub fn pcl_getpeername4(ctx: SockAddrContext) -> i32 {
-    let (_, addr, port) = sock_addr_v4(&ctx);
-    if let Some((addr, port)) = service::reply_source(&ctx, &addr, port) {
-        set_sock_addr(&ctx, Family::V4, &addr, port);
-    }
-    PASS
+    show_service(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn pcl_getpeername6(ctx: SockAddrContext) -> i32 {
-    let (_, addr, port) = sock_addr_v6(&ctx);
-    if let Some((addr, port)) = service::reply_source(&ctx, &addr, port) {
-        set_sock_addr(&ctx, Family::V6, &addr, port);
+    show_service(&ctx, Family::V6)
+}
+
+/// Replaces a backend address the application is about to see with the
+/// service address this socket used to reach it, if it did.
+#[inline(always)]
+fn show_service(ctx: &SockAddrContext, family: Family) -> i32 {
+    let (_, addr, port) = match family {
+        Family::V4 => sock_addr_v4(ctx),
+        Family::V6 => sock_addr_v6(ctx),
+    };
+    if let Some((addr, port)) = service::reply_source(ctx, &addr, port) {
+        set_sock_addr(ctx, family, &addr, port);
     }
     PASS
 }

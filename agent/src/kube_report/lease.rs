@@ -94,18 +94,11 @@ impl LeaseLock {
             .await
             .map_err(|source| self.error("reading", source))?;
         let Some(current) = current else {
-            return match self
+            let created = self
                 .api
                 .create(&PostParams::default(), &self.fresh(now))
-                .await
-            {
-                Ok(lease) => {
-                    self.held = Some(lease);
-                    Ok(Round::Leading)
-                }
-                Err(e) if is_conflict(&e) => Ok(self.lost_race()),
-                Err(source) => Err(self.error("creating", source)),
-            };
+                .await;
+            return self.written("creating", created);
         };
         let spec = current.spec.clone().unwrap_or_default();
         let ours = spec.holder_identity.as_deref() == Some(self.identity.as_str());
@@ -120,18 +113,11 @@ impl LeaseLock {
             }
             _ => self.taken_over(current, now),
         };
-        match self
+        let replaced = self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(lease) => {
-                self.held = Some(lease);
-                Ok(Round::Leading)
-            }
-            Err(e) if is_conflict(&e) => Ok(self.lost_race()),
-            Err(source) => Err(self.error("updating", source)),
-        }
+            .await;
+        self.written("updating", replaced)
     }
 
     /// Gives the Lease up so another agent need not wait for it to expire.
@@ -183,6 +169,25 @@ impl LeaseLock {
         spec.acquire_time = Some(MicroTime(now));
         spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
         self.renewed(lease, now)
+    }
+
+    /// After creating or taking over the Lease: leading if the write held,
+    /// following if another agent wrote first.
+    // The error `round` returns anyway, once per round of seconds.
+    #[allow(clippy::result_large_err)]
+    fn written(
+        &mut self,
+        action: &'static str,
+        result: Result<Lease, kube::Error>,
+    ) -> Result<Round, LeaseError> {
+        match result {
+            Ok(lease) => {
+                self.held = Some(lease);
+                Ok(Round::Leading)
+            }
+            Err(e) if is_conflict(&e) => Ok(self.lost_race()),
+            Err(source) => Err(self.error(action, source)),
+        }
     }
 
     fn lost_race(&self) -> Round {
