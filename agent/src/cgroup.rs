@@ -70,6 +70,26 @@ pub fn resolve(mount: &Path, path: &Path) -> PathBuf {
     }
 }
 
+/// How many levels below the hierarchy's root a resolved cgroup path lies
+/// (the root is 0): the kernel finds endpoints only down to
+/// [`portcullis_common::MAX_CGROUP_DEPTH`].
+pub fn depth(mount: &Path, resolved: &Path) -> usize {
+    resolved
+        .strip_prefix(mount)
+        .map_or(0, |rest| rest.components().count())
+}
+
+/// The deepest ancestor of a resolved cgroup path (itself included) the
+/// kernel's ancestry search reaches.
+pub fn deepest_visible(mount: &Path, resolved: &Path) -> PathBuf {
+    let limit = portcullis_common::MAX_CGROUP_DEPTH as usize;
+    let mut path = resolved.to_path_buf();
+    while depth(mount, &path) > limit {
+        path.pop();
+    }
+    path
+}
+
 /// The cgroup id the kernel reports for a cgroup v2 directory: its inode.
 pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
     fs::metadata(path)
@@ -116,6 +136,20 @@ mod tests {
             parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/vda rw"),
             None
         );
+    }
+
+    #[test]
+    fn depth_counts_levels_below_the_root_and_the_kernel_sees_twelve() {
+        let mount = Path::new("/sys/fs/cgroup");
+        assert_eq!(depth(mount, mount), 0);
+        assert_eq!(depth(mount, &mount.join("kubepods.slice/pod1")), 2);
+        let deep: PathBuf = (1..=14).fold(mount.to_path_buf(), |p, i| p.join(format!("l{i}")));
+        assert_eq!(depth(mount, &deep), 14);
+        let visible = deepest_visible(mount, &deep);
+        assert_eq!(depth(mount, &visible), 12);
+        assert!(deep.starts_with(&visible));
+        let shallow = mount.join("a/b");
+        assert_eq!(deepest_visible(mount, &shallow), shallow);
     }
 
     #[test]

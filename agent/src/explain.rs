@@ -7,8 +7,8 @@
 use std::{fmt::Write as _, net::IpAddr, path::PathBuf};
 
 use portcullis_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, REASON_HOST, REASON_LOCAL, REASON_NOT_ISOLATED,
-    VERDICT_DENY,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, MAX_CGROUP_DEPTH, REASON_HOST, REASON_LOCAL,
+    REASON_NOT_ISOLATED, VERDICT_DENY,
 };
 use serde::Serialize;
 
@@ -242,6 +242,26 @@ pub fn explain(
                     }
                 })?;
                 let kernel_err = |source| ExplainError::Kernel { source };
+                let resolved = cgroup::resolve(&mount, path);
+                let depth = cgroup::depth(&mount, &resolved);
+                if depth > MAX_CGROUP_DEPTH as usize {
+                    // Whatever the maps hold for it, the kernel's ancestry
+                    // search never reaches this cgroup.
+                    return Ok(DirectionExplanation {
+                        workload: workload.into(),
+                        allowed: verdict.allows(),
+                        decided_by,
+                        kernel: Some(KernelSide {
+                            allowed: false,
+                            decided_by: format!(
+                                "no endpoint: the cgroup is {depth} levels deep, past the \
+                                 {MAX_CGROUP_DEPTH} the kernel searches (its traffic is denied \
+                                 by a guard)"
+                            ),
+                            agrees: false,
+                        }),
+                    });
+                }
                 Some(match view.endpoint(id).map_err(kernel_err)? {
                     None => KernelSide {
                         allowed: true,

@@ -4,9 +4,10 @@
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use portcullis_common::{
-    FlowEvent, DIRECTION_INGRESS, ENDPOINT_ID_NONE, PROTO_TCP, PROTO_UDP, REASON_DEFAULT_DENY,
-    REASON_HOST, REASON_LOCAL, REASON_NOT_ISOLATED, REASON_NOT_PROGRAMMED, REASON_NO_BACKEND,
-    REASON_POLICY, REASON_REPLY, VERDICT_ALLOW, VERDICT_AUDIT,
+    FlowEvent, DIRECTION_INGRESS, ENDPOINT_ID_NONE, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    REASON_DEFAULT_DENY, REASON_HOST, REASON_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
+    REASON_NOT_PROGRAMMED, REASON_NO_BACKEND, REASON_POLICY, REASON_REPLY, REASON_SPOOFED,
+    REASON_UNCLASSIFIED, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 
@@ -96,7 +97,7 @@ impl Namer {
             (endpoint, peer)
         };
         let decided_by = match e.reason {
-            REASON_POLICY | REASON_DEFAULT_DENY => self
+            REASON_POLICY | REASON_DEFAULT_DENY | REASON_UNCLASSIFIED => self
                 .names
                 .cookies
                 .get(&e.rule_cookie)
@@ -104,6 +105,8 @@ impl Namer {
                 .unwrap_or_else(|| format!("rule cookie {}", e.rule_cookie)),
             REASON_NO_BACKEND => "the service port has no ready backend".into(),
             REASON_NOT_PROGRAMMED => "pod not programmed yet".into(),
+            REASON_SPOOFED => "source address not the pod's own".into(),
+            REASON_MALFORMED => "not a readable IP packet".into(),
             _ => String::new(),
         };
         NamedFlow {
@@ -125,6 +128,7 @@ pub fn protocol_name(p: u8) -> &'static str {
     match p {
         PROTO_TCP => "TCP",
         PROTO_UDP => "UDP",
+        PROTO_SCTP => "SCTP",
         _ => "other",
     }
 }
@@ -158,6 +162,9 @@ pub fn reason_name(r: u8) -> &'static str {
         REASON_REPLY => "reply",
         REASON_NO_BACKEND => "no-backend",
         REASON_NOT_PROGRAMMED => "not-programmed",
+        REASON_SPOOFED => "spoofed",
+        REASON_MALFORMED => "malformed",
+        REASON_UNCLASSIFIED => "unclassified",
         _ => "unknown",
     }
 }

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use portcullis_common::{
     ipv4_mapped, EndpointValue, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6,
-    ENDPOINT_FLAG_PENDING, ENDPOINT_FLAG_UNENFORCED, ENDPOINT_ID_NONE,
+    ENDPOINT_FLAG_PENDING, ENDPOINT_FLAG_UNENFORCED, ENDPOINT_ID_NONE, MAX_CGROUP_DEPTH,
 };
 
 use crate::{
@@ -235,6 +235,30 @@ impl Reconciler {
                     continue;
                 }
             };
+            let depth = cgroup::depth(&self.cgroup_mount, &path);
+            if depth > MAX_CGROUP_DEPTH as usize {
+                // The kernel's ancestry search would never reach this
+                // cgroup: rather than leave the workload unenforced, guard
+                // the deepest ancestor it does reach, so the workload's
+                // traffic is denied until it is moved up, and say so.
+                let visible = cgroup::deepest_visible(&self.cgroup_mount, &path);
+                missing.push(format!(
+                    "{}: cgroup {} is {depth} levels deep, past the {MAX_CGROUP_DEPTH} the \
+                     kernel searches: not enforced as an endpoint; its traffic is denied \
+                     (guard on {})",
+                    ep.workload,
+                    path.display(),
+                    visible.display()
+                ));
+                if let Ok(guard_id) = cgroup::cgroup_id(&visible) {
+                    desired.endpoints.entry(guard_id).or_insert(EndpointValue {
+                        endpoint_id: ENDPOINT_ID_NONE,
+                        flags: ENDPOINT_FLAG_PENDING,
+                        ..Default::default()
+                    });
+                }
+                continue;
+            }
             let mut value = EndpointValue {
                 endpoint_id: ep.id,
                 ..Default::default()

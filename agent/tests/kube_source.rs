@@ -22,8 +22,8 @@ use portcullis_agent::{
     },
 };
 use portcullis_common::{
-    ipv4_mapped, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_WORLD, PROTO_TCP,
-    VERDICT_ALLOW, VERDICT_DENY,
+    decide::Flow, ipv4_mapped, DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_TCP, VERDICT_ALLOW,
+    VERDICT_DENY,
 };
 use serde_json::{json, Value};
 use support::mock_api::*;
@@ -49,42 +49,26 @@ impl MapSink for Recorder {
     }
 }
 
-/// Decides one direction of a flow from map contents, the way the kernel
-/// does: identity by longest prefix, then the exact identity before "any",
-/// each by longest port prefix; no entry means not isolated (allow).
+/// Decides one direction of a TCP flow from map contents with the
+/// kernel's own decision code.
 fn decide(d: &DesiredState, cgroup: u64, direction: u8, peer: IpAddr, port: u16) -> u8 {
     let ep = d.endpoints.get(&cgroup).expect("endpoint programmed");
-    let addr = match peer {
+    let peer_addr = match peer {
         IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
     };
-    let bits = u128::from_be_bytes(addr);
-    let identity = d
-        .identities
-        .iter()
-        .filter(|((len, prefix), _)| {
-            *len == 0 || (bits ^ u128::from_be_bytes(*prefix)) >> (128 - u32::from(*len)) == 0
-        })
-        .max_by_key(|((len, _), _)| *len)
-        .map_or(IDENTITY_WORLD, |(_, id)| *id);
-    for peer_identity in [identity, IDENTITY_ANY] {
-        let hit = d
-            .policy
-            .iter()
-            .filter(|(s, _)| {
-                s.endpoint_id == ep.endpoint_id
-                    && s.peer_identity == peer_identity
-                    && s.direction == direction
-                    && s.protocol == PROTO_TCP
-                    && (s.port_prefix_len == 0
-                        || (port ^ s.port) >> (16 - u32::from(s.port_prefix_len)) == 0)
-            })
-            .max_by_key(|(s, _)| s.port_prefix_len);
-        if let Some((_, v)) = hit {
-            return v.verdict;
-        }
+    let flow = Flow {
+        generation: 0,
+        direction,
+        protocol: PROTO_TCP,
+        peer_addr,
+        peer_port: 0,
+        policy_port: port,
+    };
+    match portcullis_common::decide::decide(d, ep, &flow) {
+        Ok(decision) => decision.value.verdict,
+        Err(never) => match never {},
     }
-    VERDICT_ALLOW
 }
 
 /// A node's cgroup tree as the kubelet (systemd driver) lays it out.

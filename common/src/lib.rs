@@ -15,7 +15,10 @@
 //! All addresses are 16 bytes. IPv4 addresses are stored IPv4-mapped
 //! (`::ffff:a.b.c.d`), so one LPM trie covers both families and a dual-stack
 //! socket connecting to a mapped address is judged like an IPv4 one.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+pub mod decide;
+pub mod packet;
 
 /// Map names, shared so both sides agree (kernel limit: 15 characters).
 pub const ENDPOINTS_MAP: &str = "PCL_ENDPOINTS";
@@ -23,7 +26,7 @@ pub const IDENTITIES_MAP: &str = "PCL_IDENTITIES";
 pub const POLICY_MAP: &str = "PCL_POLICY";
 pub const STATE_MAP: &str = "PCL_STATE";
 pub const COUNTERS_MAP: &str = "PCL_COUNTERS";
-pub const UDP_FLOWS_MAP: &str = "PCL_UDP_FLOWS";
+pub const CONVERSATIONS_MAP: &str = "PCL_CONVS";
 pub const EVENTS_MAP: &str = "PCL_EVENTS";
 pub const EVENTS_LOST_MAP: &str = "PCL_EV_LOST";
 pub const SETTINGS_MAP: &str = "PCL_SETTINGS";
@@ -37,6 +40,7 @@ pub const PROG_CONNECT6: &str = "pcl_connect6";
 pub const PROG_SENDMSG4: &str = "pcl_sendmsg4";
 pub const PROG_SENDMSG6: &str = "pcl_sendmsg6";
 pub const PROG_INGRESS: &str = "pcl_ingress";
+pub const PROG_EGRESS: &str = "pcl_egress";
 pub const PROG_RECVMSG4: &str = "pcl_recvmsg4";
 pub const PROG_RECVMSG6: &str = "pcl_recvmsg6";
 pub const PROG_GETPEERNAME4: &str = "pcl_getpeername4";
@@ -48,7 +52,7 @@ pub const ENDPOINTS_CAPACITY: u32 = 16_384;
 pub const IDENTITIES_CAPACITY: u32 = 131_072;
 pub const POLICY_CAPACITY: u32 = 1_048_576;
 pub const COUNTERS_CAPACITY: u32 = 65_536;
-pub const UDP_FLOWS_CAPACITY: u32 = 65_536;
+pub const CONVERSATIONS_CAPACITY: u32 = 65_536;
 /// Service frontends (cluster IP, port, protocol): 8,192 per generation.
 pub const SERVICES_CAPACITY: u32 = 16_384;
 /// Backends over all frontends: 65,536 per generation.
@@ -71,9 +75,9 @@ pub const EVENTS_BURST: u64 = 500;
 /// containers one level lower).
 pub const MAX_CGROUP_DEPTH: u32 = 12;
 
-/// A UDP conversation counts as a reply path for this long after its last
-/// allowed datagram.
-pub const UDP_FLOW_TIMEOUT_NS: u64 = 120 * 1_000_000_000;
+/// A conversation counts as a reply path for this long after its last
+/// allowed packet.
+pub const CONVERSATION_TIMEOUT_NS: u64 = 120 * 1_000_000_000;
 
 /// Directions, as seen from the enforced endpoint.
 pub const DIRECTION_INGRESS: u8 = 0;
@@ -82,6 +86,12 @@ pub const DIRECTION_EGRESS: u8 = 1;
 /// IP protocol numbers the data path understands.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+/// The policy map's protocol for everything judged without ports: every IP
+/// protocol other than TCP, UDP and SCTP, and packets whose transport could
+/// not be classified. Only rules without `ports` give it entries. (255 is
+/// reserved by IANA, so no real protocol is confused with it.)
+pub const PROTO_OTHER: u8 = 255;
 
 /// Verdicts stored in [`PolicyValue::verdict`] and counted in [`CounterKey`].
 pub const VERDICT_DENY: u8 = 0;
@@ -100,7 +110,7 @@ pub const REASON_NOT_ISOLATED: u8 = 3;
 pub const REASON_LOCAL: u8 = 4;
 /// Ingress from the pod's own node (kubelet probes): always allowed.
 pub const REASON_HOST: u8 = 5;
-/// A reply within a UDP conversation that was allowed in the other direction.
+/// A reply within a conversation that was allowed in the other direction.
 pub const REASON_REPLY: u8 = 6;
 /// The destination is a service port without ready backends: refused rather
 /// than passed on to an address nothing answers.
@@ -108,7 +118,16 @@ pub const REASON_NO_BACKEND: u8 = 7;
 /// The socket's pod is below a deny-until-programmed guard but not
 /// registered as an endpoint yet.
 pub const REASON_NOT_PROGRAMMED: u8 = 8;
-pub const REASON_MAX: u8 = 8;
+/// An enforced endpoint sent from an address that is not its own, or a
+/// packet from the wire claimed to come from the endpoint itself.
+pub const REASON_SPOOFED: u8 = 9;
+/// A packet the data path could not read as IP at all.
+pub const REASON_MALFORMED: u8 = 10;
+/// A packet whose transport could not be classified (too many IPv6
+/// extension headers, a later fragment, ESP, a truncated header), denied
+/// because no rule admits every protocol from the peer.
+pub const REASON_UNCLASSIFIED: u8 = 11;
+pub const REASON_MAX: u8 = 11;
 
 /// Reserved identities. Identities the agent allocates start at
 /// [`IDENTITY_FIRST_ALLOCATED`].
@@ -244,6 +263,15 @@ pub struct PolicySlot {
     pub port_prefix_len: u8,
 }
 
+impl PolicySlot {
+    /// Does the slot's port block hold `port` (its first `port_prefix_len`
+    /// bits match)?
+    pub fn holds_port(&self, port: u16) -> bool {
+        let len = u32::from(self.port_prefix_len.min(16));
+        len == 0 || (self.port ^ port) >> (16 - len) == 0
+    }
+}
+
 /// A compiled decision for (endpoint, peer, direction, protocol, port block).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -271,33 +299,39 @@ pub struct CounterKey {
 }
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
 
-/// Key of the UDP conversation table: an endpoint's conversation with a
-/// peer, remembered when its first datagram was allowed. Only a datagram in
-/// the opposite direction — from the responder back to the initiator, between
-/// the same ports — counts as a reply.
+/// Key of the conversation table: a datagram conversation (UDP, and
+/// protocols judged without ports, whose ports are 0) between an endpoint
+/// and a peer, remembered when its first packet was allowed. Only a packet
+/// in the opposite direction with the same protocol, addresses and ports —
+/// from the responder back to the initiator — counts as a reply.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct UdpFlowKey {
+pub struct ConversationKey {
     pub endpoint_id: u32,
     pub peer_addr: [u8; 16],
     pub peer_port: u16,
-    /// The endpoint's port; 0 when the endpoint initiated with connect(),
-    /// which runs before the socket has a port.
+    /// The endpoint's own port.
     pub local_port: u16,
     /// `DIRECTION_EGRESS` if the endpoint initiated, `DIRECTION_INGRESS` if
     /// the peer did.
     pub initiated: u8,
-    pub _pad: [u8; 3],
+    /// The IP protocol.
+    pub protocol: u8,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 28);
+const _: () = assert!(core::mem::size_of::<ConversationKey>() == 28);
 
-/// Last time (`bpf_ktime_get_ns`) the conversation carried an allowed datagram.
+/// When the conversation last carried an allowed packet, and under which
+/// generation of policy its start was last judged: after a policy change
+/// the next packet judges the start again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UdpFlowValue {
+pub struct ConversationValue {
     pub last_seen_ns: u64,
+    pub generation: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<UdpFlowValue>() == 8);
+const _: () = assert!(core::mem::size_of::<ConversationValue>() == 16);
 
 /// A decision on a new flow, as the kernel reports it to the agent: drops,
 /// audit verdicts and the first packet of allowed flows.
@@ -426,8 +460,8 @@ mod pod {
     unsafe impl aya::Pod for PolicyKeyData {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for CounterKey {}
-    unsafe impl aya::Pod for UdpFlowKey {}
-    unsafe impl aya::Pod for UdpFlowValue {}
+    unsafe impl aya::Pod for ConversationKey {}
+    unsafe impl aya::Pod for ConversationValue {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for EventBudget {}
@@ -441,4 +475,4 @@ mod pod {
 
 /// Bumped whenever a map's key or value layout changes, so an agent never
 /// reuses pinned maps written by an incompatible one.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;

@@ -3,13 +3,10 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use portcullis_common::{
-    EndpointValue, FlowEvent, PolicyValue, EVENTS_BURST, EVENTS_PER_SECOND_PER_CPU,
+    decide::Flow, EndpointValue, FlowEvent, PolicyValue, EVENTS_BURST, EVENTS_PER_SECOND_PER_CPU,
 };
 
-use crate::{
-    maps::{EVENTS, EVENTS_LOST, EVENT_BUDGET},
-    verdict::Flow,
-};
+use crate::maps::{EVENTS, EVENTS_LOST, EVENT_BUDGET};
 
 const NS_PER_TOKEN: u64 = 1_000_000_000 / EVENTS_PER_SECOND_PER_CPU;
 

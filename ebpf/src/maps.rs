@@ -5,11 +5,11 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use portcullis_common::{
-    BackendKey, BackendValue, CounterKey, EndpointKey, EndpointValue, EventBudget, IdentityKeyData,
-    IdentityValue, PolicyKeyData, PolicyValue, ServiceKey, ServiceValue, Settings, State,
-    SvcReplyKey, SvcReplyValue, UdpFlowKey, UdpFlowValue, BACKENDS_CAPACITY, COUNTERS_CAPACITY,
-    ENDPOINTS_CAPACITY, EVENTS_RING_BYTES, IDENTITIES_CAPACITY, POLICY_CAPACITY, SERVICES_CAPACITY,
-    SVC_REPLIES_CAPACITY, UDP_FLOWS_CAPACITY,
+    BackendKey, BackendValue, ConversationKey, ConversationValue, CounterKey, EndpointKey,
+    EndpointValue, EventBudget, IdentityKeyData, IdentityValue, PolicyKeyData, PolicyValue,
+    ServiceKey, ServiceValue, Settings, State, SvcReplyKey, SvcReplyValue, BACKENDS_CAPACITY,
+    CONVERSATIONS_CAPACITY, COUNTERS_CAPACITY, ENDPOINTS_CAPACITY, EVENTS_RING_BYTES,
+    IDENTITIES_CAPACITY, POLICY_CAPACITY, SERVICES_CAPACITY, SVC_REPLIES_CAPACITY,
 };
 
 // Map names below must equal the `*_MAP` constants in portcullis-common.
@@ -38,9 +38,11 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::pinned(COUN
 #[map(name = "PCL_CNT_LOST")]
 pub static COUNTERS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
-#[map(name = "PCL_UDP_FLOWS")]
-pub static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlowValue> =
-    LruHashMap::pinned(UDP_FLOWS_CAPACITY, 0);
+/// Datagram conversations, for exact replies (LRU: a full table forgets
+/// the oldest, whose replies are then judged as new flows).
+#[map(name = "PCL_CONVS")]
+pub static CONVERSATIONS: LruHashMap<ConversationKey, ConversationValue> =
+    LruHashMap::pinned(CONVERSATIONS_CAPACITY, 0);
 
 /// Flow events for the agent (drops, audits, new allowed flows).
 #[map(name = "PCL_EVENTS")]

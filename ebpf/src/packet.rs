@@ -1,84 +1,77 @@
-//! Reads the few header fields the ingress hook needs.
+//! The skb programs' view of a packet, through the shared parser
+//! (`portcullis_common::packet`), and of the socket it belongs to.
 
-use aya_ebpf::programs::SkBuffContext;
-use portcullis_common::{ipv4_mapped, PROTO_TCP, PROTO_UDP};
+use aya_ebpf::{bindings::bpf_sock, helpers::bpf_sk_fullsock, programs::SkBuffContext};
+use portcullis_common::{
+    packet::{self, Headers, PacketBytes},
+    PROTO_TCP, PROTO_UDP,
+};
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
-/// IPv6 extension headers that may precede TCP/UDP on a delivered packet.
-const IPV6_EXT_HOP_BY_HOP: u8 = 0;
-const IPV6_EXT_ROUTING: u8 = 43;
-const IPV6_EXT_DEST_OPTS: u8 = 60;
-const MAX_IPV6_EXT_HEADERS: u32 = 4;
+/// Reads through `bpf_skb_load_bytes`, from the network header (where a
+/// cgroup skb program's data starts).
+struct Skb<'a>(&'a SkBuffContext);
 
-/// The start of a flow the ingress hook must judge.
-pub struct NewFlow {
-    pub protocol: u8,
-    pub src_addr: [u8; 16],
-    pub src_port: u16,
-    pub dst_port: u16,
+impl PacketBytes for Skb<'_> {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.0.load::<[u8; N]>(offset).ok()
+    }
 }
 
-/// Classifies a packet: `Some` for a TCP SYN (without ACK) or a UDP
-/// datagram, `None` for anything that is not a new flow's first packet.
+/// Parses the packet; `None` when it is not IP the parser can read.
 #[inline(always)]
-pub fn new_flow(ctx: &SkBuffContext) -> Option<NewFlow> {
+pub fn headers(ctx: &SkBuffContext) -> Option<Headers> {
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    let (protocol, src_addr, l4) = match ethertype {
-        ETH_P_IP => ipv4(ctx)?,
-        ETH_P_IPV6 => ipv6(ctx)?,
-        _ => return None,
-    };
-    let ports: [u8; 4] = ctx.load(l4).ok()?;
-    let src_port = u16::from_be_bytes([ports[0], ports[1]]);
-    let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
-    if protocol == PROTO_TCP {
-        let flags: u8 = ctx.load(l4 + 13).ok()?;
-        if flags & TCP_FLAG_SYN == 0 || flags & TCP_FLAG_ACK != 0 {
-            return None;
-        }
-    }
-    Some(NewFlow {
-        protocol,
-        src_addr,
-        src_port,
-        dst_port,
-    })
+    packet::parse(&Skb(ctx), ethertype)
 }
 
-#[inline(always)]
-fn ipv4(ctx: &SkBuffContext) -> Option<(u8, [u8; 16], usize)> {
-    let header: [u8; 20] = ctx.load(0).ok()?;
-    let ihl = (header[0] & 0x0f) as usize * 4;
-    let protocol = header[9];
-    if protocol != PROTO_TCP && protocol != PROTO_UDP {
-        return None;
-    }
-    let src = ipv4_mapped([header[12], header[13], header[14], header[15]]);
-    Some((protocol, src, ihl))
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const PROTO_UDPLITE: u32 = 136;
+
+/// What kind of socket a packet belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// A kernel TCP socket (a full one, or a request or time-wait mini
+    /// socket, which only TCP has): it sends and receives only within
+    /// connections whose SYN was judged.
+    Tcp,
+    /// A kernel UDP or UDP-Lite socket: its connect() and sendmsg() were
+    /// judged by the socket hooks.
+    Datagram,
+    /// Anything else — raw and packet sockets, which can write any header,
+    /// ping sockets — or no socket.
+    Other,
 }
 
+/// The kind of socket the packet belongs to (the sender on egress, the
+/// receiver on ingress).
 #[inline(always)]
-fn ipv6(ctx: &SkBuffContext) -> Option<(u8, [u8; 16], usize)> {
-    let header: [u8; 40] = ctx.load(0).ok()?;
-    let mut next = header[6];
-    let mut offset = 40usize;
-    let mut i = 0;
-    while i < MAX_IPV6_EXT_HEADERS {
-        if next != IPV6_EXT_HOP_BY_HOP && next != IPV6_EXT_ROUTING && next != IPV6_EXT_DEST_OPTS {
-            break;
-        }
-        let ext: [u8; 2] = ctx.load(offset).ok()?;
-        next = ext[0];
-        offset += (ext[1] as usize + 1) * 8;
-        i += 1;
+pub fn socket_kind(ctx: &SkBuffContext) -> SocketKind {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sk: *mut bpf_sock = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return SocketKind::Other;
     }
-    if next != PROTO_TCP && next != PROTO_UDP {
-        return None;
+    // SAFETY: helper on the context's socket pointer, checked above.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return SocketKind::Tcp;
     }
-    let mut src = [0u8; 16];
-    src.copy_from_slice(&header[8..24]);
-    Some((next, src, offset))
+    // SAFETY: a full socket's fields are readable.
+    let (kind, protocol) = unsafe { ((*full).type_, (*full).protocol) };
+    match (kind, protocol) {
+        (SOCK_STREAM, p) if p == u32::from(PROTO_TCP) => SocketKind::Tcp,
+        (SOCK_DGRAM, p) if p == u32::from(PROTO_UDP) || p == PROTO_UDPLITE => SocketKind::Datagram,
+        _ => SocketKind::Other,
+    }
+}
+
+/// The interface the packet arrived on is loopback (index 1 in every
+/// network namespace): only such a packet can really come from the
+/// endpoint itself.
+#[inline(always)]
+pub fn arrived_on_loopback(ctx: &SkBuffContext) -> bool {
+    // SAFETY: the context pointer is valid for the program's run.
+    unsafe { (*ctx.skb.skb).ingress_ifindex == 1 }
 }

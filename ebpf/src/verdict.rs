@@ -1,124 +1,60 @@
-//! The one decision every hook makes: may this endpoint talk to this peer?
+//! The kernel's side of the shared decision (`portcullis_common::decide`):
+//! its maps, its counters, and the conversation table that lets replies in.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use portcullis_common::{
-    CounterKey, EndpointValue, IdentityKeyData, PolicyKeyData, PolicyValue, UdpFlowKey,
-    UdpFlowValue, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_HOST,
-    IDENTITY_KEY_FIXED_BITS, IDENTITY_WORLD, POLICY_KEY_FIXED_BITS, REASON_HOST, REASON_LOCAL,
-    REASON_NOT_ISOLATED, REASON_NOT_PROGRAMMED, UDP_FLOW_TIMEOUT_NS, VERDICT_ALLOW, VERDICT_DENY,
+    decide::{self, Decision, Flow, PolicyMaps},
+    ConversationKey, ConversationValue, CounterKey, EndpointValue, IdentityKeyData, PolicyKeyData,
+    PolicyValue, CONVERSATION_TIMEOUT_NS, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    IDENTITY_KEY_FIXED_BITS, POLICY_KEY_FIXED_BITS, VERDICT_DENY,
 };
 
-use crate::maps::{COUNTERS, COUNTERS_LOST, IDENTITIES, POLICY, UDP_FLOWS};
+use crate::maps::{CONVERSATIONS, COUNTERS, COUNTERS_LOST, IDENTITIES, POLICY};
 
-/// A flow as the hooks see it, from the endpoint's point of view.
-pub struct Flow {
-    pub generation: u32,
-    pub direction: u8,
-    pub protocol: u8,
-    /// The other side's address (16-byte form) and port.
-    pub peer_addr: [u8; 16],
-    pub peer_port: u16,
-    /// The port policy is written against: the destination port.
-    pub policy_port: u16,
-}
+pub use decide::deny;
 
-/// Looks up the peer's identity: the longest matching prefix, or WORLD.
-#[inline(always)]
-fn peer_identity(generation: u32, addr: &[u8; 16]) -> u32 {
-    let key = Key::new(
-        IDENTITY_KEY_FIXED_BITS + 128,
-        IdentityKeyData {
-            generation_be: generation.to_be(),
-            addr: *addr,
-        },
-    );
-    match IDENTITIES.get(&key) {
-        Some(v) => v.identity,
-        None => IDENTITY_WORLD,
+/// The identity and policy tries of the kernel.
+struct KernelMaps;
+
+impl PolicyMaps for KernelMaps {
+    type Error = ();
+
+    #[inline(always)]
+    fn identity(&self, generation: u32, addr: &[u8; 16]) -> Result<Option<u32>, ()> {
+        let key = Key::new(
+            IDENTITY_KEY_FIXED_BITS + 128,
+            IdentityKeyData {
+                generation_be: generation.to_be(),
+                addr: *addr,
+            },
+        );
+        Ok(IDENTITIES.get(&key).map(|v| v.identity))
+    }
+
+    #[inline(always)]
+    fn policy(&self, key: &PolicyKeyData) -> Result<Option<PolicyValue>, ()> {
+        Ok(POLICY
+            .get(&Key::new(POLICY_KEY_FIXED_BITS + 16, *key))
+            .copied())
     }
 }
 
-#[inline(always)]
-fn policy_lookup(flow: &Flow, endpoint_id: u32, identity: u32) -> Option<PolicyValue> {
-    let key = Key::new(
-        POLICY_KEY_FIXED_BITS + 16,
-        PolicyKeyData {
-            generation_be: flow.generation.to_be(),
-            endpoint_id_be: endpoint_id.to_be(),
-            peer_identity_be: identity.to_be(),
-            direction: flow.direction,
-            protocol: flow.protocol,
-            port_be: flow.policy_port.to_be(),
-        },
-    );
-    POLICY.get(&key).copied()
-}
-
-#[inline(always)]
-fn is_local(ep: &EndpointValue, addr: &[u8; 16]) -> bool {
-    let loopback4 =
-        addr[..10] == [0u8; 10] && addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127;
-    let mut loopback6 = [0u8; 16];
-    loopback6[15] = 1;
-    loopback4 || *addr == loopback6 || *addr == ep.ipv4_mapped || *addr == ep.ipv6
-}
-
-/// Decides a flow of an enforced endpoint. The compiler emits, per endpoint,
-/// direction and protocol, complete entries for every peer identity any rule
-/// names (wildcard rules folded in), plus an `IDENTITY_ANY` entry for all
-/// other peers; so one specific lookup, then at most one wildcard lookup.
+/// Decides a flow of an enforced endpoint (see `decide::decide`).
 #[inline(always)]
 pub fn decide(ep: &EndpointValue, flow: &Flow) -> PolicyValue {
-    if is_local(ep, &flow.peer_addr) {
-        return allow(REASON_LOCAL);
+    match decide::decide(&KernelMaps, ep, flow) {
+        Ok(Decision { value, .. }) => value,
+        // The kernel's lookups cannot fail; a map that could would deny.
+        Err(()) => deny(portcullis_common::REASON_MALFORMED),
     }
-    let identity = peer_identity(flow.generation, &flow.peer_addr);
-    if flow.direction == DIRECTION_INGRESS && identity == IDENTITY_HOST {
-        return allow(REASON_HOST);
-    }
-    if let Some(v) = policy_lookup(flow, ep.endpoint_id, identity) {
-        return v;
-    }
-    if let Some(v) = policy_lookup(flow, ep.endpoint_id, IDENTITY_ANY) {
-        return v;
-    }
-    allow(REASON_NOT_ISOLATED)
 }
 
-/// Decides a flow of a pod that is not programmed yet (see
-/// `endpoint::Owner::NotProgrammed`): its own addresses are unknown, so
-/// only loopback and, on ingress, the node pass.
+/// Decides a flow of a pod below a pending guard (see
+/// `decide::decide_unprogrammed`).
 #[inline(always)]
 pub fn decide_unprogrammed(flow: &Flow) -> PolicyValue {
-    if is_local(&EndpointValue::default(), &flow.peer_addr) {
-        return allow(REASON_LOCAL);
-    }
-    if flow.direction == DIRECTION_INGRESS
-        && peer_identity(flow.generation, &flow.peer_addr) == IDENTITY_HOST
-    {
-        return allow(REASON_HOST);
-    }
-    deny(REASON_NOT_PROGRAMMED)
-}
-
-#[inline(always)]
-pub fn allow(reason: u8) -> PolicyValue {
-    PolicyValue {
-        verdict: VERDICT_ALLOW,
-        reason,
-        _pad: 0,
-        rule_cookie: 0,
-    }
-}
-
-#[inline(always)]
-pub fn deny(reason: u8) -> PolicyValue {
-    PolicyValue {
-        verdict: VERDICT_DENY,
-        reason,
-        _pad: 0,
-        rule_cookie: 0,
-    }
+    decide::decide_unprogrammed(&KernelMaps, flow)
+        .unwrap_or(deny(portcullis_common::REASON_NOT_PROGRAMMED))
 }
 
 /// Adds one to the counter of this decision.
@@ -145,65 +81,115 @@ pub fn count(ep: &EndpointValue, flow: &Flow, v: &PolicyValue) {
     }
 }
 
-/// The conversation a datagram belongs to, as its initiator recorded it.
+/// A packet of a datagram conversation, from the endpoint's point of view.
+pub struct Datagram {
+    /// The IP protocol (UDP, or one judged without ports).
+    pub protocol: u8,
+    pub local_port: u16,
+}
+
 #[inline(always)]
-fn udp_flow_key(ep: &EndpointValue, flow: &Flow, local_port: u16, initiated: u8) -> UdpFlowKey {
-    UdpFlowKey {
+fn conversation_key(
+    ep: &EndpointValue,
+    flow: &Flow,
+    d: &Datagram,
+    initiated: u8,
+) -> ConversationKey {
+    ConversationKey {
         endpoint_id: ep.endpoint_id,
         peer_addr: flow.peer_addr,
         peer_port: flow.peer_port,
-        local_port,
+        local_port: d.local_port,
         initiated,
-        _pad: [0; 3],
+        protocol: d.protocol,
+        _pad: [0; 2],
     }
 }
 
-/// Is this datagram a reply within a live conversation that the other side
-/// (the peer, for an egress datagram; this endpoint, for an ingress one)
-/// started with an allowed datagram? A live one is refreshed.
+/// What the conversation table says about a datagram as a reply.
+pub enum Conversation {
+    /// A reply within a live conversation whose start the current policy
+    /// allows: pass without judging.
+    Live,
+    /// A reply within a live conversation the peer started, whose start the
+    /// current policy no longer allows: drop, with the start's verdict.
+    Revoked(PolicyValue),
+    /// Not a reply: judge the datagram as a flow of its own.
+    New,
+}
+
+/// Is the datagram a reply within a conversation the other side started
+/// (same protocol, addresses and both ports, opposite direction)? A
+/// conversation whose start was judged under an older policy generation is
+/// judged again, so a policy change reaches live conversations.
 #[inline(always)]
-pub fn udp_reply(ep: &EndpointValue, flow: &Flow, local_port: u16) -> bool {
-    let initiated = if flow.direction == DIRECTION_INGRESS {
+pub fn reply(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> Conversation {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let opposite = if flow.direction == DIRECTION_INGRESS {
         DIRECTION_EGRESS
     } else {
         DIRECTION_INGRESS
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let mut key = udp_flow_key(ep, flow, local_port, initiated);
-    if refresh_if_live(&key, now) {
-        return true;
+    let Some(entry) = live(&conversation_key(ep, flow, d, opposite), now) else {
+        return Conversation::New;
+    };
+    if entry.generation != flow.generation {
+        // The start went the other way, to the initiator's destination port.
+        let start = Flow {
+            direction: opposite,
+            policy_port: if opposite == DIRECTION_INGRESS {
+                d.local_port
+            } else {
+                flow.peer_port
+            },
+            ..*flow
+        };
+        let v = decide(ep, &start);
+        if v.verdict == VERDICT_DENY {
+            return Conversation::Revoked(v);
+        }
+        entry.generation = flow.generation;
     }
-    // A conversation started with connect() was recorded without a port.
-    if initiated == DIRECTION_EGRESS {
-        key.local_port = 0;
-        return refresh_if_live(&key, now);
-    }
-    false
+    entry.last_seen_ns = now;
+    Conversation::Live
 }
 
+/// Is the datagram a further packet of a live conversation this side
+/// started, judged under the current policy generation?
 #[inline(always)]
-fn refresh_if_live(key: &UdpFlowKey, now: u64) -> bool {
-    match UDP_FLOWS.get_ptr_mut(key) {
-        Some(v) => {
-            // SAFETY: plain data; a racing writer only stores a time too.
-            let last = unsafe { (*v).last_seen_ns };
-            if now.saturating_sub(last) >= UDP_FLOW_TIMEOUT_NS {
-                return false;
-            }
-            unsafe { (*v).last_seen_ns = now };
+pub fn onward(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    match live(&conversation_key(ep, flow, d, flow.direction), now) {
+        Some(entry) if entry.generation == flow.generation => {
+            entry.last_seen_ns = now;
             true
         }
-        None => false,
+        _ => false,
     }
 }
 
-/// Remembers a conversation this datagram (allowed by policy) starts.
+/// The entry of a conversation that has not timed out.
 #[inline(always)]
-pub fn remember_udp(ep: &EndpointValue, flow: &Flow, local_port: u16) {
-    let key = udp_flow_key(ep, flow, local_port, flow.direction);
-    let value = UdpFlowValue {
+fn live(key: &ConversationKey, now: u64) -> Option<&'static mut ConversationValue> {
+    let v = CONVERSATIONS.get_ptr_mut(key)?;
+    // SAFETY: plain data; a racing writer only stores a time or generation.
+    let v = unsafe { &mut *v };
+    if now.saturating_sub(v.last_seen_ns) >= CONVERSATION_TIMEOUT_NS {
+        return None;
+    }
+    Some(v)
+}
+
+/// Remembers a conversation this allowed datagram starts (or continues
+/// under a new policy generation).
+#[inline(always)]
+pub fn remember(ep: &EndpointValue, flow: &Flow, d: &Datagram) {
+    let key = conversation_key(ep, flow, d, flow.direction);
+    let value = ConversationValue {
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        generation: flow.generation,
+        _pad: 0,
     };
     // An LRU map evicts old conversations instead of failing when full.
-    let _ = UDP_FLOWS.insert(&key, &value, 0);
+    let _ = CONVERSATIONS.insert(&key, &value, 0);
 }

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError};
 use portcullis_common::{
+    decide::{self, Flow, PolicyMaps},
     EndpointKey, EndpointValue, IdentityKeyData, IdentityValue, PolicyKeyData, PolicyValue, State,
-    DIRECTION_INGRESS, ENDPOINTS_MAP, GENERATIONS, IDENTITIES_MAP, IDENTITY_ANY, IDENTITY_HOST,
-    IDENTITY_KEY_FIXED_BITS, IDENTITY_WORLD, POLICY_KEY_FIXED_BITS, POLICY_MAP, REASON_HOST,
-    REASON_LOCAL, REASON_NOT_ISOLATED, STATE_MAP, VERDICT_ALLOW,
+    ENDPOINTS_MAP, GENERATIONS, IDENTITIES_MAP, IDENTITY_KEY_FIXED_BITS, POLICY_KEY_FIXED_BITS,
+    POLICY_MAP, PROTO_OTHER, STATE_MAP,
 };
 
 use super::loader::{map, open_pinned, LoadError};
@@ -77,7 +77,9 @@ impl KernelView {
         found(self.endpoints.get(&key, 0), ENDPOINTS_MAP)
     }
 
-    /// Decides like the kernel's `verdict::decide` for endpoint `ep`.
+    /// Decides like the kernel for endpoint `ep`, with the same code
+    /// (`portcullis_common::decide`) on the pinned maps. `protocol` is the
+    /// IP protocol; protocols without ports are judged as such.
     pub fn decide(
         &self,
         ep: &EndpointValue,
@@ -86,63 +88,44 @@ impl KernelView {
         peer_addr: [u8; 16],
         port: u16,
     ) -> Result<KernelDecision, LoadError> {
-        let generation = self.generation()?;
-        let local = KernelDecision {
-            verdict: VERDICT_ALLOW,
-            reason: REASON_LOCAL,
-            rule_cookie: 0,
-            peer_identity: IDENTITY_WORLD,
+        let judged_as = decide::policy_protocol(protocol);
+        let flow = Flow {
+            generation: self.generation()?,
+            direction,
+            protocol: judged_as,
+            peer_addr,
+            peer_port: 0,
+            policy_port: if judged_as == PROTO_OTHER { 0 } else { port },
         };
-        let loopback4 =
-            peer_addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] && peer_addr[12] == 127;
-        if loopback4
-            || peer_addr == std::net::Ipv6Addr::LOCALHOST.octets()
-            || peer_addr == ep.ipv4_mapped
-            || peer_addr == ep.ipv6
-        {
-            return Ok(local);
-        }
-        let identity_key = Key::new(
+        let d = decide::decide(self, ep, &flow)?;
+        Ok(KernelDecision {
+            verdict: d.value.verdict,
+            reason: d.value.reason,
+            rule_cookie: d.value.rule_cookie,
+            peer_identity: d.peer_identity,
+        })
+    }
+}
+
+impl PolicyMaps for KernelView {
+    type Error = LoadError;
+
+    fn identity(&self, generation: u32, addr: &[u8; 16]) -> Result<Option<u32>, LoadError> {
+        let key = Key::new(
             IDENTITY_KEY_FIXED_BITS + 128,
             IdentityKeyData {
                 generation_be: generation.to_be(),
-                addr: peer_addr,
+                addr: *addr,
             },
         );
-        let identity = found(self.identities.get(&identity_key, 0), IDENTITIES_MAP)?
-            .map_or(IDENTITY_WORLD, |v| v.identity);
-        if direction == DIRECTION_INGRESS && identity == IDENTITY_HOST {
-            return Ok(KernelDecision {
-                reason: REASON_HOST,
-                peer_identity: identity,
-                ..local
-            });
-        }
-        for peer in [identity, IDENTITY_ANY] {
-            let key = Key::new(
-                POLICY_KEY_FIXED_BITS + 16,
-                PolicyKeyData {
-                    generation_be: generation.to_be(),
-                    endpoint_id_be: ep.endpoint_id.to_be(),
-                    peer_identity_be: peer.to_be(),
-                    direction,
-                    protocol,
-                    port_be: port.to_be(),
-                },
-            );
-            if let Some(v) = found(self.policy.get(&key, 0), POLICY_MAP)? {
-                return Ok(KernelDecision {
-                    verdict: v.verdict,
-                    reason: v.reason,
-                    rule_cookie: v.rule_cookie,
-                    peer_identity: identity,
-                });
-            }
-        }
-        Ok(KernelDecision {
-            reason: REASON_NOT_ISOLATED,
-            peer_identity: identity,
-            ..local
-        })
+        Ok(found(self.identities.get(&key, 0), IDENTITIES_MAP)?.map(|v| v.identity))
+    }
+
+    fn policy(&self, key: &PolicyKeyData) -> Result<Option<PolicyValue>, LoadError> {
+        found(
+            self.policy
+                .get(&Key::new(POLICY_KEY_FIXED_BITS + 16, *key), 0),
+            POLICY_MAP,
+        )
     }
 }

@@ -21,7 +21,7 @@ use aya::{
 };
 use portcullis_common::{
     State, ABI_VERSION, BACKENDS_MAP, ENDPOINTS_MAP, IDENTITIES_MAP, POLICY_MAP, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_INGRESS, PROG_RECVMSG4,
+    PROG_CONNECT6, PROG_EGRESS, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_INGRESS, PROG_RECVMSG4,
     PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, SERVICES_MAP, STATE_MAP,
 };
 
@@ -113,10 +113,10 @@ pub struct Dataplane {
 
 enum Hook {
     SockAddr,
-    SkbIngress,
+    Skb(CgroupSkbAttachType),
 }
 
-const PROGRAMS: [(&str, Hook); 9] = [
+const PROGRAMS: [(&str, Hook); 10] = [
     (PROG_CONNECT4, Hook::SockAddr),
     (PROG_CONNECT6, Hook::SockAddr),
     (PROG_SENDMSG4, Hook::SockAddr),
@@ -125,7 +125,8 @@ const PROGRAMS: [(&str, Hook); 9] = [
     (PROG_RECVMSG6, Hook::SockAddr),
     (PROG_GETPEERNAME4, Hook::SockAddr),
     (PROG_GETPEERNAME6, Hook::SockAddr),
-    (PROG_INGRESS, Hook::SkbIngress),
+    (PROG_INGRESS, Hook::Skb(CgroupSkbAttachType::Ingress)),
+    (PROG_EGRESS, Hook::Skb(CgroupSkbAttachType::Egress)),
 ];
 
 /// How many programs (and pinned links) the agent attaches.
@@ -246,14 +247,12 @@ fn attach(
             let id = p.attach(cgroup, mode).map_err(err)?;
             FdLink::try_from(p.take_link(id).map_err(err)?)
         }
-        Hook::SkbIngress => {
+        Hook::Skb(attach_type) => {
             let p: &mut CgroupSkb = program
                 .try_into()
                 .map_err(|_| LoadError::MissingProgram { name })?;
             p.load().map_err(err)?;
-            let id = p
-                .attach(cgroup, CgroupSkbAttachType::Ingress, mode)
-                .map_err(err)?;
+            let id = p.attach(cgroup, attach_type, mode).map_err(err)?;
             FdLink::try_from(p.take_link(id).map_err(err)?)
         }
     };

@@ -65,6 +65,30 @@ pub struct MapUsage {
     pub backends: usize,
 }
 
+/// The kernel's lookups over the state about to be written (for tests and
+/// checks that decide as the kernel will).
+impl portcullis_common::decide::PolicyMaps for DesiredState {
+    type Error = std::convert::Infallible;
+
+    fn identity(&self, _generation: u32, addr: &[u8; 16]) -> Result<Option<u32>, Self::Error> {
+        Ok(self
+            .identities
+            .iter()
+            .filter(|((len, prefix), _)| {
+                crate::policy::compile::lookup::prefix_holds(*len, prefix, addr)
+            })
+            .max_by_key(|((len, _), _)| *len)
+            .map(|(_, id)| *id))
+    }
+
+    fn policy(&self, key: &PolicyKeyData) -> Result<Option<PolicyValue>, Self::Error> {
+        Ok(crate::policy::compile::lookup::longest_rule(
+            &self.policy,
+            key,
+        ))
+    }
+}
+
 impl DesiredState {
     pub fn usage(&self) -> MapUsage {
         MapUsage {

@@ -6,9 +6,10 @@
 use std::collections::BTreeMap;
 
 use portcullis_common::{
-    CounterKey, DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_TCP, PROTO_UDP, REASON_DEFAULT_DENY,
-    REASON_HOST, REASON_LOCAL, REASON_NOT_ISOLATED, REASON_NOT_PROGRAMMED, REASON_NO_BACKEND,
-    REASON_POLICY, REASON_REPLY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    CounterKey, DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    REASON_DEFAULT_DENY, REASON_HOST, REASON_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
+    REASON_NOT_PROGRAMMED, REASON_NO_BACKEND, REASON_POLICY, REASON_REPLY, REASON_SPOOFED,
+    REASON_UNCLASSIFIED, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 
@@ -63,6 +64,7 @@ pub fn protocol(p: u8) -> &'static str {
     match p {
         PROTO_TCP => "tcp",
         PROTO_UDP => "udp",
+        PROTO_SCTP => "sctp",
         _ => "other",
     }
 }
@@ -77,6 +79,9 @@ pub fn reason(r: u8) -> &'static str {
         REASON_REPLY => "reply",
         REASON_NO_BACKEND => "no_backend",
         REASON_NOT_PROGRAMMED => "not_programmed",
+        REASON_SPOOFED => "spoofed",
+        REASON_MALFORMED => "malformed",
+        REASON_UNCLASSIFIED => "unclassified",
         _ => "unknown",
     }
 }

@@ -507,7 +507,7 @@ fn check_agreement(
             .filter(|d| same_family(src, **d) && (local(src) || local(**d)));
         for &dst in others {
             for port in QUERY_PORTS {
-                for protocol in Protocol::ENFORCED {
+                for protocol in Protocol::JUDGED {
                     let query = FlowQuery {
                         src,
                         dst,

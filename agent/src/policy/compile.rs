@@ -24,6 +24,7 @@
 
 mod classes;
 mod ids;
+pub mod lookup;
 mod ports;
 
 use std::{
@@ -607,7 +608,7 @@ impl<'p> Pass<'p> {
         by_class.sort_unstable();
         by_class.dedup();
 
-        for protocol in Protocol::ENFORCED {
+        for protocol in Protocol::JUDGED {
             let key = |peer_identity| PolicySlot {
                 endpoint_id,
                 peer_identity,

@@ -376,13 +376,23 @@ fn peer_matches(inventory: &Inventory, peer: &Peer, address: IpAddr) -> bool {
         }
         Peer::Block { cidr, except } => {
             !inventory.node_ips.contains(&address)
+                && !is_ipv6_link_local(address)
                 && cidr.contains(&address)
                 && !except.iter().any(|e| e.contains(&address))
         }
     }
 }
 
+/// fe80::/10: on-link addresses (the node's and pods' interfaces), which
+/// ipBlocks never match, as with the node's own addresses: a "world"
+/// ipBlock must not admit a neighbour by its link-local address.
+pub fn is_ipv6_link_local(address: IpAddr) -> bool {
+    matches!(address, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
 #[cfg(test)]
 mod portcullis_tests;
+#[cfg(test)]
+mod protocol_tests;
 #[cfg(test)]
 mod tests;

@@ -40,20 +40,34 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 pub enum Protocol {
     Tcp,
     Udp,
-    /// Valid on container ports; policies using it are rejected.
     Sctp,
+    /// Every IP protocol other than TCP, UDP and SCTP (ICMP, UDP-Lite, ...),
+    /// and packets whose transport cannot be classified: judged without
+    /// ports, so only rules without `ports` apply. Never written in a
+    /// policy.
+    #[serde(skip)]
+    Other,
 }
 
 impl Protocol {
-    /// The protocols the data path enforces.
-    pub const ENFORCED: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+    /// What policy is compiled for: every packet falls under one of these.
+    pub const JUDGED: [Protocol; 4] = [
+        Protocol::Tcp,
+        Protocol::Udp,
+        Protocol::Sctp,
+        Protocol::Other,
+    ];
+    /// The protocols whose sockets the socket hooks see (and can translate
+    /// service addresses for).
+    pub const SOCKET: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
 
     /// IP protocol number, as the kernel sees it.
     pub fn number(self) -> u8 {
         match self {
             Self::Tcp => portcullis_common::PROTO_TCP,
             Self::Udp => portcullis_common::PROTO_UDP,
-            Self::Sctp => 132,
+            Self::Sctp => portcullis_common::PROTO_SCTP,
+            Self::Other => portcullis_common::PROTO_OTHER,
         }
     }
 }
@@ -64,6 +78,7 @@ impl fmt::Display for Protocol {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
             Self::Sctp => "SCTP",
+            Self::Other => "other",
         })
     }
 }

@@ -169,8 +169,6 @@ pub enum ParseError {
         except: IpNet,
         cidr: IpNet,
     },
-    #[error("{at}: SCTP is not supported by Portcullis")]
-    SctpUnsupported { at: Box<Context> },
     #[error("{at}: unknown protocol {protocol:?} (expected TCP or UDP)")]
     UnknownProtocol { at: Box<Context>, protocol: String },
     #[error("{at}: port {port} is out of range 1-65535")]
@@ -772,11 +770,7 @@ fn port(at: &Context, raw: &NetworkPolicyPort) -> Result<PortMatch, ParseError> 
     let protocol = match raw.protocol.as_deref() {
         None | Some("TCP") => Protocol::Tcp,
         Some("UDP") => Protocol::Udp,
-        Some("SCTP") => {
-            return Err(ParseError::SctpUnsupported {
-                at: field("protocol").into(),
-            })
-        }
+        Some("SCTP") => Protocol::Sctp,
         Some(other) => {
             return Err(ParseError::UnknownProtocol {
                 at: field("protocol").into(),

@@ -1,15 +1,17 @@
-//! Helpers shared by the policy tests, chiefly a model of the kernel's
-//! decision procedure (ebpf/src/verdict.rs) over [`Compiled`] maps.
+//! Helpers shared by the policy tests, chiefly the kernel's decision
+//! (`portcullis_common::decide`, the code the kernel runs) over
+//! [`Compiled`] maps, read back in evaluator terms.
 
 use std::{net::IpAddr, path::Path};
 
 use portcullis_common::{
-    DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, REASON_DEFAULT_DENY,
+    decide::{self, Flow},
+    EndpointValue, DIRECTION_INGRESS, PROTO_OTHER, REASON_DEFAULT_DENY, REASON_HOST, REASON_LOCAL,
     REASON_NOT_ISOLATED, REASON_POLICY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 
 use crate::policy::{
-    compile::{addr16, Attribution, Compiled, CompiledEndpoint, Compiler, PolicySlot},
+    compile::{addr16, Attribution, Compiled, CompiledEndpoint, Compiler},
     evaluate::{evaluate, AuditCause, Decision, DirectionVerdict, FlowQuery},
     model::{Action, Direction, Inventory, PolicyObject, Protocol},
     parse::{parse_inventory, parse_policies},
@@ -34,7 +36,7 @@ pub fn udp(src: &str, dst: &str, port: u16) -> FlowQuery {
     flow(src, dst, port, Protocol::Udp)
 }
 
-fn flow(src: &str, dst: &str, port: u16, protocol: Protocol) -> FlowQuery {
+pub fn flow(src: &str, dst: &str, port: u16, protocol: Protocol) -> FlowQuery {
     FlowQuery {
         src: src.parse().expect("src address"),
         dst: dst.parse().expect("dst address"),
@@ -91,7 +93,7 @@ fn own_address(ep: &CompiledEndpoint, addr: &[u8; 16]) -> bool {
         || ep.ipv6.map(|v6| v6.octets()) == Some(*addr)
 }
 
-/// ebpf/src/verdict.rs `decide`, step by step.
+/// The kernel's decision for one side of a flow.
 fn kernel_judge(
     compiled: &Compiled,
     ep: &CompiledEndpoint,
@@ -100,26 +102,30 @@ fn kernel_judge(
     port: u16,
     peer: [u8; 16],
 ) -> DirectionVerdict {
-    let loopback4 =
-        peer[..12] == addr16(std::net::Ipv4Addr::UNSPECIFIED.into())[..12] && peer[12] == 127;
-    let loopback6 = peer == std::net::Ipv6Addr::LOCALHOST.octets();
-    if loopback4 || loopback6 || own_address(ep, &peer) {
-        return DirectionVerdict::Local;
-    }
-    let identity = compiled
-        .identities
-        .iter()
-        .filter(|(prefix, _)| prefix.contains(&peer))
-        .max_by_key(|(prefix, _)| prefix.len)
-        .map_or(IDENTITY_WORLD, |(_, id)| *id);
-    if direction == DIRECTION_INGRESS && identity == IDENTITY_HOST {
-        return DirectionVerdict::Host;
-    }
-    let found = policy_lookup(compiled, ep.id, identity, direction, protocol, port)
-        .or_else(|| policy_lookup(compiled, ep.id, IDENTITY_ANY, direction, protocol, port));
-    let Some(value) = found else {
-        return DirectionVerdict::NotIsolated;
+    let endpoint = EndpointValue {
+        endpoint_id: ep.id,
+        flags: 0,
+        ipv4_mapped: ep.ipv4.map_or([0; 16], |v4| addr16(IpAddr::V4(v4))),
+        ipv6: ep.ipv6.map_or([0; 16], |v6| v6.octets()),
     };
+    let flow = Flow {
+        generation: 0,
+        direction,
+        protocol,
+        peer_addr: peer,
+        peer_port: 0,
+        policy_port: if protocol == PROTO_OTHER { 0 } else { port },
+    };
+    let value = match decide::decide(compiled, &endpoint, &flow) {
+        Ok(d) => d.value,
+        Err(never) => match never {},
+    };
+    match value.reason {
+        REASON_LOCAL => return DirectionVerdict::Local,
+        REASON_HOST => return DirectionVerdict::Host,
+        REASON_NOT_ISOLATED if value.rule_cookie == 0 => return DirectionVerdict::NotIsolated,
+        _ => {}
+    }
     if value.rule_cookie == 0 {
         assert_eq!(
             (value.verdict, value.reason),
@@ -214,33 +220,4 @@ fn kernel_judge(
     assert_eq!((value.verdict, value.reason), expected, "{attribution:?}");
     assert_eq!(attributed_direction, expected_direction);
     verdict
-}
-
-/// Longest-prefix match on the port among one (endpoint, peer, direction,
-/// protocol)'s entries.
-fn policy_lookup(
-    compiled: &Compiled,
-    endpoint_id: u32,
-    peer_identity: u32,
-    direction: u8,
-    protocol: u8,
-    port: u16,
-) -> Option<portcullis_common::PolicyValue> {
-    let key = |port, port_prefix_len| PolicySlot {
-        endpoint_id,
-        peer_identity,
-        direction,
-        protocol,
-        port,
-        port_prefix_len,
-    };
-    compiled
-        .rules
-        .range(key(0, 0)..=key(u16::MAX, u8::MAX))
-        .filter(|(k, _)| {
-            let shift = 16 - u32::from(k.port_prefix_len);
-            u32::from(k.port) >> shift == u32::from(port) >> shift
-        })
-        .max_by_key(|(k, _)| k.port_prefix_len)
-        .map(|(_, v)| *v)
 }

@@ -27,7 +27,7 @@ pub fn desired(services: &[Service]) -> ServiceMaps {
         for cluster_ip in &service.cluster_ips {
             for port in &service.ports {
                 // The data path only sees TCP and UDP sockets.
-                if !Protocol::ENFORCED.contains(&port.protocol) {
+                if !Protocol::SOCKET.contains(&port.protocol) {
                     continue;
                 }
                 let slot = ServiceSlot {

@@ -94,7 +94,23 @@ impl PeerClasses {
                 members.insert(AddrPrefix::host(*ip), class);
             }
         }
+        // Link-local addresses are nobody's in policy terms: ipBlocks never
+        // match them (see `evaluate::is_ipv6_link_local`), so no class may
+        // claim any part of fe80::/10.
+        let link_local = IpNet::V6(Ipv6Net::new_assert(
+            std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+            10,
+        ));
+        if mentioned
+            .iter()
+            .any(|net| net.contains(&link_local) || link_local.contains(net))
+        {
+            prefixes.insert(AddrPrefix::from_net(link_local), Member::World);
+        }
         for net in &mentioned {
+            if link_local.contains(net) {
+                continue;
+            }
             let prefix = AddrPrefix::from_net(*net);
             // A /32 or /128 naming a pod or node: the host entry already
             // carries (or overrides) what the CIDR would say.

@@ -4,7 +4,9 @@
 
 use std::str::FromStr;
 
-use portcullis_common::{DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_TCP, PROTO_UDP};
+use portcullis_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
 
 use super::*;
 use crate::policy::{
@@ -98,9 +100,11 @@ fn default_deny_is_one_wildcard_entry_per_direction_and_protocol() {
         ),
     );
     let id = endpoint(&c, "c");
-    assert_eq!(c.rules.len(), 4);
+    // TCP, UDP, SCTP, and everything judged without ports: an isolated
+    // pod is closed to every protocol, not only to the ones with ports.
+    assert_eq!(c.rules.len(), 8);
     for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
-        for protocol in [PROTO_TCP, PROTO_UDP] {
+        for protocol in [PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_OTHER] {
             assert_eq!(
                 entries(&c, id, IDENTITY_ANY, direction, protocol),
                 [(0, 0, VERDICT_DENY)]
@@ -410,7 +414,8 @@ fn a_policy_given_twice_is_an_error() {
 
 /// The benchmark's shape: one policy with thousands of single-address
 /// rules. Each address gets a CIDR identity with its own TCP partition
-/// (default deny + one port); UDP and unnamed peers share the wildcard.
+/// (default deny + one port); UDP, SCTP, other protocols and unnamed peers
+/// share the wildcard.
 #[test]
 fn thousands_of_cidr_rules_compile_to_two_entries_each() {
     let n = 2000;
@@ -427,5 +432,5 @@ fn thousands_of_cidr_rules_compile_to_two_entries_each() {
     }
     let c = compile(&inv, &text);
     assert_eq!(c.identities.len(), n as usize + 2);
-    assert_eq!(c.rules.len(), 2 * n as usize + 2);
+    assert_eq!(c.rules.len(), 2 * n as usize + 4);
 }

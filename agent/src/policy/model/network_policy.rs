@@ -90,11 +90,11 @@ pub struct IpBlock {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkPolicyPort {
-    /// TCP (default) or UDP.
-    // Kept as text so an unsupported value (SCTP) gets a precise error
-    // rather than a generic schema one.
+    /// TCP (default), UDP or SCTP.
+    // Kept as text so an unknown value gets a precise error naming the
+    // field rather than a generic schema one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = ["TCP", "UDP"]))]
+    #[schemars(extend("enum" = ["TCP", "UDP", "SCTP"]))]
     pub protocol: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<IntOrString>,

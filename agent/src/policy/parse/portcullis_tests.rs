@@ -160,11 +160,6 @@ fn l4_policy_errors() {
         "a peer needs",
     );
     l4_error(
-        "  podSelector: {}\n  ingressDeny: [{ports: [{protocol: SCTP}]}]",
-        "spec.ingressDeny[0].ports[0].protocol",
-        "SCTP",
-    );
-    l4_error(
         "  podSelector: {}\n  ingress: [{ports: [{port: 90, endPort: 80}]}]",
         "spec.ingress[0].ports[0].endPort",
         "less than port",

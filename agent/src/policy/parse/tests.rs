@@ -286,11 +286,6 @@ fn bad_ports() {
         "\"80\" is not a valid port name",
     );
     assert_error(
-        &ports("{port: 80, protocol: SCTP}"),
-        "spec.ingress[0].ports[1].protocol",
-        "SCTP is not supported by Portcullis",
-    );
-    assert_error(
         &ports("{port: 80, protocol: tcp}"),
         "spec.ingress[0].ports[1].protocol",
         "unknown protocol \"tcp\"",

@@ -1,0 +1,163 @@
+//! The skb hooks: every packet an enforced endpoint's sockets send
+//! (egress) or receive (ingress), whatever made it.
+//!
+//! Established TCP of kernel sockets passes first, with no map lookup: its
+//! SYN was judged, and its packets are most of all packets. Everything else
+//! of an enforced endpoint is judged: a TCP SYN, any TCP a raw socket
+//! writes, each datagram (UDP, SCTP and every protocol judged without ports,
+//! with exact replies through the conversation table), and what cannot be
+//! classified. Sources are checked: an endpoint sends only from its own
+//! addresses.
+
+use aya_ebpf::programs::SkBuffContext;
+use portcullis_common::{
+    decide::{is_local, policy_protocol, Flow},
+    packet::{Headers, Transport},
+    EndpointValue, DIRECTION_EGRESS, PROTO_OTHER, PROTO_TCP, REASON_MALFORMED, REASON_SPOOFED,
+    REASON_UNCLASSIFIED, VERDICT_DENY,
+};
+
+use crate::{
+    endpoint::{self, Owner},
+    no_endpoint, not_programmed,
+    packet::{self, SocketKind},
+    refuse, report,
+    verdict::{self, Conversation, Datagram},
+    verdict_code, PASS,
+};
+
+/// Judges one packet in `direction`.
+#[inline(always)]
+pub fn packet(ctx: &SkBuffContext, direction: u8) -> i32 {
+    let socket = packet::socket_kind(ctx);
+    let Some(headers) = packet::headers(ctx) else {
+        return malformed(ctx, direction);
+    };
+    let is_tcp = matches!(
+        headers.transport,
+        Transport::Ports {
+            protocol: PROTO_TCP,
+            ..
+        }
+    );
+    if is_tcp && socket == SocketKind::Tcp && !headers.transport.is_tcp_syn() {
+        return PASS;
+    }
+    let generation = endpoint::active_generation();
+    let egress = direction == DIRECTION_EGRESS;
+    let (protocol, peer_port, local_port) = match headers.transport {
+        Transport::Ports {
+            protocol,
+            src_port,
+            dst_port,
+            ..
+        } => {
+            if egress {
+                (protocol, dst_port, src_port)
+            } else {
+                (protocol, src_port, dst_port)
+            }
+        }
+        Transport::Other { protocol } => (protocol, 0, 0),
+        Transport::Unclassified => (PROTO_OTHER, 0, 0),
+    };
+    let flow = Flow {
+        generation,
+        direction,
+        protocol: policy_protocol(protocol),
+        peer_addr: if egress {
+            headers.dst_addr
+        } else {
+            headers.src_addr
+        },
+        peer_port,
+        policy_port: if egress { peer_port } else { local_port },
+    };
+    let ep = match endpoint::of_skb(generation, ctx.skb.skb) {
+        Owner::Endpoint(ep) => ep,
+        Owner::NotProgrammed => return not_programmed(&flow),
+        Owner::Free => return PASS,
+    };
+    if spoofed(ctx, &ep, &headers, egress) {
+        return refuse(&ep, &flow, &verdict::deny(REASON_SPOOFED));
+    }
+    if headers.transport == Transport::Unclassified {
+        let mut v = verdict::decide(&ep, &flow);
+        if v.verdict == VERDICT_DENY {
+            v.reason = REASON_UNCLASSIFIED;
+        }
+        report(&ep, &flow, &v);
+        return verdict_code(&v);
+    }
+    if is_tcp {
+        let v = verdict::decide(&ep, &flow);
+        // A kernel socket's SYN was judged (and counted) at connect().
+        if !(egress && socket == SocketKind::Tcp && v.verdict != VERDICT_DENY) {
+            report(&ep, &flow, &v);
+        }
+        return verdict_code(&v);
+    }
+    let d = Datagram {
+        protocol,
+        local_port,
+    };
+    datagram(&ep, &flow, &d, egress && socket == SocketKind::Datagram)
+}
+
+/// A datagram: a reply or a further packet of a live conversation passes;
+/// anything else is judged, and an allowed one starts a conversation.
+/// `judged_at_socket`: a kernel datagram socket's sends were judged and
+/// counted by the socket hooks already; only a denial here is news.
+#[inline(always)]
+fn datagram(ep: &EndpointValue, flow: &Flow, d: &Datagram, judged_at_socket: bool) -> i32 {
+    match verdict::reply(ep, flow, d) {
+        Conversation::Live => return PASS,
+        Conversation::Revoked(v) => return refuse(ep, flow, &v),
+        Conversation::New => {}
+    }
+    if verdict::onward(ep, flow, d) {
+        return PASS;
+    }
+    let v = verdict::decide(ep, flow);
+    if v.verdict == VERDICT_DENY {
+        return refuse(ep, flow, &v);
+    }
+    if !judged_at_socket {
+        report(ep, flow, &v);
+    }
+    verdict::remember(ep, flow, d);
+    PASS
+}
+
+/// An enforced endpoint may send only from its own addresses; a packet from
+/// the wire that claims to come from the endpoint itself (or loopback) is
+/// forged: real local traffic arrives on loopback.
+#[inline(always)]
+fn spoofed(ctx: &SkBuffContext, ep: &EndpointValue, headers: &Headers, egress: bool) -> bool {
+    if egress {
+        !is_local(ep, &headers.src_addr)
+    } else {
+        is_local(ep, &headers.src_addr) && !packet::arrived_on_loopback(ctx)
+    }
+}
+
+/// A packet that is not IP the parser can read: an enforced endpoint's is
+/// dropped, whatever its policy (it has no addresses to judge).
+#[inline(always)]
+fn malformed(ctx: &SkBuffContext, direction: u8) -> i32 {
+    let generation = endpoint::active_generation();
+    let ep = match endpoint::of_skb(generation, ctx.skb.skb) {
+        Owner::Free => return PASS,
+        Owner::Endpoint(ep) => ep,
+        Owner::NotProgrammed => no_endpoint(),
+    };
+    let flow = Flow {
+        generation,
+        direction,
+        protocol: PROTO_OTHER,
+        peer_addr: [0; 16],
+        peer_port: 0,
+        policy_port: 0,
+    };
+    refuse(&ep, &flow, &verdict::deny(REASON_MALFORMED))
+}
