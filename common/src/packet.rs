@@ -4,7 +4,7 @@
 //!
 //! It never guesses. A packet whose transport header it cannot reach — too
 //! many IPv6 extension headers, a non-first fragment, a truncated header,
-//! ESP — is [`Transport::Unclassified`], and the data path judges it like a
+//! ESP — is [`Class::Unclassified`], and the data path judges it like a
 //! protocol without ports: only a rule that admits every protocol from the
 //! peer lets it through an isolated direction.
 
@@ -35,29 +35,74 @@ pub trait PacketBytes {
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
 }
 
-/// What the transport layer of a packet is, as far as policy cares.
+/// How far the parser got into a packet's transport layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    /// A protocol policy judges by port (TCP, UDP, SCTP). `tcp_flags` is
-    /// zero for the others.
-    Ports {
-        protocol: u8,
-        src_port: u16,
-        dst_port: u16,
-        tcp_flags: u8,
-    },
+pub enum Class {
+    /// A protocol policy judges by port (TCP, UDP, SCTP).
+    Ports,
     /// Any other IP protocol (ICMP, ICMPv6, UDP-Lite, GRE, ...): judged
     /// without ports.
-    Other { protocol: u8 },
+    Other,
     /// The transport header could not be reached or read.
     Unclassified,
 }
 
+/// What the transport layer of a packet is, as far as policy cares. A
+/// plain struct whose every field is always set (ports and flags are 0
+/// where they do not apply): the BPF verifier rejects a program that could
+/// read a field an enum variant left unset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transport {
+    pub class: Class,
+    /// The IP protocol number (0 when unclassified).
+    pub protocol: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// TCP only.
+    pub tcp_flags: u8,
+}
+
 impl Transport {
+    pub const UNCLASSIFIED: Transport = Transport {
+        class: Class::Unclassified,
+        protocol: 0,
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+    };
+
+    #[inline(always)]
+    pub const fn ports(protocol: u8, src_port: u16, dst_port: u16, tcp_flags: u8) -> Self {
+        Transport {
+            class: Class::Ports,
+            protocol,
+            src_port,
+            dst_port,
+            tcp_flags,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn other(protocol: u8) -> Self {
+        Transport {
+            class: Class::Other,
+            protocol,
+            src_port: 0,
+            dst_port: 0,
+            tcp_flags: 0,
+        }
+    }
+
+    /// A TCP segment whose ports were read.
+    #[inline(always)]
+    pub fn is_tcp(&self) -> bool {
+        self.class == Class::Ports && self.protocol == PROTO_TCP
+    }
+
     /// A TCP segment that opens a connection (SYN without ACK).
+    #[inline(always)]
     pub fn is_tcp_syn(&self) -> bool {
-        matches!(self, Transport::Ports { protocol: PROTO_TCP, tcp_flags, .. }
-            if tcp_flags & TCP_FLAG_SYN != 0 && tcp_flags & TCP_FLAG_ACK == 0)
+        self.is_tcp() && self.tcp_flags & TCP_FLAG_SYN != 0 && self.tcp_flags & TCP_FLAG_ACK == 0
     }
 }
 
@@ -97,7 +142,7 @@ fn ipv4<P: PacketBytes>(packet: &P) -> Option<Headers> {
     let fragment_offset = u16::from_be_bytes([h[6] & 0x1f, h[7]]);
     let transport = if fragment_offset != 0 {
         // A later fragment carries no transport header.
-        Transport::Unclassified
+        Transport::UNCLASSIFIED
     } else {
         transport(packet, h[9], header_len)
     };
@@ -132,31 +177,31 @@ fn ipv6<P: PacketBytes>(packet: &P) -> Option<Headers> {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
                 let Some(ext) = packet.bytes::<2>(offset) else {
-                    return headers(Transport::Unclassified);
+                    return headers(Transport::UNCLASSIFIED);
                 };
                 next = ext[0];
                 offset += (usize::from(ext[1]) + 1) * 8;
             }
             IPV6_FRAGMENT => {
                 let Some(ext) = packet.bytes::<4>(offset) else {
-                    return headers(Transport::Unclassified);
+                    return headers(Transport::UNCLASSIFIED);
                 };
                 // Fragment offset in 8-byte units, above three flag bits.
                 if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
-                    return headers(Transport::Unclassified);
+                    return headers(Transport::UNCLASSIFIED);
                 }
                 next = ext[0];
                 offset += 8;
             }
             IPV6_AH => {
                 let Some(ext) = packet.bytes::<2>(offset) else {
-                    return headers(Transport::Unclassified);
+                    return headers(Transport::UNCLASSIFIED);
                 };
                 next = ext[0];
                 offset += (usize::from(ext[1]) + 2) * 4;
             }
             // Encrypted: nothing behind it can be read.
-            IPV6_ESP => return headers(Transport::Unclassified),
+            IPV6_ESP => return headers(Transport::UNCLASSIFIED),
             _ => return headers(transport(packet, next, offset)),
         }
         walked += 1;
@@ -164,7 +209,7 @@ fn ipv6<P: PacketBytes>(packet: &P) -> Option<Headers> {
     // Still an extension header after the limit: fail closed.
     match next {
         IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_FRAGMENT | IPV6_AH | IPV6_ESP => {
-            headers(Transport::Unclassified)
+            headers(Transport::UNCLASSIFIED)
         }
         _ => headers(transport(packet, next, offset)),
     }
@@ -175,24 +220,24 @@ fn ipv6<P: PacketBytes>(packet: &P) -> Option<Headers> {
 fn transport<P: PacketBytes>(packet: &P, protocol: u8, offset: usize) -> Transport {
     match protocol {
         PROTO_TCP => match packet.bytes::<14>(offset) {
-            Some(t) => Transport::Ports {
+            Some(t) => Transport::ports(
                 protocol,
-                src_port: u16::from_be_bytes([t[0], t[1]]),
-                dst_port: u16::from_be_bytes([t[2], t[3]]),
-                tcp_flags: t[13],
-            },
-            None => Transport::Unclassified,
+                u16::from_be_bytes([t[0], t[1]]),
+                u16::from_be_bytes([t[2], t[3]]),
+                t[13],
+            ),
+            None => Transport::UNCLASSIFIED,
         },
         PROTO_UDP | PROTO_SCTP => match packet.bytes::<4>(offset) {
-            Some(t) => Transport::Ports {
+            Some(t) => Transport::ports(
                 protocol,
-                src_port: u16::from_be_bytes([t[0], t[1]]),
-                dst_port: u16::from_be_bytes([t[2], t[3]]),
-                tcp_flags: 0,
-            },
-            None => Transport::Unclassified,
+                u16::from_be_bytes([t[0], t[1]]),
+                u16::from_be_bytes([t[2], t[3]]),
+                0,
+            ),
+            None => Transport::UNCLASSIFIED,
         },
-        _ => Transport::Other { protocol },
+        _ => Transport::other(protocol),
     }
 }
 

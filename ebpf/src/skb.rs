@@ -12,8 +12,8 @@
 use aya_ebpf::programs::SkBuffContext;
 use portcullis_common::{
     decide::{is_local, policy_protocol, Flow},
-    packet::{Headers, Transport},
-    EndpointValue, DIRECTION_EGRESS, PROTO_OTHER, PROTO_TCP, REASON_MALFORMED, REASON_SPOOFED,
+    packet::{Class, Headers},
+    EndpointValue, DIRECTION_EGRESS, PROTO_OTHER, REASON_MALFORMED, REASON_SPOOFED,
     REASON_UNCLASSIFIED, VERDICT_DENY,
 };
 
@@ -33,33 +33,24 @@ pub fn packet(ctx: &SkBuffContext, direction: u8) -> i32 {
     let Some(headers) = packet::headers(ctx) else {
         return malformed(ctx, direction);
     };
-    let is_tcp = matches!(
-        headers.transport,
-        Transport::Ports {
-            protocol: PROTO_TCP,
-            ..
-        }
-    );
-    if is_tcp && socket == SocketKind::Tcp && !headers.transport.is_tcp_syn() {
+    let transport = headers.transport;
+    let is_tcp = transport.is_tcp();
+    if is_tcp && socket == SocketKind::Tcp && !transport.is_tcp_syn() {
         return PASS;
     }
     let generation = endpoint::active_generation();
     let egress = direction == DIRECTION_EGRESS;
-    let (protocol, peer_port, local_port) = match headers.transport {
-        Transport::Ports {
-            protocol,
-            src_port,
-            dst_port,
-            ..
-        } => {
-            if egress {
-                (protocol, dst_port, src_port)
-            } else {
-                (protocol, src_port, dst_port)
-            }
-        }
-        Transport::Other { protocol } => (protocol, 0, 0),
-        Transport::Unclassified => (PROTO_OTHER, 0, 0),
+    let unclassified = transport.class == Class::Unclassified;
+    // Ports are 0 where the class has none.
+    let (peer_port, local_port) = if egress {
+        (transport.dst_port, transport.src_port)
+    } else {
+        (transport.src_port, transport.dst_port)
+    };
+    let protocol = if unclassified {
+        PROTO_OTHER
+    } else {
+        transport.protocol
     };
     let flow = Flow {
         generation,
@@ -81,7 +72,7 @@ pub fn packet(ctx: &SkBuffContext, direction: u8) -> i32 {
     if spoofed(ctx, &ep, &headers, egress) {
         return refuse(&ep, &flow, &verdict::deny(REASON_SPOOFED));
     }
-    if headers.transport == Transport::Unclassified {
+    if unclassified {
         let mut v = verdict::decide(&ep, &flow);
         if v.verdict == VERDICT_DENY {
             v.reason = REASON_UNCLASSIFIED;

@@ -86,12 +86,7 @@ fn parse_v6(p: &[u8]) -> Option<Headers> {
 }
 
 fn ports(protocol: u8, src_port: u16, dst_port: u16, tcp_flags: u8) -> Transport {
-    Transport::Ports {
-        protocol,
-        src_port,
-        dst_port,
-        tcp_flags,
-    }
+    Transport::ports(protocol, src_port, dst_port, tcp_flags)
 }
 
 #[test]
@@ -126,9 +121,9 @@ fn ipv4_options_move_the_transport_header() {
 fn other_protocols_have_no_ports() {
     for protocol in [1u8, 2, 47, 136, 253, 254, 255] {
         let h = parse_v4(&ipv4(protocol, 0, 0, &[0; 16])).unwrap();
-        assert_eq!(h.transport, Transport::Other { protocol }, "{protocol}");
+        assert_eq!(h.transport, Transport::other(protocol), "{protocol}");
         let h = parse_v6(&ipv6(&[], protocol, &[0; 16])).unwrap();
-        assert_eq!(h.transport, Transport::Other { protocol }, "{protocol}");
+        assert_eq!(h.transport, Transport::other(protocol), "{protocol}");
     }
 }
 
@@ -137,7 +132,7 @@ fn later_ipv4_fragments_are_unclassified_first_ones_are_read() {
     // Offset 1 (8 bytes) with and without more-fragments.
     for flags_offset in [1u16, 0x2001, 0x1fff] {
         let h = parse_v4(&ipv4(PROTO_TCP, flags_offset, 0, &tcp(1, 80, TCP_FLAG_SYN))).unwrap();
-        assert_eq!(h.transport, Transport::Unclassified, "{flags_offset:#x}");
+        assert_eq!(h.transport, Transport::UNCLASSIFIED, "{flags_offset:#x}");
     }
     // More-fragments at offset 0 (and don't-fragment) is a first fragment.
     for flags_offset in [0x2000u16, 0x4000] {
@@ -151,12 +146,12 @@ fn truncated_transport_headers_are_unclassified() {
     for cut in 0..14 {
         let full = ipv4(PROTO_TCP, 0, 0, &tcp(1, 80, TCP_FLAG_SYN));
         let h = parse_v4(&full[..20 + cut]).unwrap();
-        assert_eq!(h.transport, Transport::Unclassified, "cut {cut}");
+        assert_eq!(h.transport, Transport::UNCLASSIFIED, "cut {cut}");
     }
     let full = ipv4(PROTO_UDP, 0, 0, &udp(1, 2));
     assert_eq!(
         parse_v4(&full[..23]).unwrap().transport,
-        Transport::Unclassified
+        Transport::UNCLASSIFIED
     );
 }
 
@@ -206,7 +201,7 @@ fn every_extension_header_kind_is_walked_up_to_the_limit() {
                     };
                     ports(protocol, 1, 80, flags)
                 } else {
-                    Transport::Unclassified
+                    Transport::UNCLASSIFIED
                 };
                 assert_eq!(h.transport, want, "{count} x {kind}, protocol {protocol}");
                 assert_eq!((h.src_addr, h.dst_addr), (SRC6, DST6));
@@ -243,7 +238,7 @@ fn ipv6_fragments_past_the_first_and_esp_are_unclassified() {
     let mut p = Vec::from(&ipv6(&[], IPV6_FRAGMENT, &[])[..]);
     p.extend(ext(IPV6_FRAGMENT, PROTO_TCP, 1));
     p.extend(tcp(1, 80, TCP_FLAG_SYN));
-    assert_eq!(parse_v6(&p).unwrap().transport, Transport::Unclassified);
+    assert_eq!(parse_v6(&p).unwrap().transport, Transport::UNCLASSIFIED);
     // Atomic fragment (offset 0, no more fragments): read through.
     let atomic = ipv6(&[IPV6_FRAGMENT], PROTO_TCP, &tcp(1, 80, TCP_FLAG_SYN));
     assert_eq!(
@@ -251,11 +246,11 @@ fn ipv6_fragments_past_the_first_and_esp_are_unclassified() {
         ports(PROTO_TCP, 1, 80, TCP_FLAG_SYN)
     );
     let esp = ipv6(&[], IPV6_ESP, &[0; 32]);
-    assert_eq!(parse_v6(&esp).unwrap().transport, Transport::Unclassified);
+    assert_eq!(parse_v6(&esp).unwrap().transport, Transport::UNCLASSIFIED);
     let esp_after_opts = ipv6(&[IPV6_DEST_OPTS], IPV6_ESP, &[0; 32]);
     assert_eq!(
         parse_v6(&esp_after_opts).unwrap().transport,
-        Transport::Unclassified
+        Transport::UNCLASSIFIED
     );
 }
 
@@ -264,7 +259,7 @@ fn a_chain_cut_short_is_unclassified() {
     let full = ipv6(&[IPV6_DEST_OPTS, IPV6_DEST_OPTS], PROTO_UDP, &udp(1, 2));
     for len in 40..full.len() - 4 {
         let h = parse_v6(&full[..len]).unwrap();
-        assert_eq!(h.transport, Transport::Unclassified, "len {len}");
+        assert_eq!(h.transport, Transport::UNCLASSIFIED, "len {len}");
     }
 }
 
