@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, AdminError, AdminServer, AdminState},
+    admin::{self, AdminError, AdminServer, AdminState, Exposure, SecureOptions},
     bpf::{writer::MapUsage, Dataplane, DataplaneOptions, LoadError},
     cgroup::{self, CgroupError},
     metrics::Metrics,
@@ -101,6 +101,9 @@ pub struct AgentOptions {
     /// Where to serve /metrics, /healthz and /readyz; none when `None`.
     /// Port 0 picks a free port (see [`AgentHandle::admin_addr`]).
     pub admin_addr: Option<SocketAddr>,
+    /// Serve the admin endpoint over TLS with `/metrics` behind TokenReview
+    /// and SubjectAccessReview; Kubernetes source only. Plain when `None`.
+    pub admin_secure: Option<SecureOptions>,
 }
 
 /// What the agent has done so far.
@@ -200,7 +203,8 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     let running = Arc::new(AtomicBool::new(true));
     let admin = match opts.admin_addr {
         Some(addr) => {
-            let server = admin::serve(
+            let exposure = exposure(&opts).map_err(|source| AgentError::Admin { source })?;
+            let server = admin::serve_with(
                 addr,
                 AdminState {
                     metrics: metrics.clone(),
@@ -208,9 +212,18 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                     running: running.clone(),
                     pin_dir: opts.pin_dir.clone(),
                 },
+                exposure,
             )
             .map_err(|source| AgentError::Admin { source })?;
-            info!(addr = %server.addr(), "serving /metrics, /healthz, /readyz");
+            match server.certificate() {
+                Some(cert) => info!(
+                    addr = %server.addr(),
+                    certificate_sha256 = %admin::tls::fingerprint(cert),
+                    "serving /metrics (bearer token, TokenReview + SubjectAccessReview), \
+                     /healthz and /readyz over TLS"
+                ),
+                None => info!(addr = %server.addr(), "serving /metrics, /healthz, /readyz"),
+            }
             Some(server)
         }
         None => None,
@@ -259,6 +272,23 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         stop,
         thread: Some(thread),
         admin,
+    })
+}
+
+/// Plain, or TLS with `/metrics` authorized through the Kubernetes API the
+/// source already talks to.
+fn exposure(opts: &AgentOptions) -> Result<Exposure, AdminError> {
+    let Some(secure) = &opts.admin_secure else {
+        return Ok(Exposure::Plain);
+    };
+    let SourceOptions::Kubernetes(k) = &opts.source else {
+        return Err(AdminError::SecureNeedsKubernetes);
+    };
+    let tls = admin::tls::server_tls(&secure.cert).map_err(|source| AdminError::Tls { source })?;
+    let auth = admin::auth::MetricsAuth::new(k.client.clone(), admin::auth::AuthOptions::default());
+    Ok(Exposure::Secure {
+        tls,
+        auth: Arc::new(auth),
     })
 }
 
