@@ -506,7 +506,12 @@ fn daemonset_serves_metrics_only_to_authorized_callers_over_tls() {
 
     // The agent may ask the API server who a token is and what it may do.
     let rules = deploy.cluster_role().rules.as_deref().unwrap();
-    assert!(allows(rules, "authentication.k8s.io", "tokenreviews", "create"));
+    assert!(allows(
+        rules,
+        "authentication.k8s.io",
+        "tokenreviews",
+        "create"
+    ));
     assert!(allows(
         rules,
         "authorization.k8s.io",
@@ -528,7 +533,10 @@ fn daemonset_serves_metrics_only_to_authorized_callers_over_tls() {
         matches!(o, Object::ClusterRoleBinding(b)
             if b.role_ref.name == METRICS_READER && b.role_ref.kind == "ClusterRole")
     });
-    assert!(bound, "nothing is bound to {METRICS_READER}: the PodMonitor would get 401/403");
+    assert!(
+        bound,
+        "nothing is bound to {METRICS_READER}: the PodMonitor would get 401/403"
+    );
 
     // The PodMonitor scrapes over HTTPS with the scraper's token.
     let monitor = deploy
@@ -541,7 +549,10 @@ fn daemonset_serves_metrics_only_to_authorized_callers_over_tls() {
         .expect("a PodMonitor");
     let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
     assert_eq!(endpoint["scheme"], "https", "{endpoint}");
-    assert!(endpoint["tlsConfig"].is_object(), "no tlsConfig: {endpoint}");
+    assert!(
+        endpoint["tlsConfig"].is_object(),
+        "no tlsConfig: {endpoint}"
+    );
     let auth = &endpoint["authorization"];
     assert_eq!(auth["type"], "Bearer", "{endpoint}");
     let secret_name = auth["credentials"]["name"].as_str().expect("credentials");
@@ -558,7 +569,8 @@ fn daemonset_serves_metrics_only_to_authorized_callers_over_tls() {
         Some("kubernetes.io/service-account-token")
     );
     assert_eq!(auth["credentials"]["key"], "token");
-    let account = secret.metadata.annotations.as_ref().unwrap()["kubernetes.io/service-account.name"]
+    let account = secret.metadata.annotations.as_ref().unwrap()
+        ["kubernetes.io/service-account.name"]
         .as_str();
     assert_eq!(account, SCRAPER);
 }
