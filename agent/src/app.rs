@@ -177,6 +177,12 @@ impl Drop for AgentHandle {
 /// Loads the programs and starts syncing. Errors that stop the agent from
 /// enforcing anything are returned here; later problems go to the status.
 pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
+    // Settled before the kernel programs load, so a bad certificate or a
+    // secure mode without Kubernetes leaves nothing attached.
+    let exposure = match opts.admin_addr {
+        Some(_) => Some(exposure(&opts).map_err(|source| AgentError::Admin { source })?),
+        None => None,
+    };
     let mount = match &opts.cgroup_mount {
         Some(m) => m.clone(),
         None => cgroup::cgroup2_mount().map_err(|source| AgentError::Cgroup { source })?,
@@ -201,9 +207,8 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     let (tx, rx) = watch::channel(Status::default());
     let stop = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicBool::new(true));
-    let admin = match opts.admin_addr {
-        Some(addr) => {
-            let exposure = exposure(&opts).map_err(|source| AgentError::Admin { source })?;
+    let admin = match opts.admin_addr.zip(exposure) {
+        Some((addr, exposure)) => {
             let server = admin::serve_with(
                 addr,
                 AdminState {
@@ -450,5 +455,86 @@ fn sync_loop(
             observers.publish(&status);
         }
         thread::sleep(POLL_INTERVAL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::tls::CertSource;
+
+    fn options(source: SourceOptions, pins: &Path) -> AgentOptions {
+        AgentOptions {
+            source,
+            pin_dir: pins.to_path_buf(),
+            cgroup_mount: Some(pins.to_path_buf()),
+            cgroup_root: None,
+            names_file: None,
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            admin_secure: Some(SecureOptions {
+                cert: CertSource::SelfSigned {
+                    names: vec!["localhost".into()],
+                },
+            }),
+        }
+    }
+
+    fn files() -> SourceOptions {
+        SourceOptions::Files {
+            policies_dir: "/nonexistent".into(),
+            workloads: "/nonexistent/w.yaml".into(),
+        }
+    }
+
+    /// Secure mode asks the API server, so the file source cannot have it;
+    /// the agent refuses before it loads or pins anything.
+    #[test]
+    fn secure_mode_without_kubernetes_is_refused_before_anything_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path().join("pins");
+        let e = start(options(files(), &pins)).err().expect("refused");
+        assert!(
+            matches!(
+                e,
+                AgentError::Admin {
+                    source: AdminError::SecureNeedsKubernetes
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(!pins.exists(), "nothing was pinned");
+    }
+
+    #[test]
+    fn a_missing_certificate_is_refused_before_anything_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path().join("pins");
+        let mut opts = options(files(), &pins);
+        opts.admin_secure = None;
+        assert!(matches!(exposure(&opts), Ok(Exposure::Plain)));
+        // Kubernetes mode with certificate files that do not exist.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(service, "default");
+        let kube = SourceOptions::Kubernetes(Box::new(KubeOptions::new(client, "node")));
+        let mut opts = options(kube, &pins);
+        assert!(matches!(exposure(&opts), Ok(Exposure::Secure { .. })));
+        opts.admin_secure = Some(SecureOptions {
+            cert: CertSource::Files {
+                cert: dir.path().join("tls.crt"),
+                key: dir.path().join("tls.key"),
+            },
+        });
+        let e = start(opts).err().expect("refused");
+        let chain = error_chain(&e);
+        assert!(chain.contains("tls.crt"), "{chain}");
+        assert!(!pins.exists(), "nothing was pinned");
     }
 }

@@ -78,7 +78,9 @@ enum Command {
         /// bearer token the API server authenticates (TokenReview) and
         /// authorizes for `get` on /metrics (SubjectAccessReview). /healthz
         /// and /readyz stay open for the kubelet's HTTPS probes.
-        #[arg(long, requires = "kubernetes")]
+        /// (Kubernetes mode only: a flag's `requires` is always met by the
+        /// `--kubernetes` flag's default, so file mode is refused instead.)
+        #[arg(long, conflicts_with_all = ["policies", "workloads"])]
         admin_secure: bool,
         /// PEM certificate chain for the secure admin endpoint (default: a
         /// self-signed certificate made in memory at start).
