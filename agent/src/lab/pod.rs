@@ -183,7 +183,9 @@ pub async fn run_helper(serve: &[(u16, Protocol)]) -> std::io::Result<()> {
         // [::] is dual-stack here (bindv6only=0), so IPv4 is served too.
         match protocol {
             Protocol::Tcp => {
+                // As TcpListener::bind would, but with our backlog.
                 let socket = TcpSocket::new_v6()?;
+                socket.set_reuseaddr(true)?;
                 socket.bind(addr)?;
                 let l = socket.listen(LISTEN_BACKLOG)?;
                 tokio::spawn(async move {
