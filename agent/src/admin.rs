@@ -2,6 +2,15 @@
 //! Prometheus text format for clients that do not ask for OpenMetrics),
 //! `/healthz` (the sync loop runs) and `/readyz` (policy reached the kernel).
 //!
+//! Two exposures. Plain HTTP, for standalone agents and the lab, which
+//! listen on loopback. Secure, for the DaemonSet, whose port is on the pod
+//! network and cannot be protected by policy (the agent's own pod is exempt
+//! from enforcement): TLS, and `/metrics` only for a bearer token the API
+//! server authenticates and authorizes ([`auth`]). `/healthz` and `/readyz`
+//! stay open on the same TLS port for the kubelet's HTTPS probes (which do
+//! not verify certificates): they reveal nothing, and one port means no
+//! second listener on the pod network.
+//!
 //! hyper directly rather than axum: three fixed GET routes need no router,
 //! extractors or middleware, and hyper + hyper-util is all axum would pull in
 //! underneath anyway (ztunnel's admin server is built the same way). The
@@ -21,18 +30,29 @@ use std::{
     thread,
 };
 
+pub mod auth;
+pub mod tls;
+
 use http_body_util::Full;
 use hyper::{
     body::{Bytes, Incoming},
-    header::{HeaderValue, CONTENT_TYPE},
+    header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE},
     server::conn::http1,
     service::service_fn,
     Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::TokioIo;
-use tokio::sync::{oneshot, watch};
+use rustls_pki_types::CertificateDer;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{oneshot, watch},
+};
 use tracing::{debug, warn};
 
+use self::{
+    auth::{Decision, MetricsAuth},
+    tls::{CertSource, TlsError},
+};
 use crate::{
     app::Status,
     metrics::{self, Metrics},
@@ -55,6 +75,13 @@ pub enum AdminError {
         #[source]
         source: std::io::Error,
     },
+    #[error("setting up TLS for the admin endpoint")]
+    Tls {
+        #[source]
+        source: TlsError,
+    },
+    #[error("the secure admin endpoint authenticates callers with the Kubernetes API: it needs --kubernetes")]
+    SecureNeedsKubernetes,
     #[error("{value:?} is not an address to listen on (e.g. 127.0.0.1:9964, [::]:9964) or `none`")]
     Address {
         value: String,
@@ -82,6 +109,23 @@ impl FromStr for ListenAddr {
     }
 }
 
+/// How the endpoint is exposed.
+pub enum Exposure {
+    /// Plain HTTP, everything open: for loopback (standalone, the lab).
+    Plain,
+    /// TLS; `/metrics` only for callers `auth` lets in.
+    Secure {
+        tls: tls::ServerTls,
+        auth: Arc<MetricsAuth>,
+    },
+}
+
+/// The secure mode as configured (the API client comes from the source).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecureOptions {
+    pub cert: CertSource,
+}
+
 /// What the endpoints report on.
 #[derive(Clone)]
 pub struct AdminState {
@@ -96,6 +140,7 @@ pub struct AdminState {
 /// A running admin endpoint; stops when dropped.
 pub struct AdminServer {
     addr: SocketAddr,
+    certificate: Option<CertificateDer<'static>>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -104,6 +149,11 @@ impl AdminServer {
     /// The bound address (the actual port when asked for port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The certificate served in secure mode (what a client can pin).
+    pub fn certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.certificate.as_ref()
     }
 
     pub fn stop(mut self) {
@@ -126,8 +176,18 @@ impl Drop for AdminServer {
     }
 }
 
-/// Binds `addr` (errors are returned here, not logged later) and serves.
+/// Binds `addr` (errors are returned here, not logged later) and serves
+/// plain HTTP.
 pub fn serve(addr: SocketAddr, state: AdminState) -> Result<AdminServer, AdminError> {
+    serve_with(addr, state, Exposure::Plain)
+}
+
+/// Binds `addr` and serves with the given exposure.
+pub fn serve_with(
+    addr: SocketAddr,
+    state: AdminState,
+    exposure: Exposure,
+) -> Result<AdminServer, AdminError> {
     let bind = |source| AdminError::Bind { addr, source };
     let listener = std::net::TcpListener::bind(addr).map_err(bind)?;
     listener.set_nonblocking(true).map_err(bind)?;
@@ -137,20 +197,43 @@ pub fn serve(addr: SocketAddr, state: AdminState) -> Result<AdminServer, AdminEr
         .build()
         .map_err(|source| AdminError::Runtime { source })?;
     let (tx, rx) = oneshot::channel();
+    let (certificate, guard) = match exposure {
+        Exposure::Plain => (None, None),
+        Exposure::Secure { tls, auth } => (
+            Some(tls.certificate),
+            Some(Guard {
+                acceptor: tokio_rustls::TlsAcceptor::from(tls.config),
+                auth,
+            }),
+        ),
+    };
     let thread = thread::Builder::new()
         .name("portcullis-admin".into())
-        .spawn(move || runtime.block_on(accept_loop(listener, state, rx)))
+        .spawn(move || runtime.block_on(accept_loop(listener, state, guard, rx)))
         .map_err(|source| AdminError::Runtime { source })?;
     Ok(AdminServer {
         addr: bound,
+        certificate,
         shutdown: Some(tx),
         thread: Some(thread),
     })
 }
 
+/// What secure mode adds to every connection and request.
+#[derive(Clone)]
+struct Guard {
+    acceptor: tokio_rustls::TlsAcceptor,
+    auth: Arc<MetricsAuth>,
+}
+
+/// A client that opens a connection and never finishes the handshake must
+/// not hold it forever.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn accept_loop(
     listener: std::net::TcpListener,
     state: AdminState,
+    guard: Option<Guard>,
     mut shutdown: oneshot::Receiver<()>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -172,17 +255,37 @@ async fn accept_loop(
                     }
                 };
                 let state = state.clone();
+                let guard = guard.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| respond(state.clone(), req));
-                    if let Err(e) = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        debug!(%peer, "admin endpoint: {e}");
+                    let Some(guard) = guard else {
+                        return serve_connection(stream, state, None, peer).await;
+                    };
+                    let handshake = guard.acceptor.accept(stream);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(tls)) => serve_connection(tls, state, Some(guard.auth), peer).await,
+                        Ok(Err(e)) => debug!(%peer, "admin endpoint: TLS handshake: {e}"),
+                        Err(_) => debug!(%peer, "admin endpoint: TLS handshake timed out"),
                     }
                 });
             }
         }
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    state: AdminState,
+    auth: Option<Arc<MetricsAuth>>,
+    peer: SocketAddr,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| respond(state.clone(), auth.clone(), req));
+    if let Err(e) = http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await
+    {
+        debug!(%peer, "admin endpoint: {e}");
     }
 }
 
@@ -198,6 +301,7 @@ const TEXT: &str = "text/plain; charset=utf-8";
 
 async fn respond(
     state: AdminState,
+    auth: Option<Arc<MetricsAuth>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -208,7 +312,14 @@ async fn respond(
         ));
     }
     let r = match req.uri().path() {
-        "/metrics" => {
+        auth::METRICS_PATH => {
+            if let Some(auth) = auth {
+                if let Some(refused) =
+                    refusal(auth.authorize(req.headers().get(AUTHORIZATION)).await)
+                {
+                    return Ok(refused);
+                }
+            }
             let accept = req
                 .headers()
                 .get(hyper::header::ACCEPT)
@@ -230,6 +341,45 @@ async fn respond(
         ),
     };
     Ok(r)
+}
+
+/// The answer to a caller secure mode does not let in; `None` to serve.
+fn refusal(decision: Decision) -> Option<Response<Full<Bytes>>> {
+    match decision {
+        Decision::Allowed { user } => {
+            debug!(%user, "admin endpoint: /metrics allowed");
+            None
+        }
+        Decision::Unauthenticated { why } => {
+            let mut r = reply(
+                StatusCode::UNAUTHORIZED,
+                TEXT,
+                format!("unauthorized: {why}\n"),
+            );
+            r.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"portcullis\""),
+            );
+            Some(r)
+        }
+        Decision::Forbidden { user, why } => Some(reply(
+            StatusCode::FORBIDDEN,
+            TEXT,
+            format!("forbidden: user {user:?} is {why}\n"),
+        )),
+        Decision::Unavailable(e) => {
+            // Fail closed: no decision, no metrics.
+            warn!(
+                "admin endpoint: cannot authorize a /metrics request: {}",
+                error_chain(&e)
+            );
+            Some(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                "cannot authorize the request now: the API server did not decide\n".into(),
+            ))
+        }
+    }
 }
 
 /// OpenMetrics text when the client asks for it (Prometheus does), the
@@ -377,6 +527,187 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    fn state() -> (AdminState, watch::Sender<Status>) {
+        let (tx, rx) = watch::channel(Status::default());
+        let state = AdminState {
+            metrics: Arc::new(Metrics::new()),
+            status: rx,
+            running: Arc::new(AtomicBool::new(true)),
+            pin_dir: PathBuf::from("/nonexistent/portcullis-admin-test"),
+        };
+        (state, tx)
+    }
+
+    /// A secure admin server whose API server follows `script`.
+    fn secure_server(script: &auth::tests::Script) -> AdminServer {
+        let tls = tls::server_tls(&CertSource::SelfSigned {
+            names: vec!["localhost".into()],
+        })
+        .unwrap();
+        let auth = MetricsAuth::new(script.client(), auth::AuthOptions::default());
+        serve_with(
+            "127.0.0.1:0".parse().unwrap(),
+            state().0,
+            Exposure::Secure {
+                tls,
+                auth: Arc::new(auth),
+            },
+        )
+        .unwrap()
+    }
+
+    /// A TLS client that trusts exactly `pinned`.
+    fn pinned_client(pinned: &CertificateDer<'static>) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pinned.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    /// An HTTPS GET over a verified connection: (status, head, body).
+    async fn https_get(
+        connector: &tokio_rustls::TlsConnector,
+        addr: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+    ) -> std::io::Result<(u16, String, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        tls.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut raw = Vec::new();
+        tls.read_to_end(&mut raw).await?;
+        let raw = String::from_utf8(raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        Ok((
+            head[9..12].parse().unwrap(),
+            head.to_string(),
+            body.to_string(),
+        ))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn secure_mode_serves_metrics_over_tls_only_to_authorized_callers() {
+        let script = auth::tests::Script::new();
+        let server = secure_server(&script);
+        let addr = server.addr();
+        let client = pinned_client(server.certificate().expect("secure mode has a certificate"));
+
+        let (code, _, body) = https_get(&client, addr, "/metrics", Some("prom-token"))
+            .await
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("portcullis_build_info{"), "{body}");
+
+        let (code, head, body) = https_get(&client, addr, "/metrics", None).await.unwrap();
+        assert_eq!(code, 401, "{body}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{head}"
+        );
+        assert!(!body.contains("portcullis_"), "{body}");
+
+        let (code, _, body) = https_get(&client, addr, "/metrics", Some("not-a-token"))
+            .await
+            .unwrap();
+        assert_eq!(code, 401, "{body}");
+
+        let (code, _, body) = https_get(&client, addr, "/metrics", Some("other-token"))
+            .await
+            .unwrap();
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains("system:serviceaccount:shop:web"), "{body}");
+        assert!(!body.contains("portcullis_"), "{body}");
+
+        // The kubelet's probes need no token.
+        let (code, _, body) = https_get(&client, addr, "/healthz", None).await.unwrap();
+        assert_eq!((code, body.as_str()), (200, "ok\n"));
+        assert_eq!(
+            https_get(&client, addr, "/readyz", None).await.unwrap().0,
+            503
+        );
+
+        // Repeated scrapes reuse the answer: 4 reviews for 3 tokens so far
+        // (the rejected token needs no access review), none more now.
+        let calls = script.calls();
+        for _ in 0..5 {
+            let (code, _, _) = https_get(&client, addr, "/metrics", Some("prom-token"))
+                .await
+                .unwrap();
+            assert_eq!(code, 200);
+        }
+        assert_eq!(script.calls(), calls);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn secure_mode_speaks_no_plain_http_and_presents_only_its_own_certificate() {
+        let script = auth::tests::Script::new();
+        let server = secure_server(&script);
+        let addr = server.addr();
+        // Plain HTTP gets no metrics (and no answer a client could read).
+        let plain = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+                .unwrap();
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut raw = Vec::new();
+            let _ = s.read_to_end(&mut raw);
+            String::from_utf8_lossy(&raw).into_owned()
+        })
+        .await
+        .unwrap();
+        assert!(
+            !plain.contains("portcullis_") && !plain.contains("HTTP/1.1 200"),
+            "{plain}"
+        );
+        // A client pinning another certificate refuses the server.
+        let other = tls::server_tls(&CertSource::SelfSigned {
+            names: vec!["localhost".into()],
+        })
+        .unwrap();
+        let e = https_get(&pinned_client(&other.certificate), addr, "/healthz", None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+        assert_eq!(script.calls(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn secure_mode_fails_closed_when_the_api_server_cannot_decide() {
+        let mut script = auth::tests::Script::new();
+        script.fail_with = Some(http::StatusCode::SERVICE_UNAVAILABLE);
+        let server = secure_server(&script);
+        let client = pinned_client(server.certificate().unwrap());
+        let (code, _, body) = https_get(&client, server.addr(), "/metrics", Some("prom-token"))
+            .await
+            .unwrap();
+        assert_eq!(code, 503, "{body}");
+        assert!(!body.contains("portcullis_"), "{body}");
+        // Health stays readable through the outage.
+        assert_eq!(
+            https_get(&client, server.addr(), "/healthz", None)
+                .await
+                .unwrap()
+                .0,
+            200
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, AdminError, AdminServer, AdminState},
+    admin::{self, AdminError, AdminServer, AdminState, Exposure, SecureOptions},
     bpf::{writer::MapUsage, Dataplane, DataplaneOptions, LoadError},
     cgroup::{self, CgroupError},
     metrics::Metrics,
@@ -101,6 +101,9 @@ pub struct AgentOptions {
     /// Where to serve /metrics, /healthz and /readyz; none when `None`.
     /// Port 0 picks a free port (see [`AgentHandle::admin_addr`]).
     pub admin_addr: Option<SocketAddr>,
+    /// Serve the admin endpoint over TLS with `/metrics` behind TokenReview
+    /// and SubjectAccessReview; Kubernetes source only. Plain when `None`.
+    pub admin_secure: Option<SecureOptions>,
 }
 
 /// What the agent has done so far.
@@ -174,6 +177,12 @@ impl Drop for AgentHandle {
 /// Loads the programs and starts syncing. Errors that stop the agent from
 /// enforcing anything are returned here; later problems go to the status.
 pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
+    // Settled before the kernel programs load, so a bad certificate or a
+    // secure mode without Kubernetes leaves nothing attached.
+    let exposure = match opts.admin_addr {
+        Some(_) => Some(exposure(&opts).map_err(|source| AgentError::Admin { source })?),
+        None => None,
+    };
     let mount = match &opts.cgroup_mount {
         Some(m) => m.clone(),
         None => cgroup::cgroup2_mount().map_err(|source| AgentError::Cgroup { source })?,
@@ -198,9 +207,9 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     let (tx, rx) = watch::channel(Status::default());
     let stop = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicBool::new(true));
-    let admin = match opts.admin_addr {
-        Some(addr) => {
-            let server = admin::serve(
+    let admin = match opts.admin_addr.zip(exposure) {
+        Some((addr, exposure)) => {
+            let server = admin::serve_with(
                 addr,
                 AdminState {
                     metrics: metrics.clone(),
@@ -208,9 +217,18 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                     running: running.clone(),
                     pin_dir: opts.pin_dir.clone(),
                 },
+                exposure,
             )
             .map_err(|source| AgentError::Admin { source })?;
-            info!(addr = %server.addr(), "serving /metrics, /healthz, /readyz");
+            match server.certificate() {
+                Some(cert) => info!(
+                    addr = %server.addr(),
+                    certificate_sha256 = %admin::tls::fingerprint(cert),
+                    "serving /metrics (bearer token, TokenReview + SubjectAccessReview), \
+                     /healthz and /readyz over TLS"
+                ),
+                None => info!(addr = %server.addr(), "serving /metrics, /healthz, /readyz"),
+            }
             Some(server)
         }
         None => None,
@@ -259,6 +277,23 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         stop,
         thread: Some(thread),
         admin,
+    })
+}
+
+/// Plain, or TLS with `/metrics` authorized through the Kubernetes API the
+/// source already talks to.
+fn exposure(opts: &AgentOptions) -> Result<Exposure, AdminError> {
+    let Some(secure) = &opts.admin_secure else {
+        return Ok(Exposure::Plain);
+    };
+    let SourceOptions::Kubernetes(k) = &opts.source else {
+        return Err(AdminError::SecureNeedsKubernetes);
+    };
+    let tls = admin::tls::server_tls(&secure.cert).map_err(|source| AdminError::Tls { source })?;
+    let auth = admin::auth::MetricsAuth::new(k.client.clone(), admin::auth::AuthOptions::default());
+    Ok(Exposure::Secure {
+        tls,
+        auth: Arc::new(auth),
     })
 }
 
@@ -420,5 +455,86 @@ fn sync_loop(
             observers.publish(&status);
         }
         thread::sleep(POLL_INTERVAL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::tls::CertSource;
+
+    fn options(source: SourceOptions, pins: &Path) -> AgentOptions {
+        AgentOptions {
+            source,
+            pin_dir: pins.to_path_buf(),
+            cgroup_mount: Some(pins.to_path_buf()),
+            cgroup_root: None,
+            names_file: None,
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            admin_secure: Some(SecureOptions {
+                cert: CertSource::SelfSigned {
+                    names: vec!["localhost".into()],
+                },
+            }),
+        }
+    }
+
+    fn files() -> SourceOptions {
+        SourceOptions::Files {
+            policies_dir: "/nonexistent".into(),
+            workloads: "/nonexistent/w.yaml".into(),
+        }
+    }
+
+    /// Secure mode asks the API server, so the file source cannot have it;
+    /// the agent refuses before it loads or pins anything.
+    #[test]
+    fn secure_mode_without_kubernetes_is_refused_before_anything_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path().join("pins");
+        let e = start(options(files(), &pins)).err().expect("refused");
+        assert!(
+            matches!(
+                e,
+                AgentError::Admin {
+                    source: AdminError::SecureNeedsKubernetes
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(!pins.exists(), "nothing was pinned");
+    }
+
+    #[test]
+    fn a_missing_certificate_is_refused_before_anything_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path().join("pins");
+        let mut opts = options(files(), &pins);
+        opts.admin_secure = None;
+        assert!(matches!(exposure(&opts), Ok(Exposure::Plain)));
+        // Kubernetes mode with certificate files that do not exist.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(service, "default");
+        let kube = SourceOptions::Kubernetes(Box::new(KubeOptions::new(client, "node")));
+        let mut opts = options(kube, &pins);
+        assert!(matches!(exposure(&opts), Ok(Exposure::Secure { .. })));
+        opts.admin_secure = Some(SecureOptions {
+            cert: CertSource::Files {
+                cert: dir.path().join("tls.crt"),
+                key: dir.path().join("tls.key"),
+            },
+        });
+        let e = start(opts).err().expect("refused");
+        let chain = error_chain(&e);
+        assert!(chain.contains("tls.crt"), "{chain}");
+        assert!(!pins.exists(), "nothing was pinned");
     }
 }

@@ -8,6 +8,7 @@ pub mod layout;
 pub mod overhead;
 pub mod reader;
 pub mod scale;
+pub mod tcpstat;
 pub mod verdict;
 
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};

@@ -322,6 +322,7 @@ impl Lab {
                 cgroup_root: Some(self.names.cgroup_root.clone()),
                 names_file: Some(self.names_file()),
                 admin_addr: self.admin_addr,
+                admin_secure: None,
             })
             .map_err(|source| LabError::Agent { source })?,
         );

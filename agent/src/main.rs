@@ -74,6 +74,21 @@ enum Command {
         /// `none`.
         #[arg(long, default_value = portcullis_agent::admin::DEFAULT_ADDR)]
         admin_addr: portcullis_agent::admin::ListenAddr,
+        /// Serve the admin endpoint over TLS, with /metrics only for a
+        /// bearer token the API server authenticates (TokenReview) and
+        /// authorizes for `get` on /metrics (SubjectAccessReview). /healthz
+        /// and /readyz stay open for the kubelet's HTTPS probes.
+        /// (Kubernetes mode only: a flag's `requires` is always met by the
+        /// `--kubernetes` flag's default, so file mode is refused instead.)
+        #[arg(long, conflicts_with_all = ["policies", "workloads"])]
+        admin_secure: bool,
+        /// PEM certificate chain for the secure admin endpoint (default: a
+        /// self-signed certificate made in memory at start).
+        #[arg(long, requires_all = ["admin_secure", "admin_tls_key"])]
+        admin_tls_cert: Option<PathBuf>,
+        /// PEM private key for --admin-tls-cert.
+        #[arg(long, requires = "admin_tls_cert")]
+        admin_tls_key: Option<PathBuf>,
     },
     /// Why would a flow pass or not? The deciding policy and rule, per
     /// direction, checked against what the kernel maps hold.
@@ -195,7 +210,19 @@ async fn main() -> anyhow::Result<()> {
             cgroup_root,
             names_file,
             admin_addr,
+            admin_secure,
+            admin_tls_cert,
+            admin_tls_key,
         } => {
+            use portcullis_agent::admin::{tls::CertSource, SecureOptions};
+            let admin_secure = admin_secure.then(|| SecureOptions {
+                cert: match (admin_tls_cert, admin_tls_key) {
+                    (Some(cert), Some(key)) => CertSource::Files { cert, key },
+                    _ => CertSource::SelfSigned {
+                        names: portcullis_agent::admin::tls::default_names(),
+                    },
+                },
+            });
             let source = if kubernetes {
                 let client = ::kube::Client::try_default().await.context(
                     "connecting to the Kubernetes API (in-cluster config or KUBECONFIG)",
@@ -229,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
                 cgroup_root,
                 names_file: Some(names_file),
                 admin_addr: admin_addr.0,
+                admin_secure,
             })
             .await
         }

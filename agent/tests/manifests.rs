@@ -13,7 +13,7 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Container, Namespace, Probe, Service, ServiceAccount},
+        core::v1::{Container, Namespace, Probe, Secret, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -24,7 +24,11 @@ use serde_json::Value;
 
 const NAMESPACE: &str = "portcullis-system";
 const SERVICE_ACCOUNT: &str = "portcullis-agent";
-const ADMIN_PORT: i32 = 8080;
+const ADMIN_PORT: i32 = 8443;
+/// The ClusterRole that may read the agents' /metrics, and the identity
+/// deploy/monitoring/ scrapes as.
+const METRICS_READER: &str = "portcullis-metrics-reader";
+const SCRAPER: &str = "portcullis-metrics-scraper";
 /// Policy examples, not install manifests (`portcullis lab` tests them), and
 /// the plain Prometheus rule file (tests/prometheus.rs tests it).
 const NOT_MANIFESTS: &[&str] = &["examples", "prometheus"];
@@ -37,6 +41,7 @@ fn deploy_dir() -> PathBuf {
 enum Object {
     Namespace(Namespace),
     ServiceAccount(ServiceAccount),
+    Secret(Box<Secret>),
     ClusterRole(ClusterRole),
     ClusterRoleBinding(ClusterRoleBinding),
     Role(Role),
@@ -121,6 +126,7 @@ fn parse(doc: &serde_yaml::Value, at: &str) -> Object {
     match kind {
         "Namespace" => Object::Namespace(typed(doc, at)),
         "ServiceAccount" => Object::ServiceAccount(typed(doc, at)),
+        "Secret" => Object::Secret(Box::new(typed(doc, at))),
         "ClusterRole" => Object::ClusterRole(typed(doc, at)),
         "ClusterRoleBinding" => Object::ClusterRoleBinding(typed(doc, at)),
         "Role" => Object::Role(typed(doc, at)),
@@ -197,13 +203,17 @@ impl Deploy {
     }
 
     fn cluster_role(&self) -> &ClusterRole {
+        self.cluster_role_named(SERVICE_ACCOUNT)
+    }
+
+    fn cluster_role_named(&self, name: &str) -> &ClusterRole {
         self.objects
             .iter()
             .find_map(|(_, o)| match o {
-                Object::ClusterRole(r) => Some(r),
+                Object::ClusterRole(r) if r.metadata.name.as_deref() == Some(name) => Some(r),
                 _ => None,
             })
-            .expect("deploy/ has a ClusterRole")
+            .unwrap_or_else(|| panic!("deploy/ has no ClusterRole {name}"))
     }
 }
 
@@ -287,7 +297,12 @@ fn every_kind_is_present_and_namespaced_objects_share_one_namespace() {
                 ("Namespace", None)
             }
             Object::ServiceAccount(x) => ("ServiceAccount", x.metadata.namespace.as_deref()),
+            Object::Secret(x) => ("Secret", x.metadata.namespace.as_deref()),
             Object::ClusterRole(_) => ("ClusterRole", Some(NAMESPACE)),
+            Object::ClusterRoleBinding(b) if b.role_ref.name == METRICS_READER => {
+                assert_binds_only(&b.subjects, SCRAPER, file);
+                ("ClusterRoleBinding", Some(NAMESPACE))
+            }
             Object::ClusterRoleBinding(b) => {
                 assert_binds_agent(&b.subjects, file);
                 ("ClusterRoleBinding", Some(NAMESPACE))
@@ -314,6 +329,7 @@ fn every_kind_is_present_and_namespaced_objects_share_one_namespace() {
     for want in [
         "Namespace",
         "ServiceAccount",
+        "Secret",
         "ClusterRole",
         "ClusterRoleBinding",
         "Role",
@@ -329,12 +345,16 @@ fn every_kind_is_present_and_namespaced_objects_share_one_namespace() {
 }
 
 fn assert_binds_agent(subjects: &Option<Vec<Subject>>, file: &Path) {
+    assert_binds_only(subjects, SERVICE_ACCOUNT, file)
+}
+
+fn assert_binds_only(subjects: &Option<Vec<Subject>>, account: &str, file: &Path) {
     let subjects = subjects.as_deref().unwrap_or_default();
     assert!(
         subjects.iter().all(|s| s.kind == "ServiceAccount"
-            && s.name == SERVICE_ACCOUNT
+            && s.name == account
             && s.namespace.as_deref() == Some(NAMESPACE)),
-        "{}: binds {subjects:?}, not only the agent's ServiceAccount",
+        "{}: binds {subjects:?}, not only the ServiceAccount {account}",
         file.display()
     );
     assert!(!subjects.is_empty(), "{}: binds nobody", file.display());
@@ -463,6 +483,98 @@ fn resolve_port(container: &Container, port: &IntOrString) -> i32 {
     }
 }
 
+/// Issue 9: the admin port is on the pod network and the agent's own pod is
+/// exempt from enforcement, so no policy can guard it: the shipped agent
+/// must serve it in secure mode, and with no way to turn /metrics open.
+#[test]
+fn daemonset_serves_metrics_only_to_authorized_callers_over_tls() {
+    let deploy = Deploy::load();
+    let args = deploy.agent_container().args.clone().unwrap_or_default();
+    assert!(
+        args.iter().any(|a| a == "--admin-secure"),
+        "the admin endpoint listens on the pod network: it must run with --admin-secure: {args:?}"
+    );
+    let addr = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--admin-addr="))
+        .expect("--admin-addr");
+    assert_ne!(addr, "none");
+    // A certificate, when given, comes with its key (the agent refuses one
+    // without the other; this keeps the manifest from trying).
+    let has = |flag: &str| args.iter().any(|a| a.starts_with(flag));
+    assert_eq!(has("--admin-tls-cert"), has("--admin-tls-key"), "{args:?}");
+
+    // The agent may ask the API server who a token is and what it may do.
+    let rules = deploy.cluster_role().rules.as_deref().unwrap();
+    assert!(allows(
+        rules,
+        "authentication.k8s.io",
+        "tokenreviews",
+        "create"
+    ));
+    assert!(allows(
+        rules,
+        "authorization.k8s.io",
+        "subjectaccessreviews",
+        "create"
+    ));
+    // The reader role grants exactly `get /metrics`, and is what the scraper
+    // is bound to.
+    let reader = deploy.cluster_role_named(METRICS_READER);
+    let reader_rules = reader.rules.as_deref().unwrap();
+    assert_eq!(reader_rules.len(), 1, "{reader_rules:?}");
+    assert_eq!(
+        reader_rules[0].non_resource_urls.as_deref(),
+        Some(&["/metrics".to_string()][..])
+    );
+    assert_eq!(reader_rules[0].verbs, ["get"]);
+    assert!(reader_rules[0].resources.is_none() && reader_rules[0].api_groups.is_none());
+    let bound = deploy.objects.iter().any(|(_, o)| {
+        matches!(o, Object::ClusterRoleBinding(b)
+            if b.role_ref.name == METRICS_READER && b.role_ref.kind == "ClusterRole")
+    });
+    assert!(
+        bound,
+        "nothing is bound to {METRICS_READER}: the PodMonitor would get 401/403"
+    );
+
+    // The PodMonitor scrapes over HTTPS with the scraper's token.
+    let monitor = deploy
+        .objects
+        .iter()
+        .find_map(|(_, o)| match o {
+            Object::PodMonitor(v) => Some(v),
+            _ => None,
+        })
+        .expect("a PodMonitor");
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["scheme"], "https", "{endpoint}");
+    assert!(
+        endpoint["tlsConfig"].is_object(),
+        "no tlsConfig: {endpoint}"
+    );
+    let auth = &endpoint["authorization"];
+    assert_eq!(auth["type"], "Bearer", "{endpoint}");
+    let secret_name = auth["credentials"]["name"].as_str().expect("credentials");
+    let secret = deploy
+        .objects
+        .iter()
+        .find_map(|(_, o)| match o {
+            Object::Secret(s) if s.metadata.name.as_deref() == Some(secret_name) => Some(s),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no Secret {secret_name} for the PodMonitor's token"));
+    assert_eq!(
+        secret.type_.as_deref(),
+        Some("kubernetes.io/service-account-token")
+    );
+    assert_eq!(auth["credentials"]["key"], "token");
+    let account = secret.metadata.annotations.as_ref().unwrap()
+        ["kubernetes.io/service-account.name"]
+        .as_str();
+    assert_eq!(account, SCRAPER);
+}
+
 #[test]
 fn daemonset_probes_the_admin_port_and_runs_everywhere() {
     let deploy = Deploy::load();
@@ -472,6 +584,8 @@ fn daemonset_probes_the_admin_port_and_runs_everywhere() {
             .as_ref()
             .and_then(|p| p.http_get.as_ref())
             .unwrap_or_else(|| panic!("no HTTP {what} probe"));
+        // The admin port speaks only TLS in secure mode.
+        assert_eq!(http.scheme.as_deref(), Some("HTTPS"), "{what} probe");
         (
             resolve_port(c, &http.port),
             http.path.clone().unwrap_or_default(),
@@ -489,7 +603,7 @@ fn daemonset_probes_the_admin_port_and_runs_everywhere() {
         c.args
             .iter()
             .flatten()
-            .any(|a| a == "--admin-addr=0.0.0.0:8080"),
+            .any(|a| a == &format!("--admin-addr=0.0.0.0:{ADMIN_PORT}")),
         "the admin server must listen where the kubelet probes it"
     );
 

@@ -5,6 +5,13 @@
 //! alternating order, so drift on a busy machine hits all three alike; the
 //! ratio b/a is taken per round and judged by its median's confidence
 //! interval, as the overhead bench does.
+//!
+//! A SYN lost to a full accept queue stalls one connect loop for a whole
+//! 1 s retransmission timeout, which swings a round's rate by more than any
+//! policy cost. The pods' listen queues are sized for the rate
+//! ([`crate::lab::pod::LISTEN_BACKLOG`]), and a round in which either pod's
+//! kernel counted a SYN retransmission or a listen drop is invalid: shown,
+//! counted, and left out of every ratio and median.
 
 use std::{
     collections::BTreeMap,
@@ -18,6 +25,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _};
 
 use super::{
+    tcpstat::{self, TcpCounters},
     verdict::{self, median, Assessment},
     BenchArgs,
 };
@@ -175,7 +183,11 @@ async fn measure(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow:
     expect_blocked(lab, "Portcullis").await?;
     lab.detach_agent()?;
 
-    let mut rates: BTreeMap<Scenario, Vec<f64>> = BTreeMap::new();
+    let mut rates: BTreeMap<Scenario, Vec<Sample>> = BTreeMap::new();
+    let (client_pid, server_pid) = (lab.pod_pid(CLIENT)?, lab.pod_pid(SERVER)?);
+    let counters = || -> anyhow::Result<(TcpCounters, TcpCounters)> {
+        Ok((tcpstat::read(client_pid)?, tcpstat::read(server_pid)?))
+    };
     for round in 1..=args.rounds {
         let mut order = [Scenario::NoAgent, Scenario::Portcullis, Scenario::Iptables];
         if round % 2 == 0 {
@@ -197,9 +209,11 @@ async fn measure(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow:
             // Let deferred kernel work of the switch (freeing detached
             // programs and maps) finish before measuring.
             tokio::time::sleep(SETTLE).await;
+            let before = counters()?;
             let r = lab
                 .load(CLIENT, SERVER, PORT, duration, args.concurrency)
                 .await?;
+            let after = counters()?;
             ensure!(
                 r.failures == 0 && r.connections > 0,
                 "{}: {} of {} connections failed",
@@ -207,13 +221,26 @@ async fn measure(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow:
                 r.failures,
                 r.connections + r.failures
             );
-            let rate = r.connections as f64 / (r.elapsed_ms as f64 / 1000.0);
+            let sample = Sample {
+                rate: r.connections as f64 / (r.elapsed_ms as f64 / 1000.0),
+                p50_us: r.connect_p50_us,
+                p99_us: r.connect_p99_us,
+                client: before.0.until(&after.0),
+                server: before.1.until(&after.1),
+            };
             eprintln!(
-                "round {round}/{}: {:<16} {rate:>10.0} conn/s",
+                "round {round}/{}: {:<16} {:>10.0} conn/s, connect p50 {} µs p99 {} µs{}",
                 args.rounds,
-                scenario.label()
+                scenario.label(),
+                sample.rate,
+                sample.p50_us,
+                sample.p99_us,
+                sample
+                    .stall_note()
+                    .map(|n| format!(" — INVALID: {n}"))
+                    .unwrap_or_default()
             );
-            rates.entry(scenario).or_default().push(rate);
+            rates.entry(scenario).or_default().push(sample);
             match scenario {
                 Scenario::NoAgent => {}
                 Scenario::Portcullis => lab.detach_agent()?,
@@ -225,38 +252,112 @@ async fn measure(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow:
     Ok(render(args, &judged, &rates, apply_secs, entries))
 }
 
-/// Pairs each round's rates: drift between rounds cancels out of the ratios.
-fn judge(rates: &BTreeMap<Scenario, Vec<f64>>) -> Judged {
-    let of = |s: Scenario| rates.get(&s).map_or(&[][..], Vec::as_slice);
-    let per_round = |x: Scenario, y: Scenario| -> Vec<f64> {
-        of(x).iter().zip(of(y)).map(|(p, q)| p / q).collect()
-    };
-    let b_over_a = per_round(Scenario::Portcullis, Scenario::NoAgent);
-    Judged {
-        medians: (
-            median(of(Scenario::NoAgent)),
-            median(of(Scenario::Portcullis)),
-            median(of(Scenario::Iptables)),
-        ),
-        b_over_a: verdict::assess(&b_over_a, MAX_COST),
-        b_over_c: median(&per_round(Scenario::Portcullis, Scenario::Iptables)),
-        b_over_a_rounds: b_over_a,
+/// One scenario measured in one round.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Sample {
+    rate: f64,
+    /// Connect latency percentiles, µs.
+    p50_us: u64,
+    p99_us: u64,
+    /// What each pod's kernel counted during the load.
+    client: TcpCounters,
+    server: TcpCounters,
+}
+
+impl Sample {
+    /// Why this measurement says nothing about policy, if it does not.
+    fn stall_note(&self) -> Option<String> {
+        if !self.client.stalled() && !self.server.stalled() {
+            return None;
+        }
+        let (c, s) = (&self.client, &self.server);
+        Some(format!(
+            "SYN retransmissions {} (client) {} (server), listen overflows {}, listen drops {}",
+            c.syn_retrans,
+            s.syn_retrans,
+            c.listen_overflows + s.listen_overflows,
+            c.listen_drops + s.listen_drops
+        ))
+    }
+
+    fn valid(&self) -> bool {
+        self.stall_note().is_none()
     }
 }
 
+/// Pairs each round's rates: drift between rounds cancels out of the ratios.
+/// Only valid rounds (no scenario stalled on a lost SYN) count.
+fn judge(rates: &BTreeMap<Scenario, Vec<Sample>>) -> Judged {
+    let of = |s: Scenario| rates.get(&s).map_or(&[][..], Vec::as_slice);
+    let rounds = SCENARIOS.iter().map(|s| of(*s).len()).max().unwrap_or(0);
+    let valid: Vec<usize> = (0..rounds)
+        .filter(|&i| {
+            SCENARIOS
+                .iter()
+                .all(|s| of(*s).get(i).is_some_and(Sample::valid))
+        })
+        .collect();
+    let invalid_rounds = (0..rounds).filter(|i| !valid.contains(i)).collect();
+    let valid_rates = |s: Scenario| -> Vec<f64> { valid.iter().map(|&i| of(s)[i].rate).collect() };
+    let per_round = |x: Scenario, y: Scenario| -> Vec<f64> {
+        valid
+            .iter()
+            .map(|&i| of(x)[i].rate / of(y)[i].rate)
+            .collect()
+    };
+    let b_over_a = per_round(Scenario::Portcullis, Scenario::NoAgent);
+    let latency = |s: Scenario| -> (f64, f64) {
+        let pick = |f: fn(&Sample) -> u64| {
+            median(
+                &valid
+                    .iter()
+                    .map(|&i| f(&of(s)[i]) as f64)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        (pick(|x| x.p50_us), pick(|x| x.p99_us))
+    };
+    Judged {
+        medians: (
+            median(&valid_rates(Scenario::NoAgent)),
+            median(&valid_rates(Scenario::Portcullis)),
+            median(&valid_rates(Scenario::Iptables)),
+        ),
+        latency: SCENARIOS.map(latency),
+        b_over_a: verdict::assess(&b_over_a, MAX_COST),
+        b_over_c: median(&per_round(Scenario::Portcullis, Scenario::Iptables)),
+        b_over_a_rounds: (0..rounds)
+            .map(|i| {
+                valid
+                    .contains(&i)
+                    .then(|| of(Scenario::Portcullis)[i].rate / of(Scenario::NoAgent)[i].rate)
+            })
+            .collect(),
+        invalid_rounds,
+    }
+}
+
+const SCENARIOS: [Scenario; 3] = [Scenario::NoAgent, Scenario::Portcullis, Scenario::Iptables];
+
 /// The medians of the three scenarios and what the paired rounds say.
 struct Judged {
+    /// Median rates over the valid rounds.
     medians: (f64, f64, f64),
+    /// Median connect p50 and p99 (µs) over the valid rounds, per scenario
+    /// in [`SCENARIOS`] order.
+    latency: [(f64, f64); 3],
     b_over_a: Assessment,
     b_over_c: f64,
-    /// b/a of each round, in round order.
-    b_over_a_rounds: Vec<f64>,
+    /// b/a of each round, in round order; `None` for an invalid round.
+    b_over_a_rounds: Vec<Option<f64>>,
+    /// Rounds (0-based) left out because a SYN was lost in them.
+    invalid_rounds: Vec<usize>,
 }
 
 fn render(
     args: &BenchArgs,
     judged: &Judged,
-    rates: &BTreeMap<Scenario, Vec<f64>>,
+    rates: &BTreeMap<Scenario, Vec<Sample>>,
     apply_secs: f64,
     entries: crate::bpf::writer::MapUsage,
 ) -> String {
@@ -275,21 +376,72 @@ fn render(
          isolated by {} rules for other peers and ports, and the measured flow is allowed by \
          the last one. A third pod, allowed by no rule, is checked to be dropped in (b) and \
          (c) before each measurement. {} rounds measure every scenario once, in alternating \
-         order (a, b, c then c, b, a), so drift on a busy machine hits all three alike.\n",
-        args.seconds, args.concurrency, args.rules, args.rounds
+         order (a, b, c then c, b, a), so drift on a busy machine hits all three alike. \
+         The pods' accept queues and `net.core.somaxconn` are {}. A round in which either \
+         pod's kernel counted a SYN retransmission (TcpExt TCPSynRetrans) or a listen \
+         overflow or drop (TcpExt ListenOverflows, ListenDrops) is invalid — a lost SYN \
+         stalls a connect loop for a 1 s timeout, which says nothing about policy — and is \
+         left out of the medians and ratios below (marked `*`).\n",
+        args.seconds,
+        args.concurrency,
+        args.rules,
+        args.rounds,
+        crate::lab::pod::LISTEN_BACKLOG
     );
-    let _ = writeln!(out, "| scenario | median conn/s | rounds (conn/s) |");
-    let _ = writeln!(out, "|---|---:|---|");
-    for (s, med) in [
+    let _ = writeln!(
+        out,
+        "| scenario | median conn/s | connect p50 | connect p99 | rounds (conn/s) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---|");
+    for (i, (s, med)) in [
         (Scenario::NoAgent, a),
         (Scenario::Portcullis, b),
         (Scenario::Iptables, c),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let all: Vec<String> = rates
             .get(&s)
-            .map(|v| v.iter().map(|r| format!("{r:.0}")).collect())
+            .map(|v| {
+                v.iter()
+                    .enumerate()
+                    .map(|(round, x)| {
+                        let mark = if judged.invalid_rounds.contains(&round) {
+                            "*"
+                        } else {
+                            ""
+                        };
+                        format!("{:.0}{mark}", x.rate)
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
-        let _ = writeln!(out, "| {} | {med:.0} | {} |", s.label(), all.join(", "));
+        let (p50, p99) = judged.latency[i];
+        let _ = writeln!(
+            out,
+            "| {} | {med:.0} | {p50:.0} µs | {p99:.0} µs | {} |",
+            s.label(),
+            all.join(", ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{} of {} rounds invalid{}",
+        judged.invalid_rounds.len(),
+        args.rounds,
+        if judged.invalid_rounds.is_empty() {
+            "."
+        } else {
+            ":"
+        }
+    );
+    for &round in &judged.invalid_rounds {
+        for s in SCENARIOS {
+            if let Some(note) = rates.get(&s).and_then(|v| v.get(round)?.stall_note()) {
+                let _ = writeln!(out, "- round {}, {}: {note}", round + 1, s.label());
+            }
+        }
     }
     let j = &judged.b_over_a;
     let interval = match j.interval {
@@ -299,12 +451,12 @@ fn render(
     let each: Vec<String> = judged
         .b_over_a_rounds
         .iter()
-        .map(|r| format!("{r:.3}"))
+        .map(|r| r.map_or("invalid".into(), |r| format!("{r:.3}")))
         .collect();
     let _ = writeln!(
         out,
-        "\n- b/a per round: {}\n- b/a = {:.3} (median of the rounds; interval for it {interval}); \
-         target ≥ 0.95: **{}**\n- b/c = {:.3} (median of the rounds)\n",
+        "\n- b/a per round: {}\n- b/a = {:.3} (median of the valid rounds; interval for it \
+         {interval}); target ≥ 0.95: **{}**\n- b/c = {:.3} (median of the valid rounds)\n",
         each.join(", "),
         j.median,
         j.verdict.as_str(),
@@ -345,33 +497,148 @@ mod tests {
         assert!(r.contains("-A PCL-BENCH -j DROP"));
     }
 
+    /// A measurement in which no SYN was lost.
+    fn clean(rate: f64) -> Sample {
+        Sample {
+            rate,
+            p50_us: 100,
+            p99_us: 400,
+            ..Sample::default()
+        }
+    }
+
+    fn scenarios(
+        a: Vec<Sample>,
+        b: Vec<Sample>,
+        c: Vec<Sample>,
+    ) -> BTreeMap<Scenario, Vec<Sample>> {
+        BTreeMap::from([
+            (Scenario::NoAgent, a),
+            (Scenario::Portcullis, b),
+            (Scenario::Iptables, c),
+        ])
+    }
+
     #[test]
     fn rounds_are_paired_so_drift_between_rounds_cancels() {
         // The machine slows down round by round; each round b costs 3%.
         let a: Vec<f64> = (0..9).map(|i| 10_000.0 - 800.0 * i as f64).collect();
-        let b: Vec<f64> = a.iter().map(|x| x * 0.97).collect();
-        let c: Vec<f64> = a.iter().map(|x| x * 0.2).collect();
-        let rates = BTreeMap::from([
-            (Scenario::NoAgent, a),
-            (Scenario::Portcullis, b),
-            (Scenario::Iptables, c),
-        ]);
-        let j = judge(&rates);
+        let b: Vec<Sample> = a.iter().map(|x| clean(x * 0.97)).collect();
+        let c: Vec<Sample> = a.iter().map(|x| clean(x * 0.2)).collect();
+        let j = judge(&scenarios(a.into_iter().map(clean).collect(), b, c));
         assert_eq!(j.b_over_a.verdict, verdict::Verdict::Met);
         assert!((j.b_over_a.median - 0.97).abs() < 1e-9);
         assert!((j.b_over_c - 4.85).abs() < 1e-9);
         assert_eq!(j.b_over_a_rounds.len(), 9);
+        assert!(j.invalid_rounds.is_empty());
+        assert_eq!(j.latency[1], (100.0, 400.0));
     }
 
     #[test]
     fn a_real_cost_is_not_met() {
-        let a = vec![10_000.0; 9];
-        let b: Vec<f64> = (0..9).map(|i| 9_000.0 + 10.0 * i as f64).collect();
-        let rates = BTreeMap::from([
-            (Scenario::NoAgent, a),
-            (Scenario::Portcullis, b),
-            (Scenario::Iptables, vec![2_000.0; 9]),
-        ]);
+        let a = vec![clean(10_000.0); 9];
+        let b: Vec<Sample> = (0..9).map(|i| clean(9_000.0 + 10.0 * i as f64)).collect();
+        let rates = scenarios(a, b, vec![clean(2_000.0); 9]);
         assert_eq!(judge(&rates).b_over_a.verdict, verdict::Verdict::NotMet);
+    }
+
+    /// The issue's run: an unenforced round that lost SYNs ran at a fifth of
+    /// its rate, and one that happened not to, at five times. Neither may
+    /// sway b/a; both are shown as invalid.
+    #[test]
+    fn rounds_that_lost_a_syn_are_left_out_and_counted() {
+        let mut a = vec![clean(5_000.0); 9];
+        let b = vec![clean(4_900.0); 9];
+        let c = vec![clean(4_800.0); 9];
+        // Round 2: the server's accept queue overflowed during (a).
+        a[1] = Sample {
+            server: TcpCounters {
+                listen_overflows: 3,
+                listen_drops: 3,
+                ..TcpCounters::default()
+            },
+            ..clean(1_000.0)
+        };
+        // Round 5: the client retransmitted a SYN during (c).
+        let mut c = c;
+        c[4] = Sample {
+            client: TcpCounters {
+                syn_retrans: 1,
+                retrans_segs: 1,
+                ..TcpCounters::default()
+            },
+            ..clean(900.0)
+        };
+        let j = judge(&scenarios(a, b, c));
+        assert_eq!(j.invalid_rounds, [1, 4]);
+        assert_eq!(j.b_over_a_rounds[1], None);
+        assert_eq!(j.b_over_a_rounds[4], None, "a round is invalid as a whole");
+        assert!((j.b_over_a.median - 0.98).abs() < 1e-9);
+        assert_eq!(
+            j.b_over_a.range,
+            (0.98, 0.98),
+            "no invalid ratio slipped in"
+        );
+        assert_eq!(j.b_over_a.verdict, verdict::Verdict::Met);
+        assert_eq!(j.medians.0, 5_000.0);
+        assert_eq!(j.medians.2, 4_800.0);
+    }
+
+    #[test]
+    fn too_few_valid_rounds_leave_the_verdict_inconclusive() {
+        let stalled = Sample {
+            client: TcpCounters {
+                syn_retrans: 2,
+                ..TcpCounters::default()
+            },
+            ..clean(5_000.0)
+        };
+        // Seven rounds, three of them stalled: four valid ratios are too
+        // few for an interval, however good they look.
+        let mut a = vec![clean(5_000.0); 7];
+        for i in [0, 3, 6] {
+            a[i] = stalled;
+        }
+        let j = judge(&scenarios(
+            a,
+            vec![clean(5_000.0); 7],
+            vec![clean(4_000.0); 7],
+        ));
+        assert_eq!(j.invalid_rounds.len(), 3);
+        assert_eq!(j.b_over_a.verdict, verdict::Verdict::TooFewRounds);
+        // With every round valid, the same numbers are met.
+        let j = judge(&scenarios(
+            vec![clean(5_000.0); 7],
+            vec![clean(5_000.0); 7],
+            vec![clean(4_000.0); 7],
+        ));
+        assert_eq!(j.b_over_a.verdict, verdict::Verdict::Met);
+    }
+
+    #[test]
+    fn the_report_marks_invalid_rounds_and_says_why() {
+        let mut a = vec![clean(5_000.0); 5];
+        a[2].server.listen_drops = 4;
+        let rates = scenarios(a, vec![clean(4_900.0); 5], vec![clean(4_800.0); 5]);
+        let judged = judge(&rates);
+        let args = <BenchArgsForTest as clap::Parser>::parse_from(["bench", "--rounds", "5"]).args;
+        let text = render(&args, &judged, &rates, 0.1, Default::default());
+        assert!(text.contains("1 of 5 rounds invalid:"), "{text}");
+        assert!(text.contains("- round 3, (a) no agent: SYN retransmissions 0 (client) 0 (server), listen overflows 0, listen drops 4"), "{text}");
+        assert!(text.contains("5000, 5000, 5000*, 5000, 5000"), "{text}");
+        assert!(
+            text.contains("b/a per round: 0.980, 0.980, invalid, 0.980, 0.980"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| (b) Portcullis | 4900 | 100 µs | 400 µs |"),
+            "{text}"
+        );
+    }
+
+    #[derive(clap::Parser)]
+    struct BenchArgsForTest {
+        #[command(flatten)]
+        args: BenchArgs,
     }
 }
