@@ -21,8 +21,11 @@ use serde_json::Value;
 const AGENT_NAMESPACE: &str = "portcullis-system";
 const AGENT_DAEMONSET: &str = "portcullis-agent";
 const AGENT_SELECTOR: &str = "app.kubernetes.io/name=portcullis,app.kubernetes.io/component=agent";
-/// The admin port of deploy/daemonset.yaml (`--admin-addr=0.0.0.0:8080`).
-const AGENT_ADMIN_PORT: u16 = 8080;
+/// The admin port of deploy/daemonset.yaml (`--admin-addr=0.0.0.0:8443
+/// --admin-secure`: HTTPS, /metrics for authorized bearer tokens only).
+const AGENT_ADMIN_PORT: u16 = 8443;
+/// The ServiceAccount deploy/monitoring/scraper.yaml lets read /metrics.
+const SCRAPER_ACCOUNT: &str = "portcullis-metrics-scraper";
 const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.53";
 const SERVER_PORT: u16 = 8080;
 /// Watch latency plus at least two 3 s connection attempts.
@@ -508,9 +511,14 @@ fn parse_labels(labels: &str) -> BTreeMap<String, String> {
 }
 
 /// `portcullis_drops_total` for one policy, summed over every agent: the
-/// drop is counted on the node of the pod that enforced it. Scraped through
-/// the API server's pod proxy, so no port-forward or shell in the image.
+/// drop is counted on the node of the pod that enforced it. Scraped as
+/// Prometheus would: the scraper ServiceAccount's token over HTTPS, through
+/// `kubectl port-forward` (the API server's pod proxy does not pass the
+/// caller's token on, so the agent would rightly answer 401).
 fn drops(ns: &str, policy: &str, direction: &str) -> f64 {
+    let scraper = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/monitoring/scraper.yaml");
+    kubectl(&["apply", "-f", scraper]);
+    let token = kubectl(&["-n", AGENT_NAMESPACE, "create", "token", SCRAPER_ACCOUNT]);
     let pods = kubectl(&[
         "-n",
         AGENT_NAMESPACE,
@@ -522,11 +530,8 @@ fn drops(ns: &str, policy: &str, direction: &str) -> f64 {
     ]);
     pods.split_whitespace()
         .map(|pod| {
-            let path = format!(
-                "/api/v1/namespaces/{AGENT_NAMESPACE}/pods/{pod}:{AGENT_ADMIN_PORT}/proxy/metrics"
-            );
             sum_series(
-                &kubectl(&["get", "--raw", &path]),
+                &scrape(pod, token.trim()),
                 "portcullis_drops_total",
                 &[
                     ("namespace", ns),
@@ -537,6 +542,44 @@ fn drops(ns: &str, policy: &str, direction: &str) -> f64 {
             )
         })
         .sum()
+}
+
+/// GETs an agent pod's /metrics with a bearer token through a port-forward.
+fn scrape(pod: &str, token: &str) -> String {
+    use std::io::{BufRead as _, BufReader};
+    let target = format!("pod/{pod}");
+    let ports = format!(":{AGENT_ADMIN_PORT}");
+    let mut forward = Command::new("kubectl")
+        .args(["-n", AGENT_NAMESPACE, "port-forward", &target, &ports])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("kubectl port-forward");
+    // "Forwarding from 127.0.0.1:40123 -> 8443"
+    let mut line = String::new();
+    BufReader::new(forward.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("port-forward output");
+    let local = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no local port in {line:?}"))
+        .to_string();
+    // The agent's certificate is self-signed unless one is configured.
+    let out = Command::new("curl")
+        .args(["-sSk", "--fail", "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("https://127.0.0.1:{local}/metrics"))
+        .output()
+        .expect("curl is needed to scrape the agents");
+    let _ = forward.kill();
+    let _ = forward.wait();
+    assert!(
+        out.status.success(),
+        "scraping {pod}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 // ---------------------------------------------------------------- status
