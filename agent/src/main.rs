@@ -25,6 +25,7 @@ struct Cli {
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
 const DEFAULT_NAMES_FILE: &str = "/run/portcullis/names.json";
+const DEFAULT_STATE_DIR: &str = "/var/lib/portcullis";
 
 #[derive(Subcommand)]
 enum Command {
@@ -74,6 +75,12 @@ enum Command {
         /// `none`.
         #[arg(long, default_value = portcullis_agent::admin::DEFAULT_ADDR)]
         admin_addr: portcullis_agent::admin::ListenAddr,
+        /// Where the last valid and applied version of every policy object
+        /// (and the workloads file) is kept, so an invalid edit stays
+        /// harmless across restarts. Must outlive the agent (a hostPath in
+        /// the DaemonSet); one directory per agent.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Why would a flow pass or not? The deciding policy and rule, per
     /// direction, checked against what the kernel maps hold.
@@ -195,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
             cgroup_root,
             names_file,
             admin_addr,
+            state_dir,
         } => {
             let source = if kubernetes {
                 let client = ::kube::Client::try_default().await.context(
@@ -229,6 +237,7 @@ async fn main() -> anyhow::Result<()> {
                 cgroup_root,
                 names_file: Some(names_file),
                 admin_addr: admin_addr.0,
+                state_dir: Some(state_dir),
             })
             .await
         }

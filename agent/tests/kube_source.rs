@@ -213,9 +213,12 @@ impl Harness {
     /// One reconcile pass, as the sync loop runs it.
     fn reconcile(&mut self) -> Applied {
         let snapshot = self.load();
-        self.reconciler
+        let applied = self
+            .reconciler
             .reconcile(&snapshot, &mut self.maps)
-            .expect("reconcile")
+            .expect("reconcile");
+        self.source.settle(Some(&applied.rejected));
+        applied
     }
 
     /// Waits for the watchers to report a change, then reconciles.
@@ -525,6 +528,8 @@ async fn invalid_objects_are_reported_while_the_rest_apply() {
     );
     let snapshot = until("both objects", || {
         let s = h.source.load().ok()?;
+        // Reports are published once the pass's outcome is known.
+        h.source.settle(None);
         (s.problems.len() == 1 && !s.policies.is_empty()).then_some(s)
     })
     .await;
@@ -642,9 +647,10 @@ async fn invalid_objects_get_an_event_and_a_condition_from_the_lease_holder() {
         "the NetworkPolicy and the valid L4Policy"
     );
     let mut maps = Recorder::default();
-    Reconciler::new(node.mount.path().to_path_buf())
+    let applied = Reconciler::new(node.mount.path().to_path_buf())
         .reconcile(&snapshot, &mut maps)
         .unwrap();
+    source.settle(Some(&applied.rejected));
     assert_eq!(
         decide(&maps.desired, cg_a, DIRECTION_INGRESS, ip("10.0.1.2"), 80),
         VERDICT_DENY
