@@ -124,6 +124,7 @@ pub struct Reconciler {
     /// The latest compile and what it was made from: a pass repeated only
     /// to look for missing cgroups again reuses it instead of compiling.
     last: Option<LastCompile>,
+    held_back: Option<HeldBack>,
     /// Entries one generation of each map holds.
     capacity: MapUsage,
 }
@@ -134,12 +135,24 @@ struct LastCompile {
     compiled: Compiled,
 }
 
+/// The changes the latest pass held back, and what it was asked to apply:
+/// a pass repeated on the same input starts from its outcome instead of
+/// searching again.
+struct HeldBack {
+    inventory: Inventory,
+    input: Vec<PolicyObject>,
+    previous: BTreeMap<PolicyRef, PolicyObject>,
+    policies: Vec<PolicyObject>,
+    rejected: BTreeMap<PolicyRef, String>,
+}
+
 impl Reconciler {
     pub fn new(cgroup_mount: PathBuf) -> Self {
         Self {
             compiler: Compiler::new(),
             cgroup_mount,
             last: None,
+            held_back: None,
             capacity: generation_capacity(),
         }
     }
@@ -185,8 +198,15 @@ impl Reconciler {
         snapshot: &Snapshot,
         sink: &mut impl MapSink,
     ) -> Result<Applied, ReconcileError> {
-        let mut policies = snapshot.policies.clone();
-        let mut rejected = BTreeMap::new();
+        let same_input = |h: &&HeldBack| {
+            h.inventory == snapshot.inventory
+                && h.input == snapshot.policies
+                && h.previous == snapshot.previous
+        };
+        let (mut policies, mut rejected) = match self.held_back.as_ref().filter(same_input) {
+            Some(h) => (h.policies.clone(), h.rejected.clone()),
+            None => (snapshot.policies.clone(), BTreeMap::new()),
+        };
         let mut culprits = isolate::Culprits::default();
         let (desired, missing_cgroups) = loop {
             self.compile(&snapshot.inventory, &policies)?;
@@ -231,6 +251,13 @@ impl Reconciler {
                 ),
             );
         };
+        self.held_back = (!rejected.is_empty()).then(|| HeldBack {
+            inventory: snapshot.inventory.clone(),
+            input: snapshot.policies.clone(),
+            previous: snapshot.previous.clone(),
+            policies: policies.clone(),
+            rejected: rejected.clone(),
+        });
         let compiled = &self.last.as_ref().expect("compiled above").compiled;
         let usage = sink
             .apply(&desired)

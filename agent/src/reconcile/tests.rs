@@ -171,3 +171,17 @@ fn objects_that_fit_are_never_held_back() {
     assert!(applied.rejected.is_empty());
     assert!(rules_of(&sink.applied[0], &[a, b]));
 }
+
+#[test]
+fn a_repeated_pass_holds_back_the_same_object() {
+    let big = admit("x", "big", 50);
+    let small = admit("y", "small", 2);
+    let snap = snapshot(vec![big, small], &[]);
+    let mut r = reconciler();
+    let mut sink = Recorder::default();
+    let first = r.reconcile(&snap, &mut sink).unwrap();
+    let again = r.reconcile(&snap, &mut sink).unwrap();
+    assert_eq!(first.rejected, again.rejected);
+    assert_eq!(sink.applied[0], sink.applied[1]);
+}
+
