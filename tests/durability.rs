@@ -175,12 +175,12 @@ async fn an_invalid_edit_stays_harmless_across_kill_9_and_restart() {
     // A new agent meets the invalid file: the deny still holds, reported.
     let agent = AgentProcess::start(&lab, state.path());
     let applied = agent.wait_applied(0).await;
+    lab.assert_kernel_matrix("80/tcp", Family::Ipv4, |f, t| f == t || ns(t) != "z")
+        .await;
     agent
         .wait_line(0, "the restarted agent to report the invalid file", |l| {
             l.contains("z.yaml") && l.contains("last valid version stays enforced")
         })
-        .await;
-    lab.assert_kernel_matrix("80/tcp", Family::Ipv4, |f, t| f == t || ns(t) != "z")
         .await;
 
     // Fixed: the new version applies.
@@ -221,7 +221,16 @@ async fn a_policy_too_large_for_a_map_is_held_back_alone() {
     lab.write_policy("huge.yaml", &too_large_for_the_identity_map(66_000))
         .unwrap();
     lab.write_policy("z.yaml", Z_DEFAULT_DENY).unwrap();
-    let status = lab.wait_applied().await.unwrap();
+    // Reading and compiling 66,000 addresses takes a debug build a while on
+    // a busy machine: allow a few of the harness' apply timeouts.
+    let mut status = lab.wait_applied().await;
+    for _ in 0..3 {
+        if status.is_ok() {
+            break;
+        }
+        status = lab.wait_applied().await;
+    }
+    let status = status.expect("the agent finishes the pass");
     assert_eq!(status.pass_error, None, "the pass reached the kernel");
     let report = status.problems.join("\n");
     for needle in [

@@ -400,7 +400,9 @@ fn sync_loop(
                     match reconciler.reconcile(&snapshot, &mut dataplane.writer) {
                         Ok(applied) => {
                             status.problems.extend(applied.rejected.values().cloned());
-                            status.problems.extend(source.settle(Some(&applied.rejected)));
+                            status
+                                .problems
+                                .extend(source.settle(Some(&applied.rejected)));
                             observers.applied(&applied, changed_at);
                             missing_cgroups = !applied.missing_cgroups.is_empty();
                             status.applied += 1;

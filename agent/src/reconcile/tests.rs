@@ -135,7 +135,10 @@ fn the_largest_of_several_changes_goes_first() {
     let large = admit("y", "large", 30);
     let mut sink = Recorder::default();
     let applied = reconciler()
-        .reconcile(&snapshot(vec![medium.clone(), large.clone()], &[]), &mut sink)
+        .reconcile(
+            &snapshot(vec![medium.clone(), large.clone()], &[]),
+            &mut sink,
+        )
         .unwrap();
     assert_eq!(
         applied.rejected.keys().collect::<Vec<_>>(),
@@ -184,4 +187,3 @@ fn a_repeated_pass_holds_back_the_same_object() {
     assert_eq!(first.rejected, again.rejected);
     assert_eq!(sink.applied[0], sink.applied[1]);
 }
-

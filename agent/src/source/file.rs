@@ -48,7 +48,7 @@ pub enum FileSourceError {
         path: PathBuf,
         what: String,
         #[source]
-        source: ParseError,
+        source: Box<ParseError>,
     },
     #[error("state file {path} is not UTF-8 text; check it, then remove it")]
     StateNotText { path: PathBuf },
@@ -224,7 +224,7 @@ impl FileSource {
             let invalid = |source| FileSourceError::StateInvalid {
                 path: stored.clone(),
                 what: path.display().to_string(),
-                source,
+                source: Box::new(source),
             };
             let text = String::from_utf8(bytes).map_err(|_| FileSourceError::StateNotText {
                 path: stored.clone(),
@@ -238,10 +238,11 @@ impl FileSource {
             let invalid = |source| FileSourceError::StateInvalid {
                 path: stored.clone(),
                 what: path.display().to_string(),
-                source,
+                source: Box::new(source),
             };
-            let text = String::from_utf8(bytes)
-                .map_err(|_| FileSourceError::StateNotText { path: stored.clone() })?;
+            let text = String::from_utf8(bytes).map_err(|_| FileSourceError::StateNotText {
+                path: stored.clone(),
+            })?;
             let parsed = parse_inventory(&path, &text).map_err(invalid)?;
             source.committed_inventory = Some(Version { text, parsed });
         }
@@ -372,7 +373,11 @@ impl FileSource {
             .cloned()
             .collect();
         for name in gone {
-            if persist(self.durable.as_ref().map_or(Ok(()), |d| d.policies.remove(&name))) {
+            if persist(
+                self.durable
+                    .as_ref()
+                    .map_or(Ok(()), |d| d.policies.remove(&name)),
+            ) {
                 self.committed.remove(&name);
             }
         }
@@ -388,9 +393,10 @@ impl FileSource {
             if !applied || unchanged {
                 continue;
             }
-            let stored = self.durable.as_ref().map_or(Ok(()), |d| {
-                d.policies.put(&name, version.text.as_bytes())
-            });
+            let stored = self
+                .durable
+                .as_ref()
+                .map_or(Ok(()), |d| d.policies.put(&name, version.text.as_bytes()));
             if persist(stored) {
                 self.committed.insert(name, version);
             }
@@ -518,7 +524,10 @@ mod tests {
     }
 
     fn names(s: &Snapshot) -> Vec<String> {
-        s.policies.iter().map(|p| p.reference.name.clone()).collect()
+        s.policies
+            .iter()
+            .map(|p| p.reference.name.clone())
+            .collect()
     }
 
     /// One pass the kernel took whole.
@@ -580,7 +589,10 @@ mod tests {
         let d = Dirs::new();
         d.write("z.yaml", &deny("v1"));
         pass(&mut d.source().unwrap());
-        d.write("z.yaml", &deny("v1").replace("podSelector: {}", "podSelector: {matchLabels: {app: a}}"));
+        d.write(
+            "z.yaml",
+            &deny("v1").replace("podSelector: {}", "podSelector: {matchLabels: {app: a}}"),
+        );
         let mut source = d.source().unwrap();
         let s = source.load().unwrap();
         let v1 = s.previous.values().next().unwrap().clone();
@@ -616,6 +628,9 @@ mod tests {
             .put("z.yaml", b"kind: Nonsense")
             .unwrap();
         let e = error_chain(&d.source().err().expect("refuses"));
-        assert!(e.contains("z.yaml") && e.contains("no valid version"), "{e}");
+        assert!(
+            e.contains("z.yaml") && e.contains("no valid version"),
+            "{e}"
+        );
     }
 }

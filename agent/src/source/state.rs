@@ -321,17 +321,11 @@ mod tests {
             let e = store.load_all().unwrap_err();
             let text = e.to_string();
             assert!(matches!(e, StateError::Corrupt { .. }), "{text}");
-            assert!(
-                text.contains("bad.yaml") && text.contains(expect),
-                "{text}"
-            );
+            assert!(text.contains("bad.yaml") && text.contains(expect), "{text}");
         }
         raw = b"policy text without a header".to_vec();
         fs::write(&path, &raw).unwrap();
-        assert!(matches!(
-            store.load_all(),
-            Err(StateError::Corrupt { .. })
-        ));
+        assert!(matches!(store.load_all(), Err(StateError::Corrupt { .. })));
     }
 
     #[test]
@@ -350,7 +344,10 @@ mod tests {
         assert_eq!(key_of(&["l4policy", "x", "web"]), "l4policy_x_web");
         assert_eq!(key_of(&["a/b", "C"]), "a%2fb_%43");
         assert_ne!(key_of(&["a_b", "c"]), key_of(&["a", "b_c"]));
-        assert_eq!(key_of(&["ClusterL4Policy", "", "all"]).matches('_').count(), 2);
+        assert_eq!(
+            key_of(&["ClusterL4Policy", "", "all"]).matches('_').count(),
+            2
+        );
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
         for bad in ["", "../x", "a/b", ".hidden", "x.tmp"] {

@@ -360,7 +360,8 @@ fn revalidate(record: &Record) -> Result<(ObjectKey, String, PolicyObject), Stri
             (ObjectKind::NetworkPolicy, o.metadata, policy)
         }
         "L4Policy" | "ClusterL4Policy" => {
-            let o: DynamicObject = serde_json::from_value(record.object.clone()).map_err(decoded)?;
+            let o: DynamicObject =
+                serde_json::from_value(record.object.clone()).map_err(decoded)?;
             let (kind, api) = if record.kind == "L4Policy" {
                 (ObjectKind::L4Policy, ApiPolicy::L4(&o))
             } else {
@@ -487,7 +488,10 @@ mod tests {
         let v1 = tracker.track([ApiPolicy::L4(&l4("web", "u1", json!(80)))]);
         applied_whole(&mut tracker);
         let v2 = tracker.track([ApiPolicy::L4(&l4("web", "u1", json!(81)))]);
-        assert_eq!(v2.previous.values().cloned().collect::<Vec<_>>(), v1.policies);
+        assert_eq!(
+            v2.previous.values().cloned().collect::<Vec<_>>(),
+            v1.policies
+        );
         let rejected = BTreeMap::from([(PolicyRef::l4_policy("x", "web"), "too big".into())]);
         tracker.settle(Some(&rejected));
         tracker.track([ApiPolicy::L4(&l4("web", "u1", json!(82)))]);
@@ -511,9 +515,14 @@ mod tests {
             name: "web".into(),
         }
         .store_key();
-        store.put(&key, b"{\"kind\": \"L4Policy\", \"object\": 7}").unwrap();
+        store
+            .put(&key, b"{\"kind\": \"L4Policy\", \"object\": 7}")
+            .unwrap();
         let e = error_chain(&PolicyTracker::durable(dir.path()).err().unwrap());
-        assert!(e.contains(&key) && e.contains("no valid policy object"), "{e}");
+        assert!(
+            e.contains(&key) && e.contains("no valid policy object"),
+            "{e}"
+        );
         let mut raw = std::fs::read(dir.path().join(&key)).unwrap();
         raw.pop();
         std::fs::write(dir.path().join(&key), raw).unwrap();
