@@ -258,6 +258,8 @@ fn standalone_agent_applies_watches_and_uninstalls() {
         .arg(&root)
         .arg("--names-file")
         .arg(&names)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

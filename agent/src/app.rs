@@ -23,7 +23,7 @@ use crate::{
     metrics::Metrics,
     reconcile::{PublishedNames, Reconciler},
     source::{
-        file::{error_chain, FileSource},
+        file::{error_chain, FileSource, FileSourceError},
         kube::{KubeOptions, KubeSource, KubeSourceError},
         Revision, Source,
     },
@@ -53,6 +53,14 @@ pub enum AgentError {
     Kube {
         #[source]
         source: KubeSourceError,
+    },
+    #[error(
+        "reading the last valid policy state (nothing was changed in the kernel: the \
+         pinned maps keep enforcing what they held)"
+    )]
+    State {
+        #[source]
+        source: FileSourceError,
     },
 }
 
@@ -104,6 +112,10 @@ pub struct AgentOptions {
     /// Serve the admin endpoint over TLS with `/metrics` behind TokenReview
     /// and SubjectAccessReview; Kubernetes source only. Plain when `None`.
     pub admin_secure: Option<SecureOptions>,
+    /// Where the last valid and applied version of every object is kept, so
+    /// a restarted agent falls back to it (see [`crate::source::state`]);
+    /// memory only when `None`.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// What the agent has done so far.
@@ -239,12 +251,21 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
             SourceOptions::Files {
                 policies_dir,
                 workloads,
-            } => Box::new(FileSource::new(policies_dir.clone(), workloads.clone())),
+            } => match &opts.state_dir {
+                Some(dir) => Box::new(
+                    FileSource::durable(policies_dir.clone(), workloads.clone(), dir)
+                        .map_err(|source| AgentError::State { source })?,
+                ),
+                None => Box::new(FileSource::new(policies_dir.clone(), workloads.clone())),
+            },
             SourceOptions::Kubernetes(k) => {
                 exempt_own_cgroup(&opts.pin_dir, &mount, k)?;
+                let mut k = (**k).clone();
+                if k.state_dir.is_none() {
+                    k.state_dir = opts.state_dir.clone();
+                }
                 Box::new(
-                    KubeSource::start((**k).clone(), &mount)
-                        .map_err(|source| AgentError::Kube { source })?,
+                    KubeSource::start(k, &mount).map_err(|source| AgentError::Kube { source })?,
                 )
             }
         };
@@ -413,6 +434,10 @@ fn sync_loop(
                     status.problems = snapshot.problems.clone();
                     match reconciler.reconcile(&snapshot, &mut dataplane.writer) {
                         Ok(applied) => {
+                            status.problems.extend(applied.rejected.values().cloned());
+                            status
+                                .problems
+                                .extend(source.settle(Some(&applied.rejected)));
                             observers.applied(&applied, changed_at);
                             missing_cgroups = !applied.missing_cgroups.is_empty();
                             status.applied += 1;
@@ -431,12 +456,14 @@ fn sync_loop(
                                 identities = applied.usage.identities,
                                 rules = applied.usage.policy,
                                 policies = snapshot.policies.len(),
+                                held_back = applied.rejected.len(),
                                 "policy applied"
                             );
                         }
                         Err(e) => {
                             status.pass_error = Some(error_chain(&e));
                             status.problems.push(error_chain(&e));
+                            status.problems.extend(source.settle(None));
                         }
                     }
                 }

@@ -323,6 +323,7 @@ impl Lab {
                 names_file: Some(self.names_file()),
                 admin_addr: self.admin_addr,
                 admin_secure: None,
+                state_dir: Some(self.agent_state_dir()),
             })
             .map_err(|source| LabError::Agent { source })?,
         );
@@ -404,6 +405,17 @@ impl Lab {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Where the lab's agent keeps the last valid version of each object;
+    /// it outlives the agent (restarts), not the lab.
+    pub fn agent_state_dir(&self) -> PathBuf {
+        self.state_dir.join("agent-state")
+    }
+
+    /// The cgroup the lab's agent attaches to (its pods are below it).
+    pub fn cgroup_root(&self) -> &Path {
+        &self.names.cgroup_root
     }
 
     /// Where the lab's agent publishes endpoint and rule names.

@@ -25,6 +25,7 @@ struct Cli {
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
 const DEFAULT_NAMES_FILE: &str = "/run/portcullis/names.json";
+const DEFAULT_STATE_DIR: &str = "/var/lib/portcullis";
 
 #[derive(Subcommand)]
 enum Command {
@@ -89,6 +90,12 @@ enum Command {
         /// PEM private key for --admin-tls-cert.
         #[arg(long, requires = "admin_tls_cert")]
         admin_tls_key: Option<PathBuf>,
+        /// Where the last valid and applied version of every policy object
+        /// (and the workloads file) is kept, so an invalid edit stays
+        /// harmless across restarts. Must outlive the agent (a hostPath in
+        /// the DaemonSet); one directory per agent.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Why would a flow pass or not? The deciding policy and rule, per
     /// direction, checked against what the kernel maps hold.
@@ -213,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
             admin_secure,
             admin_tls_cert,
             admin_tls_key,
+            state_dir,
         } => {
             use portcullis_agent::admin::{tls::CertSource, SecureOptions};
             let admin_secure = admin_secure.then(|| SecureOptions {
@@ -257,6 +265,7 @@ async fn main() -> anyhow::Result<()> {
                 names_file: Some(names_file),
                 admin_addr: admin_addr.0,
                 admin_secure,
+                state_dir: Some(state_dir),
             })
             .await
         }

@@ -1,5 +1,9 @@
 //! Desired state → compiled map contents → kernel. One pass per change.
+//!
+//! A change that does not fit the kernel maps is held back alone (see
+//! [`isolate`]): every other change still applies.
 
+mod isolate;
 mod services;
 
 use std::{collections::BTreeMap, path::PathBuf};
@@ -10,7 +14,10 @@ use portcullis_common::{
 };
 
 use crate::{
-    bpf::{writer::MapUsage, DesiredState, WriteError},
+    bpf::{
+        writer::{generation_capacity, MapUsage},
+        DesiredState, WriteError,
+    },
     cgroup,
     policy::{
         compile::{Attribution, CompileError, Compiled, Compiler},
@@ -55,6 +62,9 @@ pub struct Applied {
     pub missing_cgroups: Vec<String>,
     /// What the kernel's ids mean, for `portcullis explain` and flow output.
     pub names: PublishedNames,
+    /// Objects held back because they did not fit (their previous version,
+    /// if any, applied instead), with the problem to report.
+    pub rejected: BTreeMap<PolicyRef, String>,
 }
 
 /// Endpoint ids and rule cookies as people read them. Cookie numbers belong
@@ -114,6 +124,9 @@ pub struct Reconciler {
     /// The latest compile and what it was made from: a pass repeated only
     /// to look for missing cgroups again reuses it instead of compiling.
     last: Option<LastCompile>,
+    held_back: Option<HeldBack>,
+    /// Entries one generation of each map holds.
+    capacity: MapUsage,
 }
 
 struct LastCompile {
@@ -122,43 +135,130 @@ struct LastCompile {
     compiled: Compiled,
 }
 
+/// The changes the latest pass held back, and what it was asked to apply:
+/// a pass repeated on the same input starts from its outcome instead of
+/// searching again.
+struct HeldBack {
+    inventory: Inventory,
+    input: Vec<PolicyObject>,
+    previous: BTreeMap<PolicyRef, PolicyObject>,
+    policies: Vec<PolicyObject>,
+    rejected: BTreeMap<PolicyRef, String>,
+}
+
 impl Reconciler {
     pub fn new(cgroup_mount: PathBuf) -> Self {
         Self {
             compiler: Compiler::new(),
             cgroup_mount,
             last: None,
+            held_back: None,
+            capacity: generation_capacity(),
         }
     }
 
-    /// Compiles the snapshot, unless it is what was compiled last time.
-    fn compile(&mut self, snapshot: &Snapshot) -> Result<(), ReconcileError> {
+    /// Holds changes back as if each map's generation held only
+    /// `capacity` entries (tests; the kernel's real limits still apply).
+    pub fn with_capacity(mut self, capacity: MapUsage) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Compiles, unless it is what was compiled last time.
+    fn compile(
+        &mut self,
+        inventory: &Inventory,
+        policies: &[PolicyObject],
+    ) -> Result<(), ReconcileError> {
         let unchanged = self
             .last
             .as_ref()
-            .is_some_and(|l| l.inventory == snapshot.inventory && l.policies == snapshot.policies);
+            .is_some_and(|l| l.inventory == *inventory && l.policies == policies);
         if !unchanged {
             let compiled = self
                 .compiler
-                .compile(&snapshot.inventory, &snapshot.policies)
+                .compile(inventory, policies)
                 .map_err(|source| ReconcileError::Compile { source })?;
             self.last = Some(LastCompile {
-                inventory: snapshot.inventory.clone(),
-                policies: snapshot.policies.clone(),
+                inventory: inventory.clone(),
+                policies: policies.to_vec(),
                 compiled,
             });
         }
         Ok(())
     }
 
+    /// Makes the snapshot enforced, except changes that do not fit: each is
+    /// held back alone (its previous version applies if it has one) and
+    /// reported in [`Applied::rejected`]. Fails, changing nothing, only when
+    /// even without them the maps would overflow, or compiling fails (a
+    /// fault of the whole view: the inventory, or ids running out).
     pub fn reconcile(
         &mut self,
         snapshot: &Snapshot,
         sink: &mut impl MapSink,
     ) -> Result<Applied, ReconcileError> {
-        self.compile(snapshot)?;
+        let same_input = |h: &&HeldBack| {
+            h.inventory == snapshot.inventory
+                && h.input == snapshot.policies
+                && h.previous == snapshot.previous
+        };
+        let (mut policies, mut rejected) = match self.held_back.as_ref().filter(same_input) {
+            Some(h) => (h.policies.clone(), h.rejected.clone()),
+            None => (snapshot.policies.clone(), BTreeMap::new()),
+        };
+        let mut culprits = isolate::Culprits::default();
+        let (desired, missing_cgroups) = loop {
+            self.compile(&snapshot.inventory, &policies)?;
+            let compiled = &self.last.as_ref().expect("compiled above").compiled;
+            let (desired, missing) = self.desired_state(compiled, snapshot);
+            let Some(over) = isolate::overflow(desired.usage(), self.capacity) else {
+                break (desired, missing);
+            };
+            let picked = culprits.pick(&snapshot.inventory, &policies, &snapshot.previous, &over);
+            let Some((culprit, alone)) = picked else {
+                return Err(ReconcileError::Write {
+                    source: WriteError::Capacity {
+                        map: over.map,
+                        needed: over.needed,
+                        capacity: over.capacity,
+                    },
+                });
+            };
+            let at = policies
+                .iter()
+                .position(|p| p.reference == culprit)
+                .expect("picked among the policies");
+            let origin = policies[at].origin.clone();
+            let consequence = match snapshot.previous.get(&culprit) {
+                Some(before) => {
+                    policies[at] = before.clone();
+                    "its previous version stays enforced"
+                }
+                None => {
+                    policies.remove(at);
+                    "it is NOT enforced: the pods it selects are not restricted by it \
+                     until it fits"
+                }
+            };
+            rejected.insert(
+                culprit.clone(),
+                format!(
+                    "{origin}: {culprit} does not fit the kernel maps: with it, map {} would \
+                     need {} entries but one generation holds at most {} (this object alone \
+                     needs {alone}); {consequence}; every other change was applied",
+                    over.map, over.needed, over.capacity
+                ),
+            );
+        };
+        self.held_back = (!rejected.is_empty()).then(|| HeldBack {
+            inventory: snapshot.inventory.clone(),
+            input: snapshot.policies.clone(),
+            previous: snapshot.previous.clone(),
+            policies: policies.clone(),
+            rejected: rejected.clone(),
+        });
         let compiled = &self.last.as_ref().expect("compiled above").compiled;
-        let (desired, missing_cgroups) = self.desired_state(compiled, snapshot);
         let usage = sink
             .apply(&desired)
             .map_err(|source| ReconcileError::Write { source })?;
@@ -188,6 +288,7 @@ impl Reconciler {
                 .count(),
             missing_cgroups,
             names,
+            rejected,
         })
     }
 
@@ -286,3 +387,6 @@ impl Reconciler {
 
 /// The 16-byte form the kernel uses for an address.
 pub use crate::policy::compile::addr16;
+
+#[cfg(test)]
+mod tests;

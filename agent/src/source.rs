@@ -3,13 +3,15 @@
 
 pub mod file;
 pub mod kube;
+pub mod state;
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     time::{Duration, SystemTime},
 };
 
-use crate::policy::{model::Inventory, PolicyObject};
+use crate::policy::{model::Inventory, PolicyObject, PolicyRef};
 
 /// Desired state read from a source, plus the problems found reading it.
 /// Objects that failed to parse are represented by their last good version
@@ -18,6 +20,11 @@ use crate::policy::{model::Inventory, PolicyObject};
 pub struct Snapshot {
     pub inventory: Inventory,
     pub policies: Vec<PolicyObject>,
+    /// The version of each object in `policies` that was last valid and
+    /// applied, where one is known: what the reconciler keeps enforced when
+    /// the new version cannot be (see [`crate::reconcile`]). An object equal
+    /// to its entry here is not a change.
+    pub previous: BTreeMap<PolicyRef, PolicyObject>,
     pub problems: Vec<String>,
     /// Node-level guards beyond the workloads (Kubernetes mode).
     pub guards: Guards,
@@ -62,6 +69,14 @@ pub trait Source: Send + 'static {
     fn changed_at(&self, now: &Revision, previous: Option<&Revision>) -> Option<SystemTime>;
     /// Reads the complete desired state.
     fn load(&mut self) -> Result<Snapshot, Box<dyn std::error::Error + Send + Sync>>;
+    /// What became of the latest [`Source::load`]: `Some(rejected)` when it
+    /// reached the kernel except for the objects in `rejected` (with why),
+    /// `None` when nothing reached the kernel. Durable sources record what
+    /// is now enforced; returns problems to report (a failed write).
+    fn settle(&mut self, outcome: Option<&BTreeMap<PolicyRef, String>>) -> Vec<String> {
+        let _ = outcome;
+        Vec::new()
+    }
     /// Why the source may be out of date (API unreachable, initial list
     /// pending); what is enforced stays enforced meanwhile.
     fn degraded(&self) -> Option<String> {

@@ -197,9 +197,12 @@ impl Harness {
     /// One reconcile pass, as the sync loop runs it.
     fn reconcile(&mut self) -> Applied {
         let snapshot = self.load();
-        self.reconciler
+        let applied = self
+            .reconciler
             .reconcile(&snapshot, &mut self.maps)
-            .expect("reconcile")
+            .expect("reconcile");
+        self.source.settle(Some(&applied.rejected));
+        applied
     }
 
     /// Waits for the watchers to report a change, then reconciles.
@@ -509,6 +512,8 @@ async fn invalid_objects_are_reported_while_the_rest_apply() {
     );
     let snapshot = until("both objects", || {
         let s = h.source.load().ok()?;
+        // Reports are published once the pass's outcome is known.
+        h.source.settle(None);
         (s.problems.len() == 1 && !s.policies.is_empty()).then_some(s)
     })
     .await;
@@ -626,9 +631,10 @@ async fn invalid_objects_get_an_event_and_a_condition_from_the_lease_holder() {
         "the NetworkPolicy and the valid L4Policy"
     );
     let mut maps = Recorder::default();
-    Reconciler::new(node.mount.path().to_path_buf())
+    let applied = Reconciler::new(node.mount.path().to_path_buf())
         .reconcile(&snapshot, &mut maps)
         .unwrap();
+    source.settle(Some(&applied.rejected));
     assert_eq!(
         decide(&maps.desired, cg_a, DIRECTION_INGRESS, ip("10.0.1.2"), 80),
         VERDICT_DENY
@@ -713,4 +719,54 @@ async fn deny_unprogrammed_guards_kubepods_or_says_it_cannot() {
         vec![node.mount.path().join("kubepods.slice")]
     );
     assert!(snapshot.problems.is_empty(), "{:?}", snapshot.problems);
+}
+
+/// An object that does not fit the maps is held back alone and reported
+/// like an invalid one (what the status writer turns into an Event and
+/// `Accepted=False`), while the NetworkPolicy that arrived with it applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_that_does_not_fit_is_reported_while_the_rest_apply() {
+    let (mut h, cg_a, _) = Harness::start().await;
+    // Room for the pods' addresses and a few CIDRs, not for 40 more.
+    h.reconciler = Reconciler::new(h.node.mount.path().to_path_buf()).with_capacity(MapUsage {
+        identities: 30,
+        ..portcullis_agent::bpf::writer::generation_capacity()
+    });
+    let reports = h.source.reports();
+    let from: Vec<Value> = (0..40)
+        .map(|i| json!({"ipBlock": {"cidr": format!("10.99.0.{i}/32")}}))
+        .collect();
+    h.api.apply(
+        L4_POLICIES,
+        json!({"metadata": {"name": "huge", "namespace": "y"},
+               "spec": {"podSelector": {}, "ingress": [{"from": from, "ports": [{"port": 80}]}]}}),
+    );
+    h.api
+        .apply(NETWORK_POLICIES, allow_ingress_from("only-b", "a", "b", 80));
+    let applied = until("both objects in one pass", || {
+        let snapshot = h.source.load().ok()?;
+        (snapshot.policies.len() == 2).then_some(())?;
+        let applied = h.reconciler.reconcile(&snapshot, &mut h.maps).ok()?;
+        h.source.settle(Some(&applied.rejected));
+        Some(applied)
+    })
+    .await;
+    let why = applied.rejected.values().next().expect("one held back");
+    assert_eq!(applied.rejected.len(), 1, "{:?}", applied.rejected);
+    assert!(
+        why.contains("L4Policy y/huge")
+            && why.contains("does not fit")
+            && why.contains("NOT enforced"),
+        "{why}"
+    );
+    assert_eq!(
+        h.verdict(cg_a, DIRECTION_INGRESS, "10.0.1.2", 80),
+        VERDICT_DENY,
+        "the NetworkPolicy applies"
+    );
+    let reports = reports.borrow().clone();
+    let huge = reports.iter().find(|r| r.name == "huge").unwrap();
+    assert_eq!(huge.problem.as_deref(), Some(why.as_str()));
+    let fine = reports.iter().find(|r| r.name == "only-b").unwrap();
+    assert_eq!(fine.problem, None);
 }

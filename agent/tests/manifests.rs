@@ -433,6 +433,13 @@ fn daemonset_mounts_bpffs_and_the_host_cgroup_tree() {
     let cgroup = mount_of("/sys/fs/cgroup");
     assert_eq!(cgroup.read_only, Some(true));
     let args = deploy.agent_container().args.as_deref().unwrap_or_default();
+    // The last valid policy versions must outlive the pod, like the pins.
+    let state = mount_of("/var/lib/portcullis");
+    assert_ne!(state.read_only, Some(true), "the agent records state");
+    assert!(
+        args.contains(&format!("--state-dir={}", state.mount_path)),
+        "the agent is not told where its durable state is mounted: {args:?}"
+    );
     assert!(
         args.contains(&format!("--host-cgroup={}", cgroup.mount_path)),
         "the agent is not told where the host cgroup tree is mounted: {args:?}"

@@ -74,6 +74,15 @@ pub enum KubeSourceError {
         #[source]
         source: cgroups::PodCgroupError,
     },
+    #[error(
+        "reading the last valid policy objects in {dir} (nothing was changed in the \
+         kernel: the pinned maps keep enforcing what they held)"
+    )]
+    State {
+        dir: PathBuf,
+        #[source]
+        source: policies::TrackerError,
+    },
 }
 
 /// Settings of the Kubernetes source.
@@ -93,6 +102,9 @@ pub struct KubeOptions {
     /// Report invalid policy objects to the API (Events, conditions) when
     /// this agent holds the Lease; `None` leaves that to others.
     pub reporter: Option<ReporterOptions>,
+    /// Where the last valid and applied version of every policy object is
+    /// kept across restarts (below `kube/policies`); memory only when `None`.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl KubeOptions {
@@ -106,6 +118,7 @@ impl KubeOptions {
             deny_unprogrammed: false,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             own_pod_uid: None,
+            state_dir: None,
         }
     }
 }
@@ -199,6 +212,9 @@ pub struct KubeSource {
     mount: PathBuf,
     tracker: PolicyTracker,
     reports: watch::Sender<Vec<ObjectReport>>,
+    /// Reports of the latest load, published once its outcome is known (an
+    /// object that does not fit is reported too).
+    pending_reports: Option<Vec<ObjectReport>>,
     /// Whether this agent's reporter holds the Lease; `None` without one.
     leadership: Option<watch::Receiver<bool>>,
     tasks: Vec<JoinHandle<()>>,
@@ -349,6 +365,15 @@ impl KubeSource {
     pub fn start(options: KubeOptions, mount: &Path) -> Result<Self, KubeSourceError> {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| KubeSourceError::NoRuntime)?;
+        // Read before any watch starts: a damaged state refuses to start.
+        let tracker = match &options.state_dir {
+            Some(dir) => {
+                let dir = dir.join("kube").join("policies");
+                PolicyTracker::durable(&dir)
+                    .map_err(|source| KubeSourceError::State { dir, source })?
+            }
+            None => PolicyTracker::default(),
+        };
         let progress: Shared = Arc::default();
         let client = options.client.clone();
         let mut tasks = Vec::new();
@@ -425,8 +450,9 @@ impl KubeSource {
             progress,
             finder,
             mount: mount.to_path_buf(),
-            tracker: PolicyTracker::default(),
+            tracker,
             reports,
+            pending_reports: None,
             leadership,
             tasks,
         })
@@ -436,6 +462,16 @@ impl KubeSource {
     /// status writer reports to the API.
     pub fn reports(&self) -> watch::Receiver<Vec<ObjectReport>> {
         self.reports.subscribe()
+    }
+
+    fn publish_reports(&self, reports: Vec<ObjectReport>) {
+        self.reports.send_if_modified(|current| {
+            let changed = *current != reports;
+            if changed {
+                *current = reports;
+            }
+            changed
+        });
     }
 }
 
@@ -550,16 +586,13 @@ impl Source for KubeSource {
             .chain(cl4.iter().map(|o| ApiPolicy::ClusterL4(o)));
         let tracked = self.tracker.track(objects);
         problems.extend(tracked.problems);
-        self.reports.send_if_modified(|current| {
-            let changed = *current != tracked.reports;
-            if changed {
-                *current = tracked.reports;
-            }
-            changed
-        });
         // A view the inventory rules reject would be a bug in the
         // translation; refuse it whole rather than enforce part of it.
-        inventory.check().map_err(Box::new)?;
+        if let Err(e) = inventory.check() {
+            self.publish_reports(tracked.reports);
+            return Err(Box::new(e));
+        }
+        self.pending_reports = Some(tracked.reports);
         let pending_roots = if self.options.deny_unprogrammed {
             self.finder.kubepods_dirs()
         } else {
@@ -576,12 +609,33 @@ impl Source for KubeSource {
         Ok(Snapshot {
             inventory,
             policies: tracked.policies,
+            previous: tracked.previous,
             problems,
             guards: Guards {
                 pending_roots,
                 unenforced: local.host_network,
             },
         })
+    }
+
+    fn settle(
+        &mut self,
+        outcome: Option<&BTreeMap<crate::policy::PolicyRef, String>>,
+    ) -> Vec<String> {
+        if let Some(mut reports) = self.pending_reports.take() {
+            for r in &mut reports {
+                let key = crate::policy::PolicyRef {
+                    kind: r.kind,
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                };
+                if let Some(why) = outcome.and_then(|rejected| rejected.get(&key)) {
+                    r.problem = Some(why.clone());
+                }
+            }
+            self.publish_reports(reports);
+        }
+        self.tracker.settle(outcome)
     }
 
     fn is_report_leader(&self) -> bool {

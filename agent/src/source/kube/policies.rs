@@ -2,9 +2,16 @@
 //! last valid version of each object kept in force while an edit is
 //! invalid, and a report per object for the status writer.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+};
 
-use k8s_openapi::api::networking::v1::NetworkPolicy as ApiNetworkPolicy;
+use k8s_openapi::{
+    api::networking::v1::NetworkPolicy as ApiNetworkPolicy,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::api::DynamicObject;
 
 use crate::{
@@ -12,9 +19,12 @@ use crate::{
     kube_report::ObjectReport,
     policy::{
         model::{self, ObjectKind, Origin},
-        parse, PolicyObject,
+        parse, PolicyObject, PolicyRef,
     },
-    source::file::error_chain,
+    source::{
+        file::error_chain,
+        state::{key_of, StateError, StateStore},
+    },
 };
 
 /// A policy object as the watchers hold it. Portcullis' own kinds are
@@ -35,11 +45,20 @@ impl ApiPolicy<'_> {
         }
     }
 
-    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    fn meta(&self) -> &ObjectMeta {
         match self {
             Self::Network(o) => &o.metadata,
             Self::L4(o) | Self::ClusterL4(o) => &o.metadata,
         }
+    }
+
+    /// The object as the API served it.
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            Self::Network(o) => serde_json::to_value(o),
+            Self::L4(o) | Self::ClusterL4(o) => serde_json::to_value(o),
+        }
+        .unwrap_or_default()
     }
 
     /// Validates the object as the file source validates a document.
@@ -79,57 +98,182 @@ struct ObjectKey {
     name: String,
 }
 
-/// Remembers the last valid version of every object.
+impl ObjectKey {
+    fn of(kind: ObjectKind, meta: &ObjectMeta) -> Self {
+        Self {
+            kind,
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+
+    fn policy_ref(&self) -> PolicyRef {
+        PolicyRef {
+            kind: self.kind,
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// The object's file name in the state store.
+    fn store_key(&self) -> String {
+        key_of(&[
+            &self.kind.as_str().to_ascii_lowercase(),
+            &self.namespace,
+            &self.name,
+        ])
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ObjectKind::ClusterL4Policy => write!(f, "ClusterL4Policy {}", self.name),
+            kind => write!(f, "{kind} {}/{}", self.namespace, self.name),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("opening the last-valid policy state")]
+    State {
+        #[source]
+        source: StateError,
+    },
+    #[error(
+        "state file {path} holds no valid policy object ({reason}); refusing to guess \
+         what was enforced: check it, then remove it to drop that last valid version"
+    )]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// How an object's last valid version is kept on disk: its kind, and the
+/// object as the API served it (validated again when read back).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    kind: String,
+    object: serde_json::Value,
+}
+
+/// The last valid and applied version of an object.
+#[derive(Clone, Debug)]
+struct Committed {
+    uid: String,
+    policy: PolicyObject,
+    /// The object as served, for the state store.
+    object: serde_json::Value,
+}
+
+/// What the latest pass offered, until [`PolicyTracker::settle`].
+#[derive(Default)]
+struct Pending {
+    valid: BTreeMap<ObjectKey, Committed>,
+    /// Every object present, by its UID.
+    present: BTreeMap<ObjectKey, String>,
+}
+
+/// Remembers the last valid and applied version of every object, in
+/// memory and (when durable) on disk, so an object edited into something
+/// validation rejects keeps its last valid version enforced, across agent
+/// restarts too. The API server's schema catches much, but not what only
+/// our validation rejects.
 #[derive(Default)]
 pub struct PolicyTracker {
-    last_good: BTreeMap<ObjectKey, (String, PolicyObject)>,
+    committed: BTreeMap<ObjectKey, Committed>,
+    store: Option<StateStore>,
+    pending: Option<Pending>,
 }
 
 /// What one pass over the policy objects produced.
 pub struct TrackedPolicies {
     pub policies: Vec<PolicyObject>,
+    /// The last applied version of each object that has one.
+    pub previous: BTreeMap<PolicyRef, PolicyObject>,
     pub problems: Vec<String>,
     pub reports: Vec<ObjectReport>,
 }
 
 impl PolicyTracker {
+    /// A tracker whose last valid versions survive restarts in `dir`. Fails
+    /// when a stored object cannot be read or is not valid.
+    pub fn durable(dir: &Path) -> Result<Self, TrackerError> {
+        let store = StateStore::open(dir).map_err(|source| TrackerError::State { source })?;
+        let mut committed = BTreeMap::new();
+        for (name, bytes) in store
+            .load_all()
+            .map_err(|source| TrackerError::State { source })?
+        {
+            let path = store.dir().join(&name);
+            let invalid = |reason: String| TrackerError::Invalid {
+                path: path.clone(),
+                reason,
+            };
+            let record: Record =
+                serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+            let (key, uid, policy) = revalidate(&record).map_err(invalid)?;
+            if key.store_key() != name {
+                return Err(invalid(format!("it holds {key}")));
+            }
+            committed.insert(
+                key,
+                Committed {
+                    uid,
+                    policy,
+                    object: record.object,
+                },
+            );
+        }
+        Ok(Self {
+            committed,
+            store: Some(store),
+            pending: None,
+        })
+    }
+
     pub fn track<'a>(
         &mut self,
         objects: impl IntoIterator<Item = ApiPolicy<'a>>,
     ) -> TrackedPolicies {
         let mut out = TrackedPolicies {
             policies: Vec::new(),
+            previous: BTreeMap::new(),
             problems: Vec::new(),
             reports: Vec::new(),
         };
-        let mut next = BTreeMap::new();
+        let mut pending = Pending::default();
+        let mut in_force = BTreeMap::new();
         for object in objects {
             let meta = object.meta();
-            let key = ObjectKey {
-                kind: object.kind(),
-                namespace: meta.namespace.clone().unwrap_or_default(),
-                name: meta.name.clone().unwrap_or_default(),
-            };
+            let key = ObjectKey::of(object.kind(), meta);
             let uid = meta.uid.clone().unwrap_or_default();
+            pending.present.insert(key.clone(), uid.clone());
+            let last = self.committed.get(&key).filter(|c| c.uid == uid);
+            if let Some(last) = last {
+                out.previous.insert(key.policy_ref(), last.policy.clone());
+            }
             let problem = match object.validate() {
                 Ok(policy) => {
-                    next.insert(key.clone(), (uid.clone(), policy));
+                    in_force.insert(key.clone(), policy.clone());
+                    pending.valid.insert(
+                        key.clone(),
+                        Committed {
+                            uid: uid.clone(),
+                            policy,
+                            object: object.to_json(),
+                        },
+                    );
                     None
                 }
                 Err(e) => {
-                    let kept = self.last_good.get(&key).filter(|(u, _)| *u == uid);
-                    let consequence = match kept {
+                    let consequence = match last {
                         Some(previous) => {
-                            next.insert(key.clone(), previous.clone());
+                            in_force.insert(key.clone(), previous.policy.clone());
                             "its last valid version stays enforced"
                         }
                         None => "it is not applied",
                     };
-                    let display = match key.kind {
-                        ObjectKind::ClusterL4Policy => format!("ClusterL4Policy {}", key.name),
-                        kind => format!("{kind} {}/{}", key.namespace, key.name),
-                    };
-                    out.problems.push(format!("{display}: {e} ({consequence})"));
+                    out.problems.push(format!("{key}: {e} ({consequence})"));
                     Some(e)
                 }
             };
@@ -142,10 +286,94 @@ impl PolicyTracker {
                 problem,
             });
         }
-        out.policies = next.values().map(|(_, p)| p.clone()).collect();
-        self.last_good = next;
+        out.policies = in_force.into_values().collect();
+        self.pending = Some(pending);
         out
     }
+
+    /// Records what the latest [`PolicyTracker::track`] applied: valid
+    /// objects not in `rejected` become their last valid version (on disk
+    /// first, when durable); deleted or re-created objects are forgotten.
+    /// `None`: nothing was applied, nothing changes. Returns problems.
+    pub fn settle(&mut self, outcome: Option<&BTreeMap<PolicyRef, String>>) -> Vec<String> {
+        let (Some(pending), Some(rejected)) = (self.pending.take(), outcome) else {
+            return Vec::new();
+        };
+        let mut problems = Vec::new();
+        let store = self.store.as_ref();
+        let mut persist = |result: Result<(), StateError>| match result {
+            Ok(()) => true,
+            Err(e) => {
+                problems.push(format!(
+                    "{} (after a restart an older version may stand in for it)",
+                    error_chain(&e)
+                ));
+                false
+            }
+        };
+        let gone: Vec<ObjectKey> = self
+            .committed
+            .iter()
+            .filter(|(key, c)| pending.present.get(*key) != Some(&c.uid))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            if persist(store.map_or(Ok(()), |s| s.remove(&key.store_key()))) {
+                self.committed.remove(&key);
+            }
+        }
+        for (key, version) in pending.valid {
+            if rejected.contains_key(&key.policy_ref()) {
+                continue;
+            }
+            let unchanged = self
+                .committed
+                .get(&key)
+                .is_some_and(|c| c.uid == version.uid && c.policy == version.policy);
+            if unchanged {
+                continue;
+            }
+            let record = Record {
+                kind: key.kind.as_str().to_string(),
+                object: version.object.clone(),
+            };
+            let stored = store.map_or(Ok(()), |s| {
+                let bytes = serde_json::to_vec(&record).expect("JSON values serialize");
+                s.put(&key.store_key(), &bytes)
+            });
+            if persist(stored) {
+                self.committed.insert(key, version);
+            }
+        }
+        problems
+    }
+}
+
+/// Reads a stored object back through the same validation as a live one.
+fn revalidate(record: &Record) -> Result<(ObjectKey, String, PolicyObject), String> {
+    let decoded = |e: serde_json::Error| format!("not a {}: {e}", record.kind);
+    let (kind, meta, policy) = match record.kind.as_str() {
+        "NetworkPolicy" => {
+            let o: ApiNetworkPolicy =
+                serde_json::from_value(record.object.clone()).map_err(decoded)?;
+            let policy = ApiPolicy::Network(&o).validate()?;
+            (ObjectKind::NetworkPolicy, o.metadata, policy)
+        }
+        "L4Policy" | "ClusterL4Policy" => {
+            let o: DynamicObject =
+                serde_json::from_value(record.object.clone()).map_err(decoded)?;
+            let (kind, api) = if record.kind == "L4Policy" {
+                (ObjectKind::L4Policy, ApiPolicy::L4(&o))
+            } else {
+                (ObjectKind::ClusterL4Policy, ApiPolicy::ClusterL4(&o))
+            };
+            let policy = api.validate()?;
+            (kind, o.metadata, policy)
+        }
+        other => return Err(format!("unknown kind {other:?}")),
+    };
+    let uid = meta.uid.clone().unwrap_or_default();
+    Ok((ObjectKey::of(kind, &meta), uid, policy))
 }
 
 #[cfg(test)]
@@ -172,6 +400,7 @@ mod tests {
         let first = tracker.track([ApiPolicy::L4(&good)]);
         assert_eq!(first.policies.len(), 1);
         assert!(first.reports[0].problem.is_none());
+        tracker.settle(Some(&BTreeMap::new()));
 
         let bad = l4("web", "u1", json!(70000));
         let second = tracker.track([ApiPolicy::L4(&bad)]);
@@ -190,6 +419,7 @@ mod tests {
     fn a_recreated_object_inherits_nothing() {
         let mut tracker = PolicyTracker::default();
         tracker.track([ApiPolicy::L4(&l4("web", "u1", json!(80)))]);
+        tracker.settle(Some(&BTreeMap::new()));
         let recreated = l4("web", "u2", json!(0));
         let out = tracker.track([ApiPolicy::L4(&recreated)]);
         assert!(out.policies.is_empty());
@@ -214,5 +444,89 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("does not match the L4Policy schema"));
+    }
+
+    fn applied_whole(tracker: &mut PolicyTracker) {
+        assert!(tracker.settle(Some(&BTreeMap::new())).is_empty());
+    }
+
+    #[test]
+    fn the_last_valid_version_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tracker = PolicyTracker::durable(dir.path()).unwrap();
+        let good = l4("web", "u1", json!(80));
+        let first = tracker.track([ApiPolicy::L4(&good)]);
+        applied_whole(&mut tracker);
+
+        // A new agent process meets the object edited into something only
+        // our validation rejects.
+        let mut restarted = PolicyTracker::durable(dir.path()).unwrap();
+        let bad = l4("web", "u1", json!(70000));
+        let out = restarted.track([ApiPolicy::L4(&bad)]);
+        assert_eq!(out.policies, first.policies, "the last valid version holds");
+        assert!(
+            out.problems[0].contains("last valid version stays enforced"),
+            "{:?}",
+            out.problems
+        );
+        assert!(out.reports[0].problem.is_some(), "and it is reported");
+        applied_whole(&mut restarted);
+
+        // Deleted (absent from a complete list): forgotten on disk too.
+        restarted.track([]);
+        applied_whole(&mut restarted);
+        let out = PolicyTracker::durable(dir.path())
+            .unwrap()
+            .track([ApiPolicy::L4(&bad)]);
+        assert!(out.policies.is_empty());
+    }
+
+    #[test]
+    fn a_held_back_version_is_not_recorded_and_nothing_is_on_a_failed_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tracker = PolicyTracker::durable(dir.path()).unwrap();
+        let v1 = tracker.track([ApiPolicy::L4(&l4("web", "u1", json!(80)))]);
+        applied_whole(&mut tracker);
+        let v2 = tracker.track([ApiPolicy::L4(&l4("web", "u1", json!(81)))]);
+        assert_eq!(
+            v2.previous.values().cloned().collect::<Vec<_>>(),
+            v1.policies
+        );
+        let rejected = BTreeMap::from([(PolicyRef::l4_policy("x", "web"), "too big".into())]);
+        tracker.settle(Some(&rejected));
+        tracker.track([ApiPolicy::L4(&l4("web", "u1", json!(82)))]);
+        tracker.settle(None);
+        let out = PolicyTracker::durable(dir.path())
+            .unwrap()
+            .track([ApiPolicy::L4(&l4("web", "u1", json!(70000)))]);
+        assert_eq!(out.policies, v1.policies);
+    }
+
+    #[test]
+    fn a_damaged_state_file_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tracker = PolicyTracker::durable(dir.path()).unwrap();
+        tracker.track([ApiPolicy::L4(&l4("web", "u1", json!(80)))]);
+        applied_whole(&mut tracker);
+        let store = StateStore::open(dir.path()).unwrap();
+        let key = ObjectKey {
+            kind: ObjectKind::L4Policy,
+            namespace: "x".into(),
+            name: "web".into(),
+        }
+        .store_key();
+        store
+            .put(&key, b"{\"kind\": \"L4Policy\", \"object\": 7}")
+            .unwrap();
+        let e = error_chain(&PolicyTracker::durable(dir.path()).err().unwrap());
+        assert!(
+            e.contains(&key) && e.contains("no valid policy object"),
+            "{e}"
+        );
+        let mut raw = std::fs::read(dir.path().join(&key)).unwrap();
+        raw.pop();
+        std::fs::write(dir.path().join(&key), raw).unwrap();
+        let e = error_chain(&PolicyTracker::durable(dir.path()).err().unwrap());
+        assert!(e.contains(&key) && e.contains("corrupt"), "{e}");
     }
 }

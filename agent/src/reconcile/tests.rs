@@ -1,0 +1,189 @@
+//! Fault isolation: a change that does not fit is held back alone.
+
+use super::*;
+use std::path::Path;
+
+use portcullis_common::IDENTITIES_MAP;
+
+use crate::policy::parse::{parse_inventory, parse_policies};
+
+fn inventory(yaml: &str) -> Inventory {
+    parse_inventory(Path::new("workloads.yaml"), yaml).unwrap()
+}
+
+fn policies(yaml: &str) -> Vec<PolicyObject> {
+    parse_policies(Path::new("test.yaml"), yaml).unwrap()
+}
+
+/// Records what reached the "kernel".
+#[derive(Default)]
+struct Recorder {
+    applied: Vec<DesiredState>,
+}
+
+impl MapSink for Recorder {
+    fn apply(&mut self, desired: &DesiredState) -> Result<MapUsage, WriteError> {
+        self.applied.push(desired.clone());
+        Ok(desired.usage())
+    }
+}
+
+fn lab() -> Inventory {
+    inventory(
+        "workloads:\n\
+         - {name: a, namespace: x, labels: {app: a}, cgroup: /nowhere/a, ips: [198.18.0.10]}\n\
+         - {name: b, namespace: y, labels: {app: b}, cgroup: /nowhere/b, ips: [198.18.0.11]}\n",
+    )
+}
+
+/// A policy isolating namespace `ns` that admits `cidrs` on port 80.
+fn admit(ns: &str, name: &str, cidrs: usize) -> PolicyObject {
+    // Each policy its own CIDRs, so their identities add up.
+    let net = name.bytes().map(u32::from).sum::<u32>() % 200 + 1;
+    let from: Vec<String> = (0..cidrs)
+        .map(|i| format!("{{ipBlock: {{cidr: 10.{net}.{}.{}/32}}}}", i / 256, i % 256))
+        .collect();
+    let yaml = format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  podSelector: {{}}\n  ingress:\n    - from: [{}]\n      ports: [{{port: 80}}]\n",
+        from.join(", ")
+    );
+    policies(&yaml).remove(0)
+}
+
+fn snapshot(policies: Vec<PolicyObject>, previous: &[PolicyObject]) -> Snapshot {
+    Snapshot {
+        inventory: lab(),
+        policies,
+        previous: previous
+            .iter()
+            .map(|p| (p.policy_ref(), p.clone()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Room for the small policies here, not for one admitting 50 CIDRs.
+fn small_maps() -> MapUsage {
+    MapUsage {
+        identities: 40,
+        ..generation_capacity()
+    }
+}
+
+fn reconciler() -> Reconciler {
+    Reconciler::new(PathBuf::from("/nonexistent-cgroup-mount")).with_capacity(small_maps())
+}
+
+fn rules_of(desired: &DesiredState, compiled_for: &[PolicyObject]) -> bool {
+    // Same rule count as compiling exactly these policies.
+    let c = Compiler::new().compile(&lab(), compiled_for).unwrap();
+    desired.policy.len() == c.rules.len() && desired.identities.len() == c.identities.len()
+}
+
+#[test]
+fn a_new_object_that_does_not_fit_is_left_out_alone_and_reported() {
+    let big = admit("x", "big", 50);
+    let small = admit("y", "small", 2);
+    let mut sink = Recorder::default();
+    let applied = reconciler()
+        .reconcile(&snapshot(vec![big.clone(), small.clone()], &[]), &mut sink)
+        .expect("the rest applies");
+    assert_eq!(sink.applied.len(), 1);
+    assert!(rules_of(&sink.applied[0], &[small]), "only the small one");
+    let why = &applied.rejected[&big.policy_ref()];
+    assert_eq!(applied.rejected.len(), 1, "{:?}", applied.rejected);
+    for needle in [
+        "test.yaml",
+        "x/big",
+        IDENTITIES_MAP,
+        "at most 40",
+        "NOT enforced",
+    ] {
+        assert!(why.contains(needle), "{needle:?} in {why}");
+    }
+}
+
+#[test]
+fn a_changed_object_that_does_not_fit_keeps_its_previous_version() {
+    let before = admit("x", "web", 2);
+    let grown = admit("x", "web", 50);
+    let other_before = admit("y", "other", 1);
+    let other_after = admit("y", "other", 3);
+    let mut sink = Recorder::default();
+    let applied = reconciler()
+        .reconcile(
+            &snapshot(
+                vec![grown.clone(), other_after.clone()],
+                &[before.clone(), other_before],
+            ),
+            &mut sink,
+        )
+        .expect("the rest applies");
+    assert!(
+        rules_of(&sink.applied[0], &[before, other_after]),
+        "the previous version and the other change"
+    );
+    let why = &applied.rejected[&grown.policy_ref()];
+    assert!(why.contains("previous version stays enforced"), "{why}");
+}
+
+#[test]
+fn the_largest_of_several_changes_goes_first() {
+    let medium = admit("x", "medium", 20);
+    let large = admit("y", "large", 30);
+    let mut sink = Recorder::default();
+    let applied = reconciler()
+        .reconcile(
+            &snapshot(vec![medium.clone(), large.clone()], &[]),
+            &mut sink,
+        )
+        .unwrap();
+    assert_eq!(
+        applied.rejected.keys().collect::<Vec<_>>(),
+        [&large.policy_ref()],
+        "holding back the larger suffices"
+    );
+    assert!(rules_of(&sink.applied[0], &[medium]));
+}
+
+#[test]
+fn when_what_was_applied_does_not_fit_nothing_changes() {
+    let big = admit("x", "big", 50);
+    let mut sink = Recorder::default();
+    let e = reconciler()
+        .reconcile(&snapshot(vec![big.clone()], &[big]), &mut sink)
+        .unwrap_err();
+    assert!(sink.applied.is_empty(), "nothing reached the kernel");
+    let text = crate::source::file::error_chain(&e);
+    assert!(
+        text.contains("nothing was changed") && text.contains(IDENTITIES_MAP),
+        "{text}"
+    );
+}
+
+#[test]
+fn objects_that_fit_are_never_held_back() {
+    let a = admit("x", "a", 3);
+    let b = admit("y", "b", 3);
+    let mut sink = Recorder::default();
+    let applied = reconciler()
+        .reconcile(&snapshot(vec![a.clone(), b.clone()], &[]), &mut sink)
+        .unwrap();
+    assert!(applied.rejected.is_empty());
+    assert!(rules_of(&sink.applied[0], &[a, b]));
+}
+
+#[test]
+fn a_repeated_pass_holds_back_the_same_object() {
+    let big = admit("x", "big", 50);
+    let small = admit("y", "small", 2);
+    let snap = snapshot(vec![big, small], &[]);
+    let mut r = reconciler();
+    let mut sink = Recorder::default();
+    let first = r.reconcile(&snap, &mut sink).unwrap();
+    let again = r.reconcile(&snap, &mut sink).unwrap();
+    assert_eq!(first.rejected, again.rejected);
+    assert_eq!(sink.applied[0], sink.applied[1]);
+}

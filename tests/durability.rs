@@ -1,0 +1,260 @@
+//! What is enforced survives what users and operators do to the agent: an
+//! invalid edit followed by `kill -9` and a restart, and a policy too large
+//! for the kernel maps arriving together with an unrelated change.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use portcullis_agent::lab::{pod::ProbeOutcome, Family, Lab};
+use portcullis_tests::{start_lab, TestLab};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn ns(pod: &str) -> &str {
+    pod.split('/').next().unwrap()
+}
+
+const Z_DEFAULT_DENY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: z}
+spec:
+  podSelector: {}
+"#;
+
+/// z admits x on port 80 only.
+const Z_FROM_X: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: z}
+spec:
+  podSelector: {}
+  ingress:
+    - from: [{namespaceSelector: {matchLabels: {ns: x}}}]
+      ports: [{port: 80}]
+"#;
+
+/// `portcullis agent` as its own process, on a lab's files and pins, so it
+/// can be killed with SIGKILL. Its log lines are collected as they come.
+struct AgentProcess {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl AgentProcess {
+    fn start(lab: &Lab, state_dir: &Path) -> Self {
+        let mut child = Command::new(portcullis_agent::lab::portcullis_exe().unwrap())
+            .args(["agent", "--admin-addr", "none", "--policies"])
+            .arg(lab.policies_dir())
+            .arg("--workloads")
+            .arg(lab.workloads_file())
+            .arg("--pin-dir")
+            .arg(lab.pin_dir())
+            .arg("--cgroup-root")
+            .arg(lab.cgroup_root())
+            .arg("--names-file")
+            .arg(lab.names_file())
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting portcullis agent");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Self { child, log }
+    }
+
+    /// Waits for a log line, after the first `after` lines, for which `want`
+    /// holds; returns its index.
+    async fn wait_line(&self, after: usize, what: &str, want: impl Fn(&str) -> bool) -> usize {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                if let Some(i) = log.iter().skip(after).position(|l| want(l)) {
+                    return after + i;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for {what}; the agent logged:\n{}",
+                    log.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the next pass that reached the kernel.
+    async fn wait_applied(&self, after: usize) -> usize {
+        self.wait_line(after, "a pass to reach the kernel", |l| {
+            l.contains("policy applied")
+        })
+        .await
+    }
+
+    fn lines(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    fn kill(mut self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let status = self.child.wait().unwrap();
+        if signal == libc::SIGKILL {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), Some(libc::SIGKILL));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Probes until the outcome is `want` (a new state may take a pass to
+/// arrive), failing after the timeout with the last outcome.
+async fn probe_until(lab: &TestLab, from: &str, to: &str, want: ProbeOutcome) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let got = lab
+            .probe(from, to, "80/tcp".parse().unwrap(), Family::Ipv4)
+            .await
+            .unwrap();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{from} → {to}:80/tcp: still {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_edit_stays_harmless_across_kill_9_and_restart() {
+    let mut lab = start_lab("durable").await;
+    // The lab's own agent makes way for one in a process of its own.
+    lab.stop_agent();
+    let state = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(&lab, state.path());
+    let at = agent.wait_applied(0).await;
+
+    lab.write_policy("z.yaml", Z_DEFAULT_DENY).unwrap();
+    agent.wait_applied(at + 1).await;
+    probe_until(&lab, "x/a", "z/b", ProbeOutcome::TimedOut).await;
+    probe_until(&lab, "x/a", "y/b", ProbeOutcome::Reached).await;
+
+    // Edited into invalid YAML: the running agent keeps the deny, and says so.
+    let at = agent.lines();
+    lab.write_policy("z.yaml", "kind: NetworkPolicy\n  spec: [unclosed")
+        .unwrap();
+    agent
+        .wait_line(at, "the invalid file to be reported", |l| {
+            l.contains("z.yaml") && l.contains("last valid version stays enforced")
+        })
+        .await;
+    agent.kill(libc::SIGKILL);
+
+    // A new agent meets the invalid file: the deny still holds, reported.
+    let agent = AgentProcess::start(&lab, state.path());
+    let applied = agent.wait_applied(0).await;
+    lab.assert_kernel_matrix("80/tcp", Family::Ipv4, |f, t| f == t || ns(t) != "z")
+        .await;
+    agent
+        .wait_line(0, "the restarted agent to report the invalid file", |l| {
+            l.contains("z.yaml") && l.contains("last valid version stays enforced")
+        })
+        .await;
+
+    // Fixed: the new version applies.
+    lab.write_policy("z.yaml", Z_FROM_X).unwrap();
+    agent.wait_applied(applied + 1).await;
+    probe_until(&lab, "x/a", "z/b", ProbeOutcome::Reached).await;
+    lab.assert_kernel_matrix("80/tcp", Family::Ipv4, |f, t| {
+        f == t || ns(t) != "z" || ns(f) == "x"
+    })
+    .await;
+    agent.kill(libc::SIGTERM);
+}
+
+/// A NetworkPolicy for namespace y admitting `addresses` distinct,
+/// non-adjacent /32s: each is an entry of the address → identity map, whose
+/// generation holds 65,536.
+fn too_large_for_the_identity_map(addresses: u32) -> String {
+    let from: Vec<String> = (0..addresses)
+        .map(|i| {
+            let a = 64 + (i >> 15);
+            let b = (i >> 7) & 255;
+            let c = (i & 127) * 2;
+            format!("{{ipBlock: {{cidr: 10.{a}.{b}.{c}/32}}}}")
+        })
+        .collect();
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: huge, namespace: y}}\n\
+         spec:\n  podSelector: {{}}\n  ingress:\n    - from: [{}]\n      ports: [{{port: 80}}]\n",
+        from.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn a_policy_too_large_for_a_map_is_held_back_alone() {
+    let lab = start_lab("toolarge").await;
+    // Both land in one pass: the over-size policy and an unrelated deny.
+    lab.write_policy("huge.yaml", &too_large_for_the_identity_map(66_000))
+        .unwrap();
+    lab.write_policy("z.yaml", Z_DEFAULT_DENY).unwrap();
+    // Reading and compiling 66,000 addresses takes a debug build a while on
+    // a busy machine: allow a few of the harness' apply timeouts.
+    let mut status = lab.wait_applied().await;
+    for _ in 0..3 {
+        if status.is_ok() {
+            break;
+        }
+        status = lab.wait_applied().await;
+    }
+    let status = status.expect("the agent finishes the pass");
+    assert_eq!(status.pass_error, None, "the pass reached the kernel");
+    let report = status.problems.join("\n");
+    for needle in [
+        "huge.yaml",
+        "y/huge",
+        "does not fit",
+        portcullis_common::IDENTITIES_MAP,
+        "NOT enforced",
+    ] {
+        assert!(report.contains(needle), "{needle:?} in: {report}");
+    }
+    assert_eq!(status.problems.len(), 1, "{report}");
+
+    // Measured: the deny on z applies; y is open, as without the policy.
+    lab.assert_kernel_matrix("80/tcp", Family::Ipv4, |f, t| f == t || ns(t) != "z")
+        .await;
+
+    // Removing the culprit clears the problem, and later changes apply as usual.
+    lab.remove_policy("huge.yaml").unwrap();
+    lab.write_policy("z.yaml", Z_FROM_X).unwrap();
+    let status = lab.wait_applied().await.unwrap();
+    assert!(status.problems.is_empty(), "{:?}", status.problems);
+    lab.assert_kernel_matrix("80/tcp", Family::Ipv4, |f, t| {
+        f == t || ns(t) != "z" || ns(f) == "x"
+    })
+    .await;
+}
