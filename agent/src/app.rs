@@ -503,6 +503,7 @@ mod tests {
                     names: vec!["localhost".into()],
                 },
             }),
+            state_dir: None,
         }
     }
 

@@ -29,13 +29,19 @@ const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const PROTO_UDPLITE: u32 = 136;
 
+/// TCP states (include/net/tcp_states.h) in which a kernel socket's
+/// packets can open a connection: it sends its SYN in SYN_SENT, and
+/// receives SYNs while listening.
+pub const TCP_SYN_SENT: u32 = 2;
+pub const TCP_LISTEN: u32 = 10;
+
 /// What kind of socket a packet belongs to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum SocketKind {
     /// A kernel TCP socket (a full one, or a request or time-wait mini
-    /// socket, which only TCP has): it sends and receives only within
-    /// connections whose SYN was judged.
-    Tcp,
+    /// socket, which only TCP has), in TCP state `state`: it sends and
+    /// receives only within connections whose SYN was judged.
+    Tcp { state: u32 },
     /// A kernel UDP or UDP-Lite socket: its connect() and sendmsg() were
     /// judged by the socket hooks.
     Datagram,
@@ -53,15 +59,17 @@ pub fn socket_kind(ctx: &SkBuffContext) -> SocketKind {
     if sk.is_null() {
         return SocketKind::Other;
     }
+    // SAFETY: `state` is readable on every socket the context points at.
+    let state = unsafe { (*sk).state };
     // SAFETY: helper on the context's socket pointer, checked above.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
-        return SocketKind::Tcp;
+        return SocketKind::Tcp { state };
     }
     // SAFETY: a full socket's fields are readable.
     let (kind, protocol) = unsafe { ((*full).type_, (*full).protocol) };
     match (kind, protocol) {
-        (SOCK_STREAM, p) if p == u32::from(PROTO_TCP) => SocketKind::Tcp,
+        (SOCK_STREAM, p) if p == u32::from(PROTO_TCP) => SocketKind::Tcp { state },
         (SOCK_DGRAM, p) if p == u32::from(PROTO_UDP) || p == PROTO_UDPLITE => SocketKind::Datagram,
         _ => SocketKind::Other,
     }

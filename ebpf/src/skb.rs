@@ -20,7 +20,7 @@ use portcullis_common::{
 use crate::{
     endpoint::{self, Owner},
     no_endpoint, not_programmed,
-    packet::{self, SocketKind},
+    packet::{self, SocketKind, TCP_LISTEN, TCP_SYN_SENT},
     refuse, report,
     verdict::{self, Conversation, Datagram},
     verdict_code, PASS,
@@ -29,17 +29,27 @@ use crate::{
 /// Judges one packet in `direction`.
 #[inline(always)]
 pub fn packet(ctx: &SkBuffContext, direction: u8) -> i32 {
+    let egress = direction == DIRECTION_EGRESS;
     let socket = packet::socket_kind(ctx);
+    let kernel_tcp = matches!(socket, SocketKind::Tcp { .. });
+    // The fast path, before parsing: a kernel TCP socket that is neither
+    // connecting (egress) nor listening (ingress) carries only segments of
+    // connections whose SYN was judged.
+    if let SocketKind::Tcp { state } = socket {
+        let opening = if egress { TCP_SYN_SENT } else { TCP_LISTEN };
+        if state != opening {
+            return PASS;
+        }
+    }
     let Some(headers) = packet::headers(ctx) else {
         return malformed(ctx, direction);
     };
     let transport = headers.transport;
     let is_tcp = transport.is_tcp();
-    if is_tcp && socket == SocketKind::Tcp && !transport.is_tcp_syn() {
+    if is_tcp && kernel_tcp && !transport.is_tcp_syn() {
         return PASS;
     }
     let generation = endpoint::active_generation();
-    let egress = direction == DIRECTION_EGRESS;
     let unclassified = transport.class == Class::Unclassified;
     // Ports are 0 where the class has none.
     let (peer_port, local_port) = if egress {
@@ -83,7 +93,7 @@ pub fn packet(ctx: &SkBuffContext, direction: u8) -> i32 {
     if is_tcp {
         let v = verdict::decide(&ep, &flow);
         // A kernel socket's SYN was judged (and counted) at connect().
-        if !(egress && socket == SocketKind::Tcp && v.verdict != VERDICT_DENY) {
+        if !(egress && kernel_tcp && v.verdict != VERDICT_DENY) {
             report(&ep, &flow, &v);
         }
         return verdict_code(&v);
