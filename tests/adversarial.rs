@@ -228,14 +228,14 @@ fn ext_chains(n: usize) -> Vec<(&'static str, Vec<Ext>)> {
         return v;
     }
     v.push(("dst", vec![Ext::DestOpts; n]));
-    v.push(("hbh+dst", {
+    v.push(("hbh-dst", {
         let mut c = vec![Ext::HopByHop];
         c.extend(vec![Ext::DestOpts; n - 1]);
         c
     }));
     // Linux itself drops a packet with two Fragment headers, so one atomic
     // Fragment header leads and Destination Options follow.
-    v.push(("afrag+dst", {
+    v.push(("afrag-dst", {
         let mut c = vec![Ext::AtomicFragment];
         c.extend(vec![Ext::DestOpts; n - 1]);
         c
@@ -452,7 +452,10 @@ async fn raw_sockets_cannot_leave_an_egress_isolated_pod() {
     };
     let mut receivers = Vec::new();
     for pod in ["y/b", "z/b", "z/c"] {
-        receivers.push((pod, att.listen(&Place::pod(&lab, pod), listen.clone()).await));
+        receivers.push((
+            pod,
+            att.listen(&Place::pod(&lab, pod), listen.clone()).await,
+        ));
     }
     let capture = att.capture_from(&lab, "x/a").await;
     lab.apply("egress.yaml", &egress_policy(RAW_PORT)).await;
@@ -523,7 +526,11 @@ async fn raw_sockets_cannot_leave_an_egress_isolated_pod() {
                     sport += 1;
                     let id = format!("ext-{name}-udp-{tag}");
                     let seg = packet::udp6(s, d, sport, t.port, &marker(&id));
-                    sends.push(hdrincl(&id, dst, packet::ipv6(s, d, &exts, PROTO_UDP, &seg)));
+                    sends.push(hdrincl(
+                        &id,
+                        dst,
+                        packet::ipv6(s, d, &exts, PROTO_UDP, &seg),
+                    ));
                     // The receiving stack has no AH: only the capture can tell.
                     cases.push((id, t.pod, leaves, !exts.contains(&Ext::Auth)));
                 }
@@ -539,18 +546,11 @@ async fn raw_sockets_cannot_leave_an_egress_isolated_pod() {
             format!("{label}: send failed with errno {errno:?}"),
         );
     }
-    let leaving: Vec<String> = cases
-        .iter()
-        .filter(|c| c.2)
-        .map(|c| c.0.clone())
-        .collect();
+    let leaving: Vec<String> = cases.iter().filter(|c| c.2).map(|c| c.0.clone()).collect();
     let left = capture.settle(&leaving, ARRIVAL).await;
     checks.seen(
         &left,
-        &cases
-            .iter()
-            .map(|c| (c.0.clone(), c.2))
-            .collect::<Vec<_>>(),
+        &cases.iter().map(|c| (c.0.clone(), c.2)).collect::<Vec<_>>(),
         "the wire (left x/a)",
     );
     for (pod, r) in &receivers {
@@ -609,7 +609,10 @@ async fn packet_socket_frames_obey_egress_policy() {
     };
     let mut receivers = Vec::new();
     for pod in ["y/b", "z/b", "z/c"] {
-        receivers.push((pod, att.listen(&Place::pod(&lab, pod), listen.clone()).await));
+        receivers.push((
+            pod,
+            att.listen(&Place::pod(&lab, pod), listen.clone()).await,
+        ));
     }
     let capture = att.capture_from(&lab, "x/a").await;
     lab.apply("egress.yaml", &egress_policy(PACKET_PORT)).await;
@@ -654,11 +657,7 @@ async fn packet_socket_frames_obey_egress_policy() {
             format!("{label}: send failed with errno {errno:?}"),
         );
     }
-    let leaving: Vec<String> = cases
-        .iter()
-        .filter(|c| c.2)
-        .map(|c| c.0.clone())
-        .collect();
+    let leaving: Vec<String> = cases.iter().filter(|c| c.2).map(|c| c.0.clone()).collect();
     let left = capture.settle(&leaving, ARRIVAL).await;
     let all: Vec<(String, bool)> = cases.iter().map(|c| (c.0.clone(), c.2)).collect();
     checks.seen(&left, &all, "the wire (left x/a)");
@@ -726,7 +725,10 @@ async fn udp_lite_is_judged_both_ways() {
     };
     let mut receivers = Vec::new();
     for pod in ["y/b", "z/b", "z/c", "y/c"] {
-        receivers.push((pod, att.listen(&Place::pod(&lab, pod), listen.clone()).await));
+        receivers.push((
+            pod,
+            att.listen(&Place::pod(&lab, pod), listen.clone()).await,
+        ));
     }
     lab.apply("egress.yaml", &egress_policy(LITE_PORT)).await;
     lab.apply("ingress.yaml", LITE_INGRESS).await;
@@ -774,11 +776,7 @@ async fn udp_lite_is_judged_both_ways() {
             cases.push((id, to, ok));
         }
     }
-    let expected: Vec<String> = cases
-        .iter()
-        .filter(|c| c.2)
-        .map(|c| c.0.clone())
-        .collect();
+    let expected: Vec<String> = cases.iter().filter(|c| c.2).map(|c| c.0.clone()).collect();
     for (pod, r) in &receivers {
         r.settle(&expected, ARRIVAL).await;
         let mine: Vec<(String, bool)> = cases
@@ -859,10 +857,7 @@ async fn udp_streams_stop_at_a_deny() {
     }
     let mut running = Vec::new();
     for (from, spec) in specs {
-        running.push(
-            att.start_stream(&Place::pod(&lab, from), spec)
-                .await,
-        );
+        running.push(att.start_stream(&Place::pod(&lab, from), spec).await);
     }
     let receiver = |to: &str| if to == "y/b" { &yb } else { &yc };
     let seen_of = |r: &Running, m: &str| -> BTreeSet<String> {
@@ -957,7 +952,11 @@ async fn udp_reply_window_is_the_exact_conversation() {
         for connect in [true, false] {
             variant += 1;
             let (p, q) = (7600 + variant, 7650 + variant);
-            let tag = format!("{}-{}", if connect { "conn" } else { "sendto" }, fam(family));
+            let tag = format!(
+                "{}-{}",
+                if connect { "conn" } else { "sendto" },
+                fam(family)
+            );
             let m = |what: &str| format!("{what}-{tag}");
             let server = att
                 .start(
@@ -1006,14 +1005,15 @@ async fn udp_reply_window_is_the_exact_conversation() {
             let asking = tokio::spawn(async move { client.send(&place, vec![ask]).await });
             // Once y/b has answered, a third pod tries the same port.
             let deadline = tokio::time::Instant::now() + ARRIVAL;
-            while tokio::time::Instant::now() < deadline
-                && !server.events().contains(&Event::Done)
+            while tokio::time::Instant::now() < deadline && !server.events().contains(&Event::Done)
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let served = server.events();
             checks.check(
-                served.iter().any(|e| matches!(e, Event::Received { markers, .. } if markers.contains(&m("ask")))),
+                served.iter().any(
+                    |e| matches!(e, Event::Received { markers, .. } if markers.contains(&m("ask"))),
+                ),
                 format!("{}: y/b never got the question", m("ask")),
             );
             let third = Send {
@@ -1034,9 +1034,7 @@ async fn udp_reply_window_is_the_exact_conversation() {
                 asked.first().is_some_and(|s| s.1.is_none()),
                 format!("{}: the question could not be sent: {asked:?}", m("ask")),
             );
-            let seen = a_raw
-                .settle(&[m("reply")], DROP_WAIT)
-                .await;
+            let seen = a_raw.settle(&[m("reply")], DROP_WAIT).await;
             checks.seen(
                 &seen,
                 &[
@@ -1214,19 +1212,38 @@ async fn spoofed_and_link_local_sources_are_not_trusted() {
 
     // (sender, marker, to, may leave the sender, delivered)
     let mut cases: Vec<(&str, String, &str, bool, bool)> = Vec::new();
-    let mut by_sender: Vec<(&str, Vec<Send>)> = vec![("x/a", vec![]), ("z/c", vec![]), ("node", vec![])];
+    let mut by_sender: Vec<(&str, Vec<Send>)> =
+        vec![("x/a", vec![]), ("z/c", vec![]), ("node", vec![])];
     let mut sport = 33000;
     for family in FAMILIES {
-        let node = if family == Family::Ipv4 { node_v4 } else { node_v6 };
+        let node = if family == Family::Ipv4 {
+            node_v4
+        } else {
+            node_v6
+        };
         let mut sources: Vec<(&str, &str, IpAddr, &str, bool, bool)> = vec![
             // The attacker's real address: a denied peer for y/b ...
             ("x/a", "real", addr(&lab, "x/a", family), "y/b", true, false),
             // ... and a pod that is not isolated at all (positive control).
             ("x/a", "real", addr(&lab, "x/a", family), "y/a", true, true),
             // Spoofed: a pod y/b admits, the node, y/b itself, the world.
-            ("x/a", "as-zc", addr(&lab, "z/c", family), "y/b", false, false),
+            (
+                "x/a",
+                "as-zc",
+                addr(&lab, "z/c", family),
+                "y/b",
+                false,
+                false,
+            ),
             ("x/a", "as-node", node, "y/b", false, false),
-            ("x/a", "as-dst", addr(&lab, "y/b", family), "y/b", false, false),
+            (
+                "x/a",
+                "as-dst",
+                addr(&lab, "y/b", family),
+                "y/b",
+                false,
+                false,
+            ),
             ("x/a", "as-world", world(family), "y/b", false, false),
             // The allowed peer with its own address (positive control).
             ("z/c", "real", addr(&lab, "z/c", family), "y/b", true, true),
@@ -1236,7 +1253,14 @@ async fn spoofed_and_link_local_sources_are_not_trusted() {
             // not "local" when it arrives from outside.
             ("node", "world", world(family), "y/b", true, true),
             ("node", "real", node, "y/b", true, true),
-            ("node", "as-dst", addr(&lab, "y/b", family), "y/b", true, false),
+            (
+                "node",
+                "as-dst",
+                addr(&lab, "y/b", family),
+                "y/b",
+                true,
+                false,
+            ),
         ];
         if family == Family::Ipv6 {
             sources.push(("x/a", "link-local", link_local, "y/b", false, false));
@@ -1278,11 +1302,7 @@ async fn spoofed_and_link_local_sources_are_not_trusted() {
             );
         }
     }
-    let expected: Vec<String> = cases
-        .iter()
-        .filter(|c| c.4)
-        .map(|c| c.1.clone())
-        .collect();
+    let expected: Vec<String> = cases.iter().filter(|c| c.4).map(|c| c.1.clone()).collect();
     yb.settle(&expected, ARRIVAL).await;
     ya.settle(&expected, ARRIVAL).await;
     for (pod, r) in [("y/b", &yb), ("y/a", &ya)] {
@@ -1361,7 +1381,10 @@ async fn sctp_policy_is_accepted_and_isolates() {
     let status = lab.wait_applied().await.expect("agent processes policy");
     checks.check(
         status.problems.is_empty(),
-        format!("a policy naming SCTP must be accepted: {:?}", status.problems),
+        format!(
+            "a policy naming SCTP must be accepted: {:?}",
+            status.problems
+        ),
     );
 
     for family in FAMILIES {

@@ -310,11 +310,7 @@ impl Running {
     /// died would see nothing and make every drop look enforced).
     pub fn assert_alive(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{} exited early ({status}): {:?}",
-                self.what,
-                self.events()
-            );
+            panic!("{} exited early ({status}): {:?}", self.what, self.events());
         }
     }
 

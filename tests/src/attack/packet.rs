@@ -5,8 +5,8 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header,
-    Icmpv6Type, IpAuthHeader, IpFragOffset, IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6Header,
+    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type,
+    IpAuthHeader, IpFragOffset, IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6Header,
     Ipv6RawExtHeader, TcpHeader, UdpHeader,
 };
 
@@ -160,7 +160,7 @@ pub fn sctp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     chunk.extend(0u16.to_be_bytes()); // stream sequence
     chunk.extend(0u32.to_be_bytes()); // payload protocol id
     chunk.extend_from_slice(payload);
-    while chunk.len() % 4 != 0 {
+    while !chunk.len().is_multiple_of(4) {
         chunk.push(0);
     }
     let mut p = Vec::with_capacity(12 + chunk.len());
@@ -263,7 +263,10 @@ pub fn ipv6_fragments(
     split: usize,
     id: u32,
 ) -> [Vec<u8>; 2] {
-    assert!(split % 8 == 0 && split < l4.len(), "fragment split {split}");
+    assert!(
+        split.is_multiple_of(8) && split < l4.len(),
+        "fragment split {split}"
+    );
     let piece = |offset: usize, data: &[u8], more: bool| {
         let (first, mut ext_bytes) = chain(unfragmentable, FRAGMENT, id ^ 0x55);
         let frag = Ipv6FragmentHeader::new(
@@ -273,11 +276,6 @@ pub fn ipv6_fragments(
             id,
         );
         ext_bytes.extend(frag.to_bytes());
-        let first = if unfragmentable.is_empty() {
-            FRAGMENT
-        } else {
-            first
-        };
         let mut p = ipv6_header(src, dst, first, ext_bytes.len() + data.len());
         p.extend(ext_bytes);
         p.extend_from_slice(data);

@@ -156,8 +156,16 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The payload bytes that carry marker `id`.
+/// The payload bytes that carry marker `id` (letters, digits, `-`, `_`:
+/// anything else would cut the marker short where it is found).
 pub fn marker(id: &str) -> Vec<u8> {
+    assert!(
+        !id.is_empty()
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "marker id {id:?} may hold only letters, digits, '-' and '_'"
+    );
     let mut v = MARKER_PREFIX.to_vec();
     v.extend_from_slice(id.as_bytes());
     v.push(MARKER_END);

@@ -114,7 +114,11 @@ fn send(s: &Send) -> io::Result<()> {
             }
             if *linger_ms > 0 {
                 let on = format!("dgram:{}", bind_port.unwrap_or(0));
-                receive_until(&sock, &on, Instant::now() + Duration::from_millis(*linger_ms));
+                receive_until(
+                    &sock,
+                    &on,
+                    Instant::now() + Duration::from_millis(*linger_ms),
+                );
             }
         }
     }
@@ -251,7 +255,7 @@ fn capture(ifname: &str) -> io::Result<()> {
         };
         // SAFETY: the kernel wrote a sockaddr_ll for a packet socket.
         let pkttype = unsafe { (*(from.as_ptr() as *const libc::sockaddr_ll)).sll_pkttype };
-        if pkttype == libc::PACKET_OUTGOING as u8 {
+        if pkttype == libc::PACKET_OUTGOING {
             continue; // towards the pod, not from it
         }
         report("capture", &buf[..n], None);
