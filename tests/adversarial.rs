@@ -510,6 +510,43 @@ async fn raw_sockets_cannot_leave_an_egress_isolated_pod() {
                 ip_packet(src, dst, PROTO_EXPERIMENTAL, &marker(&id)),
             ));
             cases.push((id, t.pod, t.portless, true));
+            // A UDP datagram in two real fragments: the first (with the
+            // ports) is judged by port; the second has no ports, so it may
+            // leave only where a portless rule admits the peer.
+            sport += 1;
+            let id = format!("frag-udp-{tag}");
+            let (f1, f2) = (format!("{id}-f1"), format!("{id}-f2"));
+            let mut payload = marker(&f1);
+            payload.resize(payload.len().next_multiple_of(8), b'_');
+            // The UDP header and the first marker, whole, in the first.
+            let split = 8 + payload.len();
+            payload.extend(marker(&f2));
+            let seg = segment(L4::Udp, src, dst, sport, t.port, &payload);
+            let frag_id = 0x4000 + sport;
+            let [first, second] = match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => [
+                    packet::ipv4_fragment(s, d, PROTO_UDP, frag_id, 0, true, &seg[..split]),
+                    packet::ipv4_fragment(
+                        s,
+                        d,
+                        PROTO_UDP,
+                        frag_id,
+                        (split / 8) as u16,
+                        false,
+                        &seg[split..],
+                    ),
+                ],
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    packet::ipv6_fragments(s, d, &[], PROTO_UDP, &seg, split, u32::from(frag_id))
+                }
+                _ => unreachable!("one family"),
+            };
+            sends.push(hdrincl(&f1, dst, first));
+            sends.push(hdrincl(&f2, dst, second));
+            // Only the capture sees fragments; the receiver sees the
+            // reassembled datagram, whole only if both left.
+            cases.push((f1, t.pod, t.ports_allowed, false));
+            cases.push((f2, t.pod, t.portless, true));
             if let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) {
                 // UDP behind walkable headers (AH included) is judged by port;
                 // behind 9 it cannot be classified: like "other".
