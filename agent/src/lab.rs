@@ -352,6 +352,25 @@ impl Lab {
         Ok(self.names.pod_netns(&self.pods[i]))
     }
 
+    /// cgroup directory of a pod: a process must join it (as well as the
+    /// pod's network namespace) to be that pod to the kernel programs.
+    pub fn pod_cgroup(&self, key: &str) -> Result<PathBuf, LabError> {
+        let i = self.pod_index(key)?;
+        Ok(self.names.pod_cgroup(&self.pods[i]))
+    }
+
+    /// Network namespace name of the node (the bridge and the pods' host-side
+    /// veths), for tools that watch what leaves a pod.
+    pub fn node_netns(&self) -> String {
+        self.names.node_netns()
+    }
+
+    /// Name of a pod's veth on the node side, in [`Lab::node_netns`].
+    pub fn pod_host_veth(&self, key: &str) -> Result<String, LabError> {
+        let i = self.pod_index(key)?;
+        Ok(plumbing::host_veth(&self.pods[i]))
+    }
+
     /// Opens TCP connections from `from` to `to:port` as fast as possible.
     pub async fn load(
         &self,

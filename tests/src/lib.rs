@@ -2,6 +2,8 @@
 //! and matrix helpers that compare what the kernel did with what was expected
 //! and with what the policy evaluator predicts.
 
+pub mod attack;
+
 use std::{collections::BTreeMap, net::IpAddr};
 
 use tokio::sync::{Mutex, MutexGuard};

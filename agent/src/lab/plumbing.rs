@@ -131,7 +131,7 @@ pub fn create_node(names: &LabNames) -> Result<(), PlumbingError> {
 pub fn create_pod(names: &LabNames, pod: &PlannedPod) -> Result<(), PlumbingError> {
     let node = names.node_netns();
     let ns = names.pod_netns(pod);
-    let host_side = format!("v{}", pod.index);
+    let host_side = host_veth(pod);
     let v4 = format!("{}/{IPV4_PREFIX_LEN}", pod.ipv4);
     let v6 = format!("{}/{IPV6_PREFIX_LEN}", pod.ipv6);
     ip(&["netns", "add", &ns])?;
@@ -146,6 +146,11 @@ pub fn create_pod(names: &LabNames, pod: &PlannedPod) -> Result<(), PlumbingErro
     ip(&["-n", &ns, "addr", "add", &v4, "dev", "eth0"])?;
     ip(&["-n", &ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
     ip(&["-n", &ns, "link", "set", "eth0", "up"])
+}
+
+/// The node-side end of a pod's veth.
+pub fn host_veth(pod: &PlannedPod) -> String {
+    format!("v{}", pod.index)
 }
 
 pub fn create_cgroup(path: &Path) -> Result<(), PlumbingError> {

@@ -1,0 +1,1465 @@
+//! The adversarial suite (issue #9): attacks made from inside lab pods, as a
+//! pod with Kubernetes' default capabilities (CAP_NET_RAW) would make them,
+//! through the real kernel. Each test is one class of bypass with many
+//! variants; every variant is checked (all failures are listed at the end)
+//! and every test has positive controls, so it cannot pass by dropping
+//! everything.
+//!
+//! Observation points a user would believe: the receiving sockets of the
+//! target pod (UDP/UDP-Lite apps, raw sockets for TCP and other protocols)
+//! and, for "did it leave the sender", a packet capture on the node side of
+//! the sender's veth.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Display,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use portcullis_agent::lab::{pod::ProbeOutcome, Family, Lab};
+use portcullis_tests::{
+    attack::{
+        packet::{self, Ext, PROTO_EXPERIMENTAL, PROTO_SCTP, PROTO_TCP, PROTO_UDP},
+        wire::{marker, Event, ListenSpec, Reply, ReplyHow, Send, ServeSpec, StreamSpec, Via},
+        Attacker, Place, Running,
+    },
+    start_lab, TestLab,
+};
+
+fn attacker() -> Attacker {
+    Attacker::new(env!("CARGO_BIN_EXE_pcl-attack"))
+}
+
+/// How long a packet that should arrive may take (the first one to a
+/// neighbour waits for address resolution).
+const ARRIVAL: Duration = Duration::from_secs(2);
+/// How long we wait for a packet that should not arrive.
+const DROP_WAIT: Duration = Duration::from_secs(1);
+
+const EPERM: i32 = libc::EPERM;
+
+/// Collects every check of a test and fails at the end listing all that
+/// failed, so one run shows which variants hold and which do not.
+struct Checks {
+    test: &'static str,
+    failed: Vec<String>,
+    total: usize,
+}
+
+impl Checks {
+    fn new(test: &'static str) -> Self {
+        Self {
+            test,
+            failed: Vec::new(),
+            total: 0,
+        }
+    }
+
+    fn check(&mut self, ok: bool, what: impl Display) {
+        self.total += 1;
+        if !ok {
+            self.failed.push(what.to_string());
+        }
+    }
+
+    /// Each `(marker, expected)`: the marker was seen iff expected.
+    fn seen(&mut self, seen: &BTreeSet<String>, cases: &[(String, bool)], where_: &str) {
+        for (m, want) in cases {
+            let got = seen.contains(m);
+            let what = if *want {
+                format!("{m}: should reach {where_}, did not")
+            } else {
+                format!("{m}: should not reach {where_}, did")
+            };
+            self.check(got == *want, what);
+        }
+    }
+
+    fn finish(self) {
+        eprintln!(
+            "{}: {} of {} checks passed",
+            self.test,
+            self.total - self.failed.len(),
+            self.total
+        );
+        assert!(
+            self.failed.is_empty(),
+            "{}: {} of {} checks failed:\n  {}",
+            self.test,
+            self.failed.len(),
+            self.total,
+            self.failed.join("\n  ")
+        );
+    }
+}
+
+fn v4(lab: &Lab, key: &str) -> Ipv4Addr {
+    lab.pods().iter().find(|p| p.key == key).expect("pod").ipv4
+}
+
+fn v6(lab: &Lab, key: &str) -> Ipv6Addr {
+    lab.pods().iter().find(|p| p.key == key).expect("pod").ipv6
+}
+
+fn addr(lab: &Lab, key: &str, family: Family) -> IpAddr {
+    match family {
+        Family::Ipv4 => v4(lab, key).into(),
+        Family::Ipv6 => v6(lab, key).into(),
+    }
+}
+
+fn fam(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "v4",
+        Family::Ipv6 => "v6",
+    }
+}
+
+const FAMILIES: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum L4 {
+    Udp,
+    Tcp,
+}
+
+impl L4 {
+    fn name(self) -> &'static str {
+        match self {
+            L4::Udp => "udp",
+            L4::Tcp => "tcp",
+        }
+    }
+
+    fn number(self) -> u8 {
+        match self {
+            L4::Udp => PROTO_UDP,
+            L4::Tcp => PROTO_TCP,
+        }
+    }
+}
+
+/// Transport header and payload, checksummed for `src` → `dst`.
+fn segment(l4: L4, src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    match (l4, src, dst) {
+        (L4::Udp, IpAddr::V4(s), IpAddr::V4(d)) => packet::udp4(s, d, sport, dport, payload),
+        (L4::Tcp, IpAddr::V4(s), IpAddr::V4(d)) => packet::tcp_syn4(s, d, sport, dport, payload),
+        (L4::Udp, IpAddr::V6(s), IpAddr::V6(d)) => packet::udp6(s, d, sport, dport, payload),
+        (L4::Tcp, IpAddr::V6(s), IpAddr::V6(d)) => packet::tcp_syn6(s, d, sport, dport, payload),
+        _ => panic!("mixed families {src} → {dst}"),
+    }
+}
+
+/// A whole IP packet (no extension headers) of `protocol` around `l4`.
+fn ip_packet(src: IpAddr, dst: IpAddr, protocol: u8, l4: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => packet::ipv4(s, d, protocol, l4),
+        (IpAddr::V6(s), IpAddr::V6(d)) => packet::ipv6(s, d, &[], protocol, l4),
+        _ => panic!("mixed families {src} → {dst}"),
+    }
+}
+
+/// A raw (IP_HDRINCL) send of a whole packet.
+fn hdrincl(label: &str, dst: IpAddr, bytes: Vec<u8>) -> Send {
+    Send {
+        label: label.into(),
+        dst,
+        via: Via::RawHdrincl,
+        bytes,
+    }
+}
+
+/// A UDP or TCP SYN packet with marker `id`, sent raw with the given source.
+fn crafted(id: &str, l4: L4, src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Send {
+    let seg = segment(l4, src, dst, sport, dport, &marker(id));
+    hdrincl(id, dst, ip_packet(src, dst, l4.number(), &seg))
+}
+
+/// Makes `from` resolve `to`'s link-layer address, so a burst of crafted
+/// packets does not overflow the queue of packets awaiting resolution.
+async fn resolve_neighbours(lab: &TestLab, from: &str, to: &[&str]) {
+    for t in to {
+        for family in FAMILIES {
+            // The outcome does not matter (policy may drop it): only that a
+            // packet went out and the neighbour answered.
+            let _ = lab
+                .probe(from, t, "80/udp".parse().expect("spec"), family)
+                .await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. IPv6 extension headers
+// ---------------------------------------------------------------------------
+
+const EXT_PORT: u16 = 7100;
+
+const EXT_DENY_ATTACKER: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-from-zc, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{namespaceSelector: {matchLabels: {ns: z}}, podSelector: {matchLabels: {pod: c}}}]
+      ports: [{protocol: TCP, port: 7100}, {protocol: UDP, port: 7100}]
+"#;
+
+const EXT_ALLOW_ATTACKER: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-from-zc, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: a}}}]
+      ports: [{protocol: TCP, port: 7100}, {protocol: UDP, port: 7100}]
+"#;
+
+/// The chains tried: a name and the headers for a count `n` (total headers).
+fn ext_chains(n: usize) -> Vec<(&'static str, Vec<Ext>)> {
+    let mut v = Vec::new();
+    if n == 0 {
+        v.push(("none", Vec::new()));
+        return v;
+    }
+    v.push(("dst", vec![Ext::DestOpts; n]));
+    v.push(("hbh-dst", {
+        let mut c = vec![Ext::HopByHop];
+        c.extend(vec![Ext::DestOpts; n - 1]);
+        c
+    }));
+    // Linux itself drops a packet with two Fragment headers, so one atomic
+    // Fragment header leads and Destination Options follow.
+    v.push(("afrag-dst", {
+        let mut c = vec![Ext::AtomicFragment];
+        c.extend(vec![Ext::DestOpts; n - 1]);
+        c
+    }));
+    v.push(("rt", vec![Ext::Routing; n]));
+    v.push(("mix", {
+        let mut c = vec![Ext::HopByHop, Ext::AtomicFragment];
+        let cycle = [Ext::Routing, Ext::DestOpts];
+        c.extend((0..n.saturating_sub(2)).map(|i| cycle[i % cycle.len()]));
+        c.truncate(n);
+        c
+    }));
+    v
+}
+
+/// Every extension-header variant from `from` to y/b:7100, with markers
+/// `<phase>-<from>-...`, and whether the walk limit (8) admits it.
+fn ext_variants(lab: &Lab, phase: &str, from: &str, max_n: usize) -> Vec<(Send, usize)> {
+    let (src, dst) = (v6(lab, from), v6(lab, "y/b"));
+    let tag = from.replace('/', "");
+    let mut sends = Vec::new();
+    let mut sport = 30000;
+    for n in 0..=max_n {
+        for (name, exts) in ext_chains(n) {
+            for l4 in [L4::Udp, L4::Tcp] {
+                sport += 1;
+                let id = format!("{phase}-{tag}-{name}-{n:02}-{}", l4.name());
+                let seg = segment(l4, src.into(), dst.into(), sport, EXT_PORT, &marker(&id));
+                let bytes = packet::ipv6(src, dst, &exts, l4.number(), &seg);
+                sends.push((hdrincl(&id, dst.into(), bytes), n));
+            }
+        }
+    }
+    // Real fragments, reassembled by the receiver before any socket sees
+    // them: with no, and with three, unfragmentable headers; both orders.
+    for pre in [0usize, 3] {
+        for l4 in [L4::Udp, L4::Tcp] {
+            for reversed in [false, true] {
+                sport += 1;
+                let order = if reversed { "rev" } else { "fwd" };
+                let id = format!("{phase}-{tag}-frag{pre}-{order}-{}", l4.name());
+                // Enough payload that the split falls inside it.
+                let mut payload = marker(&id);
+                payload.extend([b'_'; 48]);
+                let seg = segment(l4, src.into(), dst.into(), sport, EXT_PORT, &payload);
+                let [a, b] = packet::ipv6_fragments(
+                    src,
+                    dst,
+                    &vec![Ext::DestOpts; pre],
+                    l4.number(),
+                    &seg,
+                    24,
+                    0x5000 + u32::from(sport),
+                );
+                let (first, second) = if reversed { (b, a) } else { (a, b) };
+                sends.push((hdrincl(&format!("{id}#1"), dst.into(), first), pre + 1));
+                sends.push((hdrincl(&id, dst.into(), second), pre + 1));
+            }
+        }
+    }
+    sends
+}
+
+/// Sends the variants and checks each marker arrived iff `admit(n)`.
+async fn ext_round(
+    lab: &TestLab,
+    checks: &mut Checks,
+    receiver: &Running,
+    from: &str,
+    variants: Vec<(Send, usize)>,
+    admit: impl Fn(usize) -> bool,
+) {
+    let cases: Vec<(String, bool)> = variants
+        .iter()
+        .filter(|(s, _)| !s.label.ends_with("#1"))
+        .map(|(s, n)| (s.label.clone(), admit(*n)))
+        .collect();
+    let sends = variants.into_iter().map(|(s, _)| s).collect();
+    let results = attacker().send(&Place::pod(lab, from), sends).await;
+    for (label, errno) in &results {
+        checks.check(
+            errno.is_none(),
+            format!("{label}: the raw send itself failed (errno {errno:?})"),
+        );
+    }
+    let expected: Vec<String> = cases
+        .iter()
+        .filter(|(_, w)| *w)
+        .map(|(m, _)| m.clone())
+        .collect();
+    let seen = receiver.settle(&expected, ARRIVAL.max(DROP_WAIT)).await;
+    checks.seen(&seen, &cases, "y/b");
+}
+
+/// Issue #9 class 1: extension headers must not carry TCP or UDP past
+/// ingress isolation; up to 8 are walked and judged by port, more are
+/// dropped (fail closed) even when the port is allowed.
+#[tokio::test]
+async fn ipv6_extension_headers_do_not_open_ingress_isolation() {
+    let lab = start_lab("adv-ext").await;
+    let mut checks = Checks::new("ipv6_extension_headers");
+    let receiver = attacker()
+        .listen(
+            &Place::pod(&lab, "y/b"),
+            ListenSpec {
+                udp: vec![EXT_PORT],
+                raw: vec![i32::from(PROTO_TCP)],
+                ..Default::default()
+            },
+        )
+        .await;
+    resolve_neighbours(&lab, "x/a", &["y/b"]).await;
+    resolve_neighbours(&lab, "z/c", &["y/b"]).await;
+
+    // No policy: y/b is not isolated, so every variant the receiving stack
+    // accepts arrives (this pins down what Linux itself delivers).
+    let open = ext_variants(&lab, "open", "x/a", 16);
+    ext_round(&lab, &mut checks, &receiver, "x/a", open, |_| true).await;
+
+    // Policy denies the attacker: nothing it sends arrives, however many
+    // headers; the allowed peer z/c is the positive control (≤ 8 arrive).
+    lab.apply("ext.yaml", EXT_DENY_ATTACKER).await;
+    let attack = ext_variants(&lab, "deny", "x/a", 16);
+    ext_round(&lab, &mut checks, &receiver, "x/a", attack, |_| false).await;
+    let control = ext_variants(&lab, "deny", "z/c", 10);
+    ext_round(&lab, &mut checks, &receiver, "z/c", control, |n| n <= 8).await;
+
+    // Policy allows the attacker on the port: up to 8 headers arrive, more
+    // are dropped because the kernel does not walk them.
+    lab.apply("ext.yaml", EXT_ALLOW_ATTACKER).await;
+    let attack = ext_variants(&lab, "allow", "x/a", 16);
+    ext_round(&lab, &mut checks, &receiver, "x/a", attack, |n| n <= 8).await;
+
+    let mut receiver = receiver;
+    receiver.assert_alive();
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 2. Raw sockets from an egress-isolated pod
+// ---------------------------------------------------------------------------
+
+/// x/a may send TCP and UDP to y/b on port `P`, and anything to z/b.
+fn egress_policy(port: u16) -> String {
+    format!(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: a-egress, namespace: x}}
+spec:
+  podSelector: {{matchLabels: {{pod: a}}}}
+  policyTypes: [Egress]
+  egress:
+    - to: [{{namespaceSelector: {{matchLabels: {{ns: y}}}}, podSelector: {{matchLabels: {{pod: b}}}}}}]
+      ports: [{{protocol: TCP, port: {port}}}, {{protocol: UDP, port: {port}}}]
+    - to: [{{namespaceSelector: {{matchLabels: {{ns: z}}}}, podSelector: {{matchLabels: {{pod: b}}}}}}]
+"#
+    )
+}
+
+/// Where a crafted packet goes and whether egress policy lets it out.
+struct Target {
+    pod: &'static str,
+    port: u16,
+    /// TCP/UDP to this pod and port may leave.
+    ports_allowed: bool,
+    /// A portless rule admits this pod: every protocol may leave.
+    portless: bool,
+}
+
+const RAW_PORT: u16 = 7200;
+
+fn raw_targets(port: u16) -> [Target; 4] {
+    [
+        Target {
+            pod: "y/b",
+            port,
+            ports_allowed: true,
+            portless: false,
+        },
+        Target {
+            pod: "y/b",
+            port: port + 1,
+            ports_allowed: false,
+            portless: false,
+        },
+        Target {
+            pod: "z/c",
+            port,
+            ports_allowed: false,
+            portless: false,
+        },
+        Target {
+            pod: "z/b",
+            port: port + 1,
+            ports_allowed: true,
+            portless: true,
+        },
+    ]
+}
+
+/// Issue #9 class 2: raw sockets (with or without IP_HDRINCL) are judged
+/// per packet on egress: TCP and UDP by port, ICMP and other protocols only
+/// where a portless rule admits the peer, unwalkable IPv6 chains like other.
+#[tokio::test]
+async fn raw_sockets_cannot_leave_an_egress_isolated_pod() {
+    let lab = start_lab("adv-raw").await;
+    let mut checks = Checks::new("raw_socket_egress");
+    let att = attacker();
+    let listen = ListenSpec {
+        udp: vec![RAW_PORT, RAW_PORT + 1],
+        raw: vec![6, 1, 58, i32::from(PROTO_EXPERIMENTAL)],
+        ..Default::default()
+    };
+    let mut receivers = Vec::new();
+    for pod in ["y/b", "z/b", "z/c"] {
+        receivers.push((
+            pod,
+            att.listen(&Place::pod(&lab, pod), listen.clone()).await,
+        ));
+    }
+    let capture = att.capture_from(&lab, "x/a").await;
+    lab.apply("egress.yaml", &egress_policy(RAW_PORT)).await;
+
+    // (marker, target pod, may leave, asserted at the receiver)
+    let mut cases: Vec<(String, &str, bool, bool)> = Vec::new();
+    let mut sends = Vec::new();
+    let mut sport = 31000;
+    for family in FAMILIES {
+        let src = addr(&lab, "x/a", family);
+        for t in raw_targets(RAW_PORT) {
+            let dst = addr(&lab, t.pod, family);
+            let tag = format!("{}-{}-{}", fam(family), t.pod.replace('/', ""), t.port);
+            for l4 in [L4::Udp, L4::Tcp] {
+                // Whole packet, IP_HDRINCL.
+                sport += 1;
+                let id = format!("hdrincl-{}-{tag}", l4.name());
+                sends.push(crafted(&id, l4, src, dst, sport, t.port));
+                cases.push((id, t.pod, t.ports_allowed, true));
+                // Transport only, the kernel writes the IP header.
+                sport += 1;
+                let id = format!("raw-{}-{tag}", l4.name());
+                let seg = segment(l4, src, dst, sport, t.port, &marker(&id));
+                sends.push(Send {
+                    label: id.clone(),
+                    dst,
+                    via: Via::Raw {
+                        protocol: i32::from(l4.number()),
+                    },
+                    bytes: seg,
+                });
+                cases.push((id, t.pod, t.ports_allowed, true));
+            }
+            // ICMP echo, kernel-built IP header.
+            let id = format!("icmp-echo-{tag}");
+            let (protocol, bytes) = match (src, dst) {
+                (IpAddr::V6(s), IpAddr::V6(d)) => (58, packet::icmp6_echo(s, d, 77, &marker(&id))),
+                _ => (1, packet::icmp4_echo(77, &marker(&id))),
+            };
+            sends.push(Send {
+                label: id.clone(),
+                dst,
+                via: Via::Raw { protocol },
+                bytes,
+            });
+            cases.push((id, t.pod, t.portless, true));
+            // An IP protocol nothing handles.
+            let id = format!("proto253-{tag}");
+            sends.push(hdrincl(
+                &id,
+                dst,
+                ip_packet(src, dst, PROTO_EXPERIMENTAL, &marker(&id)),
+            ));
+            cases.push((id, t.pod, t.portless, true));
+            // A UDP datagram in two real fragments: the first (with the
+            // ports) is judged by port; the second has no ports, so it may
+            // leave only where a portless rule admits the peer.
+            sport += 1;
+            let id = format!("frag-udp-{tag}");
+            let (f1, f2) = (format!("{id}-f1"), format!("{id}-f2"));
+            let mut payload = marker(&f1);
+            payload.resize(payload.len().next_multiple_of(8), b'_');
+            // The UDP header and the first marker, whole, in the first.
+            let split = 8 + payload.len();
+            payload.extend(marker(&f2));
+            let seg = segment(L4::Udp, src, dst, sport, t.port, &payload);
+            let frag_id = 0x4000 + sport;
+            let [first, second] = match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => [
+                    packet::ipv4_fragment(s, d, PROTO_UDP, frag_id, 0, true, &seg[..split]),
+                    packet::ipv4_fragment(
+                        s,
+                        d,
+                        PROTO_UDP,
+                        frag_id,
+                        (split / 8) as u16,
+                        false,
+                        &seg[split..],
+                    ),
+                ],
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    packet::ipv6_fragments(s, d, &[], PROTO_UDP, &seg, split, u32::from(frag_id))
+                }
+                _ => unreachable!("one family"),
+            };
+            sends.push(hdrincl(&f1, dst, first));
+            sends.push(hdrincl(&f2, dst, second));
+            // Only the capture sees fragments; the receiver sees the
+            // reassembled datagram, whole only if both left.
+            cases.push((f1, t.pod, t.ports_allowed, false));
+            cases.push((f2, t.pod, t.portless, true));
+            if let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) {
+                // UDP behind walkable headers (AH included) is judged by port;
+                // behind 9 it cannot be classified: like "other".
+                let chains: [(&str, Vec<Ext>, bool); 3] = [
+                    ("ah", vec![Ext::Auth], t.ports_allowed),
+                    (
+                        "dst2-ah",
+                        vec![Ext::DestOpts, Ext::DestOpts, Ext::Auth],
+                        t.ports_allowed,
+                    ),
+                    ("dst9", vec![Ext::DestOpts; 9], t.portless),
+                ];
+                for (name, exts, leaves) in chains {
+                    sport += 1;
+                    let id = format!("ext-{name}-udp-{tag}");
+                    let seg = packet::udp6(s, d, sport, t.port, &marker(&id));
+                    sends.push(hdrincl(
+                        &id,
+                        dst,
+                        packet::ipv6(s, d, &exts, PROTO_UDP, &seg),
+                    ));
+                    // The receiving stack has no AH: only the capture can tell.
+                    cases.push((id, t.pod, leaves, !exts.contains(&Ext::Auth)));
+                }
+            }
+        }
+    }
+    let results = att.send(&Place::pod(&lab, "x/a"), sends).await;
+    for (label, errno) in &results {
+        // An EPERM at send is a fine way to refuse; anything else is a
+        // broken test.
+        checks.check(
+            errno.is_none() || *errno == Some(EPERM),
+            format!("{label}: send failed with errno {errno:?}"),
+        );
+    }
+    let leaving: Vec<String> = cases.iter().filter(|c| c.2).map(|c| c.0.clone()).collect();
+    let left = capture.settle(&leaving, ARRIVAL).await;
+    checks.seen(
+        &left,
+        &cases.iter().map(|c| (c.0.clone(), c.2)).collect::<Vec<_>>(),
+        "the wire (left x/a)",
+    );
+    for (pod, r) in &receivers {
+        let got = r.markers();
+        let mine: Vec<(String, bool)> = cases
+            .iter()
+            .filter(|c| c.1 == *pod && c.3)
+            .map(|c| (c.0.clone(), c.2))
+            .collect();
+        checks.seen(&got, &mine, pod);
+    }
+    capture.stop().await;
+    for (_, r) in receivers {
+        r.stop().await;
+    }
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 3. Packet (AF_PACKET) sockets
+// ---------------------------------------------------------------------------
+
+const PACKET_PORT: u16 = 7300;
+
+/// The MAC address of `ifname` in a network namespace, from `ip`.
+fn mac_of(netns: &str, ifname: &str) -> [u8; 6] {
+    let out = std::process::Command::new("ip")
+        .args(["-n", netns, "-o", "link", "show", ifname])
+        .output()
+        .expect("running ip");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC for {ifname} in {netns}: {text}"));
+    let mut bytes = [0u8; 6];
+    for (b, part) in bytes.iter_mut().zip(mac.split(':')) {
+        *b = u8::from_str_radix(part, 16).expect("hex MAC");
+    }
+    bytes
+}
+
+/// Issue #9: "Some frames no cgroup hook ever sees, AF_PACKET's among
+/// them". Whole Ethernet frames written on the pod's eth0 must obey egress
+/// policy like any other packet.
+#[tokio::test]
+async fn packet_socket_frames_obey_egress_policy() {
+    let lab = start_lab("adv-pkt").await;
+    let mut checks = Checks::new("packet_socket_egress");
+    let att = attacker();
+    let listen = ListenSpec {
+        udp: vec![PACKET_PORT, PACKET_PORT + 1],
+        raw: vec![6],
+        ..Default::default()
+    };
+    let mut receivers = Vec::new();
+    for pod in ["y/b", "z/b", "z/c"] {
+        receivers.push((
+            pod,
+            att.listen(&Place::pod(&lab, pod), listen.clone()).await,
+        ));
+    }
+    let capture = att.capture_from(&lab, "x/a").await;
+    lab.apply("egress.yaml", &egress_policy(PACKET_PORT)).await;
+
+    let src_mac = mac_of(&lab.pod_netns("x/a").expect("netns"), "eth0");
+    let mut cases: Vec<(String, &str, bool)> = Vec::new();
+    let mut sends = Vec::new();
+    let mut sport = 32000;
+    for family in FAMILIES {
+        let src = addr(&lab, "x/a", family);
+        for t in raw_targets(PACKET_PORT) {
+            let dst = addr(&lab, t.pod, family);
+            let dst_mac = mac_of(&lab.pod_netns(t.pod).expect("netns"), "eth0");
+            for l4 in [L4::Udp, L4::Tcp] {
+                sport += 1;
+                let id = format!(
+                    "frame-{}-{}-{}-{}",
+                    l4.name(),
+                    fam(family),
+                    t.pod.replace('/', ""),
+                    t.port
+                );
+                let seg = segment(l4, src, dst, sport, t.port, &marker(&id));
+                let ip = ip_packet(src, dst, l4.number(), &seg);
+                sends.push(Send {
+                    label: id.clone(),
+                    dst,
+                    via: Via::Packet {
+                        ifname: "eth0".into(),
+                        dst_mac,
+                    },
+                    bytes: packet::ethernet(src_mac, dst_mac, &ip),
+                });
+                cases.push((id, t.pod, t.ports_allowed));
+            }
+        }
+    }
+    let results = att.send(&Place::pod(&lab, "x/a"), sends).await;
+    for (label, errno) in &results {
+        checks.check(
+            errno.is_none() || *errno == Some(EPERM),
+            format!("{label}: send failed with errno {errno:?}"),
+        );
+    }
+    let leaving: Vec<String> = cases.iter().filter(|c| c.2).map(|c| c.0.clone()).collect();
+    let left = capture.settle(&leaving, ARRIVAL).await;
+    let all: Vec<(String, bool)> = cases.iter().map(|c| (c.0.clone(), c.2)).collect();
+    checks.seen(&left, &all, "the wire (left x/a)");
+    for (pod, r) in &receivers {
+        let mine: Vec<(String, bool)> = cases
+            .iter()
+            .filter(|c| c.1 == *pod)
+            .map(|c| (c.0.clone(), c.2))
+            .collect();
+        checks.seen(&r.markers(), &mine, pod);
+    }
+    capture.stop().await;
+    for (_, r) in receivers {
+        r.stop().await;
+    }
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 4. UDP-Lite
+// ---------------------------------------------------------------------------
+
+const LITE_PORT: u16 = 7400;
+const PROTO_UDPLITE: i32 = 136;
+
+const LITE_INGRESS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: c-ingress, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: c}}}]
+      ports: [{protocol: UDP, port: 7400}]
+    - from: [{namespaceSelector: {matchLabels: {ns: z}}, podSelector: {matchLabels: {pod: a}}}]
+"#;
+
+fn lite_send(id: &str, dst: IpAddr) -> Send {
+    Send {
+        label: id.into(),
+        dst,
+        via: Via::Datagram {
+            protocol: PROTO_UDPLITE,
+            port: LITE_PORT,
+            bind_port: None,
+            connect: false,
+            linger_ms: 0,
+        },
+        bytes: marker(id),
+    }
+}
+
+/// Issue #9 class 3: UDP-Lite (protocol 136, no privilege needed) is an
+/// "other" protocol: it passes only where a portless rule admits the peer,
+/// in both directions.
+#[tokio::test]
+async fn udp_lite_is_judged_both_ways() {
+    let lab = start_lab("adv-lite").await;
+    let mut checks = Checks::new("udp_lite");
+    let att = attacker();
+    let listen = ListenSpec {
+        udplite: vec![LITE_PORT],
+        ..Default::default()
+    };
+    let mut receivers = Vec::new();
+    for pod in ["y/b", "z/b", "z/c", "y/c"] {
+        receivers.push((
+            pod,
+            att.listen(&Place::pod(&lab, pod), listen.clone()).await,
+        ));
+    }
+    lab.apply("egress.yaml", &egress_policy(LITE_PORT)).await;
+    lab.apply("ingress.yaml", LITE_INGRESS).await;
+
+    // (sender, receiver, should arrive)
+    let flows = [
+        // Egress from x/a: a port rule does not admit UDP-Lite, a portless one does.
+        ("x/a", "z/c", false),
+        ("x/a", "y/b", false),
+        ("x/a", "z/b", true),
+        // Ingress into y/c: likewise.
+        ("x/c", "y/c", false),
+        ("x/b", "y/c", false),
+        ("z/a", "y/c", true),
+        // Neither end isolated: the path works.
+        ("x/b", "z/c", true),
+    ];
+    let mut cases: Vec<(String, &str, bool)> = Vec::new();
+    for family in FAMILIES {
+        for (from, to, ok) in flows {
+            let id = format!(
+                "lite-{}-{}-{}",
+                fam(family),
+                from.replace('/', ""),
+                to.replace('/', "")
+            );
+            let sent = att
+                .send(
+                    &Place::pod(&lab, from),
+                    vec![lite_send(&id, addr(&lab, to, family))],
+                )
+                .await;
+            let errno = sent.first().and_then(|s| s.1);
+            if ok {
+                checks.check(
+                    errno.is_none(),
+                    format!("{id}: allowed, but sendto failed (errno {errno:?})"),
+                );
+            } else {
+                checks.check(
+                    errno.is_none() || errno == Some(EPERM),
+                    format!("{id}: sendto failed with errno {errno:?}, not EPERM"),
+                );
+            }
+            cases.push((id, to, ok));
+        }
+    }
+    let expected: Vec<String> = cases.iter().filter(|c| c.2).map(|c| c.0.clone()).collect();
+    for (pod, r) in &receivers {
+        r.settle(&expected, ARRIVAL).await;
+        let mine: Vec<(String, bool)> = cases
+            .iter()
+            .filter(|c| c.1 == *pod)
+            .map(|c| (c.0.clone(), c.2))
+            .collect();
+        checks.seen(&r.markers(), &mine, pod);
+    }
+    for (_, r) in receivers {
+        r.stop().await;
+    }
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 5. UDP across a deny
+// ---------------------------------------------------------------------------
+
+const STREAM_PORT: u16 = 7500;
+
+const STREAM_DENIES: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-no-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: c-no-ingress, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  policyTypes: [Ingress]
+"#;
+
+/// Issue #9 class 4: a policy change reaches UDP conversations already
+/// flowing, connected (`connect()` + `send()`, no sendmsg hook) or not.
+#[tokio::test]
+async fn udp_streams_stop_at_a_deny() {
+    let lab = start_lab("adv-stream").await;
+    let mut checks = Checks::new("udp_across_a_deny");
+    let att = attacker();
+    let listen = ListenSpec {
+        udp: vec![STREAM_PORT],
+        ..Default::default()
+    };
+    let yb = att.listen(&Place::pod(&lab, "y/b"), listen.clone()).await;
+    let yc = att.listen(&Place::pod(&lab, "y/c"), listen).await;
+
+    // (marker, sender, receiver, stopped by the deny)
+    let mut streams = Vec::new();
+    let mut specs = Vec::new();
+    for family in FAMILIES {
+        for connect in [true, false] {
+            let how = if connect { "conn" } else { "sendto" };
+            for (from, to, stops, what) in [
+                ("x/a", "y/b", true, "egress"),
+                ("x/b", "y/c", true, "ingress"),
+                ("x/b", "y/b", false, "control"),
+            ] {
+                let m = format!("{how}-{what}-{}", fam(family));
+                specs.push((
+                    from,
+                    StreamSpec {
+                        dst: addr(&lab, to, family),
+                        port: STREAM_PORT,
+                        connect,
+                        interval_ms: 50,
+                        duration_ms: 9000,
+                        marker: m.clone(),
+                    },
+                ));
+                streams.push((m, to, stops));
+            }
+        }
+    }
+    let mut running = Vec::new();
+    for (from, spec) in specs {
+        running.push(att.start_stream(&Place::pod(&lab, from), spec).await);
+    }
+    let receiver = |to: &str| if to == "y/b" { &yb } else { &yc };
+    let seen_of = |r: &Running, m: &str| -> BTreeSet<String> {
+        r.markers()
+            .into_iter()
+            .filter(|x| x.rsplit_once('-').is_some_and(|(p, _)| p == m))
+            .collect()
+    };
+    // Every stream flows before the deny (the positive control).
+    let deadline = tokio::time::Instant::now() + ARRIVAL;
+    while tokio::time::Instant::now() < deadline
+        && !streams
+            .iter()
+            .all(|(m, to, _)| !seen_of(receiver(to), m).is_empty())
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (m, to, _) in &streams {
+        checks.check(
+            !seen_of(receiver(to), m).is_empty(),
+            format!("{m}: nothing reached {to} before the deny"),
+        );
+    }
+
+    lab.apply("deny.yaml", STREAM_DENIES).await;
+    // Datagrams already on their way when the maps flipped may still land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before: Vec<BTreeSet<String>> = streams
+        .iter()
+        .map(|(m, to, _)| seen_of(receiver(to), m))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for ((m, to, stops), before) in streams.iter().zip(&before) {
+        let after = seen_of(receiver(to), m);
+        let new = after.difference(before).count();
+        if *stops {
+            checks.check(
+                new == 0,
+                format!("{m}: {new} datagram(s) reached {to} after the deny"),
+            );
+        } else {
+            checks.check(
+                new > 0,
+                format!("{m}: an allowed stream to {to} stopped at an unrelated deny"),
+            );
+        }
+    }
+    for r in &mut running {
+        r.assert_alive();
+    }
+    for r in running {
+        r.stop().await;
+    }
+    yb.stop().await;
+    yc.stop().await;
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 6. UDP reply window
+// ---------------------------------------------------------------------------
+
+const A_NO_INGRESS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-no-ingress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress]
+"#;
+
+/// Issue #9 class 5: x/a (ingress-isolated, nothing allowed in) asks y/b:53
+/// from port p. Only y/b:53 → x/a:p may come back: not to another port of
+/// x/a, not from another port of y/b, not from another pod.
+#[tokio::test]
+async fn udp_reply_window_is_the_exact_conversation() {
+    let lab = start_lab("adv-reply").await;
+    let mut checks = Checks::new("udp_reply_window");
+    let att = attacker();
+    lab.apply("a.yaml", A_NO_INGRESS).await;
+    let a_raw = att
+        .listen(
+            &Place::pod(&lab, "x/a"),
+            ListenSpec {
+                raw: vec![i32::from(PROTO_UDP)],
+                ..Default::default()
+            },
+        )
+        .await;
+    let mut variant = 0u16;
+    for family in FAMILIES {
+        for connect in [true, false] {
+            variant += 1;
+            let (p, q) = (7600 + variant, 7650 + variant);
+            let tag = format!(
+                "{}-{}",
+                if connect { "conn" } else { "sendto" },
+                fam(family)
+            );
+            let m = |what: &str| format!("{what}-{tag}");
+            let server = att
+                .start(
+                    &Place::pod(&lab, "y/b"),
+                    &portcullis_tests::attack::wire::Command::Serve(ServeSpec {
+                        ipv6: family == Family::Ipv6,
+                        port: 53,
+                        wait_ms: 5000,
+                        replies: vec![
+                            Reply {
+                                how: ReplyHow::SendTo,
+                                from_port: None,
+                                to_port: None,
+                                marker: m("reply"),
+                            },
+                            Reply {
+                                how: ReplyHow::SendTo,
+                                from_port: None,
+                                to_port: Some(q),
+                                marker: m("other-port"),
+                            },
+                            Reply {
+                                how: ReplyHow::SendTo,
+                                from_port: Some(54),
+                                to_port: None,
+                                marker: m("other-source-port"),
+                            },
+                        ],
+                    }),
+                )
+                .await;
+            let client = att.clone();
+            let place = Place::pod(&lab, "x/a");
+            let ask = Send {
+                label: m("ask"),
+                dst: addr(&lab, "y/b", family),
+                via: Via::Datagram {
+                    protocol: 17,
+                    port: 53,
+                    bind_port: Some(p),
+                    connect,
+                    linger_ms: 2500,
+                },
+                bytes: marker(&m("ask")),
+            };
+            let asking = tokio::spawn(async move { client.send(&place, vec![ask]).await });
+            // Once y/b has answered, a third pod tries the same port.
+            let deadline = tokio::time::Instant::now() + ARRIVAL;
+            while tokio::time::Instant::now() < deadline && !server.events().contains(&Event::Done)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let served = server.events();
+            checks.check(
+                served.iter().any(
+                    |e| matches!(e, Event::Received { markers, .. } if markers.contains(&m("ask"))),
+                ),
+                format!("{}: y/b never got the question", m("ask")),
+            );
+            let third = Send {
+                label: m("third-pod"),
+                dst: addr(&lab, "x/a", family),
+                via: Via::Datagram {
+                    protocol: 17,
+                    port: p,
+                    bind_port: Some(53),
+                    connect: false,
+                    linger_ms: 0,
+                },
+                bytes: marker(&m("third-pod")),
+            };
+            att.send(&Place::pod(&lab, "z/c"), vec![third]).await;
+            let asked = asking.await.expect("client task");
+            checks.check(
+                asked.first().is_some_and(|s| s.1.is_none()),
+                format!("{}: the question could not be sent: {asked:?}", m("ask")),
+            );
+            let seen = a_raw.settle(&[m("reply")], DROP_WAIT).await;
+            checks.seen(
+                &seen,
+                &[
+                    (m("reply"), true),
+                    (m("other-port"), false),
+                    (m("other-source-port"), false),
+                    (m("third-pod"), false),
+                ],
+                "x/a",
+            );
+            server.kill().await;
+        }
+    }
+    a_raw.stop().await;
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 7. A UDP server answering with connect() + send()
+// ---------------------------------------------------------------------------
+
+const B_NO_EGRESS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-no-egress, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  policyTypes: [Egress]
+"#;
+
+/// Issue #9 class 10: a UDP server in an egress-isolated pod may answer the
+/// client that asked with `connect()` + `send()` (same 5-tuple) as well as
+/// with `sendto()`; it may not use that to reach another port of the client.
+#[tokio::test]
+async fn udp_server_in_egress_isolated_pod_answers_with_connect() {
+    let lab = start_lab("adv-serve").await;
+    let mut checks = Checks::new("udp_server_connect_reply");
+    let att = attacker();
+    lab.apply("b.yaml", B_NO_EGRESS).await;
+    let client_raw = att
+        .listen(
+            &Place::pod(&lab, "x/a"),
+            ListenSpec {
+                raw: vec![i32::from(PROTO_UDP)],
+                ..Default::default()
+            },
+        )
+        .await;
+    let mut variant = 0u16;
+    for family in FAMILIES {
+        variant += 1;
+        let (p, q) = (7700 + variant, 7750 + variant);
+        let tag = fam(family);
+        let m = |what: &str| format!("{what}-{tag}");
+        let reply = |how, to_port, what: &str| Reply {
+            how,
+            from_port: None,
+            to_port,
+            marker: m(what),
+        };
+        let server = att
+            .start(
+                &Place::pod(&lab, "y/b"),
+                &portcullis_tests::attack::wire::Command::Serve(ServeSpec {
+                    ipv6: family == Family::Ipv6,
+                    port: 7700,
+                    wait_ms: 5000,
+                    replies: vec![
+                        reply(ReplyHow::SendTo, None, "sendto"),
+                        reply(ReplyHow::SendTo, Some(q), "sendto-stranger"),
+                        reply(ReplyHow::ConnectNew, None, "connect-new"),
+                        reply(ReplyHow::ConnectNew, Some(q), "connect-stranger"),
+                        reply(ReplyHow::ConnectSame, None, "connect-same"),
+                    ],
+                }),
+            )
+            .await;
+        let ask = Send {
+            label: m("ask"),
+            dst: addr(&lab, "y/b", family),
+            via: Via::Datagram {
+                protocol: 17,
+                port: 7700,
+                bind_port: Some(p),
+                connect: false,
+                linger_ms: 1500,
+            },
+            bytes: marker(&m("ask")),
+        };
+        att.send(&Place::pod(&lab, "x/a"), vec![ask]).await;
+        let served = server.events();
+        let errno_of = |what: &str| {
+            served.iter().find_map(|e| match e {
+                Event::Sent { label, errno } if *label == m(what) => Some(*errno),
+                _ => None,
+            })
+        };
+        for ok in ["sendto", "connect-new", "connect-same"] {
+            let e = errno_of(ok);
+            checks.check(
+                e == Some(None),
+                format!("{}: the answer failed at the server: {e:?}", m(ok)),
+            );
+        }
+        let seen = client_raw
+            .settle(&[m("sendto"), m("connect-new"), m("connect-same")], ARRIVAL)
+            .await;
+        checks.seen(
+            &seen,
+            &[
+                (m("sendto"), true),
+                (m("connect-new"), true),
+                (m("connect-same"), true),
+                (m("sendto-stranger"), false),
+                (m("connect-stranger"), false),
+            ],
+            "the client x/a",
+        );
+        server.kill().await;
+    }
+    client_raw.stop().await;
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 8. Link-local and spoofed sources
+// ---------------------------------------------------------------------------
+
+const SPOOF_PORT: u16 = 7800;
+
+const B_FROM_ZC_AND_WORLD: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-ingress, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{namespaceSelector: {matchLabels: {ns: z}}, podSelector: {matchLabels: {pod: c}}}]
+      ports: [{protocol: UDP, port: 7800}, {protocol: TCP, port: 7800}]
+    - from:
+        - ipBlock: {cidr: 0.0.0.0/0, except: [198.18.0.0/15]}
+        - ipBlock: {cidr: "::/0", except: ["fd00:7063:6c00::/64"]}
+      ports: [{protocol: UDP, port: 7800}, {protocol: TCP, port: 7800}]
+"#;
+
+/// Issue #9 class 9: a pod may send only from its own addresses, and a
+/// link-local peer never matches an ipBlock.
+#[tokio::test]
+async fn spoofed_and_link_local_sources_are_not_trusted() {
+    let lab = start_lab("adv-spoof").await;
+    let mut checks = Checks::new("spoofed_sources");
+    let att = attacker();
+    let listen = ListenSpec {
+        udp: vec![SPOOF_PORT],
+        raw: vec![i32::from(PROTO_TCP)],
+        ..Default::default()
+    };
+    let yb = att.listen(&Place::pod(&lab, "y/b"), listen.clone()).await;
+    let ya = att.listen(&Place::pod(&lab, "y/a"), listen).await;
+    let capture = att.capture_from(&lab, "x/a").await;
+    lab.apply("b.yaml", B_FROM_ZC_AND_WORLD).await;
+    resolve_neighbours(&lab, "x/a", &["y/a", "y/b"]).await;
+    resolve_neighbours(&lab, "z/c", &["y/b"]).await;
+
+    let node_v4: IpAddr = portcullis_agent::lab::topology::NODE_IPV4.into();
+    let node_v6: IpAddr = portcullis_agent::lab::topology::NODE_IPV6.into();
+    let world = |f: Family| -> IpAddr {
+        match f {
+            Family::Ipv4 => Ipv4Addr::new(203, 0, 113, 7).into(),
+            Family::Ipv6 => "2001:db8::7".parse::<Ipv6Addr>().expect("addr").into(),
+        }
+    };
+    let link_local: IpAddr = "fe80::5eed:1".parse::<Ipv6Addr>().expect("addr").into();
+
+    // (sender, marker, to, may leave the sender, delivered)
+    let mut cases: Vec<(&str, String, &str, bool, bool)> = Vec::new();
+    let mut by_sender: Vec<(&str, Vec<Send>)> =
+        vec![("x/a", vec![]), ("z/c", vec![]), ("node", vec![])];
+    let mut sport = 33000;
+    for family in FAMILIES {
+        let node = if family == Family::Ipv4 {
+            node_v4
+        } else {
+            node_v6
+        };
+        let mut sources: Vec<(&str, &str, IpAddr, &str, bool, bool)> = vec![
+            // The attacker's real address: a denied peer for y/b ...
+            ("x/a", "real", addr(&lab, "x/a", family), "y/b", true, false),
+            // ... and a pod that is not isolated at all (positive control).
+            ("x/a", "real", addr(&lab, "x/a", family), "y/a", true, true),
+            // Spoofed: a pod y/b admits, the node, y/b itself, the world.
+            (
+                "x/a",
+                "as-zc",
+                addr(&lab, "z/c", family),
+                "y/b",
+                false,
+                false,
+            ),
+            ("x/a", "as-node", node, "y/b", false, false),
+            (
+                "x/a",
+                "as-dst",
+                addr(&lab, "y/b", family),
+                "y/b",
+                false,
+                false,
+            ),
+            ("x/a", "as-world", world(family), "y/b", false, false),
+            // The allowed peer with its own address (positive control).
+            ("z/c", "real", addr(&lab, "z/c", family), "y/b", true, true),
+            // From the node, which no egress policy covers: only ingress
+            // decides. The world is admitted by the ipBlock and the node
+            // itself always is (controls); the target's own address is
+            // not "local" when it arrives from outside.
+            ("node", "world", world(family), "y/b", true, true),
+            ("node", "real", node, "y/b", true, true),
+            (
+                "node",
+                "as-dst",
+                addr(&lab, "y/b", family),
+                "y/b",
+                true,
+                false,
+            ),
+        ];
+        if family == Family::Ipv6 {
+            sources.push(("x/a", "link-local", link_local, "y/b", false, false));
+            // A link-local peer is not "the world" of an ipBlock.
+            sources.push(("node", "link-local", link_local, "y/b", true, false));
+        }
+        for (from, what, src, to, leaves, delivered) in sources {
+            let dst = addr(&lab, to, family);
+            for l4 in [L4::Udp, L4::Tcp] {
+                sport += 1;
+                let id = format!(
+                    "{}-{what}-{}-{}-to-{}",
+                    from.replace('/', ""),
+                    l4.name(),
+                    fam(family),
+                    to.replace('/', "")
+                );
+                let s = crafted(&id, l4, src, dst, sport, SPOOF_PORT);
+                by_sender
+                    .iter_mut()
+                    .find(|(f, _)| *f == from)
+                    .expect("sender")
+                    .1
+                    .push(s);
+                cases.push((from, id, to, leaves, delivered));
+            }
+        }
+    }
+    for (from, sends) in by_sender {
+        let place = if from == "node" {
+            Place::node(&lab)
+        } else {
+            Place::pod(&lab, from)
+        };
+        for (label, errno) in att.send(&place, sends).await {
+            checks.check(
+                errno.is_none() || errno == Some(EPERM),
+                format!("{label}: send failed with errno {errno:?}"),
+            );
+        }
+    }
+    let expected: Vec<String> = cases.iter().filter(|c| c.4).map(|c| c.1.clone()).collect();
+    yb.settle(&expected, ARRIVAL).await;
+    ya.settle(&expected, ARRIVAL).await;
+    for (pod, r) in [("y/b", &yb), ("y/a", &ya)] {
+        let mine: Vec<(String, bool)> = cases
+            .iter()
+            .filter(|c| c.2 == pod)
+            .map(|c| (c.1.clone(), c.4))
+            .collect();
+        checks.seen(&r.markers(), &mine, pod);
+    }
+    let from_xa: Vec<(String, bool)> = cases
+        .iter()
+        .filter(|c| c.0 == "x/a")
+        .map(|c| (c.1.clone(), c.3))
+        .collect();
+    checks.seen(&capture.markers(), &from_xa, "the wire (left x/a)");
+    capture.stop().await;
+    yb.stop().await;
+    ya.stop().await;
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 9. Policies that name SCTP
+// ---------------------------------------------------------------------------
+
+const B_SCTP_FROM_XA: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-sctp, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: a}}}]
+      ports: [{protocol: SCTP, port: 80}]
+"#;
+
+/// Issue #9 class 8, as upstream e2e tests it: a policy naming only SCTP is
+/// accepted and isolates; its SCTP port never admits TCP or UDP; SCTP
+/// itself (raw protocol 132 here: the kernel has no SCTP module) is judged
+/// by port.
+#[tokio::test]
+async fn sctp_policy_is_accepted_and_isolates() {
+    let lab = start_lab("adv-sctp").await;
+    let mut checks = Checks::new("sctp_policy");
+    let att = attacker();
+    let receiver = att
+        .listen(
+            &Place::pod(&lab, "y/b"),
+            ListenSpec {
+                raw: vec![i32::from(PROTO_SCTP)],
+                ..Default::default()
+            },
+        )
+        .await;
+    let probe = |from: &'static str, spec: &'static str, family| {
+        let lab = &lab;
+        async move {
+            lab.probe(from, "y/b", spec.parse().expect("spec"), family)
+                .await
+                .expect("probe")
+        }
+    };
+    for family in FAMILIES {
+        let o = probe("x/a", "80/tcp", family).await;
+        checks.check(
+            o == ProbeOutcome::Reached,
+            format!("before any policy, x/a → y/b 80/tcp over {family:?}: {o:?}"),
+        );
+    }
+
+    lab.lab
+        .write_policy("sctp.yaml", B_SCTP_FROM_XA)
+        .expect("writing policy");
+    let status = lab.wait_applied().await.expect("agent processes policy");
+    checks.check(
+        status.problems.is_empty(),
+        format!(
+            "a policy naming SCTP must be accepted: {:?}",
+            status.problems
+        ),
+    );
+
+    for family in FAMILIES {
+        for from in ["x/a", "z/c"] {
+            for spec in ["80/tcp", "80/udp"] {
+                let o = probe(from, spec, family).await;
+                checks.check(
+                    !o.reached(),
+                    format!("{from} → y/b {spec} over {family:?} must be denied: {o:?}"),
+                );
+            }
+        }
+    }
+    let mut cases = Vec::new();
+    let mut sport = 34000;
+    for family in FAMILIES {
+        for (from, port, ok) in [("x/a", 80, true), ("x/a", 81, false), ("z/c", 80, false)] {
+            sport += 1;
+            let id = format!("sctp-{}-{}-{port}", fam(family), from.replace('/', ""));
+            let s = Send {
+                label: id.clone(),
+                dst: addr(&lab, "y/b", family),
+                via: Via::Raw {
+                    protocol: i32::from(PROTO_SCTP),
+                },
+                bytes: packet::sctp(sport, port, &marker(&id)),
+            };
+            let sent = att.send(&Place::pod(&lab, from), vec![s]).await;
+            checks.check(
+                sent.first().is_some_and(|s| s.1.is_none()),
+                format!("{id}: raw send failed: {sent:?}"),
+            );
+            cases.push((id, ok));
+        }
+    }
+    let expected: Vec<String> = cases.iter().filter(|c| c.1).map(|c| c.0.clone()).collect();
+    let seen = receiver.settle(&expected, ARRIVAL).await;
+    checks.seen(&seen, &cases, "y/b");
+    receiver.stop().await;
+    checks.finish();
+}
