@@ -516,7 +516,10 @@ fn parse_labels(labels: &str) -> BTreeMap<String, String> {
 /// `kubectl port-forward` (the API server's pod proxy does not pass the
 /// caller's token on, so the agent would rightly answer 401).
 fn drops(ns: &str, policy: &str, direction: &str) -> f64 {
-    let scraper = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/monitoring/scraper.yaml");
+    let scraper = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/monitoring/scraper.yaml"
+    );
     kubectl(&["apply", "-f", scraper]);
     let token = kubectl(&["-n", AGENT_NAMESPACE, "create", "token", SCRAPER_ACCOUNT]);
     let pods = kubectl(&[

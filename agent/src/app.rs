@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminError, AdminServer, AdminState, Exposure, SecureOptions},
-    bpf::{writer::MapUsage, Dataplane, DataplaneOptions, LoadError},
+    bpf::{frames::FrameGuardError, writer::MapUsage, Dataplane, DataplaneOptions, LoadError},
     cgroup::{self, CgroupError},
     metrics::Metrics,
     reconcile::{PublishedNames, Reconciler},
@@ -116,6 +116,11 @@ pub struct AgentOptions {
     /// a restarted agent falls back to it (see [`crate::source::state`]);
     /// memory only when `None`.
     pub state_dir: Option<PathBuf>,
+    /// Attach the frame program to every enforced pod's interfaces, so
+    /// frames of packet sockets are judged (see [`crate::bpf::frames`]).
+    /// Needs the pods' processes and the right to enter their network
+    /// namespaces.
+    pub guard_frames: bool,
 }
 
 /// What the agent has done so far.
@@ -272,11 +277,13 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         let names_file = opts.names_file.clone();
         let metrics = metrics.clone();
         let pin_dir = opts.pin_dir.clone();
+        let guard_frames = opts.guard_frames;
         thread::Builder::new()
             .name("portcullis-sync".into())
             .spawn(move || {
                 let _running = Running(running);
                 sync_loop(
+                    guard_frames,
                     names_file,
                     source,
                     Reconciler::new(mount),
@@ -378,6 +385,7 @@ fn publish(path: &Path, names: &PublishedNames) -> std::io::Result<()> {
 }
 
 fn sync_loop(
+    guard_frames: bool,
     names_file: Option<PathBuf>,
     mut source: Box<dyn Source>,
     mut reconciler: Reconciler,
@@ -439,10 +447,26 @@ fn sync_loop(
                                 .problems
                                 .extend(source.settle(Some(&applied.rejected)));
                             observers.applied(&applied, changed_at);
-                            missing_cgroups = !applied.missing_cgroups.is_empty();
                             status.applied += 1;
                             status.usage = applied.usage;
                             status.waiting_for_cgroup = applied.missing_cgroups.clone();
+                            // Pods without a process yet are waited for like
+                            // missing cgroups; anything else is a problem.
+                            let frames = if guard_frames {
+                                dataplane.guard_frames(&applied.endpoint_cgroups)
+                            } else {
+                                Vec::new()
+                            };
+                            for e in frames {
+                                let text = error_chain(&e);
+                                match e {
+                                    FrameGuardError::NoProcess { .. } => {
+                                        status.waiting_for_cgroup.push(text)
+                                    }
+                                    _ => status.problems.push(text),
+                                }
+                            }
+                            missing_cgroups = !status.waiting_for_cgroup.is_empty();
                             if let Some(path) = &names_file {
                                 if let Err(e) = publish(path, &applied.names) {
                                     status.problems.push(format!(
@@ -504,6 +528,7 @@ mod tests {
                 },
             }),
             state_dir: None,
+            guard_frames: false,
         }
     }
 

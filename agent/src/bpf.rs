@@ -3,6 +3,7 @@
 
 pub mod counters;
 pub mod events;
+pub mod frames;
 pub mod inspect;
 pub mod loader;
 pub mod writer;

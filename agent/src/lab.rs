@@ -324,6 +324,7 @@ impl Lab {
                 admin_addr: self.admin_addr,
                 admin_secure: None,
                 state_dir: Some(self.agent_state_dir()),
+                guard_frames: true,
             })
             .map_err(|source| LabError::Agent { source })?,
         );

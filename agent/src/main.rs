@@ -96,6 +96,12 @@ enum Command {
         /// the DaemonSet); one directory per agent.
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Attach a tc program to every enforced pod's interfaces so frames
+        /// written with packet (AF_PACKET) sockets are judged too. It enters
+        /// each pod's network namespace, which in a container needs hostPID
+        /// and CAP_SYS_ADMIN (see docs/kubernetes.md).
+        #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
+        guard_packet_sockets: bool,
     },
     /// Why would a flow pass or not? The deciding policy and rule, per
     /// direction, checked against what the kernel maps hold.
@@ -221,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
             admin_tls_cert,
             admin_tls_key,
             state_dir,
+            guard_packet_sockets,
         } => {
             use portcullis_agent::admin::{tls::CertSource, SecureOptions};
             let admin_secure = admin_secure.then(|| SecureOptions {
@@ -266,6 +273,7 @@ async fn main() -> anyhow::Result<()> {
                 admin_addr: admin_addr.0,
                 admin_secure,
                 state_dir: Some(state_dir),
+                guard_frames: guard_packet_sockets,
             })
             .await
         }

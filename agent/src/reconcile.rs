@@ -65,6 +65,9 @@ pub struct Applied {
     /// Objects held back because they did not fit (their previous version,
     /// if any, applied instead), with the problem to report.
     pub rejected: BTreeMap<PolicyRef, String>,
+    /// The cgroup directories of the enforced endpoints, for what is
+    /// attached per pod rather than per node (the frame program).
+    pub endpoint_cgroups: Vec<PathBuf>,
 }
 
 /// Endpoint ids and rule cookies as people read them. Cookie numbers belong
@@ -289,6 +292,19 @@ impl Reconciler {
             missing_cgroups,
             names,
             rejected,
+            endpoint_cgroups: compiled
+                .endpoints
+                .iter()
+                .map(|e| cgroup::resolve(&self.cgroup_mount, &e.cgroup))
+                .filter(|path| {
+                    cgroup::cgroup_id(path).is_ok_and(|id| {
+                        desired
+                            .endpoints
+                            .get(&id)
+                            .is_some_and(|e| e.endpoint_id != ENDPOINT_ID_NONE)
+                    })
+                })
+                .collect(),
         })
     }
 

@@ -41,6 +41,11 @@ pub const PROG_SENDMSG4: &str = "pcl_sendmsg4";
 pub const PROG_SENDMSG6: &str = "pcl_sendmsg6";
 pub const PROG_INGRESS: &str = "pcl_ingress";
 pub const PROG_EGRESS: &str = "pcl_egress";
+/// The tc program for frames of packet sockets, attached to each enforced
+/// pod's interfaces rather than to the cgroup root.
+pub const PROG_TC_EGRESS: &str = "pcl_tc_egress";
+/// Keeps enforced pods' packet sockets from bypassing tc.
+pub const PROG_SETSOCKOPT: &str = "pcl_setsockopt";
 pub const PROG_RECVMSG4: &str = "pcl_recvmsg4";
 pub const PROG_RECVMSG6: &str = "pcl_recvmsg6";
 pub const PROG_GETPEERNAME4: &str = "pcl_getpeername4";

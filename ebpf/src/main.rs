@@ -19,11 +19,12 @@ mod packet;
 mod service;
 mod skb;
 mod sock;
+mod tc;
 mod verdict;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr},
-    programs::{SkBuffContext, SockAddrContext},
+    macros::{cgroup_skb, cgroup_sock_addr, cgroup_sockopt, classifier},
+    programs::{SkBuffContext, SockAddrContext, SockoptContext, TcContext},
 };
 use portcullis_common::{
     decide::Flow, EndpointValue, PolicyValue, DIRECTION_EGRESS, DIRECTION_INGRESS,
@@ -88,6 +89,19 @@ pub fn pcl_ingress(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn pcl_egress(ctx: SkBuffContext) -> i32 {
     skb::packet(&ctx, DIRECTION_EGRESS)
+}
+
+/// Frames a pod's packet sockets write (tc egress of the pod's interfaces).
+#[classifier]
+pub fn pcl_tc_egress(ctx: TcContext) -> i32 {
+    tc::frame(&ctx)
+}
+
+/// A packet socket with PACKET_QDISC_BYPASS hands its frames to the driver
+/// past tc, and so past `pcl_tc_egress`: an enforced pod may not set it.
+#[cgroup_sockopt(setsockopt)]
+pub fn pcl_setsockopt(ctx: SockoptContext) -> i32 {
+    tc::setsockopt(&ctx)
 }
 
 /// Counters and events name sockets no endpoint owns with this.

@@ -1,39 +1,50 @@
-//! The skb programs' view of a packet, through the shared parser
+//! The skb and tc programs' view of a packet, through the shared parser
 //! (`portcullis_common::packet`), and of the socket it belongs to.
 
-use aya_ebpf::{bindings::bpf_sock, helpers::bpf_sk_fullsock, programs::SkBuffContext};
+use aya_ebpf::{bindings::bpf_sock, helpers::bpf_sk_fullsock, programs::sk_buff::SkBuff};
 use portcullis_common::{
     packet::{self, Headers, PacketBytes},
     PROTO_TCP, PROTO_UDP,
 };
 
-/// Reads through `bpf_skb_load_bytes`, from the network header (where a
-/// cgroup skb program's data starts).
-struct Skb<'a>(&'a SkBuffContext);
+/// Reads through `bpf_skb_load_bytes`, from `base` (where the network
+/// header starts: 0 in a cgroup skb program, past the Ethernet header in a
+/// tc program).
+struct Bytes<'a> {
+    skb: &'a SkBuff,
+    base: usize,
+}
 
-impl PacketBytes for Skb<'_> {
+impl PacketBytes for Bytes<'_> {
     #[inline(always)]
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        self.0.load::<[u8; N]>(offset).ok()
+        self.skb.load::<[u8; N]>(self.base + offset).ok()
     }
 }
 
-/// Parses the packet; `None` when it is not IP the parser can read.
+/// Parses the IP packet of `ethertype` at `base`; `None` when it is not IP
+/// the parser can read.
 #[inline(always)]
-pub fn headers(ctx: &SkBuffContext) -> Option<Headers> {
-    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    packet::parse(&Skb(ctx), ethertype)
+pub fn headers(skb: &SkBuff, ethertype: u16, base: usize) -> Option<Headers> {
+    packet::parse(&Bytes { skb, base }, ethertype)
 }
 
-const SOCK_STREAM: u32 = 1;
-const SOCK_DGRAM: u32 = 2;
-const PROTO_UDPLITE: u32 = 136;
+/// The ethertype the socket layer gave a cgroup skb program's packet.
+#[inline(always)]
+pub fn ethertype(skb: &SkBuff) -> u16 {
+    u16::from_be(skb.protocol() as u16)
+}
 
 /// TCP states (include/net/tcp_states.h) in which a kernel socket's
 /// packets can open a connection: it sends its SYN in SYN_SENT, and
 /// receives SYNs while listening.
 pub const TCP_SYN_SENT: u32 = 2;
 pub const TCP_LISTEN: u32 = 10;
+
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const PROTO_UDPLITE: u32 = 136;
+const AF_PACKET: u32 = 17;
 
 /// What kind of socket a packet belongs to.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -45,17 +56,20 @@ pub enum SocketKind {
     /// A kernel UDP or UDP-Lite socket: its connect() and sendmsg() were
     /// judged by the socket hooks.
     Datagram,
-    /// Anything else — raw and packet sockets, which can write any header,
-    /// ping sockets — or no socket.
+    /// A packet (AF_PACKET) socket: it writes whole frames to the device,
+    /// past every cgroup hook.
+    Packet,
+    /// Anything else — raw sockets, which can write any IP header, ping
+    /// sockets — or no socket.
     Other,
 }
 
 /// The kind of socket the packet belongs to (the sender on egress, the
 /// receiver on ingress).
 #[inline(always)]
-pub fn socket_kind(ctx: &SkBuffContext) -> SocketKind {
+pub fn socket_kind(skb: &SkBuff) -> SocketKind {
     // SAFETY: the context pointer is valid for the program's run.
-    let sk: *mut bpf_sock = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    let sk: *mut bpf_sock = unsafe { (*skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return SocketKind::Other;
     }
@@ -67,7 +81,10 @@ pub fn socket_kind(ctx: &SkBuffContext) -> SocketKind {
         return SocketKind::Tcp { state };
     }
     // SAFETY: a full socket's fields are readable.
-    let (kind, protocol) = unsafe { ((*full).type_, (*full).protocol) };
+    let (family, kind, protocol) = unsafe { ((*full).family, (*full).type_, (*full).protocol) };
+    if family == AF_PACKET {
+        return SocketKind::Packet;
+    }
     match (kind, protocol) {
         (SOCK_STREAM, p) if p == u32::from(PROTO_TCP) => SocketKind::Tcp { state },
         (SOCK_DGRAM, p) if p == u32::from(PROTO_UDP) || p == PROTO_UDPLITE => SocketKind::Datagram,
@@ -79,7 +96,7 @@ pub fn socket_kind(ctx: &SkBuffContext) -> SocketKind {
 /// network namespace): only such a packet can really come from the
 /// endpoint itself.
 #[inline(always)]
-pub fn arrived_on_loopback(ctx: &SkBuffContext) -> bool {
+pub fn arrived_on_loopback(skb: &SkBuff) -> bool {
     // SAFETY: the context pointer is valid for the program's run.
-    unsafe { (*ctx.skb.skb).ingress_ifindex == 1 }
+    unsafe { (*skb.skb).ingress_ifindex == 1 }
 }

@@ -9,7 +9,7 @@
 //! classified. Sources are checked: an endpoint sends only from its own
 //! addresses.
 
-use aya_ebpf::programs::SkBuffContext;
+use aya_ebpf::programs::{sk_buff::SkBuff, SkBuffContext};
 use portcullis_common::{
     decide::{is_local, policy_protocol, Flow},
     packet::{Class, Headers},
@@ -26,24 +26,37 @@ use crate::{
     verdict_code, PASS,
 };
 
-/// Judges one packet in `direction`.
+/// Judges one packet a cgroup skb program sees in `direction`.
 #[inline(always)]
 pub fn packet(ctx: &SkBuffContext, direction: u8) -> i32 {
-    let egress = direction == DIRECTION_EGRESS;
-    let socket = packet::socket_kind(ctx);
-    let kernel_tcp = matches!(socket, SocketKind::Tcp { .. });
+    let skb = &ctx.skb;
+    let socket = packet::socket_kind(skb);
     // The fast path, before parsing: a kernel TCP socket that is neither
     // connecting (egress) nor listening (ingress) carries only segments of
     // connections whose SYN was judged.
     if let SocketKind::Tcp { state } = socket {
-        let opening = if egress { TCP_SYN_SENT } else { TCP_LISTEN };
+        let opening = if direction == DIRECTION_EGRESS {
+            TCP_SYN_SENT
+        } else {
+            TCP_LISTEN
+        };
         if state != opening {
             return PASS;
         }
     }
-    let Some(headers) = packet::headers(ctx) else {
-        return malformed(ctx, direction);
+    let headers = packet::headers(skb, packet::ethertype(skb), 0);
+    judge(skb, direction, socket, headers)
+}
+
+/// Judges a packet whose headers were parsed (`None`: not readable IP)
+/// for the socket that sent or receives it.
+#[inline(always)]
+pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<Headers>) -> i32 {
+    let Some(headers) = headers else {
+        return malformed(skb, direction);
     };
+    let egress = direction == DIRECTION_EGRESS;
+    let kernel_tcp = matches!(socket, SocketKind::Tcp { .. });
     let transport = headers.transport;
     let is_tcp = transport.is_tcp();
     if is_tcp && kernel_tcp && !transport.is_tcp_syn() {
@@ -74,12 +87,12 @@ pub fn packet(ctx: &SkBuffContext, direction: u8) -> i32 {
         peer_port,
         policy_port: if egress { peer_port } else { local_port },
     };
-    let ep = match endpoint::of_skb(generation, ctx.skb.skb) {
+    let ep = match endpoint::of_skb(generation, skb.skb) {
         Owner::Endpoint(ep) => ep,
         Owner::NotProgrammed => return not_programmed(&flow),
         Owner::Free => return PASS,
     };
-    if spoofed(ctx, &ep, &headers, egress) {
+    if spoofed(skb, &ep, &headers, egress) {
         return refuse(&ep, &flow, &verdict::deny(REASON_SPOOFED));
     }
     if unclassified {
@@ -134,20 +147,20 @@ fn datagram(ep: &EndpointValue, flow: &Flow, d: &Datagram, judged_at_socket: boo
 /// the wire that claims to come from the endpoint itself (or loopback) is
 /// forged: real local traffic arrives on loopback.
 #[inline(always)]
-fn spoofed(ctx: &SkBuffContext, ep: &EndpointValue, headers: &Headers, egress: bool) -> bool {
+fn spoofed(skb: &SkBuff, ep: &EndpointValue, headers: &Headers, egress: bool) -> bool {
     if egress {
         !is_local(ep, &headers.src_addr)
     } else {
-        is_local(ep, &headers.src_addr) && !packet::arrived_on_loopback(ctx)
+        is_local(ep, &headers.src_addr) && !packet::arrived_on_loopback(skb)
     }
 }
 
 /// A packet that is not IP the parser can read: an enforced endpoint's is
 /// dropped, whatever its policy (it has no addresses to judge).
 #[inline(always)]
-fn malformed(ctx: &SkBuffContext, direction: u8) -> i32 {
+fn malformed(skb: &SkBuff, direction: u8) -> i32 {
     let generation = endpoint::active_generation();
-    let ep = match endpoint::of_skb(generation, ctx.skb.skb) {
+    let ep = match endpoint::of_skb(generation, skb.skb) {
         Owner::Free => return PASS,
         Owner::Endpoint(ep) => ep,
         Owner::NotProgrammed => no_endpoint(),

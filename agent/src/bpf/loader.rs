@@ -15,17 +15,22 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt,
+        ProgramError, SchedClassifier,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
 use portcullis_common::{
     State, ABI_VERSION, BACKENDS_MAP, ENDPOINTS_MAP, IDENTITIES_MAP, POLICY_MAP, PROG_CONNECT4,
     PROG_CONNECT6, PROG_EGRESS, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_INGRESS, PROG_RECVMSG4,
-    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, SERVICES_MAP, STATE_MAP,
+    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SETSOCKOPT, PROG_TC_EGRESS, SERVICES_MAP,
+    STATE_MAP,
 };
 
-use super::writer::MapWriter;
+use super::{
+    frames::{FrameGuard, FrameGuardError},
+    writer::MapWriter,
+};
 
 /// The kernel object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
@@ -107,16 +112,18 @@ pub struct DataplaneOptions {
 /// The loaded programs and the map writer.
 pub struct Dataplane {
     pub writer: MapWriter,
-    // Owns the program fds; links are pinned and outlive it.
-    _ebpf: Ebpf,
+    /// Owns the program fds; links are pinned and outlive it.
+    ebpf: Ebpf,
+    frames: FrameGuard,
 }
 
 enum Hook {
     SockAddr,
     Skb(CgroupSkbAttachType),
+    Sockopt,
 }
 
-const PROGRAMS: [(&str, Hook); 10] = [
+const PROGRAMS: [(&str, Hook); 11] = [
     (PROG_CONNECT4, Hook::SockAddr),
     (PROG_CONNECT6, Hook::SockAddr),
     (PROG_SENDMSG4, Hook::SockAddr),
@@ -127,6 +134,7 @@ const PROGRAMS: [(&str, Hook); 10] = [
     (PROG_GETPEERNAME6, Hook::SockAddr),
     (PROG_INGRESS, Hook::Skb(CgroupSkbAttachType::Ingress)),
     (PROG_EGRESS, Hook::Skb(CgroupSkbAttachType::Egress)),
+    (PROG_SETSOCKOPT, Hook::Sockopt),
 ];
 
 /// How many programs (and pinned links) the agent attaches.
@@ -194,10 +202,39 @@ impl Dataplane {
             HashMap::try_from(take_map(&mut ebpf, SERVICES_MAP)?).map_err(map(SERVICES_MAP))?,
             HashMap::try_from(take_map(&mut ebpf, BACKENDS_MAP)?).map_err(map(BACKENDS_MAP))?,
         );
+        let frames_program: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC_EGRESS)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoadError::MissingProgram {
+                name: PROG_TC_EGRESS,
+            })?;
+        frames_program.load().map_err(|source| LoadError::Program {
+            name: PROG_TC_EGRESS,
+            source,
+        })?;
+        let frames = FrameGuard::new(&opts.pin_dir).map_err(|e| LoadError::Link {
+            name: PROG_TC_EGRESS,
+            path: opts.pin_dir.join(super::frames::POD_LINKS_DIR),
+            source: Box::new(e),
+        })?;
         Ok(Self {
             writer,
-            _ebpf: ebpf,
+            ebpf,
+            frames,
         })
+    }
+
+    /// Keeps the frame program on the interfaces of the pods whose cgroups
+    /// are given (see [`FrameGuard::sync`]).
+    pub fn guard_frames(&mut self, cgroups: &[PathBuf]) -> Vec<FrameGuardError> {
+        match self
+            .ebpf
+            .program_mut(PROG_TC_EGRESS)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+        {
+            Some(program) => self.frames.sync(program, cgroups),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -255,6 +292,14 @@ fn attach(
             let id = p.attach(cgroup, attach_type, mode).map_err(err)?;
             FdLink::try_from(p.take_link(id).map_err(err)?)
         }
+        Hook::Sockopt => {
+            let p: &mut CgroupSockopt = program
+                .try_into()
+                .map_err(|_| LoadError::MissingProgram { name })?;
+            p.load().map_err(err)?;
+            let id = p.attach(cgroup, mode).map_err(err)?;
+            FdLink::try_from(p.take_link(id).map_err(err)?)
+        }
     };
     link.map_err(|e| LoadError::Link {
         name,
@@ -309,6 +354,11 @@ fn check_abi(pin_dir: &Path) -> Result<(), LoadError> {
 /// Detaches the programs and removes every pinned map and link under
 /// `pin_dir`: enforcement stops. Missing state is not an error.
 pub fn uninstall(pin_dir: &Path) -> Result<(), LoadError> {
+    super::frames::uninstall(pin_dir).map_err(|e| LoadError::Link {
+        name: PROG_TC_EGRESS,
+        path: pin_dir.join(super::frames::POD_LINKS_DIR),
+        source: Box::new(e),
+    })?;
     let links_dir = pin_dir.join(LINKS_DIR);
     if let Ok(entries) = fs::read_dir(&links_dir) {
         for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {

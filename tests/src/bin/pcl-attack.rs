@@ -232,6 +232,20 @@ fn link_addr(ifname: &str, protocol: u16, mac: [u8; 6]) -> io::Result<SockAddr> 
 fn packet_send(ifname: &str, dst_mac: [u8; 6], frame: &[u8]) -> io::Result<()> {
     // Protocol 0: a send-only packet socket that receives nothing.
     let sock = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(0)))?;
+    // As an attacker would: ask for PACKET_QDISC_BYPASS, which hands frames
+    // to the driver past tc. Portcullis refuses it to enforced pods; where
+    // it is refused, send the ordinary way.
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, and an int option of the right size.
+    let _ = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
     sock.send_to(frame, &link_addr(ifname, 0, dst_mac)?)?;
     Ok(())
 }
