@@ -7,6 +7,7 @@
 
 use std::{
     fs::{self, File},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -174,7 +175,7 @@ impl Dataplane {
             .map(|d| d.as_nanos())
             .unwrap_or_default();
         for (name, hook) in PROGRAMS {
-            let link = attach(&mut ebpf, name, hook, &cgroup)?;
+            let link = attach(&mut ebpf, name, hook, &cgroup, &links_dir)?;
             let path = links_dir.join(format!("{name}-{stamp}"));
             link.pin(&path).map_err(|e| LoadError::Link {
                 name,
@@ -266,6 +267,7 @@ fn attach(
     name: &'static str,
     hook: Hook,
     cgroup: &File,
+    scratch: &Path,
 ) -> Result<FdLink, LoadError> {
     let err = |source| LoadError::Program { name, source };
     let program = ebpf
@@ -297,8 +299,16 @@ fn attach(
                 .try_into()
                 .map_err(|_| LoadError::MissingProgram { name })?;
             p.load().map_err(err)?;
-            let id = p.attach(cgroup, mode).map_err(err)?;
-            FdLink::try_from(p.take_link(id).map_err(err)?)
+            let prog = p.fd().map_err(err)?;
+            let link = raw_link::cgroup(prog.as_fd(), cgroup.as_fd(), BPF_CGROUP_SETSOCKOPT)
+                .map_err(io("attaching program to", &PathBuf::from(name)))?;
+            return raw_link::into_fd_link(link, scratch).map_err(|e| {
+                LoadError::Link {
+                    name,
+                    path: PathBuf::new(),
+                    source: Box::new(e),
+                }
+            });
         }
     };
     link.map_err(|e| LoadError::Link {
@@ -306,6 +316,74 @@ fn attach(
         path: PathBuf::new(),
         source: Box::new(e),
     })
+}
+
+/// `bpf_attach_type` of cgroup setsockopt programs (uapi/linux/bpf.h).
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+
+/// Cgroup links aya 0.14 creates but cannot hand out as an [`FdLink`] to
+/// pin (sockopt programs): made with the bpf(2) commands directly.
+mod raw_link {
+    use std::{
+        ffi::CString,
+        io,
+        os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        path::Path,
+    };
+
+    use aya::programs::links::{FdLink, PinnedLink};
+
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+
+    /// `union bpf_attr` is larger; the kernel wants the tail zeroed.
+    #[repr(C, align(8))]
+    struct Attr([u8; 128]);
+
+    fn bpf(cmd: libc::c_long, attr: &Attr) -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a valid, zero-padded bpf_attr for `cmd`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *const Attr,
+                std::mem::size_of::<Attr>(),
+            )
+        };
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }
+
+    /// BPF_LINK_CREATE of `prog` on the cgroup `target` (no flags: links
+    /// always coexist).
+    pub fn cgroup(prog: BorrowedFd, target: BorrowedFd, attach_type: u32) -> io::Result<OwnedFd> {
+        let mut attr = Attr([0; 128]);
+        attr.0[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[4..8].copy_from_slice(&(target.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+        let fd = bpf(BPF_LINK_CREATE, &attr)?;
+        // SAFETY: the kernel returned a new link file descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Pins the link at a scratch path in the bpffs directory `scratch`, opens
+    /// it back as aya's [`FdLink`] and removes the scratch pin (the link
+    /// lives on through the returned descriptor).
+    pub fn into_fd_link(link: OwnedFd, scratch: &Path) -> io::Result<FdLink> {
+        // No dot: bpffs refuses names with one (EPERM).
+        let path = scratch.join(format!("scratch-{}", std::process::id()));
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+        let mut attr = Attr([0; 128]);
+        attr.0[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+        attr.0[8..12].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+        bpf(BPF_OBJ_PIN, &attr)?;
+        let opened = PinnedLink::from_pin(&path).map_err(io::Error::other);
+        let _ = std::fs::remove_file(&path);
+        Ok(FdLink::from(opened?))
+    }
 }
 
 /// Mounts bpffs at `dir` unless one is there already.
