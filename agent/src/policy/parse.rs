@@ -7,7 +7,7 @@
 //! Each policy document is read twice: once as a generic YAML value to learn
 //! its kind and name (so every later error can name the object), then into
 //! the typed wire form straight from the text, so schema errors (unknown
-//! field, wrong type) carry serde_yaml's field path and line.
+//! field, wrong type) carry the field path and line (see [`yaml`]).
 
 use std::{
     collections::HashMap,
@@ -16,8 +16,9 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::Deserialize;
 use thiserror::Error;
+
+pub use self::yaml::YamlError;
 
 use crate::policy::{
     model::{
@@ -90,7 +91,7 @@ pub enum ParseError {
     Yaml {
         origin: Origin,
         #[source]
-        source: serde_yaml::Error,
+        source: YamlError,
     },
     #[error("{origin}: expected an object with apiVersion, kind and metadata")]
     NotAnObject { origin: Origin },
@@ -113,7 +114,7 @@ pub enum ParseError {
         object: Box<ObjectName>,
         kind: ObjectKind,
         #[source]
-        source: serde_yaml::Error,
+        source: YamlError,
     },
     #[error("{origin}: {policy} is defined twice (first in {first})")]
     DuplicatePolicy {
@@ -193,7 +194,7 @@ pub enum ParseError {
     InventoryYaml {
         path: PathBuf,
         #[source]
-        source: serde_yaml::Error,
+        source: YamlError,
     },
     #[error("{}: invalid inventory", path.display())]
     Inventory {
@@ -208,29 +209,26 @@ pub enum ParseError {
 pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<PolicyObject>, ParseError> {
     let origin = |document: usize| Origin::File {
         path: path.to_path_buf(),
-        document: document + 1,
+        document,
     };
-    // serde_yaml keeps yielding the same error after a syntax error, so stop
-    // at the first one.
-    let mut values = Vec::new();
-    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value =
-            serde_yaml::Value::deserialize(document).map_err(|source| ParseError::Yaml {
-                origin: origin(i),
-                source,
-            })?;
-        values.push(value);
-    }
+    let documents = yaml::documents(text, usize::MAX).map_err(|e| match e.kind {
+        yaml::StreamErrorKind::Syntax(source) => ParseError::Yaml {
+            origin: origin(e.document),
+            source,
+        },
+        yaml::StreamErrorKind::TooManyDocuments { .. } => unreachable!("no limit"),
+    })?;
 
     let mut policies = Vec::new();
     let mut first_seen: HashMap<PolicyRef, Origin> = HashMap::new();
-    let documents = serde_yaml::Deserializer::from_str(text);
-    for (i, (value, document)) in values.iter().zip(documents).enumerate() {
-        if value.is_null() {
-            continue;
-        }
-        let origin = origin(i);
-        let header = Header::read(value, &origin)?;
+    for document in documents.iter().filter(|d| !d.is_null) {
+        let origin = origin(document.number);
+        let value: serde_json::Value =
+            document.deserialize().map_err(|source| ParseError::Yaml {
+                origin: origin.clone(),
+                source,
+            })?;
+        let header = Header::read(&value, &origin)?;
         let Some(kind) = object_kind(&header.api_version, &header.kind) else {
             return Err(ParseError::UnsupportedKind {
                 origin,
@@ -248,15 +246,19 @@ pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<PolicyObject>, Pars
         let policy = match kind {
             ObjectKind::NetworkPolicy => network_policy(
                 origin.clone(),
-                &NetworkPolicy::deserialize(document).map_err(schema_error)?,
+                &document
+                    .deserialize::<NetworkPolicy>()
+                    .map_err(schema_error)?,
             )?,
             ObjectKind::L4Policy => l4_policy(
                 origin.clone(),
-                &L4Policy::deserialize(document).map_err(schema_error)?,
+                &document.deserialize::<L4Policy>().map_err(schema_error)?,
             )?,
             ObjectKind::ClusterL4Policy => cluster_l4_policy(
                 origin.clone(),
-                &ClusterL4Policy::deserialize(document).map_err(schema_error)?,
+                &document
+                    .deserialize::<ClusterL4Policy>()
+                    .map_err(schema_error)?,
             )?,
         };
         if let Some(first) = first_seen.get(&policy.reference) {
@@ -290,13 +292,13 @@ struct Header {
 }
 
 impl Header {
-    fn read(value: &serde_yaml::Value, origin: &Origin) -> Result<Self, ParseError> {
-        if !value.is_mapping() {
+    fn read(value: &serde_json::Value, origin: &Origin) -> Result<Self, ParseError> {
+        if !value.is_object() {
             return Err(ParseError::NotAnObject {
                 origin: origin.clone(),
             });
         }
-        let text = |v: Option<&serde_yaml::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
+        let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
         let metadata = value.get("metadata");
         let kind = text(value.get("kind"));
         let cluster_scoped = kind.as_deref() == Some(CLUSTER_L4_POLICY_KIND);
@@ -836,22 +838,20 @@ fn port(at: &Context, raw: &NetworkPolicyPort) -> Result<PortMatch, ParseError> 
 
 /// Parses the workloads file (one YAML document; empty means no workloads).
 pub fn parse_inventory(path: &Path, text: &str) -> Result<Inventory, ParseError> {
-    let yaml_error = |source| ParseError::InventoryYaml {
-        path: path.to_path_buf(),
-        source,
-    };
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(yaml_error)?;
-    if value.is_null() {
-        return Ok(Inventory::default());
-    }
-    // Again from the text, so errors carry field paths and lines.
-    let inventory: Inventory = serde_yaml::from_str(text).map_err(yaml_error)?;
+    let inventory = yaml::single::<Inventory>(text)
+        .map_err(|source| ParseError::InventoryYaml {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .unwrap_or_default();
     inventory.check().map_err(|source| ParseError::Inventory {
         path: path.to_path_buf(),
         source: source.into(),
     })?;
     Ok(inventory)
 }
+
+pub mod yaml;
 
 #[cfg(test)]
 mod portcullis_tests;

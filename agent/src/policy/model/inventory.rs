@@ -110,7 +110,7 @@ fn default_protocol() -> Protocol {
 }
 
 /// Reads a container port as a wide integer so out-of-range values get a
-/// clear message (serde_yaml adds the path of the port entry).
+/// clear message (the parser adds the path of the port entry).
 fn deserialize_container_port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
     let n = i64::deserialize(d)?;
     u16::try_from(n).ok().filter(|p| *p != 0).ok_or_else(|| {
@@ -503,7 +503,7 @@ mod tests {
 
     fn with_services(yaml: &str) -> Result<(), InventoryError> {
         let base = "nodeIPs: [10.0.0.1]\nworkloads: [{name: b, namespace: y, ips: [10.0.1.2]}]\n";
-        let inv: Inventory = serde_yaml::from_str(&format!("{base}{yaml}")).unwrap();
+        let inv: Inventory = serde_saphyr::from_str(&format!("{base}{yaml}")).unwrap();
         inv.check()
     }
 
@@ -550,7 +550,7 @@ mod tests {
             let got = with_services(yaml).unwrap_err().to_string();
             assert!(got.starts_with(want), "{yaml}\n got: {got}\nwant: {want}");
         }
-        let e = serde_yaml::from_str::<Inventory>(
+        let e = serde_saphyr::from_str::<Inventory>(
             "services: [{name: web, clusterIPs: [10.96.0.1], ports: [{port: 0}]}]",
         )
         .unwrap_err()

@@ -197,7 +197,7 @@ fn unknown_fields_and_wrong_types_name_the_field() {
     );
     assert_error(
         &with_spec("  podSelector: {matchLabels: [a]}"),
-        "spec.podSelector.matchLabels: invalid type: sequence",
+        "spec.podSelector.matchLabels: expected mapping start at line 7",
         "schema",
     );
     assert_error(
@@ -484,7 +484,7 @@ workloads:
     );
 
     // It round-trips, so tools (the lab) can write it.
-    let written = serde_yaml::to_string(&inv).unwrap();
+    let written = serde_saphyr::to_string(&inv).unwrap();
     assert_eq!(parse_inventory(Path::new("w.yaml"), &written).unwrap(), inv);
     assert_eq!(
         parse_inventory(Path::new("w.yaml"), "").unwrap(),
@@ -570,4 +570,105 @@ fn inventory_mistakes_are_named() {
         &["namespaces[1]: namespace \"x\" is listed twice"],
     );
     assert_inventory_error("workloads: [\n", &["malformed inventory"]);
+}
+
+// ---------------------------------------------------------------------------
+// Hostile input: each must fail fast with an error naming the document,
+// never hang, exhaust memory or overflow the stack.
+
+/// Runs `f` and asserts it took under two seconds (debug build included).
+fn quickly<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let out = f();
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "{what} took {took:?}"
+    );
+    out
+}
+
+/// Nine anchors, each nine aliases of the one before: 9^9 nodes expanded.
+fn yaml_bomb() -> String {
+    let mut text = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..9 {
+        let p = i - 1;
+        text.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    text
+}
+
+#[test]
+fn a_yaml_bomb_is_rejected() {
+    let bomb = yaml_bomb();
+    let policy = format!(
+        "{}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p}}\nspec:\n  podSelector: {{}}\n  x: *a8\n{}",
+        with_spec("  podSelector: {}"),
+        bomb.replace('\n', "\n  ")
+    );
+    let message = quickly("the policy bomb", || error(&policy));
+    assert!(message.contains("(document 2)"), "{message}");
+    let message = quickly("a bare bomb", || error(&bomb));
+    assert!(message.contains("(document 1)"), "{message}");
+    let message = quickly("the workloads bomb", || {
+        inventory_error(&format!("{bomb}workloads: [{{name: a, labels: *a8}}]\n"))
+    });
+    assert!(message.starts_with("lab/workloads.yaml: "), "{message}");
+}
+
+#[test]
+fn deep_nesting_is_rejected_without_overflowing_the_stack() {
+    for (open, close) in [("[", "]"), ("{a: ", "}")] {
+        let deep = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p}}\nspec: {}{}\n",
+            open.repeat(10_000),
+            close.repeat(10_000)
+        );
+        let message = quickly("10,000 flow levels", || error(&deep));
+        assert!(
+            message.contains("policies/test.yaml (document 1): malformed YAML"),
+            "{message}"
+        );
+    }
+    let mut block = String::from("spec:\n");
+    for level in 1..10_000 {
+        block.push_str(&" ".repeat(level));
+        block.push_str("- \n");
+    }
+    let message = quickly("10,000 block levels", || error(&block));
+    assert!(message.contains("malformed YAML"), "{message}");
+    let message = quickly("a deep workloads file", || {
+        inventory_error(&format!(
+            "workloads: {}{}\n",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        ))
+    });
+    assert!(message.contains("malformed inventory"), "{message}");
+}
+
+#[test]
+fn binary_garbage_is_an_error_not_a_crash() {
+    // A fixed pseudo-random byte string, read as a file would be.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let bytes: Vec<u8> = (0..64 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let text = String::from_utf8_lossy(&bytes);
+    let message = quickly("garbage", || error(&text));
+    assert!(
+        message.starts_with("policies/test.yaml (document "),
+        "{message}"
+    );
+    quickly("garbage workloads", || inventory_error(&text));
+    // Control characters in an otherwise plausible document.
+    let message = error("apiVersion: networking.k8s.io/v1\nkind: Network\u{0}Policy\n");
+    assert!(message.contains("document 1"), "{message}");
 }
