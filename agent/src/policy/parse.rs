@@ -22,11 +22,12 @@ pub use self::yaml::YamlError;
 
 use crate::policy::{
     model::{
-        default_namespace, is_valid_port_name, Action, ClusterL4Policy, ClusterPolicyRules,
-        IntOrString, Inventory, InventoryError, L4Policy, L4PolicyRules, LabelSelector, Mode,
-        NamespaceScope, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicyRules,
-        ObjectKind, Origin, Peer, Peers, PolicyKind, PolicyObject, PolicyRef, PortMatch, PortSpec,
-        Protocol, Rule, Tier, TierRule,
+        default_namespace, is_valid_port_name,
+        names::{self, abbreviate, NameError},
+        Action, ClusterL4Policy, ClusterPolicyRules, IntOrString, Inventory, InventoryError,
+        L4Policy, L4PolicyRules, LabelSelector, Mode, NamespaceScope, NetworkPolicy,
+        NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicyRules, ObjectKind, Origin, Peer, Peers,
+        PolicyKind, PolicyObject, PolicyRef, PortMatch, PortSpec, Protocol, Rule, Tier, TierRule,
     },
     selector::{Selector, SelectorError},
 };
@@ -38,6 +39,13 @@ pub const L4_POLICY_KIND: &str = "L4Policy";
 pub const CLUSTER_L4_POLICY_KIND: &str = "ClusterL4Policy";
 /// ClusterL4Policy priorities.
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = 0..=1000;
+/// Largest policy or workloads file read. Kubernetes refuses objects over
+/// about 1.5 MiB; a file may hold many (10,000 benchmark rules take 1.3 MB).
+pub const MAX_FILE_BYTES: usize = 4 << 20;
+/// Most documents (objects) in one policy file.
+pub const MAX_DOCUMENTS: usize = 10_000;
+/// Most namespaces, workloads and services, together, in a workloads file.
+pub const MAX_INVENTORY_ENTRIES: usize = 50_000;
 
 /// The object a message is about, as far as it is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +95,20 @@ impl fmt::Display for Context {
 
 #[derive(Debug, Error)]
 pub enum ParseError {
+    #[error("{}: the file is {size} bytes; at most {MAX_FILE_BYTES} are read", path.display())]
+    TooLarge { path: PathBuf, size: usize },
+    #[error("{origin}: a policy file holds at most {MAX_DOCUMENTS} documents")]
+    TooManyDocuments { origin: Origin },
+    #[error("{}: {count} namespaces, workloads and services; at most {MAX_INVENTORY_ENTRIES} are allowed", path.display())]
+    TooManyEntries { path: PathBuf, count: usize },
+    #[error("{at}: {value:?} is not valid")]
+    InvalidName {
+        at: Box<Context>,
+        /// Abbreviated when long.
+        value: String,
+        #[source]
+        source: NameError,
+    },
     #[error("{origin}: malformed YAML")]
     Yaml {
         origin: Origin,
@@ -207,16 +229,19 @@ pub enum ParseError {
 /// Parses a multi-document YAML file of policies. Empty documents are
 /// skipped; a policy defined twice in the file is an error.
 pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<PolicyObject>, ParseError> {
+    check_size(path, text)?;
     let origin = |document: usize| Origin::File {
         path: path.to_path_buf(),
         document,
     };
-    let documents = yaml::documents(text, usize::MAX).map_err(|e| match e.kind {
+    let documents = yaml::documents(text, MAX_DOCUMENTS).map_err(|e| match e.kind {
         yaml::StreamErrorKind::Syntax(source) => ParseError::Yaml {
             origin: origin(e.document),
             source,
         },
-        yaml::StreamErrorKind::TooManyDocuments { .. } => unreachable!("no limit"),
+        yaml::StreamErrorKind::TooManyDocuments { .. } => ParseError::TooManyDocuments {
+            origin: origin(e.document),
+        },
     })?;
 
     let mut policies = Vec::new();
@@ -274,6 +299,17 @@ pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<PolicyObject>, Pars
     Ok(policies)
 }
 
+/// Refuses a file over [`MAX_FILE_BYTES`] before any parsing.
+fn check_size(path: &Path, text: &str) -> Result<(), ParseError> {
+    if text.len() > MAX_FILE_BYTES {
+        return Err(ParseError::TooLarge {
+            path: path.to_path_buf(),
+            size: text.len(),
+        });
+    }
+    Ok(())
+}
+
 /// The kind an apiVersion and kind name, if Portcullis reads it.
 fn object_kind(api_version: &str, kind: &str) -> Option<ObjectKind> {
     match (api_version, kind) {
@@ -303,12 +339,17 @@ impl Header {
         let kind = text(value.get("kind"));
         let cluster_scoped = kind.as_deref() == Some(CLUSTER_L4_POLICY_KIND);
         let object = ObjectName {
-            kind: kind.clone(),
+            kind: kind.as_deref().map(abbreviate),
             namespace: object_namespace(
                 cluster_scoped,
                 text(metadata.and_then(|m| m.get("namespace"))),
-            ),
-            name: text(metadata.and_then(|m| m.get("name"))).filter(|n| !n.is_empty()),
+            )
+            .as_deref()
+            .map(abbreviate),
+            name: text(metadata.and_then(|m| m.get("name")))
+                .filter(|n| !n.is_empty())
+                .as_deref()
+                .map(abbreviate),
         };
         let missing = |field| ParseError::MissingField {
             origin: origin.clone(),
@@ -539,12 +580,15 @@ fn identify(
     metadata: &crate::policy::model::ObjectMeta,
 ) -> Result<(Context, PolicyRef), ParseError> {
     let cluster_scoped = expected == ObjectKind::ClusterL4Policy;
+    let namespace = object_namespace(cluster_scoped, metadata.namespace.clone());
+    let name = metadata.name.clone().filter(|n| !n.is_empty());
+    // Names are shortened for messages: they are checked only below.
     let object = ObjectName {
-        kind: Some(kind.to_string()),
-        namespace: object_namespace(cluster_scoped, metadata.namespace.clone()),
-        name: metadata.name.clone().filter(|n| !n.is_empty()),
+        kind: Some(abbreviate(kind)),
+        namespace: namespace.as_deref().map(abbreviate),
+        name: name.as_deref().map(abbreviate),
     };
-    let Some(name) = object.name.clone() else {
+    let Some(name) = name else {
         return Err(ParseError::MissingField {
             origin,
             object: object.into(),
@@ -555,27 +599,38 @@ fn identify(
         return Err(ParseError::UnsupportedKind {
             origin,
             object: object.into(),
-            api_version: api_version.to_string(),
-            kind: kind.to_string(),
+            api_version: abbreviate(api_version),
+            kind: abbreviate(kind),
         });
     }
-    if let Some(namespace) = metadata.namespace.clone().filter(|_| cluster_scoped) {
-        return Err(ParseError::NamespaceOnClusterPolicy {
-            origin,
-            object: object.into(),
-            kind: expected,
-            namespace,
-        });
-    }
-    let reference = PolicyRef {
-        namespace: object.namespace.clone().unwrap_or_default(),
-        name,
-        kind: expected,
-    };
     let cx = Context {
         origin,
         object,
         field: String::new(),
+    };
+    let invalid = |field: &str, value: &str, source| ParseError::InvalidName {
+        at: cx.at(field).into(),
+        value: abbreviate(value),
+        source,
+    };
+    names::dns1123_subdomain(&name).map_err(|e| invalid("metadata.name", &name, e))?;
+    if let Some(namespace) = metadata.namespace.as_deref() {
+        if cluster_scoped {
+            return Err(ParseError::NamespaceOnClusterPolicy {
+                origin: cx.origin,
+                object: cx.object.into(),
+                kind: expected,
+                namespace: abbreviate(namespace),
+            });
+        }
+    }
+    if let Some(namespace) = &namespace {
+        names::dns1123_label(namespace).map_err(|e| invalid("metadata.namespace", namespace, e))?;
+    }
+    let reference = PolicyRef {
+        namespace: namespace.unwrap_or_default(),
+        name,
+        kind: expected,
     };
     Ok((cx, reference))
 }
@@ -838,12 +893,20 @@ fn port(at: &Context, raw: &NetworkPolicyPort) -> Result<PortMatch, ParseError> 
 
 /// Parses the workloads file (one YAML document; empty means no workloads).
 pub fn parse_inventory(path: &Path, text: &str) -> Result<Inventory, ParseError> {
+    check_size(path, text)?;
     let inventory = yaml::single::<Inventory>(text)
         .map_err(|source| ParseError::InventoryYaml {
             path: path.to_path_buf(),
             source,
         })?
         .unwrap_or_default();
+    let count = inventory.namespaces.len() + inventory.workloads.len() + inventory.services.len();
+    if count > MAX_INVENTORY_ENTRIES {
+        return Err(ParseError::TooManyEntries {
+            path: path.to_path_buf(),
+            count,
+        });
+    }
     inventory.check().map_err(|source| ParseError::Inventory {
         path: path.to_path_buf(),
         source: source.into(),

@@ -24,7 +24,7 @@ pub const MAX_DEPTH: usize = 64;
 /// Most nodes that aliases may add to one document, so a YAML bomb (nested
 /// anchors, each aliased many times) stops early. Policies rarely use
 /// aliases at all.
-pub const MAX_ALIAS_REPLAY: usize = 100_000;
+pub const MAX_ALIAS_REPLAY: usize = 20_000;
 
 /// What went wrong in one document, as the YAML library reports it.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
