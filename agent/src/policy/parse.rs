@@ -258,8 +258,8 @@ pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<PolicyObject>, Pars
             return Err(ParseError::UnsupportedKind {
                 origin,
                 object: header.object.into(),
-                api_version: header.api_version,
-                kind: header.kind,
+                api_version: abbreviate(&header.api_version),
+                kind: abbreviate(&header.kind),
             });
         };
         let schema_error = |source| ParseError::Schema {
@@ -427,7 +427,7 @@ pub fn l4_policy(origin: Origin, raw: &L4Policy) -> Result<PolicyObject, ParseEr
         Some(other) => {
             return Err(ParseError::UnknownMode {
                 at: cx.at("spec.mode").into(),
-                value: other.to_string(),
+                value: abbreviate(other),
             })
         }
     };
@@ -482,7 +482,7 @@ pub fn cluster_l4_policy(
         Some(other) => {
             return Err(ParseError::UnknownTier {
                 at: cx.at("spec.tier").into(),
-                value: other.to_string(),
+                value: abbreviate(other),
             })
         }
     };
@@ -518,7 +518,7 @@ pub fn cluster_l4_policy(
             Some(other) => {
                 return Err(ParseError::UnknownAction {
                     at: cx.at(format!("{field}.action")).into(),
-                    value: other.to_string(),
+                    value: abbreviate(other),
                 })
             }
         };
@@ -653,7 +653,7 @@ fn policy_types(
             _ => {
                 return Err(ParseError::UnknownPolicyType {
                     at: cx.at(format!("spec.policyTypes[{i}]")).into(),
-                    value: value.clone(),
+                    value: abbreviate(value),
                 })
             }
         }
@@ -807,7 +807,7 @@ fn peer(
 fn cidr(at: &Context, text: &str) -> Result<IpNet, ParseError> {
     let net: IpNet = text.parse().map_err(|source| ParseError::InvalidCidr {
         at: at.clone().into(),
-        value: text.to_string(),
+        value: abbreviate(text),
         source,
     })?;
     let net = net.trunc();
@@ -837,7 +837,7 @@ fn port(at: &Context, raw: &NetworkPolicyPort) -> Result<PortMatch, ParseError> 
         Some(other) => {
             return Err(ParseError::UnknownProtocol {
                 at: field("protocol").into(),
-                protocol: other.to_string(),
+                protocol: abbreviate(other),
             })
         }
     };
@@ -876,13 +876,13 @@ fn port(at: &Context, raw: &NetworkPolicyPort) -> Result<PortMatch, ParseError> 
             if !is_valid_port_name(name) {
                 return Err(ParseError::InvalidPortName {
                     at: field("port").into(),
-                    name: name.clone(),
+                    name: abbreviate(name),
                 });
             }
             if end.is_some() {
                 return Err(ParseError::EndPortWithNamedPort {
                     at: field("endPort").into(),
-                    name: name.clone(),
+                    name: abbreviate(name),
                 });
             }
             PortSpec::Named(name.clone())

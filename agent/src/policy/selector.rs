@@ -157,7 +157,7 @@ impl Selector {
                 other => {
                     return Err(SelectorError::UnknownOperator {
                         index,
-                        operator: other.to_string(),
+                        operator: abbreviate(other),
                     })
                 }
             };

@@ -284,7 +284,7 @@ impl Inventory {
                     return Err(InventoryError::InvalidPortName {
                         field: format!("{field}.name"),
                         workload,
-                        name: port.name.clone(),
+                        name: abbreviate(&port.name),
                     });
                 }
                 if port.container_port == 0 {
@@ -298,7 +298,7 @@ impl Inventory {
                     return Err(InventoryError::DuplicatePortName {
                         field: format!("{field}.name"),
                         workload,
-                        name: port.name.clone(),
+                        name: abbreviate(&port.name),
                         first: format!("{at}.ports[{first}]"),
                     });
                 }

@@ -899,3 +899,33 @@ fn workload_and_namespace_names_and_labels_are_checked() {
             < 400
     );
 }
+
+#[test]
+fn messages_never_quote_megabytes_of_the_input() {
+    let huge = "x".repeat(1 << 20);
+    let cases = [
+        // The YAML library quotes the value it did not expect.
+        with_spec(&format!("  podSelector: {{matchLabels: '{huge}'}}")),
+        // An unknown field with a huge name.
+        with_spec(&format!("  {huge}: 1")),
+        // Values Portcullis quotes itself.
+        with_spec(&format!("  podSelector: {{}}\n  ingress: [{{ports: [{{port: '{huge}'}}]}}]")),
+        with_spec(&format!("  podSelector: {{}}\n  policyTypes: ['{huge}']")),
+        with_spec(&format!("  podSelector: {{}}\n  egress: [{{to: [{{ipBlock: {{cidr: '{huge}'}}}}]}}]")),
+        format!("apiVersion: networking.k8s.io/v1\nkind: '{huge}'\nmetadata: {{name: p}}\n"),
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: '{huge}'}}\n"),
+    ];
+    for text in cases {
+        let message = error(&text);
+        assert!(
+            message.len() < 1000 && message.contains("policies/test.yaml (document 1)"),
+            "{} bytes: {}",
+            message.len(),
+            &message[..message.len().min(400)]
+        );
+    }
+    let message = inventory_error(&format!(
+        "workloads:\n  - {{name: a, ports: [{{name: '{huge}', containerPort: 80}}]}}\n"
+    ));
+    assert!(message.len() < 1000, "{} bytes", message.len());
+}

@@ -92,7 +92,7 @@ pub fn documents(text: &str, max_documents: usize) -> Result<Vec<Document<'_>>, 
         };
         let (event, span) = event.map_err(|e| StreamError {
             document,
-            kind: StreamErrorKind::Syntax(YamlError::plain(e.to_string())),
+            kind: StreamErrorKind::Syntax(YamlError::plain(clip(&e.to_string()))),
         })?;
         match event {
             Event::DocumentStart(..) => {
@@ -190,8 +190,8 @@ impl Document<'_> {
             render.line_offset = self.line as u64;
             let message = e.render_with_options(render);
             YamlError {
-                field: path.and_then(|p| field(&p, &message)),
-                message,
+                field: path.and_then(|p| field(&p, &message)).map(|f| clip(&f)),
+                message: clip(&message),
             }
         })
     }
@@ -221,6 +221,20 @@ fn field(path: &serde_path_to_error::Path, message: &str) -> Option<String> {
         }
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// Library messages quote the input (`invalid type: string "…"`, unknown
+/// keys); keep their start and their end (the location), never megabytes.
+fn clip(text: &str) -> String {
+    const HEAD: usize = 200;
+    const TAIL: usize = 120;
+    let chars = text.chars().count();
+    if chars <= HEAD + TAIL + 20 {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(HEAD).collect();
+    let tail: String = text.chars().skip(chars - TAIL).collect();
+    format!("{head} …({} bytes)… {tail}", text.len())
 }
 
 fn options() -> serde_saphyr::Options {
