@@ -96,9 +96,8 @@ fn check(value: &str, rule: NameRule, allowed: impl Fn(u8) -> bool) -> Result<()
     let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
         return Err(NameError::Empty { rule });
     };
-    if !(first.is_ascii_alphanumeric() && last.is_ascii_alphanumeric())
-        || !bytes.iter().all(|b| allowed(*b))
-    {
+    let ends = first.is_ascii_alphanumeric() && last.is_ascii_alphanumeric();
+    if !ends || !bytes.iter().all(|b| allowed(*b)) {
         return Err(NameError::Characters { rule });
     }
     Ok(())
