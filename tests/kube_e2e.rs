@@ -149,7 +149,7 @@ fn repo() -> PathBuf {
 /// overlay's `images:` entry must name to replace it.
 fn deployed_image_name() -> String {
     let text = std::fs::read_to_string(repo().join("deploy/daemonset.yaml")).unwrap();
-    let ds: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let ds: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
     let image = ds["spec"]["template"]["spec"]["containers"][0]["image"]
         .as_str()
         .expect("deploy/daemonset.yaml: no container image")

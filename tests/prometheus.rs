@@ -93,18 +93,16 @@ fn substitute(expr: &str) -> String {
 
 #[test]
 fn prometheus_rule_and_plain_rule_file_have_the_same_groups() {
-    let plain: serde_yaml::Value =
-        serde_yaml::from_str(&read("prometheus/rules.yaml")).expect("rules.yaml parses");
-    let operator: serde_yaml::Value =
-        serde_yaml::from_str(&read("monitoring/alerts.yaml")).expect("alerts.yaml parses");
+    let plain: serde_json::Value =
+        serde_saphyr::from_str(&read("prometheus/rules.yaml")).expect("rules.yaml parses");
+    let operator: serde_json::Value =
+        serde_saphyr::from_str(&read("monitoring/alerts.yaml")).expect("alerts.yaml parses");
     assert_eq!(
         operator["apiVersion"].as_str(),
         Some("monitoring.coreos.com/v1")
     );
     assert_eq!(operator["kind"].as_str(), Some("PrometheusRule"));
-    let groups = plain["groups"]
-        .as_sequence()
-        .expect("rules.yaml has groups");
+    let groups = plain["groups"].as_array().expect("rules.yaml has groups");
     assert!(!groups.is_empty());
     assert_eq!(
         operator["spec"]["groups"], plain["groups"],
@@ -114,7 +112,7 @@ fn prometheus_rule_and_plain_rule_file_have_the_same_groups() {
     // The alerts the dashboard's users are promised.
     let alerts: BTreeSet<&str> = groups
         .iter()
-        .flat_map(|g| g["rules"].as_sequence().expect("rules").iter())
+        .flat_map(|g| g["rules"].as_array().expect("rules").iter())
         .filter_map(|r| r["alert"].as_str())
         .collect();
     for want in [
@@ -616,12 +614,12 @@ async fn dashboard_queries_and_alert_rules_work_against_a_real_prometheus() {
     assert!(values.contains(&"y"), "{def} → {values:?}");
 
     // Every alert rule loaded and evaluates without error.
-    let plain: serde_yaml::Value = serde_yaml::from_str(&read("prometheus/rules.yaml")).unwrap();
+    let plain: serde_json::Value = serde_saphyr::from_str(&read("prometheus/rules.yaml")).unwrap();
     let want_rules: usize = plain["groups"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
-        .map(|g| g["rules"].as_sequence().unwrap().len())
+        .map(|g| g["rules"].as_array().unwrap().len())
         .sum();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -127,7 +127,7 @@ pub enum CrdError {
     Serialize {
         name: &'static str,
         #[source]
-        source: serde_yaml::Error,
+        source: serde_saphyr::SerializeError,
     },
     #[error("writing {}", path.display())]
     Write {
@@ -145,7 +145,7 @@ pub fn generate() -> Result<Vec<(String, String)>, CrdError> {
     ];
     crds.into_iter()
         .map(|(name, crd)| {
-            let yaml = serde_yaml::to_string(&crd)
+            let yaml = serde_saphyr::to_string(&crd)
                 .map_err(|source| CrdError::Serialize { name, source })?;
             Ok((
                 format!("portcullis.dev_{name}.yaml"),

@@ -819,5 +819,5 @@ fn workloads_yaml(
     if !services.is_empty() {
         doc["services"] = serde_json::to_value(services).expect("services serialize");
     }
-    serde_yaml::to_string(&doc).expect("JSON values serialize to YAML")
+    serde_saphyr::to_string(&doc).expect("JSON values serialize to YAML")
 }

@@ -30,7 +30,7 @@ fn policy_doc_examples_parse() {
             }
             (Some((fragment, block)), l) if l.starts_with("```") => {
                 if *fragment {
-                    serde_yaml::from_str::<serde_yaml::Value>(block)
+                    serde_saphyr::from_str::<serde_json::Value>(block)
                         .unwrap_or_else(|e| panic!("fragment is not YAML: {e}\n{block}"));
                     fragments += 1;
                 } else {

@@ -19,7 +19,7 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use serde::{de::DeserializeOwned, Deserialize as _, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 
 const NAMESPACE: &str = "portcullis-system";
@@ -86,9 +86,9 @@ fn yaml_files(dir: &Path, root: &Path, out: &mut Vec<PathBuf>) {
 /// Parses into `T` and fails if serializing `T` back differs from the
 /// document: k8s-openapi ignores unknown fields, so that is how a
 /// misspelled or misplaced field shows up.
-fn typed<T: DeserializeOwned + Serialize>(doc: &serde_yaml::Value, at: &str) -> T {
-    let obj: T = serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| panic!("{at}: {e}"));
-    let original = serde_json::to_value(doc).unwrap();
+fn typed<T: DeserializeOwned + Serialize>(doc: &Value, at: &str) -> T {
+    let obj: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{at}: {e}"));
+    let original = doc.clone();
     let round_trip = serde_json::to_value(&obj).unwrap();
     if let Some(diff) = first_difference(&original, &round_trip, "") {
         panic!("{at}: {diff} (unknown or misplaced field?)");
@@ -118,7 +118,7 @@ fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
     }
 }
 
-fn parse(doc: &serde_yaml::Value, at: &str) -> Object {
+fn parse(doc: &Value, at: &str) -> Object {
     let kind = doc
         .get("kind")
         .and_then(|k| k.as_str())
@@ -135,12 +135,12 @@ fn parse(doc: &serde_yaml::Value, at: &str) -> Object {
         "Service" => Object::Service(Box::new(typed(doc, at))),
         "CustomResourceDefinition" => Object::CustomResourceDefinition(Box::new(typed(doc, at))),
         "PodMonitor" => {
-            let v: Value = serde_json::to_value(doc).unwrap();
+            let v = doc.clone();
             assert_eq!(v["apiVersion"], "monitoring.coreos.com/v1", "{at}");
             Object::PodMonitor(v)
         }
         "PrometheusRule" => {
-            let v: Value = serde_json::to_value(doc).unwrap();
+            let v = doc.clone();
             assert_eq!(v["apiVersion"], "monitoring.coreos.com/v1", "{at}");
             Object::PrometheusRule(v)
         }
@@ -164,12 +164,10 @@ impl Deploy {
                 kustomizations.insert(rel.clone(), kustomization_resources(&rel, &text));
                 continue;
             }
-            for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-                let doc = serde_yaml::Value::deserialize(doc)
-                    .unwrap_or_else(|e| panic!("{} document {i}: {e}", rel.display()));
-                if doc.is_null() {
-                    continue;
-                }
+            // Empty documents are skipped, so `i` counts objects.
+            let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+            for (i, doc) in docs.into_iter().enumerate() {
                 let at = format!("{} document {i}", rel.display());
                 objects.push((rel.clone(), parse(&doc, &at)));
             }
@@ -220,7 +218,7 @@ impl Deploy {
 /// The local files a kustomization installs (directories stand for their
 /// own kustomization.yaml).
 fn kustomization_resources(rel: &Path, text: &str) -> Vec<PathBuf> {
-    let k: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+    let k: Value = serde_saphyr::from_str(text).unwrap();
     assert_eq!(
         k["kind"].as_str(),
         Some("Kustomization"),
@@ -229,7 +227,7 @@ fn kustomization_resources(rel: &Path, text: &str) -> Vec<PathBuf> {
     );
     let dir = rel.parent().unwrap();
     k["resources"]
-        .as_sequence()
+        .as_array()
         .unwrap_or_else(|| panic!("{} lists no resources", rel.display()))
         .iter()
         .map(|r| dir.join(r.as_str().expect("resources are paths")))

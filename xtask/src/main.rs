@@ -1,6 +1,7 @@
 //! `cargo xtask`: Portcullis build helpers. Every command that builds runs
 //! `setup` first, so a fresh machine needs no manual step.
 
+mod fuzz;
 mod run;
 mod setup;
 mod tasks;
@@ -49,6 +50,18 @@ enum Cmd {
     Lint,
     /// Regenerate the CRD manifests in deploy/crds from agent/src/crd.rs.
     Crdgen,
+    /// Run the cargo-fuzz targets in agent/fuzz (installs cargo-fuzz).
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Run each committed corpus once through its target and stop
+        /// (for CI); fails on any crash.
+        #[arg(long)]
+        replay: bool,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() {
@@ -61,6 +74,15 @@ fn main() {
         Cmd::Bench { args } => tasks::bench(&args),
         Cmd::Lint => tasks::lint(),
         Cmd::Crdgen => tasks::crdgen(),
+        Cmd::Fuzz {
+            seconds,
+            replay,
+            targets,
+        } => fuzz::fuzz(&fuzz::Options {
+            seconds,
+            replay,
+            targets,
+        }),
     };
     if let Err(e) = result {
         eprintln!("✗ xtask: {e:#}");

@@ -39,13 +39,13 @@ fn crds_are_structural_and_carry_the_constraints() {
 
 #[test]
 fn api_objects_convert_to_policies() {
-    let l4: L4Policy = serde_yaml::from_str(
+    let l4: L4Policy = serde_saphyr::from_str(
         "apiVersion: portcullis.dev/v1alpha1\nkind: L4Policy\nmetadata: {name: web, namespace: x}\nspec:\n  podSelector: {}\n  mode: Audit\n  egressDeny: [{ports: [{port: 81}]}]\n",
     )
     .unwrap();
     let policy = l4.to_policy().unwrap();
     assert_eq!(policy.reference, model::PolicyRef::l4_policy("x", "web"));
-    let cluster: ClusterL4Policy = serde_yaml::from_str(
+    let cluster: ClusterL4Policy = serde_saphyr::from_str(
         "apiVersion: portcullis.dev/v1alpha1\nkind: ClusterL4Policy\nmetadata: {name: z}\nspec: {tier: Baseline, priority: 3, ingress: [{action: Pass}]}\n",
     )
     .unwrap();

@@ -20,7 +20,7 @@ pub enum TopologyError {
     Yaml {
         file: String,
         #[source]
-        source: serde_yaml::Error,
+        source: crate::policy::parse::YamlError,
     },
 }
 
@@ -111,10 +111,15 @@ pub fn default_topology() -> Topology {
 
 pub fn parse_topology(file: &Path, text: &str) -> Result<Topology, TopologyError> {
     let file = file.display().to_string();
-    let t: Topology = serde_yaml::from_str(text).map_err(|source| TopologyError::Yaml {
-        file: file.clone(),
-        source,
-    })?;
+    let t: Topology = crate::policy::parse::yaml::single(text)
+        .map_err(|source| TopologyError::Yaml {
+            file: file.clone(),
+            source,
+        })?
+        .ok_or_else(|| TopologyError::Invalid {
+            file: file.clone(),
+            message: "the file is empty".into(),
+        })?;
     validate(&file, &t)?;
     Ok(t)
 }

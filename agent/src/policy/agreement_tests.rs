@@ -447,15 +447,15 @@ fn policy_file() -> impl Strategy<Value = String> {
             let document = |yaml: String| format!("---\n{yaml}");
             let network = network.into_iter().enumerate().map(|(i, mut p)| {
                 p.metadata.name = Some(format!("p{i}"));
-                document(serde_yaml::to_string(&p).unwrap())
+                document(serde_saphyr::to_string(&p).unwrap())
             });
             let l4 = l4.into_iter().enumerate().map(|(i, mut p)| {
                 p.metadata.name = Some(format!("p{i}"));
-                document(serde_yaml::to_string(&p).unwrap())
+                document(serde_saphyr::to_string(&p).unwrap())
             });
             let cluster = cluster.into_iter().enumerate().map(|(i, mut p)| {
                 p.metadata.name = Some(format!("c{i}"));
-                document(serde_yaml::to_string(&p).unwrap())
+                document(serde_saphyr::to_string(&p).unwrap())
             });
             network.chain(l4).chain(cluster).collect()
         })
@@ -592,7 +592,7 @@ fn parse_case(
     policy_text: &str,
 ) -> Result<(Inventory, Vec<PolicyObject>), TestCaseError> {
     // Through the text formats, so parsing accepts all it should.
-    let inventory_text = serde_yaml::to_string(inventory).unwrap();
+    let inventory_text = serde_saphyr::to_string(inventory).unwrap();
     let inventory = parse_inventory(Path::new("workloads.yaml"), &inventory_text)
         .map_err(|e| TestCaseError::fail(format!("{}\n{inventory_text}", chain(&e))))?;
     let policies = parse_policies(Path::new("policies.yaml"), policy_text)
@@ -617,7 +617,7 @@ proptest! {
             let compiled = compiler
                 .compile(&inventory, &policies)
                 .map_err(|e| TestCaseError::fail(chain(&e)))?;
-            let context = format!("--- workloads\n{}\n--- policies\n{text}", serde_yaml::to_string(&inventory).unwrap());
+            let context = format!("--- workloads\n{}\n--- policies\n{text}", serde_saphyr::to_string(&inventory).unwrap());
             check_agreement(&inventory, &policies, &compiled, &context)?;
             prop_assert_eq!(&compiler.compile(&inventory, &policies).unwrap(), &compiled, "recompiling changed the output");
         }

@@ -5,6 +5,7 @@
 //! that the compiler and the evaluator consume.
 
 mod inventory;
+pub mod names;
 mod network_policy;
 mod portcullis;
 

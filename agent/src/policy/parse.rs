@@ -7,7 +7,7 @@
 //! Each policy document is read twice: once as a generic YAML value to learn
 //! its kind and name (so every later error can name the object), then into
 //! the typed wire form straight from the text, so schema errors (unknown
-//! field, wrong type) carry serde_yaml's field path and line.
+//! field, wrong type) carry the field path and line (see [`yaml`]).
 
 use std::{
     collections::HashMap,
@@ -16,16 +16,18 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::Deserialize;
 use thiserror::Error;
+
+pub use self::yaml::YamlError;
 
 use crate::policy::{
     model::{
-        default_namespace, is_valid_port_name, Action, ClusterL4Policy, ClusterPolicyRules,
-        IntOrString, Inventory, InventoryError, L4Policy, L4PolicyRules, LabelSelector, Mode,
-        NamespaceScope, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicyRules,
-        ObjectKind, Origin, Peer, Peers, PolicyKind, PolicyObject, PolicyRef, PortMatch, PortSpec,
-        Protocol, Rule, Tier, TierRule,
+        default_namespace, is_valid_port_name,
+        names::{self, abbreviate, NameError},
+        Action, ClusterL4Policy, ClusterPolicyRules, IntOrString, Inventory, InventoryError,
+        L4Policy, L4PolicyRules, LabelSelector, Mode, NamespaceScope, NetworkPolicy,
+        NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicyRules, ObjectKind, Origin, Peer, Peers,
+        PolicyKind, PolicyObject, PolicyRef, PortMatch, PortSpec, Protocol, Rule, Tier, TierRule,
     },
     selector::{Selector, SelectorError},
 };
@@ -37,6 +39,13 @@ pub const L4_POLICY_KIND: &str = "L4Policy";
 pub const CLUSTER_L4_POLICY_KIND: &str = "ClusterL4Policy";
 /// ClusterL4Policy priorities.
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = 0..=1000;
+/// Largest policy or workloads file read. Kubernetes refuses objects over
+/// about 1.5 MiB; a file may hold many (10,000 benchmark rules take 1.3 MB).
+pub const MAX_FILE_BYTES: usize = 4 << 20;
+/// Most documents (objects) in one policy file.
+pub const MAX_DOCUMENTS: usize = 10_000;
+/// Most namespaces, workloads and services, together, in a workloads file.
+pub const MAX_INVENTORY_ENTRIES: usize = 50_000;
 
 /// The object a message is about, as far as it is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,11 +95,25 @@ impl fmt::Display for Context {
 
 #[derive(Debug, Error)]
 pub enum ParseError {
+    #[error("{}: the file is {size} bytes; at most {MAX_FILE_BYTES} are read", path.display())]
+    TooLarge { path: PathBuf, size: usize },
+    #[error("{origin}: a policy file holds at most {MAX_DOCUMENTS} documents")]
+    TooManyDocuments { origin: Origin },
+    #[error("{}: {count} namespaces, workloads and services; at most {MAX_INVENTORY_ENTRIES} are allowed", path.display())]
+    TooManyEntries { path: PathBuf, count: usize },
+    #[error("{at}: {value:?} is not valid")]
+    InvalidName {
+        at: Box<Context>,
+        /// Abbreviated when long.
+        value: String,
+        #[source]
+        source: NameError,
+    },
     #[error("{origin}: malformed YAML")]
     Yaml {
         origin: Origin,
         #[source]
-        source: serde_yaml::Error,
+        source: YamlError,
     },
     #[error("{origin}: expected an object with apiVersion, kind and metadata")]
     NotAnObject { origin: Origin },
@@ -113,7 +136,7 @@ pub enum ParseError {
         object: Box<ObjectName>,
         kind: ObjectKind,
         #[source]
-        source: serde_yaml::Error,
+        source: YamlError,
     },
     #[error("{origin}: {policy} is defined twice (first in {first})")]
     DuplicatePolicy {
@@ -191,7 +214,7 @@ pub enum ParseError {
     InventoryYaml {
         path: PathBuf,
         #[source]
-        source: serde_yaml::Error,
+        source: YamlError,
     },
     #[error("{}: invalid inventory", path.display())]
     Inventory {
@@ -204,37 +227,37 @@ pub enum ParseError {
 /// Parses a multi-document YAML file of policies. Empty documents are
 /// skipped; a policy defined twice in the file is an error.
 pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<PolicyObject>, ParseError> {
+    check_size(path, text)?;
     let origin = |document: usize| Origin::File {
         path: path.to_path_buf(),
-        document: document + 1,
+        document,
     };
-    // serde_yaml keeps yielding the same error after a syntax error, so stop
-    // at the first one.
-    let mut values = Vec::new();
-    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value =
-            serde_yaml::Value::deserialize(document).map_err(|source| ParseError::Yaml {
-                origin: origin(i),
-                source,
-            })?;
-        values.push(value);
-    }
+    let documents = yaml::documents(text, MAX_DOCUMENTS).map_err(|e| match e.kind {
+        yaml::StreamErrorKind::Syntax(source) => ParseError::Yaml {
+            origin: origin(e.document),
+            source,
+        },
+        yaml::StreamErrorKind::TooManyDocuments { .. } => ParseError::TooManyDocuments {
+            origin: origin(e.document),
+        },
+    })?;
 
     let mut policies = Vec::new();
     let mut first_seen: HashMap<PolicyRef, Origin> = HashMap::new();
-    let documents = serde_yaml::Deserializer::from_str(text);
-    for (i, (value, document)) in values.iter().zip(documents).enumerate() {
-        if value.is_null() {
-            continue;
-        }
-        let origin = origin(i);
-        let header = Header::read(value, &origin)?;
+    for document in documents.iter().filter(|d| !d.is_null) {
+        let origin = origin(document.number);
+        let value: serde_json::Value =
+            document.deserialize().map_err(|source| ParseError::Yaml {
+                origin: origin.clone(),
+                source,
+            })?;
+        let header = Header::read(&value, &origin)?;
         let Some(kind) = object_kind(&header.api_version, &header.kind) else {
             return Err(ParseError::UnsupportedKind {
                 origin,
                 object: header.object.into(),
-                api_version: header.api_version,
-                kind: header.kind,
+                api_version: abbreviate(&header.api_version),
+                kind: abbreviate(&header.kind),
             });
         };
         let schema_error = |source| ParseError::Schema {
@@ -246,15 +269,19 @@ pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<PolicyObject>, Pars
         let policy = match kind {
             ObjectKind::NetworkPolicy => network_policy(
                 origin.clone(),
-                &NetworkPolicy::deserialize(document).map_err(schema_error)?,
+                &document
+                    .deserialize::<NetworkPolicy>()
+                    .map_err(schema_error)?,
             )?,
             ObjectKind::L4Policy => l4_policy(
                 origin.clone(),
-                &L4Policy::deserialize(document).map_err(schema_error)?,
+                &document.deserialize::<L4Policy>().map_err(schema_error)?,
             )?,
             ObjectKind::ClusterL4Policy => cluster_l4_policy(
                 origin.clone(),
-                &ClusterL4Policy::deserialize(document).map_err(schema_error)?,
+                &document
+                    .deserialize::<ClusterL4Policy>()
+                    .map_err(schema_error)?,
             )?,
         };
         if let Some(first) = first_seen.get(&policy.reference) {
@@ -268,6 +295,17 @@ pub fn parse_policies(path: &Path, text: &str) -> Result<Vec<PolicyObject>, Pars
         policies.push(policy);
     }
     Ok(policies)
+}
+
+/// Refuses a file over [`MAX_FILE_BYTES`] before any parsing.
+fn check_size(path: &Path, text: &str) -> Result<(), ParseError> {
+    if text.len() > MAX_FILE_BYTES {
+        return Err(ParseError::TooLarge {
+            path: path.to_path_buf(),
+            size: text.len(),
+        });
+    }
+    Ok(())
 }
 
 /// The kind an apiVersion and kind name, if Portcullis reads it.
@@ -288,23 +326,28 @@ struct Header {
 }
 
 impl Header {
-    fn read(value: &serde_yaml::Value, origin: &Origin) -> Result<Self, ParseError> {
-        if !value.is_mapping() {
+    fn read(value: &serde_json::Value, origin: &Origin) -> Result<Self, ParseError> {
+        if !value.is_object() {
             return Err(ParseError::NotAnObject {
                 origin: origin.clone(),
             });
         }
-        let text = |v: Option<&serde_yaml::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
+        let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
         let metadata = value.get("metadata");
         let kind = text(value.get("kind"));
         let cluster_scoped = kind.as_deref() == Some(CLUSTER_L4_POLICY_KIND);
         let object = ObjectName {
-            kind: kind.clone(),
+            kind: kind.as_deref().map(abbreviate),
             namespace: object_namespace(
                 cluster_scoped,
                 text(metadata.and_then(|m| m.get("namespace"))),
-            ),
-            name: text(metadata.and_then(|m| m.get("name"))).filter(|n| !n.is_empty()),
+            )
+            .as_deref()
+            .map(abbreviate),
+            name: text(metadata.and_then(|m| m.get("name")))
+                .filter(|n| !n.is_empty())
+                .as_deref()
+                .map(abbreviate),
         };
         let missing = |field| ParseError::MissingField {
             origin: origin.clone(),
@@ -382,7 +425,7 @@ pub fn l4_policy(origin: Origin, raw: &L4Policy) -> Result<PolicyObject, ParseEr
         Some(other) => {
             return Err(ParseError::UnknownMode {
                 at: cx.at("spec.mode").into(),
-                value: other.to_string(),
+                value: abbreviate(other),
             })
         }
     };
@@ -437,7 +480,7 @@ pub fn cluster_l4_policy(
         Some(other) => {
             return Err(ParseError::UnknownTier {
                 at: cx.at("spec.tier").into(),
-                value: other.to_string(),
+                value: abbreviate(other),
             })
         }
     };
@@ -473,7 +516,7 @@ pub fn cluster_l4_policy(
             Some(other) => {
                 return Err(ParseError::UnknownAction {
                     at: cx.at(format!("{field}.action")).into(),
-                    value: other.to_string(),
+                    value: abbreviate(other),
                 })
             }
         };
@@ -535,12 +578,15 @@ fn identify(
     metadata: &crate::policy::model::ObjectMeta,
 ) -> Result<(Context, PolicyRef), ParseError> {
     let cluster_scoped = expected == ObjectKind::ClusterL4Policy;
+    let namespace = object_namespace(cluster_scoped, metadata.namespace.clone());
+    let name = metadata.name.clone().filter(|n| !n.is_empty());
+    // Names are shortened for messages: they are checked only below.
     let object = ObjectName {
-        kind: Some(kind.to_string()),
-        namespace: object_namespace(cluster_scoped, metadata.namespace.clone()),
-        name: metadata.name.clone().filter(|n| !n.is_empty()),
+        kind: Some(abbreviate(kind)),
+        namespace: namespace.as_deref().map(abbreviate),
+        name: name.as_deref().map(abbreviate),
     };
-    let Some(name) = object.name.clone() else {
+    let Some(name) = name else {
         return Err(ParseError::MissingField {
             origin,
             object: object.into(),
@@ -551,27 +597,38 @@ fn identify(
         return Err(ParseError::UnsupportedKind {
             origin,
             object: object.into(),
-            api_version: api_version.to_string(),
-            kind: kind.to_string(),
+            api_version: abbreviate(api_version),
+            kind: abbreviate(kind),
         });
     }
-    if let Some(namespace) = metadata.namespace.clone().filter(|_| cluster_scoped) {
-        return Err(ParseError::NamespaceOnClusterPolicy {
-            origin,
-            object: object.into(),
-            kind: expected,
-            namespace,
-        });
-    }
-    let reference = PolicyRef {
-        namespace: object.namespace.clone().unwrap_or_default(),
-        name,
-        kind: expected,
-    };
     let cx = Context {
         origin,
         object,
         field: String::new(),
+    };
+    let invalid = |field: &str, value: &str, source| ParseError::InvalidName {
+        at: cx.at(field).into(),
+        value: abbreviate(value),
+        source,
+    };
+    names::dns1123_subdomain(&name).map_err(|e| invalid("metadata.name", &name, e))?;
+    if let Some(namespace) = metadata.namespace.as_deref() {
+        if cluster_scoped {
+            return Err(ParseError::NamespaceOnClusterPolicy {
+                origin: cx.origin,
+                object: cx.object.into(),
+                kind: expected,
+                namespace: abbreviate(namespace),
+            });
+        }
+    }
+    if let Some(namespace) = &namespace {
+        names::dns1123_label(namespace).map_err(|e| invalid("metadata.namespace", namespace, e))?;
+    }
+    let reference = PolicyRef {
+        namespace: namespace.unwrap_or_default(),
+        name,
+        kind: expected,
     };
     Ok((cx, reference))
 }
@@ -594,7 +651,7 @@ fn policy_types(
             _ => {
                 return Err(ParseError::UnknownPolicyType {
                     at: cx.at(format!("spec.policyTypes[{i}]")).into(),
-                    value: value.clone(),
+                    value: abbreviate(value),
                 })
             }
         }
@@ -748,7 +805,7 @@ fn peer(
 fn cidr(at: &Context, text: &str) -> Result<IpNet, ParseError> {
     let net: IpNet = text.parse().map_err(|source| ParseError::InvalidCidr {
         at: at.clone().into(),
-        value: text.to_string(),
+        value: abbreviate(text),
         source,
     })?;
     let net = net.trunc();
@@ -774,7 +831,7 @@ fn port(at: &Context, raw: &NetworkPolicyPort) -> Result<PortMatch, ParseError> 
         Some(other) => {
             return Err(ParseError::UnknownProtocol {
                 at: field("protocol").into(),
-                protocol: other.to_string(),
+                protocol: abbreviate(other),
             })
         }
     };
@@ -813,13 +870,13 @@ fn port(at: &Context, raw: &NetworkPolicyPort) -> Result<PortMatch, ParseError> 
             if !is_valid_port_name(name) {
                 return Err(ParseError::InvalidPortName {
                     at: field("port").into(),
-                    name: name.clone(),
+                    name: abbreviate(name),
                 });
             }
             if end.is_some() {
                 return Err(ParseError::EndPortWithNamedPort {
                     at: field("endPort").into(),
-                    name: name.clone(),
+                    name: abbreviate(name),
                 });
             }
             PortSpec::Named(name.clone())
@@ -830,22 +887,28 @@ fn port(at: &Context, raw: &NetworkPolicyPort) -> Result<PortMatch, ParseError> 
 
 /// Parses the workloads file (one YAML document; empty means no workloads).
 pub fn parse_inventory(path: &Path, text: &str) -> Result<Inventory, ParseError> {
-    let yaml_error = |source| ParseError::InventoryYaml {
-        path: path.to_path_buf(),
-        source,
-    };
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(yaml_error)?;
-    if value.is_null() {
-        return Ok(Inventory::default());
+    check_size(path, text)?;
+    let inventory = yaml::single::<Inventory>(text)
+        .map_err(|source| ParseError::InventoryYaml {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .unwrap_or_default();
+    let count = inventory.namespaces.len() + inventory.workloads.len() + inventory.services.len();
+    if count > MAX_INVENTORY_ENTRIES {
+        return Err(ParseError::TooManyEntries {
+            path: path.to_path_buf(),
+            count,
+        });
     }
-    // Again from the text, so errors carry field paths and lines.
-    let inventory: Inventory = serde_yaml::from_str(text).map_err(yaml_error)?;
     inventory.check().map_err(|source| ParseError::Inventory {
         path: path.to_path_buf(),
         source: source.into(),
     })?;
     Ok(inventory)
 }
+
+pub mod yaml;
 
 #[cfg(test)]
 mod portcullis_tests;

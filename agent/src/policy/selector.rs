@@ -8,7 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
-use crate::policy::model::{LabelSelector, Labels};
+use crate::policy::model::{
+    names::{self, abbreviate, NameError},
+    LabelSelector, Labels,
+};
 
 /// A validated label selector.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -56,6 +59,22 @@ pub enum SelectorError {
     },
     #[error("empty label key")]
     EmptyKey { index: usize },
+    /// `index` is `None` for `matchLabels`. Keys and values are abbreviated.
+    #[error("label key {key:?} is invalid")]
+    InvalidKey {
+        index: Option<usize>,
+        key: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("label value {value:?} of key {key:?} is invalid")]
+    InvalidValue {
+        index: Option<usize>,
+        key: String,
+        value: String,
+        #[source]
+        source: NameError,
+    },
 }
 
 impl SelectorError {
@@ -66,7 +85,16 @@ impl SelectorError {
             Self::MissingValues { index, .. } | Self::UnexpectedValues { index, .. } => {
                 format!("matchExpressions[{index}].values")
             }
-            Self::EmptyKey { index } => format!("matchExpressions[{index}].key"),
+            Self::EmptyKey { index }
+            | Self::InvalidKey {
+                index: Some(index), ..
+            } => format!("matchExpressions[{index}].key"),
+            Self::InvalidValue {
+                index: Some(index), ..
+            } => format!("matchExpressions[{index}].values"),
+            Self::InvalidKey { index: None, .. } | Self::InvalidValue { index: None, .. } => {
+                "matchLabels".to_string()
+            }
         }
     }
 }
@@ -80,11 +108,15 @@ impl Selector {
     /// Validates the wire form.
     pub fn from_label_selector(raw: &LabelSelector) -> Result<Self, SelectorError> {
         let match_labels = raw.match_labels.clone().unwrap_or_default();
+        for (key, value) in &match_labels {
+            check_label(None, key, [value])?;
+        }
         let mut requirements = Vec::new();
         for (index, expr) in raw.match_expressions.iter().flatten().enumerate() {
             if expr.key.is_empty() {
                 return Err(SelectorError::EmptyKey { index });
             }
+            check_label(Some(index), &expr.key, expr.values.iter().flatten())?;
             let key = expr.key.clone();
             let values: BTreeSet<String> = expr.values.iter().flatten().cloned().collect();
             let requirement = match expr.operator.as_str() {
@@ -125,7 +157,7 @@ impl Selector {
                 other => {
                     return Err(SelectorError::UnknownOperator {
                         index,
-                        operator: other.to_string(),
+                        operator: abbreviate(other),
                     })
                 }
             };
@@ -148,6 +180,28 @@ impl Selector {
             .all(|(k, v)| labels.get(k) == Some(v))
             && self.requirements.iter().all(|r| r.matches(labels))
     }
+}
+
+/// Checks a label key and values as Kubernetes does.
+fn check_label<'a>(
+    index: Option<usize>,
+    key: &str,
+    values: impl IntoIterator<Item = &'a String>,
+) -> Result<(), SelectorError> {
+    names::label_key(key).map_err(|source| SelectorError::InvalidKey {
+        index,
+        key: abbreviate(key),
+        source,
+    })?;
+    for value in values {
+        names::label_value(value).map_err(|source| SelectorError::InvalidValue {
+            index,
+            key: abbreviate(key),
+            value: abbreviate(value),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 impl Requirement {

@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    io::Read,
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -16,7 +17,7 @@ use super::{
 };
 use crate::policy::{
     model::Inventory,
-    parse::{parse_inventory, parse_policies, ParseError},
+    parse::{parse_inventory, parse_policies, ParseError, MAX_FILE_BYTES},
     PolicyObject, PolicyRef,
 };
 
@@ -265,7 +266,10 @@ impl FileSource {
         for path in &files {
             let name = file_name(path);
             pending.present.insert(name.clone());
-            let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+            let text = read_bounded(path).map_err(|e| match e {
+                Bounded::Read(e) => format!("{}: {e}", path.display()),
+                Bounded::TooLarge(e) => error_chain(&e),
+            });
             let parsed = text.and_then(|text| {
                 parse_policies(path, &text)
                     .map(|objects| (text, objects))
@@ -316,8 +320,13 @@ impl FileSource {
         problems: &mut Vec<String>,
         pending: &mut Pending,
     ) -> Result<Inventory, FileSourceError> {
-        let parsed = fs::read_to_string(&self.workloads)
-            .map_err(|source| -> Box<dyn std::error::Error + Send + Sync> { Box::new(source) })
+        let parsed = read_bounded(&self.workloads)
+            .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
+                match e {
+                    Bounded::Read(e) => Box::new(e),
+                    Bounded::TooLarge(e) => Box::new(e),
+                }
+            })
             .and_then(|text| {
                 parse_inventory(&self.workloads, &text)
                     .map(|inv| (text, inv))
@@ -417,6 +426,29 @@ impl FileSource {
         }
         problems
     }
+}
+
+enum Bounded {
+    Read(std::io::Error),
+    TooLarge(ParseError),
+}
+
+/// Reads a policy or workloads file, refusing one over the parser's size
+/// limit without reading it whole.
+fn read_bounded(path: &Path) -> Result<String, Bounded> {
+    let file = fs::File::open(path).map_err(Bounded::Read)?;
+    let size = file.metadata().map_err(Bounded::Read)?.len();
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(Bounded::Read)?;
+    if text.len() > MAX_FILE_BYTES {
+        return Err(Bounded::TooLarge(ParseError::TooLarge {
+            path: path.to_path_buf(),
+            size: usize::try_from(size).unwrap_or(usize::MAX).max(text.len()),
+        }));
+    }
+    Ok(text)
 }
 
 /// One policy per namespace/name: a second definition is a problem, and the
@@ -631,6 +663,47 @@ mod tests {
         assert!(
             e.contains("z.yaml") && e.contains("no valid version"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn oversized_files_are_refused_with_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("policies");
+        fs::create_dir(&policies).unwrap();
+        let workloads = dir.path().join("workloads.yaml");
+        fs::write(&workloads, "workloads: [{name: a, namespace: x}]\n").unwrap();
+        let big = policies.join("big.yaml");
+        let name = "a".repeat(10 << 20);
+        fs::write(
+            &big,
+            format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}}}\n"),
+        )
+        .unwrap();
+        fs::write(
+            policies.join("ok.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: ok, namespace: x}\n",
+        )
+        .unwrap();
+        let mut source = FileSource::new(policies, workloads.clone());
+        let snapshot = source.load().unwrap();
+        assert_eq!(snapshot.policies.len(), 1, "the valid file still applies");
+        let [problem] = snapshot.problems.as_slice() else {
+            panic!("{:?}", snapshot.problems)
+        };
+        assert!(
+            problem.contains("big.yaml: the file is 10485") && problem.contains("at most 4194304"),
+            "{problem}"
+        );
+        assert!(problem.len() < 300, "{problem}");
+
+        fs::write(&workloads, format!("# {}\n", "x".repeat(MAX_FILE_BYTES))).unwrap();
+        let snapshot = source.load().unwrap();
+        assert!(
+            snapshot.problems[0].contains("the file is 4194307 bytes")
+                && snapshot.problems[0].contains("last valid workloads stay in force"),
+            "{:?}",
+            snapshot.problems
         );
     }
 }

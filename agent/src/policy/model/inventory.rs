@@ -11,7 +11,11 @@ use std::{
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
-use super::{default_namespace, is_valid_port_name, Labels, Protocol, NAMESPACE_NAME_LABEL};
+use super::{
+    default_namespace, is_valid_port_name,
+    names::{self, abbreviate, NameError},
+    Labels, Protocol, NAMESPACE_NAME_LABEL,
+};
 
 /// Everything the node knows about workloads: its own addresses, namespace
 /// labels, and every workload (local ones have a cgroup).
@@ -110,7 +114,7 @@ fn default_protocol() -> Protocol {
 }
 
 /// Reads a container port as a wide integer so out-of-range values get a
-/// clear message (serde_yaml adds the path of the port entry).
+/// clear message (the parser adds the path of the port entry).
 fn deserialize_container_port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
     let n = i64::deserialize(d)?;
     u16::try_from(n).ok().filter(|p| *p != 0).ok_or_else(|| {
@@ -212,6 +216,12 @@ impl Inventory {
                     field: format!("namespaces[{i}].name"),
                 });
             }
+            check_name(
+                &ns.name,
+                format!("namespaces[{i}].name"),
+                names::dns1123_label,
+            )?;
+            check_labels(&ns.labels, &format!("namespaces[{i}].labels"))?;
             if let Some(first) = namespaces.insert(&ns.name, i) {
                 return Err(InventoryError::DuplicateNamespace {
                     field: format!("namespaces[{i}]"),
@@ -237,6 +247,13 @@ impl Inventory {
                     ),
                 });
             }
+            check_name(&w.name, format!("{at}.name"), names::dns1123_subdomain)?;
+            check_name(
+                &w.namespace,
+                format!("{at}.namespace"),
+                names::dns1123_label,
+            )?;
+            check_labels(&w.labels, &format!("{at}.labels"))?;
             let workload = w.reference();
             if let Some(first) = workloads.insert(workload.clone(), i) {
                 return Err(InventoryError::DuplicateWorkload {
@@ -267,7 +284,7 @@ impl Inventory {
                     return Err(InventoryError::InvalidPortName {
                         field: format!("{field}.name"),
                         workload,
-                        name: port.name.clone(),
+                        name: abbreviate(&port.name),
                     });
                 }
                 if port.container_port == 0 {
@@ -281,7 +298,7 @@ impl Inventory {
                     return Err(InventoryError::DuplicatePortName {
                         field: format!("{field}.name"),
                         workload,
-                        name: port.name.clone(),
+                        name: abbreviate(&port.name),
                         first: format!("{at}.ports[{first}]"),
                     });
                 }
@@ -307,6 +324,12 @@ impl Inventory {
                     });
                 }
             }
+            check_name(&svc.name, format!("{at}.name"), names::dns1123_label)?;
+            check_name(
+                &svc.namespace,
+                format!("{at}.namespace"),
+                names::dns1123_label,
+            )?;
             let service = format!("{}/{}", svc.namespace, svc.name);
             if let Some(first) = services.insert(service.clone(), i) {
                 return Err(InventoryError::DuplicateService {
@@ -368,6 +391,35 @@ impl Inventory {
     }
 }
 
+fn check_name(
+    value: &str,
+    field: String,
+    rule: fn(&str) -> Result<(), NameError>,
+) -> Result<(), InventoryError> {
+    rule(value).map_err(|source| InventoryError::InvalidName {
+        field,
+        value: abbreviate(value),
+        source,
+    })
+}
+
+fn check_labels(labels: &Labels, field: &str) -> Result<(), InventoryError> {
+    for (key, value) in labels {
+        names::label_key(key).map_err(|source| InventoryError::InvalidLabelKey {
+            field: field.to_string(),
+            key: abbreviate(key),
+            source,
+        })?;
+        names::label_value(value).map_err(|source| InventoryError::InvalidLabelValue {
+            field: field.to_string(),
+            key: abbreviate(key),
+            value: abbreviate(value),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 /// Why an address cannot identify a workload, node or service, if it
 /// cannot: the kernel treats loopback as local, and stores IPv4 as
 /// IPv4-mapped IPv6, so a mapped IPv6 address would alias an IPv4 one.
@@ -410,6 +462,29 @@ fn family(address: &IpAddr) -> &'static str {
 pub enum InventoryError {
     #[error("{field}: name must not be empty")]
     EmptyName { field: String },
+    /// The value is abbreviated when long.
+    #[error("{field}: {value:?} is not valid")]
+    InvalidName {
+        field: String,
+        value: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("{field}: label key {key:?} is invalid")]
+    InvalidLabelKey {
+        field: String,
+        key: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("{field}: label value {value:?} of key {key:?} is invalid")]
+    InvalidLabelValue {
+        field: String,
+        key: String,
+        value: String,
+        #[source]
+        source: NameError,
+    },
     #[error("{field}: namespace {namespace:?} is listed twice (first at {first})")]
     DuplicateNamespace {
         field: String,
@@ -503,7 +578,7 @@ mod tests {
 
     fn with_services(yaml: &str) -> Result<(), InventoryError> {
         let base = "nodeIPs: [10.0.0.1]\nworkloads: [{name: b, namespace: y, ips: [10.0.1.2]}]\n";
-        let inv: Inventory = serde_yaml::from_str(&format!("{base}{yaml}")).unwrap();
+        let inv: Inventory = serde_saphyr::from_str(&format!("{base}{yaml}")).unwrap();
         inv.check()
     }
 
@@ -550,7 +625,7 @@ mod tests {
             let got = with_services(yaml).unwrap_err().to_string();
             assert!(got.starts_with(want), "{yaml}\n got: {got}\nwant: {want}");
         }
-        let e = serde_yaml::from_str::<Inventory>(
+        let e = serde_saphyr::from_str::<Inventory>(
             "services: [{name: web, clusterIPs: [10.96.0.1], ports: [{port: 0}]}]",
         )
         .unwrap_err()

@@ -197,7 +197,7 @@ fn unknown_fields_and_wrong_types_name_the_field() {
     );
     assert_error(
         &with_spec("  podSelector: {matchLabels: [a]}"),
-        "spec.podSelector.matchLabels: invalid type: sequence",
+        "spec.podSelector.matchLabels: expected mapping start at line 7",
         "schema",
     );
     assert_error(
@@ -479,7 +479,7 @@ workloads:
     );
 
     // It round-trips, so tools (the lab) can write it.
-    let written = serde_yaml::to_string(&inv).unwrap();
+    let written = serde_saphyr::to_string(&inv).unwrap();
     assert_eq!(parse_inventory(Path::new("w.yaml"), &written).unwrap(), inv);
     assert_eq!(
         parse_inventory(Path::new("w.yaml"), "").unwrap(),
@@ -565,4 +565,362 @@ fn inventory_mistakes_are_named() {
         &["namespaces[1]: namespace \"x\" is listed twice"],
     );
     assert_inventory_error("workloads: [\n", &["malformed inventory"]);
+}
+
+// ---------------------------------------------------------------------------
+// Hostile input: each must fail fast with an error naming the document,
+// never hang, exhaust memory or overflow the stack.
+
+/// Runs `f` and asserts it took under five seconds (debug build, loaded
+/// machine: well under one; an expanded bomb would take minutes).
+fn quickly<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let out = f();
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "{what} took {took:?}"
+    );
+    out
+}
+
+/// Nine anchors, each nine aliases of the one before: 9^9 nodes expanded.
+fn yaml_bomb() -> String {
+    let mut text = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..9 {
+        let p = i - 1;
+        text.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    text
+}
+
+#[test]
+fn a_yaml_bomb_is_rejected() {
+    let bomb = yaml_bomb();
+    let policy = format!(
+        "{}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p}}\nspec:\n  podSelector: {{}}\n  x: *a8\n{}",
+        with_spec("  podSelector: {}"),
+        bomb.replace('\n', "\n  ")
+    );
+    let message = quickly("the policy bomb", || error(&policy));
+    assert!(message.contains("(document 2)"), "{message}");
+    let message = quickly("a bare bomb", || error(&bomb));
+    assert!(message.contains("(document 1)"), "{message}");
+    let message = quickly("the workloads bomb", || {
+        inventory_error(&format!("{bomb}workloads: [{{name: a, labels: *a8}}]\n"))
+    });
+    assert!(message.starts_with("lab/workloads.yaml: "), "{message}");
+}
+
+#[test]
+fn deep_nesting_is_rejected_without_overflowing_the_stack() {
+    for (open, close) in [("[", "]"), ("{a: ", "}")] {
+        let deep = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p}}\nspec: {}{}\n",
+            open.repeat(10_000),
+            close.repeat(10_000)
+        );
+        let message = quickly("10,000 flow levels", || error(&deep));
+        assert!(
+            message.contains("policies/test.yaml (document 1): malformed YAML"),
+            "{message}"
+        );
+    }
+    // Compact block sequences: one line, 10,000 levels.
+    let block = format!("spec:\n  {}x\n", "- ".repeat(10_000));
+    let message = quickly("10,000 block levels", || error(&block));
+    assert!(message.contains("malformed YAML"), "{message}");
+    let message = quickly("a deep workloads file", || {
+        inventory_error(&format!(
+            "workloads: {}{}\n",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        ))
+    });
+    assert!(message.contains("malformed inventory"), "{message}");
+}
+
+#[test]
+fn binary_garbage_is_an_error_not_a_crash() {
+    // A fixed pseudo-random byte string, read as a file would be.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let bytes: Vec<u8> = (0..64 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let text = String::from_utf8_lossy(&bytes);
+    let message = quickly("garbage", || error(&text));
+    assert!(
+        message.starts_with("policies/test.yaml (document "),
+        "{message}"
+    );
+    quickly("garbage workloads", || inventory_error(&text));
+    // Control characters in an otherwise plausible document.
+    let message = error("apiVersion: networking.k8s.io/v1\nkind: Network\u{0}Policy\n");
+    assert!(message.contains("document 1"), "{message}");
+}
+
+// ---------------------------------------------------------------------------
+// Names, labels and sizes, as Kubernetes validates them.
+
+fn named(name: &str, namespace: &str) -> String {
+    format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: '{name}', namespace: '{namespace}'}}\nspec: {{podSelector: {{}}}}\n")
+}
+
+#[test]
+fn policy_names_are_dns_subdomains_and_namespaces_dns_labels() {
+    assert!(parse(&named("web.v2-1", "shop-1")).is_ok());
+    assert!(parse(&named(&"a".repeat(253), &"n".repeat(63))).is_ok());
+    let message = error(&named("Web", "x"));
+    assert!(
+        message.contains("NetworkPolicy x/Web: metadata.name: \"Web\" is not valid: a name (DNS-1123 subdomain) may contain only lowercase"),
+        "{message}"
+    );
+    for bad in ["-web", "web-", "a..b", "a_b", "a/b"] {
+        let message = error(&named(bad, "x"));
+        assert!(message.contains("metadata.name"), "{bad}: {message}");
+    }
+    let message = error(&named(&"a".repeat(254), "x"));
+    assert!(
+        message.contains("metadata.name")
+            && message.contains("at most 253 characters; this one has 254"),
+        "{message}"
+    );
+    let message = error(&named("web", "shop.a"));
+    assert!(
+        message.contains("NetworkPolicy shop.a/web: metadata.namespace: \"shop.a\" is not valid: a namespace name (DNS-1123 label)"),
+        "{message}"
+    );
+    let message = error(&named("web", &"n".repeat(64)));
+    assert!(
+        message.contains("metadata.namespace") && message.contains("at most 63"),
+        "{message}"
+    );
+    // The same rules for Portcullis' own kinds.
+    let message = error(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: ClusterL4Policy\nmetadata: {name: Block_All}\nspec: {tier: Admin, priority: 1}\n",
+    );
+    assert!(
+        message.contains("ClusterL4Policy Block_All: metadata.name"),
+        "{message}"
+    );
+    let message = error(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: L4Policy\nmetadata: {name: p, namespace: X}\nspec: {podSelector: {}}\n",
+    );
+    assert!(
+        message.contains("L4Policy X/p: metadata.namespace"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_ten_megabyte_name_is_rejected_with_a_short_message() {
+    let huge = "a".repeat(10 << 20);
+    // Over the file limit: refused before parsing.
+    let message = error(&named(&huge, "x"));
+    assert!(
+        message.contains("policies/test.yaml: the file is 10485")
+            && message.contains("at most 4194304"),
+        "{message}"
+    );
+    assert!(message.len() < 200, "{} bytes", message.len());
+    // Within the file limit, the name rule refuses it, and the message
+    // stays short.
+    let big = "a".repeat(3 << 20);
+    let message = error(&named(&big, "x"));
+    assert!(
+        message.contains("metadata.name")
+            && message.contains("at most 253 characters; this one has 3145728"),
+        "{}",
+        &message[..message.len().min(500)]
+    );
+    assert!(message.len() < 600, "{} bytes", message.len());
+    // Through the path API objects take.
+    let raw = NetworkPolicy {
+        api_version: NETWORK_POLICY_API_VERSION.into(),
+        kind: NETWORK_POLICY_KIND.into(),
+        metadata: crate::policy::model::ObjectMeta {
+            name: Some(huge),
+            namespace: Some("x".into()),
+            ..Default::default()
+        },
+        spec: Default::default(),
+    };
+    let message = chain(&network_policy(Origin::Kubernetes, &raw).unwrap_err());
+    assert!(
+        message.starts_with("Kubernetes API: NetworkPolicy x/aaaa")
+            && message.contains("metadata.name")
+            && message.contains("at most 253"),
+        "{}",
+        &message[..message.len().min(500)]
+    );
+    assert!(message.len() < 600, "{} bytes", message.len());
+}
+
+#[test]
+fn selector_label_keys_and_values_are_checked() {
+    let selector = |s: &str| {
+        with_spec(&format!(
+            "  podSelector: {{}}\n  ingress:\n  - from:\n    - podSelector: {s}"
+        ))
+    };
+    let field = "spec.ingress[0].from[0].podSelector";
+    assert!(parse(&selector(
+        "{matchLabels: {app.kubernetes.io/name: web, tier: ''}}"
+    ))
+    .is_ok());
+    assert_error(
+        &selector("{matchLabels: {'bad key': web}}"),
+        &format!("{field}.matchLabels"),
+        "label key \"bad key\" is invalid: a label key name may contain only",
+    );
+    assert_error(
+        &selector("{matchLabels: {app: 'web server'}}"),
+        &format!("{field}.matchLabels"),
+        "label value \"web server\" of key \"app\" is invalid",
+    );
+    assert_error(
+        &selector(&format!("{{matchLabels: {{app: {}}}}}", "v".repeat(64))),
+        &format!("{field}.matchLabels"),
+        "a label value must be at most 63 characters; this one has 64",
+    );
+    assert_error(
+        &selector("{matchLabels: {Example.com/app: web}}"),
+        &format!("{field}.matchLabels"),
+        "a label key prefix (DNS-1123 subdomain)",
+    );
+    assert_error(
+        &selector("{matchLabels: {a/b/c: web}}"),
+        &format!("{field}.matchLabels"),
+        "at most one '/'",
+    );
+    assert_error(
+        &selector("{matchExpressions: [{key: -tier, operator: Exists}]}"),
+        &format!("{field}.matchExpressions[0].key"),
+        "label key \"-tier\" is invalid",
+    );
+    assert_error(
+        &selector("{matchExpressions: [{key: tier, operator: In, values: [front, 'a,b']}]}"),
+        &format!("{field}.matchExpressions[0].values"),
+        "label value \"a,b\" of key \"tier\" is invalid",
+    );
+}
+
+#[test]
+fn too_many_documents_are_refused() {
+    let one = "---\n# empty\n";
+    assert!(parse(&one.repeat(MAX_DOCUMENTS)).unwrap().is_empty());
+    let message = error(&one.repeat(MAX_DOCUMENTS + 1));
+    assert!(
+        message.contains(
+            "policies/test.yaml (document 10001): a policy file holds at most 10000 documents"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn oversized_workloads_files_are_refused() {
+    let message = inventory_error(&format!("# {}\n", "x".repeat(MAX_FILE_BYTES)));
+    assert!(
+        message
+            .starts_with("lab/workloads.yaml: the file is 4194307 bytes; at most 4194304 are read"),
+        "{message}"
+    );
+    let mut text = String::from("namespaces:\n");
+    for i in 0..=MAX_INVENTORY_ENTRIES {
+        text.push_str(&format!("- {{name: n{i}}}\n"));
+    }
+    let message = inventory_error(&text);
+    assert!(
+        message.starts_with(
+            "lab/workloads.yaml: 50001 namespaces, workloads and services; at most 50000"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn workload_and_namespace_names_and_labels_are_checked() {
+    assert_inventory_error(
+        "namespaces:\n  - {name: Shop}\n",
+        &["namespaces[0].name: \"Shop\" is not valid: a namespace name (DNS-1123 label)"],
+    );
+    assert_inventory_error(
+        "namespaces:\n  - {name: shop, labels: {'team name': web}}\n",
+        &["namespaces[0].labels: label key \"team name\" is invalid"],
+    );
+    assert_inventory_error(
+        "workloads:\n  - {name: web_1, namespace: x}\n",
+        &["workloads[0].name: \"web_1\" is not valid: a name (DNS-1123 subdomain)"],
+    );
+    assert_inventory_error(
+        "workloads:\n  - {name: web, namespace: shop.eu}\n",
+        &["workloads[0].namespace: \"shop.eu\" is not valid"],
+    );
+    assert_inventory_error(
+        &format!(
+            "workloads:\n  - {{name: web, labels: {{app: {}}}}}\n",
+            "v".repeat(64)
+        ),
+        &[
+            "workloads[0].labels: label value",
+            "at most 63 characters; this one has 64",
+        ],
+    );
+    assert_inventory_error(
+        &format!("workloads:\n  - {{name: '{}'}}\n", "w".repeat(300_000)),
+        &[
+            "workloads[0].name",
+            "at most 253 characters; this one has 300000",
+        ],
+    );
+    assert_inventory_error(
+        "services:\n  - {name: Web, clusterIPs: [], ports: []}\n",
+        &["services[0].name: \"Web\" is not valid"],
+    );
+    assert!(
+        inventory_error(&format!(
+            "workloads:\n  - {{name: '{}'}}\n",
+            "w".repeat(300_000)
+        ))
+        .len()
+            < 400
+    );
+}
+
+#[test]
+fn messages_never_quote_megabytes_of_the_input() {
+    let huge = "x".repeat(1 << 20);
+    let cases = [
+        // The YAML library quotes the value it did not expect.
+        with_spec(&format!("  podSelector: {{matchLabels: '{huge}'}}")),
+        // An unknown field with a huge name.
+        with_spec(&format!("  {huge}: 1")),
+        // Values Portcullis quotes itself.
+        with_spec(&format!("  podSelector: {{}}\n  ingress: [{{ports: [{{port: '{huge}'}}]}}]")),
+        with_spec(&format!("  podSelector: {{}}\n  policyTypes: ['{huge}']")),
+        with_spec(&format!("  podSelector: {{}}\n  egress: [{{to: [{{ipBlock: {{cidr: '{huge}'}}}}]}}]")),
+        format!("apiVersion: networking.k8s.io/v1\nkind: '{huge}'\nmetadata: {{name: p}}\n"),
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: '{huge}'}}\n"),
+    ];
+    for text in cases {
+        let message = error(&text);
+        assert!(
+            message.len() < 1000 && message.contains("policies/test.yaml (document 1)"),
+            "{} bytes: {}",
+            message.len(),
+            &message[..message.len().min(400)]
+        );
+    }
+    let message = inventory_error(&format!(
+        "workloads:\n  - {{name: a, ports: [{{name: '{huge}', containerPort: 80}}]}}\n"
+    ));
+    assert!(message.len() < 1000, "{} bytes", message.len());
 }

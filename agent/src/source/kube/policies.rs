@@ -431,6 +431,36 @@ mod tests {
     }
 
     #[test]
+    fn an_over_long_name_from_the_api_is_a_problem_for_that_object() {
+        let mut tracker = PolicyTracker::default();
+        let long = l4(&"w".repeat(300), "u5", json!(80));
+        let fine = l4("fine", "u6", json!(443));
+        let bad_label = {
+            let mut o = l4("labels", "u7", json!(80));
+            o.data["spec"]["podSelector"] = json!({"matchLabels": {"app": "a b"}});
+            o
+        };
+        let out = tracker.track([
+            ApiPolicy::L4(&long),
+            ApiPolicy::L4(&fine),
+            ApiPolicy::L4(&bad_label),
+        ]);
+        assert_eq!(out.policies.len(), 1);
+        assert_eq!(out.policies[0].reference.name, "fine");
+        let problem = out.reports[0].problem.as_deref().unwrap();
+        assert!(
+            problem.contains("metadata.name") && problem.contains("at most 253 characters"),
+            "{problem}"
+        );
+        let problem = out.reports[2].problem.as_deref().unwrap();
+        assert!(
+            problem.contains("spec.podSelector.matchLabels")
+                && problem.contains("label value \"a b\" of key \"app\" is invalid"),
+            "{problem}"
+        );
+    }
+
+    #[test]
     fn an_object_that_does_not_decode_is_reported_alone() {
         let mut tracker = PolicyTracker::default();
         let mut broken = l4("broken", "u3", json!(80));
