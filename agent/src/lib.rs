@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod crd;
 pub mod explain;
 pub mod flows;
+pub mod fuzzing;
 pub mod kube_report;
 pub mod lab;
 pub mod metrics;

@@ -302,12 +302,10 @@ fn attach(
             let prog = p.fd().map_err(err)?;
             let link = raw_link::cgroup(prog.as_fd(), cgroup.as_fd(), BPF_CGROUP_SETSOCKOPT)
                 .map_err(io("attaching program to", &PathBuf::from(name)))?;
-            return raw_link::into_fd_link(link, scratch).map_err(|e| {
-                LoadError::Link {
-                    name,
-                    path: PathBuf::new(),
-                    source: Box::new(e),
-                }
+            return raw_link::into_fd_link(link, scratch).map_err(|e| LoadError::Link {
+                name,
+                path: PathBuf::new(),
+                source: Box::new(e),
             });
         }
     };
