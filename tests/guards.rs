@@ -150,14 +150,23 @@ async fn an_unregistered_pod_below_a_pending_guard_is_denied_until_programmed() 
         "{flows:#?}"
     );
 
-    // Registered: judged by its policy (egress only to y/b).
+    // Registered: judged by its policy (egress only to y/b). The client
+    // lives in x/a's network namespace and so sends from x/a's addresses;
+    // an enforced pod may send only from its own, so it takes them over.
     let mut registered = snapshot.clone();
+    let x_a = registered
+        .inventory
+        .workloads
+        .iter_mut()
+        .find(|w| w.namespace == "x" && w.name == "a")
+        .expect("x/a in the lab inventory");
+    let ips = std::mem::take(&mut x_a.ips);
     registered.inventory.workloads.push(Workload {
         name: "new".into(),
         namespace: "x".into(),
         labels: [("pod".to_string(), "new".to_string())].into(),
         cgroup: Some(new_pod.clone()),
-        ips: vec![],
+        ips,
         ports: vec![],
     });
     let applied = reconciler

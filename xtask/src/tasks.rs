@@ -80,7 +80,13 @@ pub fn test(args: &[OsString]) -> Result<()> {
     println!("== test");
     let mut cmd = run::cargo();
     cmd.env("PORTCULLIS_BIN", &bin)
-        .args(["test", "--release", "--no-fail-fast", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "--release",
+            "--no-fail-fast",
+            "--",
+            "--test-threads=1",
+        ])
         .args(args);
     let mut totals = Totals::default();
     let status = run::status_with_lines("test", &mut cmd, |line| totals.add(line))?;

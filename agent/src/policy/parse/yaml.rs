@@ -240,6 +240,12 @@ fn clip(text: &str) -> String {
 fn options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_depth = MAX_DEPTH;
+    // Outside aliases (limited below) every node and event takes at least a
+    // byte of the file, so the file-size limit already bounds them; the
+    // library's defaults (250,000 nodes) would refuse a legitimate policy
+    // of 60,000 ipBlock rules.
+    budget.max_nodes = super::MAX_FILE_BYTES;
+    budget.max_events = 2 * super::MAX_FILE_BYTES;
     let mut aliases = serde_saphyr::options::AliasLimits::default();
     aliases.max_total_replayed_events = MAX_ALIAS_REPLAY;
     serde_saphyr::options! {
