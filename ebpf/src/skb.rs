@@ -104,11 +104,16 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
         return verdict_code(&v);
     }
     if is_tcp {
-        let v = verdict::decide(&ep, &flow);
-        // A kernel socket's SYN was judged (and counted) at connect().
-        if !(egress && kernel_tcp && v.verdict != VERDICT_DENY) {
-            report(&ep, &flow, &v);
+        // A kernel socket's SYN was judged at connect(): every path to it
+        // (connect, TCP Fast Open's sendmsg, io_uring, MPTCP subflows, which
+        // inherit the socket's cgroup) runs the connect hook first. Its
+        // source was checked above; judging it again would cost two trie
+        // lookups per connection for nothing.
+        if egress && kernel_tcp {
+            return PASS;
         }
+        let v = verdict::decide(&ep, &flow);
+        report(&ep, &flow, &v);
         return verdict_code(&v);
     }
     let d = Datagram {
