@@ -51,6 +51,8 @@ pub enum FrameGuardError {
         #[source]
         source: nix::Error,
     },
+    #[error("the thread attaching to the interfaces of {cgroup} panicked")]
+    AttachThread { cgroup: PathBuf },
     #[error("attaching the frame program to {interface} of {cgroup}")]
     Attach {
         interface: String,
@@ -256,7 +258,7 @@ fn attach_in(
             })
             .join()
             .unwrap_or_else(|_| {
-                Err(FrameGuardError::NoProcess {
+                Err(FrameGuardError::AttachThread {
                     cgroup: cgroup.to_path_buf(),
                 })
             })
