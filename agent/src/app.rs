@@ -31,6 +31,8 @@ use crate::{
 
 /// How often the files are checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How soon a pass that found pods without a process is retried.
+const MISSING_PROCESS_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -139,6 +141,10 @@ pub struct Status {
     /// Local workloads not enforced yet because their cgroup does not exist
     /// (retried every few seconds).
     pub waiting_for_cgroup: Vec<String>,
+    /// Enforced pods whose cgroup has no process yet, so the frame program
+    /// cannot be attached to their interfaces (retried quickly: a pod's
+    /// first process follows its cgroup within moments).
+    pub waiting_for_process: Vec<String>,
     pub usage: MapUsage,
     /// Why the latest pass did not reach the kernel (the files could not be
     /// read, compiling or writing failed); `None` when it did.
@@ -396,6 +402,7 @@ fn sync_loop(
     let mut seen: Option<Revision> = None;
     let mut status = Status::default();
     let mut missing_cgroups = false;
+    let mut missing_processes = false;
     let mut last_pass = Instant::now();
     let mut last_pass_wall = SystemTime::now();
     while !stop.load(Ordering::Relaxed) {
@@ -418,7 +425,9 @@ fn sync_loop(
         };
         // A pass that met missing cgroups is retried now and then: the
         // workload's cgroup may appear without anything else changing.
-        let retry = missing_cgroups && last_pass.elapsed() >= source.missing_cgroup_retry();
+        let since = last_pass.elapsed();
+        let retry = (missing_cgroups && since >= source.missing_cgroup_retry())
+            || (missing_processes && since >= MISSING_PROCESS_RETRY);
         let changed = seen.as_ref() != Some(&fp);
         if changed || retry {
             let previous_pass = last_pass_wall;
@@ -436,6 +445,7 @@ fn sync_loop(
             status.revision = fp.clone();
             status.problems.clear();
             status.waiting_for_cgroup.clear();
+            status.waiting_for_process.clear();
             status.pass_error = None;
             match source.load() {
                 Ok(snapshot) => {
@@ -450,8 +460,8 @@ fn sync_loop(
                             status.applied += 1;
                             status.usage = applied.usage;
                             status.waiting_for_cgroup = applied.missing_cgroups.clone();
-                            // Pods without a process yet are waited for like
-                            // missing cgroups; anything else is a problem.
+                            // Pods without a process yet are waited for;
+                            // anything else is a problem.
                             let frames = if guard_frames {
                                 dataplane.guard_frames(&applied.endpoint_cgroups)
                             } else {
@@ -461,12 +471,13 @@ fn sync_loop(
                                 let text = error_chain(&e);
                                 match e {
                                     FrameGuardError::NoProcess { .. } => {
-                                        status.waiting_for_cgroup.push(text)
+                                        status.waiting_for_process.push(text)
                                     }
                                     _ => status.problems.push(text),
                                 }
                             }
                             missing_cgroups = !status.waiting_for_cgroup.is_empty();
+                            missing_processes = !status.waiting_for_process.is_empty();
                             if let Some(path) = &names_file {
                                 if let Err(e) = publish(path, &applied.names) {
                                     status.problems.push(format!(
@@ -501,6 +512,9 @@ fn sync_loop(
             }
             for w in &status.waiting_for_cgroup {
                 warn!("not enforced until its cgroup exists: {w}");
+            }
+            for w in &status.waiting_for_process {
+                warn!("packet sockets not guarded until the pod has a process: {w}");
             }
             seen = Some(fp);
             observers.publish(&status);

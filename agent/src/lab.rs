@@ -288,7 +288,11 @@ impl Lab {
             source,
         })?;
         self.node = Some(node);
-        self.wait_applied().await?;
+        // Every pod has a process now: wait for a pass that attached the
+        // frame program to each, so a lab is fully enforced once started.
+        let applied = self.applied_predicate();
+        self.wait_status(|s| applied(s) && s.waiting_for_process.is_empty())
+            .await?;
         Ok(())
     }
 
@@ -505,16 +509,20 @@ impl Lab {
     /// In Kubernetes mode: waits for a pass that reached the kernel with
     /// the source current.
     pub async fn wait_applied(&self) -> Result<Status, LabError> {
+        self.wait_status(self.applied_predicate()).await
+    }
+
+    /// Whether a status is of a pass that applied the current state.
+    fn applied_predicate(&self) -> impl Fn(&Status) -> bool {
         let want = Revision::Files(fingerprint(&self.policies_dir, &self.workloads));
         let kubernetes = self.kubernetes.is_some();
-        self.wait_status(|s| {
+        move |s| {
             if kubernetes {
                 s.applied > 0 && s.degraded.is_none() && s.pass_error.is_none()
             } else {
                 s.revision == want
             }
-        })
-        .await
+        }
     }
 
     /// The running agent's status, as it changes.
