@@ -3,6 +3,7 @@
 //! and with what the policy evaluator predicts.
 
 pub mod attack;
+pub mod kube_api;
 
 use std::{collections::BTreeMap, net::IpAddr};
 

@@ -2,6 +2,7 @@
 //! `setup` first, so a fresh machine needs no manual step.
 
 mod fuzz;
+mod kube;
 mod run;
 mod setup;
 mod tasks;
@@ -50,6 +51,12 @@ enum Cmd {
     Lint,
     /// Regenerate the CRD manifests in deploy/crds from agent/src/crd.rs.
     Crdgen,
+    /// The test control plane (etcd, kube-apiserver, kubectl) built from
+    /// Go modules; `cargo xtask test` builds it first.
+    Kube {
+        #[command(subcommand)]
+        cmd: KubeCmd,
+    },
     /// Run the cargo-fuzz targets in agent/fuzz (installs cargo-fuzz).
     Fuzz {
         /// How long each target runs.
@@ -64,6 +71,12 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum KubeCmd {
+    /// Build it (or take it from the cache) and print where it is.
+    Build,
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -74,6 +87,7 @@ fn main() {
         Cmd::Bench { args } => tasks::bench(&args),
         Cmd::Lint => tasks::lint(),
         Cmd::Crdgen => tasks::crdgen(),
+        Cmd::Kube { cmd: KubeCmd::Build } => kube::build().map(|bin| println!("{}", bin.display())),
         Cmd::Fuzz {
             seconds,
             replay,

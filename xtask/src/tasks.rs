@@ -76,10 +76,13 @@ pub fn test(args: &[OsString]) -> Result<()> {
     }
     setup()?;
     let bin = build_agent()?;
+    // The Kubernetes tests run against a real API server.
+    let kube_bin = crate::kube::build()?;
     let start = Instant::now();
     println!("== test");
     let mut cmd = run::cargo();
     cmd.env("PORTCULLIS_BIN", &bin)
+        .env("PORTCULLIS_KUBE_BIN", &kube_bin)
         .args([
             "test",
             "--release",
