@@ -8,11 +8,18 @@ async fn the_control_plane_serves_the_pinned_release_with_our_crds() {
     let plane = ControlPlane::start().await.unwrap();
     let client = plane.client().await;
     let version = client.apiserver_version().await.unwrap();
-    assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "35"));
+    assert_eq!(
+        (version.major.as_str(), version.minor.as_str()),
+        ("1", "35")
+    );
     let out = plane
         .kubectl()
         .args(["get", "l4policies,clusterl4policies", "-A"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

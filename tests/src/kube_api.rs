@@ -178,9 +178,10 @@ impl ControlPlane {
     /// A client for another kubeconfig (see [`ControlPlane::kubeconfig_for`]).
     pub async fn client_with(&self, kubeconfig: &Path) -> kube::Client {
         let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("a readable kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .expect("a valid kubeconfig");
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .expect("a valid kubeconfig");
         kube::Client::try_from(config).expect("a client")
     }
 
@@ -298,7 +299,8 @@ fn write_credentials(dir: &Path) -> Result<(), StartError> {
     let ca = ca_params.self_signed(&ca_key).map_err(err)?;
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().map_err(err)?;
-    let params = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).map_err(err)?;
+    let params =
+        CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).map_err(err)?;
     let cert = params.signed_by(&key, &issuer).map_err(err)?;
     let sa_key = KeyPair::generate().map_err(err)?;
     let files = [
@@ -307,7 +309,10 @@ fn write_credentials(dir: &Path) -> Result<(), StartError> {
         ("apiserver.key", key.serialize_pem()),
         ("sa.key", sa_key.serialize_pem()),
         ("sa.pub", sa_key.public_key_pem()),
-        ("tokens.csv", format!("{ADMIN_TOKEN},admin,admin,system:masters\n")),
+        (
+            "tokens.csv",
+            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+        ),
     ];
     for (name, content) in files {
         std::fs::write(dir.join(name), content)
@@ -355,7 +360,10 @@ fn start_apiserver(dir: &Path, etcd_url: &str, port: u16) -> Result<Child, Start
         .arg("--authorization-mode=RBAC")
         .arg(format!("--service-account-issuer={SA_ISSUER}"))
         .arg(format!("--service-account-key-file={}", file("sa.pub")))
-        .arg(format!("--service-account-signing-key-file={}", file("sa.key")))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            file("sa.key")
+        ))
         .arg(format!("--api-audiences={SA_ISSUER}"))
         .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
         // No kubelet, scheduler or controller manager: pods are bound by
@@ -378,7 +386,9 @@ async fn install_crds(client: &kube::Client) -> Result<(), StartError> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
     let mut names = Vec::new();
-    for entry in std::fs::read_dir(&dir).map_err(|e| StartError(format!("{}: {e}", dir.display())))? {
+    for entry in
+        std::fs::read_dir(&dir).map_err(|e| StartError(format!("{}: {e}", dir.display())))?
+    {
         let path = entry.map_err(|e| StartError(e.to_string()))?.path();
         let text = std::fs::read_to_string(&path).map_err(|e| StartError(e.to_string()))?;
         let crd: CustomResourceDefinition = serde_saphyr::from_str(&text)
@@ -391,7 +401,10 @@ async fn install_crds(client: &kube::Client) -> Result<(), StartError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for name in names {
         loop {
-            let crd = crds.get(&name).await.map_err(|e| StartError(e.to_string()))?;
+            let crd = crds
+                .get(&name)
+                .await
+                .map_err(|e| StartError(e.to_string()))?;
             let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
                 c.iter()
                     .any(|c| c.type_ == "Established" && c.status == "True")
@@ -411,7 +424,8 @@ async fn install_crds(client: &kube::Client) -> Result<(), StartError> {
 /// The test binary's shared control plane, started on first use. Its
 /// processes end with the test binary.
 pub async fn shared() -> &'static ControlPlane {
-    static SHARED: tokio::sync::OnceCell<&'static ControlPlane> = tokio::sync::OnceCell::const_new();
+    static SHARED: tokio::sync::OnceCell<&'static ControlPlane> =
+        tokio::sync::OnceCell::const_new();
     SHARED
         .get_or_init(|| async {
             let plane = ControlPlane::start().await.unwrap_or_else(|e| {
@@ -441,4 +455,92 @@ impl Scope {
     pub fn name(&self, base: &str) -> String {
         format!("{base}-{}", self.suffix)
     }
+}
+
+/// The API resource of a JSON object, from its apiVersion and kind.
+pub fn resource_of(object: &serde_json::Value) -> kube::api::ApiResource {
+    let api_version = object["apiVersion"].as_str().expect("an apiVersion");
+    let kind = object["kind"].as_str().expect("a kind");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
+    kube::api::ApiResource::from_gvk(&gvk)
+}
+
+/// Creates an object (namespaced when its metadata names a namespace) and,
+/// when it carries a status, writes that through the status subresource:
+/// with no kubelet or controllers, this is how a pod gets its IP and phase.
+/// Returns the object as stored (with its uid and resourceVersion).
+pub async fn create(client: &kube::Client, object: serde_json::Value) -> kube::api::DynamicObject {
+    use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+    let resource = resource_of(&object);
+    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let name = object["metadata"]["name"]
+        .as_str()
+        .expect("a name")
+        .to_string();
+    let typed: DynamicObject = serde_json::from_value(object.clone()).expect("an object");
+    let created = api
+        .create(&PostParams::default(), &typed)
+        .await
+        .unwrap_or_else(|e| panic!("creating {} {name}: {e}", resource.kind));
+    match object.get("status") {
+        Some(status) if !status.is_null() => api
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "status": status })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("setting the status of {} {name}: {e}", resource.kind)),
+        _ => created,
+    }
+}
+
+/// Replaces an object's spec, labels and data with `object`'s (a merge
+/// patch), and its status too when given.
+pub async fn update(client: &kube::Client, object: serde_json::Value) -> kube::api::DynamicObject {
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    let resource = resource_of(&object);
+    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let name = object["metadata"]["name"]
+        .as_str()
+        .expect("a name")
+        .to_string();
+    let mut body = object.clone();
+    let status = body.as_object_mut().and_then(|o| o.remove("status"));
+    let patched = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(body))
+        .await
+        .unwrap_or_else(|e| panic!("updating {} {name}: {e}", resource.kind));
+    match status {
+        Some(status) if !status.is_null() => api
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "status": status })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("setting the status of {} {name}: {e}", resource.kind)),
+        _ => patched,
+    }
+}
+
+/// Deletes an object by its apiVersion, kind, namespace and name.
+pub async fn delete(client: &kube::Client, object: serde_json::Value) {
+    use kube::api::{Api, DeleteParams, DynamicObject};
+    let resource = resource_of(&object);
+    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let name = object["metadata"]["name"].as_str().expect("a name");
+    api.delete(name, &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("deleting {} {name}: {e}", resource.kind));
 }

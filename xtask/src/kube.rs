@@ -65,13 +65,27 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     hash
 }
 
+/// `go` from PATH, or where the official archive installs it.
+fn go() -> Command {
+    let official = Path::new("/usr/local/go/bin/go");
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("go").exists()));
+    if !on_path && official.exists() {
+        return Command::new(official);
+    }
+    Command::new("go")
+}
+
 fn go_version() -> Result<String> {
-    let out = Command::new("go").arg("version").output().context(
+    let out = go().arg("version").output().context(
         "Go is needed to build the test control plane (kube-apiserver, etcd, kubectl) \
          and `go` was not found on PATH; install Go 1.25 or newer",
     )?;
     if !out.status.success() {
-        bail!("`go version` failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "`go version` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -93,7 +107,10 @@ pub fn build() -> Result<PathBuf> {
     let build_dir = cache_root().join("builds").join(&key);
     let binary = build_dir.join("kube");
     if binary.exists() {
-        println!("✓ kube: control plane {version} from the cache ({})", build_dir.display());
+        println!(
+            "✓ kube: control plane {version} from the cache ({})",
+            build_dir.display()
+        );
     } else {
         compile(&src, &version, &go, &build_dir, &binary)?;
     }
@@ -124,7 +141,8 @@ fn compile(src: &Path, version: &str, go: &str, build_dir: &Path, binary: &Path)
     );
     let _ = std::io::stdout().flush();
     fs::create_dir_all(build_dir).with_context(|| format!("creating {}", build_dir.display()))?;
-    let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let log =
+        fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let (major, minor) = split_version(version);
     // client-go and component-base report their version from these; an
     // unset one reads v0.0.0-master, and kubectl warns about skew.
@@ -137,7 +155,7 @@ fn compile(src: &Path, version: &str, go: &str, build_dir: &Path, binary: &Path)
          -X k8s.io/client-go/pkg/version.gitMinor={minor}"
     );
     let partial = build_dir.join("kube.partial");
-    let status = Command::new("go")
+    let status = go()
         .current_dir(src)
         .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
         .arg(&partial)

@@ -87,7 +87,9 @@ fn main() {
         Cmd::Bench { args } => tasks::bench(&args),
         Cmd::Lint => tasks::lint(),
         Cmd::Crdgen => tasks::crdgen(),
-        Cmd::Kube { cmd: KubeCmd::Build } => kube::build().map(|bin| println!("{}", bin.display())),
+        Cmd::Kube {
+            cmd: KubeCmd::Build,
+        } => kube::build().map(|bin| println!("{}", bin.display())),
         Cmd::Fuzz {
             seconds,
             replay,
