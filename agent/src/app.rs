@@ -356,13 +356,15 @@ struct Observers {
 }
 
 impl Observers {
-    /// A pass reached the kernel. The counters are read before the new rule
-    /// cookie meanings are published, so what was counted under the old ones
-    /// is attributed to them.
+    /// A pass reached the kernel. The counters are read knowing both the old
+    /// and the new rule cookies (the kernel may have counted under either
+    /// since the flip), then only the new meanings are kept.
     fn applied(&self, applied: &crate::reconcile::Applied, changed_at: Option<SystemTime>) {
         let m = &self.metrics;
         m.apply
             .succeeded(changed_at.map(|t| t.elapsed().unwrap_or_default()));
+        m.decisions
+            .learn_cookie_policies(&applied.names.cookie_policies);
         if let Err(e) = m.refresh(&self.pin_dir) {
             warn!("metrics: {}", error_chain(&e));
         }

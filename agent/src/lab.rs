@@ -204,7 +204,7 @@ impl Lab {
         }
         let mount = cgroup::cgroup2_mount().map_err(|source| LabError::Cgroup { source })?;
         let mut names = LabNames::new(&opts.name, &mount);
-        names.kubelet_layout = opts.kubernetes.is_some();
+        names.kubelet_uids = opts.kubernetes.as_ref().map(|k| k.pod_uids.clone());
         remove_leftovers(&names)?;
         let state_dir = state_dir_for(&opts.name);
         let mut lab = Lab {
@@ -312,7 +312,9 @@ impl Lab {
                     .unwrap_or(Path::new(""))
                     .to_path_buf();
                 options.probe_interval = Duration::from_millis(200);
-                options.reporter = None;
+                if !k.report_status {
+                    options.reporter = None;
+                }
                 options.deny_unprogrammed = k.deny_unprogrammed;
                 options.own_pod_uid = k.own_pod_uid.clone();
                 app::SourceOptions::Kubernetes(Box::new(options))

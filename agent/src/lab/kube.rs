@@ -1,8 +1,10 @@
 //! The lab in Kubernetes mode: the same network namespaces and pod
 //! processes, with cgroups laid out as a kubelet (systemd driver) lays them
 //! out and the agent reading pods and policies from an API server (in
-//! tests, a mock one). This module says what the API should hold so it
-//! matches the lab.
+//! tests, a real one built by `cargo xtask kube build`, or a mock one for
+//! faults). This module says what the API should hold so it matches the lab.
+
+use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
@@ -17,6 +19,13 @@ pub struct LabKube {
     pub deny_unprogrammed: bool,
     /// The pod the agent takes as its own (exempt from enforcement).
     pub own_pod_uid: Option<String>,
+    /// The UIDs the API server gave the pods (`namespace/name` → uid): a
+    /// real server assigns its own, and the kubelet names cgroups by them.
+    /// Pods not listed get [`pod_uid`] (a mock keeps what it is given).
+    pub pod_uids: BTreeMap<String, String>,
+    /// Take the status Lease and write Events and `Accepted` conditions
+    /// for policy objects, as a deployed agent does.
+    pub report_status: bool,
 }
 
 impl LabKube {
@@ -26,6 +35,8 @@ impl LabKube {
             node_name: node_name.to_string(),
             deny_unprogrammed: false,
             own_pod_uid: None,
+            pod_uids: BTreeMap::new(),
+            report_status: false,
         }
     }
 }
@@ -43,18 +54,20 @@ pub fn pod_uid(pod: &PlannedPod) -> String {
     format!("00000000-0000-4000-8000-{:012}", pod.index + 1)
 }
 
-/// Where the kubelet (systemd driver) would put a BestEffort pod's cgroup,
+/// Where the kubelet (systemd driver) puts a BestEffort pod's cgroup,
 /// relative to its cgroup root.
-pub fn pod_cgroup_relative(pod: &PlannedPod) -> String {
+pub fn pod_cgroup_relative(uid: &str) -> String {
     format!(
         "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-        pod_uid(pod).replace('-', "_")
+        uid.replace('-', "_")
     )
 }
 
 /// The Node object of the lab's node.
 pub fn node_object(node_name: &str) -> Value {
     json!({
+        "apiVersion": "v1",
+        "kind": "Node",
         "metadata": {"name": node_name},
         "status": {"addresses": [
             {"type": "InternalIP", "address": NODE_IPV4.to_string()},
@@ -66,7 +79,10 @@ pub fn node_object(node_name: &str) -> Value {
 pub fn namespace_objects(t: &Topology) -> Vec<Value> {
     t.namespaces
         .iter()
-        .map(|n| json!({"metadata": {"name": n.name, "labels": n.labels}}))
+        .map(|n| {
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": n.name, "labels": n.labels}})
+        })
         .collect()
 }
 
@@ -84,6 +100,8 @@ pub fn pod_objects(pods: &[PlannedPod], node_name: &str) -> Vec<Value> {
                 })
                 .collect();
             json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
                 "metadata": {"name": p.workload.name, "namespace": p.workload.namespace,
                              "uid": pod_uid(p), "labels": p.workload.labels},
                 "spec": {"nodeName": node_name,

@@ -3,6 +3,7 @@
 //! a crashed one left behind.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     process::Command,
@@ -63,8 +64,9 @@ pub struct LabNames {
     pub lab: String,
     /// cgroup directory the programs attach to; pods' cgroups are below it.
     pub cgroup_root: PathBuf,
-    /// Pods' cgroups named as a kubelet names them (Kubernetes-mode lab).
-    pub kubelet_layout: bool,
+    /// Pods' cgroups named as a kubelet names them, by pod UID
+    /// (Kubernetes-mode lab; see [`super::kube::LabKube::pod_uids`]).
+    pub kubelet_uids: Option<BTreeMap<String, String>>,
 }
 
 impl LabNames {
@@ -72,7 +74,7 @@ impl LabNames {
         Self {
             lab: lab.to_string(),
             cgroup_root: cgroup_mount.join(format!("portcullis-lab-{lab}")),
-            kubelet_layout: false,
+            kubelet_uids: None,
         }
     }
 
@@ -89,8 +91,14 @@ impl LabNames {
     }
 
     pub fn pod_cgroup(&self, pod: &PlannedPod) -> PathBuf {
-        if self.kubelet_layout {
-            return self.cgroup_root.join(super::kube::pod_cgroup_relative(pod));
+        if let Some(uids) = &self.kubelet_uids {
+            let uid = uids
+                .get(&pod.key)
+                .cloned()
+                .unwrap_or_else(|| super::kube::pod_uid(pod));
+            return self
+                .cgroup_root
+                .join(super::kube::pod_cgroup_relative(&uid));
         }
         self.cgroup_root.join(format!(
             "{}-{}",

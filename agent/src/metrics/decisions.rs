@@ -175,6 +175,20 @@ impl DecisionMetrics {
         state.last_lost = lost;
     }
 
+    /// Adds the meanings of a new generation's cookies to the current ones,
+    /// before the read that follows a generation flip: between the flip and
+    /// that read the kernel counts under new cookies as well as old ones.
+    /// Cookies are never reused, so the union is unambiguous.
+    pub fn learn_cookie_policies(&self, cookie_policies: &BTreeMap<u32, Vec<PolicyName>>) {
+        let mut state = self.state();
+        for (cookie, policies) in cookie_policies {
+            state
+                .cookie_policies
+                .entry(*cookie)
+                .or_insert_with(|| policies.clone());
+        }
+    }
+
     /// Publishes what rule cookies mean from now on, and removes the series
     /// of policies that no longer exist, so label values stay within the
     /// configured objects. Call [`DecisionMetrics::refresh`] first, so gains
@@ -330,5 +344,27 @@ mod tests {
         // The old cookie's later gains have no meaning any more: unattributed.
         m.observe(&[sample(5, VERDICT_DENY, REASON_DEFAULT_DENY, 5)], 0);
         assert_eq!(drops(&m, "", ""), 1);
+    }
+
+    /// A drop under a new generation's cookie, counted between the flip and
+    /// the read that precedes publishing, is attributed to its policy (seen
+    /// as unattributed drops right after each change, against a real API
+    /// server), and so are the old cookies' last gains.
+    #[test]
+    fn gains_right_after_a_flip_are_attributed_to_both_generations() {
+        let (_r, m) = setup();
+        let new = BTreeMap::from([(7, vec![policy("L4Policy", "x", "fresh")])]);
+        m.learn_cookie_policies(&new);
+        m.observe(
+            &[
+                sample(5, VERDICT_DENY, REASON_DEFAULT_DENY, 3),
+                sample(7, VERDICT_DENY, REASON_DEFAULT_DENY, 2),
+            ],
+            0,
+        );
+        assert_eq!(drops(&m, "y", "NetworkPolicy/default-deny"), 3);
+        m.set_cookie_policies(new);
+        assert_eq!(drops(&m, "x", "L4Policy/fresh"), 2);
+        assert_eq!(drops(&m, "", ""), 0, "nothing unattributed");
     }
 }

@@ -13,8 +13,10 @@
 //!   the kernel keeps enforcing the last applied state, and the agent
 //!   reports not-ready.
 
+mod backoff;
 pub mod cgroups;
 mod policies;
+mod recheck;
 mod services;
 mod workloads;
 
@@ -176,6 +178,9 @@ struct Progress {
     failing: BTreeMap<Watched, (WatchFailure, Instant)>,
     last_probe_ok: Option<Instant>,
     probe_error: Option<String>,
+    /// How often the probe saw the API server answer after failing: the
+    /// watches' backoff starts over at each.
+    recoveries: u64,
 }
 
 type Shared = Arc<Mutex<Progress>>;
@@ -245,7 +250,7 @@ where
         // Managed fields are large and never read: drop them before they
         // reach the store.
         let stream = watcher::watcher(api, config)
-            .default_backoff()
+            .backoff(backoff::WatchBackoff::new(shared.clone()))
             .modify(|o: &mut K| o.meta_mut().managed_fields = None);
         let stream = reflector::reflector(writer, stream);
         futures::pin_mut!(stream);
@@ -273,8 +278,10 @@ where
 struct WatchFailure {
     message: String,
     /// Connection problems and 5xx answers end when the server is back;
-    /// a 403 or 404 persists while the server is up.
+    /// a 403 or 404 lasts until [`recheck::is_over`] says otherwise.
     transient: bool,
+    /// The HTTP status, when the API server answered.
+    code: Option<u16>,
 }
 
 fn describe_status(status: &::kube::core::Status) -> WatchFailure {
@@ -289,6 +296,7 @@ fn describe_status(status: &::kube::core::Status) -> WatchFailure {
             status.code, status.reason, status.message
         ),
         transient: status.code >= 500 || status.code == 429,
+        code: Some(status.code),
     }
 }
 
@@ -300,12 +308,14 @@ fn describe_watch_error(e: &watcher::Error) -> WatchFailure {
             other => WatchFailure {
                 message: crate::source::file::error_chain(other),
                 transient: true,
+                code: None,
             },
         },
         W::WatchError(status) => describe_status(status),
         W::NoResourceVersion => WatchFailure {
             message: e.to_string(),
             transient: false,
+            code: None,
         },
     }
 }
@@ -349,14 +359,42 @@ fn spawn_probe(
                 match result {
                     Ok(_) => {
                         p.last_probe_ok = Some(Instant::now());
-                        p.probe_error = None;
+                        if p.probe_error.take().is_some() {
+                            p.recoveries += 1;
+                        }
                     }
                     Err(e) => p.probe_error = Some(crate::source::file::error_chain(&e)),
                 }
             }
+            recheck_failures(&client, &shared).await;
             tokio::time::sleep(every).await;
         }
     })
+}
+
+/// Clears the 403 and 404 failures that are over (see [`recheck`]),
+/// unless the watch failed again meanwhile.
+async fn recheck_failures(client: &Client, shared: &Shared) {
+    let lasting: Vec<(Watched, u16, Instant)> = {
+        let p = lock(shared);
+        if p.probe_error.is_some() {
+            return;
+        }
+        p.failing
+            .iter()
+            .filter(|(_, (f, _))| !f.transient)
+            .filter_map(|(w, (f, at))| Some((*w, f.code?, *at)))
+            .collect()
+    };
+    for (what, code, at) in lasting {
+        if recheck::is_over(client, what, code).await {
+            let mut p = lock(shared);
+            if p.failing.get(&what).is_some_and(|(_, seen)| *seen == at) {
+                tracing::info!("watching {what}: {code} is over");
+                p.failing.remove(&what);
+            }
+        }
+    }
 }
 
 impl KubeSource {
