@@ -129,13 +129,19 @@ pub fn build() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn compile(src: &Path, version: &str, go: &str, build_dir: &Path, binary: &Path) -> Result<()> {
+fn compile(
+    src: &Path,
+    version: &str,
+    go_says: &str,
+    build_dir: &Path,
+    binary: &Path,
+) -> Result<()> {
     let start = Instant::now();
     let logs = run::target_dir().join("xtask-logs");
     fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let log_path = logs.join("kube-build.log");
     println!(
-        "== kube: building etcd, kube-apiserver and kubectl {version} from Go modules with {go} \
+        "== kube: building etcd, kube-apiserver and kubectl {version} from Go modules with {go_says} \
          (first time only, about 4 min on 2 cores; log: {})",
         log_path.display()
     );

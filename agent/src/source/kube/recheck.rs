@@ -36,8 +36,30 @@ fn resource(what: Watched) -> ApiResource {
     }
 }
 
+/// Whether this agent may `verb` the resource, by a SelfSubjectAccessReview.
+async fn may(client: &Client, resource: &ApiResource, verb: &str) -> bool {
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(resource.group.clone()),
+                resource: Some(resource.plural.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .ok()
+        .and_then(|r| r.status)
+        .is_some_and(|s| s.allowed)
+}
+
 /// Asks the API server whether what failed with `code` would work now:
-/// for 403, whether this agent may watch the resource (a
+/// for 403, whether this agent may list and watch the resource (a
 /// SelfSubjectAccessReview, which every authenticated user may create);
 /// for 404, whether the resource is served. Other codes, and a check that
 /// itself fails, count as still failing.
@@ -45,24 +67,13 @@ pub async fn is_over(client: &Client, what: Watched, code: u16) -> bool {
     let resource = resource(what);
     match code {
         403 => {
-            let review = SelfSubjectAccessReview {
-                spec: SelfSubjectAccessReviewSpec {
-                    resource_attributes: Some(ResourceAttributes {
-                        verb: Some("watch".into()),
-                        group: Some(resource.group.clone()),
-                        resource: Some(resource.plural.clone()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            Api::<SelfSubjectAccessReview>::all(client.clone())
-                .create(&PostParams::default(), &review)
-                .await
-                .ok()
-                .and_then(|r| r.status)
-                .is_some_and(|s| s.allowed)
+            // The watcher lists, then watches: both must be allowed.
+            for verb in ["list", "watch"] {
+                if !may(client, &resource, verb).await {
+                    return false;
+                }
+            }
+            true
         }
         404 => Api::<DynamicObject>::all_with(client.clone(), &resource)
             .list_metadata(&ListParams::default().limit(1))
