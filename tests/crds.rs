@@ -19,7 +19,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::api::{Api, PostParams};
-use portcullis_agent::policy::parse::parse_policies;
+use portcullis_agent::policy::{model::is_valid_port_name, parse::parse_policies};
 use portcullis_tests::kube_api::{self, ControlPlane};
 use serde_json::Value;
 
@@ -311,6 +311,63 @@ fn pairs() -> Vec<Pair> {
             cluster("{tier: Admin, priority: 10, egress: [{action: Deny, ports: [{port: 1, endPort: 65535}]}]}"),
             &["spec.egress[0].ports[0].endPort: Invalid value: 70000", "less than or equal to 65535"],
         ),
+        // Ports: number bounds for numbers, a pattern for names.
+        pair(
+            cluster("{tier: Admin, priority: 10, egress: [{action: Deny, ports: [{port: 70000}]}]}"),
+            cluster("{tier: Admin, priority: 10, egress: [{action: Deny, ports: [{port: 65535}]}]}"),
+            &["spec.egress[0].ports[0].port: Invalid value: 70000", "less than or equal to 65535"],
+        ),
+        pair(
+            l4("{podSelector: {}, ingress: [{ports: [{port: 0}]}]}"),
+            l4("{podSelector: {}, ingress: [{ports: [{port: 1}]}]}"),
+            &["spec.ingress[0].ports[0].port: Invalid value: 0", "greater than or equal to 1"],
+        ),
+        pair(
+            l4("{podSelector: {}, ingress: [{ports: [{port: HTTP}]}]}"),
+            l4("{podSelector: {}, ingress: [{ports: [{port: http}]}]}"),
+            &[r#"spec.ingress[0].ports[0].port: Invalid value: "HTTP""#, "should match"],
+        ),
+        pair(
+            l4("{podSelector: {}, ingress: [{ports: [{port: metrics-http-tls}]}]}"),
+            l4("{podSelector: {}, ingress: [{ports: [{port: metrics-https}]}]}"),
+            &["spec.ingress[0].ports[0].port: Too long"],
+        ),
+        // CEL on ports, peers and selectors, in both kinds.
+        pair(
+            l4("{podSelector: {}, egressDeny: [{ports: [{port: http, endPort: 90}]}]}"),
+            l4("{podSelector: {}, egressDeny: [{ports: [{port: 80, endPort: 90}]}]}"),
+            &["spec.egressDeny[0].ports[0].endPort: Invalid value: endPort needs a numeric port"],
+        ),
+        pair(
+            cluster("{tier: Admin, priority: 10, ingress: [{action: Allow, ports: [{endPort: 90}]}]}"),
+            cluster("{tier: Admin, priority: 10, ingress: [{action: Allow, ports: [{port: 80, endPort: 90}]}]}"),
+            &["spec.ingress[0].ports[0].endPort: Invalid value: endPort needs a numeric port"],
+        ),
+        pair(
+            l4("{podSelector: {}, ingressDeny: [{from: [{}]}]}"),
+            l4("{podSelector: {}, ingressDeny: [{from: [{namespaceSelector: {}}]}]}"),
+            &["spec.ingressDeny[0].from[0]: Invalid value: a peer is an ipBlock, or a podSelector and/or namespaceSelector"],
+        ),
+        pair(
+            cluster("{tier: Admin, priority: 10, egress: [{action: Deny, to: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]}"),
+            cluster("{tier: Admin, priority: 10, egress: [{action: Deny, to: [{ipBlock: {cidr: 10.0.0.0/8}}, {podSelector: {}}]}]}"),
+            &["spec.egress[0].to[0]: Invalid value: a peer is an ipBlock, or a podSelector and/or namespaceSelector"],
+        ),
+        pair(
+            l4("{podSelector: {matchExpressions: [{key: app, operator: Matches, values: [web]}]}}"),
+            l4("{podSelector: {matchExpressions: [{key: app, operator: In, values: [web]}]}}"),
+            &[r#"spec.podSelector.matchExpressions[0].operator: Unsupported value: "Matches""#],
+        ),
+        pair(
+            l4("{podSelector: {matchExpressions: [{key: app, operator: NotIn, values: []}]}}"),
+            l4("{podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [web]}]}}"),
+            &["spec.podSelector.matchExpressions[0].values: Invalid value: operators In and NotIn need values, Exists and DoesNotExist take none"],
+        ),
+        pair(
+            cluster("{tier: Admin, priority: 10, subject: {namespaceSelector: {matchExpressions: [{key: team, operator: Exists, values: [shop]}]}}}"),
+            cluster("{tier: Admin, priority: 10, subject: {namespaceSelector: {matchExpressions: [{key: team, operator: Exists}]}}}"),
+            &["spec.subject.namespaceSelector.matchExpressions[0].values: Invalid value: operators In and NotIn need values, Exists and DoesNotExist take none"],
+        ),
         // Unknown fields: kubectl's default field validation is Strict.
         pair(
             cluster("{tier: Admin, priority: 10, egres: [{action: Deny}]}"),
@@ -415,9 +472,20 @@ async fn every_rule_rejects_with_an_answer_naming_the_field_and_accepts_the_fix(
 /// keeps enforcing its last valid version. A check moved into the CRD
 /// moves its case into [`pairs`].
 fn only_the_agent_rejects() -> Vec<String> {
-    vec![cluster(
-        "{tier: Admin, priority: 10, egress: [{action: Deny, ports: [{port: 70000}]}]}",
-    )]
+    let egress = |rule: &str| l4(&format!("{{podSelector: {{}}, egress: [{rule}]}}"));
+    vec![
+        // CEL's cost budget: see NetworkPolicyPort in the agent.
+        egress("{ports: [{port: 90, endPort: 80}]}"),
+        // CIDRs: CEL's IP library needs Kubernetes 1.31.
+        egress("{to: [{ipBlock: {cidr: 10.0.0.0/33}}]}"),
+        egress("{to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}"),
+        egress("{to: [{ipBlock: {cidr: '::ffff:10.0.0.0/104'}}]}"),
+        // Label syntax: regexes over strings of unbounded length, which
+        // the cost budget refuses.
+        egress("{to: [{podSelector: {matchLabels: {'app name': web}}}]}"),
+        egress("{to: [{podSelector: {matchLabels: {app: -web}}}]}"),
+        egress("{to: [{podSelector: {matchExpressions: [{key: '', operator: Exists}]}}]}"),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,6 +497,39 @@ async fn what_only_the_agent_rejects() {
             parse_policies(Path::new("case.yaml"), &yaml).is_err(),
             "the agent accepts it too: move it to pairs()\n{yaml}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_and_the_agent_agree_on_port_names() {
+    let plane = kube_api::shared().await;
+    let names = [
+        "http",
+        "h2c",
+        "a",
+        "8a",
+        "serve-80-tcp",
+        "a23456789012345",
+        "",
+        "80",
+        "HTTP",
+        "-http",
+        "http-",
+        "ht--tp",
+        "a_b",
+        "a234567890123456",
+    ];
+    for name in names {
+        let yaml = l4(&format!(
+            "{{podSelector: {{}}, ingress: [{{ports: [{{port: '{name}'}}]}}]}}"
+        ));
+        let server = dry_run(plane, &yaml).status.success();
+        let agent = parse_policies(Path::new("case.yaml"), &yaml).is_ok();
+        assert_eq!(
+            server, agent,
+            "port name {name:?}: server {server}, agent {agent}"
+        );
+        assert_eq!(agent, is_valid_port_name(name), "port name {name:?}");
     }
 }
 
