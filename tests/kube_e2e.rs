@@ -695,35 +695,39 @@ fn daemonset_enforces_and_reports_policies() {
         );
     }
 
-    // An object the CRD schema admits (port is int-or-string, unbounded)
-    // but the agent rejects: reported, and the rest stays enforced.
+    // An object the CRD schema admits (CIDR checks need CEL's IP library,
+    // Kubernetes 1.31) but the agent rejects: reported, and the rest stays
+    // enforced.
     apply(&format!(
         "apiVersion: portcullis.dev/v1alpha1\nkind: L4Policy\n\
-         metadata: {{name: bad-port, namespace: {ns}}}\n\
+         metadata: {{name: bad-cidr, namespace: {ns}}}\n\
          spec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  \
-         ingressDeny:\n    - ports: [{{protocol: TCP, port: 70000}}]\n"
+         ingressDeny:\n    - from: [{{ipBlock: {{cidr: 10.0.0.0/33}}}}]\n"
     ));
     let events = eventually(REPORTING, || {
-        Some(invalid_policy_events(&ns, "bad-port")).filter(|e| !e.is_empty())
+        Some(invalid_policy_events(&ns, "bad-cidr")).filter(|e| !e.is_empty())
     });
     let events = events.unwrap_or_else(|| {
-        panic!("no InvalidPolicy Event about L4Policy {ns}/bad-port within {REPORTING:?}")
+        panic!("no InvalidPolicy Event about L4Policy {ns}/bad-cidr within {REPORTING:?}")
     });
     assert!(
-        events.iter().any(|note| note.contains("70000")),
-        "InvalidPolicy Events do not name the bad port: {events:?}"
+        events.iter().any(|note| note.contains("10.0.0.0/33")),
+        "InvalidPolicy Events do not name the bad CIDR: {events:?}"
     );
     let condition = eventually(REPORTING, || {
-        accepted(&ns, "bad-port").filter(|(status, ..)| status == "False")
+        accepted(&ns, "bad-cidr").filter(|(status, ..)| status == "False")
     });
     let (_, reason, message) = condition.unwrap_or_else(|| {
         panic!(
-            "L4Policy bad-port: no Accepted=False condition within {REPORTING:?}: {:?}",
-            accepted(&ns, "bad-port")
+            "L4Policy bad-cidr: no Accepted=False condition within {REPORTING:?}: {:?}",
+            accepted(&ns, "bad-cidr")
         )
     });
     assert_eq!(reason, "Invalid");
-    assert!(message.contains("70000"), "condition message: {message}");
+    assert!(
+        message.contains("10.0.0.0/33"),
+        "condition message: {message}"
+    );
     f.expect_now("client", &pod_ip, Reach::Timeout);
     f.expect_now("other", &cluster_ip, Reach::NotPermitted);
 }

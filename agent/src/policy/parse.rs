@@ -192,7 +192,7 @@ pub enum ParseError {
         except: IpNet,
         cidr: IpNet,
     },
-    #[error("{at}: unknown protocol {protocol:?} (expected TCP or UDP)")]
+    #[error("{at}: unknown protocol {protocol:?} (expected TCP, UDP or SCTP)")]
     UnknownProtocol { at: Box<Context>, protocol: String },
     #[error("{at}: port {port} is out of range 1-65535")]
     PortOutOfRange { at: Box<Context>, port: i64 },

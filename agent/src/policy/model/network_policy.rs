@@ -70,6 +70,14 @@ pub struct NetworkPolicyEgressRule {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// CEL for the API server, as the parser checks. Rules on items of lists
+// without maxItems are costed as if a request held a million of them; the
+// server refuses a CRD whose rules cost more than its budget in all, so
+// each rule here is one cheap expression.
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.ipBlock) != (has(self.podSelector) || has(self.namespaceSelector))",
+    "message": "a peer is an ipBlock, or a podSelector and/or namespaceSelector",
+}]))]
 pub struct NetworkPolicyPeer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
@@ -89,6 +97,14 @@ pub struct IpBlock {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// CEL for the API server, as the parser checks (see NetworkPolicyPeer on
+// the cost). "endPort not below port" is left to the agent: it alone would
+// take a third of the L4Policy CRD's budget.
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.endPort) || (has(self.port) && type(self.port) == int)",
+    "message": "endPort needs a numeric port",
+    "fieldPath": ".endPort",
+}]))]
 pub struct NetworkPolicyPort {
     /// TCP (default), UDP or SCTP.
     // Kept as text so an unknown value gets a precise error naming the
@@ -96,7 +112,18 @@ pub struct NetworkPolicyPort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("enum" = ["TCP", "UDP", "SCTP"]))]
     pub protocol: Option<String>,
+    /// A port number (1-65535) or the name of a container port (1-15
+    /// characters a-z, 0-9 and '-', with a letter, no '-' at either end or
+    /// twice in a row).
+    // Number bounds apply to numbers only, length and pattern to strings
+    // only: the parser's checks, at no CEL cost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend(
+        "minimum" = 1,
+        "maximum" = 65535,
+        "maxLength" = 15,
+        "pattern" = "^([a-z0-9]+-)*[0-9]*[a-z][a-z0-9]*(-[a-z0-9]+)*$",
+    ))]
     pub port: Option<IntOrString>,
     /// Last port of the range starting at `port`.
     // Wide so an out-of-range value is reported as such.
@@ -116,8 +143,16 @@ pub struct LabelSelector {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// CEL for the API server, as the selector parser checks (see
+// NetworkPolicyPeer on the cost).
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(self.operator == 'In' || self.operator == 'NotIn') == (has(self.values) && size(self.values) > 0)",
+    "message": "operators In and NotIn need values, Exists and DoesNotExist take none",
+    "fieldPath": ".values",
+}]))]
 pub struct LabelSelectorRequirement {
     pub key: String,
+    #[schemars(extend("enum" = ["In", "NotIn", "Exists", "DoesNotExist"]))]
     pub operator: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub values: Option<Vec<String>>,
