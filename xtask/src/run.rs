@@ -1,9 +1,9 @@
-//! Running child processes: echo the command, stream its output, and fail
-//! with an error naming the step.
+//! Running child processes: echo the command and let it print, or run it
+//! quietly; errors name the step. Progress lines with logs: `progress.rs`.
 
 use std::{
     ffi::OsStr,
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
@@ -25,6 +25,17 @@ pub fn target_dir() -> PathBuf {
         Some(dir) => workspace_root().join(dir),
         None => workspace_root().join("target"),
     }
+}
+
+/// `path` relative to the current directory if it lies below it (as a user
+/// would type it), else as it is.
+pub fn pretty_path(path: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok())
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }
 
 /// A `cargo` command (the same cargo that runs xtask) in the workspace root.
@@ -69,7 +80,8 @@ fn quote(s: &OsStr) -> String {
     }
 }
 
-fn describe(status: ExitStatus) -> String {
+/// `exit status 1` or `signal 9`.
+pub fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
         (None, Some(sig)) => format!("signal {sig}"),
@@ -96,34 +108,6 @@ pub fn run(step: &str, cmd: &mut Command) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Runs `cmd`, copying its stdout line by line to ours and handing each
-/// line to `on_line`; stderr is inherited. Returns the exit status.
-pub fn status_with_lines(
-    step: &str,
-    cmd: &mut Command,
-    mut on_line: impl FnMut(&str),
-) -> Result<ExitStatus> {
-    println!("$ {}", display(cmd));
-    let _ = std::io::stdout().flush();
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("{step}: could not start `{}`", display(cmd)))?;
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let mut out = std::io::stdout().lock();
-    for line in BufReader::new(stdout).split(b'\n') {
-        let line = line.with_context(|| format!("{step}: reading output"))?;
-        let _ = out.write_all(&line);
-        let _ = out.write_all(b"\n");
-        let _ = out.flush();
-        on_line(&String::from_utf8_lossy(&line));
-    }
-    drop(out);
-    child
-        .wait()
-        .with_context(|| format!("{step}: waiting for `{}`", display(cmd)))
 }
 
 /// Runs `cmd` quietly; its trimmed stdout if it ran and succeeded.
