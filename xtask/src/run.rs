@@ -43,6 +43,25 @@ pub fn cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root());
+    // `cargo run` describes xtask's own package in the environment
+    // (CARGO_PKG_NAME=xtask, CARGO_MANIFEST_DIR=…/xtask). Build scripts that
+    // watch those (ring's, through cc) would rerun whenever builds alternate
+    // between `cargo build` and `cargo xtask build`, rebuilding ring, rustls
+    // and the agent for nothing.
+    for (key, _) in std::env::vars_os() {
+        let key_str = key.to_string_lossy();
+        if key_str.starts_with("CARGO_PKG_")
+            || key_str.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&key_str.as_ref())
+        {
+            cmd.env_remove(&key);
+        }
+    }
     cmd
 }
 
