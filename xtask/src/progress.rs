@@ -301,13 +301,13 @@ pub fn is_cargo_status(line: &str) -> bool {
 }
 
 /// What a failed cargo command's output says: everything from its first
-/// error on, without cargo's status lines, at most `max` lines; `None` if
-/// it reported no error.
+/// error on, without cargo's status lines and the `cargo:` directives of a
+/// failed build script, at most `max` lines; `None` if it reported no error.
 pub fn cargo_errors(text: &str, max: usize) -> Option<String> {
     let mut lines = text.lines().skip_while(|l| !l.starts_with("error"));
     let first = lines.next()?;
     let kept: Vec<&str> = std::iter::once(first)
-        .chain(lines.filter(|l| !is_cargo_status(l)))
+        .chain(lines.filter(|l| !is_cargo_status(l) && !l.trim_start().starts_with("cargo:")))
         .collect();
     let mut out = kept[..kept.len().min(max)].join("\n");
     if kept.len() > max {
@@ -353,7 +353,7 @@ mod tests {
 
     #[test]
     fn finds_cargo_errors() {
-        let log = "   Compiling a v0.1.0\nwarning: unused\nerror[E0308]: mismatched types\n  --> a.rs:1:1\n   Compiling b v0.1.0\nerror: could not compile `a`\n";
+        let log = "   Compiling a v0.1.0\nwarning: unused\nerror[E0308]: mismatched types\n  --> a.rs:1:1\n   Compiling b v0.1.0\n  cargo:rerun-if-changed=x\nerror: could not compile `a`\n";
         assert_eq!(
             cargo_errors(log, 10).as_deref(),
             Some("error[E0308]: mismatched types\n  --> a.rs:1:1\nerror: could not compile `a`")
