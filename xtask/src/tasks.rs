@@ -296,10 +296,13 @@ pub fn lint() -> Result<()> {
     }
     // Default members only: `--workspace` would build the eBPF crate for the
     // host. AYA_BUILD_SKIP: linting does not need the kernel object.
+    // --quiet: only the diagnostics (in full, in colour), not the hundreds
+    // of `Checking` lines of a first run.
     let mut clippy = run::cargo();
     clippy
         .env("AYA_BUILD_SKIP", "1")
-        .args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+        .args(["clippy", "--quiet", "--all-targets"])
+        .args(["--", "-D", "warnings"]);
     if !run::status("clippy", &mut clippy)?.success() {
         failed.push("clippy");
     }
