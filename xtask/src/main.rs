@@ -3,6 +3,7 @@
 
 mod fuzz;
 mod kube;
+mod progress;
 mod run;
 mod setup;
 mod tasks;

@@ -1,9 +1,9 @@
-//! Running child processes: echo the command, stream its output, and fail
-//! with an error naming the step.
+//! Running child processes: echo the command and let it print, or run it
+//! quietly; errors name the step. Progress lines with logs: `progress.rs`.
 
 use std::{
     ffi::OsStr,
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
@@ -27,11 +27,41 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
+/// `path` relative to the current directory if it lies below it (as a user
+/// would type it), else as it is.
+pub fn pretty_path(path: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok())
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
 /// A `cargo` command (the same cargo that runs xtask) in the workspace root.
 pub fn cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root());
+    // `cargo run` describes xtask's own package in the environment
+    // (CARGO_PKG_NAME=xtask, CARGO_MANIFEST_DIR=…/xtask). Build scripts that
+    // watch those (ring's, through cc) would rerun whenever builds alternate
+    // between `cargo build` and `cargo xtask build`, rebuilding ring, rustls
+    // and the agent for nothing.
+    for (key, _) in std::env::vars_os() {
+        let key_str = key.to_string_lossy();
+        if key_str.starts_with("CARGO_PKG_")
+            || key_str.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&key_str.as_ref())
+        {
+            cmd.env_remove(&key);
+        }
+    }
     cmd
 }
 
@@ -69,7 +99,8 @@ fn quote(s: &OsStr) -> String {
     }
 }
 
-fn describe(status: ExitStatus) -> String {
+/// `exit status 1` or `signal 9`.
+pub fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
         (None, Some(sig)) => format!("signal {sig}"),
@@ -96,34 +127,6 @@ pub fn run(step: &str, cmd: &mut Command) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Runs `cmd`, copying its stdout line by line to ours and handing each
-/// line to `on_line`; stderr is inherited. Returns the exit status.
-pub fn status_with_lines(
-    step: &str,
-    cmd: &mut Command,
-    mut on_line: impl FnMut(&str),
-) -> Result<ExitStatus> {
-    println!("$ {}", display(cmd));
-    let _ = std::io::stdout().flush();
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("{step}: could not start `{}`", display(cmd)))?;
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let mut out = std::io::stdout().lock();
-    for line in BufReader::new(stdout).split(b'\n') {
-        let line = line.with_context(|| format!("{step}: reading output"))?;
-        let _ = out.write_all(&line);
-        let _ = out.write_all(b"\n");
-        let _ = out.flush();
-        on_line(&String::from_utf8_lossy(&line));
-    }
-    drop(out);
-    child
-        .wait()
-        .with_context(|| format!("{step}: waiting for `{}`", display(cmd)))
 }
 
 /// Runs `cmd` quietly; its trimmed stdout if it ran and succeeded.

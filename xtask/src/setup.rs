@@ -1,5 +1,7 @@
 //! `cargo xtask setup`: detect what building, testing and running the lab
 //! need, and install only what is missing. Running it again installs nothing.
+//! It prints one line per install step (their output goes to logs under
+//! `target/xtask-logs/`, shown when a step fails) and one summary line.
 //!
 //! The eBPF side needs a toolchain that can build `core` for
 //! `bpfel-unknown-none` (nightly + rust-src, or Debian's rustc with its library
@@ -14,7 +16,10 @@ use std::{
 
 use anyhow::{bail, Result};
 
-use crate::run::{self, is_root, output};
+use crate::{
+    progress::{self, Stage},
+    run::{self, is_root, output},
+};
 
 /// rustup toolchain name for Debian's rustc (must match `agent/build.rs`).
 const LINKED_TOOLCHAIN: &str = "bpf";
@@ -73,7 +78,6 @@ impl Plan {
 
 pub fn setup() -> Result<()> {
     let start = Instant::now();
-    println!("== setup");
     let mut plan = Plan::default();
 
     let toolchain = check_toolchain(&mut plan)?;
@@ -92,10 +96,14 @@ pub fn setup() -> Result<()> {
     if let Some(dir) = &plan.path_dir {
         prepend_path(dir);
     }
-    verify(&toolchain, &plan)?;
-    mount_bpffs()?;
+    let linker = verify(&toolchain, &plan)?;
+    let bpffs = mount_bpffs()?;
 
-    println!("✓ setup complete in {:.1} s", start.elapsed().as_secs_f64());
+    println!(
+        "setup … ready in {}: eBPF toolchain `{toolchain}` ({}), {linker}{bpffs}",
+        progress::format_duration(start.elapsed()),
+        rustc_version(&toolchain)
+    );
     Ok(())
 }
 
@@ -113,36 +121,21 @@ fn check_toolchain(plan: &mut Plan) -> Result<String> {
         if !has_rust_src(&tc) {
             bail!("PORTCULLIS_EBPF_TOOLCHAIN={tc}, but that toolchain has no rust-src");
         }
-        println!("✓ eBPF toolchain `{tc}` (from PORTCULLIS_EBPF_TOOLCHAIN) has rust-src");
         return Ok(tc);
     }
     if has_rust_src("nightly") {
-        println!("✓ eBPF toolchain `nightly` has rust-src");
         return Ok("nightly".into());
     }
-    println!("· nightly has no rust-src; using Debian's rustc linked as `{LINKED_TOOLCHAIN}`");
-    let missing = missing_packages(DEBIAN_TOOLCHAIN);
-    if missing.is_empty() {
-        println!(
-            "✓ Debian toolchain packages present ({})",
-            DEBIAN_TOOLCHAIN.join(" ")
-        );
-    } else {
-        println!("→ Debian toolchain packages missing: {}", missing.join(" "));
-    }
-    plan.add_apt(missing);
+    // nightly has no rust-src: Debian's rustc, linked as `bpf`.
+    plan.add_apt(missing_packages(DEBIAN_TOOLCHAIN));
 
     if !toolchain_linked(LINKED_TOOLCHAIN) {
-        println!("→ toolchain `{LINKED_TOOLCHAIN}` not linked");
         plan.link_toolchain = true;
         plan.toolchain_pending = true;
     } else if has_rust_src(LINKED_TOOLCHAIN) {
-        println!(
-            "✓ toolchain `{LINKED_TOOLCHAIN}` linked with library source ({})",
-            rustc_version(LINKED_TOOLCHAIN)
-        );
+        return Ok(LINKED_TOOLCHAIN.into());
     } else if plan.apt.contains(&"rust-web-src") {
-        println!("→ toolchain `{LINKED_TOOLCHAIN}` linked, library source not installed yet");
+        // Linked; the library source comes with the packages.
         plan.toolchain_pending = true;
     } else {
         bail!(
@@ -155,31 +148,26 @@ fn check_toolchain(plan: &mut Plan) -> Result<String> {
 }
 
 fn check_linker(plan: &mut Plan) {
-    if let Some(v) = linker_version(None) {
-        println!("✓ {v} present");
+    if linker_version(None).is_some() {
         return;
     }
     let dir = install_bin_dir();
-    if let Some(v) = dir.as_deref().and_then(|d| linker_version(Some(d))) {
-        let dir = dir.expect("checked above");
-        println!("✓ {v} present in {} (added to PATH)", dir.display());
-        plan.path_dir = Some(dir);
+    if dir
+        .as_deref()
+        .and_then(|d| linker_version(Some(d)))
+        .is_some()
+    {
+        // Found in cargo's bin directory: added to PATH.
+        plan.path_dir = dir;
         return;
     }
-    println!("→ bpf-linker not found");
     plan.install_linker = true;
     plan.path_dir = dir;
     plan.add_apt(missing_packages(LINKER_BUILD_DEPS));
 }
 
 fn check_runtime(plan: &mut Plan) {
-    let missing = missing_packages(RUNTIME);
-    if missing.is_empty() {
-        println!("✓ runtime packages present ({})", RUNTIME.join(" "));
-    } else {
-        println!("→ runtime packages missing: {}", missing.join(" "));
-    }
-    plan.add_apt(missing);
+    plan.add_apt(missing_packages(RUNTIME));
 }
 
 fn install(plan: &Plan) -> Result<()> {
@@ -191,7 +179,6 @@ fn install(plan: &Plan) -> Result<()> {
                 plan.apt.join(" ")
             );
         }
-        println!("→ installing Debian packages: {}", plan.apt.join(" "));
         let apt = |args: &[&str]| {
             let mut cmd = Command::new("apt-get");
             cmd.env("DEBIAN_FRONTEND", "noninteractive")
@@ -201,21 +188,23 @@ fn install(plan: &Plan) -> Result<()> {
                 .stdin(Stdio::null());
             cmd
         };
-        run::run("apt-get update", &mut apt(&["update"]))?;
-        run::run(
-            "installing Debian packages",
-            apt(&["install", "-y"]).args(&plan.apt),
+        let mut stage = Stage::start(
+            format!("installing Debian packages ({})", plan.apt.join(" ")),
+            progress::log_path("setup-apt"),
         )?;
+        let result = stage
+            .command(&mut apt(&["update"]))
+            .and_then(|()| stage.command(apt(&["install", "-y"]).args(&plan.apt)));
+        stage.finish(result)?;
     }
     if plan.link_toolchain {
-        println!("→ linking Debian's rustc as the `{LINKED_TOOLCHAIN}` toolchain");
-        run::run(
-            "linking the bpf toolchain",
+        Stage::run(
+            &format!("linking Debian's rustc as the rustup toolchain `{LINKED_TOOLCHAIN}`"),
+            &progress::log_path("setup-rustup-link"),
             Command::new("rustup").args(["toolchain", "link", LINKED_TOOLCHAIN, "/usr"]),
         )?;
     }
     if plan.install_linker {
-        println!("→ installing bpf-linker {BPF_LINKER_VERSION} (takes ~2 min)…");
         let path = std::env::var_os("PATH").unwrap_or_default();
         let path = std::env::join_paths(
             std::iter::once(PathBuf::from(LLVM_PREFIX).join("bin"))
@@ -233,55 +222,52 @@ fn install(plan: &Plan) -> Result<()> {
             ])
             .args(["--no-default-features", "--features", BPF_LINKER_FEATURE])
             .stdin(Stdio::null());
-        run::run("installing bpf-linker", &mut cmd)?;
+        Stage::run(
+            &format!("installing bpf-linker {BPF_LINKER_VERSION} (about 2 min)"),
+            &progress::log_path("setup-bpf-linker"),
+            &mut cmd,
+        )?;
     }
     Ok(())
 }
 
-/// Checks, after installing, that the eBPF build will find what it needs.
-fn verify(toolchain: &str, plan: &Plan) -> Result<()> {
-    if plan.toolchain_pending {
-        if !has_rust_src(toolchain) {
-            bail!(
-                "toolchain `{toolchain}` still has no library source under \
-                 <sysroot>/lib/rustlib/src/rust/library; it should point at /usr: \
-                 `rustup toolchain uninstall {toolchain}` and run setup again"
-            );
-        }
-        println!(
-            "✓ toolchain `{toolchain}` ready ({})",
-            rustc_version(toolchain)
+/// Checks, after installing, that the eBPF build will find what it needs;
+/// returns `bpf-linker --version`.
+fn verify(toolchain: &str, plan: &Plan) -> Result<String> {
+    if plan.toolchain_pending && !has_rust_src(toolchain) {
+        bail!(
+            "toolchain `{toolchain}` still has no library source under \
+             <sysroot>/lib/rustlib/src/rust/library; it should point at /usr: \
+             `rustup toolchain uninstall {toolchain}` and run setup again"
         );
     }
-    if plan.install_linker {
-        match linker_version(None) {
-            Some(v) => println!("✓ {v} installed"),
-            None => bail!(
-                "bpf-linker was installed but does not run; is cargo's bin directory ({}) on PATH?",
-                plan.path_dir
-                    .as_deref()
-                    .map_or_else(|| "~/.cargo/bin".into(), |d| d.display().to_string())
-            ),
-        }
+    match linker_version(None) {
+        Some(v) => Ok(v),
+        None => bail!(
+            "bpf-linker does not run after setup; is cargo's bin directory ({}) on PATH?",
+            plan.path_dir
+                .as_deref()
+                .map_or_else(|| "~/.cargo/bin".into(), |d| d.display().to_string())
+        ),
     }
-    Ok(())
 }
 
-fn mount_bpffs() -> Result<()> {
+/// Mounts bpffs if it is not; says how it is for the summary line.
+fn mount_bpffs() -> Result<&'static str> {
     if bpffs_mounted() {
-        println!("✓ bpffs mounted at {BPFFS}");
-        return Ok(());
+        return Ok(", bpffs mounted");
     }
     if !is_root() {
         println!("! bpffs not mounted at {BPFFS} (mounting needs root; the agent needs it)");
-        return Ok(());
+        return Ok("");
     }
-    println!("→ mounting bpffs at {BPFFS}");
     std::fs::create_dir_all(BPFFS).ok();
-    run::run(
-        "mounting bpffs",
+    Stage::run(
+        &format!("mounting bpffs at {BPFFS}"),
+        &progress::log_path("setup-bpffs"),
         Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]),
-    )
+    )?;
+    Ok(", bpffs mounted")
 }
 
 fn bpffs_mounted() -> bool {
@@ -311,8 +297,10 @@ fn has_rust_src(toolchain: &str) -> bool {
     })
 }
 
+/// `rustc 1.96.0`: the version without commit and build notes.
 fn rustc_version(toolchain: &str) -> String {
     output(&mut rustup(&["run", toolchain, "rustc", "--version"]))
+        .map(|v| v.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|| "rustc version unknown".into())
 }
 

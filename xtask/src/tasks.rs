@@ -1,13 +1,19 @@
-//! The commands that build, test, lint and run the agent.
+//! The commands that build, test, lint and run the agent. Building and
+//! testing print one progress line each; cargo's output goes to
+//! `target/xtask-logs/{build,test}.log` and is shown when they fail.
 
-use std::{ffi::OsString, path::PathBuf, process::Command, time::Instant};
+use std::{ffi::OsString, path::PathBuf, process::Command};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 use crate::{
+    progress::{self, Stage},
     run::{self, is_root},
     setup::setup,
 };
+
+/// At most this many lines of a failed cargo command's errors are shown.
+const MAX_REPORT_LINES: usize = 150;
 
 const AGENT_PACKAGE: &str = "portcullis-agent";
 const AGENT_BIN: &str = "portcullis";
@@ -19,23 +25,67 @@ pub fn build() -> Result<()> {
     Ok(())
 }
 
+/// `building target/release/portcullis … done in 4 min 2 s`; the agent's
+/// build script builds the eBPF object (see agent/build.rs).
 fn build_agent() -> Result<PathBuf> {
-    let start = Instant::now();
-    println!("== build");
-    run::run(
-        "build",
-        run::cargo().args(["build", "--release", "-p", AGENT_PACKAGE]),
-    )?;
     let bin = run::target_dir().join("release").join(AGENT_BIN);
-    if !bin.exists() {
-        bail!("build succeeded but {} is missing", bin.display());
+    let mut stage = Stage::start(
+        format!("building {}", run::pretty_path(&bin)),
+        progress::log_path("build"),
+    )?;
+    let mut cmd = run::cargo();
+    cmd.args(["build", "--release", "-p", AGENT_PACKAGE]);
+    let mut warnings = 0;
+    let status = match stage.command_with_lines(&mut cmd, |line| warnings += warning_count(line)) {
+        Ok(status) => status,
+        Err(e) => return Err(stage.fail(e)),
+    };
+    if !status.success() {
+        let err = anyhow!(
+            "`{}` ended with {}",
+            run::display(&cmd),
+            run::describe(status)
+        );
+        return Err(fail_cargo(stage, err));
     }
-    println!(
-        "✓ built {} in {:.1} s",
-        bin.display(),
-        start.elapsed().as_secs_f64()
-    );
+    if !bin.exists() {
+        let err = anyhow!("cargo succeeded but {} is missing", bin.display());
+        return Err(stage.fail(err));
+    }
+    let note = match warnings {
+        0 => String::new(),
+        n => format!(
+            "{n} compiler warning{} (see {})",
+            if n == 1 { "" } else { "s" },
+            run::pretty_path(stage.log_path())
+        ),
+    };
+    stage.done(&note);
     Ok(bin)
+}
+
+/// The `N` of cargo's `warning: `foo` (lib) generated N warnings` lines.
+fn warning_count(line: &str) -> u32 {
+    let Some(rest) = line.strip_prefix("warning: `") else {
+        return 0;
+    };
+    let Some((_, tail)) = rest.split_once(" generated ") else {
+        return 0;
+    };
+    tail.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Fails a stage that ran cargo, showing cargo's errors (or the log's tail
+/// if it printed none).
+fn fail_cargo(stage: Stage, err: anyhow::Error) -> anyhow::Error {
+    let text = std::fs::read_to_string(stage.log_path()).unwrap_or_default();
+    match progress::cargo_errors(&text, MAX_REPORT_LINES) {
+        Some(report) => stage.fail_showing(err, &report),
+        None => stage.fail(err),
+    }
 }
 
 /// `cargo xtask crdgen`: writes deploy/crds with the agent's hidden
@@ -78,8 +128,7 @@ pub fn test(args: &[OsString]) -> Result<()> {
     let bin = build_agent()?;
     // The Kubernetes tests run against a real API server.
     let kube_bin = crate::kube::build()?;
-    let start = Instant::now();
-    println!("== test");
+    let mut stage = Stage::start("testing", progress::log_path("test"))?;
     let mut cmd = run::cargo();
     cmd.env("PORTCULLIS_BIN", &bin)
         .env("PORTCULLIS_KUBE_BIN", &kube_bin)
@@ -92,16 +141,71 @@ pub fn test(args: &[OsString]) -> Result<()> {
         ])
         .args(args);
     let mut totals = Totals::default();
-    let status = run::status_with_lines("test", &mut cmd, |line| totals.add(line))?;
-    let secs = start.elapsed().as_secs_f64();
+    let status = match stage.command_with_lines(&mut cmd, |line| totals.add(line)) {
+        Ok(status) => status,
+        Err(e) => return Err(stage.fail(e)),
+    };
     if !status.success() || totals.failed > 0 {
-        bail!(
-            "test failed: {} ({status}) in {secs:.1} s",
-            totals.summary()
-        );
+        let err = anyhow!("{} ({})", totals.summary(), run::describe(status));
+        let text = std::fs::read_to_string(stage.log_path()).unwrap_or_default();
+        let report = test_failures(&text);
+        return Err(if report.is_empty() {
+            stage.fail(err)
+        } else {
+            stage.fail_showing(err, &report)
+        });
     }
-    println!("✓ tests passed: {} in {secs:.1} s", totals.summary());
+    stage.done(&totals.summary());
     Ok(())
+}
+
+/// What the log of a failed `cargo test` says about its failures: each
+/// failing test binary's `failures:` section (the tests' output and
+/// panics), and cargo's errors (a test that did not compile, a binary that
+/// crashed), without cargo's status lines; at most `MAX_REPORT_LINES`.
+fn test_failures(log: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut binary = None;
+    let mut in_failures = false;
+    let mut in_error = false;
+    for line in log.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("Running ") || trimmed.starts_with("Doc-tests ") {
+            binary = Some(trimmed);
+            in_error = false;
+            continue;
+        }
+        if in_failures {
+            out.push(line);
+            if line.starts_with("test result:") {
+                in_failures = false;
+            }
+            continue;
+        }
+        if line == "failures:" {
+            in_failures = true;
+            in_error = false;
+            out.extend(binary.take());
+            out.push(line);
+            continue;
+        }
+        if line.starts_with("error") {
+            in_error = true;
+        } else if in_error && (progress::is_cargo_status(line) || !line.starts_with([' ', '\t'])) {
+            // Diagnostics continue with indented lines (`  --> src/x.rs`)
+            // and blank ones; anything else ends them.
+            in_error = line.is_empty();
+        }
+        if in_error {
+            out.push(line);
+        }
+    }
+    if out.len() > MAX_REPORT_LINES {
+        let more = out.len() - MAX_REPORT_LINES;
+        out.truncate(MAX_REPORT_LINES);
+        return format!("{}\n… {more} more lines", out.join("\n"));
+    }
+    out.join("\n")
 }
 
 /// Sums libtest's `test result:` lines.
@@ -166,7 +270,6 @@ fn run_agent(step: &str, args: &[OsString]) -> Result<()> {
     if !is_root() {
         println!("! not root: the lab needs root for network namespaces and eBPF");
     }
-    println!("== {step}");
     let mut cmd = Command::new(&bin);
     cmd.current_dir(run::workspace_root()).args(args);
     let status = run::status(step, &mut cmd)?;
@@ -193,10 +296,13 @@ pub fn lint() -> Result<()> {
     }
     // Default members only: `--workspace` would build the eBPF crate for the
     // host. AYA_BUILD_SKIP: linting does not need the kernel object.
+    // --quiet: only the diagnostics (in full, in colour), not the hundreds
+    // of `Checking` lines of a first run.
     let mut clippy = run::cargo();
     clippy
         .env("AYA_BUILD_SKIP", "1")
-        .args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+        .args(["clippy", "--quiet", "--all-targets"])
+        .args(["--", "-D", "warnings"]);
     if !run::status("clippy", &mut clippy)?.success() {
         failed.push("clippy");
     }
@@ -209,7 +315,75 @@ pub fn lint() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Totals;
+    use super::{test_failures, warning_count, Totals};
+
+    #[test]
+    fn counts_compiler_warnings() {
+        assert_eq!(
+            warning_count("warning: `portcullis-agent` (lib) generated 2 warnings"),
+            2
+        );
+        assert_eq!(
+            warning_count("warning: `x` (bin \"x\") generated 1 warning (run `cargo fix`)"),
+            1
+        );
+        assert_eq!(warning_count("warning: unused variable: `a`"), 0);
+    }
+
+    #[test]
+    fn reports_test_failures() {
+        let log = "\
+   Compiling portcullis-tests v0.1.0
+     Running unittests src/lib.rs (target/release/deps/a-1)
+
+running 2 tests
+test a::ok ... ok
+test a::bad ... FAILED
+
+failures:
+
+---- a::bad stdout ----
+thread 'a::bad' panicked at src/lib.rs:3:5:
+boom
+
+failures:
+    a::bad
+
+test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s
+
+     Running tests/lab.rs (target/release/deps/lab-2)
+
+running 1 test
+test lab ... ok
+
+test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s
+
+error: test failed, to rerun pass `--lib`
+error: 1 target failed:
+    `--lib`
+";
+        let want = "\
+     Running unittests src/lib.rs (target/release/deps/a-1)
+failures:
+
+---- a::bad stdout ----
+thread 'a::bad' panicked at src/lib.rs:3:5:
+boom
+
+failures:
+    a::bad
+
+test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s
+error: test failed, to rerun pass `--lib`
+error: 1 target failed:
+    `--lib`";
+        assert_eq!(test_failures(log), want);
+        let compile = "   Compiling a v0.1.0\nerror[E0425]: cannot find value `x`\n --> a.rs:1:1\n  |\n\nFor more information, try `rustc --explain E0425`.\nerror: could not compile `a` (lib test) due to 1 previous error\n";
+        assert_eq!(
+            test_failures(compile),
+            "error[E0425]: cannot find value `x`\n --> a.rs:1:1\n  |\n\nerror: could not compile `a` (lib test) due to 1 previous error"
+        );
+    }
 
     #[test]
     fn sums_test_results() {
