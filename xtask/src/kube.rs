@@ -9,16 +9,17 @@
 
 use std::{
     fs,
-    io::Write as _,
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Instant,
 };
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::run;
+use crate::{
+    progress::{self, Stage},
+    run,
+};
 
 /// The names the binary answers to.
 const PROGRAMS: [&str; 3] = ["etcd", "kube-apiserver", "kubectl"];
@@ -136,19 +137,7 @@ fn compile(
     build_dir: &Path,
     binary: &Path,
 ) -> Result<()> {
-    let start = Instant::now();
-    let logs = run::target_dir().join("xtask-logs");
-    fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let log_path = logs.join("kube-build.log");
-    println!(
-        "== kube: building etcd, kube-apiserver and kubectl {version} from Go modules with {go_says} \
-         (first time only, about 4 min on 2 cores; log: {})",
-        log_path.display()
-    );
-    let _ = std::io::stdout().flush();
     fs::create_dir_all(build_dir).with_context(|| format!("creating {}", build_dir.display()))?;
-    let log =
-        fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let (major, minor) = split_version(version);
     // client-go and component-base report their version from these; an
     // unset one reads v0.0.0-master, and kubectl warns about skew.
@@ -161,33 +150,23 @@ fn compile(
          -X k8s.io/client-go/pkg/version.gitMinor={minor}"
     );
     let partial = build_dir.join("kube.partial");
-    let status = go()
-        .current_dir(src)
-        .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
-        .arg(&partial)
-        .arg(".")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .status()
-        .context("running go build")?;
-    if !status.success() {
-        let text = fs::read_to_string(&log_path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        bail!(
-            "building the control plane failed ({status}); the last lines of {}:\n{}",
-            log_path.display(),
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        );
-    }
-    // Only a finished binary gets the cached name.
-    fs::rename(&partial, binary).with_context(|| format!("renaming {}", partial.display()))?;
-    println!(
-        "✓ kube: built {version} in {:.0} s ({})",
-        start.elapsed().as_secs_f64(),
-        build_dir.display()
+    let mut stage = Stage::start(
+        format!(
+            "building the test control plane (etcd, kube-apiserver, kubectl {version}) with \
+             {go_says}, first time only, about 5 min"
+        ),
+        progress::log_path("kube-build"),
+    )?;
+    let result = stage.command(
+        go().current_dir(src)
+            .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
+            .arg(&partial)
+            .arg(".")
+            .stdin(Stdio::null()),
     );
-    Ok(())
+    stage.finish(result)?;
+    // Only a finished binary gets the cached name.
+    fs::rename(&partial, binary).with_context(|| format!("renaming {}", partial.display()))
 }
 
 /// "v1.35.4" → ("1", "35").
