@@ -169,6 +169,29 @@ fn compile(
     fs::rename(&partial, binary).with_context(|| format!("renaming {}", partial.display()))
 }
 
+/// `cargo xtask kube up`: builds it, then runs tests/src/bin/pcl-kube.rs
+/// (the tests' own harness) in the foreground.
+pub fn up() -> Result<()> {
+    let bin = build()?;
+    let status = run::cargo()
+        .env("PORTCULLIS_KUBE_BIN", &bin)
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "portcullis-tests",
+            "--bin",
+            "pcl-kube",
+        ])
+        .status()
+        .context("running pcl-kube")?;
+    if !status.success() {
+        bail!("pcl-kube ended with {status}");
+    }
+    Ok(())
+}
+
 /// "v1.35.4" → ("1", "35").
 fn split_version(version: &str) -> (String, String) {
     let mut parts = version.trim_start_matches('v').split('.');

@@ -76,6 +76,9 @@ enum Cmd {
 enum KubeCmd {
     /// Build it (or take it from the cache) and print where it is.
     Build,
+    /// Build it, then run it on loopback with our CRDs until Ctrl-C
+    /// (prints a KUBECONFIG for kubectl and the agent).
+    Up,
 }
 
 fn main() {
@@ -91,6 +94,7 @@ fn main() {
         Cmd::Kube {
             cmd: KubeCmd::Build,
         } => kube::build().map(|bin| println!("{}", bin.display())),
+        Cmd::Kube { cmd: KubeCmd::Up } => kube::up(),
         Cmd::Fuzz {
             seconds,
             replay,
