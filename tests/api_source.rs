@@ -245,7 +245,7 @@ async fn a_real_410_gone_relists_without_dropping_enforcement() {
     relay.heal();
 
     // Throughout the relist the source keeps offering a complete view.
-    let deadline = std::time::Instant::now() + EVENT_BOUND;
+    let deadline = std::time::Instant::now() + RECOVERY_BOUND;
     loop {
         assert!(
             h.source.revision().is_some(),
@@ -271,7 +271,7 @@ async fn a_real_410_gone_relists_without_dropping_enforcement() {
         VERDICT_DENY,
         "the new version replaced the old"
     );
-    until("the source to be ready again", EVENT_BOUND, || {
+    until("the source to be ready again", RECOVERY_BOUND, || {
         h.source.degraded().is_none().then_some(())
     })
     .await;
@@ -311,18 +311,20 @@ async fn an_api_outage_keeps_the_last_state_and_reports_not_ready() {
         VERDICT_DENY
     );
 
-    // Back: ready again, and changes flow.
+    // Back: changes flow, and the source is ready again. (The restarted
+    // server's watch cache starts at the current version, so the watchers
+    // resume with a 410 and relist first.)
     h.plane
         .start_apiserver()
         .await
         .expect("the API server restarts");
-    until("recovery", EVENT_BOUND, || {
-        h.source.degraded().is_none().then_some(())
+    kube_api::delete(&admin, allow_ingress_from("only-b", "a", "b", 80)).await;
+    h.apply_until_within("the delete made after the outage", RECOVERY_BOUND, |h| {
+        h.verdict(cg_a, DIRECTION_INGRESS, "10.0.1.2", 80) == VERDICT_ALLOW
     })
     .await;
-    kube_api::delete(&admin, allow_ingress_from("only-b", "a", "b", 80)).await;
-    h.apply_until("the delete made after the outage", |h| {
-        h.verdict(cg_a, DIRECTION_INGRESS, "10.0.1.2", 80) == VERDICT_ALLOW
+    until("the source to be ready again", RECOVERY_BOUND, || {
+        h.source.degraded().is_none().then_some(())
     })
     .await;
 }
@@ -420,7 +422,8 @@ async fn a_missing_crd_keeps_the_agent_not_ready_until_it_is_installed() {
     crds.create(&PostParams::default(), &crd)
         .await
         .expect("installing the CRD again");
-    until("the initial lists", EVENT_BOUND, || source.revision()).await;
+    // The failing watch retries on its backoff.
+    until("the initial lists", RECOVERY_BOUND, || source.revision()).await;
     assert_eq!(source.degraded(), None);
 }
 

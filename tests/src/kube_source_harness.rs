@@ -126,9 +126,15 @@ pub async fn until<T>(what: &str, bound: Duration, mut check: impl FnMut() -> Op
     }
 }
 
-/// How long a change may take to reach the source: an event, or a
-/// watcher's backoff after an outage (up to 12.8 s with kube-rs' default).
-pub const EVENT_BOUND: Duration = Duration::from_secs(30);
+/// How long an event may take to reach the source.
+pub const EVENT_BOUND: Duration = Duration::from_secs(20);
+
+/// How long the watchers may take to catch up after an outage or a
+/// partition: the next retry of their backoff (source/kube/backoff.rs)
+/// and, as a restarted API server's watch cache starts over at the
+/// current version, a `410 Gone` that waits one more step before the
+/// relist. Generous: the machines running these tests are busy.
+pub const RECOVERY_BOUND: Duration = Duration::from_secs(60);
 
 pub async fn start_plane() -> ControlPlane {
     ControlPlane::start()
@@ -284,7 +290,17 @@ impl Harness {
     /// Reconciles, as the sync loop does, until `check` holds (the API
     /// server's events arrive in their own time); returns the last pass.
     pub async fn apply_until(&mut self, what: &str, check: impl Fn(&Self) -> bool) -> Applied {
-        let deadline = Instant::now() + EVENT_BOUND;
+        self.apply_until_within(what, EVENT_BOUND, check).await
+    }
+
+    /// [`Harness::apply_until`] with another bound.
+    pub async fn apply_until_within(
+        &mut self,
+        what: &str,
+        bound: Duration,
+        check: impl Fn(&Self) -> bool,
+    ) -> Applied {
+        let deadline = Instant::now() + bound;
         loop {
             if self.source.revision().is_some() {
                 let applied = self.reconcile();
