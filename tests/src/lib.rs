@@ -4,6 +4,8 @@
 
 pub mod attack;
 pub mod kube_api;
+pub mod kube_source_harness;
+pub mod relay;
 
 use std::{collections::BTreeMap, net::IpAddr};
 

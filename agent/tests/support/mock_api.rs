@@ -1,11 +1,12 @@
 //! A Kubernetes API server stand-in for tests, behind kube-rs' `Client`
 //! through tower-test (as kube-rs tests itself). It keeps collections of
 //! objects with resource versions, answers lists and streaming watches
-//! (with history, bookmarks and `410 Gone` for compacted versions), can go
-//! down (open watches drop, every request gets 503), and records every
-//! request so tests can check what the client asked for. Writes (Leases,
-//! Events, status patches) are kept per object path, with resource-version
-//! conflicts as the API server has them.
+//! (with history and bookmarks), can go down (open watches drop, every
+//! request gets 503), and records every request so tests can check what
+//! the client asked for. Writes (Leases, Events, status patches) are kept
+//! per object path, with resource-version conflicts as the API server has
+//! them. Compaction (`410 Gone`) and missing CRDs are tested against the
+//! real API server instead (tests/api_source.rs).
 
 #![allow(dead_code)]
 
@@ -58,8 +59,6 @@ struct OpenWatch {
 #[derive(Default)]
 struct State {
     resource_version: u64,
-    /// Watches from versions below this get `410 Gone`.
-    compacted_below: u64,
     collections: BTreeMap<String, Collection>,
     watches: Vec<OpenWatch>,
     requests: Vec<Recorded>,
@@ -168,11 +167,6 @@ impl MockApi {
         self.state.lock().unwrap()
     }
 
-    /// Removes a collection, as if its CRD were not installed.
-    pub fn remove_collection(&self, path: &str) {
-        self.lock().collections.remove(path);
-    }
-
     /// Creates or replaces an object (ADDED or MODIFIED to watchers).
     pub fn apply(&self, path: &str, mut object: Value) {
         let mut s = self.lock();
@@ -245,17 +239,6 @@ impl MockApi {
                                 "metadata": {"resourceVersion": rv}});
             w.tx.unbounded_send(line("BOOKMARK", &object)).is_ok()
         });
-    }
-
-    /// Forgets history: watches resuming from an older version get 410
-    /// Gone. Open watches are closed, as an API server restart would.
-    pub fn compact(&self) {
-        let mut s = self.lock();
-        s.compacted_below = s.resource_version + 1;
-        for c in s.collections.values_mut() {
-            c.history.clear();
-        }
-        s.watches.clear();
     }
 
     /// Drops every open watch connection (clients re-watch).
@@ -372,7 +355,6 @@ impl MockApi {
             .get("fieldSelector")
             .and_then(|f| f.strip_prefix("metadata.name="))
             .map(str::to_string);
-        let compacted_below = s.compacted_below;
         let current = s.resource_version;
         let Some(c) = s.collections.get(&recorded.path) else {
             return once(
@@ -404,25 +386,16 @@ impl MockApi {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let (tx, rx) = mpsc::unbounded();
-        if from < compacted_below {
-            tx.unbounded_send(line(
-                "ERROR",
-                &status(410, "Expired", "too old resource version"),
-            ))
-            .unwrap();
-            drop(tx);
-        } else {
-            for (rv, event, object) in &c.history {
-                if *rv > from && wanted(object) {
-                    tx.unbounded_send(line(event, object)).unwrap();
-                }
+        for (rv, event, object) in &c.history {
+            if *rv > from && wanted(object) {
+                tx.unbounded_send(line(event, object)).unwrap();
             }
-            s.watches.push(OpenWatch {
-                path: recorded.path.clone(),
-                name_filter,
-                tx,
-            });
         }
+        s.watches.push(OpenWatch {
+            path: recorded.path.clone(),
+            name_filter,
+            tx,
+        });
         Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/json")
