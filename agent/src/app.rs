@@ -31,7 +31,7 @@ use crate::{
 
 /// How often the files are checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// How soon a pass that found pods without a process is retried.
+/// How soon the frame guard retries pods that had no process.
 const MISSING_PROCESS_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
@@ -392,8 +392,23 @@ fn publish(path: &Path, names: &PublishedNames) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Attaches the frame program to every enforced pod: the pods without a
+/// process yet (waited for), and the problems.
+fn guard_frames(dataplane: &mut Dataplane, cgroups: &[PathBuf]) -> (Vec<String>, Vec<String>) {
+    let mut waiting = Vec::new();
+    let mut problems = Vec::new();
+    for e in dataplane.guard_frames(cgroups) {
+        let text = error_chain(&e);
+        match e {
+            FrameGuardError::NoProcess { .. } => waiting.push(text),
+            _ => problems.push(text),
+        }
+    }
+    (waiting, problems)
+}
+
 fn sync_loop(
-    guard_frames: bool,
+    guard_frames_on: bool,
     names_file: Option<PathBuf>,
     mut source: Box<dyn Source>,
     mut reconciler: Reconciler,
@@ -405,6 +420,9 @@ fn sync_loop(
     let mut status = Status::default();
     let mut missing_cgroups = false;
     let mut missing_processes = false;
+    // The cgroups the frame guard follows, and when it last tried.
+    let mut guarded: Vec<PathBuf> = Vec::new();
+    let mut last_guard = Instant::now();
     let mut last_pass = Instant::now();
     let mut last_pass_wall = SystemTime::now();
     while !stop.load(Ordering::Relaxed) {
@@ -427,10 +445,27 @@ fn sync_loop(
         };
         // A pass that met missing cgroups is retried now and then: the
         // workload's cgroup may appear without anything else changing.
-        let since = last_pass.elapsed();
-        let retry = (missing_cgroups && since >= source.missing_cgroup_retry())
-            || (missing_processes && since >= MISSING_PROCESS_RETRY);
+        let retry = missing_cgroups && last_pass.elapsed() >= source.missing_cgroup_retry();
         let changed = seen.as_ref() != Some(&fp);
+        if !changed && !retry && missing_processes && last_guard.elapsed() >= MISSING_PROCESS_RETRY
+        {
+            // Only the frame guard waits: attach it again, no new pass.
+            last_guard = Instant::now();
+            let (waiting, problems) = guard_frames(&mut dataplane, &guarded);
+            missing_processes = !waiting.is_empty();
+            let new: Vec<String> = problems
+                .into_iter()
+                .filter(|p| !status.problems.contains(p))
+                .collect();
+            if waiting != status.waiting_for_process || !new.is_empty() {
+                for p in &new {
+                    error!("{p}");
+                }
+                status.waiting_for_process = waiting;
+                status.problems.extend(new);
+                observers.publish(&status);
+            }
+        }
         if changed || retry {
             let previous_pass = last_pass_wall;
             last_pass = Instant::now();
@@ -462,21 +497,12 @@ fn sync_loop(
                             status.applied += 1;
                             status.usage = applied.usage;
                             status.waiting_for_cgroup = applied.missing_cgroups.clone();
-                            // Pods without a process yet are waited for;
-                            // anything else is a problem.
-                            let frames = if guard_frames {
-                                dataplane.guard_frames(&applied.endpoint_cgroups)
-                            } else {
-                                Vec::new()
-                            };
-                            for e in frames {
-                                let text = error_chain(&e);
-                                match e {
-                                    FrameGuardError::NoProcess { .. } => {
-                                        status.waiting_for_process.push(text)
-                                    }
-                                    _ => status.problems.push(text),
-                                }
+                            if guard_frames_on {
+                                guarded = applied.endpoint_cgroups.clone();
+                                last_guard = Instant::now();
+                                let (waiting, problems) = guard_frames(&mut dataplane, &guarded);
+                                status.waiting_for_process = waiting;
+                                status.problems.extend(problems);
                             }
                             missing_cgroups = !status.waiting_for_cgroup.is_empty();
                             missing_processes = !status.waiting_for_process.is_empty();

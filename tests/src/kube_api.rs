@@ -3,20 +3,16 @@
 //! (xtask/kube), started on loopback with their own CA, a service-account
 //! signing key and an admin token, and stopped when dropped.
 //!
-//! Tests share one per test binary ([`shared`]) and keep out of each
-//! other's way with their own namespaces and node names ([`Scope`]); a test
-//! that stops the API server or compacts etcd starts its own
-//! ([`ControlPlane::start`]).
+//! A test that changes cluster-wide state, stops the API server or compacts
+//! etcd starts its own ([`ControlPlane::start`], about 3 s); tests that only
+//! validate objects share one per test binary ([`shared`]).
 
 use std::{
     io,
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        mpsc, Mutex,
-    },
+    sync::{mpsc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -421,8 +417,9 @@ async fn install_crds(client: &kube::Client) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The test binary's shared control plane, started on first use. Its
-/// processes end with the test binary.
+/// The test binary's shared control plane, started on first use. It is
+/// never dropped: at exit its processes are killed and its directory
+/// removed (an `atexit` handler; libtest ends with `exit`).
 pub async fn shared() -> &'static ControlPlane {
     static SHARED: tokio::sync::OnceCell<&'static ControlPlane> =
         tokio::sync::OnceCell::const_new();
@@ -431,29 +428,35 @@ pub async fn shared() -> &'static ControlPlane {
             let plane = ControlPlane::start().await.unwrap_or_else(|e| {
                 panic!("starting the test control plane: {e}");
             });
-            &*Box::leak(Box::new(plane))
+            let plane: &'static ControlPlane = Box::leak(Box::new(plane));
+            let _ = SHARED_AT_EXIT.set(plane);
+            extern "C" fn remove_shared() {
+                if let Some(plane) = SHARED_AT_EXIT.get() {
+                    plane.remove_at_exit();
+                }
+            }
+            // SAFETY: registers a plain function; it runs once, at exit.
+            unsafe { libc::atexit(remove_shared) };
+            plane
         })
         .await
 }
 
-/// Names unique to one test on a shared control plane: its namespaces and
-/// node are `<name>-<n>`.
-pub struct Scope {
-    pub suffix: String,
-}
+static SHARED_AT_EXIT: std::sync::OnceLock<&'static ControlPlane> = std::sync::OnceLock::new();
 
-impl Scope {
-    pub fn new(test: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        Self {
-            suffix: format!("{test}-{}-{n}", std::process::id()),
+impl ControlPlane {
+    /// What `Drop` does, for a plane that is never dropped: kill both
+    /// processes, reap them and remove the directory.
+    fn remove_at_exit(&self) {
+        let pids = [Some(self.etcd.id()), self.apiserver.as_ref().map(Child::id)];
+        for pid in pids.into_iter().flatten() {
+            // SAFETY: our own children, not yet reaped.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+                libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+            }
         }
-    }
-
-    /// A namespace or node name of this test.
-    pub fn name(&self, base: &str) -> String {
-        format!("{base}-{}", self.suffix)
+        let _ = std::fs::remove_dir_all(self.dir.path());
     }
 }
 

@@ -109,8 +109,8 @@ pub fn build() -> Result<PathBuf> {
     let binary = build_dir.join("kube");
     if binary.exists() {
         println!(
-            "✓ kube: control plane {version} from the cache ({})",
-            build_dir.display()
+            "test control plane {version} … cached in {}",
+            run::pretty_path(&build_dir)
         );
     } else {
         compile(&src, &version, &go, &build_dir, &binary)?;
