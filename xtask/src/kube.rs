@@ -159,7 +159,16 @@ fn compile(
     )?;
     let result = stage.command(
         go().current_dir(src)
-            .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
+            // No VCS stamp: git may refuse a checkout owned by another
+            // user (CI runs as root), and the cache key covers the sources.
+            .args([
+                "build",
+                "-trimpath",
+                "-buildvcs=false",
+                "-ldflags",
+                &ldflags,
+                "-o",
+            ])
             .arg(&partial)
             .arg(".")
             .stdin(Stdio::null()),
