@@ -210,3 +210,67 @@ async fn an_unregistered_pod_below_a_pending_guard_is_denied_until_programmed() 
     host_client.stop().await;
     drop(dataplane);
 }
+
+/// A workload whose cgroup is deeper than the kernel's 12-level ancestry
+/// search cannot be an endpoint: the agent guards the deepest ancestor the
+/// kernel does see, so the workload's traffic is denied (not left
+/// unjudged), and says why. Without the guard this process, below no
+/// registered cgroup, would reach y/b unjudged.
+#[tokio::test]
+async fn a_workload_deeper_than_the_kernel_searches_is_denied_and_reported() {
+    let mut lab = start_lab("deepcg").await;
+    lab.wait_applied().await.unwrap();
+    lab.stop_agent();
+
+    let mount = cgroup::cgroup2_mount().unwrap();
+    let root = portcullis_agent::lab::plumbing::LabNames::new("deepcg", &mount).cgroup_root;
+    // The lab's root is 1 level below the mount, `deep` 2, and l13 15.
+    let deep = (1..=13).fold(root.join("deep"), |p, i| p.join(format!("l{i}")));
+    assert_eq!(cgroup::depth(&mount, &deep), 15);
+    let mut dataplane = Dataplane::load(&DataplaneOptions {
+        pin_dir: lab.pin_dir().to_path_buf(),
+        cgroup_root: root.clone(),
+    })
+    .unwrap();
+    let mut source = FileSource::new(
+        lab.policies_dir().to_path_buf(),
+        lab.workloads_file().to_path_buf(),
+    );
+    let mut snapshot: Snapshot = source.load().unwrap();
+    snapshot.inventory.workloads.push(Workload {
+        name: "deep".into(),
+        namespace: "x".into(),
+        labels: [("pod".to_string(), "deep".to_string())].into(),
+        cgroup: Some(deep.clone()),
+        ips: vec![],
+        ports: vec![],
+    });
+    let netns = netns_path(&lab.pod_netns("x/a").unwrap());
+    let client = spawn_in(&netns, &deep).await;
+    let applied = Reconciler::new(mount.clone())
+        .reconcile(&snapshot, &mut dataplane.writer)
+        .unwrap();
+    let visible = cgroup::deepest_visible(&mount, &deep);
+    assert!(
+        applied.missing_cgroups.iter().any(|m| m.contains("x/deep")
+            && m.contains("levels deep")
+            && m.contains(&visible.display().to_string())),
+        "reported, naming the guarded ancestor: {:?}",
+        applied.missing_cgroups
+    );
+
+    let y_b = lab
+        .pods()
+        .iter()
+        .find(|p| p.key == "y/b")
+        .unwrap()
+        .ipv4
+        .into();
+    let limit = Duration::from_millis(1000);
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let o = client.probe(y_b, 80, protocol, limit).await.unwrap();
+        assert_eq!(o, ProbeOutcome::Denied, "{protocol:?} from 15 levels deep");
+    }
+    client.stop().await;
+    drop(dataplane);
+}
