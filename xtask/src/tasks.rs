@@ -4,7 +4,7 @@
 
 use std::{ffi::OsString, path::PathBuf, process::Command};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::{
     progress::{self, Stage},
@@ -129,22 +129,48 @@ pub fn test(args: &[OsString]) -> Result<()> {
     // The Kubernetes tests run against a real API server.
     let kube_bin = crate::kube::build()?;
     let mut stage = Stage::start("testing", progress::log_path("test"))?;
-    let mut cmd = run::cargo();
-    cmd.env("PORTCULLIS_BIN", &bin)
-        .env("PORTCULLIS_KUBE_BIN", &kube_bin)
-        .args([
-            "test",
-            "--release",
-            "--no-fail-fast",
-            "--",
-            "--test-threads=1",
-        ])
-        .args(args);
-    let mut totals = Totals::default();
-    let status = match stage.command_with_lines(&mut cmd, |line| totals.add(line)) {
-        Ok(status) => status,
+    let serial = match serial_test_targets() {
+        Ok(targets) => targets,
         Err(e) => return Err(stage.fail(e)),
     };
+    let test = || {
+        let mut cmd = run::cargo();
+        cmd.env("PORTCULLIS_BIN", &bin)
+            .env("PORTCULLIS_KUBE_BIN", &kube_bin)
+            .args(["test", "--release", "--no-fail-fast"]);
+        cmd
+    };
+    // Tests of the API server alone run with libtest's threads; everything
+    // else shares the kernel (labs, bpffs, cgroups) and runs one at a time;
+    // then the doc tests.
+    let mut parallel = test();
+    parallel.args(["-p", TESTS_PACKAGE]);
+    for name in PARALLEL_TESTS {
+        parallel.args(["--test", name]);
+    }
+    parallel.arg("--").args(args);
+    let mut serialized = test();
+    serialized.args(["--lib", "--bins"]);
+    for name in &serial {
+        serialized.args(["--test", name]);
+    }
+    serialized.args(["--", "--test-threads=1"]).args(args);
+    let mut doc = test();
+    doc.arg("--doc").arg("--").args(args);
+    let mut totals = Totals::default();
+    let mut status = None;
+    for cmd in [&mut parallel, &mut serialized, &mut doc] {
+        match stage.command_with_lines(cmd, |line| totals.add(line)) {
+            // The first failure decides the exit status; all runs go on.
+            Ok(s) => {
+                status = status
+                    .filter(|s: &std::process::ExitStatus| !s.success())
+                    .or(Some(s))
+            }
+            Err(e) => return Err(stage.fail(e)),
+        }
+    }
+    let status = status.expect("three runs");
     if !status.success() || totals.failed > 0 {
         let err = anyhow!("{} ({})", totals.summary(), run::describe(status));
         let text = std::fs::read_to_string(stage.log_path()).unwrap_or_default();
@@ -157,6 +183,52 @@ pub fn test(args: &[OsString]) -> Result<()> {
     }
     stage.done(&totals.summary());
     Ok(())
+}
+
+/// The package of the integration tests.
+const TESTS_PACKAGE: &str = "portcullis-tests";
+/// Its test binaries that use only a test API server and temporary
+/// directories, never the kernel's shared state: safe to run in parallel
+/// (a third of the time, on 2 cores).
+const PARALLEL_TESTS: [&str; 3] = ["api_source", "crds", "api_server"];
+
+/// Every other test target of the default members (from `cargo metadata`),
+/// so a new test file is run without being listed anywhere.
+fn serial_test_targets() -> Result<Vec<String>> {
+    let out = run::cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("reading cargo metadata")?;
+    let members: Vec<&str> = metadata["workspace_default_members"]
+        .as_array()
+        .context("cargo metadata without workspace_default_members")?
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    let mut names = Vec::new();
+    for package in metadata["packages"].as_array().into_iter().flatten() {
+        if !members.contains(&package["id"].as_str().unwrap_or_default()) {
+            continue;
+        }
+        for target in package["targets"].as_array().into_iter().flatten() {
+            let is_test = target["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"));
+            let name = target["name"].as_str().unwrap_or_default();
+            if is_test && !PARALLEL_TESTS.contains(&name) {
+                names.push(name.to_string());
+            }
+        }
+    }
+    if names.is_empty() {
+        bail!("cargo metadata lists no test targets");
+    }
+    Ok(names)
 }
 
 /// What the log of a failed `cargo test` says about its failures: each
@@ -315,7 +387,29 @@ pub fn lint() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{test_failures, warning_count, Totals};
+    use super::{serial_test_targets, test_failures, warning_count, Totals, PARALLEL_TESTS};
+
+    /// Every test file runs in one of the two groups: the serialized group
+    /// comes from cargo metadata, so a new file cannot be left out.
+    #[test]
+    fn every_test_target_runs_in_exactly_one_group() {
+        let serial = serial_test_targets().expect("cargo metadata");
+        for name in [
+            "guards",
+            "kubernetes",
+            "adversarial",
+            "kube_source",
+            "manifests",
+        ] {
+            assert!(
+                serial.iter().any(|s| s == name),
+                "{name} missing: {serial:?}"
+            );
+        }
+        for name in PARALLEL_TESTS {
+            assert!(!serial.iter().any(|s| s == name), "{name} in both");
+        }
+    }
 
     #[test]
     fn counts_compiler_warnings() {
