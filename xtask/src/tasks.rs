@@ -143,8 +143,9 @@ pub fn test(args: &[OsString]) -> Result<()> {
     // Tests of the API server alone run with libtest's threads; everything
     // else shares the kernel (labs, bpffs, cgroups) and runs one at a time;
     // then the doc tests.
+    // No `-p`: both runs select the same packages, so features unify the
+    // same way and the second run builds nothing again.
     let mut parallel = test();
-    parallel.args(["-p", TESTS_PACKAGE]);
     for name in PARALLEL_TESTS {
         parallel.args(["--test", name]);
     }
@@ -185,9 +186,7 @@ pub fn test(args: &[OsString]) -> Result<()> {
     Ok(())
 }
 
-/// The package of the integration tests.
-const TESTS_PACKAGE: &str = "portcullis-tests";
-/// Its test binaries that use only a test API server and temporary
+/// The integration tests' binaries that use only a test API server and temporary
 /// directories, never the kernel's shared state: safe to run in parallel
 /// (a third of the time, on 2 cores).
 const PARALLEL_TESTS: [&str; 3] = ["api_source", "crds", "api_server"];
