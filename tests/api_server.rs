@@ -3,7 +3,6 @@
 
 use std::{
     path::Path,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -34,32 +33,6 @@ async fn the_control_plane_serves_the_pinned_release_with_our_crds() {
     );
 }
 
-/// Runs kubectl (admin) with `stdin` as input; fails the test with its error.
-fn kubectl(plane: &ControlPlane, args: &[&str], stdin: &str) -> String {
-    use std::io::Write as _;
-    let mut child = plane
-        .kubectl()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running kubectl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// deploy/rbac.yaml with the EndpointSlice rule removed: what an operator
 /// who trimmed the ClusterRole, or an older manifest, gives the agent.
 fn rbac_without_endpointslices() -> String {
@@ -82,8 +55,7 @@ fn rbac_without_endpointslices() -> String {
 async fn a_missing_permission_is_named_and_a_fixed_role_is_picked_up() {
     let plane = ControlPlane::start().await.unwrap();
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    kubectl(
-        &plane,
+    plane.kubectl_ok(
         &[
             "apply",
             "-f",
@@ -91,13 +63,8 @@ async fn a_missing_permission_is_named_and_a_fixed_role_is_picked_up() {
         ],
         "",
     );
-    kubectl(
-        &plane,
-        &["apply", "-f", "-"],
-        &rbac_without_endpointslices(),
-    );
-    let token = kubectl(
-        &plane,
+    plane.kubectl_ok(&["apply", "-f", "-"], &rbac_without_endpointslices());
+    let token = plane.kubectl_ok(
         &[
             "create",
             "token",
@@ -128,8 +95,7 @@ async fn a_missing_permission_is_named_and_a_fixed_role_is_picked_up() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(source.degraded().is_some(), "still not ready");
 
-    kubectl(
-        &plane,
+    plane.kubectl_ok(
         &["apply", "-f", deploy.join("rbac.yaml").to_str().unwrap()],
         "",
     );

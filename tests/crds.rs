@@ -8,9 +8,8 @@
 
 use std::{
     collections::BTreeSet,
-    io::Write,
     path::{Path, PathBuf},
-    process::{Output, Stdio},
+    process::Output,
 };
 
 use k8s_openapi::{
@@ -27,28 +26,9 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Runs kubectl with `stdin` as its standard input.
-fn kubectl(plane: &ControlPlane, args: &[&str], stdin: &str) -> Output {
-    let mut child = plane
-        .kubectl()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running kubectl");
-    child
-        .stdin
-        .take()
-        .expect("kubectl's stdin")
-        .write_all(stdin.as_bytes())
-        .expect("writing to kubectl");
-    child.wait_with_output().expect("kubectl's output")
-}
-
 /// What `kubectl apply --dry-run=server` says to `yaml`.
 fn dry_run(plane: &ControlPlane, yaml: &str) -> Output {
-    kubectl(plane, &["apply", "--dry-run=server", "-f", "-"], yaml)
+    plane.kubectl_with_input(&["apply", "--dry-run=server", "-f", "-"], yaml)
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -149,11 +129,8 @@ async fn our_crds_install_structural_and_are_served() {
         }
         // The server takes the file again without a warning (an unknown
         // format, a deprecated field, ...).
-        let out = kubectl(
-            plane,
-            &["replace", "--dry-run=server", "-f", "-"],
-            &read(&path),
-        );
+        let out =
+            plane.kubectl_with_input(&["replace", "--dry-run=server", "-f", "-"], &read(&path));
         assert!(out.status.success(), "{name}: {}", text(&out.stderr));
         assert_eq!(text(&out.stderr), "", "{name}: warnings");
         // An object of each kind is stored, and kubectl lists it by plural
@@ -164,7 +141,7 @@ async fn our_crds_install_structural_and_are_served() {
             other => panic!("{other}: add a minimal object here"),
         }
         .replace("name: case", "name: served");
-        let created = kubectl(plane, &["create", "-f", "-"], &object);
+        let created = plane.kubectl_with_input(&["create", "-f", "-"], &object);
         assert_applied(name, &created, 1);
         let mut lists = vec![names["plural"].as_str().unwrap()];
         lists.extend(
@@ -175,7 +152,8 @@ async fn our_crds_install_structural_and_are_served() {
                 .map(|n| n.as_str().unwrap()),
         );
         for list in lists {
-            let out = kubectl(plane, &["get", list, "--all-namespaces", "-o", "name"], "");
+            let out =
+                plane.kubectl_with_input(&["get", list, "--all-namespaces", "-o", "name"], "");
             assert!(
                 out.status.success() && text(&out.stdout).contains("/served\n"),
                 "kubectl get {list}: {}{}",
@@ -183,7 +161,7 @@ async fn our_crds_install_structural_and_are_served() {
                 text(&out.stderr)
             );
         }
-        let deleted = kubectl(plane, &["delete", "-f", "-"], &object);
+        let deleted = plane.kubectl_with_input(&["delete", "-f", "-"], &object);
         assert_applied(name, &deleted, 1);
     }
 }
@@ -645,10 +623,9 @@ spec:
 ";
 
 fn install_operator_stand_ins(plane: &ControlPlane) {
-    let out = kubectl(plane, &["apply", "-f", "-"], OPERATOR_STAND_INS);
+    let out = plane.kubectl_with_input(&["apply", "-f", "-"], OPERATOR_STAND_INS);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = kubectl(
-        plane,
+    let out = plane.kubectl_with_input(
         &[
             "wait",
             "--for=condition=Established",
@@ -684,11 +661,8 @@ fn yaml_files(dir: &Path) -> Vec<String> {
 async fn every_manifest_and_example_in_deploy_is_accepted() {
     let plane = kube_api::shared().await;
     let deploy = repo().join("deploy");
-    let namespace = kubectl(
-        plane,
-        &["apply", "-f", "-"],
-        &read(&deploy.join("namespace.yaml")),
-    );
+    let namespace =
+        plane.kubectl_with_input(&["apply", "-f", "-"], &read(&deploy.join("namespace.yaml")));
     assert!(namespace.status.success(), "{}", text(&namespace.stderr));
     install_operator_stand_ins(plane);
     let files = yaml_files(&deploy);
@@ -733,11 +707,11 @@ fn apply_kustomization(plane: &ControlPlane, dir: &Path) {
         .map(|file| objects(&read(&dir.join(file.as_str().expect("a file name")))).len())
         .sum();
     let dir = dir.to_str().expect("a UTF-8 path");
-    let apply = kubectl(plane, &["apply", "-k", dir], "");
+    let apply = plane.kubectl_with_input(&["apply", "-k", dir], "");
     assert_applied(&format!("apply -k {dir}"), &apply, objects_in_it);
-    let on_server = kubectl(plane, &["get", "-k", dir, "-o", "name"], "");
+    let on_server = plane.kubectl_with_input(&["get", "-k", dir, "-o", "name"], "");
     assert_applied(&format!("get -k {dir}"), &on_server, objects_in_it);
-    let again = kubectl(plane, &["apply", "-k", dir, "--dry-run=server"], "");
+    let again = plane.kubectl_with_input(&["apply", "-k", dir, "--dry-run=server"], "");
     assert_applied(&format!("apply -k {dir} again"), &again, objects_in_it);
 }
 

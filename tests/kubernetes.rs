@@ -15,7 +15,7 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -91,33 +91,6 @@ impl Drop for AdminAddress {
     fn drop(&mut self) {
         let _ = Self::ip("del");
     }
-}
-
-/// Runs kubectl (admin) with `stdin` as input and returns its stdout;
-/// fails the test with kubectl's error otherwise.
-fn kubectl(plane: &ControlPlane, args: &[&str], stdin: &str) -> String {
-    use std::io::Write as _;
-    let mut child = plane
-        .kubectl()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running kubectl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Probes until the outcome is `want` (a change takes a watch event and a
@@ -203,10 +176,9 @@ async fn kubectl_apply_reaches_the_kernel_with_the_agents_own_permissions() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for file in ["deploy/namespace.yaml", "deploy/rbac.yaml"] {
         let path = root.join(file);
-        kubectl(&plane, &["apply", "-f", path.to_str().unwrap()], "");
+        plane.kubectl_ok(&["apply", "-f", path.to_str().unwrap()], "");
     }
-    let token = kubectl(
-        &plane,
+    let token = plane.kubectl_ok(
         &[
             "create",
             "token",
@@ -253,10 +225,10 @@ async fn kubectl_apply_reaches_the_kernel_with_the_agents_own_permissions() {
     assert_eq!(probe(&lab, "y/c", "x/a").await, ProbeOutcome::Reached);
 
     // One policy of each kind, applied as a user applies them.
-    kubectl(&plane, &["apply", "-f", "-"], ONLY_B_TO_A);
+    plane.kubectl_ok(&["apply", "-f", "-"], ONLY_B_TO_A);
     eventually(&lab, "y/c", "x/a", "80/tcp", ProbeOutcome::TimedOut).await;
     assert_eq!(probe(&lab, "x/b", "x/a").await, ProbeOutcome::Reached);
-    kubectl(&plane, &["apply", "-f", "-"], NO_WEB_FROM_Y_C);
+    plane.kubectl_ok(&["apply", "-f", "-"], NO_WEB_FROM_Y_C);
     eventually(&lab, "y/c", "z/a", "81/tcp", ProbeOutcome::Denied).await;
     assert_eq!(
         lab.probe("y/c", "z/a", "80/tcp".parse().unwrap(), Family::Ipv4)
@@ -264,7 +236,7 @@ async fn kubectl_apply_reaches_the_kernel_with_the_agents_own_permissions() {
             .unwrap(),
         ProbeOutcome::Reached
     );
-    kubectl(&plane, &["apply", "-f", "-"], QUARANTINE_Z_C);
+    plane.kubectl_ok(&["apply", "-f", "-"], QUARANTINE_Z_C);
     eventually(&lab, "z/a", "z/c", "80/tcp", ProbeOutcome::TimedOut).await;
     assert_eq!(
         lab.probe("z/a", "z/b", "80/tcp".parse().unwrap(), Family::Ipv4)
@@ -273,8 +245,7 @@ async fn kubectl_apply_reaches_the_kernel_with_the_agents_own_permissions() {
         ProbeOutcome::Reached
     );
     // The agent, holding the Lease, accepted both of our objects.
-    let accepted = kubectl(
-        &plane,
+    let accepted = plane.kubectl_ok(
         &[
             "get",
             "l4policy",
@@ -290,8 +261,7 @@ async fn kubectl_apply_reaches_the_kernel_with_the_agents_own_permissions() {
 
     // The drop counters, through the API server's pod proxy, as a user
     // without a port-forward reads them.
-    let metrics = kubectl(
-        &plane,
+    let metrics = plane.kubectl_ok(
         &[
             "get",
             "--raw",
@@ -317,8 +287,7 @@ async fn kubectl_apply_reaches_the_kernel_with_the_agents_own_permissions() {
     );
 
     // A label change: x/b is no longer pod=b, and loses the allow.
-    kubectl(
-        &plane,
+    plane.kubectl_ok(
         &["label", "pod", "b", "-n", "x", "pod=other", "--overwrite"],
         "",
     );
@@ -372,11 +341,7 @@ async fn kubectl_apply_reaches_the_kernel_with_the_agents_own_permissions() {
     // Back: ready again, and a deletion made afterwards is enforced.
     plane.start_apiserver().await.unwrap();
     lab.wait_status(|s| s.degraded.is_none()).await.unwrap();
-    kubectl(
-        &plane,
-        &["delete", "networkpolicy", "only-b", "-n", "x"],
-        "",
-    );
+    plane.kubectl_ok(&["delete", "networkpolicy", "only-b", "-n", "x"], "");
     eventually(&lab, "y/c", "x/a", "80/tcp", ProbeOutcome::Reached).await;
 
     lab.lab.shutdown().await.unwrap();

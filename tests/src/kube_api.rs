@@ -197,6 +197,38 @@ impl ControlPlane {
         command
     }
 
+    /// Runs kubectl (admin) with `stdin` as its standard input.
+    pub fn kubectl_with_input(&self, args: &[&str], stdin: &str) -> std::process::Output {
+        use std::io::Write as _;
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running kubectl");
+        child
+            .stdin
+            .take()
+            .expect("kubectl's stdin")
+            .write_all(stdin.as_bytes())
+            .expect("writing to kubectl");
+        child.wait_with_output().expect("waiting for kubectl")
+    }
+
+    /// Like [`ControlPlane::kubectl_with_input`], for commands that must
+    /// succeed: returns stdout, or fails the test with kubectl's error.
+    pub fn kubectl_ok(&self, args: &[&str], stdin: &str) -> String {
+        let out = self.kubectl_with_input(args, stdin);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("kubectl prints UTF-8")
+    }
+
     /// Stops the API server (etcd keeps running): an outage.
     pub fn stop_apiserver(&mut self) {
         if let Some(mut child) = self.apiserver.take() {
@@ -469,17 +501,31 @@ pub fn resource_of(object: &serde_json::Value) -> kube::api::ApiResource {
     kube::api::ApiResource::from_gvk(&gvk)
 }
 
+/// The API of an object's kind: namespaced when its metadata names a
+/// namespace.
+fn api_for(
+    client: &kube::Client,
+    object: &serde_json::Value,
+) -> (
+    kube::api::Api<kube::api::DynamicObject>,
+    kube::api::ApiResource,
+) {
+    use kube::api::Api;
+    let resource = resource_of(object);
+    let api = match object["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    (api, resource)
+}
+
 /// Creates an object (namespaced when its metadata names a namespace) and,
 /// when it carries a status, writes that through the status subresource:
 /// with no kubelet or controllers, this is how a pod gets its IP and phase.
 /// Returns the object as stored (with its uid and resourceVersion).
 pub async fn create(client: &kube::Client, object: serde_json::Value) -> kube::api::DynamicObject {
-    use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-    let resource = resource_of(&object);
-    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
+    use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+    let (api, resource) = api_for(client, &object);
     let name = object["metadata"]["name"]
         .as_str()
         .expect("a name")
@@ -505,12 +551,8 @@ pub async fn create(client: &kube::Client, object: serde_json::Value) -> kube::a
 /// Replaces an object's spec, labels and data with `object`'s (a merge
 /// patch), and its status too when given.
 pub async fn update(client: &kube::Client, object: serde_json::Value) -> kube::api::DynamicObject {
-    use kube::api::{Api, DynamicObject, Patch, PatchParams};
-    let resource = resource_of(&object);
-    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
+    use kube::api::{Patch, PatchParams};
+    let (api, resource) = api_for(client, &object);
     let name = object["metadata"]["name"]
         .as_str()
         .expect("a name")
@@ -536,12 +578,8 @@ pub async fn update(client: &kube::Client, object: serde_json::Value) -> kube::a
 
 /// Deletes an object by its apiVersion, kind, namespace and name.
 pub async fn delete(client: &kube::Client, object: serde_json::Value) {
-    use kube::api::{Api, DeleteParams, DynamicObject};
-    let resource = resource_of(&object);
-    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
+    use kube::api::DeleteParams;
+    let (api, resource) = api_for(client, &object);
     let name = object["metadata"]["name"].as_str().expect("a name");
     api.delete(name, &DeleteParams::default())
         .await
