@@ -180,6 +180,13 @@ fn l4(spec: &str) -> String {
     format!("{L4}spec: {spec}\n")
 }
 
+const REVOCATION: &str =
+    "apiVersion: portcullis.dev/v1alpha1\nkind: PortcullisRevocation\nmetadata: {name: case}\n";
+
+fn revocation(spec: &str) -> String {
+    format!("{REVOCATION}spec: {spec}\n")
+}
+
 /// An object that breaks one rule of our CRDs, next to the smallest change
 /// that keeps it.
 struct Pair {
@@ -210,6 +217,21 @@ fn pairs() -> Vec<Pair> {
             cluster("{tier: Baseline, priority: 10, ingress: [{action: Deny}, {action: Pass}]}"),
             cluster("{tier: Baseline, priority: 10, ingress: [{action: Deny}, {action: Allow}]}"),
             &["spec: Invalid value: action Pass is only allowed in tier Admin"],
+        ),
+        pair(
+            revocation("{spiffeId: spiffe://cluster.local/ns/a/sa/b, serial: '0a'}"),
+            revocation("{spiffeId: spiffe://cluster.local/ns/a/sa/b}"),
+            &["spec: Invalid value: set exactly one of spiffeId and serial"],
+        ),
+        pair(
+            revocation("{reason: forgot the target}"),
+            revocation("{serial: '0a:1b', reason: forgot the target}"),
+            &["spec: Invalid value: set exactly one of spiffeId and serial"],
+        ),
+        pair(
+            revocation("{serial: 'not hex'}"),
+            revocation("{serial: '0x0a1b'}"),
+            &["spec.serial: Invalid value"],
         ),
         // Enumerations.
         pair(

@@ -1,5 +1,6 @@
 //! Kubernetes CustomResourceDefinitions for Portcullis' policy kinds
-//! (`portcullis.dev/v1alpha1` L4Policy and ClusterL4Policy), and the YAML
+//! (`portcullis.dev/v1alpha1` L4Policy, ClusterL4Policy and
+//! PortcullisRevocation), and the YAML
 //! written to `deploy/crds` by `portcullis crdgen` (`cargo xtask crdgen`).
 //!
 //! The wire types live in [`crate::policy::model`] as plain serde types
@@ -65,6 +66,29 @@ pub struct L4PolicySpec {
 pub struct ClusterL4PolicySpec {
     #[serde(flatten)]
     pub spec: model::ClusterL4PolicySpec,
+}
+
+/// Spec of a cluster-scoped PortcullisRevocation: one revoked identity or
+/// certificate serial.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "portcullis.dev",
+    version = "v1alpha1",
+    kind = "PortcullisRevocation",
+    plural = "portcullisrevocations",
+    shortname = "prev",
+    printcolumn = r#"{"name":"SPIFFE ID","type":"string","jsonPath":".spec.spiffeId"}"#,
+    printcolumn = r#"{"name":"Serial","type":"string","jsonPath":".spec.serial"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "Revokes every certificate of a workload identity, or one certificate by serial."
+)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.spiffeId) != has(self.serial)",
+    "message": "set exactly one of spiffeId and serial",
+}]))]
+pub struct PortcullisRevocationSpec {
+    #[serde(flatten)]
+    pub spec: crate::identity::revocation::RevocationEntry,
 }
 
 /// Written only by the Portcullis agent holding the status Lease.
@@ -139,9 +163,10 @@ pub enum CrdError {
 
 /// Every CRD as (file name, YAML text).
 pub fn generate() -> Result<Vec<(String, String)>, CrdError> {
-    let crds: [(&'static str, CustomResourceDefinition); 2] = [
+    let crds: [(&'static str, CustomResourceDefinition); 3] = [
         ("l4policies", L4Policy::crd()),
         ("clusterl4policies", ClusterL4Policy::crd()),
+        ("portcullisrevocations", PortcullisRevocation::crd()),
     ];
     crds.into_iter()
         .map(|(name, crd)| {

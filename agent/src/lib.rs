@@ -10,6 +10,7 @@ pub mod crd;
 pub mod explain;
 pub mod flows;
 pub mod fuzzing;
+pub mod identity;
 pub mod kube_report;
 pub mod lab;
 pub mod metrics;
