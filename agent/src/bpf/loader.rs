@@ -141,9 +141,10 @@ const PROGRAMS: [(&str, Hook); 11] = [
     (PROG_SETSOCKOPT, Hook::Sockopt),
 ];
 
-/// How many programs (and pinned links) the agent attaches: the cgroup
-/// programs and, where the kernel has BPF LSM, the packet socket guard.
-pub const PROGRAM_COUNT: usize = PROGRAMS.len() + 1;
+/// How many cgroup programs (and pinned links) the agent attaches; the
+/// packet socket guard pins one more link (named after
+/// [`PROG_SOCKET_CREATE`]) where the kernel loads BPF LSM programs.
+pub const PROGRAM_COUNT: usize = PROGRAMS.len();
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoadError {
     let path = path.to_path_buf();
