@@ -146,6 +146,10 @@ pub struct Status {
     /// first process follows its cgroup within moments).
     pub waiting_for_process: Vec<String>,
     pub usage: MapUsage,
+    /// Why packet (AF_PACKET) sockets are not refused to pods policy
+    /// restricts (the BPF LSM program cannot run); `None` when they are.
+    /// Known at load, so it stands for the agent's whole life.
+    pub packet_sockets_unguarded: Option<String>,
     /// Why the latest pass did not reach the kernel (the files could not be
     /// read, compiling or writing failed); `None` when it did.
     pub pass_error: Option<String>,
@@ -222,12 +226,25 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         "kernel programs attached"
     );
     let metrics = Arc::new(Metrics::new());
+    let unguarded = dataplane.socket_guard().err().map(|e| error_chain(e));
+    match &unguarded {
+        Some(why) => error!(
+            "packet (AF_PACKET) sockets are NOT refused to pods that ingress policy restricts, so \
+             such pods can read frames ingress policy drops: {why} (docs/policy.md, \
+             \"Packet sockets\")"
+        ),
+        None => info!("packet sockets are refused to pods that ingress policy restricts (BPF LSM)"),
+    }
+    metrics.guards.set_packet_socket_guard(unguarded.is_none());
     // Counts from before this agent (pinned maps survive restarts) were made
     // under cookie numbers this agent does not know: start from them.
     if let Err(e) = metrics.decisions.baseline(&opts.pin_dir) {
         warn!("metrics: {}", error_chain(&e));
     }
-    let (tx, rx) = watch::channel(Status::default());
+    let (tx, rx) = watch::channel(Status {
+        packet_sockets_unguarded: unguarded,
+        ..Status::default()
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicBool::new(true));
     let admin = match opts.admin_addr.zip(exposure) {
@@ -417,7 +434,7 @@ fn sync_loop(
     stop: &AtomicBool,
 ) {
     let mut seen: Option<Revision> = None;
-    let mut status = Status::default();
+    let mut status = observers.status.borrow().clone();
     let mut missing_cgroups = false;
     let mut missing_processes = false;
     // The cgroups the frame guard follows, and when it last tried.
