@@ -527,6 +527,11 @@ impl Lab {
         }
     }
 
+    /// The running agent's metrics, as /metrics would serve them.
+    pub fn agent_metrics(&self) -> Option<std::sync::Arc<crate::metrics::Metrics>> {
+        self.agent.as_ref().map(|a| a.metrics.clone())
+    }
+
     /// The running agent's status, as it changes.
     pub fn agent_status(&self) -> Option<tokio::sync::watch::Receiver<Status>> {
         self.agent.as_ref().map(|a| a.status.clone())
