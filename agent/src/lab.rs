@@ -823,6 +823,7 @@ fn workloads_yaml(
                 "cgroup": names.pod_cgroup(p),
                 "ips": [p.ipv4.to_string(), p.ipv6.to_string()],
                 "ports": p.workload.ports,
+                "serviceAccount": p.workload.service_account(),
             })
         })
         .collect();
