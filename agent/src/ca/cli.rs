@@ -91,7 +91,7 @@ pub enum CaCommand {
         json: bool,
     },
     /// Serve certificates to agents over HTTPS (see docs/identity.md).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -182,7 +182,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        CaCommand::Serve(args) => serve(args).await,
+        CaCommand::Serve(args) => serve(*args).await,
     }
 }
 

@@ -51,7 +51,7 @@ pub enum KeysError {
     NotACa {
         secret: String,
         #[source]
-        source: AuthorityError,
+        source: Box<AuthorityError>,
     },
 }
 
@@ -187,7 +187,7 @@ fn materialize(secret: &Secret, what: &str, work_dir: &Path) -> Result<CaFiles, 
     }
     files.dir.authority().map_err(|source| KeysError::NotACa {
         secret: what.into(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(files)
 }

@@ -159,6 +159,7 @@ struct Shared {
 /// A running CA; its tasks stop when it is dropped.
 pub struct CaServer {
     addr: SocketAddr,
+    revocations: watch::Receiver<RevocationView>,
     serving: Arc<ServingCert>,
     metrics: Arc<CaMetrics>,
     tasks: Vec<JoinHandle<()>>,
@@ -219,13 +220,14 @@ impl CaServer {
             },
             keys,
             keys_origin,
-            revocations,
+            revocations: revocations.clone(),
             serving: serving.clone(),
             metrics: metrics.clone(),
         });
         let accept_task = tokio::spawn(accept_loop(listener, acceptor, shared));
         Ok(Self {
             addr,
+            revocations,
             serving,
             metrics,
             tasks: vec![accept_task, maintain_task, keys_task, revocations_task],
@@ -240,6 +242,12 @@ impl CaServer {
     /// The serving certificate now presented, once there is one.
     pub fn serving_certificate(&self) -> Option<rustls_pki_types::CertificateDer<'static>> {
         self.serving.certificate()
+    }
+
+    /// Are the revocations known (listed and not stale)? Until they are,
+    /// every request is refused with `revocation_unknown`.
+    pub fn revocations_known(&self) -> bool {
+        matches!(*self.revocations.borrow(), RevocationView::Known(_))
     }
 
     pub fn metrics(&self) -> &CaMetrics {
@@ -529,7 +537,7 @@ async fn maintain(
     let mut rounds: u32 = 0;
     loop {
         rounds = rounds.wrapping_add(1);
-        if rounds % RECHECK_ROUNDS == 0 {
+        if rounds.is_multiple_of(RECHECK_ROUNDS) {
             if let Some(p) = publisher.as_mut() {
                 p.forget();
             }

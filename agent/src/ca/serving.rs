@@ -27,7 +27,7 @@ pub enum ServingError {
     Sign {
         names: Vec<String>,
         #[source]
-        source: AuthorityError,
+        source: Box<AuthorityError>,
     },
     #[error("reading back the CA's serving certificate")]
     Pem(#[source] rustls_pki_types::pem::Error),
@@ -79,7 +79,7 @@ impl ServingCert {
             .serving_certificate(names, SERVING_LIFETIME)
             .map_err(|source| ServingError::Sign {
                 names: names.to_vec(),
-                source,
+                source: Box::new(source),
             })?;
         let chain = chain_from_pem(&issued.chain_pem.concat()).map_err(ServingError::Pem)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
