@@ -343,17 +343,29 @@ pub fn render_status(status: &CaStatus, now: SystemTime) -> String {
     };
     for other in status.roots.iter().filter(|r| r.name != active_root.name) {
         let dir = status.dir.display();
-        let hint = if other.certificate.not_before > active_root.certificate.not_before {
+        let (other_start, active_start) = (
+            other.certificate.not_before,
+            active_root.certificate.not_before,
+        );
+        let hint = if other_start > active_start {
             format!(
                 "root {} is in the bundle but not signing (rotation step 1 done): once every \
                  agent has the new bundle, `portcullis ca activate --dir {dir} --name {}`",
                 other.name, other.name
             )
-        } else {
+        } else if other_start < active_start {
             format!(
                 "root {} no longer signs (rotation step 2 done): one maximum leaf lifetime \
                  after the activation, `portcullis ca retire-root --dir {dir} --name {}`",
                 other.name, other.name
+            )
+        } else {
+            // Made in the same second: which came first is unknown.
+            format!(
+                "root {} is in the bundle but not signing: if it is new, activate it once \
+                 every agent has the bundle; if it signed before, retire it one maximum leaf \
+                 lifetime after the activation",
+                other.name
             )
         };
         out.push_str(&format!("\n{hint}\n"));
