@@ -189,7 +189,7 @@ pub fn test(args: &[OsString]) -> Result<()> {
 /// The integration tests' binaries that use only a test API server and temporary
 /// directories, never the kernel's shared state: safe to run in parallel
 /// (a third of the time, on 2 cores).
-const PARALLEL_TESTS: [&str; 3] = ["api_source", "crds", "api_server"];
+const PARALLEL_TESTS: [&str; 4] = ["api_source", "crds", "api_server", "identity_ca"];
 
 /// Every other test target of the default members (from `cargo metadata`),
 /// so a new test file is run without being listed anywhere.
