@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod decisions;
+pub mod identity;
 pub mod labels;
 pub mod maps;
 pub mod source;
@@ -18,6 +19,7 @@ use prometheus_client::{
 use crate::bpf::LoadError;
 pub use apply::ApplyMetrics;
 pub use decisions::DecisionMetrics;
+pub use identity::IdentityMetrics;
 pub use maps::MapMetrics;
 pub use source::SourceMetrics;
 
@@ -52,6 +54,7 @@ pub struct Metrics {
     pub apply: ApplyMetrics,
     pub maps: MapMetrics,
     pub source: SourceMetrics,
+    pub identity: IdentityMetrics,
 }
 
 impl Default for Metrics {
@@ -67,6 +70,7 @@ impl Metrics {
         let apply = ApplyMetrics::register(&mut registry);
         let maps = MapMetrics::register(&mut registry);
         let source = SourceMetrics::register(&mut registry);
+        let identity = IdentityMetrics::register(&mut registry);
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -84,6 +88,7 @@ impl Metrics {
             apply,
             maps,
             source,
+            identity,
         }
     }
 
