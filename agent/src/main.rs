@@ -211,7 +211,7 @@ enum Command {
         #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
         guard_packet_sockets: bool,
         #[command(flatten)]
-        identity: IdentityArgs,
+        identity: Box<IdentityArgs>,
     },
     /// List this node's workload identities: SPIFFE ID, serial, validity,
     /// issuer and state, as the agent publishes them.
@@ -352,7 +352,7 @@ async fn main() -> anyhow::Result<()> {
             guard_packet_sockets,
             identity,
         } => {
-            let identity = identity.options(kubernetes, &lease_namespace)?;
+            let identity = (*identity).options(kubernetes, &lease_namespace)?;
             use portcullis_agent::admin::{tls::CertSource, SecureOptions};
             let admin_secure = admin_secure.then(|| SecureOptions {
                 cert: match (admin_tls_cert, admin_tls_key) {

@@ -112,7 +112,7 @@ pub enum IssueError {
     Authority {
         dir: PathBuf,
         #[source]
-        source: AuthorityError,
+        source: Box<AuthorityError>,
     },
     #[error("the CA at {url} is unreachable")]
     Unreachable {
@@ -154,7 +154,7 @@ impl IssueError {
             Self::Refused { reason, .. } => FailureReason::Refused(*reason),
             // A request the in-process CA cannot read is ours; anything else
             // is the directory (missing, moved, unreadable key).
-            Self::Authority { source, .. } => match source {
+            Self::Authority { source, .. } => match **source {
                 AuthorityError::Request(_) | AuthorityError::KeyAlgorithm => {
                     FailureReason::Refused(RefusalReason::BadRequest)
                 }
@@ -197,12 +197,12 @@ mod tests {
     fn a_missing_ca_directory_is_unavailable_and_a_bad_request_is_ours() {
         let missing = IssueError::Authority {
             dir: "/x".into(),
-            source: AuthorityError::NotInitialized { dir: "/x".into() },
+            source: Box::new(AuthorityError::NotInitialized { dir: "/x".into() }),
         };
         assert_eq!(missing.reason().as_str(), "unavailable");
         let bad = IssueError::Authority {
             dir: "/x".into(),
-            source: AuthorityError::KeyAlgorithm,
+            source: Box::new(AuthorityError::KeyAlgorithm),
         };
         assert_eq!(bad.reason().as_str(), "bad_request");
         let refused = IssueError::Refused {

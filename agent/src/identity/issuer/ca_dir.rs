@@ -47,7 +47,7 @@ impl Issuer for CaDirIssuer {
             // whatever the revocations (kept in it by default) say.
             let authority = ca.authority().map_err(|source| IssueError::Authority {
                 dir: ca.path().to_path_buf(),
-                source,
+                source: Box::new(source),
             })?;
             match view.check(&id, None) {
                 RevocationStatus::Good => {}
@@ -70,7 +70,7 @@ impl Issuer for CaDirIssuer {
                 .issue(&id, &csr, lifetime, SystemTime::now())
                 .map_err(|source| IssueError::Authority {
                     dir: ca.path().to_path_buf(),
-                    source,
+                    source: Box::new(source),
                 })?;
             Ok(Granted {
                 chain_pem: issued.chain_pem,
