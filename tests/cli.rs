@@ -309,7 +309,7 @@ fn standalone_agent_applies_watches_and_uninstalls() {
         pin_dir.join("PCL_POLICY").exists(),
         "maps stay pinned after the agent exits"
     );
-    let links = std::fs::read_dir(pin_dir.join("links")).unwrap().count();
+    let links = portcullis_tests::cgroup_links(&pin_dir);
     assert_eq!(links, portcullis_agent::bpf::loader::PROGRAM_COUNT);
 
     let counters = portcullis()

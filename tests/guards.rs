@@ -168,6 +168,7 @@ async fn an_unregistered_pod_below_a_pending_guard_is_denied_until_programmed() 
         cgroup: Some(new_pod.clone()),
         ips,
         ports: vec![],
+        service_account: None,
     });
     let applied = reconciler
         .reconcile(&registered, &mut dataplane.writer)
@@ -244,6 +245,7 @@ async fn a_workload_deeper_than_the_kernel_searches_is_denied_and_reported() {
         cgroup: Some(deep.clone()),
         ips: vec![],
         ports: vec![],
+        service_account: None,
     });
     let netns = netns_path(&lab.pod_netns("x/a").unwrap());
     let client = spawn_in(&netns, &deep).await;

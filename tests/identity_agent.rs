@@ -23,7 +23,7 @@ use portcullis_agent::{
     },
 };
 
-const X: &str = "spiffe://cluster.local/ns/x/sa/default";
+const X: &str = "spiffe://cluster.local/ns/x/sa/web";
 const Y: &str = "spiffe://cluster.local/ns/y/sa/default";
 
 /// An agent on its own cgroup subtree and pins, with a CA directory; all
@@ -36,8 +36,8 @@ struct Agent {
 }
 
 impl Agent {
-    /// Local workloads x/a, x/b (one identity: x's default service
-    /// account) and y/a; z/a runs elsewhere (no identity here).
+    /// Local workloads x/a, x/b (one identity: service account x/web) and
+    /// y/a (y's default service account); z/a runs elsewhere (no identity here).
     fn start(name: &str, lifetime: Duration, before: impl FnOnce(&Path)) -> Self {
         portcullis_tests::require_root();
         let mount = portcullis_agent::cgroup::cgroup2_mount().unwrap();
@@ -51,11 +51,11 @@ impl Agent {
         let mut workloads = String::from(
             "nodeIPs: [192.0.2.1]\nnamespaces: [{name: x}, {name: y}, {name: z}]\nworkloads:\n",
         );
-        for (i, (ns, pod, local)) in [
-            ("x", "a", true),
-            ("x", "b", true),
-            ("y", "a", true),
-            ("z", "a", false),
+        for (i, (ns, pod, sa, local)) in [
+            ("x", "a", "web", true),
+            ("x", "b", "web", true),
+            ("y", "a", "default", true),
+            ("z", "a", "web", false),
         ]
         .into_iter()
         .enumerate()
@@ -68,7 +68,7 @@ impl Agent {
                 String::new()
             };
             workloads.push_str(&format!(
-                "  - {{name: {pod}, namespace: {ns}, ips: [192.0.2.{}]{cgroup}}}\n",
+                "  - {{name: {pod}, namespace: {ns}, serviceAccount: {sa}, ips: [192.0.2.{}]{cgroup}}}\n",
                 10 + i
             ));
         }

@@ -177,9 +177,7 @@ async fn enforcement_survives_agent_stop_and_restart() {
     let status = lab.restart_agent().await.unwrap();
     assert!(status.problems.is_empty(), "{:?}", status.problems);
     lab.assert_matrix("80/tcp", Family::Ipv4, isolated).await;
-    let links = std::fs::read_dir(lab.pin_dir().join("links"))
-        .unwrap()
-        .count();
+    let links = portcullis_tests::cgroup_links(lab.pin_dir());
     assert_eq!(
         links,
         portcullis_agent::bpf::loader::PROGRAM_COUNT,

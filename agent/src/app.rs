@@ -23,7 +23,7 @@ use crate::{
     cgroup::{self, CgroupError},
     identity::{
         manager::{self as identity_manager, IdentityHandle, IdentityOptions, ManagerError},
-        spiffe::{SpiffeId, DEFAULT_SERVICE_ACCOUNT},
+        spiffe::SpiffeId,
     },
     metrics::Metrics,
     policy::model::Inventory,
@@ -160,6 +160,10 @@ pub struct Status {
     /// first process follows its cgroup within moments).
     pub waiting_for_process: Vec<String>,
     pub usage: MapUsage,
+    /// Why packet (AF_PACKET) sockets are not refused to pods policy
+    /// restricts (the BPF LSM program cannot run); `None` when they are.
+    /// Known at load, so it stands for the agent's whole life.
+    pub packet_sockets_unguarded: Option<String>,
     /// Why the latest pass did not reach the kernel (the files could not be
     /// read, compiling or writing failed); `None` when it did.
     pub pass_error: Option<String>,
@@ -263,12 +267,25 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         pins = %opts.pin_dir.display(),
         "kernel programs attached"
     );
+    let unguarded = dataplane.socket_guard().err().map(|e| error_chain(e));
+    match &unguarded {
+        Some(why) => error!(
+            "packet (AF_PACKET) sockets are NOT refused to pods that ingress policy restricts, so \
+             such pods can read frames ingress policy drops: {why} (docs/policy.md, \
+             \"Packet sockets\")"
+        ),
+        None => info!("packet sockets are refused to pods that ingress policy restricts (BPF LSM)"),
+    }
+    metrics.guards.set_packet_socket_guard(unguarded.is_none());
     // Counts from before this agent (pinned maps survive restarts) were made
     // under cookie numbers this agent does not know: start from them.
     if let Err(e) = metrics.decisions.baseline(&opts.pin_dir) {
         warn!("metrics: {}", error_chain(&e));
     }
-    let (tx, rx) = watch::channel(Status::default());
+    let (tx, rx) = watch::channel(Status {
+        packet_sockets_unguarded: unguarded,
+        ..Status::default()
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicBool::new(true));
     let admin = match opts.admin_addr.zip(exposure) {
@@ -415,9 +432,7 @@ pub fn local_identities(
     let mut ids = BTreeSet::new();
     let mut problems = Vec::new();
     for w in inventory.workloads.iter().filter(|w| w.is_local()) {
-        // TODO(lead): w.service_account once Workload carries it.
-        let service_account = DEFAULT_SERVICE_ACCOUNT;
-        match SpiffeId::new(trust_domain, &w.namespace, service_account) {
+        match SpiffeId::new(trust_domain, &w.namespace, w.service_account()) {
             Ok(id) => {
                 ids.insert(id);
             }
@@ -503,7 +518,7 @@ fn sync_loop(
     stop: &AtomicBool,
 ) {
     let mut seen: Option<Revision> = None;
-    let mut status = Status::default();
+    let mut status = observers.status.borrow().clone();
     let mut missing_cgroups = false;
     let mut missing_processes = false;
     // The cgroups the frame guard follows, and when it last tried.
@@ -669,6 +684,28 @@ mod tests {
             policies_dir: "/nonexistent".into(),
             workloads: "/nonexistent/w.yaml".into(),
         }
+    }
+
+    #[test]
+    fn local_workloads_give_one_identity_per_namespace_and_service_account() {
+        let inventory: Inventory = serde_saphyr::from_str(
+            "workloads:\n\
+             - {name: a, namespace: x, serviceAccount: web, cgroup: /a}\n\
+             - {name: b, namespace: x, serviceAccount: web, cgroup: /b}\n\
+             - {name: c, namespace: x, cgroup: /c}\n\
+             - {name: d, namespace: y, serviceAccount: api}\n",
+        )
+        .unwrap();
+        let (ids, problems) = local_identities(&inventory, "example.org");
+        let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://example.org/ns/x/sa/default",
+                "spiffe://example.org/ns/x/sa/web"
+            ]
+        );
+        assert!(problems.is_empty(), "{problems:?}");
     }
 
     /// Secure mode asks the API server, so the file source cannot have it;

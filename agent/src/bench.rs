@@ -71,6 +71,7 @@ fn pods_serving(namespace: &str, pods: &[&str], port: u16) -> Topology {
             container_port: port,
             protocol: "TCP".into(),
         }],
+        service_account: None,
     };
     Topology {
         namespaces: vec![LabNamespace {

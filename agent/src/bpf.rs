@@ -6,6 +6,7 @@ pub mod events;
 pub mod frames;
 pub mod inspect;
 pub mod loader;
+pub mod socket_guard;
 pub mod writer;
 
 pub use counters::{read_counters, CounterSample};

@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 use portcullis_common::{
     FlowEvent, DIRECTION_INGRESS, ENDPOINT_ID_NONE, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     REASON_DEFAULT_DENY, REASON_HOST, REASON_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
-    REASON_NOT_PROGRAMMED, REASON_NO_BACKEND, REASON_POLICY, REASON_REPLY, REASON_SPOOFED,
-    REASON_UNCLASSIFIED, VERDICT_ALLOW, VERDICT_AUDIT,
+    REASON_NOT_PROGRAMMED, REASON_NO_BACKEND, REASON_PACKET_SOCKET, REASON_POLICY, REASON_REPLY,
+    REASON_SPOOFED, REASON_UNCLASSIFIED, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 
@@ -107,6 +107,9 @@ impl Namer {
             REASON_NOT_PROGRAMMED => "pod not programmed yet".into(),
             REASON_SPOOFED => "source address not the pod's own".into(),
             REASON_MALFORMED => "not a readable IP packet".into(),
+            REASON_PACKET_SOCKET => {
+                "packet sockets are refused to pods ingress policy restricts".into()
+            }
             _ => String::new(),
         };
         NamedFlow {
@@ -165,6 +168,7 @@ pub fn reason_name(r: u8) -> &'static str {
         REASON_SPOOFED => "spoofed",
         REASON_MALFORMED => "malformed",
         REASON_UNCLASSIFIED => "unclassified",
+        REASON_PACKET_SOCKET => "packet-socket",
         _ => "unknown",
     }
 }

@@ -528,6 +528,11 @@ impl Lab {
         }
     }
 
+    /// The running agent's metrics, as /metrics would serve them.
+    pub fn agent_metrics(&self) -> Option<std::sync::Arc<crate::metrics::Metrics>> {
+        self.agent.as_ref().map(|a| a.metrics.clone())
+    }
+
     /// The running agent's status, as it changes.
     pub fn agent_status(&self) -> Option<tokio::sync::watch::Receiver<Status>> {
         self.agent.as_ref().map(|a| a.status.clone())
@@ -819,6 +824,7 @@ fn workloads_yaml(
                 "cgroup": names.pod_cgroup(p),
                 "ips": [p.ipv4.to_string(), p.ipv6.to_string()],
                 "ports": p.workload.ports,
+                "serviceAccount": p.workload.service_account(),
             })
         })
         .collect();

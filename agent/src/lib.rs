@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod bpf;
+pub mod ca;
 pub mod cgroup;
 pub mod crd;
 pub mod explain;

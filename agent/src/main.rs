@@ -300,6 +300,9 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// The Portcullis CA: its directory (init, rotation steps, status) and
+    /// the service that signs agents' identity certificates.
+    Ca(portcullis_agent::ca::CaArgs),
     /// Internal: write the CRD manifests (`cargo xtask crdgen`).
     #[command(hide = true)]
     Crdgen {
@@ -502,6 +505,7 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Ca(args) => portcullis_agent::ca::run(args).await,
         Command::Crdgen { out } => Ok(portcullis_agent::crd::crdgen(&out)?),
         Command::LabPod { serve } => {
             let serve: Vec<(u16, Protocol)> = serve.iter().map(|s| (s.port, s.protocol)).collect();

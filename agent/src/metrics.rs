@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod decisions;
+pub mod guards;
 pub mod identity;
 pub mod labels;
 pub mod maps;
@@ -19,6 +20,7 @@ use prometheus_client::{
 use crate::bpf::LoadError;
 pub use apply::ApplyMetrics;
 pub use decisions::DecisionMetrics;
+pub use guards::GuardMetrics;
 pub use identity::IdentityMetrics;
 pub use maps::MapMetrics;
 pub use source::SourceMetrics;
@@ -54,6 +56,7 @@ pub struct Metrics {
     pub apply: ApplyMetrics,
     pub maps: MapMetrics,
     pub source: SourceMetrics,
+    pub guards: GuardMetrics,
     pub identity: IdentityMetrics,
 }
 
@@ -70,6 +73,7 @@ impl Metrics {
         let apply = ApplyMetrics::register(&mut registry);
         let maps = MapMetrics::register(&mut registry);
         let source = SourceMetrics::register(&mut registry);
+        let guards = GuardMetrics::register(&mut registry);
         let identity = IdentityMetrics::register(&mut registry);
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         build_info
@@ -88,6 +92,7 @@ impl Metrics {
             apply,
             maps,
             source,
+            guards,
             identity,
         }
     }

@@ -6,11 +6,15 @@
 mod isolate;
 mod services;
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
 
 use portcullis_common::{
-    ipv4_mapped, EndpointValue, ENDPOINT_FLAG_HAS_IPV4, ENDPOINT_FLAG_HAS_IPV6,
-    ENDPOINT_FLAG_PENDING, ENDPOINT_FLAG_UNENFORCED, ENDPOINT_ID_NONE, MAX_CGROUP_DEPTH,
+    ipv4_mapped, EndpointValue, PolicySlot, PolicyValue, DIRECTION_INGRESS, ENDPOINT_FLAG_HAS_IPV4,
+    ENDPOINT_FLAG_HAS_IPV6, ENDPOINT_FLAG_INGRESS_RESTRICTED, ENDPOINT_FLAG_PENDING,
+    ENDPOINT_FLAG_UNENFORCED, ENDPOINT_ID_NONE, MAX_CGROUP_DEPTH, VERDICT_DENY,
 };
 
 use crate::{
@@ -343,6 +347,7 @@ impl Reconciler {
                 }
             }
         }
+        let restricted = ingress_restricted(&c.rules);
         for ep in &c.endpoints {
             let path = cgroup::resolve(&self.cgroup_mount, &ep.cgroup);
             let id = match cgroup::cgroup_id(&path) {
@@ -378,6 +383,11 @@ impl Reconciler {
             }
             let mut value = EndpointValue {
                 endpoint_id: ep.id,
+                flags: if restricted.contains(&ep.id) {
+                    ENDPOINT_FLAG_INGRESS_RESTRICTED
+                } else {
+                    0
+                },
                 ..Default::default()
             };
             if let Some(v4) = ep.ipv4 {
@@ -399,6 +409,18 @@ impl Reconciler {
         (desired.services, desired.backends) = services::desired(&snapshot.inventory.services);
         (desired, missing)
     }
+}
+
+/// The endpoints some ingress entry of whose policy denies
+/// (`ENDPOINT_FLAG_INGRESS_RESTRICTED`), so the kernel can refuse packet
+/// sockets to their processes without a policy lookup. Taken from the
+/// entries written with them, so the two never disagree.
+fn ingress_restricted(rules: &BTreeMap<PolicySlot, PolicyValue>) -> BTreeSet<u32> {
+    rules
+        .iter()
+        .filter(|(slot, v)| slot.direction == DIRECTION_INGRESS && v.verdict == VERDICT_DENY)
+        .map(|(slot, _)| slot.endpoint_id)
+        .collect()
 }
 
 /// The 16-byte form the kernel uses for an address.

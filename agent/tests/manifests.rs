@@ -364,7 +364,14 @@ fn daemonset_is_unprivileged_with_only_the_capabilities_it_needs() {
     let ds = deploy.daemonset();
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_ne!(pod.host_network, Some(true), "hostNetwork is not needed");
-    assert_ne!(pod.host_pid, Some(true), "hostPID is not needed");
+    // The frame guard enters each pod's network namespace through one of
+    // its processes, so it must see them, and it must be on.
+    assert_eq!(pod.host_pid, Some(true), "the frame guard needs hostPID");
+    let args = deploy.agent_container().args.as_deref().unwrap_or_default();
+    assert!(
+        !args.iter().any(|a| a.starts_with("--guard-packet-sockets")),
+        "the frame guard is on by default and must stay on: {args:?}"
+    );
     assert_eq!(pod.service_account_name.as_deref(), Some(SERVICE_ACCOUNT));
 
     let sc = deploy
@@ -384,7 +391,7 @@ fn daemonset_is_unprivileged_with_only_the_capabilities_it_needs() {
     let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
     assert_eq!(
         added,
-        BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]),
+        BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"]),
         "capabilities changed: update the justification in daemonset.yaml"
     );
 }
@@ -430,6 +437,10 @@ fn daemonset_mounts_bpffs_and_the_host_cgroup_tree() {
 
     let cgroup = mount_of("/sys/fs/cgroup");
     assert_eq!(cgroup.read_only, Some(true));
+    // Where the agent reads whether the BPF LSM (packet sockets) runs.
+    let securityfs = mount_of("/sys/kernel/security");
+    assert_eq!(securityfs.mount_path, "/sys/kernel/security");
+    assert_eq!(securityfs.read_only, Some(true));
     let args = deploy.agent_container().args.as_deref().unwrap_or_default();
     // The last valid policy versions must outlive the pod, like the pins.
     let state = mount_of("/var/lib/portcullis");

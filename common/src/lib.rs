@@ -46,6 +46,10 @@ pub const PROG_EGRESS: &str = "pcl_egress";
 pub const PROG_TC_EGRESS: &str = "pcl_tc_egress";
 /// Keeps enforced pods' packet sockets from bypassing tc.
 pub const PROG_SETSOCKOPT: &str = "pcl_setsockopt";
+/// The BPF LSM program refusing packet sockets to pods ingress policy restricts,
+/// and the LSM hook it attaches to.
+pub const PROG_SOCKET_CREATE: &str = "pcl_socket_create";
+pub const LSM_HOOK_SOCKET_CREATE: &str = "socket_create";
 pub const PROG_RECVMSG4: &str = "pcl_recvmsg4";
 pub const PROG_RECVMSG6: &str = "pcl_recvmsg6";
 pub const PROG_GETPEERNAME4: &str = "pcl_getpeername4";
@@ -132,7 +136,12 @@ pub const REASON_MALFORMED: u8 = 10;
 /// extension headers, a later fragment, ESP, a truncated header), denied
 /// because no rule admits every protocol from the peer.
 pub const REASON_UNCLASSIFIED: u8 = 11;
-pub const REASON_MAX: u8 = 11;
+/// A process of a pod that ingress policy restricts (or of a pod not
+/// programmed yet) tried to open a packet (`AF_PACKET`) socket, which reads
+/// frames before ingress policy can drop them: refused with EPERM. Counted
+/// as ingress, protocol [`PROTO_OTHER`], peer and ports zero.
+pub const REASON_PACKET_SOCKET: u8 = 12;
+pub const REASON_MAX: u8 = 12;
 
 /// Reserved identities. Identities the agent allocates start at
 /// [`IDENTITY_FIRST_ALLOCATED`].
@@ -213,6 +222,11 @@ pub const ENDPOINT_FLAG_PENDING: u32 = 4;
 /// A pod policy does not apply to (host network): its sockets are allowed
 /// without judging, even below a pending guard.
 pub const ENDPOINT_FLAG_UNENFORCED: u32 = 8;
+/// Some ingress entry of the endpoint's policy denies: ingress policy may
+/// drop frames a packet socket would read first, so the endpoint's
+/// processes may not open one (see [`REASON_PACKET_SOCKET`]). Audit
+/// verdicts do not set it: they drop nothing.
+pub const ENDPOINT_FLAG_INGRESS_RESTRICTED: u32 = 16;
 /// The endpoint id counters and events use for sockets no endpoint owns
 /// (denied by a pending guard, or refused for lack of service backends).
 pub const ENDPOINT_ID_NONE: u32 = 0;

@@ -8,7 +8,8 @@
 //! parser cannot read — and carry the guarantee. Before judging, the socket
 //! hooks translate service (ClusterIP) destinations to a backend, and the
 //! recvmsg and getpeername hooks show the application the service address
-//! it asked for, not the backend.
+//! it asked for, not the backend. A BPF LSM program keeps packet sockets,
+//! which read frames before any of these hooks, from pods ingress policy restricts.
 #![no_std]
 #![no_main]
 
@@ -16,6 +17,7 @@ mod endpoint;
 mod events;
 mod maps;
 mod packet;
+mod packet_socket;
 mod service;
 mod skb;
 mod sock;
@@ -23,8 +25,8 @@ mod tc;
 mod verdict;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr, cgroup_sockopt, classifier},
-    programs::{SkBuffContext, SockAddrContext, SockoptContext, TcContext},
+    macros::{cgroup_skb, cgroup_sock_addr, cgroup_sockopt, classifier, lsm},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockoptContext, TcContext},
 };
 use portcullis_common::{
     decide::Flow, EndpointValue, PolicyValue, DIRECTION_EGRESS, DIRECTION_INGRESS,
@@ -102,6 +104,13 @@ pub fn pcl_tc_egress(ctx: TcContext) -> i32 {
 #[cgroup_sockopt(setsockopt)]
 pub fn pcl_setsockopt(ctx: SockoptContext) -> i32 {
     tc::setsockopt(&ctx)
+}
+
+/// Packet sockets read frames before any program here can drop them: pods
+/// that ingress policy restricts may not open one (BPF LSM, attached node-wide).
+#[lsm(hook = "socket_create")]
+pub fn pcl_socket_create(ctx: LsmContext) -> i32 {
+    packet_socket::socket_create(&ctx)
 }
 
 /// Counters and events name sockets no endpoint owns with this.

@@ -246,6 +246,7 @@ fn op_name(cmd: &Command) -> &'static str {
         Command::Capture { .. } => "capture",
         Command::Stream(_) => "stream",
         Command::Serve(_) => "server",
+        Command::Sniff { .. } => "sniffer",
     }
 }
 
@@ -282,6 +283,17 @@ impl Running {
                     })
                     .collect(),
                 _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// The result of each socket() a sniffer tried, by label.
+    pub fn opened(&self) -> Vec<(String, Option<i32>)> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Opened { label, errno } => Some((label, errno)),
+                _ => None,
             })
             .collect()
     }

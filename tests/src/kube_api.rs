@@ -190,6 +190,12 @@ impl ControlPlane {
         path
     }
 
+    /// The PEM (PKCS#8) key the API server signs service-account tokens
+    /// with: for tokens the API server would not mint, e.g. expired ones.
+    pub fn service_account_key_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sa.key")).expect("reading sa.key")
+    }
+
     /// kubectl with the admin kubeconfig.
     pub fn kubectl(&self) -> Command {
         let mut command = Command::new(program("kubectl"));

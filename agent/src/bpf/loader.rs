@@ -24,12 +24,13 @@ use aya::{
 use portcullis_common::{
     State, ABI_VERSION, BACKENDS_MAP, ENDPOINTS_MAP, IDENTITIES_MAP, POLICY_MAP, PROG_CONNECT4,
     PROG_CONNECT6, PROG_EGRESS, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_INGRESS, PROG_RECVMSG4,
-    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SETSOCKOPT, PROG_TC_EGRESS, SERVICES_MAP,
-    STATE_MAP,
+    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SETSOCKOPT, PROG_SOCKET_CREATE,
+    PROG_TC_EGRESS, SERVICES_MAP, STATE_MAP,
 };
 
 use super::{
     frames::{FrameGuard, FrameGuardError},
+    socket_guard::{self, SocketGuardError},
     writer::MapWriter,
 };
 
@@ -116,6 +117,8 @@ pub struct Dataplane {
     /// Owns the program fds; links are pinned and outlive it.
     ebpf: Ebpf,
     frames: FrameGuard,
+    /// Why packet sockets are not refused to restricted pods, if they are not.
+    socket_guard: Result<(), SocketGuardError>,
 }
 
 enum Hook {
@@ -138,7 +141,9 @@ const PROGRAMS: [(&str, Hook); 11] = [
     (PROG_SETSOCKOPT, Hook::Sockopt),
 ];
 
-/// How many programs (and pinned links) the agent attaches.
+/// How many cgroup programs (and pinned links) the agent attaches; the
+/// packet socket guard pins one more link (named after
+/// [`PROG_SOCKET_CREATE`]) where the kernel loads BPF LSM programs.
 pub const PROGRAM_COUNT: usize = PROGRAMS.len();
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoadError {
@@ -183,6 +188,12 @@ impl Dataplane {
                 source: Box::new(e),
             })?;
         }
+        // Not fatal: kernels without BPF LSM still get every other guarantee,
+        // and the caller reports what is missing.
+        let socket_guard = socket_guard::attach(
+            &mut ebpf,
+            &links_dir.join(format!("{PROG_SOCKET_CREATE}-{stamp}")),
+        );
         // The new programs run; now drop the previous agent's links.
         for path in old_links {
             let unpinned = PinnedLink::from_pin(&path)
@@ -222,7 +233,14 @@ impl Dataplane {
             writer,
             ebpf,
             frames,
+            socket_guard,
         })
+    }
+
+    /// Whether the kernel refuses packet sockets to pods ingress policy restricts,
+    /// and why not.
+    pub fn socket_guard(&self) -> Result<(), &SocketGuardError> {
+        self.socket_guard.as_ref().map(|_| ())
     }
 
     /// Keeps the frame program on the interfaces of the pods whose cgroups

@@ -434,6 +434,12 @@ impl Authority {
         &self.issuer_name
     }
 
+    /// The active issuer's certificate (DER): what a change of issuer is
+    /// noticed by, even when a re-made CA reuses a name.
+    pub fn issuer_certificate(&self) -> &CertificateDer<'static> {
+        &self.issuer_cert
+    }
+
     /// The roots of the directory this authority was read from.
     pub fn bundle(&self) -> &TrustBundle {
         &self.bundle

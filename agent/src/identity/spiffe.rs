@@ -6,6 +6,8 @@ use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::model::names::{self, NameError};
+
 /// The trust domain used when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// The service account of a pod that names none.
@@ -27,10 +29,18 @@ pub enum SpiffeIdError {
          at most 255 characters)"
     )]
     TrustDomain { value: String, why: &'static str },
-    #[error("namespace {value:?}: {why}")]
-    Namespace { value: String, why: &'static str },
-    #[error("service account {value:?}: {why}")]
-    ServiceAccount { value: String, why: &'static str },
+    #[error("namespace {value:?}")]
+    Namespace {
+        value: String,
+        #[source]
+        why: NameError,
+    },
+    #[error("service account {value:?}")]
+    ServiceAccount {
+        value: String,
+        #[source]
+        why: NameError,
+    },
 }
 
 /// A service account's identity in one trust domain.
@@ -51,12 +61,12 @@ impl SpiffeId {
         service_account: &str,
     ) -> Result<Self, SpiffeIdError> {
         check_trust_domain(trust_domain)?;
-        dns_label(namespace).map_err(|why| SpiffeIdError::Namespace {
-            value: namespace.into(),
+        names::dns1123_label(namespace).map_err(|why| SpiffeIdError::Namespace {
+            value: abbreviate(namespace),
             why,
         })?;
-        dns_subdomain(service_account).map_err(|why| SpiffeIdError::ServiceAccount {
-            value: service_account.into(),
+        names::dns1123_subdomain(service_account).map_err(|why| SpiffeIdError::ServiceAccount {
+            value: abbreviate(service_account),
             why,
         })?;
         Ok(Self {
@@ -148,34 +158,12 @@ pub fn check_trust_domain(domain: &str) -> Result<(), SpiffeIdError> {
     }
 }
 
-/// RFC 1123 label, as Kubernetes validates namespace names.
-fn dns_label(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("empty");
+/// Names in errors stay short, however long the input.
+fn abbreviate(value: &str) -> String {
+    match value.char_indices().nth(80) {
+        Some((end, _)) => format!("{}…", &value[..end]),
+        None => value.into(),
     }
-    if name.len() > 63 {
-        return Err("longer than 63 characters");
-    }
-    let bytes = name.as_bytes();
-    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    if !bytes.iter().all(|b| alnum(b) || *b == b'-') {
-        return Err("only lowercase letters, digits and '-' are allowed");
-    }
-    if !alnum(&bytes[0]) || !alnum(&bytes[bytes.len() - 1]) {
-        return Err("must start and end with a letter or digit");
-    }
-    Ok(())
-}
-
-/// RFC 1123 subdomain, as Kubernetes validates service account names.
-fn dns_subdomain(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("empty");
-    }
-    if name.len() > 253 {
-        return Err("longer than 253 characters");
-    }
-    name.split('.').try_for_each(dns_label)
 }
 
 #[cfg(test)]
@@ -207,7 +195,7 @@ mod tests {
             ("spiffe://cluster.local/ns/a/sa/b..c", "service account"),
         ];
         for (id, part) in refused {
-            let e = id.parse::<SpiffeId>().unwrap_err().to_string();
+            let e = crate::source::file::error_chain(&id.parse::<SpiffeId>().unwrap_err());
             assert!(e.contains(part), "{id}: {e}");
         }
         let long = "a".repeat(64);

@@ -105,6 +105,7 @@ pub fn pod_objects(pods: &[PlannedPod], node_name: &str) -> Vec<Value> {
                 "metadata": {"name": p.workload.name, "namespace": p.workload.namespace,
                              "uid": pod_uid(p), "labels": p.workload.labels},
                 "spec": {"nodeName": node_name,
+                         "serviceAccountName": p.workload.service_account(),
                          "containers": [{"name": "main", "image": "lab", "ports": ports}]},
                 "status": {"phase": "Running", "qosClass": "BestEffort",
                            "podIP": p.ipv4.to_string(),

@@ -49,6 +49,17 @@ pub struct LabWorkload {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub ports: Vec<LabPort>,
+    /// Its ServiceAccount, the workload identity (default `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
+impl LabWorkload {
+    pub fn service_account(&self) -> &str {
+        self.service_account
+            .as_deref()
+            .unwrap_or(crate::identity::spiffe::DEFAULT_SERVICE_ACCOUNT)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -103,6 +114,8 @@ pub fn default_topology() -> Topology {
                     namespace: n.to_string(),
                     labels: BTreeMap::from([("pod".to_string(), p.to_string())]),
                     ports: ports.clone(),
+                    // One identity per pod: spiffe://…/ns/x/sa/a.
+                    service_account: Some(p.to_string()),
                 })
             })
             .collect(),

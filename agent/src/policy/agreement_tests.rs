@@ -146,6 +146,7 @@ fn inventory() -> impl Strategy<Value = Inventory> {
                         cgroup: local.then(|| format!("/lab/w{i}").into()),
                         ips,
                         ports: named.into_values().collect(),
+                        service_account: None,
                     }
                 })
                 .collect();

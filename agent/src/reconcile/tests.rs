@@ -187,3 +187,31 @@ fn a_repeated_pass_holds_back_the_same_object() {
     assert_eq!(first.rejected, again.rejected);
     assert_eq!(sink.applied[0], sink.applied[1]);
 }
+
+/// The packet-socket refusal follows ingress policy: an endpoint is
+/// restricted when some ingress entry denies, never for egress, allow or
+/// audit entries alone.
+#[test]
+fn endpoints_are_flagged_restricted_when_ingress_policy_denies() {
+    let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                metadata: {name: a-in, namespace: x}\n\
+                spec: {podSelector: {matchLabels: {app: a}}, policyTypes: [Ingress]}\n\
+                ---\n\
+                apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                metadata: {name: b-out, namespace: y}\n\
+                spec: {podSelector: {matchLabels: {app: b}}, policyTypes: [Egress]}\n";
+    let compiled = Compiler::new().compile(&lab(), &policies(yaml)).unwrap();
+    let id = |name: &str| {
+        compiled
+            .endpoints
+            .iter()
+            .find(|e| e.workload.name == name)
+            .unwrap()
+            .id
+    };
+    // b's egress is denied to every peer; only a's ingress counts.
+    assert_eq!(
+        ingress_restricted(&compiled.rules),
+        BTreeSet::from([id("a")])
+    );
+}

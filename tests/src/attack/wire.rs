@@ -24,7 +24,15 @@ pub enum Command {
     Stream(StreamSpec),
     /// Waits for one UDP datagram on `port`, then answers it as told.
     Serve(ServeSpec),
+    /// From inside a pod: opens every kind of packet socket (reporting each
+    /// as [`Event::Opened`]), then reports what the first that opened reads
+    /// on `ifname` until killed, as a sniffer in the pod would.
+    Sniff { ifname: String },
 }
+
+/// The packet sockets [`Command::Sniff`] opens, by label: `AF_PACKET`
+/// raw and datagram, and the legacy `AF_INET`/`SOCK_PACKET`.
+pub const SNIFF_SOCKETS: [&str; 3] = ["packet-raw", "packet-dgram", "inet-sock-packet"];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Send {
@@ -120,6 +128,8 @@ pub enum Event {
     Ready,
     /// One send; `errno` is `None` when the kernel took it.
     Sent { label: String, errno: Option<i32> },
+    /// One socket(); `errno` is `None` when the kernel made it.
+    Opened { label: String, errno: Option<i32> },
     /// Something with markers arrived on socket `on` (e.g. `udp:5000`,
     /// `raw6:6`, `capture`).
     Received {

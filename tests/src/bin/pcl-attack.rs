@@ -16,6 +16,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use portcullis_tests::attack::wire::{
     find_markers, marker, Command, Event, ListenSpec, ReplyHow, Send, ServeSpec, StreamSpec, Via,
+    SNIFF_SOCKETS,
 };
 
 static OUT: Mutex<()> = Mutex::new(());
@@ -61,6 +62,7 @@ fn run(cmd: Command) -> io::Result<()> {
         Command::Capture { ifname } => capture(&ifname),
         Command::Stream(spec) => stream(&spec),
         Command::Serve(spec) => serve(&spec),
+        Command::Sniff { ifname } => sniff(&ifname),
     }
 }
 
@@ -250,15 +252,56 @@ fn packet_send(ifname: &str, dst_mac: [u8; 6], frame: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Every protocol, in the byte order packet sockets take it.
+fn eth_p_all() -> i32 {
+    i32::from((libc::ETH_P_ALL as u16).to_be())
+}
+
 /// Frames coming in on `ifname` (so, on a host-side veth, what left the pod).
 fn capture(ifname: &str) -> io::Result<()> {
-    let all = libc::ETH_P_ALL as u16;
-    let sock = Socket::new(
-        Domain::PACKET,
-        Type::RAW,
-        Some(Protocol::from(i32::from(all.to_be()))),
-    )?;
-    sock.bind(&link_addr(ifname, all, [0; 6])?)?;
+    let sock = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(eth_p_all())))?;
+    read_frames(sock, ifname)
+}
+
+/// Opens each of [`SNIFF_SOCKETS`], reporting each, then reads frames on
+/// `ifname` with the first that opened (none: just report ready and wait).
+fn sniff(ifname: &str) -> io::Result<()> {
+    // The legacy type the kernel still accepts (libc deprecates the name).
+    const SOCK_PACKET: i32 = 10;
+    let kinds = [
+        (Domain::PACKET, Type::RAW),
+        (Domain::PACKET, Type::DGRAM),
+        (Domain::IPV4, Type::from(SOCK_PACKET)),
+    ];
+    let mut first = None;
+    for (label, (domain, kind)) in SNIFF_SOCKETS.iter().zip(kinds) {
+        let opened = Socket::new(domain, kind, Some(Protocol::from(eth_p_all())));
+        emit(&Event::Opened {
+            label: label.to_string(),
+            errno: opened
+                .as_ref()
+                .err()
+                .map(|e| e.raw_os_error().unwrap_or(-1)),
+        });
+        if first.is_none() {
+            first = opened.ok();
+        }
+    }
+    match first {
+        Some(sock) => read_frames(sock, ifname),
+        None => {
+            emit(&Event::Ready);
+            loop {
+                thread::park();
+            }
+        }
+    }
+}
+
+/// Binds a packet socket to `ifname` and reports the markers of every frame
+/// coming in (not those going out) until killed.
+fn read_frames(sock: Socket, ifname: &str) -> io::Result<()> {
+    sock.bind(&link_addr(ifname, libc::ETH_P_ALL as u16, [0; 6])?)?;
     emit(&Event::Ready);
     let mut buf = [MaybeUninit::<u8>::uninit(); 65536];
     loop {
@@ -270,7 +313,7 @@ fn capture(ifname: &str) -> io::Result<()> {
         // SAFETY: the kernel wrote a sockaddr_ll for a packet socket.
         let pkttype = unsafe { (*(from.as_ptr() as *const libc::sockaddr_ll)).sll_pkttype };
         if pkttype == libc::PACKET_OUTGOING {
-            continue; // towards the pod, not from it
+            continue; // sent from this interface, not received on it
         }
         report("capture", &buf[..n], None);
     }

@@ -350,6 +350,7 @@ fn ids_are_stable_across_recompiles() {
             cgroup: Some("/lab/x-new".into()),
             ips: vec!["198.18.0.30".parse().unwrap()],
             ports: vec![],
+            service_account: None,
         },
     );
     let mut more = pols.clone();

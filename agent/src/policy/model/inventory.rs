@@ -97,6 +97,11 @@ pub struct Workload {
     /// Named container ports, for policies that name ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ContainerPort>,
+    /// The pod's ServiceAccount: its workload identity
+    /// (`spiffe://<trust domain>/ns/<namespace>/sa/<this>`). `default`
+    /// when unset, as in Kubernetes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +146,13 @@ impl Workload {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
         }
+    }
+
+    /// The ServiceAccount, `default` when unset.
+    pub fn service_account(&self) -> &str {
+        self.service_account
+            .as_deref()
+            .unwrap_or(crate::identity::spiffe::DEFAULT_SERVICE_ACCOUNT)
     }
 
     /// Enforced on this node?
@@ -254,6 +266,13 @@ impl Inventory {
                 names::dns1123_label,
             )?;
             check_labels(&w.labels, &format!("{at}.labels"))?;
+            if let Some(account) = &w.service_account {
+                check_name(
+                    account,
+                    format!("{at}.serviceAccount"),
+                    names::dns1123_subdomain,
+                )?;
+            }
             let workload = w.reference();
             if let Some(first) = workloads.insert(workload.clone(), i) {
                 return Err(InventoryError::DuplicateWorkload {

@@ -219,6 +219,9 @@ pub fn inventory<'a>(
                 cgroup,
                 ips,
                 ports: named_ports(pod),
+                service_account: spec
+                    .and_then(|s| s.service_account_name.clone())
+                    .filter(|a| !a.is_empty()),
             },
         ));
     }

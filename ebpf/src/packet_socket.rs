@@ -1,0 +1,69 @@
+//! Packet (AF_PACKET) sockets see frames before any tc or cgroup program
+//! can drop them, so a pod that opens one reads what ingress policy drops.
+//! The BPF LSM `socket_create` hook refuses them (EPERM) to processes of
+//! pods that ingress policy restricts, and of pods not programmed yet;
+//! every other socket, and every other process, is left alone. Frames a
+//! pod writes are judged one by one by the tc guard (`tc.rs`), so egress
+//! policy alone is no reason to refuse.
+
+use aya_ebpf::programs::LsmContext;
+use portcullis_common::{
+    decide::Flow, DIRECTION_INGRESS, ENDPOINT_FLAG_INGRESS_RESTRICTED, PROTO_OTHER,
+    REASON_PACKET_SOCKET,
+};
+
+use crate::{
+    endpoint::{self, Owner},
+    no_endpoint, report,
+    verdict::deny,
+};
+
+const AF_INET: i32 = 2;
+const AF_PACKET: i32 = 17;
+/// The legacy packet socket type, `socket(AF_INET, SOCK_PACKET, ...)`. The
+/// kernel turns it into AF_PACKET before the hook; checked anyway, so a
+/// kernel that did not would not open a way round.
+const SOCK_PACKET: i32 = 10;
+/// `type` may carry SOCK_NONBLOCK/SOCK_CLOEXEC above these bits.
+const SOCK_TYPE_MASK: i32 = 0xf;
+const EPERM: i32 = 1;
+
+/// `LSM_HOOK(int, 0, socket_create, int family, int type, int protocol,
+/// int kern)`, plus the verdict of the LSM programs before this one.
+#[inline(always)]
+pub fn socket_create(ctx: &LsmContext) -> i32 {
+    let family: i32 = ctx.arg(0);
+    let kind: i32 = ctx.arg(1);
+    let kern: i32 = ctx.arg(3);
+    let earlier: i32 = ctx.arg(4);
+    if earlier != 0 {
+        return earlier;
+    }
+    // Sockets the kernel makes for itself belong to no pod.
+    if kern != 0 || !is_packet(family, kind) {
+        return 0;
+    }
+    let generation = endpoint::active_generation();
+    let ep = match endpoint::of_current_task(generation) {
+        Owner::Free => return 0,
+        // Its policy is not known yet: refused, like its traffic.
+        Owner::NotProgrammed => no_endpoint(),
+        Owner::Endpoint(ep) if ep.flags & ENDPOINT_FLAG_INGRESS_RESTRICTED != 0 => ep,
+        Owner::Endpoint(_) => return 0,
+    };
+    let flow = Flow {
+        generation,
+        direction: DIRECTION_INGRESS,
+        protocol: PROTO_OTHER,
+        peer_addr: [0; 16],
+        peer_port: 0,
+        policy_port: 0,
+    };
+    report(&ep, &flow, &deny(REASON_PACKET_SOCKET));
+    -EPERM
+}
+
+#[inline(always)]
+fn is_packet(family: i32, kind: i32) -> bool {
+    family == AF_PACKET || (family == AF_INET && kind & SOCK_TYPE_MASK == SOCK_PACKET)
+}
