@@ -875,11 +875,19 @@ async fn ingress_restricted_pods_cannot_open_packet_sockets() {
             "the guard gauge must say 0:\n{gauge}"
         );
         let sniffer = att
-            .start(&Place::pod(&lab, "y/b"), &Command::Sniff { ifname: "eth0".into() })
+            .start(
+                &Place::pod(&lab, "y/b"),
+                &Command::Sniff {
+                    ifname: "eth0".into(),
+                },
+            )
             .await;
         checks.check(
             sniffer.opened().iter().all(|(_, errno)| errno.is_none()),
-            format!("y/b opened its packet sockets, as reported: {:?}", sniffer.opened()),
+            format!(
+                "y/b opened its packet sockets, as reported: {:?}",
+                sniffer.opened()
+            ),
         );
         checks.finish();
         return;

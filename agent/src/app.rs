@@ -3,6 +3,7 @@
 //! published on a watch channel.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
@@ -20,7 +21,12 @@ use crate::{
     admin::{self, AdminError, AdminServer, AdminState, Exposure, SecureOptions},
     bpf::{frames::FrameGuardError, writer::MapUsage, Dataplane, DataplaneOptions, LoadError},
     cgroup::{self, CgroupError},
+    identity::{
+        manager::{self as identity_manager, IdentityHandle, IdentityOptions, ManagerError},
+        spiffe::SpiffeId,
+    },
     metrics::Metrics,
+    policy::model::Inventory,
     reconcile::{PublishedNames, Reconciler},
     source::{
         file::{error_chain, FileSource, FileSourceError},
@@ -55,6 +61,11 @@ pub enum AgentError {
     Kube {
         #[source]
         source: KubeSourceError,
+    },
+    #[error("starting the identity manager")]
+    Identity {
+        #[source]
+        source: ManagerError,
     },
     #[error(
         "reading the last valid policy state (nothing was changed in the kernel: the \
@@ -123,6 +134,9 @@ pub struct AgentOptions {
     /// Needs the pods' processes and the right to enter their network
     /// namespaces.
     pub guard_frames: bool,
+    /// Certificates for the service accounts of local workloads (see
+    /// [`crate::identity::manager`]); none when `None`.
+    pub identity: Option<IdentityOptions>,
 }
 
 /// What the agent has done so far.
@@ -159,6 +173,9 @@ pub struct AgentHandle {
     pub status: watch::Receiver<Status>,
     pub pin_dir: PathBuf,
     pub metrics: Arc<Metrics>,
+    /// The identity manager's outputs (certificates, revocations, bundle),
+    /// when identity is on.
+    pub identity: Option<IdentityHandle>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
     admin: Option<AdminServer>,
@@ -179,6 +196,9 @@ impl AgentHandle {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if let Some(i) = self.identity.take() {
+            i.stop();
         }
         if let Some(a) = self.admin.take() {
             a.stop();
@@ -210,6 +230,28 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         Some(_) => Some(exposure(&opts).map_err(|source| AgentError::Admin { source })?),
         None => None,
     };
+    let metrics = Arc::new(Metrics::new());
+    // Also before the programs load: a bad CA URL leaves nothing attached.
+    let (identity, demand) = match &opts.identity {
+        Some(identity) => {
+            let (tx, rx) = watch::channel(BTreeSet::new());
+            let client = match &opts.source {
+                SourceOptions::Kubernetes(k) => Some(k.client.clone()),
+                SourceOptions::Files { .. } => None,
+            };
+            let handle =
+                identity_manager::start(identity.clone(), client, rx, metrics.identity.clone())
+                    .map_err(|source| AgentError::Identity { source })?;
+            (
+                Some(handle),
+                Some(IdentityDemand {
+                    trust_domain: identity.trust_domain.clone(),
+                    tx,
+                }),
+            )
+        }
+        None => (None, None),
+    };
     let mount = match &opts.cgroup_mount {
         Some(m) => m.clone(),
         None => cgroup::cgroup2_mount().map_err(|source| AgentError::Cgroup { source })?,
@@ -225,7 +267,6 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         pins = %opts.pin_dir.display(),
         "kernel programs attached"
     );
-    let metrics = Arc::new(Metrics::new());
     let unguarded = dataplane.socket_guard().err().map(|e| error_chain(e));
     match &unguarded {
         Some(why) => error!(
@@ -315,6 +356,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                         status: tx,
                         metrics,
                         pin_dir,
+                        demand,
                     },
                     &stop,
                 )
@@ -325,6 +367,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         status: rx,
         pin_dir: opts.pin_dir,
         metrics,
+        identity,
         stop,
         thread: Some(thread),
         admin,
@@ -370,6 +413,33 @@ struct Observers {
     metrics: Arc<Metrics>,
     /// Where the kernel counters are pinned.
     pin_dir: PathBuf,
+    /// Where the identities of local workloads go, when identity is on.
+    demand: Option<IdentityDemand>,
+}
+
+/// Feeds the identity manager the service accounts with a local pod.
+struct IdentityDemand {
+    trust_domain: String,
+    tx: watch::Sender<BTreeSet<SpiffeId>>,
+}
+
+/// The identities of the workloads enforced here, and the workloads whose
+/// names make no SPIFFE ID (reported as problems).
+pub fn local_identities(
+    inventory: &Inventory,
+    trust_domain: &str,
+) -> (BTreeSet<SpiffeId>, Vec<String>) {
+    let mut ids = BTreeSet::new();
+    let mut problems = Vec::new();
+    for w in inventory.workloads.iter().filter(|w| w.is_local()) {
+        match SpiffeId::new(trust_domain, &w.namespace, w.service_account()) {
+            Ok(id) => {
+                ids.insert(id);
+            }
+            Err(e) => problems.push(format!("workload {}: no identity: {e}", w.reference())),
+        }
+    }
+    (ids, problems)
 }
 
 impl Observers {
@@ -388,6 +458,20 @@ impl Observers {
         m.decisions
             .set_cookie_policies(applied.names.cookie_policies.clone());
         m.maps.set_usage(applied.usage);
+    }
+
+    /// A pass read the workloads: the identity manager follows them.
+    fn workloads(&self, inventory: &Inventory) -> Vec<String> {
+        let Some(demand) = &self.demand else {
+            return Vec::new();
+        };
+        let (ids, problems) = local_identities(inventory, &demand.trust_domain);
+        demand.tx.send_if_modified(|current| {
+            let changed = *current != ids;
+            *current = ids;
+            changed
+        });
+        problems
     }
 
     fn publish(&self, status: &Status) {
@@ -504,6 +588,9 @@ fn sync_loop(
             match source.load() {
                 Ok(snapshot) => {
                     status.problems = snapshot.problems.clone();
+                    status
+                        .problems
+                        .extend(observers.workloads(&snapshot.inventory));
                     match reconciler.reconcile(&snapshot, &mut dataplane.writer) {
                         Ok(applied) => {
                             status.problems.extend(applied.rejected.values().cloned());
@@ -588,6 +675,7 @@ mod tests {
             }),
             state_dir: None,
             guard_frames: false,
+            identity: None,
         }
     }
 
@@ -596,6 +684,28 @@ mod tests {
             policies_dir: "/nonexistent".into(),
             workloads: "/nonexistent/w.yaml".into(),
         }
+    }
+
+    #[test]
+    fn local_workloads_give_one_identity_per_namespace_and_service_account() {
+        let inventory: Inventory = serde_saphyr::from_str(
+            "workloads:\n\
+             - {name: a, namespace: x, serviceAccount: web, cgroup: /a}\n\
+             - {name: b, namespace: x, serviceAccount: web, cgroup: /b}\n\
+             - {name: c, namespace: x, cgroup: /c}\n\
+             - {name: d, namespace: y, serviceAccount: api}\n",
+        )
+        .unwrap();
+        let (ids, problems) = local_identities(&inventory, "example.org");
+        let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://example.org/ns/x/sa/default",
+                "spiffe://example.org/ns/x/sa/web"
+            ]
+        );
+        assert!(problems.is_empty(), "{problems:?}");
     }
 
     /// Secure mode asks the API server, so the file source cannot have it;

@@ -12,12 +12,19 @@
 //! - [`revocation`]: revoked identities and serials, and the fail-closed
 //!   view the data path consults;
 //! - [`wire`]: the request and answer agents and the CA exchange;
-//! - [`kube_watch`]: revocations and the bundle, kept current from the API.
+//! - [`kube_watch`]: revocations and the bundle, kept current from the API;
+//! - [`issuer`]: where the agent gets certificates (in process or the CA);
+//! - [`manager`]: the agent's certificates for its local service accounts,
+//!   renewed before they expire;
+//! - [`local`]: those identities as `portcullis identity` shows them.
 
 pub mod authority;
 pub mod bundle;
 pub mod certificate;
+pub mod issuer;
 pub mod kube_watch;
+pub mod local;
+pub mod manager;
 pub mod revocation;
 pub mod spiffe;
 pub mod wire;

@@ -331,6 +331,7 @@ impl Lab {
                 admin_secure: None,
                 state_dir: Some(self.agent_state_dir()),
                 guard_frames: true,
+                identity: None,
             })
             .map_err(|source| LabError::Agent { source })?,
         );

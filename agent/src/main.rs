@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use portcullis_agent::{
     app::{self, AgentOptions},
     bpf, explain, flows,
+    identity::{self, manager::IdentityOptions},
     lab::{self, pod::Protocol, report::ProbeSpec},
     source::kube::KubeOptions,
 };
@@ -27,6 +28,113 @@ const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
 const DEFAULT_NAMES_FILE: &str = "/run/portcullis/names.json";
 const DEFAULT_STATE_DIR: &str = "/var/lib/portcullis";
 
+/// Workload identity: where certificates come from (off without either CA
+/// flag).
+#[derive(clap::Args)]
+struct IdentityArgs {
+    /// The SPIFFE trust domain: identities are
+    /// spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+    #[arg(long, default_value = identity::spiffe::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Issue certificates in process from this CA directory (`portcullis ca
+    /// init --dir D`), read at every issuance.
+    #[arg(long, conflicts_with = "ca_url")]
+    ca_dir: Option<PathBuf>,
+    /// Lifetime of the certificates --ca-dir issues, 10m to 24h (e.g. 1h,
+    /// 30m, 3600s).
+    #[arg(long, default_value = "1h", value_parser = parse_lifetime, requires = "ca_dir")]
+    leaf_lifetime: std::time::Duration,
+    /// Ask `portcullis ca` at this https:// URL.
+    #[arg(long, requires = "ca_token_file")]
+    ca_url: Option<String>,
+    /// The token the agent authenticates to the CA with (a projected
+    /// ServiceAccount token, audience portcullis-ca), read at every request.
+    #[arg(long, requires = "ca_url")]
+    ca_token_file: Option<PathBuf>,
+    /// The roots (PEM) the CA's certificate must chain to, with --ca-url
+    /// without --kubernetes (in Kubernetes mode: the ConfigMap
+    /// portcullis-trust-bundle in the agent's namespace). Re-read when it
+    /// changes.
+    #[arg(long, requires = "ca_url")]
+    trust_bundle_file: Option<PathBuf>,
+    /// Revoked identities and serials (YAML), re-read when it changes.
+    /// Default with --ca-dir: <ca-dir>/revocations.yaml; in Kubernetes
+    /// mode: the PortcullisRevocation objects.
+    #[arg(long)]
+    revocations_file: Option<PathBuf>,
+    /// Where to publish the local identities for `portcullis identity`.
+    #[arg(long, default_value = identity::local::DEFAULT_FILE)]
+    identities_file: PathBuf,
+}
+
+impl IdentityArgs {
+    fn options(self, kubernetes: bool, namespace: &str) -> anyhow::Result<Option<IdentityOptions>> {
+        use identity::manager::{BundleSource, IssuerOptions, RevocationSource};
+        let issuer = match (self.ca_dir, self.ca_url) {
+            (None, None) => return Ok(None),
+            (Some(dir), _) => IssuerOptions::CaDir {
+                dir,
+                lifetime: self.leaf_lifetime,
+            },
+            (None, Some(url)) => IssuerOptions::Remote {
+                url,
+                token_file: self.ca_token_file.unwrap_or_default(),
+                bundle: match (self.trust_bundle_file, kubernetes) {
+                    (Some(file), _) => BundleSource::File(file),
+                    (None, true) => BundleSource::ConfigMap {
+                        namespace: namespace.into(),
+                        name: identity::kube_watch::BUNDLE_CONFIGMAP.into(),
+                    },
+                    (None, false) => anyhow::bail!(
+                        "--ca-url without --kubernetes needs --trust-bundle-file: the roots \
+                         the CA's certificate must chain to"
+                    ),
+                },
+                timeout: identity::issuer::remote::DEFAULT_TIMEOUT,
+            },
+        };
+        let revocations = match (self.revocations_file, &issuer, kubernetes) {
+            (Some(file), _, _) => RevocationSource::File(file),
+            (None, IssuerOptions::CaDir { dir, .. }, false) => {
+                RevocationSource::File(dir.join("revocations.yaml"))
+            }
+            (None, _, true) => RevocationSource::Kubernetes {
+                staleness: identity::kube_watch::DEFAULT_REVOCATION_STALENESS,
+            },
+            (None, IssuerOptions::Remote { .. }, false) => anyhow::bail!(
+                "--ca-url without --kubernetes needs --revocations-file (a file that does \
+                 not exist revokes nothing; without one, revocation status would be unknown \
+                 and every identity refused)"
+            ),
+        };
+        Ok(Some(IdentityOptions {
+            trust_domain: self.trust_domain,
+            issuer,
+            revocations,
+            identities_file: Some(self.identities_file),
+            max_backoff: identity::manager::schedule::DEFAULT_MAX_BACKOFF,
+        }))
+    }
+}
+
+/// `1h`, `30m`, `3600s` or `3600`, within the allowed leaf lifetimes.
+fn parse_lifetime(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: use a whole number with s, m or h (e.g. 1h)"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(format!("{text:?}: the unit is s, m or h")),
+    };
+    identity::authority::check_lifetime(std::time::Duration::from_secs(seconds))
+        .map_err(|e| e.to_string())
+}
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent standalone: policies from a directory, workloads from a file.
@@ -102,6 +210,20 @@ enum Command {
         /// and CAP_SYS_ADMIN (see docs/kubernetes.md).
         #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
         guard_packet_sockets: bool,
+        #[command(flatten)]
+        identity: Box<IdentityArgs>,
+    },
+    /// List this node's workload identities: SPIFFE ID, serial, validity,
+    /// issuer and state, as the agent publishes them.
+    Identity {
+        /// The file the agent publishes to (its --identities-file).
+        #[arg(long, default_value = identity::local::DEFAULT_FILE, conflicts_with = "lab")]
+        identities_file: PathBuf,
+        /// The identities of a lab started with `portcullis lab --keep --name NAME`.
+        #[arg(long)]
+        lab: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Why would a flow pass or not? The deciding policy and rule, per
     /// direction, checked against what the kernel maps hold.
@@ -231,7 +353,9 @@ async fn main() -> anyhow::Result<()> {
             admin_tls_key,
             state_dir,
             guard_packet_sockets,
+            identity,
         } => {
+            let identity = (*identity).options(kubernetes, &lease_namespace)?;
             use portcullis_agent::admin::{tls::CertSource, SecureOptions};
             let admin_secure = admin_secure.then(|| SecureOptions {
                 cert: match (admin_tls_cert, admin_tls_key) {
@@ -277,6 +401,7 @@ async fn main() -> anyhow::Result<()> {
                 admin_secure,
                 state_dir: Some(state_dir),
                 guard_frames: guard_packet_sockets,
+                identity,
             })
             .await
         }
@@ -352,6 +477,24 @@ async fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || flows::tail(&source, &filter, json, count))
                 .await?
                 .map_err(|e| anyhow::anyhow!(portcullis_agent::source::file::error_chain(&e)))
+        }
+        Command::Identity {
+            identities_file,
+            lab,
+            json,
+        } => {
+            let path = match lab {
+                Some(name) => identity::local::lab_file(&name),
+                None => identities_file,
+            };
+            let all = identity::local::LocalIdentities::read(&path)
+                .map_err(|e| anyhow::anyhow!(portcullis_agent::source::file::error_chain(&e)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print!("{}", all.render(std::time::SystemTime::now()));
+            }
+            Ok(())
         }
         Command::Counters { pin_dir, json } => print_counters(&pin_dir, json),
         Command::Uninstall { pin_dir } => {

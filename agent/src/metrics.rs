@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod decisions;
 pub mod guards;
+pub mod identity;
 pub mod labels;
 pub mod maps;
 pub mod source;
@@ -20,6 +21,7 @@ use crate::bpf::LoadError;
 pub use apply::ApplyMetrics;
 pub use decisions::DecisionMetrics;
 pub use guards::GuardMetrics;
+pub use identity::IdentityMetrics;
 pub use maps::MapMetrics;
 pub use source::SourceMetrics;
 
@@ -55,6 +57,7 @@ pub struct Metrics {
     pub maps: MapMetrics,
     pub source: SourceMetrics,
     pub guards: GuardMetrics,
+    pub identity: IdentityMetrics,
 }
 
 impl Default for Metrics {
@@ -71,6 +74,7 @@ impl Metrics {
         let maps = MapMetrics::register(&mut registry);
         let source = SourceMetrics::register(&mut registry);
         let guards = GuardMetrics::register(&mut registry);
+        let identity = IdentityMetrics::register(&mut registry);
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -89,6 +93,7 @@ impl Metrics {
             maps,
             source,
             guards,
+            identity,
         }
     }
 
