@@ -502,3 +502,67 @@ fn a_revoked_identity_is_refused_and_counted_until_the_revocation_goes() {
     );
     assert_eq!(view.borrow().check(&y, None), RevocationStatus::Good);
 }
+
+/// `portcullis lab` makes a throwaway CA: every lab pod gets the identity of
+/// its service account (one per pod in the standard topology), the chains
+/// verify against the lab CA's bundle, and `portcullis identity --lab`
+/// lists them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lab_gives_every_pod_its_identity_from_a_throwaway_ca() {
+    let lab = portcullis_tests::start_lab("id-lab").await;
+    let mut certificates = lab
+        .agent_certificates()
+        .expect("the lab's agent has identity on");
+    let all = tokio::time::timeout(
+        Duration::from_secs(30),
+        certificates.wait_for(|c| c.len() == 9),
+    )
+    .await
+    .expect("9 identities within 30 s")
+    .unwrap()
+    .clone();
+    let bundle = portcullis_agent::identity::authority::CaDir::at(lab.ca_dir())
+        .bundle()
+        .unwrap();
+    let mut seen = Vec::new();
+    for (id, credential) in all.iter() {
+        let info = bundle
+            .verify(&credential.chain, "cluster.local", SystemTime::now())
+            .unwrap_or_else(|e| panic!("{id}: {e}"));
+        assert_eq!(info.spiffe_id.as_ref(), Some(id));
+        seen.push(id.to_string());
+    }
+    for ns in ["x", "y", "z"] {
+        for pod in ["a", "b", "c"] {
+            let want = format!("spiffe://cluster.local/ns/{ns}/sa/{pod}");
+            assert!(seen.contains(&want), "{want} missing from {seen:?}");
+        }
+    }
+    let listed: LocalIdentities = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let out = identity_cli(&["--lab", "id-lab", "--json"]);
+            let listed: LocalIdentities = serde_json::from_str(&out).unwrap();
+            if listed.identities.len() == 9
+                && listed
+                    .identities
+                    .iter()
+                    .all(|i| i.state == IdentityState::Valid)
+            {
+                return listed;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("portcullis identity --lab lists 9 valid identities");
+    for identity in &listed.identities {
+        let id: SpiffeId = identity.spiffe_id.parse().unwrap();
+        let held = &all[&id];
+        let info = portcullis_agent::identity::certificate::CertificateInfo::from_der(
+            &held.chain[0],
+            "held",
+        )
+        .unwrap();
+        assert_eq!(identity.serial.as_deref(), Some(info.serial.as_str()));
+    }
+}

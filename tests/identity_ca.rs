@@ -1086,3 +1086,151 @@ async fn the_manifests_render_and_grant_least_privilege() {
         &["create", "portcullisrevocations.portcullis.dev"]
     ));
 }
+
+// ------------------------------------------- the agent's manager end to end
+
+/// The agent side against the real CA: the identity manager (as the agent
+/// runs it with `--ca-url`, a projected token file and the bundle from the
+/// ConfigMap) gets its pod's identity through TokenReview and node
+/// authorization, is refused for a service account with no pod on its
+/// node, keeps its certificate through a CA outage while the failure
+/// counter moves, and gets a new one when the CA is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_manager_gets_identities_from_the_ca_and_rides_out_an_outage() {
+    use std::collections::BTreeSet;
+
+    use portcullis_agent::{
+        identity::{
+            manager::{self, BundleSource, IdentityOptions, IssuerOptions, RevocationSource},
+            spiffe::SpiffeId,
+        },
+        metrics::Metrics,
+    };
+
+    let plane = shared().await;
+    let admin = plane.client().await;
+    namespace(plane, "e2e-shop").await;
+    pod(plane, "e2e-shop", "web-1", Some("web"), "node-a", "Running").await;
+    let token = agent_on(plane, "agent-e2e", "node-a").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    // A bundle ConfigMap of this test's own (others publish theirs).
+    kube_api::create(
+        &admin,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "e2e-bundle", "namespace": SYSTEM}}),
+    )
+    .await;
+
+    let (_dir, ca_dir) = ca_dir();
+    let ca_options = || {
+        let mut o = options(KeySource::Dir(ca_dir.path().to_path_buf()));
+        o.serving_names = vec!["127.0.0.1".into()];
+        o.bundle_configmap = Some(ObjectName {
+            namespace: SYSTEM.into(),
+            name: "e2e-bundle".into(),
+        });
+        o
+    };
+    let ca = start_ca(ca_options(), admin.clone()).await;
+    let addr = ca.addr();
+
+    let web = SpiffeId::new("cluster.local", "e2e-shop", "web").unwrap();
+    let ghost = SpiffeId::new("cluster.local", "e2e-shop", "ghost").unwrap();
+    let (demand_tx, demand) = tokio::sync::watch::channel(BTreeSet::from([web.clone()]));
+    let metrics = Metrics::new();
+    let mut identity = IdentityOptions::ca_dir(ca_dir.path(), LEAF_LIFETIME);
+    identity.issuer = IssuerOptions::Remote {
+        url: format!("https://{addr}"),
+        token_file: token_file.clone(),
+        bundle: BundleSource::ConfigMap {
+            namespace: SYSTEM.into(),
+            name: "e2e-bundle".into(),
+        },
+        timeout: Duration::from_secs(5),
+    };
+    identity.revocations = RevocationSource::Kubernetes {
+        staleness: Duration::from_secs(300),
+    };
+    identity.max_backoff = Duration::from_secs(2);
+    let handle = manager::start(
+        identity,
+        Some(admin.clone()),
+        demand,
+        metrics.identity.clone(),
+    )
+    .expect("the identity manager starts");
+    let mut certificates = handle.certificates.clone();
+
+    // Granted: the chain verifies against the published bundle.
+    let first = tokio::time::timeout(
+        Duration::from_secs(20),
+        certificates.wait_for(|c| c.contains_key(&web)),
+    )
+    .await
+    .expect("web's certificate from the CA within 20 s")
+    .unwrap()[&web]
+        .clone();
+    let bundle = published_bundle(&admin, "e2e-bundle", 1).await;
+    let info = bundle
+        .verify(&first.chain, "cluster.local", SystemTime::now())
+        .unwrap();
+    assert_eq!(info.spiffe_id.as_ref(), Some(&web));
+
+    // Refused: no pod of `ghost` on node-a; counted by reason.
+    demand_tx.send_replace(BTreeSet::from([web.clone(), ghost.clone()]));
+    let refused = |text: &str, reason: &str| {
+        let series = format!("portcullis_identity_issuance_failures_total{{reason=\"{reason}\"}}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    wait_for("a no_pod_on_node refusal", Duration::from_secs(20), || {
+        refused(&metrics.encode().unwrap(), "no_pod_on_node") >= 1.0
+    })
+    .await;
+    assert!(!certificates.borrow().contains_key(&ghost));
+    demand_tx.send_replace(BTreeSet::from([web.clone()]));
+
+    // Outage: the CA goes away; the certificate is kept and failures move.
+    drop(ca);
+    let serial_at_outage = info.serial.clone();
+    let unreachable_before = refused(&metrics.encode().unwrap(), "unreachable");
+    wait_for(
+        "a failed renewal while the CA is down",
+        Duration::from_secs(25),
+        || refused(&metrics.encode().unwrap(), "unreachable") > unreachable_before,
+    )
+    .await;
+    let held = certificates.borrow().get(&web).cloned();
+    if let Some(held) = held {
+        let now = CertificateInfo::from_der(&held.chain[0], "held").unwrap();
+        assert_eq!(
+            now.serial, serial_at_outage,
+            "nothing new while the CA is down"
+        );
+        assert!(
+            SystemTime::now() < now.not_after,
+            "only unexpired certificates are held"
+        );
+    }
+
+    // Recovery: the CA is back on the same address; a new certificate comes.
+    let mut back = ca_options();
+    back.listen = addr;
+    let _ca = start_ca(back, admin.clone()).await;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        certificates.wait_for(|c| {
+            c.get(&web).is_some_and(|held| {
+                CertificateInfo::from_der(&held.chain[0], "held")
+                    .is_ok_and(|i| i.serial != serial_at_outage)
+            })
+        }),
+    )
+    .await
+    .expect("a new certificate within 30 s of the CA's return")
+    .unwrap();
+    handle.stop();
+}

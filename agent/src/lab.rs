@@ -74,6 +74,11 @@ pub enum LabError {
         #[source]
         source: std::io::Error,
     },
+    #[error("making the lab's throwaway CA")]
+    Ca {
+        #[source]
+        source: crate::identity::authority::AuthorityError,
+    },
     #[error("the agent did not apply the policies within {seconds}s")]
     ApplyTimeout { seconds: u64 },
     #[error("the lab's agent is not running (stopped or detached)")]
@@ -331,7 +336,7 @@ impl Lab {
                 admin_secure: None,
                 state_dir: Some(self.agent_state_dir()),
                 guard_frames: true,
-                identity: None,
+                identity: self.identity()?,
             })
             .map_err(|source| LabError::Agent { source })?,
         );
@@ -436,6 +441,30 @@ impl Lab {
 
     /// Where the lab's agent keeps the last valid version of each object;
     /// it outlives the agent (restarts), not the lab.
+    /// Standalone labs give their pods identities from a throwaway CA in
+    /// the lab's directory (made once, kept across agent restarts), and
+    /// publish them where `portcullis identity --lab NAME` reads. Labs on
+    /// an API server leave identity to the test that drives them.
+    fn identity(&self) -> Result<Option<crate::identity::manager::IdentityOptions>, LabError> {
+        use crate::identity::{authority, local, manager::IdentityOptions};
+        if self.kubernetes.is_some() {
+            return Ok(None);
+        }
+        let dir = self.ca_dir();
+        if authority::CaDir::at(&dir).authority().is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+            authority::CaDir::init(&dir, "lab").map_err(|source| LabError::Ca { source })?;
+        }
+        let mut options = IdentityOptions::ca_dir(dir, authority::DEFAULT_LEAF_LIFETIME);
+        options.identities_file = Some(local::lab_file(&self.names.lab));
+        Ok(Some(options))
+    }
+
+    /// The lab's throwaway CA (`portcullis ca status --dir` reads it).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir.join("ca")
+    }
+
     pub fn agent_state_dir(&self) -> PathBuf {
         self.state_dir.join("agent-state")
     }
@@ -531,6 +560,14 @@ impl Lab {
     /// The running agent's metrics, as /metrics would serve them.
     pub fn agent_metrics(&self) -> Option<std::sync::Arc<crate::metrics::Metrics>> {
         self.agent.as_ref().map(|a| a.metrics.clone())
+    }
+
+    /// The certificates the running agent holds for the lab's pods.
+    pub fn agent_certificates(
+        &self,
+    ) -> Option<tokio::sync::watch::Receiver<crate::identity::manager::Certificates>> {
+        let agent = self.agent.as_ref()?;
+        agent.identity.as_ref().map(|i| i.certificates.clone())
     }
 
     /// The running agent's status, as it changes.
