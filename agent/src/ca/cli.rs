@@ -288,16 +288,7 @@ fn today() -> String {
 
 /// `2035-01-31 12:00:00 UTC`.
 fn utc(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    crate::identity::local::utc(crate::identity::local::unix(t))
 }
 
 /// The table `ca status` prints, and where a rotation stands.

@@ -25,10 +25,7 @@ use std::{
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    runtime::{watcher, WatchStreamExt as _},
-    Api, Client,
-};
+use kube::{Api, Client};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
@@ -115,11 +112,8 @@ pub fn start(source: &KeySource, client: Client) -> Result<(CaFilesRx, JoinHandl
             let api: Api<Secret> = Api::namespaced(client, namespace);
             let what = format!("{namespace}/{name}");
             let work_dir = work_dir.clone();
-            let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+            let stream = crate::identity::kube_watch::watch_one(api, name);
             let task = tokio::spawn(async move {
-                let stream = watcher::watcher(api, config)
-                    .default_backoff()
-                    .applied_objects();
                 futures::pin_mut!(stream);
                 while let Some(event) = stream.next().await {
                     let secret = match event {

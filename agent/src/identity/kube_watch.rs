@@ -116,6 +116,21 @@ fn view_of(objects: &BTreeMap<String, PortcullisRevocation>) -> RevocationView {
     RevocationView::Known(Arc::new(set))
 }
 
+/// The versions of one named object, as a watch sees them (retried with
+/// backoff): the Secret the CA reads its keys from, the bundle ConfigMap.
+pub fn watch_one<K>(
+    api: Api<K>,
+    name: &str,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher::watcher(api, config)
+        .default_backoff()
+        .applied_objects()
+}
+
 /// Watches the trust bundle ConfigMap `namespace/name`. `None` until a
 /// valid bundle is seen; an invalid or emptied one keeps the last valid
 /// bundle (with a warning), so a bad edit cannot make every peer untrusted
@@ -127,12 +142,8 @@ pub fn watch_bundle(
 ) -> (watch::Receiver<Option<TrustBundle>>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(None);
     let what = format!("ConfigMap {namespace}/{name}");
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+    let stream = watch_one(Api::<ConfigMap>::namespaced(client, namespace), name);
     let task = tokio::spawn(async move {
-        let stream = watcher::watcher(api, config)
-            .default_backoff()
-            .applied_objects();
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             let map = match event {
