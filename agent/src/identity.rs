@@ -27,4 +27,6 @@ pub mod local;
 pub mod manager;
 pub mod revocation;
 pub mod spiffe;
+#[cfg(test)]
+mod test_support;
 pub mod wire;

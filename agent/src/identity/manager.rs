@@ -265,19 +265,14 @@ pub fn start(
         identities: Vec::new(),
     });
     metrics.enable();
-    let manager = Manager {
-        issuer: Arc::new(issuer),
-        identities_file: options.identities_file,
-        max_backoff: options.max_backoff,
+    let manager = Manager::new(
+        issuer,
+        options.identities_file,
+        options.max_backoff,
         metrics,
-        entries: BTreeMap::new(),
-        tasks: JoinSet::new(),
-        attempts: 0,
-        certificates: certificates_tx,
-        identities: identities_tx,
-        written: None,
-        write_error: None,
-    };
+        certificates_tx,
+        identities_tx,
+    );
     info!(ca = %ca, trust_domain = %options.trust_domain, "identity manager started");
     let (stop_tx, stop_rx) = oneshot::channel();
     let revocations_rx = revocations.clone();
@@ -360,6 +355,30 @@ struct Manager<I> {
 }
 
 impl<I: Issuer> Manager<I> {
+    /// A manager with no identities yet, publishing on these channels.
+    fn new(
+        issuer: I,
+        identities_file: Option<PathBuf>,
+        max_backoff: Duration,
+        metrics: IdentityMetrics,
+        certificates: watch::Sender<Certificates>,
+        identities: watch::Sender<LocalIdentities>,
+    ) -> Self {
+        Self {
+            issuer: Arc::new(issuer),
+            identities_file,
+            max_backoff,
+            metrics,
+            entries: BTreeMap::new(),
+            tasks: JoinSet::new(),
+            attempts: 0,
+            certificates,
+            identities,
+            written: None,
+            write_error: None,
+        }
+    }
+
     async fn run(
         mut self,
         mut demand: watch::Receiver<BTreeSet<SpiffeId>>,

@@ -1,25 +1,12 @@
 use std::os::unix::fs::PermissionsExt as _;
 
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519};
+use rcgen::{CertificateParams, KeyPair, PKCS_ED25519};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::*;
-use crate::identity::{bundle::VerifyError, spiffe::SpiffeId};
+use crate::identity::bundle::VerifyError;
 
-fn web() -> SpiffeId {
-    SpiffeId::new("cluster.local", "shop", "web").unwrap()
-}
-
-/// What an agent sends: a request signed by a key it keeps.
-fn request() -> (String, KeyPair) {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
-    (csr, key)
-}
+use crate::identity::test_support::{request, web};
 
 fn chain(issued: &Issued) -> Vec<CertificateDer<'static>> {
     chain_from_pem(&issued.chain_pem.concat()).unwrap()

@@ -96,18 +96,7 @@ mod tests {
     use super::*;
     use crate::identity::{certificate::CertificateInfo, revocation::RevocationSet};
 
-    fn csr() -> String {
-        let key = crate::identity::authority::new_key("test").unwrap();
-        rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap()
-    }
-
-    fn web() -> SpiffeId {
-        SpiffeId::new("cluster.local", "shop", "web").unwrap()
-    }
+    use crate::identity::test_support::{csr, web};
 
     #[tokio::test]
     async fn signs_for_a_good_identity_and_refuses_revoked_unknown_and_missing() {

@@ -62,19 +62,14 @@ fn start_with(lifetime: Duration) -> Running {
     metrics.enable();
     let (certificates_tx, certificates) = watch::channel(Certificates::default());
     let (identities_tx, identities) = watch::channel(LocalIdentities::default());
-    let manager = Manager {
-        issuer: Arc::new(issuer),
-        identities_file: Some(dir.path().join("identities.json")),
-        max_backoff: Duration::from_secs(60),
+    let manager = Manager::new(
+        issuer,
+        Some(dir.path().join("identities.json")),
+        Duration::from_secs(60),
         metrics,
-        entries: BTreeMap::new(),
-        tasks: JoinSet::new(),
-        attempts: 0,
-        certificates: certificates_tx,
-        identities: identities_tx,
-        written: None,
-        write_error: None,
-    };
+        certificates_tx,
+        identities_tx,
+    );
     let (demand, demand_rx) = watch::channel(BTreeSet::new());
     let (stop, stop_rx) = oneshot::channel();
     let task = tokio::spawn(manager.run(demand_rx, revocations_rx, stop_rx));

@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::*;
 use crate::identity::{
-    authority::{chain_from_pem, new_key, CaDir},
+    authority::{chain_from_pem, CaDir},
     issuer::FailureReason,
     wire::RefusalReason,
 };
@@ -33,18 +33,7 @@ struct StandIn {
     tokens: Vec<String>,
 }
 
-fn csr() -> String {
-    let key = new_key("test").unwrap();
-    rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap()
-}
-
-fn web() -> SpiffeId {
-    SpiffeId::new("cluster.local", "shop", "web").unwrap()
-}
+use crate::identity::test_support::{csr, web};
 
 /// Serves on 127.0.0.1 with a certificate of `ca`'s active issuer.
 async fn serve(ca: &CaDir, state: Arc<Mutex<StandIn>>) -> SocketAddr {
