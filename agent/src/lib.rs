@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod kube_report;
 pub mod lab;
+pub mod mesh;
 pub mod metrics;
 pub mod policy;
 pub mod reconcile;
