@@ -205,3 +205,5 @@ pub const REASONS: &[&str] = &[
     "refused",
 ];
 
+#[cfg(test)]
+mod tests;
