@@ -33,6 +33,11 @@ pub const SETTINGS_MAP: &str = "PCL_SETTINGS";
 pub const SERVICES_MAP: &str = "PCL_SERVICES";
 pub const BACKENDS_MAP: &str = "PCL_BACKENDS";
 pub const SVC_REPLIES_MAP: &str = "PCL_SVC_REPLY";
+/// Redirected connects not yet connected, by socket cookie (see [`mesh`]).
+pub const MESH_PENDING_MAP: &str = "PCL_MESH_PEND";
+/// Redirected connections' original destinations, by the client's
+/// network namespace and port, for the agent's outbound listener.
+pub const MESH_ORIGINAL_MAP: &str = "PCL_MESH_ORIG";
 
 /// Program names (the Rust function names in the kernel object).
 pub const PROG_CONNECT4: &str = "pcl_connect4";
@@ -54,6 +59,8 @@ pub const PROG_RECVMSG4: &str = "pcl_recvmsg4";
 pub const PROG_RECVMSG6: &str = "pcl_recvmsg6";
 pub const PROG_GETPEERNAME4: &str = "pcl_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "pcl_getpeername6";
+/// Records where a redirected connection was going once its port is known.
+pub const PROG_SOCKOPS: &str = "pcl_sockops";
 
 /// Map capacities. The generational maps hold two generations, so each
 /// generation may use half.
@@ -66,6 +73,10 @@ pub const CONVERSATIONS_CAPACITY: u32 = 65_536;
 pub const SERVICES_CAPACITY: u32 = 16_384;
 /// Backends over all frontends: 65,536 per generation.
 pub const BACKENDS_CAPACITY: u32 = 131_072;
+/// Redirected connections whose original destination the agent has not
+/// read yet (LRU: a burst cannot block new connects; an entry lost is a
+/// connection the agent refuses, never one sent elsewhere).
+pub const MESH_CAPACITY: u32 = 65_536;
 /// Sockets' service translations remembered for rewriting UDP replies and
 /// getpeername() (LRU: the oldest are forgotten first, and such a socket's
 /// peer then shows as the backend).
@@ -141,7 +152,11 @@ pub const REASON_UNCLASSIFIED: u8 = 11;
 /// frames before ingress policy can drop them: refused with EPERM. Counted
 /// as ingress, protocol [`PROTO_OTHER`], peer and ports zero.
 pub const REASON_PACKET_SOCKET: u8 = 12;
-pub const REASON_MAX: u8 = 12;
+/// Plaintext TCP from a peer other than the node to a pod whose mesh mode
+/// is STRICT: only connections the agent's inbound proxy authenticated
+/// (mutual TLS) reach its applications.
+pub const REASON_PLAINTEXT: u8 = 13;
+pub const REASON_MAX: u8 = 13;
 
 /// Reserved identities. Identities the agent allocates start at
 /// [`IDENTITY_FIRST_ALLOCATED`].
@@ -227,6 +242,13 @@ pub const ENDPOINT_FLAG_UNENFORCED: u32 = 8;
 /// processes may not open one (see [`REASON_PACKET_SOCKET`]). Audit
 /// verdicts do not set it: they drop nothing.
 pub const ENDPOINT_FLAG_INGRESS_RESTRICTED: u32 = 16;
+/// The endpoint is in the mesh: its outbound TCP connects (once allowed)
+/// go to the agent's outbound listener in its network namespace, and the
+/// agent's inbound proxy may hand it connections ([`mesh::MARK`]).
+pub const ENDPOINT_FLAG_MESHED: u32 = 32;
+/// Meshed and STRICT: plaintext TCP from peers other than the node is
+/// refused ([`REASON_PLAINTEXT`]).
+pub const ENDPOINT_FLAG_MESH_STRICT: u32 = 64;
 /// The endpoint id counters and events use for sockets no endpoint owns
 /// (denied by a pending guard, or refused for lack of service backends).
 pub const ENDPOINT_ID_NONE: u32 = 0;
@@ -458,6 +480,46 @@ pub struct SvcReplyValue {
 }
 const _: () = assert!(core::mem::size_of::<SvcReplyValue>() == 24);
 
+/// Transparent mTLS between meshed pods: what the kernel and the agent's
+/// proxies agree on.
+pub mod mesh {
+    /// The agent's outbound listener, on loopback inside each meshed pod's
+    /// network namespace: the pod's outbound TCP connects are redirected
+    /// to it.
+    pub const OUTBOUND_PORT: u16 = 15001;
+    /// The agent's HBONE (mutual TLS) listener in each meshed pod.
+    pub const INBOUND_PORT: u16 = 15008;
+    /// The socket mark of the inbound proxy's connections to applications
+    /// (it also routes the applications' replies back to the proxy). A
+    /// packet carrying it on loopback was authenticated and judged by the
+    /// proxy; a mark does not survive a veth, so no peer can forge it.
+    pub const MARK: u32 = 0x5043;
+}
+
+/// A redirected connect in flight: where it was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MeshOriginal {
+    /// The original destination (IPv4-mapped for IPv4).
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+    /// The connecting pod's endpoint id.
+    pub endpoint_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<MeshOriginal>() == 24);
+
+/// The client side of a redirected connection as the outbound listener
+/// sees it: the pod's network namespace and the client's port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MeshClientKey {
+    pub netns_cookie: u64,
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<MeshClientKey>() == 16);
+
 /// Builds the 16-byte form of an IPv4 address given in network byte order.
 #[inline(always)]
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
@@ -490,6 +552,8 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for SvcReplyKey {}
     unsafe impl aya::Pod for SvcReplyValue {}
+    unsafe impl aya::Pod for MeshOriginal {}
+    unsafe impl aya::Pod for MeshClientKey {}
 }
 
 /// Bumped whenever a map's key or value layout changes, so an agent never

@@ -6,10 +6,11 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     BackendKey, BackendValue, ConversationKey, ConversationValue, CounterKey, EndpointKey,
-    EndpointValue, EventBudget, IdentityKeyData, IdentityValue, PolicyKeyData, PolicyValue,
-    ServiceKey, ServiceValue, Settings, State, SvcReplyKey, SvcReplyValue, BACKENDS_CAPACITY,
-    CONVERSATIONS_CAPACITY, COUNTERS_CAPACITY, ENDPOINTS_CAPACITY, EVENTS_RING_BYTES,
-    IDENTITIES_CAPACITY, POLICY_CAPACITY, SERVICES_CAPACITY, SVC_REPLIES_CAPACITY,
+    EndpointValue, EventBudget, IdentityKeyData, IdentityValue, MeshClientKey, MeshOriginal,
+    PolicyKeyData, PolicyValue, ServiceKey, ServiceValue, Settings, State, SvcReplyKey,
+    SvcReplyValue, BACKENDS_CAPACITY, CONVERSATIONS_CAPACITY, COUNTERS_CAPACITY,
+    ENDPOINTS_CAPACITY, EVENTS_RING_BYTES, IDENTITIES_CAPACITY, MESH_CAPACITY, POLICY_CAPACITY,
+    SERVICES_CAPACITY, SVC_REPLIES_CAPACITY,
 };
 
 // Map names below must equal the `*_MAP` constants in portcullis-common.
@@ -68,3 +69,13 @@ pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(BACKEND
 #[map(name = "PCL_SVC_REPLY")]
 pub static SVC_REPLIES: LruHashMap<SvcReplyKey, SvcReplyValue> =
     LruHashMap::pinned(SVC_REPLIES_CAPACITY, 0);
+
+/// Redirected connects, by socket cookie, until their SYN (see `mesh`).
+#[map(name = "PCL_MESH_PEND")]
+pub static MESH_PENDING: LruHashMap<u64, MeshOriginal> = LruHashMap::pinned(MESH_CAPACITY, 0);
+
+/// Redirected connections' original destinations, by the client's network
+/// namespace and port: what the agent's outbound listener reads.
+#[map(name = "PCL_MESH_ORIG")]
+pub static MESH_ORIGINAL: LruHashMap<MeshClientKey, MeshOriginal> =
+    LruHashMap::pinned(MESH_CAPACITY, 0);

@@ -100,3 +100,11 @@ pub fn arrived_on_loopback(skb: &SkBuff) -> bool {
     // SAFETY: the context pointer is valid for the program's run.
     unsafe { (*skb.skb).ingress_ifindex == 1 }
 }
+
+/// Handed over by the agent's inbound proxy: its mark, on loopback (a
+/// mark set anywhere else is scrubbed when the packet crosses a veth).
+#[inline(always)]
+pub fn from_mesh_proxy(skb: &SkBuff) -> bool {
+    // SAFETY: the context pointer is valid for the program's run.
+    arrived_on_loopback(skb) && unsafe { (*skb.skb).mark == portcullis_common::mesh::MARK }
+}

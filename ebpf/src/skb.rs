@@ -13,7 +13,8 @@ use aya_ebpf::programs::{sk_buff::SkBuff, SkBuffContext};
 use portcullis_common::{
     decide::{is_local, policy_protocol, Flow},
     packet::{Class, Headers},
-    EndpointValue, DIRECTION_EGRESS, PROTO_OTHER, REASON_MALFORMED, REASON_SPOOFED,
+    EndpointValue, PolicyValue, DIRECTION_EGRESS, ENDPOINT_FLAG_MESHED, ENDPOINT_FLAG_MESH_STRICT,
+    PROTO_OTHER, REASON_HOST, REASON_LOCAL, REASON_MALFORMED, REASON_PLAINTEXT, REASON_SPOOFED,
     REASON_UNCLASSIFIED, VERDICT_DENY,
 };
 
@@ -112,7 +113,16 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
         if egress && kernel_tcp {
             return PASS;
         }
+        let meshed = ep.flags & ENDPOINT_FLAG_MESHED != 0;
+        if meshed && !egress && packet::from_mesh_proxy(skb) {
+            // The inbound proxy authenticated the client, judged the flow
+            // on its identity and address, and counted it.
+            return PASS;
+        }
         let v = verdict::decide(&ep, &flow);
+        if !egress && ep.flags & ENDPOINT_FLAG_MESH_STRICT != 0 && plaintext_refused(&v) {
+            return refuse(&ep, &flow, &verdict::deny(REASON_PLAINTEXT));
+        }
         report(&ep, &flow, &v);
         return verdict_code(&v);
     }
@@ -146,6 +156,13 @@ fn datagram(ep: &EndpointValue, flow: &Flow, d: &Datagram, judged_at_socket: boo
     }
     verdict::remember(ep, flow, d);
     PASS
+}
+
+/// STRICT refuses plaintext a policy would let in; the node (kubelet
+/// probes) and the pod itself still reach it.
+#[inline(always)]
+fn plaintext_refused(v: &PolicyValue) -> bool {
+    v.verdict != VERDICT_DENY && v.reason != REASON_HOST && v.reason != REASON_LOCAL
 }
 
 /// An enforced endpoint may send only from its own addresses; a packet from

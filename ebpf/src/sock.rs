@@ -10,7 +10,7 @@ use portcullis_common::{
 
 use crate::{
     endpoint::{self, Owner},
-    no_endpoint, not_programmed, refuse, report, service,
+    mesh, no_endpoint, not_programmed, refuse, report, service,
     service::Translation,
     verdict::{self, Conversation, Datagram},
     verdict_code, PASS,
@@ -47,7 +47,7 @@ fn sock_addr(ctx: &SockAddrContext, family: Family) -> (u8, [u8; 16], u16) {
 /// Rewrites the address the socket call uses. An IPv4 socket takes the last
 /// four bytes of the (mapped) address; the kernel only accepts 4-byte stores.
 #[inline(always)]
-fn set_sock_addr(ctx: &SockAddrContext, family: Family, addr: &[u8; 16], port: u16) {
+pub fn set_sock_addr(ctx: &SockAddrContext, family: Family, addr: &[u8; 16], port: u16) {
     // SAFETY: the context pointer is valid and these fields are writable in
     // connect, sendmsg, recvmsg and getpeername programs.
     let sa = unsafe { &mut *ctx.sock_addr };
@@ -153,7 +153,11 @@ pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
     }
     let v = verdict::decide(&ep, &flow);
     report(&ep, &flow, &v);
-    verdict_code(&v)
+    let code = verdict_code(&v);
+    if code == PASS {
+        mesh::redirect(ctx, family, &ep, protocol, (&peer_addr, peer_port));
+    }
+    code
 }
 
 /// A service port without backends: EPERM, counted and reported against the
