@@ -25,6 +25,10 @@ use crate::{
         manager::{self as identity_manager, IdentityHandle, IdentityOptions, ManagerError},
         spiffe::SpiffeId,
     },
+    mesh::{
+        self,
+        runtime::{MeshError, MeshHandle, MeshOptions, MeshState},
+    },
     metrics::Metrics,
     policy::model::Inventory,
     reconcile::{PublishedNames, Reconciler},
@@ -66,6 +70,11 @@ pub enum AgentError {
     Identity {
         #[source]
         source: ManagerError,
+    },
+    #[error("starting the mesh (transparent mTLS)")]
+    Mesh {
+        #[source]
+        source: MeshError,
     },
     #[error(
         "reading the last valid policy state (nothing was changed in the kernel: the \
@@ -176,6 +185,8 @@ pub struct AgentHandle {
     /// The identity manager's outputs (certificates, revocations, bundle),
     /// when identity is on.
     pub identity: Option<IdentityHandle>,
+    /// How far the mesh is, when identity (and so the mesh) is on.
+    pub mesh: Option<watch::Receiver<MeshState>>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
     admin: Option<AdminServer>,
@@ -267,6 +278,23 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         pins = %opts.pin_dir.display(),
         "kernel programs attached"
     );
+    // The mesh needs the pinned maps the load just made, and identities.
+    let mesh = match (&identity, &opts.identity) {
+        (Some(handle), Some(options)) => Some(
+            mesh::runtime::start(
+                MeshOptions {
+                    pin_dir: opts.pin_dir.clone(),
+                    cgroup_mount: mount.clone(),
+                    trust_domain: options.trust_domain.clone(),
+                },
+                handle,
+                metrics.mesh.clone(),
+            )
+            .map_err(|source| AgentError::Mesh { source })?,
+        ),
+        _ => None,
+    };
+    let mesh_state = mesh.as_ref().map(|m| m.state.clone());
     let unguarded = dataplane.socket_guard().err().map(|e| error_chain(e));
     match &unguarded {
         Some(why) => error!(
@@ -357,6 +385,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                         metrics,
                         pin_dir,
                         demand,
+                        mesh,
                     },
                     &stop,
                 )
@@ -368,6 +397,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         pin_dir: opts.pin_dir,
         metrics,
         identity,
+        mesh: mesh_state,
         stop,
         thread: Some(thread),
         admin,
@@ -415,6 +445,8 @@ struct Observers {
     pin_dir: PathBuf,
     /// Where the identities of local workloads go, when identity is on.
     demand: Option<IdentityDemand>,
+    /// The mesh's proxies, when identity is on.
+    mesh: Option<MeshHandle>,
 }
 
 /// Feeds the identity manager the service accounts with a local pod.
@@ -465,12 +497,17 @@ impl Observers {
         let Some(demand) = &self.demand else {
             return Vec::new();
         };
-        let (ids, problems) = local_identities(inventory, &demand.trust_domain);
+        let (ids, mut problems) = local_identities(inventory, &demand.trust_domain);
         demand.tx.send_if_modified(|current| {
             let changed = *current != ids;
             *current = ids;
             changed
         });
+        // After the demand: new pods' certificates are on their way while
+        // their listeners open.
+        if let Some(mesh) = &self.mesh {
+            problems.extend(mesh.sync(inventory));
+        }
         problems
     }
 

@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 use portcullis_common::{
     FlowEvent, DIRECTION_INGRESS, ENDPOINT_ID_NONE, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     REASON_DEFAULT_DENY, REASON_HOST, REASON_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
-    REASON_NOT_PROGRAMMED, REASON_NO_BACKEND, REASON_PACKET_SOCKET, REASON_POLICY, REASON_REPLY,
-    REASON_SPOOFED, REASON_UNCLASSIFIED, VERDICT_ALLOW, VERDICT_AUDIT,
+    REASON_NOT_PROGRAMMED, REASON_NO_BACKEND, REASON_PACKET_SOCKET, REASON_PLAINTEXT,
+    REASON_POLICY, REASON_REPLY, REASON_SPOOFED, REASON_UNCLASSIFIED, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 
@@ -110,6 +110,7 @@ impl Namer {
             REASON_PACKET_SOCKET => {
                 "packet sockets are refused to pods ingress policy restricts".into()
             }
+            REASON_PLAINTEXT => "plaintext refused: the pod's mesh mode is STRICT".into(),
             _ => String::new(),
         };
         NamedFlow {
@@ -169,6 +170,7 @@ pub fn reason_name(r: u8) -> &'static str {
         REASON_MALFORMED => "malformed",
         REASON_UNCLASSIFIED => "unclassified",
         REASON_PACKET_SOCKET => "packet-socket",
+        REASON_PLAINTEXT => "plaintext",
         _ => "unknown",
     }
 }
@@ -203,8 +205,8 @@ impl NamedFlow {
             format!(": {}", self.decided_by)
         };
         format!(
-            "{:.3} {} → {} {}/{} {} {} ({}){by}",
-            self.time,
+            "{} {} → {} {}/{} {} {} ({}){by}",
+            wall_clock(self.time),
             self.from,
             self.to,
             self.port,
@@ -213,6 +215,25 @@ impl NamedFlow {
             self.verdict.to_uppercase(),
             self.reason
         )
+    }
+}
+
+/// `2026-12-02 15:04:05.123 UTC`, from seconds since the Unix epoch (the
+/// raw number when it is out of range).
+pub fn wall_clock(unix_seconds: f64) -> String {
+    let nanos = (unix_seconds * 1e9) as i128;
+    match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        ),
+        Err(_) => format!("{unix_seconds:.3}"),
     }
 }
 
@@ -334,5 +355,17 @@ mod tests {
         assert!(!by(None, None, Some("allow")).matches(&f));
         // An external address has no namespace.
         assert!(!by(Some("x"), None, None).matches(&flow("203.0.113.9", "z/a", "deny")));
+    }
+
+    #[test]
+    fn flows_print_wall_clock_times_not_epoch_seconds() {
+        let mut f = flow("x/a", "y/b", "deny");
+        f.time = 1_796_187_761.058;
+        let line = f.render();
+        assert!(
+            line.starts_with("2026-12-02 ") && line.contains(".058 UTC"),
+            "{line}"
+        );
+        assert!(!line.contains("1796187761"), "{line}");
     }
 }

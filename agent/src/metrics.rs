@@ -8,6 +8,7 @@ pub mod guards;
 pub mod identity;
 pub mod labels;
 pub mod maps;
+pub mod mesh;
 pub mod source;
 pub mod text;
 
@@ -23,6 +24,7 @@ pub use decisions::DecisionMetrics;
 pub use guards::GuardMetrics;
 pub use identity::IdentityMetrics;
 pub use maps::MapMetrics;
+pub use mesh::MeshMetrics;
 pub use source::SourceMetrics;
 
 /// Every metric name starts with this (`portcullis_drops_total`, ...).
@@ -58,6 +60,7 @@ pub struct Metrics {
     pub source: SourceMetrics,
     pub guards: GuardMetrics,
     pub identity: IdentityMetrics,
+    pub mesh: MeshMetrics,
 }
 
 impl Default for Metrics {
@@ -75,6 +78,7 @@ impl Metrics {
         let source = SourceMetrics::register(&mut registry);
         let guards = GuardMetrics::register(&mut registry);
         let identity = IdentityMetrics::register(&mut registry);
+        let mesh = MeshMetrics::register(&mut registry);
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -94,6 +98,7 @@ impl Metrics {
             source,
             guards,
             identity,
+            mesh,
         }
     }
 

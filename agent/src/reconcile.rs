@@ -22,7 +22,7 @@ use crate::{
         writer::{generation_capacity, MapUsage},
         DesiredState, WriteError,
     },
-    cgroup,
+    cgroup, mesh,
     policy::{
         compile::{Attribution, CompileError, Compiled, Compiler},
         describe,
@@ -348,6 +348,13 @@ impl Reconciler {
             }
         }
         let restricted = ingress_restricted(&c.rules);
+        let workloads: BTreeMap<_, _> = snapshot
+            .inventory
+            .workloads
+            .iter()
+            .filter(|w| w.is_local())
+            .map(|w| (w.reference(), w))
+            .collect();
         for ep in &c.endpoints {
             let path = cgroup::resolve(&self.cgroup_mount, &ep.cgroup);
             let id = match cgroup::cgroup_id(&path) {
@@ -390,6 +397,12 @@ impl Reconciler {
                 },
                 ..Default::default()
             };
+            if let Some(w) = workloads.get(&ep.workload) {
+                // A bad mode label is reported by the mesh (it is STRICT
+                // meanwhile), not as a missing cgroup.
+                let (mode, _) = mesh::mode::of_workload(&snapshot.inventory, w);
+                value.flags |= mode.endpoint_flags();
+            }
             if let Some(v4) = ep.ipv4 {
                 value.ipv4_mapped = ipv4_mapped(v4.octets());
                 value.flags |= ENDPOINT_FLAG_HAS_IPV4;

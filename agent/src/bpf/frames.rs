@@ -26,7 +26,7 @@ use nix::sched::{setns, CloneFlags};
 /// Where the pod links are pinned, in the pin directory.
 pub const POD_LINKS_DIR: &str = "pod-links";
 /// How deep below a pod's cgroup to look for one of its processes.
-const PROCESS_SEARCH_DEPTH: usize = 4;
+pub(crate) const PROCESS_SEARCH_DEPTH: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameGuardError {
@@ -184,7 +184,7 @@ fn pod_netns(cgroup: &Path) -> Result<(PathBuf, Netns), FrameGuardError> {
     Ok((path, netns))
 }
 
-fn first_process(cgroup: &Path, depth: usize) -> Option<u32> {
+pub(crate) fn first_process(cgroup: &Path, depth: usize) -> Option<u32> {
     let procs = fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
     // A pid of 0 is one outside this process's pid namespace.
     if let Some(pid) = procs

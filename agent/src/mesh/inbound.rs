@@ -1,0 +1,185 @@
+//! The inbound side of one meshed pod: HBONE connections arrive on its
+//! port 15008; each CONNECT is checked (it names this pod, the client's
+//! certificate belongs to the pod at the client's address, policy allows
+//! that pod to reach this port) and handed to the application from the
+//! client's own address, so the application, the counters and `flows`
+//! see the real client.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use futures::{future::BoxFuture, FutureExt};
+use hyper::StatusCode;
+use portcullis_common::{mesh, DIRECTION_INGRESS, PROTO_TCP, VERDICT_DENY};
+use tokio::{net::TcpStream, sync::watch};
+
+use crate::{bpf::inspect::KernelView, metrics::MeshMetrics, reconcile::addr16};
+
+use super::{
+    hbone::{InboundHandler, InboundRequest, Refusal},
+    netns::{set_int_option, PodNetns},
+    plan::{LocalPod, MeshPlan},
+};
+
+/// Decides and opens the connections HBONE clients ask one pod for.
+pub struct InboundPod {
+    pub pod: LocalPod,
+    pub cgroup_id: u64,
+    pub netns: Arc<PodNetns>,
+    pub plan: watch::Receiver<Arc<MeshPlan>>,
+    pub kernel: Arc<Mutex<KernelView>>,
+    pub metrics: MeshMetrics,
+}
+
+fn refusal(status: StatusCode, reason: &'static str, message: String) -> Refusal {
+    Refusal {
+        status,
+        reason,
+        message,
+    }
+}
+
+impl InboundPod {
+    /// Everything but the connection itself: what may be refused.
+    fn check(&self, req: &InboundRequest) -> Result<(), Refusal> {
+        let pod = &self.pod;
+        if req.authority.ip() != IpAddr::V4(pod.ip) {
+            return Err(refusal(
+                StatusCode::BAD_REQUEST,
+                "wrong_destination",
+                format!(
+                    "{} is not pod {} ({})",
+                    req.authority, pod.reference, pod.ip
+                ),
+            ));
+        }
+        let port = req.authority.port();
+        if port == mesh::INBOUND_PORT || port == mesh::OUTBOUND_PORT || port == 0 {
+            return Err(refusal(
+                StatusCode::BAD_REQUEST,
+                "reserved_port",
+                format!("port {port} belongs to the mesh, not to the application"),
+            ));
+        }
+        // The certificate must be that of the pod at the client's address:
+        // a client cannot borrow another pod's address to meet an
+        // address-based rule.
+        let source = req.from.ip();
+        let owner = self.plan.borrow().peer(source).cloned();
+        match owner {
+            Some(peer) if peer.id == req.peer.id => {}
+            Some(peer) => {
+                return Err(refusal(
+                    StatusCode::FORBIDDEN,
+                    "identity_mismatch",
+                    format!(
+                        "the client's certificate names {} but {source} is pod {} ({})",
+                        req.peer.id, peer.reference, peer.id
+                    ),
+                ))
+            }
+            None => {
+                return Err(refusal(
+                    StatusCode::FORBIDDEN,
+                    "unknown_source",
+                    format!(
+                        "{source} is not a meshed pod ({} connected from it)",
+                        req.peer.id
+                    ),
+                ))
+            }
+        }
+        let kernel = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
+        let unavailable = |what: &str| {
+            refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_programmed",
+                format!("pod {} {what}", pod.reference),
+            )
+        };
+        let ep = kernel
+            .endpoint(self.cgroup_id)
+            .map_err(|e| unavailable(&format!("cannot be judged: {e}")))?
+            .ok_or_else(|| unavailable("is not programmed yet"))?;
+        let decision = kernel
+            .decide(&ep, DIRECTION_INGRESS, PROTO_TCP, addr16(source), port)
+            .map_err(|e| unavailable(&format!("cannot be judged: {e}")))?;
+        if decision.verdict == VERDICT_DENY {
+            return Err(refusal(
+                StatusCode::FORBIDDEN,
+                "policy_denied",
+                format!(
+                    "policy denies {} ({source}) → {}:{port}",
+                    req.peer.id, pod.reference
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Connects to the application from the client's address: a
+    /// transparent socket in the pod's namespace, marked so the kernel lets
+    /// it through as judged and routes the replies back to it.
+    async fn connect(&self, client: IpAddr, port: u16) -> Result<TcpStream, Refusal> {
+        let failed = |e: std::io::Error| {
+            refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "connect_failed",
+                format!("connecting to {}:{port}: {e}", self.pod.reference),
+            )
+        };
+        let socket = self
+            .netns
+            .run(move || {
+                let s = tokio::net::TcpSocket::new_v4()?;
+                set_int_option(&s, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?;
+                set_int_option(&s, libc::SOL_SOCKET, libc::SO_MARK, mesh::MARK as i32)?;
+                s.bind(SocketAddr::new(client, 0))?;
+                Ok(s)
+            })
+            .await
+            .map_err(|e| failed(std::io::Error::other(e)))?
+            .map_err(failed)?;
+        socket
+            .connect(SocketAddr::new(IpAddr::V4(self.pod.ip), port))
+            .await
+            .map_err(failed)
+    }
+}
+
+/// What the HBONE server calls: the pod's checks, then the connection.
+pub struct InboundGate(pub Arc<InboundPod>);
+
+impl InboundHandler for InboundGate {
+    fn open(&self, req: InboundRequest) -> BoxFuture<'static, Result<TcpStream, Refusal>> {
+        let pod = self.0.clone();
+        async move { pod.open(req).await }.boxed()
+    }
+}
+
+impl InboundPod {
+    async fn open(&self, req: InboundRequest) -> Result<TcpStream, Refusal> {
+        let mode = self.pod.mode.as_str();
+        let opened = match self.check(&req) {
+            Ok(()) => self.connect(req.from.ip(), req.authority.port()).await,
+            Err(r) => Err(r),
+        };
+        match &opened {
+            Ok(_) => self.metrics.connection("inbound", mode, "mtls"),
+            Err(r) => {
+                self.metrics.connection("inbound", mode, "refused");
+                self.metrics.failure("inbound", r.reason);
+                tracing::info!(
+                    pod = %self.pod.reference,
+                    peer = %req.peer.id,
+                    reason = r.reason,
+                    "refused: {}",
+                    r.message
+                );
+            }
+        }
+        opened
+    }
+}

@@ -1,0 +1,162 @@
+//! Which pods are in the mesh, and how strictly: a pod label, else a
+//! namespace label, `portcullis.dev/mtls: strict | permissive | disabled`.
+
+use std::fmt;
+
+use portcullis_common::{ENDPOINT_FLAG_MESHED, ENDPOINT_FLAG_MESH_STRICT};
+
+use crate::policy::model::{Inventory, Workload};
+
+/// The label naming a pod's (or a namespace's) mode.
+pub const MODE_LABEL: &str = "portcullis.dev/mtls";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MeshMode {
+    /// Not in the mesh: plaintext, as without Portcullis's proxies.
+    #[default]
+    Disabled,
+    /// Meshed peers talk mutual TLS; plaintext from others is accepted.
+    Permissive,
+    /// Only mutual TLS reaches the pod's applications (and the node).
+    Strict,
+}
+
+impl MeshMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::Permissive => "permissive",
+            Self::Strict => "strict",
+        }
+    }
+
+    pub fn is_meshed(self) -> bool {
+        self != Self::Disabled
+    }
+
+    /// The endpoint flags the kernel acts on.
+    pub fn endpoint_flags(self) -> u32 {
+        match self {
+            Self::Disabled => 0,
+            Self::Permissive => ENDPOINT_FLAG_MESHED,
+            Self::Strict => ENDPOINT_FLAG_MESHED | ENDPOINT_FLAG_MESH_STRICT,
+        }
+    }
+}
+
+impl fmt::Display for MeshMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "{object}: label {MODE_LABEL}={value:?} is not strict, permissive or disabled; \
+     treated as strict (no plaintext) until it is fixed"
+)]
+pub struct ModeError {
+    /// `namespace shop` or `pod shop/web`.
+    pub object: String,
+    pub value: String,
+}
+
+fn parse(value: &str, object: impl FnOnce() -> String) -> Result<MeshMode, ModeError> {
+    match value.to_ascii_lowercase().as_str() {
+        "strict" => Ok(MeshMode::Strict),
+        "permissive" => Ok(MeshMode::Permissive),
+        "disabled" => Ok(MeshMode::Disabled),
+        _ => Err(ModeError {
+            object: object(),
+            value: value.into(),
+        }),
+    }
+}
+
+/// A workload's mode: its own label wins over its namespace's. A value
+/// that is none of the three fails closed: the pod is STRICT and the
+/// error says so.
+pub fn of_workload(inventory: &Inventory, workload: &Workload) -> (MeshMode, Option<ModeError>) {
+    let decided = match workload.labels.get(MODE_LABEL) {
+        Some(v) => parse(v, || format!("pod {}", workload.reference())),
+        None => match inventory
+            .namespaces
+            .iter()
+            .find(|n| n.name == workload.namespace)
+            .and_then(|n| n.labels.get(MODE_LABEL))
+        {
+            Some(v) => parse(v, || format!("namespace {}", workload.namespace)),
+            None => Ok(MeshMode::Disabled),
+        },
+    };
+    match decided {
+        Ok(mode) => (mode, None),
+        Err(e) => (MeshMode::Strict, Some(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::model::Namespace;
+
+    fn workload(labels: &[(&str, &str)]) -> Workload {
+        serde_json::from_value(serde_json::json!({
+            "name": "web", "namespace": "shop",
+            "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_,_>>(),
+        }))
+        .unwrap()
+    }
+
+    fn inventory(ns_mode: Option<&str>) -> Inventory {
+        let mut ns = Namespace {
+            name: "shop".into(),
+            labels: Default::default(),
+        };
+        if let Some(m) = ns_mode {
+            ns.labels.insert(MODE_LABEL.into(), m.into());
+        }
+        Inventory {
+            namespaces: vec![ns],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_pod_label_wins_over_the_namespace_label() {
+        let inv = inventory(Some("strict"));
+        assert_eq!(of_workload(&inv, &workload(&[])).0, MeshMode::Strict);
+        let w = workload(&[(MODE_LABEL, "permissive")]);
+        assert_eq!(of_workload(&inv, &w).0, MeshMode::Permissive);
+        let w = workload(&[(MODE_LABEL, "disabled")]);
+        assert_eq!(of_workload(&inv, &w).0, MeshMode::Disabled);
+        assert_eq!(
+            of_workload(&inventory(None), &workload(&[])).0,
+            MeshMode::Disabled
+        );
+    }
+
+    #[test]
+    fn an_unknown_mode_fails_closed_as_strict_and_names_the_object() {
+        let (mode, err) = of_workload(&inventory(Some("strcit")), &workload(&[]));
+        assert_eq!(mode, MeshMode::Strict);
+        let msg = err.unwrap().to_string();
+        assert!(
+            msg.contains("namespace shop") && msg.contains("strcit"),
+            "{msg}"
+        );
+        let (mode, err) = of_workload(&inventory(None), &workload(&[(MODE_LABEL, "off")]));
+        assert_eq!(mode, MeshMode::Strict);
+        assert!(err.unwrap().to_string().contains("pod shop/web"));
+    }
+
+    #[test]
+    fn flags_tell_the_kernel_meshed_and_strict() {
+        assert_eq!(MeshMode::Disabled.endpoint_flags(), 0);
+        assert_eq!(MeshMode::Permissive.endpoint_flags(), ENDPOINT_FLAG_MESHED);
+        assert_eq!(
+            MeshMode::Strict.endpoint_flags(),
+            ENDPOINT_FLAG_MESHED | ENDPOINT_FLAG_MESH_STRICT
+        );
+    }
+}

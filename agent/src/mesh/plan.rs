@@ -1,0 +1,106 @@
+//! What the mesh should look like, from the inventory: the local pods to
+//! proxy for, and every meshed pod's address with its identity (so the
+//! outbound proxy knows which destinations speak HBONE, and whom to
+//! expect there).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    cgroup,
+    identity::spiffe::SpiffeId,
+    policy::model::{Inventory, WorkloadRef},
+};
+
+use super::mode::{self, MeshMode};
+
+/// A local meshed pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    pub reference: WorkloadRef,
+    pub ip: Ipv4Addr,
+    pub id: SpiffeId,
+    pub mode: MeshMode,
+    /// The pod's cgroup directory, resolved.
+    pub cgroup: PathBuf,
+}
+
+/// A meshed pod anywhere in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub reference: WorkloadRef,
+    pub id: SpiffeId,
+    pub mode: MeshMode,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshPlan {
+    pub local: BTreeMap<WorkloadRef, LocalPod>,
+    pub peers: HashMap<IpAddr, Peer>,
+    /// Bad mode labels, pods without an identity or an IPv4 address.
+    pub problems: Vec<String>,
+}
+
+impl MeshPlan {
+    pub fn new(inventory: &Inventory, trust_domain: &str, cgroup_mount: &Path) -> Self {
+        let mut plan = Self::default();
+        for w in &inventory.workloads {
+            let (mode, error) = mode::of_workload(inventory, w);
+            plan.problems.extend(error.map(|e| e.to_string()));
+            if !mode.is_meshed() {
+                continue;
+            }
+            let id = match SpiffeId::new(trust_domain, &w.namespace, w.service_account()) {
+                Ok(id) => id,
+                Err(e) => {
+                    plan.problems.push(format!(
+                        "pod {}: not meshed, no identity: {e}",
+                        w.reference()
+                    ));
+                    continue;
+                }
+            };
+            for ip in &w.ips {
+                plan.peers.insert(
+                    *ip,
+                    Peer {
+                        reference: w.reference(),
+                        id: id.clone(),
+                        mode,
+                    },
+                );
+            }
+            let Some(cg) = &w.cgroup else { continue };
+            let Some(ip) = w.ips.iter().find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            }) else {
+                plan.problems.push(format!(
+                    "pod {}: meshed ({mode}) but has no IPv4 address; the mesh carries IPv4 \
+                     only, so its TCP is not proxied",
+                    w.reference()
+                ));
+                continue;
+            };
+            plan.local.insert(
+                w.reference(),
+                LocalPod {
+                    reference: w.reference(),
+                    ip,
+                    id,
+                    mode,
+                    cgroup: cgroup::resolve(cgroup_mount, cg),
+                },
+            );
+        }
+        plan
+    }
+
+    /// The meshed pod at `ip`, if any.
+    pub fn peer(&self, ip: IpAddr) -> Option<&Peer> {
+        self.peers.get(&ip)
+    }
+}

@@ -1,0 +1,375 @@
+//! The mesh's own thread and runtime: follows the plan each sync pass
+//! sends, and keeps one inbound and one outbound listener in each local
+//! meshed pod's network namespace.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{mpsc, Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use portcullis_common::mesh;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{
+    bpf::{inspect::KernelView, loader::LoadError},
+    cgroup,
+    identity::manager::IdentityHandle,
+    metrics::MeshMetrics,
+    policy::model::{Inventory, WorkloadRef},
+    source::file::error_chain,
+};
+
+use super::{
+    hbone::{self, HbonePool, LocalIdentity, TrustInputs, TunnelRegistry},
+    inbound::{InboundGate, InboundPod},
+    mode::MeshMode,
+    netns::{self, PodNetns},
+    original::{OriginalError, Originals},
+    outbound::OutboundPod,
+    plan::{LocalPod, MeshPlan},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("the mesh needs the kernel's connection records")]
+    Originals {
+        #[source]
+        source: OriginalError,
+    },
+    #[error("the mesh needs the kernel's policy maps")]
+    Kernel {
+        #[source]
+        source: LoadError,
+    },
+    #[error("starting the mesh runtime")]
+    Runtime {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    pub pin_dir: PathBuf,
+    pub cgroup_mount: PathBuf,
+    pub trust_domain: String,
+}
+
+/// How far the mesh is: pods planned, pods whose listeners run and whose
+/// certificate is here, and why the others are not ready.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshState {
+    pub planned: usize,
+    pub ready: usize,
+    pub waiting: Vec<String>,
+}
+
+impl MeshState {
+    /// Every local meshed pod can carry traffic.
+    pub fn is_ready(&self) -> bool {
+        self.ready == self.planned && self.waiting.is_empty()
+    }
+}
+
+/// The running mesh. Dropping it closes every listener it opened.
+pub struct MeshHandle {
+    /// Follows the pods' listeners and certificates.
+    pub state: watch::Receiver<MeshState>,
+    plan: watch::Sender<Arc<MeshPlan>>,
+    reports: Mutex<mpsc::Receiver<Vec<String>>>,
+    options: MeshOptions,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// How long a sync pass waits for the listeners of new pods: they should
+/// exist before the kernel starts redirecting to them.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// How soon pods that could not be meshed are tried again.
+const RETRY: Duration = Duration::from_millis(250);
+
+impl MeshHandle {
+    /// Follows `inventory`: starts and stops pods' listeners. Returns the
+    /// problems (bad mode labels, pods that cannot be proxied yet).
+    pub fn sync(&self, inventory: &Inventory) -> Vec<String> {
+        let plan = Arc::new(MeshPlan::new(
+            inventory,
+            &self.options.trust_domain,
+            &self.options.cgroup_mount,
+        ));
+        let mut problems = plan.problems.clone();
+        let reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        while reports.try_recv().is_ok() {}
+        self.plan.send_replace(plan);
+        match reports.recv_timeout(SYNC_WAIT) {
+            Ok(more) => problems.extend(more),
+            Err(_) => problems.push("mesh: the listeners of new pods are still starting".into()),
+        }
+        problems
+    }
+
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for MeshHandle {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// What every pod's proxies share.
+struct Shared {
+    certificates: watch::Receiver<crate::identity::manager::Certificates>,
+    plan: watch::Receiver<Arc<MeshPlan>>,
+    originals: Arc<Mutex<Originals>>,
+    kernel: Arc<Mutex<KernelView>>,
+    trust: TrustInputs,
+    registry: TunnelRegistry,
+    metrics: MeshMetrics,
+}
+
+/// Starts the mesh on the identities of `identity`.
+pub fn start(
+    options: MeshOptions,
+    identity: &IdentityHandle,
+    metrics: MeshMetrics,
+) -> Result<MeshHandle, MeshError> {
+    let originals =
+        Originals::open(&options.pin_dir).map_err(|source| MeshError::Originals { source })?;
+    let kernel =
+        KernelView::open(&options.pin_dir).map_err(|source| MeshError::Kernel { source })?;
+    let (plan_tx, plan_rx) = watch::channel(Arc::new(MeshPlan::default()));
+    let (report_tx, report_rx) = mpsc::channel();
+    let (state_tx, state_rx) = watch::channel(MeshState::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let trust = TrustInputs {
+        trust_domain: options.trust_domain.clone(),
+        bundle: identity.bundle.clone(),
+        revocations: identity.revocations.clone(),
+    };
+    let certificates = identity.certificates.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("portcullis-mesh")
+        .enable_all()
+        .build()
+        .map_err(|source| MeshError::Runtime { source })?;
+    let thread = thread::Builder::new()
+        .name("portcullis-mesh".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let registry = TunnelRegistry::new();
+                let revocations = registry.watch(trust.revocations.clone());
+                let shared = Arc::new(Shared {
+                    certificates,
+                    plan: plan_rx.clone(),
+                    originals: Arc::new(Mutex::new(originals)),
+                    kernel: Arc::new(Mutex::new(kernel)),
+                    trust,
+                    registry,
+                    metrics,
+                });
+                follow(shared, plan_rx, report_tx, state_tx, stop_rx).await;
+                revocations.abort();
+            })
+        })
+        .map_err(|source| MeshError::Runtime { source })?;
+    Ok(MeshHandle {
+        state: state_rx,
+        plan: plan_tx,
+        reports: Mutex::new(report_rx),
+        options,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+/// A pod's listeners, running.
+struct RunningPod {
+    pod: LocalPod,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RunningPod {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn follow(
+    shared: Arc<Shared>,
+    mut plan: watch::Receiver<Arc<MeshPlan>>,
+    reports: mpsc::Sender<Vec<String>>,
+    state: watch::Sender<MeshState>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut certificates = shared.certificates.clone();
+    let mut running: BTreeMap<WorkloadRef, RunningPod> = BTreeMap::new();
+    let mut waiting = false;
+    loop {
+        // A pod whose first process has not started yet has no namespace
+        // to enter: try again shortly, without waiting for a change.
+        tokio::select! {
+            _ = &mut stop => break,
+            changed = plan.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(RETRY), if waiting => {}
+            _ = certificates.changed() => {}
+        }
+        let current = plan.borrow_and_update().clone();
+        running.retain(|r, p| current.local.get(r) == Some(&p.pod));
+        let mut problems = Vec::new();
+        for (reference, pod) in &current.local {
+            if running.contains_key(reference) {
+                continue;
+            }
+            match start_pod(&shared, pod).await {
+                Ok(tasks) => {
+                    info!(pod = %reference, mode = %pod.mode, id = %pod.id, "meshed");
+                    running.insert(
+                        reference.clone(),
+                        RunningPod {
+                            pod: pod.clone(),
+                            tasks,
+                        },
+                    );
+                }
+                Err(e) => problems.push(format!("pod {reference}: not meshed yet: {e}")),
+            }
+        }
+        for mode in [MeshMode::Permissive, MeshMode::Strict] {
+            let count = running.values().filter(|p| p.pod.mode == mode).count();
+            shared.metrics.set_pods(mode.as_str(), count);
+        }
+        waiting = !problems.is_empty();
+        let issued = certificates.borrow_and_update().clone();
+        let uncertified: Vec<String> = running
+            .values()
+            .filter(|p| !issued.contains_key(&p.pod.id))
+            .map(|p| {
+                format!(
+                    "pod {}: no certificate for {} yet",
+                    p.pod.reference, p.pod.id
+                )
+            })
+            .collect();
+        state.send_replace(MeshState {
+            planned: current.local.len(),
+            ready: running.len() - uncertified.len(),
+            waiting: problems.iter().cloned().chain(uncertified).collect(),
+        });
+        let _ = reports.send(problems);
+    }
+}
+
+/// Enters the pod's namespace, prepares it, and opens both listeners.
+async fn start_pod(shared: &Arc<Shared>, pod: &LocalPod) -> Result<Vec<JoinHandle<()>>, String> {
+    let path = netns::of_cgroup(&pod.cgroup).map_err(|e| error_chain(&e))?;
+    let ns = Arc::new(PodNetns::enter(&path).map_err(|e| error_chain(&e))?);
+    let prepared = ns.clone();
+    tokio::task::spawn_blocking(move || prepared.prepare())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| error_chain(&e))?;
+    let cgroup_id = cgroup::cgroup_id(&pod.cgroup).map_err(|e| error_chain(&e))?;
+    let pod_ip = pod.ip;
+    let (outbound, inbound) = ns
+        .run(move || {
+            // On the pod's address, first: binding fails unless this really
+            // is the pod's namespace (a process may sit in the pod's cgroup
+            // a moment before it enters the namespace).
+            let inb = listen(SocketAddr::from((pod_ip, mesh::INBOUND_PORT)))?;
+            let out = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, mesh::OUTBOUND_PORT)))?;
+            Ok((out, inb))
+        })
+        .await
+        .map_err(|e| error_chain(&e))?
+        .map_err(|e| format!("opening the mesh listeners: {e}"))?;
+    let netns_cookie =
+        netns::netns_cookie(&outbound).map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
+    let outbound = TcpListener::from_std(outbound).map_err(|e| e.to_string())?;
+    let inbound = TcpListener::from_std(inbound).map_err(|e| e.to_string())?;
+    let identity = LocalIdentity {
+        id: pod.id.clone(),
+        certificates: shared.certificates.clone(),
+    };
+    let out = Arc::new(OutboundPod {
+        pod: pod.clone(),
+        netns: ns.clone(),
+        netns_cookie,
+        identity: identity.clone(),
+        plan: shared.plan.clone(),
+        originals: shared.originals.clone(),
+        // One pool per pod: a pooled connection was dialled from one pod's
+        // namespace and carries that pod's address.
+        pool: Arc::new(HbonePool::new(
+            shared.trust.clone(),
+            shared.registry.clone(),
+        )),
+        metrics: shared.metrics.clone(),
+    });
+    let handler: Arc<dyn hbone::InboundHandler> = Arc::new(InboundGate(Arc::new(InboundPod {
+        pod: pod.clone(),
+        cgroup_id,
+        netns: ns,
+        plan: shared.plan.clone(),
+        kernel: shared.kernel.clone(),
+        metrics: shared.metrics.clone(),
+    })));
+    let inbound_task = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = match inbound.accept().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!("inbound listener: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (identity, trust, handler, registry, metrics) = (
+                    identity.clone(),
+                    shared.trust.clone(),
+                    handler.clone(),
+                    shared.registry.clone(),
+                    shared.metrics.clone(),
+                );
+                tokio::spawn(async move {
+                    let _active = metrics.open("inbound");
+                    if let Err(e) = hbone::serve(tcp, identity, trust, handler, registry).await {
+                        metrics.failure("inbound", e.reason());
+                    }
+                });
+            }
+        })
+    };
+    Ok(vec![tokio::spawn(out.serve(outbound)), inbound_task])
+}
+
+/// A listening socket in the calling thread's namespace (std sets
+/// SO_REUSEADDR: a restarted agent binds at once, whatever its predecessor
+/// left in TIME_WAIT).
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
