@@ -37,6 +37,8 @@ use topology::{PlannedPod, Topology, NODE_IPV4, NODE_IPV6};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
+    #[error("the mesh is not ready after {MESH_READY_WITHIN:?}: {waiting}")]
+    MeshNotReady { waiting: String },
     #[error("the lab needs root (network namespaces, cgroups and eBPF); run it with sudo")]
     NotRoot,
     #[error("finding the cgroup v2 hierarchy")]
@@ -121,6 +123,10 @@ impl Family {
         }
     }
 }
+
+/// How long [`Lab::wait_applied`] waits for meshed pods' listeners and
+/// certificates.
+const MESH_READY_WITHIN: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Debug)]
 pub struct LabOptions {
@@ -541,7 +547,25 @@ impl Lab {
     /// In Kubernetes mode: waits for a pass that reached the kernel with
     /// the source current.
     pub async fn wait_applied(&self) -> Result<Status, LabError> {
-        self.wait_status(self.applied_predicate()).await
+        let status = self.wait_status(self.applied_predicate()).await?;
+        self.wait_meshed().await?;
+        Ok(status)
+    }
+
+    /// Waits until every meshed pod's listeners run and its certificate is
+    /// here, so a probe right after meets a working mesh.
+    async fn wait_meshed(&self) -> Result<(), LabError> {
+        let Some(mut state) = self.agent.as_ref().and_then(|a| a.mesh.clone()) else {
+            return Ok(());
+        };
+        let ready = tokio::time::timeout(MESH_READY_WITHIN, state.wait_for(|s| s.is_ready()))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ready {
+            return Ok(());
+        }
+        let waiting = state.borrow().waiting.join("; ");
+        Err(LabError::MeshNotReady { waiting })
     }
 
     /// Whether a status is of a pass that applied the current state.

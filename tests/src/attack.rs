@@ -46,6 +46,43 @@ impl Place {
         }
     }
 
+    /// A command that runs here: in the place's cgroup (joined before any
+    /// socket exists) and network namespace, killed if the test dies.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Process {
+        let open = |path: &Path, write: bool| -> File {
+            OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .open(path)
+                .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+        };
+        let netns = open(&self.netns, false);
+        let procs = self
+            .cgroup
+            .as_ref()
+            .map(|cg| open(&cg.join("cgroup.procs"), true));
+        let mut p = Process::new(program);
+        // SAFETY: only async-signal-safe syscalls on fds the closure owns.
+        unsafe {
+            p.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(f) = &procs {
+                    // Join the pod's cgroup before any socket exists.
+                    if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        p
+    }
+
     /// On the node, outside every pod.
     pub fn node(lab: &Lab) -> Place {
         Place {
@@ -81,48 +118,15 @@ impl Attacker {
     }
 
     fn spawn(&self, place: &Place, cmd: &Command) -> (Child, Arc<Mutex<Vec<Event>>>) {
-        let open = |path: &Path, write: bool| -> File {
-            OpenOptions::new()
-                .read(!write)
-                .write(write)
-                .open(path)
-                .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
-        };
-        let netns = open(&place.netns, false);
-        let procs = place
-            .cgroup
-            .as_ref()
-            .map(|cg| open(&cg.join("cgroup.procs"), true));
-        let netns_fd = netns.as_raw_fd();
-        let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
-        let mut p = Process::new(&self.exe);
+        let mut p = place.command(&self.exe);
         p.arg(serde_json::to_string(cmd).expect("command serializes"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        // SAFETY: only async-signal-safe syscalls on fds opened above.
-        unsafe {
-            p.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if let Some(fd) = procs_fd {
-                    // Join the pod's cgroup before any socket exists.
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let mut child = p
             .spawn()
             .unwrap_or_else(|e| panic!("starting {} in {}: {e}", self.exe.display(), place.name));
-        drop((netns, procs));
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
         let stdout = child.stdout.take().expect("piped stdout");

@@ -32,7 +32,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_FEATURE: &str = "llvm-22";
 /// Needed by the lab (ip), the benchmarks (iptables) and the metrics tests
 /// (prometheus, promtool).
-const RUNTIME: &[&str] = &["iproute2", "iptables", "prometheus"];
+/// The mesh tests capture the node-to-pod wire (tcpdump) and read the TLS
+/// records back (tshark).
+const RUNTIME: &[&str] = &["iproute2", "iptables", "prometheus", "tcpdump", "tshark"];
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// What is missing, found before anything is changed.

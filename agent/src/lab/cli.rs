@@ -1,5 +1,6 @@
 //! The `portcullis lab` command: build, apply, probe, print, tear down.
 
+use crate::mesh::mode::MeshMode;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _};
@@ -45,17 +46,35 @@ pub struct LabArgs {
     /// `portcullis explain --lab NAME` against it.
     #[arg(long)]
     pub keep: bool,
+    /// Put every lab namespace in the mesh (transparent mTLS between the
+    /// pods): strict, permissive or disabled. Pods' own
+    /// `portcullis.dev/mtls` labels still win.
+    #[arg(long, value_parser = parse_mesh_mode)]
+    pub mtls: Option<MeshMode>,
+}
+
+fn parse_mesh_mode(s: &str) -> Result<MeshMode, String> {
+    match s {
+        "strict" => Ok(MeshMode::Strict),
+        "permissive" => Ok(MeshMode::Permissive),
+        "disabled" => Ok(MeshMode::Disabled),
+        _ => Err(format!("{s:?}: expected strict, permissive or disabled")),
+    }
 }
 
 fn load_topology(args: &LabArgs) -> anyhow::Result<Topology> {
-    match &args.topology {
-        None => Ok(topology::default_topology()),
+    let mut topology = match &args.topology {
+        None => topology::default_topology(),
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading topology {}", path.display()))?;
-            Ok(topology::parse_topology(path, &text)?)
+            topology::parse_topology(path, &text)?
         }
+    };
+    if let Some(mode) = args.mtls {
+        topology.mesh_all(mode);
     }
+    Ok(topology)
 }
 
 pub async fn run(args: LabArgs) -> anyhow::Result<()> {

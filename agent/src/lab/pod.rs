@@ -82,6 +82,10 @@ pub enum ProbeOutcome {
     /// TCP connected, but getpeername() names another address than the one
     /// asked for (a service translation leaking the backend).
     Elsewhere { peer: SocketAddr },
+    /// TCP connected, then closed or reset before the echo: how a meshed
+    /// pod sees a connection its proxies refused (the local proxy accepts
+    /// first, then learns the far end's answer).
+    Reset,
 }
 
 impl ProbeOutcome {
@@ -267,10 +271,10 @@ async fn probe(req: &ProbeRequest) -> ProbeOutcome {
     let dst = SocketAddr::new(req.addr, req.port);
     let limit = Duration::from_millis(req.timeout_ms);
     match req.protocol {
-        Protocol::Tcp => tcp_connect(dst, limit)
-            .await
-            .err()
-            .unwrap_or(ProbeOutcome::Reached),
+        Protocol::Tcp => match tcp_connect(dst, limit).await {
+            Ok(mut s) => echo(&mut s, limit).await,
+            Err(outcome) => outcome,
+        },
         Protocol::Udp => udp_probe(dst, limit).await,
     }
 }
@@ -295,21 +299,31 @@ static HELD: std::sync::LazyLock<tokio::sync::Mutex<HashMap<u64, TcpStream>>> =
 
 async fn hold(id: u64, req: &ProbeRequest) -> ProbeOutcome {
     let dst = SocketAddr::new(req.addr, req.port);
-    match tcp_connect(dst, Duration::from_millis(req.timeout_ms)).await {
-        Ok(s) => {
-            HELD.lock().await.insert(id, s);
-            ProbeOutcome::Reached
+    let limit = Duration::from_millis(req.timeout_ms);
+    match tcp_connect(dst, limit).await {
+        Ok(mut s) => {
+            let outcome = echo(&mut s, limit).await;
+            if outcome.reached() {
+                HELD.lock().await.insert(id, s);
+            }
+            outcome
         }
         Err(outcome) => outcome,
     }
 }
 
 async fn ping(held: u64, limit: Duration) -> ProbeOutcome {
-    use tokio::io::AsyncReadExt as _;
     let mut table = HELD.lock().await;
     let Some(s) = table.get_mut(&held) else {
         return ProbeOutcome::Failed { errno: libc::EBADF };
     };
+    echo(s, limit).await
+}
+
+/// Sends a few bytes and waits for the pod's echo: a connection counts as
+/// reached when data went both ways, not when the handshake completed.
+async fn echo(s: &mut TcpStream, limit: Duration) -> ProbeOutcome {
+    use tokio::io::AsyncReadExt as _;
     let exchange = async {
         s.write_all(b"ping").await?;
         let mut buf = [0u8; 4];
@@ -317,6 +331,13 @@ async fn ping(held: u64, limit: Duration) -> ProbeOutcome {
     };
     match timeout(limit, exchange).await {
         Ok(Ok(())) => ProbeOutcome::Reached,
+        Ok(Err(e))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof
+                || e.raw_os_error() == Some(libc::ECONNRESET)
+                || e.raw_os_error() == Some(libc::EPIPE) =>
+        {
+            ProbeOutcome::Reset
+        }
         Ok(Err(e)) => classify(&e),
         Err(_) => ProbeOutcome::TimedOut,
     }

@@ -144,6 +144,7 @@ pub fn render(pods: &[PlannedPod], matrices: &[Matrix], family: &str) -> String 
                     Some(ProbeOutcome::Refused) => "RST",
                     Some(ProbeOutcome::Failed { .. }) => "ERR",
                     Some(ProbeOutcome::Elsewhere { .. }) => "PEER",
+                    Some(ProbeOutcome::Reset) => "RESET",
                     None => "?",
                 };
                 let _ = write!(out, "{cell:>width$}");

@@ -54,6 +54,28 @@ pub struct LabWorkload {
     pub service_account: Option<String>,
 }
 
+impl Topology {
+    /// Puts every namespace of the lab in the mesh with `mode` (the
+    /// namespace label; pods' own labels still win).
+    pub fn mesh_all(&mut self, mode: crate::mesh::mode::MeshMode) {
+        let mut names: Vec<String> = self.workloads.iter().map(|w| w.namespace.clone()).collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            if !self.namespaces.iter().any(|n| n.name == name) {
+                self.namespaces.push(LabNamespace {
+                    name,
+                    labels: BTreeMap::new(),
+                });
+            }
+        }
+        for ns in &mut self.namespaces {
+            ns.labels
+                .insert(crate::mesh::mode::MODE_LABEL.into(), mode.as_str().into());
+        }
+    }
+}
+
 impl LabWorkload {
     pub fn service_account(&self) -> &str {
         self.service_account

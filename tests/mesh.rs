@@ -1,0 +1,426 @@
+//! Transparent mTLS through the real kernel and the agent's proxies: lab
+//! pods meshed by their namespaces' `portcullis.dev/mtls` label, the
+//! kernel redirecting their connects to the agent's listener in each pod's
+//! network namespace, HBONE between the pods, and the application handed
+//! the connection from the client's own address.
+
+use std::{
+    net::IpAddr,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use portcullis_agent::{
+    lab::{pod::ProbeOutcome, report::ProbeSpec, topology::default_topology, Family, Lab},
+    mesh::mode::{MeshMode, MODE_LABEL},
+};
+use portcullis_common::{mesh, DIRECTION_INGRESS, REASON_PLAINTEXT, VERDICT_DENY};
+use portcullis_tests::{attack::Place, start_lab_with, TestLab};
+use tokio::io::AsyncBufReadExt;
+
+fn tcp(port: u16) -> ProbeSpec {
+    format!("{port}/tcp").parse().expect("probe spec")
+}
+
+/// Where the agent's TLS keys go (rustls reads `SSLKEYLOGFILE` at the
+/// process's first handshake, so every test sets it before its lab), for
+/// tshark to read the handshakes' certificates.
+fn keylog_file() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("portcullis-mesh-keys-{}", std::process::id()));
+    // SAFETY: set before any lab's agent starts; the tests here take the
+    // lab lock, so no other thread reads the environment meanwhile.
+    unsafe { std::env::set_var("SSLKEYLOGFILE", &path) };
+    path
+}
+
+/// The default lab with every namespace STRICT, except what `adjust` changes.
+async fn meshed_lab(
+    name: &str,
+    adjust: impl FnOnce(&mut portcullis_agent::lab::topology::Topology),
+) -> TestLab {
+    let mut topology = default_topology();
+    topology.mesh_all(MeshMode::Strict);
+    adjust(&mut topology);
+    keylog_file();
+    let lab = start_lab_with(name, topology).await;
+    lab.wait_applied().await.expect("agent applies");
+    lab
+}
+
+fn set_namespace_mode(t: &mut portcullis_agent::lab::topology::Topology, ns: &str, mode: &str) {
+    let n = t
+        .namespaces
+        .iter_mut()
+        .find(|n| n.name == ns)
+        .expect("namespace");
+    n.labels.insert(MODE_LABEL.into(), mode.into());
+}
+
+/// Probes until the outcome is `want` (identities are issued and listeners
+/// opened moments after the pass), or panics with the last one.
+async fn until_outcome(lab: &Lab, from: &str, to: &str, port: u16, want: ProbeOutcome) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = lab
+            .probe(from, to, tcp(port), Family::Ipv4)
+            .await
+            .expect("probe");
+        if got == want {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let problems = lab.agent_status().map(|s| s.borrow().problems.clone());
+            panic!(
+                "{from} → {to}:{port}: {got:?}, expected {want:?}; agent problems: {problems:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn pod_ip(lab: &Lab, key: &str) -> IpAddr {
+    lab.pods()
+        .iter()
+        .find(|p| p.key == key)
+        .map(|p| IpAddr::V4(p.ipv4))
+        .expect("pod")
+}
+
+/// A capture of what crosses a pod's veth, on the node.
+struct Capture {
+    child: tokio::process::Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    async fn start(lab: &Lab, key: &str, file: &Path) -> Self {
+        let veth = lab.pod_host_veth(key).expect("veth");
+        let mut cmd = Place::node(lab).command("tcpdump");
+        cmd.args(["-i", &veth, "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .expect("tcpdump (cargo xtask setup installs it)");
+        // tcpdump says "listening on ..." once the capture runs.
+        let err = child.stderr.take().expect("stderr");
+        let mut lines = tokio::io::BufReader::new(err).lines();
+        let mut said = Vec::new();
+        let started = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let listening = line.contains("listening on");
+                said.push(line);
+                if listening {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(started, Ok(true)),
+            "tcpdump did not start: {said:?}"
+        );
+        // Keep draining its stderr so it never blocks on a full pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("tcpdump: {line}");
+            }
+        });
+        Self {
+            child,
+            file: file.into(),
+        }
+    }
+
+    /// Stops the capture (SIGINT flushes it) and returns the file's bytes.
+    async fn stop(mut self) -> Vec<u8> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some(pid) = self.child.id() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        std::fs::read(&self.file).expect("capture file")
+    }
+}
+
+/// Runs a short Python program in a pod; returns its stdout.
+async fn python_in(lab: &Lab, key: &str, program: &str) -> String {
+    let out = Place::pod(lab, key)
+        .command("python3")
+        .args(["-c", program])
+        .output()
+        .await
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "python in {key}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A one-connection server in a pod: prints the client's address, echoes
+/// one message.
+fn start_server(lab: &Lab, key: &str, port: u16) -> tokio::process::Child {
+    let program = format!(
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port})); s.listen(); print('ready', flush=True)\n\
+         c, a = s.accept(); print('peer', a[0], flush=True)\n\
+         c.sendall(c.recv(4096)); c.close()\n"
+    );
+    Place::pod(lab, key)
+        .command("python3")
+        .args(["-c", &program])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3")
+}
+
+async fn read_line(child: &mut tokio::process::Child) -> String {
+    let out = child.stdout.as_mut().expect("stdout");
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(out);
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .expect("a line within 10 s")
+        .expect("stdout");
+    line.trim().to_string()
+}
+
+/// The whole promise on the wire: a marker sent between two STRICT pods
+/// never crosses in plaintext, the records are TLS 1.3, the client's
+/// certificate names its SPIFFE ID; the server sees the client pod's
+/// address, and the client's getpeername() the server's.
+#[tokio::test]
+async fn strict_pods_talk_tls13_with_spiffe_certificates_and_real_addresses() {
+    let keylog = keylog_file();
+    let lab = meshed_lab("mesh-wire", |_| {}).await;
+    // From before the first connection: x/a's connections to x/b share one
+    // pooled HBONE connection, whose handshake the capture must hold.
+    let dir = tempfile::tempdir().unwrap();
+    let capture = Capture::start(&lab, "x/b", &dir.path().join("wire.pcap")).await;
+    until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
+
+    let mut server = start_server(&lab, "x/b", 8080);
+    assert_eq!(read_line(&mut server).await, "ready");
+    let server_ip = pod_ip(&lab, "x/b");
+    let marker = format!("portcullis-marker-{}", std::process::id());
+    let client = python_in(
+        &lab,
+        "x/a",
+        &format!(
+            "import socket\n\
+             c = socket.create_connection(('{server_ip}', 8080), timeout=10)\n\
+             print('peername', c.getpeername()[0], c.getpeername()[1])\n\
+             c.sendall(b'{marker}'); print('echo', c.recv(4096).decode())\n"
+        ),
+    )
+    .await;
+    assert!(
+        client.contains(&format!("peername {server_ip} 8080")),
+        "the client's getpeername() names the original destination: {client}"
+    );
+    assert!(client.contains(&format!("echo {marker}")), "{client}");
+    assert_eq!(
+        read_line(&mut server).await,
+        format!("peer {}", pod_ip(&lab, "x/a")),
+        "the server sees the client pod's address"
+    );
+    let wire = capture.stop().await;
+    assert!(!wire.is_empty(), "the capture holds the exchange");
+    assert!(
+        !wire.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the marker crossed the wire in plaintext"
+    );
+    let pcap = dir.path().join("wire.pcap");
+    let _ = std::fs::copy(&pcap, "/tmp/portcullis-mesh-wire.pcap");
+    let tshark = |filter: &str, field: &str| {
+        let out = std::process::Command::new("tshark")
+            .args(["-r"])
+            .arg(&pcap)
+            .args(["-o", &format!("tls.keylog_file:{}", keylog.display())])
+            .args(["-d", &format!("tcp.port=={},tls", mesh::INBOUND_PORT)])
+            .args(["-Y", filter, "-T", "fields", "-e", field])
+            .output()
+            .expect("tshark (cargo xtask setup installs it)");
+        assert!(
+            out.status.success(),
+            "tshark: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let versions = tshark(
+        "tls.handshake.type == 2",
+        "tls.handshake.extensions.supported_version",
+    );
+    assert!(
+        !versions.trim().is_empty() && versions.lines().all(|v| v.trim() == "0x0304"),
+        "every ServerHello selects TLS 1.3: {versions:?}"
+    );
+    let sans = tshark(
+        "tls.handshake.type == 11",
+        "x509ce.uniformResourceIdentifier",
+    );
+    assert!(
+        sans.contains("spiffe://cluster.local/ns/x/sa/a"),
+        "the client's certificate names its SPIFFE ID: {sans:?}"
+    );
+    assert!(
+        sans.contains("spiffe://cluster.local/ns/x/sa/b"),
+        "the server's certificate names its SPIFFE ID: {sans:?}"
+    );
+    drop(server);
+    lab.lab.shutdown().await.expect("shutdown");
+}
+
+/// STRICT refuses an unmeshed client (counted, with its reason), PERMISSIVE
+/// accepts one, the node reaches pods in every mode, and a meshed pod
+/// still reaches a pod outside the mesh.
+#[tokio::test]
+async fn strict_refuses_plaintext_permissive_accepts_it_and_the_node_always_reaches() {
+    let lab = meshed_lab("mesh-modes", |t| {
+        set_namespace_mode(t, "y", "permissive");
+        set_namespace_mode(t, "z", "disabled");
+    })
+    .await;
+    until_outcome(&lab, "x/a", "y/a", 80, ProbeOutcome::Reached).await;
+    let plaintext_drops = |lab: &Lab| -> u64 {
+        lab.counters()
+            .expect("counters")
+            .iter()
+            .filter(|s| {
+                s.key.direction == DIRECTION_INGRESS
+                    && s.key.verdict == VERDICT_DENY
+                    && s.key.reason == REASON_PLAINTEXT
+            })
+            .map(|s| s.count)
+            .sum()
+    };
+    let before = plaintext_drops(&lab);
+    let o = lab
+        .probe("z/a", "x/a", tcp(80), Family::Ipv4)
+        .await
+        .unwrap();
+    assert_eq!(
+        o,
+        ProbeOutcome::TimedOut,
+        "STRICT x/a refuses plaintext from unmeshed z/a"
+    );
+    assert!(
+        plaintext_drops(&lab) > before,
+        "the refusal is counted as plaintext"
+    );
+    let o = lab
+        .probe("z/a", "y/a", tcp(80), Family::Ipv4)
+        .await
+        .unwrap();
+    assert_eq!(o, ProbeOutcome::Reached, "PERMISSIVE y/a accepts plaintext");
+    for to in ["x/a", "y/a", "z/a"] {
+        let o = lab
+            .probe_from_node(to, tcp(80), Family::Ipv4)
+            .await
+            .unwrap();
+        assert_eq!(o, ProbeOutcome::Reached, "the node reaches {to}");
+    }
+    let o = lab
+        .probe("x/a", "z/a", tcp(80), Family::Ipv4)
+        .await
+        .unwrap();
+    assert_eq!(
+        o,
+        ProbeOutcome::Reached,
+        "a meshed pod reaches one outside the mesh"
+    );
+    let metrics = lab.agent_metrics().expect("metrics").encode().unwrap();
+    for needle in [
+        "portcullis_mesh_connections_total{direction=\"outbound\",mode=\"strict\",result=\"mtls\"}",
+        "portcullis_mesh_connections_total{direction=\"outbound\",mode=\"strict\",result=\"passthrough\"}",
+        "portcullis_mesh_connections_total{direction=\"inbound\",mode=\"permissive\",result=\"mtls\"}",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");
+    }
+    lab.lab.shutdown().await.expect("shutdown");
+}
+
+/// Policy holds through the proxies: port 15008 is no way around it.
+#[tokio::test]
+async fn policy_applies_to_proxied_connections() {
+    let lab = meshed_lab("mesh-policy", |_| {}).await;
+    lab.write_policy(
+        "only-a.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: only-a, namespace: x}\n\
+         spec:\n  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Ingress]\n\
+         \x20 ingress:\n  - from: [{podSelector: {matchLabels: {pod: a}}}]\n",
+    )
+    .unwrap();
+    lab.wait_applied().await.unwrap();
+    until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
+    let o = lab
+        .probe("x/c", "x/b", tcp(80), Family::Ipv4)
+        .await
+        .unwrap();
+    assert!(
+        !o.reached(),
+        "x/c is not allowed into x/b through the mesh: {o:?}"
+    );
+    let metrics = lab.agent_metrics().expect("metrics").encode().unwrap();
+    assert!(
+        metrics.contains(
+            "portcullis_mesh_failures_total{direction=\"inbound\",reason=\"policy_denied\"}"
+        ),
+        "{metrics}"
+    );
+    lab.lab.shutdown().await.expect("shutdown");
+}
+
+/// With the agent gone, a STRICT pod's connects are refused and not one
+/// byte leaves in plaintext; a new agent serves again at once.
+#[tokio::test]
+async fn strict_connects_fail_closed_while_the_agent_is_down() {
+    let mut lab = meshed_lab("mesh-down", |_| {}).await;
+    until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
+    lab.stop_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let capture = Capture::start(&lab, "x/a", &dir.path().join("down.pcap")).await;
+    let o = lab
+        .probe("x/a", "x/b", tcp(80), Family::Ipv4)
+        .await
+        .unwrap();
+    assert_eq!(
+        o,
+        ProbeOutcome::Refused,
+        "no listener: the connect is refused"
+    );
+    lab.reattach_agent().await.expect("agent restarts");
+    until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
+    capture.stop().await;
+    // Over the whole outage and the recovery, x/a sent x/b nothing but
+    // HBONE (the capture saw that much, so it was working).
+    let out = std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(dir.path().join("down.pcap"))
+        .args(["-Y", &format!("ip.dst == {}", pod_ip(&lab, "x/b"))])
+        .args(["-T", "fields", "-e", "tcp.dstport"])
+        .output()
+        .expect("tshark (cargo xtask setup installs it)");
+    let ports: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    assert_eq!(
+        ports,
+        std::collections::BTreeSet::from([mesh::INBOUND_PORT.to_string()]),
+        "x/a → x/b carried only HBONE, never plaintext"
+    );
+    lab.lab.shutdown().await.expect("shutdown");
+}
