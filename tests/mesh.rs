@@ -80,11 +80,7 @@ async fn until_outcome(lab: &Lab, from: &str, to: &str, port: u16, want: ProbeOu
 }
 
 fn pod_ip(lab: &Lab, key: &str) -> IpAddr {
-    lab.pods()
-        .iter()
-        .find(|p| p.key == key)
-        .map(|p| IpAddr::V4(p.ipv4))
-        .expect("pod")
+    IpAddr::V4(lab.pod_ipv4(key).expect("pod"))
 }
 
 /// A capture of what crosses a pod's veth, on the node.
@@ -147,6 +143,24 @@ impl Capture {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
         std::fs::read(&self.file).expect("capture file")
     }
+}
+
+/// One field of every packet of a capture that matches a display filter,
+/// a line each.
+fn tshark_fields(pcap: &Path, filter: &str, field: &str, options: &[&str]) -> String {
+    let out = std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(pcap)
+        .args(options)
+        .args(["-Y", filter, "-T", "fields", "-e", field])
+        .output()
+        .expect("tshark (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs a short Python program in a pod; returns its stdout.
@@ -241,22 +255,10 @@ async fn strict_pods_talk_tls13_with_spiffe_certificates_and_real_addresses() {
         "the marker crossed the wire in plaintext"
     );
     let pcap = dir.path().join("wire.pcap");
-    let _ = std::fs::copy(&pcap, "/tmp/portcullis-mesh-wire.pcap");
+    let keys = format!("tls.keylog_file:{}", keylog.display());
+    let hbone = format!("tcp.port=={},tls", mesh::INBOUND_PORT);
     let tshark = |filter: &str, field: &str| {
-        let out = std::process::Command::new("tshark")
-            .args(["-r"])
-            .arg(&pcap)
-            .args(["-o", &format!("tls.keylog_file:{}", keylog.display())])
-            .args(["-d", &format!("tcp.port=={},tls", mesh::INBOUND_PORT)])
-            .args(["-Y", filter, "-T", "fields", "-e", field])
-            .output()
-            .expect("tshark (cargo xtask setup installs it)");
-        assert!(
-            out.status.success(),
-            "tshark: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        tshark_fields(&pcap, filter, field, &["-o", &keys, "-d", &hbone])
     };
     let versions = tshark(
         "tls.handshake.type == 2",
@@ -406,21 +408,84 @@ async fn strict_connects_fail_closed_while_the_agent_is_down() {
     capture.stop().await;
     // Over the whole outage and the recovery, x/a sent x/b nothing but
     // HBONE (the capture saw that much, so it was working).
-    let out = std::process::Command::new("tshark")
-        .arg("-r")
-        .arg(dir.path().join("down.pcap"))
-        .args(["-Y", &format!("ip.dst == {}", pod_ip(&lab, "x/b"))])
-        .args(["-T", "fields", "-e", "tcp.dstport"])
-        .output()
-        .expect("tshark (cargo xtask setup installs it)");
-    let ports: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.trim().to_string())
-        .collect();
+    let to_b = format!("ip.dst == {}", pod_ip(&lab, "x/b"));
+    let ports: std::collections::BTreeSet<String> =
+        tshark_fields(&dir.path().join("down.pcap"), &to_b, "tcp.dstport", &[])
+            .lines()
+            .map(|l| l.trim().to_string())
+            .collect();
     assert_eq!(
         ports,
         std::collections::BTreeSet::from([mesh::INBOUND_PORT.to_string()]),
         "x/a → x/b carried only HBONE, never plaintext"
     );
+    lab.lab.shutdown().await.expect("shutdown");
+}
+
+/// What a process inside a pod would try against the mesh's own ports:
+/// the outbound listener with no redirected connection behind it, the
+/// HBONE port of a peer through the mesh (a tunnel into the tunnel), and
+/// the HBONE port from outside the mesh with TLS but no certificate. Each
+/// is refused before any application is connected to.
+#[tokio::test]
+async fn the_mesh_ports_are_no_way_in() {
+    let lab = meshed_lab("mesh-attack", |t| set_namespace_mode(t, "z", "disabled")).await;
+    until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
+    let x_b = pod_ip(&lab, "x/b");
+    // Prints how the exchange ended: `echo` only if data came back.
+    let exchange = |host: String, port: u16| {
+        format!(
+            "import socket\n\
+             try:\n    c = socket.create_connection(('{host}', {port}), timeout=5)\n\
+             \x20   c.sendall(b'ping'); d = c.recv(16)\n    print('echo' if d else 'closed')\n\
+             except OSError as e:\n    print('error', e.errno)\n"
+        )
+    };
+    let direct = python_in(
+        &lab,
+        "x/a",
+        &exchange("127.0.0.1".into(), mesh::OUTBOUND_PORT),
+    )
+    .await;
+    assert!(
+        !direct.contains("echo"),
+        "the outbound listener, dialled directly: {direct}"
+    );
+    let nested = python_in(&lab, "x/a", &exchange(x_b.to_string(), mesh::INBOUND_PORT)).await;
+    assert!(
+        !nested.contains("echo"),
+        "a peer's HBONE port through the mesh: {nested}"
+    );
+    let no_certificate = python_in(
+        &lab,
+        "z/a",
+        &format!(
+            "import socket, ssl\n\
+             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False\n\
+             ctx.verify_mode = ssl.CERT_NONE; ctx.set_alpn_protocols(['h2'])\n\
+             try:\n    s = ctx.wrap_socket(socket.create_connection(('{x_b}', {}), timeout=5))\n\
+             \x20   s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n'); print('sent', len(s.recv(64)))\n\
+             except (OSError, ssl.SSLError) as e:\n    print('refused', e)\n",
+            mesh::INBOUND_PORT
+        ),
+    )
+    .await;
+    assert!(
+        no_certificate.contains("refused"),
+        "TLS without a certificate: {no_certificate}"
+    );
+    let metrics = lab.agent_metrics().expect("metrics").encode().unwrap();
+    for (direction, reason) in [
+        ("outbound", "no_original_destination"),
+        ("inbound", "reserved_port"),
+    ] {
+        let series = format!(
+            "portcullis_mesh_failures_total{{direction=\"{direction}\",reason=\"{reason}\"}}"
+        );
+        assert!(
+            metrics.contains(&series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
     lab.lab.shutdown().await.expect("shutdown");
 }

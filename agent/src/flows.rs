@@ -206,7 +206,7 @@ impl NamedFlow {
         };
         format!(
             "{} {} → {} {}/{} {} {} ({}){by}",
-            wall_clock(self.time),
+            crate::clock::utc_millis(self.time),
             self.from,
             self.to,
             self.port,
@@ -215,25 +215,6 @@ impl NamedFlow {
             self.verdict.to_uppercase(),
             self.reason
         )
-    }
-}
-
-/// `2026-12-02 15:04:05.123 UTC`, from seconds since the Unix epoch (the
-/// raw number when it is out of range).
-pub fn wall_clock(unix_seconds: f64) -> String {
-    let nanos = (unix_seconds * 1e9) as i128;
-    match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03} UTC",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.millisecond()
-        ),
-        Err(_) => format!("{unix_seconds:.3}"),
     }
 }
 

@@ -384,6 +384,11 @@ impl Lab {
         self.names.node_netns()
     }
 
+    /// The IPv4 address of pod `key`.
+    pub fn pod_ipv4(&self, key: &str) -> Result<std::net::Ipv4Addr, LabError> {
+        Ok(self.pods[self.pod_index(key)?].ipv4)
+    }
+
     /// Name of a pod's veth on the node side, in [`Lab::node_netns`].
     pub fn pod_host_veth(&self, key: &str) -> Result<String, LabError> {
         let i = self.pod_index(key)?;

@@ -64,8 +64,7 @@ pub fn is_local(ep: &EndpointValue, addr: &[u8; 16]) -> bool {
 /// 127.0.0.0/8 (mapped) or ::1.
 #[inline(always)]
 pub fn is_loopback(addr: &[u8; 16]) -> bool {
-    let mapped_prefix = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-    let loopback4 = addr[..12] == mapped_prefix && addr[12] == 127;
+    let loopback4 = crate::is_ipv4_mapped(addr) && addr[12] == 127;
     let mut loopback6 = [0u8; 16];
     loopback6[15] = 1;
     loopback4 || *addr == loopback6

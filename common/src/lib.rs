@@ -520,6 +520,12 @@ pub struct MeshClientKey {
 }
 const _: () = assert!(core::mem::size_of::<MeshClientKey>() == 16);
 
+/// Whether a 16-byte address is the IPv4-mapped form of an IPv4 address.
+#[inline(always)]
+pub fn is_ipv4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+}
+
 /// Builds the 16-byte form of an IPv4 address given in network byte order.
 #[inline(always)]
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {

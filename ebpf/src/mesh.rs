@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use portcullis_common::{
-    decide::is_local, ipv4_mapped, mesh, EndpointValue, MeshClientKey, MeshOriginal,
-    ENDPOINT_FLAG_MESHED, PROTO_TCP,
+    decide::is_local, ipv4_mapped, is_ipv4_mapped, mesh, EndpointValue, MeshClientKey,
+    MeshOriginal, ENDPOINT_FLAG_MESHED, PROTO_TCP,
 };
 
 use crate::{
@@ -42,8 +42,7 @@ pub fn redirect(
         return;
     }
     let (addr, port) = peer;
-    let mapped_prefix = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-    if addr[..12] != mapped_prefix || is_local(ep, addr) {
+    if !is_ipv4_mapped(addr) || is_local(ep, addr) {
         return;
     }
     let original = MeshOriginal {

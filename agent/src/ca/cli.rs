@@ -288,7 +288,7 @@ fn today() -> String {
 
 /// `2035-01-31 12:00:00 UTC`.
 fn utc(t: SystemTime) -> String {
-    crate::identity::local::utc(crate::identity::local::unix(t))
+    crate::clock::utc(crate::identity::local::unix(t))
 }
 
 /// The table `ca status` prints, and where a rotation stands.

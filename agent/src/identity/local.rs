@@ -9,6 +9,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use crate::clock::utc;
 use serde::{Deserialize, Serialize};
 
 /// Where `portcullis agent` publishes its identities by default.
@@ -223,22 +224,6 @@ impl LocalIdentities {
             }
         }
         out
-    }
-}
-
-/// `2026-05-01 10:00:00 UTC`.
-pub fn utc(unix_seconds: u64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp(unix_seconds as i64) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => format!("@{unix_seconds}"),
     }
 }
 

@@ -25,7 +25,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::Arc,
-    thread,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -50,7 +49,7 @@ use super::{
     revocation::RevocationView,
     spiffe::SpiffeId,
 };
-use crate::{metrics::IdentityMetrics, source::file::error_chain};
+use crate::{metrics::IdentityMetrics, source::file::error_chain, worker::Worker};
 
 /// The manager wakes at least this often, so a jump of the wall clock
 /// (certificate times are wall-clock) is noticed.
@@ -147,31 +146,14 @@ pub struct IdentityHandle {
     pub revocations: watch::Receiver<RevocationView>,
     /// The roots peers' certificates must chain to; `None` until known.
     pub bundle: watch::Receiver<Option<TrustBundle>>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
+    /// The manager's thread, stopped when the handle goes.
+    _worker: Worker,
 }
 
 impl IdentityHandle {
     /// Stops the manager: the keys are dropped and the identities file is
     /// removed (the identities no longer exist anywhere).
-    pub fn stop(mut self) {
-        self.halt();
-    }
-
-    fn halt(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for IdentityHandle {
-    fn drop(&mut self) {
-        self.halt();
-    }
+    pub fn stop(self) {}
 }
 
 /// The issuers the agent is built with.
@@ -274,19 +256,17 @@ pub fn start(
         identities_tx,
     );
     info!(ca = %ca, trust_domain = %options.trust_domain, "identity manager started");
-    let (stop_tx, stop_rx) = oneshot::channel();
     let revocations_rx = revocations.clone();
-    let thread = thread::Builder::new()
-        .name("portcullis-identity".into())
-        .spawn(move || runtime.block_on(manager.run(demand, revocations_rx, stop_rx)))
-        .map_err(|source| ManagerError::Runtime { source })?;
+    let worker = Worker::spawn("portcullis-identity", runtime, move |stop| {
+        manager.run(demand, revocations_rx, stop)
+    })
+    .map_err(|source| ManagerError::Runtime { source })?;
     Ok(IdentityHandle {
         certificates,
         identities,
         revocations,
         bundle,
-        stop: Some(stop_tx),
-        thread: Some(thread),
+        _worker: worker,
     })
 }
 

@@ -1,6 +1,5 @@
 //! The `portcullis lab` command: build, apply, probe, print, tear down.
 
-use crate::mesh::mode::MeshMode;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _};
@@ -10,6 +9,7 @@ use super::{
     topology::{self, Topology},
     Family, Lab, LabOptions,
 };
+use crate::mesh::mode::MeshMode;
 
 #[derive(Debug, clap::Args)]
 pub struct LabArgs {
@@ -49,17 +49,8 @@ pub struct LabArgs {
     /// Put every lab namespace in the mesh (transparent mTLS between the
     /// pods): strict, permissive or disabled. Pods' own
     /// `portcullis.dev/mtls` labels still win.
-    #[arg(long, value_parser = parse_mesh_mode)]
+    #[arg(long)]
     pub mtls: Option<MeshMode>,
-}
-
-fn parse_mesh_mode(s: &str) -> Result<MeshMode, String> {
-    match s {
-        "strict" => Ok(MeshMode::Strict),
-        "permissive" => Ok(MeshMode::Permissive),
-        "disabled" => Ok(MeshMode::Disabled),
-        _ => Err(format!("{s:?}: expected strict, permissive or disabled")),
-    }
 }
 
 fn load_topology(args: &LabArgs) -> anyhow::Result<Topology> {

@@ -49,7 +49,7 @@ use crate::identity::{
 };
 
 /// Where the agent listens for HBONE in each meshed pod's network namespace.
-pub const HBONE_PORT: u16 = 15008;
+pub const HBONE_PORT: u16 = portcullis_common::mesh::INBOUND_PORT;
 
 /// The only application protocol either side accepts.
 pub const ALPN_H2: &[u8] = b"h2";

@@ -61,16 +61,26 @@ pub struct ModeError {
     pub value: String,
 }
 
-fn parse(value: &str, object: impl FnOnce() -> String) -> Result<MeshMode, ModeError> {
-    match value.to_ascii_lowercase().as_str() {
-        "strict" => Ok(MeshMode::Strict),
-        "permissive" => Ok(MeshMode::Permissive),
-        "disabled" => Ok(MeshMode::Disabled),
-        _ => Err(ModeError {
-            object: object(),
-            value: value.into(),
-        }),
+impl std::str::FromStr for MeshMode {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value.to_ascii_lowercase().as_str() {
+            "strict" => Ok(Self::Strict),
+            "permissive" => Ok(Self::Permissive),
+            "disabled" => Ok(Self::Disabled),
+            _ => Err(format!(
+                "{value:?}: expected strict, permissive or disabled"
+            )),
+        }
     }
+}
+
+fn parse(value: &str, object: impl FnOnce() -> String) -> Result<MeshMode, ModeError> {
+    value.parse().map_err(|_| ModeError {
+        object: object(),
+        value: value.into(),
+    })
 }
 
 /// A workload's mode: its own label wins over its namespace's. A value

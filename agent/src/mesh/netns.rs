@@ -95,10 +95,6 @@ impl PodNetns {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Runs `f` in the namespace and waits for it without blocking the
     /// async runtime.
     pub async fn run<T: Send + 'static>(
@@ -118,37 +114,19 @@ impl PodNetns {
         })
     }
 
-    /// Runs `f` in the namespace from a thread outside any runtime.
-    pub fn run_blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> io::Result<T> + Send + 'static,
-    ) -> Result<io::Result<T>, NetnsError> {
-        let (tx, rx) = mpsc::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| NetnsError::Gone {
-                path: self.path.clone(),
-            })?;
-        rx.recv().map_err(|_| NetnsError::Gone {
-            path: self.path.clone(),
-        })
-    }
-
     /// Prepares the namespace for the inbound proxy, idempotently: replies
     /// to the proxy's connections (which carry [`MARK`], and which the
     /// applications' accepted sockets inherit with `tcp_fwmark_accept`)
     /// are delivered locally, to the proxy's transparent socket, instead
     /// of being routed out to the client's address.
-    pub fn prepare(&self) -> Result<(), NetnsError> {
+    pub async fn prepare(&self) -> Result<(), NetnsError> {
         let path = self.path.clone();
         let fail = |action: &str, source| NetnsError::Prepare {
             path: path.clone(),
             action: action.into(),
             source,
         };
-        self.run_blocking(move || {
+        self.run(move || {
             std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
             let mark = format!("{MARK:#x}");
             let table = ROUTE_TABLE.to_string();
@@ -167,7 +145,8 @@ impl PodNetns {
                 &table,
             ])?;
             ip(&["link", "set", "lo", "up"])
-        })?
+        })
+        .await?
         .map_err(|e| fail("setting up the return route of proxied connections", e))
     }
 }

@@ -7,8 +7,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{mpsc, Arc, Mutex},
-    thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use portcullis_common::mesh;
@@ -22,6 +21,7 @@ use crate::{
     metrics::MeshMetrics,
     policy::model::{Inventory, WorkloadRef},
     source::file::error_chain,
+    worker::Worker,
 };
 
 use super::{
@@ -81,11 +81,14 @@ pub struct MeshHandle {
     /// Follows the pods' listeners and certificates.
     pub state: watch::Receiver<MeshState>,
     plan: watch::Sender<Arc<MeshPlan>>,
-    reports: Mutex<mpsc::Receiver<Vec<String>>>,
+    /// The runtime's problems, with the plan they answer.
+    reports: Mutex<mpsc::Receiver<Report>>,
     options: MeshOptions,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
+    _worker: Worker,
 }
+
+/// What the runtime made of a plan: the pods it could not mesh, and why.
+type Report = (Arc<MeshPlan>, Vec<String>);
 
 /// How long a sync pass waits for the listeners of new pods: they should
 /// exist before the kernel starts redirecting to them.
@@ -95,8 +98,9 @@ const SYNC_WAIT: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_millis(250);
 
 impl MeshHandle {
-    /// Follows `inventory`: starts and stops pods' listeners. Returns the
-    /// problems (bad mode labels, pods that cannot be proxied yet).
+    /// Follows `inventory`: starts and stops pods' listeners, and waits for
+    /// the runtime's answer to this very plan. Returns the problems (bad
+    /// mode labels, pods that cannot be proxied yet).
     pub fn sync(&self, inventory: &Inventory) -> Vec<String> {
         let plan = Arc::new(MeshPlan::new(
             inventory,
@@ -105,32 +109,24 @@ impl MeshHandle {
         ));
         let mut problems = plan.problems.clone();
         let reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
-        while reports.try_recv().is_ok() {}
-        self.plan.send_replace(plan);
-        match reports.recv_timeout(SYNC_WAIT) {
-            Ok(more) => problems.extend(more),
-            Err(_) => problems.push("mesh: the listeners of new pods are still starting".into()),
+        self.plan.send_replace(plan.clone());
+        let deadline = Instant::now() + SYNC_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match reports.recv_timeout(left) {
+                // Answers to earlier plans (retries, new certificates) are stale.
+                Ok((answered, more)) if Arc::ptr_eq(&answered, &plan) => {
+                    problems.extend(more);
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    problems.push("mesh: the listeners of new pods are still starting".into());
+                    break;
+                }
+            }
         }
         problems
-    }
-
-    pub fn stop(mut self) {
-        self.halt();
-    }
-
-    fn halt(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for MeshHandle {
-    fn drop(&mut self) {
-        self.halt();
     }
 }
 
@@ -158,7 +154,6 @@ pub fn start(
     let (plan_tx, plan_rx) = watch::channel(Arc::new(MeshPlan::default()));
     let (report_tx, report_rx) = mpsc::channel();
     let (state_tx, state_rx) = watch::channel(MeshState::default());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let trust = TrustInputs {
         trust_domain: options.trust_domain.clone(),
         bundle: identity.bundle.clone(),
@@ -171,33 +166,28 @@ pub fn start(
         .enable_all()
         .build()
         .map_err(|source| MeshError::Runtime { source })?;
-    let thread = thread::Builder::new()
-        .name("portcullis-mesh".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let registry = TunnelRegistry::new();
-                let revocations = registry.watch(trust.revocations.clone());
-                let shared = Arc::new(Shared {
-                    certificates,
-                    plan: plan_rx.clone(),
-                    originals: Arc::new(Mutex::new(originals)),
-                    kernel: Arc::new(Mutex::new(kernel)),
-                    trust,
-                    registry,
-                    metrics,
-                });
-                follow(shared, plan_rx, report_tx, state_tx, stop_rx).await;
-                revocations.abort();
-            })
-        })
-        .map_err(|source| MeshError::Runtime { source })?;
+    let worker = Worker::spawn("portcullis-mesh", runtime, move |stop| async move {
+        let registry = TunnelRegistry::new();
+        let revocations = registry.watch(trust.revocations.clone());
+        let shared = Arc::new(Shared {
+            certificates,
+            plan: plan_rx.clone(),
+            originals: Arc::new(Mutex::new(originals)),
+            kernel: Arc::new(Mutex::new(kernel)),
+            trust,
+            registry,
+            metrics,
+        });
+        follow(shared, plan_rx, report_tx, state_tx, stop).await;
+        revocations.abort();
+    })
+    .map_err(|source| MeshError::Runtime { source })?;
     Ok(MeshHandle {
         state: state_rx,
         plan: plan_tx,
         reports: Mutex::new(report_rx),
         options,
-        stop: Some(stop_tx),
-        thread: Some(thread),
+        _worker: worker,
     })
 }
 
@@ -218,7 +208,7 @@ impl Drop for RunningPod {
 async fn follow(
     shared: Arc<Shared>,
     mut plan: watch::Receiver<Arc<MeshPlan>>,
-    reports: mpsc::Sender<Vec<String>>,
+    reports: mpsc::Sender<Report>,
     state: watch::Sender<MeshState>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
@@ -276,7 +266,7 @@ async fn follow(
             ready: running.len() - uncertified.len(),
             waiting: problems.iter().cloned().chain(uncertified).collect(),
         });
-        let _ = reports.send(problems);
+        let _ = reports.send((current, problems));
     }
 }
 
@@ -284,11 +274,7 @@ async fn follow(
 async fn start_pod(shared: &Arc<Shared>, pod: &LocalPod) -> Result<Vec<JoinHandle<()>>, String> {
     let path = netns::of_cgroup(&pod.cgroup).map_err(|e| error_chain(&e))?;
     let ns = Arc::new(PodNetns::enter(&path).map_err(|e| error_chain(&e))?);
-    let prepared = ns.clone();
-    tokio::task::spawn_blocking(move || prepared.prepare())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| error_chain(&e))?;
+    ns.prepare().await.map_err(|e| error_chain(&e))?;
     let cgroup_id = cgroup::cgroup_id(&pod.cgroup).map_err(|e| error_chain(&e))?;
     let pod_ip = pod.ip;
     let (outbound, inbound) = ns

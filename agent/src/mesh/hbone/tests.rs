@@ -19,10 +19,6 @@ use super::{
 };
 use crate::identity::revocation::{RevocationView, Revoked};
 
-fn client_ip() -> IpAddr {
-    "10.0.0.7".parse().unwrap()
-}
-
 fn pool(trust: &Trust) -> HbonePool {
     HbonePool::new(trust.inputs.clone(), TunnelRegistry::new())
 }
@@ -46,19 +42,9 @@ async fn a_tunnel_carries_bytes_both_ways_between_authenticated_identities() {
     let mut server = Server::start(&db, &trust, None).await;
     let pool = pool(&trust);
 
-    let mut stream = within(
-        "open",
-        pool.open(
-            &web.local,
-            server.addr,
-            target(),
-            client_ip(),
-            Some(db.id()),
-            dial(server.addr),
-        ),
-    )
-    .await
-    .unwrap();
+    let mut stream = open_tunnel(&pool, &web.local, server.addr, Some(db.id()))
+        .await
+        .unwrap();
     assert_eq!(stream.peer.id, *db.id());
     assert_eq!(stream.peer.serial, db.serial());
     assert!(!stream.reused);
@@ -133,19 +119,9 @@ async fn a_peer_from_another_root_is_refused_on_either_side() {
 
     // A client certificate from another root, with the same identity form.
     let forged = Identity::new(&stranger, "web");
-    let e = within(
-        "open",
-        pool(&trust).open(
-            &forged.local,
-            server.addr,
-            target(),
-            client_ip(),
-            None,
-            dial(server.addr),
-        ),
-    )
-    .await
-    .unwrap_err();
+    let e = open_tunnel(&pool(&trust), &forged.local, server.addr, None)
+        .await
+        .unwrap_err();
     assert_eq!(e.reason(), "refused_by_peer", "{e:?}");
     let refused = server.outcome().await.unwrap_err();
     assert_eq!(refused.reason(), "peer_untrusted", "{refused:?}");
@@ -160,19 +136,9 @@ async fn a_peer_from_another_root_is_refused_on_either_side() {
     let impostor = Identity::new(&stranger, "db");
     let mut fake = Server::start(&impostor, &trust, None).await;
     let web = Identity::new(&ca, "web");
-    let e = within(
-        "open",
-        pool(&trust).open(
-            &web.local,
-            fake.addr,
-            target(),
-            client_ip(),
-            None,
-            dial(fake.addr),
-        ),
-    )
-    .await
-    .unwrap_err();
+    let e = open_tunnel(&pool(&trust), &web.local, fake.addr, None)
+        .await
+        .unwrap_err();
     assert_eq!(e.reason(), "peer_untrusted", "{e:?}");
     assert!(matches!(
         e,
@@ -197,15 +163,14 @@ async fn a_revoked_client_or_unknown_revocations_are_refused() {
     let mut server = Server::start(&db, &server_trust, None).await;
     let pool = pool(&client_trust);
     let addr = server.addr;
-    let open = |source| pool.open(source, addr, target(), client_ip(), None, dial(addr));
 
     server_trust.revoke(Revoked::Identity(web.id().clone()));
-    assert!(within("open", open(&web.local)).await.is_err());
+    assert!(open_tunnel(&pool, &web.local, addr, None).await.is_err());
     let refused = server.outcome().await.unwrap_err();
     assert_eq!(refused.reason(), "peer_revoked", "{refused:?}");
 
     // Others still pass.
-    within("open", open(&api.local)).await.unwrap();
+    open_tunnel(&pool, &api.local, addr, None).await.unwrap();
 
     server_trust
         .revocations
@@ -213,13 +178,13 @@ async fn a_revoked_client_or_unknown_revocations_are_refused() {
             why: "the list is stale".into(),
         });
     let other = Identity::new(&ca, "other");
-    assert!(within("open", open(&other.local)).await.is_err());
+    assert!(open_tunnel(&pool, &other.local, addr, None).await.is_err());
     let refused = server.outcome().await.unwrap_err();
     assert_eq!(refused.reason(), "revocations_unknown", "{refused:?}");
 
     // The client refuses a server whose serial is revoked.
     client_trust.revoke(Revoked::Serial(db.serial()));
-    let e = within("open", open(&Identity::new(&ca, "late").local))
+    let e = open_tunnel(&pool, &Identity::new(&ca, "late").local, addr, None)
         .await
         .unwrap_err();
     assert_eq!(e.reason(), "peer_revoked", "{e:?}");
@@ -237,10 +202,9 @@ async fn a_revocation_closes_the_revoked_peers_tunnels_within_two_seconds() {
     let mut server = Server::start(&db, &trust, None).await;
     let pool = pool(&trust);
     let addr = server.addr;
-    let open = |source| pool.open(source, addr, target(), client_ip(), None, dial(addr));
-    let mut revoked = within("open", open(&web.local)).await.unwrap();
+    let mut revoked = open_tunnel(&pool, &web.local, addr, None).await.unwrap();
     let mut revoked_app = server.app().await;
-    let mut kept = within("open", open(&api.local)).await.unwrap();
+    let mut kept = open_tunnel(&pool, &api.local, addr, None).await.unwrap();
     let mut kept_app = server.app().await;
     round_trip(&mut revoked, &mut revoked_app, "before").await;
     round_trip(&mut kept, &mut kept_app, "before").await;
@@ -270,8 +234,7 @@ async fn a_renewal_keeps_live_streams_and_new_opens_handshake_with_the_new_certi
     let mut server = Server::start(&db, &trust, None).await;
     let pool = pool(&trust);
     let addr = server.addr;
-    let open = |source| pool.open(source, addr, target(), client_ip(), None, dial(addr));
-    let mut live = within("open", open(&web.local)).await.unwrap();
+    let mut live = open_tunnel(&pool, &web.local, addr, None).await.unwrap();
     let old = server.request().await.peer.serial;
     let mut live_app = server.app().await;
     round_trip(&mut live, &mut live_app, "before").await;
@@ -281,7 +244,7 @@ async fn a_renewal_keeps_live_streams_and_new_opens_handshake_with_the_new_certi
     assert_ne!(renewed, old);
     round_trip(&mut live, &mut live_app, "during").await;
 
-    let mut fresh = within("open", open(&web.local)).await.unwrap();
+    let mut fresh = open_tunnel(&pool, &web.local, addr, None).await.unwrap();
     assert!(!fresh.reused, "a new certificate needs a new handshake");
     assert_eq!(fresh.peer.serial, server_renewed);
     assert_eq!(server.request().await.peer.serial, renewed);
@@ -300,23 +263,19 @@ async fn a_wrong_peer_or_a_refusal_fails_the_open_and_nothing_reaches_the_app() 
     let pool = pool(&trust);
     let other = id("cache");
     let addr = server.addr;
-    let open = |expected| {
-        pool.open(
-            &web.local,
-            addr,
-            target(),
-            client_ip(),
-            expected,
-            dial(addr),
-        )
-    };
 
-    let e = within("open", open(Some(&other))).await.unwrap_err();
+    let e = open_tunnel(&pool, &web.local, addr, Some(&other))
+        .await
+        .unwrap_err();
     assert_eq!(e.reason(), "wrong_peer", "{e:?}");
     assert!(server.outcome().await.is_err());
     // On a pooled connection too, without a new handshake.
-    within("open", open(Some(db.id()))).await.unwrap();
-    let e = within("open", open(Some(&other))).await.unwrap_err();
+    open_tunnel(&pool, &web.local, addr, Some(db.id()))
+        .await
+        .unwrap();
+    let e = open_tunnel(&pool, &web.local, addr, Some(&other))
+        .await
+        .unwrap_err();
     assert_eq!(e.reason(), "wrong_peer", "{e:?}");
     assert_eq!(server.accepted(), 2);
 
@@ -330,19 +289,9 @@ async fn a_wrong_peer_or_a_refusal_fails_the_open_and_nothing_reaches_the_app() 
         }),
     )
     .await;
-    let e = within(
-        "open",
-        pool.open(
-            &web.local,
-            refusing.addr,
-            target(),
-            client_ip(),
-            None,
-            dial(refusing.addr),
-        ),
-    )
-    .await
-    .unwrap_err();
+    let e = open_tunnel(&pool, &web.local, refusing.addr, None)
+        .await
+        .unwrap_err();
     assert_eq!(e.reason(), "refused", "{e:?}");
     assert_eq!(e.status(), Some(hyper::StatusCode::FORBIDDEN));
     assert_eq!(refusing.request().await.peer.id, *web.id());
@@ -397,14 +346,13 @@ async fn an_idle_connection_leaves_the_pool() {
     let mut server = Server::start(&db, &trust, None).await;
     let pool = pool(&trust).with_idle_timeout(Duration::from_millis(300));
     let addr = server.addr;
-    let open = || pool.open(&web.local, addr, target(), client_ip(), None, dial(addr));
-    let mut stream = within("open", open()).await.unwrap();
+    let mut stream = open_tunnel(&pool, &web.local, addr, None).await.unwrap();
     let mut app = server.app().await;
     round_trip(&mut stream, &mut app, "hi").await;
     drop(stream);
     // The client closes it: the server's side ends.
     let _ = server.outcome().await;
-    let again = within("open", open()).await.unwrap();
+    let again = open_tunnel(&pool, &web.local, addr, None).await.unwrap();
     assert!(!again.reused);
     assert_eq!(server.accepted(), 2);
 }

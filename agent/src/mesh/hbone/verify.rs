@@ -10,12 +10,12 @@
 
 use std::{
     fmt,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
 };
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::{ring, CryptoProvider},
+    crypto::{ring, CryptoProvider, WebPkiSupportedAlgorithms},
     server::{
         danger::{ClientCertVerified, ClientCertVerifier},
         ParsedCertificate,
@@ -107,6 +107,11 @@ impl PeerError {
 pub(super) fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
+
+/// The signature algorithms both verifiers accept: ring's, as the
+/// provider's.
+static SIGNATURES: LazyLock<WebPkiSupportedAlgorithms> =
+    LazyLock::new(|| ring::default_provider().signature_verification_algorithms);
 
 /// One handshake's identity checks and their verdict.
 pub(super) struct PeerCheck {
@@ -221,15 +226,11 @@ impl PeerCheck {
 #[derive(Debug)]
 pub(super) struct ServerVerifier {
     check: Arc<PeerCheck>,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ServerVerifier {
     pub(super) fn new(check: Arc<PeerCheck>) -> Arc<Self> {
-        Arc::new(Self {
-            check,
-            provider: provider(),
-        })
+        Arc::new(Self { check })
     }
 }
 
@@ -249,7 +250,7 @@ impl ServerCertVerifier for ServerVerifier {
                 &bundle.root_store(),
                 intermediates,
                 now,
-                self.provider.signature_verification_algorithms.all,
+                SIGNATURES.all,
             )
         })?;
         Ok(ServerCertVerified::assertion())
@@ -261,12 +262,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &SIGNATURES)
     }
 
     fn verify_tls13_signature(
@@ -275,18 +271,11 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &SIGNATURES)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        SIGNATURES.supported_schemes()
     }
 }
 
@@ -296,15 +285,11 @@ impl ServerCertVerifier for ServerVerifier {
 #[derive(Debug)]
 pub(super) struct ClientVerifier {
     check: Arc<PeerCheck>,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ClientVerifier {
     pub(super) fn new(check: Arc<PeerCheck>) -> Arc<Self> {
-        Arc::new(Self {
-            check,
-            provider: provider(),
-        })
+        Arc::new(Self { check })
     }
 }
 
@@ -337,12 +322,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &SIGNATURES)
     }
 
     fn verify_tls13_signature(
@@ -351,17 +331,10 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &SIGNATURES)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        SIGNATURES.supported_schemes()
     }
 }

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -21,8 +21,8 @@ use tokio::{
 };
 
 use super::super::{
-    serve, HboneError, HboneStream, InboundHandler, InboundRequest, LocalIdentity, Refusal,
-    TrustInputs, TunnelRegistry,
+    serve, HboneError, HbonePool, HboneStream, InboundHandler, InboundRequest, LocalIdentity,
+    Refusal, TrustInputs, TunnelRegistry,
 };
 use crate::identity::{
     authority::CaDir,
@@ -47,8 +47,28 @@ pub fn id(sa: &str) -> SpiffeId {
 }
 
 /// The original destination the tests ask for (the handler ignores it).
+/// The client address the tests' tunnels forward.
+pub fn client_ip() -> IpAddr {
+    "10.0.0.7".parse().unwrap()
+}
+
 pub fn target() -> SocketAddr {
     "10.1.2.3:5432".parse().unwrap()
+}
+
+/// A tunnel from `source` to the server at `addr` for [`target`] and
+/// [`client_ip`], within the tests' patience.
+pub async fn open_tunnel(
+    pool: &HbonePool,
+    source: &LocalIdentity,
+    addr: SocketAddr,
+    expected: Option<&SpiffeId>,
+) -> Result<HboneStream, HboneError> {
+    within(
+        "open",
+        pool.open(source, addr, target(), client_ip(), expected, dial(addr)),
+    )
+    .await
 }
 
 pub fn dial(addr: SocketAddr) -> impl FnOnce() -> BoxFuture<'static, io::Result<TcpStream>> {

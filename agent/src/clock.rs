@@ -1,0 +1,32 @@
+//! Times as people read them: UTC, to the second or to the millisecond.
+
+use time::OffsetDateTime;
+
+/// `2026-05-01 10:00:00 UTC` (`@<seconds>` when out of range).
+pub fn utc(unix_seconds: u64) -> String {
+    match OffsetDateTime::from_unix_timestamp(unix_seconds as i64) {
+        Ok(t) => format!("{} UTC", date_time(t)),
+        Err(_) => format!("@{unix_seconds}"),
+    }
+}
+
+/// `2026-12-02 15:04:05.123 UTC`, as flow events are dated (the raw
+/// number when out of range).
+pub fn utc_millis(unix_seconds: f64) -> String {
+    match OffsetDateTime::from_unix_timestamp_nanos((unix_seconds * 1e9) as i128) {
+        Ok(t) => format!("{}.{:03} UTC", date_time(t), t.millisecond()),
+        Err(_) => format!("{unix_seconds:.3}"),
+    }
+}
+
+fn date_time(t: OffsetDateTime) -> String {
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
