@@ -12,8 +12,12 @@ use std::{
 };
 
 use portcullis_agent::{
+    bpf::events::EventReader,
+    flows::Namer,
     lab::{pod::ProbeOutcome, report::ProbeSpec, topology::default_topology, Family, Lab},
     mesh::mode::{MeshMode, MODE_LABEL},
+    policy::parse::parse_inventory,
+    reconcile::PublishedNames,
 };
 use portcullis_common::{mesh, DIRECTION_INGRESS, REASON_PLAINTEXT, VERDICT_DENY};
 use portcullis_tests::{attack::Place, start_lab_with, TestLab};
@@ -77,6 +81,16 @@ async fn until_outcome(lab: &Lab, from: &str, to: &str, port: u16, want: ProbeOu
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// What the kernel counted in one direction with one verdict, all rules.
+fn kernel_count(lab: &Lab, direction: u8, verdict: u8) -> u64 {
+    lab.counters()
+        .expect("kernel counters")
+        .iter()
+        .filter(|s| s.key.direction == direction && s.key.verdict == verdict)
+        .map(|s| s.count)
+        .sum()
 }
 
 fn pod_ip(lab: &Lab, key: &str) -> IpAddr {
@@ -367,6 +381,9 @@ async fn policy_applies_to_proxied_connections() {
     .unwrap();
     lab.wait_applied().await.unwrap();
     until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
+    let mut reader = EventReader::open(lab.pin_dir()).unwrap();
+    while reader.next(Duration::from_millis(300)).is_some() {}
+    let denied_before = kernel_count(&lab, DIRECTION_INGRESS, VERDICT_DENY);
     let o = lab
         .probe("x/c", "x/b", tcp(80), Family::Ipv4)
         .await
@@ -374,6 +391,48 @@ async fn policy_applies_to_proxied_connections() {
     assert!(
         !o.reached(),
         "x/c is not allowed into x/b through the mesh: {o:?}"
+    );
+    until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
+    // The kernel judged both handovers as it judges plaintext: the refused
+    // one is counted, and both are flow events from the real client, over
+    // mTLS with the client's SPIFFE ID.
+    assert!(
+        kernel_count(&lab, DIRECTION_INGRESS, VERDICT_DENY) > denied_before,
+        "the kernel counted x/c's refused flow"
+    );
+    let names: PublishedNames =
+        serde_json::from_slice(&std::fs::read(lab.names_file()).unwrap()).unwrap();
+    let inventory = parse_inventory(
+        lab.workloads_file(),
+        &std::fs::read_to_string(lab.workloads_file()).unwrap(),
+    )
+    .unwrap();
+    let namer = Namer::new(&inventory, names);
+    let mut flows = Vec::new();
+    while let Some(e) = reader.next(Duration::from_millis(300)) {
+        flows.push(namer.name(&e));
+    }
+    let seen = |from: &str, verdict: &str| {
+        flows.iter().any(|f| {
+            f.from == from
+                && f.to == "x/b"
+                && f.port == 80
+                && f.direction == "ingress"
+                && f.verdict == verdict
+                && f.mesh == Some("mtls")
+                && f.peer_identity.as_deref()
+                    == Some(&*format!("spiffe://cluster.local/ns/x/sa/{}", &from[2..]))
+        })
+    };
+    let shown: Vec<String> = flows.iter().map(|f| f.render()).collect();
+    assert!(seen("x/c", "deny"), "x/c's refusal over mTLS: {shown:#?}");
+    assert!(seen("x/a", "allow"), "x/a's flow over mTLS: {shown:#?}");
+    assert!(
+        flows.iter().any(|f| f.from == "x/a"
+            && f.to == "x/b"
+            && f.direction == "egress"
+            && f.mesh == Some("mtls")),
+        "x/a's connect, captured for mTLS: {shown:#?}"
     );
     let metrics = lab.agent_metrics().expect("metrics").encode().unwrap();
     assert!(

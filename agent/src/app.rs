@@ -648,7 +648,10 @@ fn sync_loop(
                             missing_cgroups = !status.waiting_for_cgroup.is_empty();
                             missing_processes = !status.waiting_for_process.is_empty();
                             if let Some(path) = &names_file {
-                                if let Err(e) = publish(path, &applied.names) {
+                                let mut names = applied.names.clone();
+                                names.trust_domain =
+                                    observers.demand.as_ref().map(|d| d.trust_domain.clone());
+                                if let Err(e) = publish(path, &names) {
                                     status.problems.push(format!(
                                         "publishing names to {}: {e}",
                                         path.display()

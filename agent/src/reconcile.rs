@@ -87,6 +87,10 @@ pub struct PublishedNames {
     /// isolating policy, sorted. Cookies no policy made (0) are absent.
     #[serde(default)]
     pub cookie_policies: BTreeMap<u32, Vec<PolicyName>>,
+    /// The workload identities' trust domain, when identity (and so the
+    /// mesh) is on: `flows` names the peers of mTLS connections with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
 }
 
 /// A policy object as named in metrics and published names.
@@ -285,6 +289,7 @@ impl Reconciler {
                 .iter()
                 .map(|(c, a)| (*c, attribution_policies(a)))
                 .collect(),
+            trust_domain: None,
         };
         Ok(Applied {
             usage,

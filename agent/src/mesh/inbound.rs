@@ -42,8 +42,9 @@ fn refusal(status: StatusCode, reason: &'static str, message: String) -> Refusal
 }
 
 impl InboundPod {
-    /// Everything but the connection itself: what may be refused.
-    fn check(&self, req: &InboundRequest) -> Result<(), Refusal> {
+    /// Everything but the connection itself: what may be refused, and what
+    /// policy says of the flow.
+    fn check(&self, req: &InboundRequest) -> Result<Ruling, Refusal> {
         let pod = &self.pod;
         if req.authority.ip() != IpAddr::V4(pod.ip) {
             return Err(refusal(
@@ -106,23 +107,38 @@ impl InboundPod {
         let decision = kernel
             .decide(&ep, DIRECTION_INGRESS, PROTO_TCP, addr16(source), port)
             .map_err(|e| unavailable(&format!("cannot be judged: {e}")))?;
-        if decision.verdict == VERDICT_DENY {
-            return Err(refusal(
-                StatusCode::FORBIDDEN,
-                "policy_denied",
-                format!(
-                    "policy denies {} ({source}) → {}:{port}",
-                    req.peer.id, pod.reference
-                ),
-            ));
-        }
-        Ok(())
+        Ok(if decision.verdict == VERDICT_DENY {
+            Ruling::Denied
+        } else {
+            Ruling::KernelAllows
+        })
     }
 
     /// Connects to the application from the client's address: a
-    /// transparent socket in the pod's namespace, marked so the kernel lets
-    /// it through as judged and routes the replies back to it.
-    async fn connect(&self, client: IpAddr, port: u16) -> Result<TcpStream, Refusal> {
+    /// transparent socket in the pod's namespace, marked so the kernel
+    /// judges it as the client's own connection (or, with [`mesh::MARK`],
+    /// lets it through as judged here) and routes the replies back to it.
+    async fn connect(&self, client: IpAddr, port: u16, mark: u32) -> std::io::Result<TcpStream> {
+        let socket = self
+            .netns
+            .run(move || {
+                let s = tokio::net::TcpSocket::new_v4()?;
+                set_int_option(&s, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?;
+                set_int_option(&s, libc::SOL_SOCKET, libc::SO_MARK, mark as i32)?;
+                s.bind(SocketAddr::new(client, 0))?;
+                Ok(s)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+        socket
+            .connect(SocketAddr::new(IpAddr::V4(self.pod.ip), port))
+            .await
+    }
+
+    /// Hands an allowed flow to the application.
+    async fn hand_over(&self, req: &InboundRequest, ruling: Ruling) -> Result<TcpStream, Refusal> {
+        let port = req.authority.port();
+        let client = req.from.ip();
         let failed = |e: std::io::Error| {
             refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -130,24 +146,50 @@ impl InboundPod {
                 format!("connecting to {}:{port}: {e}", self.pod.reference),
             )
         };
-        let socket = self
-            .netns
-            .run(move || {
-                let s = tokio::net::TcpSocket::new_v4()?;
-                set_int_option(&s, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?;
-                set_int_option(&s, libc::SOL_SOCKET, libc::SO_MARK, mesh::MARK as i32)?;
-                s.bind(SocketAddr::new(client, 0))?;
-                Ok(s)
-            })
-            .await
-            .map_err(|e| failed(std::io::Error::other(e)))?
-            .map_err(failed)?;
-        socket
-            .connect(SocketAddr::new(IpAddr::V4(self.pod.ip), port))
-            .await
-            .map_err(failed)
+        match ruling {
+            Ruling::KernelAllows => self
+                .connect(client, port, mesh::MARK_JUDGE)
+                .await
+                .map_err(failed),
+            Ruling::Denied => {
+                // Shown to the kernel all the same, so its counters and flow
+                // events record the refused flow exactly as they would the
+                // client's plaintext attempt; it drops the SYN. Should the
+                // policy have changed since the check, the kernel's word
+                // stands and the connection is used.
+                let witness = tokio::time::timeout(
+                    WITNESS_WAIT,
+                    self.connect(client, port, mesh::MARK_JUDGE),
+                )
+                .await;
+                match witness {
+                    Ok(Ok(stream)) => Ok(stream),
+                    _ => Err(refusal(
+                        StatusCode::FORBIDDEN,
+                        "policy_denied",
+                        format!(
+                            "policy denies {} ({client}) → {}:{port}",
+                            req.peer.id, self.pod.reference
+                        ),
+                    )),
+                }
+            }
+        }
     }
 }
+
+/// What policy says of a flow the inbound proxy was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ruling {
+    /// The kernel's maps allow it (or audit it): the kernel judges the
+    /// handover itself, and counts it.
+    KernelAllows,
+    Denied,
+}
+
+/// How long a denied flow's witness connection waits: the kernel judges
+/// the SYN as loopback delivers it, well within this.
+const WITNESS_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What the HBONE server calls: the pod's checks, then the connection.
 pub struct InboundGate(pub Arc<InboundPod>);
@@ -163,7 +205,7 @@ impl InboundPod {
     async fn open(&self, req: InboundRequest) -> Result<TcpStream, Refusal> {
         let mode = self.pod.mode.as_str();
         let opened = match self.check(&req) {
-            Ok(()) => self.connect(req.from.ip(), req.authority.port()).await,
+            Ok(ruling) => self.hand_over(&req, ruling).await,
             Err(r) => Err(r),
         };
         match &opened {

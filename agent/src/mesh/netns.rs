@@ -13,7 +13,7 @@ use std::{
     thread,
 };
 
-use portcullis_common::mesh::MARK;
+use portcullis_common::mesh::{MARK, MARK_MASK};
 use tokio::sync::oneshot;
 
 /// The routing table that sends the applications' replies to proxied
@@ -115,7 +115,8 @@ impl PodNetns {
     }
 
     /// Prepares the namespace for the inbound proxy, idempotently: replies
-    /// to the proxy's connections (which carry [`MARK`], and which the
+    /// to the proxy's connections (which carry [`MARK`] or `MARK_JUDGE`,
+    /// one rule under [`MARK_MASK`], and which the
     /// applications' accepted sockets inherit with `tcp_fwmark_accept`)
     /// are delivered locally, to the proxy's transparent socket, instead
     /// of being routed out to the client's address.
@@ -128,10 +129,13 @@ impl PodNetns {
         };
         self.run(move || {
             std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
-            let mark = format!("{MARK:#x}");
+            let mark = format!("{:#x}/{MARK_MASK:#x}", MARK & MARK_MASK);
             let table = ROUTE_TABLE.to_string();
-            // Delete first, so a restarted agent does not stack rules.
-            while ip(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table]).is_ok() {}
+            // Delete first, so a restarted agent does not stack rules (nor
+            // keep an older version's unmasked one).
+            for old in [mark.as_str(), &format!("{MARK:#x}")] {
+                while ip(&["-4", "rule", "del", "fwmark", old, "lookup", &table]).is_ok() {}
+            }
             ip(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table])?;
             ip(&[
                 "-4",
