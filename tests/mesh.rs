@@ -196,10 +196,20 @@ async fn python_in(lab: &Lab, key: &str, program: &str) -> String {
 /// A one-connection server in a pod: prints the client's address, echoes
 /// one message.
 fn start_server(lab: &Lab, key: &str, port: u16) -> tokio::process::Child {
+    start_server_on(lab, key, "AF_INET", "0.0.0.0", port)
+}
+
+fn start_server_on(
+    lab: &Lab,
+    key: &str,
+    family: &str,
+    address: &str,
+    port: u16,
+) -> tokio::process::Child {
     let program = format!(
         "import socket\n\
-         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('0.0.0.0', {port})); s.listen(); print('ready', flush=True)\n\
+         s = socket.socket(socket.{family}); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{address}', {port})); s.listen(); print('ready', flush=True)\n\
          c, a = s.accept(); print('peer', a[0], flush=True)\n\
          c.sendall(c.recv(4096)); c.close()\n"
     );
@@ -293,6 +303,71 @@ async fn strict_pods_talk_tls13_with_spiffe_certificates_and_real_addresses() {
     assert!(
         sans.contains("spiffe://cluster.local/ns/x/sa/b"),
         "the server's certificate names its SPIFFE ID: {sans:?}"
+    );
+    drop(server);
+    lab.lab.shutdown().await.expect("shutdown");
+}
+
+/// IPv6 is meshed as IPv4 is: captured to the pod's IPv6 listener, carried
+/// as HBONE to the peer's IPv6 address, handed to the application from the
+/// client's own IPv6 address; nothing in plaintext on the wire.
+#[tokio::test]
+async fn ipv6_is_meshed_like_ipv4() {
+    let lab = meshed_lab("mesh-ipv6", |_| {}).await;
+    let v6 = |key: &str| lab.pods().iter().find(|p| p.key == key).expect("pod").ipv6;
+    let (client_ip, server_ip) = (v6("x/a"), v6("x/b"));
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("v6.pcap");
+    let capture = Capture::start(&lab, "x/b", &pcap).await;
+    let mut server = start_server_on(&lab, "x/b", "AF_INET6", "::", 8080);
+    assert_eq!(read_line(&mut server).await, "ready");
+    let marker = format!("portcullis-v6-marker-{}", std::process::id());
+    let client = python_in(
+        &lab,
+        "x/a",
+        &format!(
+            "import socket\n\
+             c = socket.create_connection(('{server_ip}', 8080), timeout=10)\n\
+             print('peername', c.getpeername()[0], c.getpeername()[1])\n\
+             c.sendall(b'{marker}'); print('echo', c.recv(4096).decode())\n"
+        ),
+    )
+    .await;
+    assert!(
+        client.contains(&format!("peername {server_ip} 8080")),
+        "the client's getpeername() names the original destination: {client}"
+    );
+    assert!(client.contains(&format!("echo {marker}")), "{client}");
+    assert_eq!(
+        read_line(&mut server).await,
+        format!("peer {client_ip}"),
+        "the server sees the client pod's IPv6 address"
+    );
+    let wire = capture.stop().await;
+    assert!(
+        !wire.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the marker crossed the wire in plaintext"
+    );
+    let ports: std::collections::BTreeSet<String> = tshark_fields(
+        &pcap,
+        &format!("ipv6.dst == {server_ip}"),
+        "tcp.dstport",
+        &[],
+    )
+    .lines()
+    .map(|l| l.trim().to_string())
+    .collect();
+    assert_eq!(
+        ports,
+        [mesh::INBOUND_PORT.to_string()].into(),
+        "x/a sent x/b only HBONE over IPv6"
+    );
+    let metrics = lab.agent_metrics().expect("metrics").encode().unwrap();
+    assert!(
+        metrics.contains(
+            "portcullis_mesh_connections_total{direction=\"outbound\",mode=\"strict\",result=\"mtls\"}"
+        ),
+        "{metrics}"
     );
     drop(server);
     lab.lab.shutdown().await.expect("shutdown");

@@ -635,6 +635,9 @@ fn sync_loop(
                                 .problems
                                 .extend(source.settle(Some(&applied.rejected)));
                             observers.applied(&applied, changed_at);
+                            if let Some(mesh) = &observers.mesh {
+                                mesh.set_policies(&snapshot.inventory, &applied.enforced);
+                            }
                             status.applied += 1;
                             status.usage = applied.usage;
                             status.waiting_for_cgroup = applied.missing_cgroups.clone();

@@ -4,10 +4,11 @@
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use portcullis_common::{
-    FlowEvent, DIRECTION_INGRESS, FLOW_FLAG_MESH, ENDPOINT_ID_NONE, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    REASON_DEFAULT_DENY, REASON_HOST, REASON_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
-    REASON_NOT_PROGRAMMED, REASON_NO_BACKEND, REASON_PACKET_SOCKET, REASON_PLAINTEXT,
-    REASON_POLICY, REASON_REPLY, REASON_SPOOFED, REASON_UNCLASSIFIED, VERDICT_ALLOW, VERDICT_AUDIT,
+    FlowEvent, DIRECTION_INGRESS, ENDPOINT_ID_NONE, FLOW_FLAG_MESH, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, REASON_DEFAULT_DENY, REASON_HOST, REASON_LOCAL, REASON_MALFORMED,
+    REASON_NOT_ISOLATED, REASON_NOT_PROGRAMMED, REASON_NO_BACKEND, REASON_PACKET_SOCKET,
+    REASON_PLAINTEXT, REASON_POLICY, REASON_REPLY, REASON_SPOOFED, REASON_UNCLASSIFIED,
+    VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 
@@ -418,7 +419,9 @@ mod tests {
             Some("spiffe://cluster.local/ns/x/sa/api")
         );
         assert!(
-            inbound.render().ends_with("[mtls spiffe://cluster.local/ns/x/sa/api]"),
+            inbound
+                .render()
+                .ends_with("[mtls spiffe://cluster.local/ns/x/sa/api]"),
             "{}",
             inbound.render()
         );

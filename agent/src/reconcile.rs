@@ -72,6 +72,9 @@ pub struct Applied {
     /// The cgroup directories of the enforced endpoints, for what is
     /// attached per pod rather than per node (the frame program).
     pub endpoint_cgroups: Vec<PathBuf>,
+    /// The policies now enforced (held-back objects at their previous
+    /// version, or absent), for rules judged outside the kernel.
+    pub enforced: Vec<PolicyObject>,
 }
 
 /// Endpoint ids and rule cookies as people read them. Cookie numbers belong
@@ -314,6 +317,7 @@ impl Reconciler {
                     })
                 })
                 .collect(),
+            enforced: policies,
         })
     }
 

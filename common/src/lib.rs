@@ -533,7 +533,9 @@ const _: () = assert!(core::mem::size_of::<MeshOriginal>() == 24);
 pub struct MeshClientKey {
     pub netns_cookie: u64,
     pub port: u16,
-    pub _pad: [u8; 6],
+    /// 4 or 6: the IPv4 and IPv6 listeners' clients may share a port.
+    pub family: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(core::mem::size_of::<MeshClientKey>() == 16);
 

@@ -5,7 +5,8 @@
 use aya_ebpf::programs::SockAddrContext;
 use portcullis_common::{
     decide::{policy_protocol, Flow},
-    ipv4_mapped, DIRECTION_EGRESS, FLOW_FLAG_MESH, PROTO_OTHER, PROTO_TCP, PROTO_UDP, REASON_NO_BACKEND,
+    ipv4_mapped, DIRECTION_EGRESS, FLOW_FLAG_MESH, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
+    REASON_NO_BACKEND,
 };
 
 use crate::{
