@@ -519,6 +519,73 @@ async fn policy_applies_to_proxied_connections() {
     lab.lab.shutdown().await.expect("shutdown");
 }
 
+/// Rules naming identities: the right service account gets in, the wrong
+/// one does not, though the kernel alone (blind to certificates) would
+/// deny both; `explain` shows both views.
+#[tokio::test]
+async fn identity_rules_admit_the_right_service_account_only() {
+    let lab = meshed_lab("mesh-identity", |_| {}).await;
+    lab.write_policy(
+        "identities.yaml",
+        "apiVersion: portcullis.dev/v1alpha1\nkind: L4Policy\n\
+         metadata: {name: by-identity, namespace: x}\n\
+         spec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress:\n\
+         \x20 - from: [{identity: {spiffeId: 'spiffe://cluster.local/ns/x/sa/a'}}]\n\
+         \x20   ports: [{port: 80}]\n\
+         \x20 - from: [{identity: {namespace: y}}]\n\
+         \x20   ports: [{port: 81}]\n",
+    )
+    .unwrap();
+    lab.wait_applied().await.unwrap();
+    until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
+    let refused_before = mesh_refusals(&lab);
+    for (from, port, allowed) in [
+        ("x/c", 80, false),
+        ("x/a", 81, false),
+        ("y/a", 81, true),
+        ("y/b", 81, true),
+        ("y/a", 80, false),
+        ("z/a", 81, false),
+    ] {
+        let o = lab
+            .probe(from, "x/b", tcp(port), Family::Ipv4)
+            .await
+            .unwrap();
+        assert_eq!(o.reached(), allowed, "{from} → x/b:{port}: {o:?}");
+    }
+    assert!(
+        mesh_refusals(&lab) >= refused_before + 4,
+        "the inbound proxy refused the four wrong identities"
+    );
+    let paths = portcullis_agent::explain::lab_paths("mesh-identity");
+    let e = portcullis_agent::explain::explain(&paths, "x/a", "x/b", tcp(80), Family::Ipv4)
+        .expect("explain");
+    assert!(!e.allowed, "plaintext, no rule admits x/a: {}", e.render());
+    assert!(e.kernel_agrees(), "{}", e.render());
+    let m = e.mtls.as_ref().expect("both ends are meshed");
+    assert!(m.allowed, "{}", e.render());
+    assert_eq!(m.client_identity, "spiffe://cluster.local/ns/x/sa/a");
+    assert!(
+        e.render()
+            .contains("over mTLS as spiffe://cluster.local/ns/x/sa/a: ALLOWED"),
+        "{}",
+        e.render()
+    );
+    let wrong = portcullis_agent::explain::explain(&paths, "x/c", "x/b", tcp(80), Family::Ipv4)
+        .expect("explain");
+    assert!(!wrong.mtls.expect("meshed").allowed);
+    lab.lab.shutdown().await.expect("shutdown");
+}
+
+/// Inbound connections the mesh refused, every reason.
+fn mesh_refusals(lab: &Lab) -> u64 {
+    let text = lab.agent_metrics().expect("metrics").encode().unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("portcullis_mesh_connections_total{direction=\"inbound\"") && l.contains("result=\"refused\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 /// With the agent gone, a STRICT pod's connects are refused and not one
 /// byte leaves in plaintext; a new agent serves again at once.
 #[tokio::test]
