@@ -633,8 +633,9 @@ async fn strict_connects_fail_closed_while_the_agent_is_down() {
 /// What a process inside a pod would try against the mesh's own ports:
 /// the outbound listener with no redirected connection behind it, the
 /// HBONE port of a peer through the mesh (a tunnel into the tunnel), and
-/// the HBONE port from outside the mesh with TLS but no certificate. Each
-/// is refused before any application is connected to.
+/// the HBONE port from outside the mesh with TLS but no certificate, or
+/// with a certificate naming a meshed pod's identity from another root.
+/// Each is refused before any application is connected to.
 #[tokio::test]
 async fn the_mesh_ports_are_no_way_in() {
     let lab = meshed_lab("mesh-attack", |t| set_namespace_mode(t, "z", "disabled")).await;
@@ -682,7 +683,65 @@ async fn the_mesh_ports_are_no_way_in() {
         no_certificate.contains("refused"),
         "TLS without a certificate: {no_certificate}"
     );
+    // A certificate naming x/a's very identity, from another root.
+    let foreign = tempfile::tempdir().unwrap();
+    let (cert, key) = (foreign.path().join("c.pem"), foreign.path().join("k.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=impostor"])
+        .args([
+            "-addext",
+            "subjectAltName=URI:spiffe://cluster.local/ns/x/sa/a",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let other_root = python_in(
+        &lab,
+        "z/a",
+        &format!(
+            "import socket, ssl\n\
+             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False\n\
+             ctx.verify_mode = ssl.CERT_NONE; ctx.set_alpn_protocols(['h2'])\n\
+             ctx.load_cert_chain('{}', '{}')\n\
+             try:\n    s = ctx.wrap_socket(socket.create_connection(('{x_b}', {}), timeout=5))\n\
+             \x20   s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n'); d = s.recv(64)\n\
+             \x20   print('sent', len(d)) if d else print('refused: closed')\n\
+             except (OSError, ssl.SSLError) as e:\n    print('refused', e)\n",
+            cert.display(),
+            key.display(),
+            mesh::INBOUND_PORT
+        ),
+    )
+    .await;
+    assert!(
+        other_root.contains("refused"),
+        "a certificate from another root: {other_root}"
+    );
     let metrics = lab.agent_metrics().expect("metrics").encode().unwrap();
+    assert!(
+        metrics.contains(
+            "portcullis_mesh_failures_total{direction=\"inbound\",reason=\"peer_untrusted\"}"
+        ) || metrics.contains(
+            "portcullis_mesh_failures_total{direction=\"inbound\",reason=\"tls_handshake\"}"
+        ),
+        "the foreign root is counted as a handshake failure:\n{metrics}"
+    );
     for (direction, reason) in [
         ("outbound", "no_original_destination"),
         ("inbound", "reserved_port"),
