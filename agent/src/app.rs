@@ -286,6 +286,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                     pin_dir: opts.pin_dir.clone(),
                     cgroup_mount: mount.clone(),
                     trust_domain: options.trust_domain.clone(),
+                    connections_file: options.connections_file.clone(),
                 },
                 handle,
                 metrics.mesh.clone(),

@@ -474,6 +474,7 @@ impl Lab {
         }
         let mut options = IdentityOptions::ca_dir(dir, self.leaf_lifetime);
         options.identities_file = Some(local::lab_file(&self.names.lab));
+        options.connections_file = Some(crate::mesh::connections::lab_file(&self.names.lab));
         Ok(Some(options))
     }
 
