@@ -5,6 +5,7 @@
 pub mod affinity;
 pub mod cli;
 pub mod kube;
+pub mod mesh_report;
 pub mod plumbing;
 pub mod pod;
 pub mod report;
