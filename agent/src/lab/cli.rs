@@ -170,7 +170,9 @@ async fn measure(lab: &Lab, args: &LabArgs, specs: &[ProbeSpec]) -> anyhow::Resu
         );
     }
     if human && args.mtls.is_some_and(|m| m.is_meshed()) {
-        if let Some(shown) = super::mesh_report::encrypted_connection(lab, &args.name, &after).await? {
+        if let Some(shown) =
+            super::mesh_report::encrypted_connection(lab, &args.name, &after).await?
+        {
             println!("== Encrypted ==\n\n{shown}");
         }
     }

@@ -18,10 +18,9 @@ pub async fn encrypted_connection(
     let text = std::fs::read_to_string(lab.workloads_file())?;
     let inventory = crate::policy::parse::parse_inventory(lab.workloads_file(), &text)?;
     let meshed = |key: &str| {
-        inventory
-            .workloads
-            .iter()
-            .any(|w| w.reference().to_string() == key && mode::of_workload(&inventory, w).0.is_meshed())
+        inventory.workloads.iter().any(|w| {
+            w.reference().to_string() == key && mode::of_workload(&inventory, w).0.is_meshed()
+        })
     };
     let Some((m, from, to)) = matrices
         .iter()
