@@ -487,6 +487,20 @@ impl Observers {
             .learn_cookie_policies(&applied.names.cookie_policies);
         if let Err(e) = m.refresh(&self.pin_dir) {
             warn!("metrics: {}", error_chain(&e));
+        } else {
+            // Just counted: retire what endpoints and rules that are gone
+            // left in the counters map.
+            let (endpoints, cookies) = (&applied.names.endpoints, &applied.names.cookies);
+            let keep = |k: &portcullis_common::CounterKey| {
+                (k.endpoint_id == portcullis_common::ENDPOINT_ID_NONE
+                    || endpoints.contains_key(&k.endpoint_id))
+                    && (k.rule_cookie == 0 || cookies.contains_key(&k.rule_cookie))
+            };
+            match crate::bpf::counters::retire(&self.pin_dir, keep) {
+                Ok(0) => {}
+                Ok(n) => info!(retired = n, "counters of removed pods and rules retired"),
+                Err(e) => warn!("retiring counters: {}", error_chain(&e)),
+            }
         }
         m.decisions
             .set_cookie_policies(applied.names.cookie_policies.clone());
