@@ -604,7 +604,11 @@ fn sync_loop(
         if !first {
             let mut due = vec![RECHECK];
             if missing_cgroups {
-                due.push(source.missing_cgroup_retry().saturating_sub(last_pass.elapsed()));
+                due.push(
+                    source
+                        .missing_cgroup_retry()
+                        .saturating_sub(last_pass.elapsed()),
+                );
             }
             if missing_processes {
                 due.push(MISSING_PROCESS_RETRY.saturating_sub(last_guard.elapsed()));
@@ -772,7 +776,9 @@ mod tests {
 
     #[test]
     fn failed_passes_are_retried_sooner_first_then_every_thirty_seconds() {
-        let delays: Vec<u64> = (1..=12).map(|n| retry_delay(n).as_millis() as u64).collect();
+        let delays: Vec<u64> = (1..=12)
+            .map(|n| retry_delay(n).as_millis() as u64)
+            .collect();
         assert_eq!(&delays[..4], &[100, 200, 400, 800]);
         assert!(delays.windows(2).all(|w| w[0] <= w[1]));
         assert_eq!(retry_delay(12), RETRY_MAX);

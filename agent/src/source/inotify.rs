@@ -81,7 +81,8 @@ pub fn watch(paths: &[PathBuf], wake: Arc<Wakeup>) -> std::io::Result<FileWatch>
                 // something changed.
                 loop {
                     // SAFETY: reading into a buffer we own.
-                    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    let n =
+                        unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                     if n <= 0 {
                         break;
                     }
