@@ -349,6 +349,7 @@ impl Lab {
                 admin_secure: None,
                 state_dir: Some(self.agent_state_dir()),
                 guard_frames: true,
+                map_capacities: Default::default(),
                 identity: self.identity()?,
             })
             .map_err(|source| LabError::Agent { source })?,
