@@ -457,7 +457,9 @@ mod tests {
         for i in 0..=generation_capacity().endpoints as u64 {
             d.endpoints.insert(i, EndpointValue::default());
         }
-        let e = check_capacity(&d).unwrap_err().to_string();
+        let e = check_capacity(&d, generation_capacity())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains(ENDPOINTS_MAP) && e.contains("nothing was changed"),
             "{e}"
