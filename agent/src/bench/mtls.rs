@@ -407,7 +407,7 @@ async fn prove(
                 })
             }
             (Scenario::Stunnel, Witness::Tls(b), Witness::Tls(n)) => {
-                let d = n.since(&b);
+                let d = n.since(b);
                 (d.accepted < connections || d.to_app < bytes * 9 / 10).then(|| {
                     format!(
                         "the server-side stunnel accepted {} TLS connections and decrypted {} \

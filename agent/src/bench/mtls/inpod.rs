@@ -18,8 +18,9 @@ pub enum InPodError {
     #[error("pod {pod}")]
     Lab {
         pod: String,
+        // Boxed: the lab's errors are large, and every tool error holds one.
         #[source]
-        source: LabError,
+        source: Box<LabError>,
     },
     #[error("opening {path}")]
     Open {
@@ -41,7 +42,7 @@ impl InPod {
     pub fn new(lab: &Lab, pod: &str) -> Result<Self, InPodError> {
         let lab_error = |source| InPodError::Lab {
             pod: pod.into(),
-            source,
+            source: Box::new(source),
         };
         Ok(Self {
             pod: pod.into(),
