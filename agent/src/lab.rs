@@ -608,6 +608,12 @@ impl Lab {
         &self.nodes[0].workloads
     }
 
+    /// Node `node`'s workloads file: its own pods with their cgroups, the
+    /// other node's as remote workloads.
+    pub fn node_workloads_file(&self, node: usize) -> Result<&Path, LabError> {
+        Ok(&self.lab_node(node)?.workloads)
+    }
+
     /// Replaces the services in the lab's workloads file (cluster IPs should
     /// be addresses no interface has, e.g. 198.18.200.0/24, so only the
     /// agent's translation makes them reachable). Wait with
