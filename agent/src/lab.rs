@@ -37,7 +37,7 @@ use node::LabNode;
 use plumbing::{LabNames, PlumbingError};
 use pod::{LoadResult, Placement, PodClient, PodError, ProbeOutcome, Protocol};
 use report::{Matrix, ProbeSpec};
-use topology::{NodeNet, PlacementError, PlannedPod, Topology};
+use topology::{NodeNet, PlannedPod, Topology, TopologyError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -103,7 +103,7 @@ pub enum LabError {
     #[error("placing the pods on the lab's nodes")]
     Placement {
         #[source]
-        source: PlacementError,
+        source: TopologyError,
     },
     #[error("a lab on a Kubernetes API server has one node")]
     KubernetesNodes,

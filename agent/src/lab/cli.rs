@@ -232,3 +232,18 @@ async fn measure(lab: &Lab, args: &LabArgs, specs: &[ProbeSpec]) -> anyhow::Resu
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_nodes;
+
+    #[test]
+    fn the_lab_has_one_or_two_nodes() {
+        assert_eq!(parse_nodes("1"), Ok(1));
+        assert_eq!(parse_nodes("2"), Ok(2));
+        for bad in ["0", "3", "-1", "two", ""] {
+            let e = parse_nodes(bad).unwrap_err();
+            assert!(e.contains("1 or 2 nodes"), "{bad}: {e}");
+        }
+    }
+}

@@ -24,6 +24,12 @@ pub enum TopologyError {
         #[source]
         source: crate::policy::parse::YamlError,
     },
+    #[error("--nodes {nodes}: the lab has 1 or 2 nodes")]
+    Nodes { nodes: usize },
+    #[error("pod {pod} asks for node {node}, but the lab has {nodes} node(s)")]
+    NoSuchNode { pod: String, node: u8, nodes: usize },
+    #[error("at most {room} pods fit the address range of a {nodes}-node lab")]
+    Full { nodes: usize, room: usize },
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -237,13 +243,13 @@ pub fn plan(t: &Topology) -> Vec<PlannedPod> {
 /// by position) and assigns its addresses in that node's subnet. The host
 /// part follows the pod's position in the whole topology, so addresses
 /// stay unique across nodes and a one-node plan is [`plan`]'s.
-pub fn plan_on(t: &Topology, nodes: usize) -> Result<Vec<PlannedPod>, PlacementError> {
+pub fn plan_on(t: &Topology, nodes: usize) -> Result<Vec<PlannedPod>, TopologyError> {
     if !(1..=MAX_NODES).contains(&nodes) {
-        return Err(PlacementError::Nodes { nodes });
+        return Err(TopologyError::Nodes { nodes });
     }
     let room = (LAST_POD_IPV4 - FIRST_POD_IPV4) as usize / nodes;
     if t.workloads.len() > room {
-        return Err(PlacementError::Full { nodes, room });
+        return Err(TopologyError::Full { nodes, room });
     }
     t.workloads
         .iter()
@@ -253,7 +259,7 @@ pub fn plan_on(t: &Topology, nodes: usize) -> Result<Vec<PlannedPod>, PlacementE
             let node = match w.node {
                 Some(n) if (1..=nodes).contains(&(n as usize)) => n as usize,
                 Some(n) => {
-                    return Err(PlacementError::NoSuchNode {
+                    return Err(TopologyError::NoSuchNode {
                         pod: key,
                         node: n,
                         nodes,
@@ -272,17 +278,6 @@ pub fn plan_on(t: &Topology, nodes: usize) -> Result<Vec<PlannedPod>, PlacementE
             })
         })
         .collect()
-}
-
-/// Why pods cannot be placed on the lab's nodes.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PlacementError {
-    #[error("--nodes {nodes}: the lab has 1 or 2 nodes")]
-    Nodes { nodes: usize },
-    #[error("pod {pod} asks for node {node}, but the lab has {nodes} node(s)")]
-    NoSuchNode { pod: String, node: u8, nodes: usize },
-    #[error("at most {room} pods fit the address range of a {nodes}-node lab")]
-    Full { nodes: usize, room: usize },
 }
 
 /// The most nodes a lab simulates.
@@ -412,14 +407,10 @@ mod tests {
             Ok(p) if p.iter().all(|p| p.node == 1)
         ));
         t.workloads[1].node = Some(2);
-        assert_eq!(
-            plan_on(&t, 1).unwrap_err(),
-            PlacementError::NoSuchNode {
-                pod: "x/b".into(),
-                node: 2,
-                nodes: 1
-            }
-        );
+        assert!(matches!(
+            plan_on(&t, 1),
+            Err(TopologyError::NoSuchNode { pod, node: 2, nodes: 1 }) if pod == "x/b"
+        ));
         assert!(plan_on(&t, 3).is_err());
         let e = parse_topology(
             Path::new("t.yaml"),
