@@ -149,6 +149,23 @@ async fn only_hbone_with_both_spiffe_ids_crosses_the_node_link() {
     let keylog = keylog_file();
     let lab = two_nodes("nodes-wire", meshed(|_| {})).await;
     assert_nodes(&lab, &[("x/a", 1), ("x/b", 2), ("y/a", 2), ("y/b", 1)]);
+    // Each agent holds certificates for its own node's pods, and only those.
+    for node in [1, 2] {
+        let held: BTreeSet<String> = lab
+            .node_agent_certificates(node)
+            .expect("identities on")
+            .borrow()
+            .keys()
+            .map(|id| id.to_string())
+            .collect();
+        let own: BTreeSet<String> = lab
+            .pods()
+            .iter()
+            .filter(|p| p.node == node)
+            .map(|p| format!("spiffe://cluster.local/ns/{}", p.key.replace('/', "/sa/")))
+            .collect();
+        assert_eq!(held, own, "node {node}'s agent's certificates");
+    }
     let [link, _] = lab.node_link().expect("two nodes have a link");
     let dir = tempfile::tempdir().unwrap();
     let pcap = dir.path().join("link.pcap");
