@@ -356,12 +356,27 @@ fn pairs() -> Vec<Pair> {
         pair(
             l4("{podSelector: {}, ingressDeny: [{from: [{}]}]}"),
             l4("{podSelector: {}, ingressDeny: [{from: [{namespaceSelector: {}}]}]}"),
-            &["spec.ingressDeny[0].from[0]: Invalid value: a peer is an ipBlock, or a podSelector and/or namespaceSelector"],
+            &["spec.ingressDeny[0].from[0]: Invalid value: a peer is an ipBlock, a podSelector and/or namespaceSelector, or an identity"],
+        ),
+        pair(
+            l4("{podSelector: {}, ingress: [{from: [{identity: {namespace: shop}, podSelector: {}}]}]}"),
+            l4("{podSelector: {}, ingress: [{from: [{identity: {namespace: shop}}, {podSelector: {}}]}]}"),
+            &["spec.ingress[0].from[0]: Invalid value: a peer is an ipBlock, a podSelector and/or namespaceSelector, or an identity"],
+        ),
+        pair(
+            l4("{podSelector: {}, ingress: [{from: [{identity: {namespace: shop, spiffeId: 'spiffe://cluster.local/ns/y/sa/a'}}]}]}"),
+            l4("{podSelector: {}, ingress: [{from: [{identity: {spiffeId: 'spiffe://cluster.local/ns/y/sa/a'}}]}]}"),
+            &["spec.ingress[0].from[0].identity: Invalid value: an identity is a spiffeId or a namespace"],
+        ),
+        pair(
+            cluster("{tier: Admin, priority: 10, ingress: [{action: Allow, from: [{identity: {}}]}]}"),
+            cluster("{tier: Admin, priority: 10, ingress: [{action: Allow, from: [{identity: {namespace: shop}}]}]}"),
+            &["spec.ingress[0].from[0].identity: Invalid value: an identity is a spiffeId or a namespace"],
         ),
         pair(
             cluster("{tier: Admin, priority: 10, egress: [{action: Deny, to: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]}"),
             cluster("{tier: Admin, priority: 10, egress: [{action: Deny, to: [{ipBlock: {cidr: 10.0.0.0/8}}, {podSelector: {}}]}]}"),
-            &["spec.egress[0].to[0]: Invalid value: a peer is an ipBlock, or a podSelector and/or namespaceSelector"],
+            &["spec.egress[0].to[0]: Invalid value: a peer is an ipBlock, a podSelector and/or namespaceSelector, or an identity"],
         ),
         pair(
             l4("{podSelector: {matchExpressions: [{key: app, operator: Matches, values: [web]}]}}"),

@@ -5,7 +5,7 @@
 //! real addresses on both ends, STRICT refusing an unmeshed pod of the
 //! other node.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use portcullis_agent::{
     lab::{
@@ -22,8 +22,8 @@ use portcullis_common::{mesh, DIRECTION_INGRESS, REASON_PLAINTEXT, VERDICT_DENY}
 use portcullis_tests::{
     attack::Place,
     mesh_wire::{
-        exchange, keylog_file, pod_ip, read_line, start_server, tcp, tshark_fields, until_outcome,
-        Capture,
+        exchange, keylog_file, pod_ip, read_line, start_server, start_server_on, tcp,
+        tshark_fields, until_outcome, Capture,
     },
     start_lab_with_options, TestLab,
 };
@@ -237,27 +237,39 @@ async fn only_hbone_with_both_spiffe_ids_crosses_the_node_link() {
 
 /// Across nodes, the server's application sees the client pod's own
 /// address, and the client's getpeername() the original destination, both
-/// ways.
+/// ways and over IPv4 and IPv6.
 #[tokio::test]
 async fn meshed_pods_on_two_nodes_see_real_addresses() {
     let lab = two_nodes("nodes-addr", meshed(|_| {})).await;
     assert_nodes(&lab, &[("x/a", 1), ("x/b", 2)]);
+    let address = |key: &str, family: Family| -> IpAddr {
+        let pod = lab.pods().iter().find(|p| p.key == key).expect("pod");
+        match family {
+            Family::Ipv4 => pod.ipv4.into(),
+            Family::Ipv6 => pod.ipv6.into(),
+        }
+    };
     for (client, server) in [("x/a", "x/b"), ("x/b", "x/a")] {
         until_outcome(&lab, client, server, 80, ProbeOutcome::Reached).await;
-        let mut app = start_server(&lab, server, 8080);
-        assert_eq!(read_line(&mut app).await, "ready");
-        let server_ip = pod_ip(&lab, server);
-        let said = exchange(&lab, client, server_ip, 8080, "hello").await;
-        assert!(
-            said.contains(&format!("peername {server_ip} 8080")),
-            "{client}'s getpeername() names the original destination: {said}"
-        );
-        assert!(said.contains("echo hello"), "{said}");
-        assert_eq!(
-            read_line(&mut app).await,
-            format!("peer {}", pod_ip(&lab, client)),
-            "{server} sees {client}'s address"
-        );
+        for (family, socket_family, any) in [
+            (Family::Ipv4, "AF_INET", "0.0.0.0"),
+            (Family::Ipv6, "AF_INET6", "::"),
+        ] {
+            let mut app = start_server_on(&lab, server, socket_family, any, 8080);
+            assert_eq!(read_line(&mut app).await, "ready");
+            let server_ip = address(server, family);
+            let said = exchange(&lab, client, server_ip, 8080, "hello").await;
+            assert!(
+                said.contains(&format!("peername {server_ip} 8080")),
+                "{client}'s getpeername() names the original destination: {said}"
+            );
+            assert!(said.contains("echo hello"), "{said}");
+            assert_eq!(
+                read_line(&mut app).await,
+                format!("peer {}", address(client, family)),
+                "{server} sees {client}'s address over {family:?}"
+            );
+        }
     }
     lab.lab.shutdown().await.expect("shutdown");
 }

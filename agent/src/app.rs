@@ -635,6 +635,9 @@ fn sync_loop(
                                 .problems
                                 .extend(source.settle(Some(&applied.rejected)));
                             observers.applied(&applied, changed_at);
+                            if let Some(mesh) = &observers.mesh {
+                                mesh.set_policies(&snapshot.inventory, &applied.enforced);
+                            }
                             status.applied += 1;
                             status.usage = applied.usage;
                             status.waiting_for_cgroup = applied.missing_cgroups.clone();
@@ -648,7 +651,10 @@ fn sync_loop(
                             missing_cgroups = !status.waiting_for_cgroup.is_empty();
                             missing_processes = !status.waiting_for_process.is_empty();
                             if let Some(path) = &names_file {
-                                if let Err(e) = publish(path, &applied.names) {
+                                let mut names = applied.names.clone();
+                                names.trust_domain =
+                                    observers.demand.as_ref().map(|d| d.trust_domain.clone());
+                                if let Err(e) = publish(path, &names) {
                                     status.problems.push(format!(
                                         "publishing names to {}: {e}",
                                         path.display()

@@ -15,10 +15,11 @@ use serde::Serialize;
 use crate::{
     bpf::{inspect::KernelView, LoadError},
     cgroup::{self, CgroupError},
+    identity::spiffe::SpiffeId,
     lab::{report::ProbeSpec, Family},
     policy::{
         describe,
-        evaluate::{evaluate, DirectionVerdict, FlowQuery},
+        evaluate::{evaluate, evaluate_authenticated, DirectionVerdict, FlowQuery},
         model::{Inventory, Protocol},
     },
     reconcile::{addr16, PublishedNames},
@@ -94,8 +95,23 @@ pub struct Explanation {
     pub allowed: bool,
     pub egress: DirectionExplanation,
     pub ingress: DirectionExplanation,
+    /// When both workloads are meshed (TCP): what the destination's
+    /// inbound proxy decides for the client's proven identity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsExplanation>,
     /// Problems reading the policy files (their last valid versions apply).
     pub problems: Vec<String>,
+}
+
+/// A meshed flow as the inbound proxy judges it: rules naming identities
+/// apply, which the kernel never sees.
+#[derive(Clone, Debug, Serialize)]
+pub struct MtlsExplanation {
+    /// The SPIFFE ID the client's certificate proves.
+    pub client_identity: String,
+    pub allowed: bool,
+    /// The destination's ingress verdict for that identity.
+    pub decided_by: String,
 }
 
 impl Explanation {
@@ -135,6 +151,15 @@ impl Explanation {
                 }
                 None => {}
             }
+        }
+        if let Some(m) = &self.mtls {
+            let _ = writeln!(
+                out,
+                "  over mTLS as {}: {} (the inbound proxy: ingress {})",
+                m.client_identity,
+                if m.allowed { "ALLOWED" } else { "DENIED" },
+                m.decided_by
+            );
         }
         for p in &self.problems {
             let _ = writeln!(out, "  warning: {p}");
@@ -292,6 +317,21 @@ pub fn explain(
     };
     let egress = side(from, &src_cgroup, &decision.egress, DIRECTION_EGRESS, dst)?;
     let ingress = side(to, &dst_cgroup, &decision.ingress, DIRECTION_INGRESS, src)?;
+    let mtls = match (&names.trust_domain, protocol) {
+        (Some(td), Protocol::Tcp) => mtls_explanation(
+            inventory,
+            &snapshot.policies,
+            td,
+            (from, to),
+            &FlowQuery {
+                src,
+                dst,
+                port: spec.port,
+                protocol,
+            },
+        ),
+        _ => None,
+    };
     Ok(Explanation {
         from: from.into(),
         to: to.into(),
@@ -301,7 +341,36 @@ pub fn explain(
         allowed: decision.allowed,
         egress,
         ingress,
+        mtls,
         problems: snapshot.problems,
+    })
+}
+
+/// The inbound proxy's view, when both ends are meshed.
+fn mtls_explanation(
+    inventory: &Inventory,
+    policies: &[crate::policy::model::PolicyObject],
+    trust_domain: &str,
+    (from, to): (&str, &str),
+    query: &FlowQuery,
+) -> Option<MtlsExplanation> {
+    let workload = |key: &str| {
+        inventory
+            .workloads
+            .iter()
+            .find(|w| format!("{}/{}", w.namespace, w.name) == key)
+    };
+    let (client, server) = (workload(from)?, workload(to)?);
+    let meshed = |w| crate::mesh::mode::of_workload(inventory, w).0.is_meshed();
+    if !meshed(client) || !meshed(server) {
+        return None;
+    }
+    let id = SpiffeId::new(trust_domain, &client.namespace, client.service_account()).ok()?;
+    let decision = evaluate_authenticated(inventory, policies, query, Some(&id));
+    Some(MtlsExplanation {
+        client_identity: id.to_string(),
+        allowed: decision.allowed,
+        decided_by: describe::verdict(&decision.ingress),
     })
 }
 

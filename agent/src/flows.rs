@@ -4,14 +4,16 @@
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use portcullis_common::{
-    FlowEvent, DIRECTION_INGRESS, ENDPOINT_ID_NONE, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    REASON_DEFAULT_DENY, REASON_HOST, REASON_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
-    REASON_NOT_PROGRAMMED, REASON_NO_BACKEND, REASON_PACKET_SOCKET, REASON_PLAINTEXT,
-    REASON_POLICY, REASON_REPLY, REASON_SPOOFED, REASON_UNCLASSIFIED, VERDICT_ALLOW, VERDICT_AUDIT,
+    FlowEvent, DIRECTION_INGRESS, ENDPOINT_ID_NONE, FLOW_FLAG_MESH, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, REASON_DEFAULT_DENY, REASON_HOST, REASON_LOCAL, REASON_MALFORMED,
+    REASON_NOT_ISOLATED, REASON_NOT_PROGRAMMED, REASON_NO_BACKEND, REASON_PACKET_SOCKET,
+    REASON_PLAINTEXT, REASON_POLICY, REASON_REPLY, REASON_SPOOFED, REASON_UNCLASSIFIED,
+    VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use serde::Serialize;
 
 use crate::{
+    identity::spiffe::SpiffeId,
     policy::{compile::addr_from16, model::Inventory},
     reconcile::PublishedNames,
 };
@@ -30,11 +32,22 @@ pub struct NamedFlow {
     pub verdict: &'static str,
     pub reason: &'static str,
     pub decided_by: String,
+    /// Through the mesh: `mtls`, or `passthrough` (a meshed pod's
+    /// connection to a pod outside the mesh).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<&'static str>,
+    /// The other side's SPIFFE ID on an mTLS flow: the client's certificate
+    /// (ingress, checked against the pod at the client's address by the
+    /// inbound proxy), or the identity the outbound proxy required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<String>,
 }
 
 /// Names addresses and ids using the inventory and the agent's names.
 pub struct Namer {
     by_ip: BTreeMap<IpAddr, String>,
+    /// Meshed pods' identities by address (when the trust domain is known).
+    meshed: BTreeMap<IpAddr, String>,
     names: PublishedNames,
     /// Wall clock minus monotonic clock, to date kernel timestamps.
     boot_offset: f64,
@@ -68,8 +81,14 @@ impl Namer {
                     .map(move |ip| (ip.to_canonical(), name.clone()))
             }))
             .collect();
+        let meshed = names
+            .trust_domain
+            .as_deref()
+            .map(|td| meshed_identities(inventory, td))
+            .unwrap_or_default();
         Self {
             by_ip,
+            meshed,
             names,
             boot_offset: clock(libc::CLOCK_REALTIME) - clock(libc::CLOCK_MONOTONIC),
         }
@@ -113,6 +132,17 @@ impl Namer {
             REASON_PLAINTEXT => "plaintext refused: the pod's mesh mode is STRICT".into(),
             _ => String::new(),
         };
+        let (mesh, peer_identity) = if e.flags & FLOW_FLAG_MESH == 0 {
+            (None, None)
+        } else {
+            match self.meshed.get(&peer_ip) {
+                Some(id) => (Some("mtls"), Some(id.clone())),
+                // Only the outbound side passes a flow on to a pod outside
+                // the mesh; the inbound proxy serves meshed clients only.
+                None if e.direction != DIRECTION_INGRESS => (Some("passthrough"), None),
+                None => (Some("mtls"), None),
+            }
+        };
         NamedFlow {
             time: self.boot_offset + e.timestamp_ns as f64 / 1e9,
             from,
@@ -123,8 +153,27 @@ impl Namer {
             verdict: verdict_name(e.verdict),
             reason: reason_name(e.reason),
             decided_by,
+            mesh,
+            peer_identity,
         }
     }
+}
+
+/// Every meshed pod's address → its SPIFFE ID.
+fn meshed_identities(inventory: &Inventory, trust_domain: &str) -> BTreeMap<IpAddr, String> {
+    let mut out = BTreeMap::new();
+    for w in &inventory.workloads {
+        if !crate::mesh::mode::of_workload(inventory, w).0.is_meshed() {
+            continue;
+        }
+        let Ok(id) = SpiffeId::new(trust_domain, &w.namespace, w.service_account()) else {
+            continue;
+        };
+        for ip in &w.ips {
+            out.insert(ip.to_canonical(), id.to_string());
+        }
+    }
+    out
 }
 
 /// How people read the kernel's `PROTO_*` values (flows and counters).
@@ -204,8 +253,13 @@ impl NamedFlow {
         } else {
             format!(": {}", self.decided_by)
         };
+        let mesh = match (self.mesh, &self.peer_identity) {
+            (Some(m), Some(id)) => format!(" [{m} {id}]"),
+            (Some(m), None) => format!(" [{m}]"),
+            (None, _) => String::new(),
+        };
         format!(
-            "{} {} → {} {}/{} {} {} ({}){by}",
+            "{} {} → {} {}/{} {} {} ({}){by}{mesh}",
             crate::clock::utc_millis(self.time),
             self.from,
             self.to,
@@ -305,6 +359,8 @@ pub fn tail(
 
 #[cfg(test)]
 mod tests {
+    use portcullis_common::DIRECTION_EGRESS;
+
     use super::*;
 
     fn flow(from: &str, to: &str, verdict: &'static str) -> NamedFlow {
@@ -318,7 +374,64 @@ mod tests {
             verdict,
             reason: "policy",
             decided_by: String::new(),
+            mesh: None,
+            peer_identity: None,
         }
+    }
+
+    fn event(peer: [u8; 4], direction: u8, flags: u8) -> FlowEvent {
+        FlowEvent {
+            timestamp_ns: 0,
+            endpoint_id: 1,
+            rule_cookie: 0,
+            peer_addr: portcullis_common::ipv4_mapped(peer),
+            peer_port: 80,
+            port: 80,
+            direction,
+            verdict: VERDICT_ALLOW,
+            reason: REASON_POLICY,
+            protocol: PROTO_TCP,
+            flags,
+            _pad: [0; 7],
+        }
+    }
+
+    #[test]
+    fn mesh_flows_name_the_peer_identity_or_say_passthrough() {
+        let inventory = crate::policy::parse::parse_inventory(
+            std::path::Path::new("w.yaml"),
+            "namespaces:\n  - {name: x, labels: {portcullis.dev/mtls: strict}}\n  - {name: z}\n\
+             workloads:\n  - {name: a, namespace: x, serviceAccount: api, ips: [10.0.0.1]}\n  \
+             - {name: b, namespace: x, cgroup: /b, ips: [10.0.0.2]}\n  \
+             - {name: c, namespace: z, ips: [10.0.0.3]}\n",
+        )
+        .expect("inventory");
+        let names = PublishedNames {
+            endpoints: BTreeMap::from([(1, "x/b".to_string())]),
+            trust_domain: Some("cluster.local".into()),
+            ..Default::default()
+        };
+        let namer = Namer::new(&inventory, names);
+        let inbound = namer.name(&event([10, 0, 0, 1], DIRECTION_INGRESS, FLOW_FLAG_MESH));
+        assert_eq!(inbound.mesh, Some("mtls"));
+        assert_eq!(
+            inbound.peer_identity.as_deref(),
+            Some("spiffe://cluster.local/ns/x/sa/api")
+        );
+        assert!(
+            inbound
+                .render()
+                .ends_with("[mtls spiffe://cluster.local/ns/x/sa/api]"),
+            "{}",
+            inbound.render()
+        );
+        let out = namer.name(&event([10, 0, 0, 3], DIRECTION_EGRESS, FLOW_FLAG_MESH));
+        assert_eq!((out.mesh, out.peer_identity), (Some("passthrough"), None));
+        // Unflagged: a plaintext flow, whoever the peer is.
+        let plain = namer.name(&event([10, 0, 0, 1], DIRECTION_INGRESS, 0));
+        assert_eq!((plain.mesh, plain.peer_identity.as_deref()), (None, None));
+        let json = serde_json::to_string(&plain).expect("json");
+        assert!(!json.contains("mesh"), "{json}");
     }
 
     #[test]

@@ -155,6 +155,9 @@ pub struct LabOptions {
     /// Kubernetes mode: the agent reads pods and policies from this API
     /// server instead of the lab's files (see [`kube`]).
     pub kubernetes: Option<kube::LabKube>,
+    /// Lifetime of the pods' certificates from the lab's CA (renewed at
+    /// half-life).
+    pub leaf_lifetime: Duration,
     /// How many nodes to simulate, 1 or 2; each has its own bridge, pods,
     /// agent and identities, and two are joined by a link (files only).
     pub nodes: usize,
@@ -168,6 +171,7 @@ impl LabOptions {
             probe_timeout: Duration::from_millis(1000),
             admin_addr: None,
             kubernetes: None,
+            leaf_lifetime: crate::identity::authority::DEFAULT_LEAF_LIFETIME,
             nodes: 1,
         }
     }
@@ -185,6 +189,7 @@ pub struct Lab {
     probe_timeout: Duration,
     admin_addr: Option<SocketAddr>,
     kubernetes: Option<kube::LabKube>,
+    leaf_lifetime: Duration,
     /// What the workloads file is generated from.
     topology: Topology,
     services: Vec<Service>,
@@ -267,6 +272,7 @@ impl Lab {
             probe_timeout: opts.probe_timeout,
             admin_addr: opts.admin_addr,
             kubernetes: opts.kubernetes.clone(),
+            leaf_lifetime: opts.leaf_lifetime,
             topology: opts.topology.clone(),
             services: Vec::new(),
             torn_down: false,
@@ -577,7 +583,7 @@ impl Lab {
             let _ = std::fs::remove_dir_all(&dir);
             authority::CaDir::init(&dir, "lab").map_err(|source| LabError::Ca { source })?;
         }
-        let mut options = IdentityOptions::ca_dir(dir, authority::DEFAULT_LEAF_LIFETIME);
+        let mut options = IdentityOptions::ca_dir(dir, self.leaf_lifetime);
         options.identities_file = Some(node.identities_file.clone());
         Ok(Some(options))
     }

@@ -14,6 +14,7 @@
 //! - [`hbone`]: the transport, as Istio ambient defines it (port 15008);
 //! - [`runtime`]: the mesh's thread, following the plan.
 
+pub mod authz;
 pub mod hbone;
 pub mod inbound;
 pub mod mode;

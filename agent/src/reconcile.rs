@@ -72,6 +72,9 @@ pub struct Applied {
     /// The cgroup directories of the enforced endpoints, for what is
     /// attached per pod rather than per node (the frame program).
     pub endpoint_cgroups: Vec<PathBuf>,
+    /// The policies now enforced (held-back objects at their previous
+    /// version, or absent), for rules judged outside the kernel.
+    pub enforced: Vec<PolicyObject>,
 }
 
 /// Endpoint ids and rule cookies as people read them. Cookie numbers belong
@@ -87,6 +90,10 @@ pub struct PublishedNames {
     /// isolating policy, sorted. Cookies no policy made (0) are absent.
     #[serde(default)]
     pub cookie_policies: BTreeMap<u32, Vec<PolicyName>>,
+    /// The workload identities' trust domain, when identity (and so the
+    /// mesh) is on: `flows` names the peers of mTLS connections with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
 }
 
 /// A policy object as named in metrics and published names.
@@ -285,6 +292,7 @@ impl Reconciler {
                 .iter()
                 .map(|(c, a)| (*c, attribution_policies(a)))
                 .collect(),
+            trust_domain: None,
         };
         Ok(Applied {
             usage,
@@ -309,6 +317,7 @@ impl Reconciler {
                     })
                 })
                 .collect(),
+            enforced: policies,
         })
     }
 

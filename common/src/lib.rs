@@ -392,8 +392,16 @@ pub struct FlowEvent {
     pub verdict: u8,
     pub reason: u8,
     pub protocol: u8,
+    /// `FLOW_FLAG_*`.
+    pub flags: u8,
+    pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 48);
+
+/// The flow went through the mesh: egress, the connect was handed to the
+/// pod's outbound proxy; ingress, the inbound proxy handed it over after
+/// authenticating the client's certificate.
+pub const FLOW_FLAG_MESH: u8 = 1;
 
 /// Per-CPU token bucket of the event rate limit.
 #[repr(C)]
@@ -490,10 +498,19 @@ pub mod mesh {
     /// The agent's HBONE (mutual TLS) listener in each meshed pod.
     pub const INBOUND_PORT: u16 = 15008;
     /// The socket mark of the inbound proxy's connections to applications
-    /// (it also routes the applications' replies back to the proxy). A
-    /// packet carrying it on loopback was authenticated and judged by the
-    /// proxy; a mark does not survive a veth, so no peer can forge it.
+    /// when the proxy itself allowed the flow on the client's identity (a
+    /// rule the kernel cannot see): passed on loopback without judgement.
+    /// A mark does not survive a veth, so no peer can forge it.
     pub const MARK: u32 = 0x5043;
+    /// The socket mark of the inbound proxy's connections to applications
+    /// that the kernel judges as it would the client's own connection
+    /// (counted, reported, dropped if denied), except that a STRICT pod's
+    /// plaintext refusal does not apply: the client was authenticated.
+    pub const MARK_JUDGE: u32 = 0x5042;
+    /// Both marks under this mask route the applications' replies back to
+    /// the proxy.
+    pub const MARK_MASK: u32 = 0xffff_fffe;
+    const _: () = assert!(MARK & MARK_MASK == MARK_JUDGE & MARK_MASK);
 }
 
 /// A redirected connect in flight: where it was going.
@@ -516,7 +533,9 @@ const _: () = assert!(core::mem::size_of::<MeshOriginal>() == 24);
 pub struct MeshClientKey {
     pub netns_cookie: u64,
     pub port: u16,
-    pub _pad: [u8; 6],
+    /// 4 or 6: the IPv4 and IPv6 listeners' clients may share a port.
+    pub family: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(core::mem::size_of::<MeshClientKey>() == 16);
 

@@ -41,7 +41,7 @@ fn lost() {
 
 /// Reports a decision on a new flow.
 #[inline(always)]
-pub fn emit(ep: &EndpointValue, flow: &Flow, v: &PolicyValue) {
+pub fn emit(ep: &EndpointValue, flow: &Flow, v: &PolicyValue, flags: u8) {
     let now = unsafe { bpf_ktime_get_ns() };
     if !take_token(now) {
         lost();
@@ -58,6 +58,8 @@ pub fn emit(ep: &EndpointValue, flow: &Flow, v: &PolicyValue) {
         verdict: v.verdict,
         reason: v.reason,
         protocol: flow.protocol,
+        flags,
+        _pad: [0; 7],
     };
     if EVENTS.output::<FlowEvent>(&event, 0).is_err() {
         lost();

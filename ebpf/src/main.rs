@@ -145,9 +145,15 @@ fn not_programmed(flow: &Flow) -> i32 {
 /// Counts and reports a decision (unless quiet).
 #[inline(always)]
 fn report(ep: &EndpointValue, flow: &Flow, v: &PolicyValue) {
+    report_flagged(ep, flow, v, 0);
+}
+
+/// [`report`], with `FLOW_FLAG_*` for the flow event.
+#[inline(always)]
+fn report_flagged(ep: &EndpointValue, flow: &Flow, v: &PolicyValue, flags: u8) {
     if !quiet() {
         verdict::count(ep, flow, v);
-        events::emit(ep, flow, v);
+        events::emit(ep, flow, v, flags);
     }
 }
 

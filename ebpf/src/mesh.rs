@@ -25,26 +25,33 @@ const SOCK_OPS_TCP_CONNECT: u32 = 3;
 
 /// The outbound listener's address, as the socket's family writes it.
 const OUTBOUND_ADDR: [u8; 16] = ipv4_mapped([127, 0, 0, 1]);
+/// `::1`, the IPv6 outbound listener's address.
+const OUTBOUND_ADDR6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
-/// Redirects an allowed TCP connect of a meshed endpoint to the outbound
-/// listener. Loopback and the pod's own addresses stay direct, and so do
-/// IPv6 destinations (the listener is IPv4; a dual-stack socket's mapped
-/// IPv4 destination is redirected).
+/// Whether an allowed connect of `ep` goes to the outbound listener: TCP
+/// of a meshed endpoint, except to loopback, the pod's own addresses and
+/// IPv6 link-local addresses (never a pod's, and meaningless to the agent
+/// without the pod's interface).
 #[inline(always)]
-pub fn redirect(
-    ctx: &SockAddrContext,
-    family: Family,
-    ep: &EndpointValue,
-    protocol: u8,
-    peer: (&[u8; 16], u16),
-) {
-    if ep.flags & ENDPOINT_FLAG_MESHED == 0 || protocol != PROTO_TCP || peer.1 == 0 {
-        return;
-    }
+pub fn captures(ep: &EndpointValue, protocol: u8, peer: (&[u8; 16], u16)) -> bool {
     let (addr, port) = peer;
-    if !is_ipv4_mapped(addr) || is_local(ep, addr) {
-        return;
-    }
+    ep.flags & ENDPOINT_FLAG_MESHED != 0
+        && protocol == PROTO_TCP
+        && port != 0
+        && !is_local(ep, addr)
+        && !(addr[0] == 0xfe && addr[1] & 0xc0 == 0x80)
+}
+
+/// Redirects a connect that [`captures`] to the outbound listener of its
+/// address family.
+#[inline(always)]
+pub fn redirect(ctx: &SockAddrContext, family: Family, ep: &EndpointValue, peer: (&[u8; 16], u16)) {
+    let (addr, port) = peer;
+    let listener = if is_ipv4_mapped(addr) {
+        &OUTBOUND_ADDR
+    } else {
+        &OUTBOUND_ADDR6
+    };
     let original = MeshOriginal {
         addr: *addr,
         port,
@@ -53,13 +60,12 @@ pub fn redirect(
     };
     // SAFETY: the context pointer is valid for the program's run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    // LRU: never fails for lack of room. Were the entry lost, the agent
-    // would refuse the connection: it is never sent anywhere unknown.
-    if MESH_PENDING.insert(&cookie, &original, 0).is_err() {
-        return;
-    }
-    set_sock_addr(ctx, family, &OUTBOUND_ADDR, mesh::OUTBOUND_PORT);
-    service::remember_reply(ctx, (&OUTBOUND_ADDR, mesh::OUTBOUND_PORT), (addr, port));
+    // LRU: never fails for lack of room. Were the entry lost anyway, the
+    // connect still goes to the listener, which finds no original and
+    // resets it: a captured connect never leaves in plaintext.
+    let _ = MESH_PENDING.insert(&cookie, &original, 0);
+    set_sock_addr(ctx, family, listener, mesh::OUTBOUND_PORT);
+    service::remember_reply(ctx, (listener, mesh::OUTBOUND_PORT), (addr, port));
 }
 
 /// On a redirected connection's SYN: moves its original destination to
@@ -80,7 +86,8 @@ pub fn connecting(ctx: &SockOpsContext) -> u32 {
         // SAFETY: as above.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
         port: ctx.local_port() as u16,
-        _pad: [0; 6],
+        family: if is_ipv4_mapped(&original.addr) { 4 } else { 6 },
+        _pad: [0; 5],
     };
     let _ = MESH_ORIGINAL.insert(&key, &original, 0);
     1

@@ -104,7 +104,25 @@ pub fn arrived_on_loopback(skb: &SkBuff) -> bool {
 /// Handed over by the agent's inbound proxy: its mark, on loopback (a
 /// mark set anywhere else is scrubbed when the packet crosses a veth).
 #[inline(always)]
-pub fn from_mesh_proxy(skb: &SkBuff) -> bool {
+pub fn mesh_handover(skb: &SkBuff) -> Handover {
+    if !arrived_on_loopback(skb) {
+        return Handover::None;
+    }
     // SAFETY: the context pointer is valid for the program's run.
-    arrived_on_loopback(skb) && unsafe { (*skb.skb).mark == portcullis_common::mesh::MARK }
+    match unsafe { (*skb.skb).mark } {
+        portcullis_common::mesh::MARK => Handover::Judged,
+        portcullis_common::mesh::MARK_JUDGE => Handover::ToJudge,
+        _ => Handover::None,
+    }
+}
+
+/// What the inbound proxy's socket mark says about a packet on loopback.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// Not from the inbound proxy.
+    None,
+    /// The proxy allowed it on a rule the kernel cannot see.
+    Judged,
+    /// The proxy authenticated the client; the kernel judges the flow.
+    ToJudge,
 }

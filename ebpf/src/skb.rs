@@ -14,15 +14,15 @@ use portcullis_common::{
     decide::{is_local, policy_protocol, Flow},
     packet::{Class, Headers},
     EndpointValue, PolicyValue, DIRECTION_EGRESS, ENDPOINT_FLAG_MESHED, ENDPOINT_FLAG_MESH_STRICT,
-    PROTO_OTHER, REASON_HOST, REASON_LOCAL, REASON_MALFORMED, REASON_PLAINTEXT, REASON_SPOOFED,
-    REASON_UNCLASSIFIED, VERDICT_DENY,
+    FLOW_FLAG_MESH, PROTO_OTHER, REASON_HOST, REASON_LOCAL, REASON_MALFORMED, REASON_PLAINTEXT,
+    REASON_SPOOFED, REASON_UNCLASSIFIED, VERDICT_DENY,
 };
 
 use crate::{
     endpoint::{self, Owner},
     no_endpoint, not_programmed,
-    packet::{self, SocketKind, TCP_LISTEN, TCP_SYN_SENT},
-    refuse, report,
+    packet::{self, Handover, SocketKind, TCP_LISTEN, TCP_SYN_SENT},
+    refuse, report, report_flagged,
     verdict::{self, Conversation, Datagram},
     verdict_code, PASS,
 };
@@ -114,12 +114,23 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
             return PASS;
         }
         let meshed = ep.flags & ENDPOINT_FLAG_MESHED != 0;
-        if meshed && !egress && packet::from_mesh_proxy(skb) {
-            // The inbound proxy authenticated the client, judged the flow
-            // on its identity and address, and counted it.
+        let handover = if meshed && !egress {
+            packet::mesh_handover(skb)
+        } else {
+            Handover::None
+        };
+        if handover == Handover::Judged {
+            // The inbound proxy allowed it on the client's identity, a
+            // rule only the proxy can see, and counted it.
             return PASS;
         }
         let v = verdict::decide(&ep, &flow);
+        if handover == Handover::ToJudge {
+            // An authenticated client, from its own address: judged and
+            // reported as its plaintext connection would be.
+            report_flagged(&ep, &flow, &v, FLOW_FLAG_MESH);
+            return verdict_code(&v);
+        }
         if !egress && ep.flags & ENDPOINT_FLAG_MESH_STRICT != 0 && plaintext_refused(&v) {
             return refuse(&ep, &flow, &verdict::deny(REASON_PLAINTEXT));
         }

@@ -5,12 +5,13 @@
 use aya_ebpf::programs::SockAddrContext;
 use portcullis_common::{
     decide::{policy_protocol, Flow},
-    ipv4_mapped, DIRECTION_EGRESS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, REASON_NO_BACKEND,
+    ipv4_mapped, DIRECTION_EGRESS, FLOW_FLAG_MESH, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
+    REASON_NO_BACKEND,
 };
 
 use crate::{
     endpoint::{self, Owner},
-    mesh, no_endpoint, not_programmed, refuse, report, service,
+    mesh, no_endpoint, not_programmed, refuse, report, report_flagged, service,
     service::Translation,
     verdict::{self, Conversation, Datagram},
     verdict_code, PASS,
@@ -152,10 +153,11 @@ pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
         }
     }
     let v = verdict::decide(&ep, &flow);
-    report(&ep, &flow, &v);
     let code = verdict_code(&v);
-    if code == PASS {
-        mesh::redirect(ctx, family, &ep, protocol, (&peer_addr, peer_port));
+    let captured = code == PASS && mesh::captures(&ep, protocol, (&peer_addr, peer_port));
+    report_flagged(&ep, &flow, &v, if captured { FLOW_FLAG_MESH } else { 0 });
+    if captured {
+        mesh::redirect(ctx, family, &ep, (&peer_addr, peer_port));
     }
     code
 }

@@ -2,6 +2,7 @@
 //! and matrix helpers that compare what the kernel did with what was expected
 //! and with what the policy evaluator predicts.
 
+pub mod agent_process;
 pub mod attack;
 pub mod kube_api;
 pub mod kube_source_harness;

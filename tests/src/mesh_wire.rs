@@ -169,10 +169,22 @@ pub async fn python_in(lab: &Lab, key: &str, program: &str) -> String {
 /// A one-connection server in a pod: prints the client's address, echoes
 /// one message.
 pub fn start_server(lab: &Lab, key: &str, port: u16) -> tokio::process::Child {
+    start_server_on(lab, key, "AF_INET", "0.0.0.0", port)
+}
+
+/// [`start_server`] on an address family (`AF_INET`, `AF_INET6`) and a
+/// local address.
+pub fn start_server_on(
+    lab: &Lab,
+    key: &str,
+    family: &str,
+    address: &str,
+    port: u16,
+) -> tokio::process::Child {
     let program = format!(
         "import socket\n\
-         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('0.0.0.0', {port})); s.listen(); print('ready', flush=True)\n\
+         s = socket.socket(socket.{family}); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{address}', {port})); s.listen(); print('ready', flush=True)\n\
          c, a = s.accept(); print('peer', a[0], flush=True)\n\
          c.sendall(c.recv(4096)); c.close()\n"
     );

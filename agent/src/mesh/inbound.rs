@@ -18,6 +18,7 @@ use tokio::{net::TcpStream, sync::watch};
 use crate::{bpf::inspect::KernelView, metrics::MeshMetrics, reconcile::addr16};
 
 use super::{
+    authz::IdentityRules,
     hbone::{InboundHandler, InboundRequest, Refusal},
     netns::{set_int_option, PodNetns},
     plan::{LocalPod, MeshPlan},
@@ -30,6 +31,8 @@ pub struct InboundPod {
     pub netns: Arc<PodNetns>,
     pub plan: watch::Receiver<Arc<MeshPlan>>,
     pub kernel: Arc<Mutex<KernelView>>,
+    /// Rules naming identities, when some policy has them.
+    pub identity_rules: watch::Receiver<Option<Arc<IdentityRules>>>,
     pub metrics: MeshMetrics,
 }
 
@@ -42,10 +45,11 @@ fn refusal(status: StatusCode, reason: &'static str, message: String) -> Refusal
 }
 
 impl InboundPod {
-    /// Everything but the connection itself: what may be refused.
-    fn check(&self, req: &InboundRequest) -> Result<(), Refusal> {
+    /// Everything but the connection itself: what may be refused, and what
+    /// policy says of the flow.
+    fn check(&self, req: &InboundRequest) -> Result<Ruling, Refusal> {
         let pod = &self.pod;
-        if req.authority.ip() != IpAddr::V4(pod.ip) {
+        if !pod.owns(req.authority.ip()) {
             return Err(refusal(
                 StatusCode::BAD_REQUEST,
                 "wrong_destination",
@@ -91,6 +95,16 @@ impl InboundPod {
                 ))
             }
         }
+        let rules = self.identity_rules.borrow().clone();
+        if let Some(allowed) =
+            rules.and_then(|r| r.ruling(source, &req.peer.id, req.authority.ip(), port))
+        {
+            return Ok(if allowed {
+                Ruling::IdentityAllows
+            } else {
+                Ruling::IdentityDenies
+            });
+        }
         let kernel = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
         let unavailable = |what: &str| {
             refusal(
@@ -106,23 +120,53 @@ impl InboundPod {
         let decision = kernel
             .decide(&ep, DIRECTION_INGRESS, PROTO_TCP, addr16(source), port)
             .map_err(|e| unavailable(&format!("cannot be judged: {e}")))?;
-        if decision.verdict == VERDICT_DENY {
-            return Err(refusal(
-                StatusCode::FORBIDDEN,
-                "policy_denied",
-                format!(
-                    "policy denies {} ({source}) → {}:{port}",
-                    req.peer.id, pod.reference
-                ),
-            ));
-        }
-        Ok(())
+        Ok(if decision.verdict == VERDICT_DENY {
+            Ruling::Denied
+        } else {
+            Ruling::KernelAllows
+        })
     }
 
     /// Connects to the application from the client's address: a
-    /// transparent socket in the pod's namespace, marked so the kernel lets
-    /// it through as judged and routes the replies back to it.
-    async fn connect(&self, client: IpAddr, port: u16) -> Result<TcpStream, Refusal> {
+    /// transparent socket in the pod's namespace, marked so the kernel
+    /// judges it as the client's own connection (or, with [`mesh::MARK`],
+    /// lets it through as judged here) and routes the replies back to it.
+    async fn connect(
+        &self,
+        client: IpAddr,
+        to: SocketAddr,
+        mark: u32,
+    ) -> std::io::Result<TcpStream> {
+        if client.is_ipv4() != to.is_ipv4() {
+            // The pod has no address of the client's family.
+            return Err(std::io::Error::from(std::io::ErrorKind::AddrNotAvailable));
+        }
+        let socket = self
+            .netns
+            .run(move || {
+                let s = if client.is_ipv4() {
+                    let s = tokio::net::TcpSocket::new_v4()?;
+                    set_int_option(&s, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?;
+                    s
+                } else {
+                    let s = tokio::net::TcpSocket::new_v6()?;
+                    set_int_option(&s, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)?;
+                    s
+                };
+                set_int_option(&s, libc::SOL_SOCKET, libc::SO_MARK, mark as i32)?;
+                s.bind(SocketAddr::new(client, 0))?;
+                Ok(s)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+        socket.connect(to).await
+    }
+
+    /// Hands an allowed flow to the application.
+    async fn hand_over(&self, req: &InboundRequest, ruling: Ruling) -> Result<TcpStream, Refusal> {
+        let port = req.authority.port();
+        let client = req.from.ip();
+        let to = req.authority;
         let failed = |e: std::io::Error| {
             refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -130,24 +174,58 @@ impl InboundPod {
                 format!("connecting to {}:{port}: {e}", self.pod.reference),
             )
         };
-        let socket = self
-            .netns
-            .run(move || {
-                let s = tokio::net::TcpSocket::new_v4()?;
-                set_int_option(&s, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?;
-                set_int_option(&s, libc::SOL_SOCKET, libc::SO_MARK, mesh::MARK as i32)?;
-                s.bind(SocketAddr::new(client, 0))?;
-                Ok(s)
-            })
-            .await
-            .map_err(|e| failed(std::io::Error::other(e)))?
-            .map_err(failed)?;
-        socket
-            .connect(SocketAddr::new(IpAddr::V4(self.pod.ip), port))
-            .await
-            .map_err(failed)
+        let denied = || {
+            refusal(
+                StatusCode::FORBIDDEN,
+                "policy_denied",
+                format!(
+                    "policy denies {} ({client}) → {}:{port}",
+                    req.peer.id, self.pod.reference
+                ),
+            )
+        };
+        match ruling {
+            Ruling::IdentityAllows => self.connect(client, to, mesh::MARK).await.map_err(failed),
+            Ruling::IdentityDenies => Err(denied()),
+            Ruling::KernelAllows => self
+                .connect(client, to, mesh::MARK_JUDGE)
+                .await
+                .map_err(failed),
+            Ruling::Denied => {
+                // Shown to the kernel all the same, so its counters and flow
+                // events record the refused flow exactly as they would the
+                // client's plaintext attempt; it drops the SYN. Should the
+                // policy have changed since the check, the kernel's word
+                // stands and the connection is used.
+                let witness =
+                    tokio::time::timeout(WITNESS_WAIT, self.connect(client, to, mesh::MARK_JUDGE))
+                        .await;
+                match witness {
+                    Ok(Ok(stream)) => Ok(stream),
+                    _ => Err(denied()),
+                }
+            }
+        }
     }
 }
+
+/// What policy says of a flow the inbound proxy was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ruling {
+    /// The kernel's maps allow it (or audit it): the kernel judges the
+    /// handover itself, and counts it.
+    KernelAllows,
+    Denied,
+    /// A rule naming the client's proven identity allows what the kernel,
+    /// blind to identities, would not: the handover passes as judged.
+    IdentityAllows,
+    /// A rule naming the client's identity denies it.
+    IdentityDenies,
+}
+
+/// How long a denied flow's witness connection waits: the kernel judges
+/// the SYN as loopback delivers it, well within this.
+const WITNESS_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What the HBONE server calls: the pod's checks, then the connection.
 pub struct InboundGate(pub Arc<InboundPod>);
@@ -163,7 +241,7 @@ impl InboundPod {
     async fn open(&self, req: InboundRequest) -> Result<TcpStream, Refusal> {
         let mode = self.pod.mode.as_str();
         let opened = match self.check(&req) {
-            Ok(()) => self.connect(req.from.ip(), req.authority.port()).await,
+            Ok(ruling) => self.hand_over(&req, ruling).await,
             Err(r) => Err(r),
         };
         match &opened {

@@ -13,7 +13,7 @@ use std::{
     thread,
 };
 
-use portcullis_common::mesh::MARK;
+use portcullis_common::mesh::{MARK, MARK_MASK};
 use tokio::sync::oneshot;
 
 /// The routing table that sends the applications' replies to proxied
@@ -115,11 +115,13 @@ impl PodNetns {
     }
 
     /// Prepares the namespace for the inbound proxy, idempotently: replies
-    /// to the proxy's connections (which carry [`MARK`], and which the
+    /// to the proxy's connections (which carry [`MARK`] or `MARK_JUDGE`,
+    /// one rule under [`MARK_MASK`], and which the
     /// applications' accepted sockets inherit with `tcp_fwmark_accept`)
     /// are delivered locally, to the proxy's transparent socket, instead
     /// of being routed out to the client's address.
-    pub async fn prepare(&self) -> Result<(), NetnsError> {
+    /// With `ipv6`, for IPv6 too.
+    pub async fn prepare(&self, ipv6: bool) -> Result<(), NetnsError> {
         let path = self.path.clone();
         let fail = |action: &str, source| NetnsError::Prepare {
             path: path.clone(),
@@ -128,22 +130,23 @@ impl PodNetns {
         };
         self.run(move || {
             std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
-            let mark = format!("{MARK:#x}");
+            let mark = format!("{:#x}/{MARK_MASK:#x}", MARK & MARK_MASK);
             let table = ROUTE_TABLE.to_string();
-            // Delete first, so a restarted agent does not stack rules.
-            while ip(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table]).is_ok() {}
-            ip(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table])?;
-            ip(&[
-                "-4",
-                "route",
-                "replace",
-                "local",
-                "0.0.0.0/0",
-                "dev",
-                "lo",
-                "table",
-                &table,
-            ])?;
+            let families: &[(&str, &str)] = if ipv6 {
+                &[("-4", "0.0.0.0/0"), ("-6", "::/0")]
+            } else {
+                &[("-4", "0.0.0.0/0")]
+            };
+            for (family, everything) in families {
+                // Delete first, so a restarted agent does not stack rules
+                // (nor keep an older version's unmasked one).
+                for old in [mark.as_str(), &format!("{MARK:#x}")] {
+                    while ip(&[family, "rule", "del", "fwmark", old, "lookup", &table]).is_ok() {}
+                }
+                ip(&[family, "rule", "add", "fwmark", &mark, "lookup", &table])?;
+                let route = [family, "route", "replace", "local", everything, "dev", "lo"];
+                ip(&[&route[..], &["table", &table]].concat())?;
+            }
             ip(&["link", "set", "lo", "up"])
         })
         .await?

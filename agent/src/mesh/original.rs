@@ -49,17 +49,19 @@ impl Originals {
         Ok(Self { map })
     }
 
-    /// Takes the entry of the client at `port` in the namespace with
-    /// `netns_cookie`: each connection's entry is read once.
+    /// Takes the entry of the client at `client` (the listener's view of
+    /// it: loopback, so only its family and port tell) in the namespace
+    /// with `netns_cookie`: each connection's entry is read once.
     pub fn take(
         &mut self,
         netns_cookie: u64,
-        port: u16,
+        client: std::net::SocketAddr,
     ) -> Result<Option<Original>, OriginalError> {
         let key = MeshClientKey {
             netns_cookie,
-            port,
-            _pad: [0; 6],
+            port: client.port(),
+            family: if client.is_ipv4() { 4 } else { 6 },
+            _pad: [0; 5],
         };
         let value = match self.map.get(&key, 0) {
             Ok(v) => v,

@@ -6,7 +6,7 @@
 //! never a plaintext one.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -64,7 +64,7 @@ impl OutboundPod {
             .originals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take(self.netns_cookie, from.port());
+            .take(self.netns_cookie, from);
         let original = match taken {
             Ok(Some(o)) => o,
             Ok(None) | Err(_) => {
@@ -88,7 +88,7 @@ impl OutboundPod {
                         &self.identity,
                         hbone,
                         destination,
-                        IpAddr::V4(self.pod.ip),
+                        self.pod.address_like(destination.ip()),
                         Some(&peer.id),
                         dial,
                     )

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -22,10 +22,27 @@ use super::mode::{self, MeshMode};
 pub struct LocalPod {
     pub reference: WorkloadRef,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, if it has one: then it is proxied over IPv6 too.
+    pub ipv6: Option<Ipv6Addr>,
     pub id: SpiffeId,
     pub mode: MeshMode,
     /// The pod's cgroup directory, resolved.
     pub cgroup: PathBuf,
+}
+
+impl LocalPod {
+    /// Is `ip` one of the pod's addresses?
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        ip == IpAddr::V4(self.ip) || Some(ip) == self.ipv6.map(IpAddr::V6)
+    }
+
+    /// The pod's address of `other`'s family (IPv4 when it has no IPv6).
+    pub fn address_like(&self, other: IpAddr) -> IpAddr {
+        match (other, self.ipv6) {
+            (IpAddr::V6(_), Some(v6)) => IpAddr::V6(v6),
+            _ => IpAddr::V4(self.ip),
+        }
+    }
 }
 
 /// A meshed pod anywhere in the cluster.
@@ -90,6 +107,10 @@ impl MeshPlan {
                 LocalPod {
                     reference: w.reference(),
                     ip,
+                    ipv6: w.ips.iter().find_map(|ip| match ip {
+                        IpAddr::V6(v6) => Some(*v6),
+                        IpAddr::V4(_) => None,
+                    }),
                     id,
                     mode,
                     cgroup: cgroup::resolve(cgroup_mount, cg),

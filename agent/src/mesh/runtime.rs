@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{mpsc, Arc, Mutex},
     time::{Duration, Instant},
@@ -19,12 +19,13 @@ use crate::{
     cgroup,
     identity::manager::IdentityHandle,
     metrics::MeshMetrics,
-    policy::model::{Inventory, WorkloadRef},
+    policy::model::{Inventory, PolicyObject, WorkloadRef},
     source::file::error_chain,
     worker::Worker,
 };
 
 use super::{
+    authz::IdentityRules,
     hbone::{self, HbonePool, LocalIdentity, TrustInputs, TunnelRegistry},
     inbound::{InboundGate, InboundPod},
     mode::MeshMode,
@@ -81,6 +82,7 @@ pub struct MeshHandle {
     /// Follows the pods' listeners and certificates.
     pub state: watch::Receiver<MeshState>,
     plan: watch::Sender<Arc<MeshPlan>>,
+    identity_rules: watch::Sender<Option<Arc<IdentityRules>>>,
     /// The runtime's problems, with the plan they answer.
     reports: Mutex<mpsc::Receiver<Report>>,
     options: MeshOptions,
@@ -128,6 +130,13 @@ impl MeshHandle {
         }
         problems
     }
+
+    /// Follows the enforced policies, for the rules only the inbound proxy
+    /// can judge (identity peers).
+    pub fn set_policies(&self, inventory: &Inventory, policies: &[PolicyObject]) {
+        self.identity_rules
+            .send_replace(IdentityRules::new(inventory, policies).map(Arc::new));
+    }
 }
 
 /// What every pod's proxies share.
@@ -136,6 +145,7 @@ struct Shared {
     plan: watch::Receiver<Arc<MeshPlan>>,
     originals: Arc<Mutex<Originals>>,
     kernel: Arc<Mutex<KernelView>>,
+    identity_rules: watch::Receiver<Option<Arc<IdentityRules>>>,
     trust: TrustInputs,
     registry: TunnelRegistry,
     metrics: MeshMetrics,
@@ -152,6 +162,7 @@ pub fn start(
     let kernel =
         KernelView::open(&options.pin_dir).map_err(|source| MeshError::Kernel { source })?;
     let (plan_tx, plan_rx) = watch::channel(Arc::new(MeshPlan::default()));
+    let (rules_tx, rules_rx) = watch::channel(None);
     let (report_tx, report_rx) = mpsc::channel();
     let (state_tx, state_rx) = watch::channel(MeshState::default());
     let trust = TrustInputs {
@@ -174,6 +185,7 @@ pub fn start(
             plan: plan_rx.clone(),
             originals: Arc::new(Mutex::new(originals)),
             kernel: Arc::new(Mutex::new(kernel)),
+            identity_rules: rules_rx,
             trust,
             registry,
             metrics,
@@ -185,6 +197,7 @@ pub fn start(
     Ok(MeshHandle {
         state: state_rx,
         plan: plan_tx,
+        identity_rules: rules_tx,
         reports: Mutex::new(report_rx),
         options,
         _worker: worker,
@@ -274,25 +287,42 @@ async fn follow(
 async fn start_pod(shared: &Arc<Shared>, pod: &LocalPod) -> Result<Vec<JoinHandle<()>>, String> {
     let path = netns::of_cgroup(&pod.cgroup).map_err(|e| error_chain(&e))?;
     let ns = Arc::new(PodNetns::enter(&path).map_err(|e| error_chain(&e))?);
-    ns.prepare().await.map_err(|e| error_chain(&e))?;
+    ns.prepare(pod.ipv6.is_some())
+        .await
+        .map_err(|e| error_chain(&e))?;
     let cgroup_id = cgroup::cgroup_id(&pod.cgroup).map_err(|e| error_chain(&e))?;
-    let pod_ip = pod.ip;
+    let (pod_ip, pod_ipv6) = (pod.ip, pod.ipv6);
     let (outbound, inbound) = ns
         .run(move || {
             // On the pod's address, first: binding fails unless this really
             // is the pod's namespace (a process may sit in the pod's cgroup
             // a moment before it enters the namespace).
-            let inb = listen(SocketAddr::from((pod_ip, mesh::INBOUND_PORT)))?;
-            let out = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, mesh::OUTBOUND_PORT)))?;
-            Ok((out, inb))
+            let mut inbound = vec![listen(SocketAddr::from((pod_ip, mesh::INBOUND_PORT)))?];
+            let mut outbound = vec![listen(SocketAddr::from((
+                Ipv4Addr::LOCALHOST,
+                mesh::OUTBOUND_PORT,
+            )))?];
+            if let Some(v6) = pod_ipv6 {
+                inbound.push(listen(SocketAddr::from((v6, mesh::INBOUND_PORT)))?);
+                outbound.push(listen(SocketAddr::from((
+                    Ipv6Addr::LOCALHOST,
+                    mesh::OUTBOUND_PORT,
+                )))?);
+            }
+            Ok((outbound, inbound))
         })
         .await
         .map_err(|e| error_chain(&e))?
         .map_err(|e| format!("opening the mesh listeners: {e}"))?;
     let netns_cookie =
-        netns::netns_cookie(&outbound).map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
-    let outbound = TcpListener::from_std(outbound).map_err(|e| e.to_string())?;
-    let inbound = TcpListener::from_std(inbound).map_err(|e| e.to_string())?;
+        netns::netns_cookie(&outbound[0]).map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
+    let tokio_listeners = |l: Vec<std::net::TcpListener>| {
+        l.into_iter()
+            .map(TcpListener::from_std)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())
+    };
+    let (outbound, inbound) = (tokio_listeners(outbound)?, tokio_listeners(inbound)?);
     let identity = LocalIdentity {
         id: pod.id.clone(),
         certificates: shared.certificates.clone(),
@@ -318,10 +348,12 @@ async fn start_pod(shared: &Arc<Shared>, pod: &LocalPod) -> Result<Vec<JoinHandl
         netns: ns,
         plan: shared.plan.clone(),
         kernel: shared.kernel.clone(),
+        identity_rules: shared.identity_rules.clone(),
         metrics: shared.metrics.clone(),
     })));
-    let inbound_task = {
+    let inbound_task = |inbound: TcpListener| {
         let shared = shared.clone();
+        let (identity, handler) = (identity.clone(), handler.clone());
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = match inbound.accept().await {
@@ -348,7 +380,12 @@ async fn start_pod(shared: &Arc<Shared>, pod: &LocalPod) -> Result<Vec<JoinHandl
             }
         })
     };
-    Ok(vec![tokio::spawn(out.serve(outbound)), inbound_task])
+    let mut tasks: Vec<_> = outbound
+        .into_iter()
+        .map(|l| tokio::spawn(out.clone().serve(l)))
+        .collect();
+    tasks.extend(inbound.into_iter().map(inbound_task));
+    Ok(tasks)
 }
 
 /// A listening socket in the calling thread's namespace (std sets

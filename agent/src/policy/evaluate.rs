@@ -26,6 +26,8 @@
 
 use std::net::IpAddr;
 
+use crate::identity::spiffe::SpiffeId;
+
 use crate::policy::model::{
     Action, ClusterPolicyRules, Direction, Inventory, L4PolicyRules, Mode, NamespaceScope,
     NetworkPolicyRules, Peer, Peers, PolicyKind, PolicyObject, PolicyRef, PortSpec, Protocol, Rule,
@@ -126,7 +128,20 @@ impl DirectionVerdict {
     }
 }
 
+/// The decision for a plaintext flow: identity peers never match.
 pub fn evaluate(inventory: &Inventory, policies: &[PolicyObject], query: &FlowQuery) -> Decision {
+    evaluate_authenticated(inventory, policies, query, None)
+}
+
+/// The decision for a flow whose client proved `client` with its mTLS
+/// certificate (`None`: plaintext): identity peers of the destination's
+/// ingress rules match it.
+pub fn evaluate_authenticated(
+    inventory: &Inventory,
+    policies: &[PolicyObject],
+    query: &FlowQuery,
+    client: Option<&SpiffeId>,
+) -> Decision {
     // The kernel sees IPv4-mapped IPv6 as IPv4.
     let src = query.src.to_canonical();
     let dst = query.dst.to_canonical();
@@ -139,6 +154,7 @@ pub fn evaluate(inventory: &Inventory, policies: &[PolicyObject], query: &FlowQu
             direction,
             peer,
             query,
+            client: client.filter(|_| direction == Direction::Ingress),
         }
         .verdict(policies),
         None => DirectionVerdict::NotEnforced,
@@ -170,6 +186,8 @@ struct Judge<'a> {
     direction: Direction,
     peer: IpAddr,
     query: &'a FlowQuery,
+    /// The peer's proven identity, on the destination's (ingress) side.
+    client: Option<&'a SpiffeId>,
 }
 
 impl Judge<'_> {
@@ -317,7 +335,7 @@ impl Judge<'_> {
             self.workload,
             self.direction,
             rule,
-            self.peer,
+            (self.peer, self.client),
             self.query,
         )
     }
@@ -329,12 +347,15 @@ fn rule_allows(
     workload: &Workload,
     direction: Direction,
     rule: &Rule,
-    peer: IpAddr,
+    (peer, client): (IpAddr, Option<&SpiffeId>),
     query: &FlowQuery,
 ) -> bool {
     let peer_ok = match &rule.peers {
         Peers::All => true,
-        Peers::Only(peers) => peers.iter().any(|p| peer_matches(inventory, p, peer)),
+        Peers::Only(peers) => peers.iter().any(|p| match p {
+            Peer::Identity(m) => client.is_some_and(|c| m.matches(c)),
+            _ => peer_matches(inventory, p, peer),
+        }),
     };
     if !peer_ok {
         return false;
@@ -374,6 +395,7 @@ fn peer_matches(inventory: &Inventory, peer: &Peer, address: IpAddr) -> bool {
             };
             namespace_ok && pods.matches(&pod.labels)
         }
+        Peer::Identity(_) => false,
         Peer::Block { cidr, except } => {
             !inventory.node_ips.contains(&address)
                 && !is_ipv6_link_local(address)

@@ -20,7 +20,7 @@ pub use self::{
         ServiceBackend, ServicePort, Workload, WorkloadRef,
     },
     network_policy::{
-        IntOrString, IpBlock, LabelSelector, LabelSelectorRequirement, NetworkPolicy,
+        IdentityPeer, IntOrString, IpBlock, LabelSelector, LabelSelectorRequirement, NetworkPolicy,
         NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
         NetworkPolicySpec, ObjectMeta,
     },
@@ -29,7 +29,7 @@ pub use self::{
         ClusterL4PolicySpec, ClusterL4PolicySubject, L4Policy, L4PolicySpec,
     },
 };
-use crate::policy::selector::Selector;
+use crate::{identity::spiffe::SpiffeId, policy::selector::Selector};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -412,6 +412,36 @@ pub enum Peer {
     /// Addresses in `cidr` but in none of `except`. Never matches this
     /// node's own addresses (see [`crate::policy::evaluate`]).
     Block { cidr: IpNet, except: Vec<IpNet> },
+    /// An mTLS client proving this identity (ingress of Portcullis'
+    /// policies only). The kernel never sees identities, so it compiles to
+    /// nothing there; the destination's inbound proxy judges it.
+    Identity(IdentityMatch),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityMatch {
+    Exact(SpiffeId),
+    /// Every identity of the namespace (the trust domain is the agent's:
+    /// certificates of any other were refused before policy).
+    Namespace(String),
+}
+
+impl IdentityMatch {
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Exact(want) => want == id,
+            Self::Namespace(ns) => id.namespace() == ns,
+        }
+    }
+}
+
+impl fmt::Display for IdentityMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(id) => write!(f, "identity {id}"),
+            Self::Namespace(ns) => write!(f, "any identity of namespace {ns}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,14 +20,16 @@ use thiserror::Error;
 
 pub use self::yaml::YamlError;
 
+use crate::identity::spiffe::SpiffeId;
 use crate::policy::{
     model::{
         default_namespace, is_valid_port_name,
         names::{self, abbreviate, NameError},
-        Action, ClusterL4Policy, ClusterPolicyRules, IntOrString, Inventory, InventoryError,
-        L4Policy, L4PolicyRules, LabelSelector, Mode, NamespaceScope, NetworkPolicy,
-        NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicyRules, ObjectKind, Origin, Peer, Peers,
-        PolicyKind, PolicyObject, PolicyRef, PortMatch, PortSpec, Protocol, Rule, Tier, TierRule,
+        Action, ClusterL4Policy, ClusterPolicyRules, IdentityMatch, IdentityPeer, IntOrString,
+        Inventory, InventoryError, L4Policy, L4PolicyRules, LabelSelector, Mode, NamespaceScope,
+        NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicyRules, ObjectKind,
+        Origin, Peer, Peers, PolicyKind, PolicyObject, PolicyRef, PortMatch, PortSpec, Protocol,
+        Rule, Tier, TierRule,
     },
     selector::{Selector, SelectorError},
 };
@@ -175,6 +177,16 @@ pub enum ParseError {
     },
     #[error("{at}: a peer needs podSelector, namespaceSelector or ipBlock")]
     EmptyPeer { at: Box<Context> },
+    #[error(
+        "{at}: identity peers belong only in ingress rules (`from`) of L4Policy and \
+         ClusterL4Policy: an identity is proven by the client's certificate, which only the \
+         destination's proxy sees"
+    )]
+    IdentityNotHere { at: Box<Context> },
+    #[error("{at}: identity cannot be combined with podSelector, namespaceSelector or ipBlock")]
+    IdentityWithOther { at: Box<Context> },
+    #[error("{at}: {message}")]
+    InvalidIdentity { at: Box<Context>, message: String },
     #[error("{at}: ipBlock cannot be combined with podSelector or namespaceSelector")]
     IpBlockWithSelector { at: Box<Context> },
     #[error("{at}: {value:?} is not a CIDR")]
@@ -729,7 +741,10 @@ fn rule(
         Some(list) => Peers::Only(
             list.iter()
                 .enumerate()
-                .map(|(j, p)| peer(&cx.at(format!("{field}.{peers_name}[{j}]")), namespace, p))
+                .map(|(j, p)| {
+                    let at = cx.at(format!("{field}.{peers_name}[{j}]"));
+                    peer(&at, namespace, peers_name == "from", p)
+                })
                 .collect::<Result<_, _>>()?,
         ),
     };
@@ -742,17 +757,40 @@ fn rule(
     Ok(Rule { peers, ports })
 }
 
+/// `ingress`: the peer is a rule's `from`, where identities may appear
+/// (in Portcullis' own kinds).
 fn peer(
     at: &Context,
     namespace: Option<&str>,
+    ingress: bool,
     raw: &NetworkPolicyPeer,
 ) -> Result<Peer, ParseError> {
     let field = |name: &str| at.at(format!("{}.{name}", at.field));
     match raw {
         NetworkPolicyPeer {
+            identity: Some(identity),
+            pod_selector: None,
+            namespace_selector: None,
+            ip_block: None,
+        } => {
+            let network_policy = at.object.kind.as_deref() == Some("NetworkPolicy");
+            if !ingress || network_policy {
+                return Err(ParseError::IdentityNotHere {
+                    at: field("identity").into(),
+                });
+            }
+            identity_peer(&field("identity"), identity).map(Peer::Identity)
+        }
+        NetworkPolicyPeer {
+            identity: Some(_), ..
+        } => Err(ParseError::IdentityWithOther {
+            at: at.clone().into(),
+        }),
+        NetworkPolicyPeer {
             ip_block: Some(block),
             pod_selector: None,
             namespace_selector: None,
+            ..
         } => {
             let cidr = cidr(&field("ipBlock.cidr"), &block.cidr)?;
             let mut except = Vec::new();
@@ -799,6 +837,38 @@ fn peer(
             Ok(Peer::Pods { namespaces, pods })
         }
     }
+}
+
+fn identity_peer(at: &Context, raw: &IdentityPeer) -> Result<IdentityMatch, ParseError> {
+    let invalid = |field: &str, message: String| ParseError::InvalidIdentity {
+        at: at.at(format!("{}{field}", at.field)).into(),
+        message,
+    };
+    match (&raw.spiffe_id, &raw.namespace) {
+        (Some(id), None) => id
+            .parse::<SpiffeId>()
+            .map(IdentityMatch::Exact)
+            .map_err(|e| invalid(".spiffeId", format!("{:?}: {e}", abbreviate(id)))),
+        (None, Some(ns)) if is_dns_label(ns) => Ok(IdentityMatch::Namespace(ns.clone())),
+        (None, Some(ns)) => Err(invalid(
+            ".namespace",
+            format!("{:?} is not a namespace name", abbreviate(ns)),
+        )),
+        _ => Err(invalid(
+            "",
+            "an identity is exactly one of spiffeId and namespace".into(),
+        )),
+    }
+}
+
+/// A Kubernetes namespace name (RFC 1123 label).
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// Parses a CIDR, clearing host bits (`10.0.0.1/24` means `10.0.0.0/24`).

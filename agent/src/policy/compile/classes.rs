@@ -170,6 +170,8 @@ impl PeerClasses {
     pub fn matching(&self, peer: &Peer) -> Vec<usize> {
         let mut matched: Vec<usize> = match peer {
             Peer::Pods { .. } => self.pods.clone(),
+            // Judged by the inbound proxy, never by the kernel.
+            Peer::Identity(_) => return Vec::new(),
             // Only classes whose CIDR lies inside the block can match; they
             // sort between (network, /0) and (broadcast, /max).
             Peer::Block { cidr, .. } => {
@@ -235,7 +237,7 @@ impl PeerClass {
                 };
                 namespace_ok && pods.matches(labels)
             }
-            (Peer::Pods { .. }, PeerClass::Cidr(_)) => false,
+            (Peer::Pods { .. }, PeerClass::Cidr(_)) | (Peer::Identity(_), _) => false,
             (Peer::Block { cidr, except }, class) => {
                 let most_specific = match class {
                     PeerClass::Pod { cidr, .. } => match cidr {

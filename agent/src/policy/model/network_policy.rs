@@ -75,8 +75,8 @@ pub struct NetworkPolicyEgressRule {
 // server refuses a CRD whose rules cost more than its budget in all, so
 // each rule here is one cheap expression.
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.ipBlock) != (has(self.podSelector) || has(self.namespaceSelector))",
-    "message": "a peer is an ipBlock, or a podSelector and/or namespaceSelector",
+    "rule": "has(self.identity) ? !(has(self.ipBlock) || has(self.podSelector) || has(self.namespaceSelector)) : has(self.ipBlock) != (has(self.podSelector) || has(self.namespaceSelector))",
+    "message": "a peer is an ipBlock, a podSelector and/or namespaceSelector, or an identity",
 }]))]
 pub struct NetworkPolicyPeer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +85,27 @@ pub struct NetworkPolicyPeer {
     pub namespace_selector: Option<LabelSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_block: Option<IpBlock>,
+    /// L4Policy and ClusterL4Policy ingress only: clients that prove this
+    /// workload identity with their mTLS certificate (the destination must
+    /// be meshed). Never matches plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityPeer>,
+}
+
+/// A SPIFFE identity, exactly or every identity of a namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.spiffeId) != has(self.__namespace__)",
+    "message": "an identity is a spiffeId or a namespace",
+}]))]
+pub struct IdentityPeer {
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    /// Every identity of this namespace (in the agent's trust domain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

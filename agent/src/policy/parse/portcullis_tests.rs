@@ -246,3 +246,87 @@ fn unknown_portcullis_kinds_and_duplicates_are_rejected() {
         "{message}"
     );
 }
+
+#[test]
+fn identity_peers_parse_in_ingress_of_portcullis_kinds() {
+    let parsed = parse(&l4(
+        "  podSelector: {}\n  ingress:\n  - from:\n    - identity: {spiffeId: 'spiffe://cluster.local/ns/x/sa/api'}\n    - identity: {namespace: y}\n  ingressDeny:\n  - from: [{identity: {namespace: z}}]",
+    ))
+    .expect("valid");
+    let PolicyKind::L4Policy(lp) = &parsed[0].kind else {
+        panic!("{parsed:?}")
+    };
+    let Peers::Only(peers) = &lp.allow.ingress[0].peers else {
+        panic!("{lp:?}")
+    };
+    assert_eq!(
+        peers,
+        &vec![
+            Peer::Identity(IdentityMatch::Exact(
+                "spiffe://cluster.local/ns/x/sa/api".parse().unwrap()
+            )),
+            Peer::Identity(IdentityMatch::Namespace("y".into())),
+        ]
+    );
+    parse(&cluster(
+        "{name: c}",
+        "  tier: Admin\n  priority: 1\n  ingress:\n  - action: Allow\n    from: [{identity: {namespace: y}}]",
+    ))
+    .expect("ClusterL4Policy ingress takes identities");
+}
+
+#[test]
+fn identity_peers_are_refused_where_no_certificate_is_checked() {
+    l4_error(
+        "  podSelector: {}\n  egress:\n  - to: [{identity: {namespace: y}}]",
+        "spec.egress[0].to[0].identity",
+        "only in ingress rules",
+    );
+    cluster_error(
+        "  tier: Admin\n  priority: 1\n  egress:\n  - action: Deny\n    to: [{identity: {namespace: y}}]",
+        "spec.egress[0].to[0].identity",
+        "only in ingress rules",
+    );
+    assert_error(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: x}\n\
+         spec:\n  podSelector: {}\n  ingress:\n  - from: [{identity: {namespace: y}}]\n",
+        "NetworkPolicy x/np",
+        "spec.ingress[0].from[0].identity",
+        "L4Policy and ClusterL4Policy",
+    );
+}
+
+#[test]
+fn malformed_identity_peers_name_the_field() {
+    let with = |peer: &str| format!("  podSelector: {{}}\n  ingress:\n  - from: [{peer}]");
+    l4_error(
+        &with("{identity: {spiffeId: 'spiffe://cluster.local/ns/x'}}"),
+        "spec.ingress[0].from[0].identity.spiffeId",
+        "spiffe://cluster.local/ns/x",
+    );
+    l4_error(
+        &with("{identity: {namespace: Not_A_Namespace}}"),
+        "spec.ingress[0].from[0].identity.namespace",
+        "not a namespace name",
+    );
+    l4_error(
+        &with("{identity: {}}"),
+        "spec.ingress[0].from[0].identity",
+        "exactly one of spiffeId and namespace",
+    );
+    l4_error(
+        &with("{identity: {namespace: y, spiffeId: 'spiffe://cluster.local/ns/y/sa/a'}}"),
+        "spec.ingress[0].from[0].identity",
+        "exactly one of spiffeId and namespace",
+    );
+    l4_error(
+        &with("{identity: {namespace: y}, podSelector: {}}"),
+        "spec.ingress[0].from[0]",
+        "identity cannot be combined",
+    );
+    l4_error(
+        &with("{identity: {namespace: y, serviceAccount: a}}"),
+        "spec.ingress[0].from[0]",
+        "serviceAccount",
+    );
+}
