@@ -562,8 +562,6 @@ impl Lab {
         &self.nodes[0].pin_dir
     }
 
-    /// Where the lab's agent keeps the last valid version of each object;
-    /// it outlives the agent (restarts), not the lab.
     /// Standalone labs give their pods identities from a throwaway CA in
     /// the lab's directory (made once, kept across agent restarts), and
     /// publish them where `portcullis identity --lab NAME` reads. Labs on
@@ -593,7 +591,8 @@ impl Lab {
         self.state_dir.join("ca")
     }
 
-    /// Node 1's agent's state directory.
+    /// Where (node 1's) agent keeps the last valid version of each object;
+    /// it outlives the agent (restarts), not the lab.
     pub fn agent_state_dir(&self) -> PathBuf {
         self.nodes[0].agent_state_dir.clone()
     }
