@@ -173,6 +173,9 @@ fn describe_nodes(lab: &Lab) -> String {
 
 async fn measure(lab: &Lab, args: &LabArgs, specs: &[ProbeSpec]) -> anyhow::Result<()> {
     let human = !args.json;
+    // Every agent has applied its first pass once the lab is up, but meshed
+    // pods' listeners and certificates may still be on their way.
+    lab.wait_applied().await?;
     if args.show_before && human {
         let before = lab.probe_matrix(specs, args.family).await?;
         println!("== Before: no policies ==\n");
