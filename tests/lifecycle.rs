@@ -132,6 +132,42 @@ async fn counters_move_with_decisions() {
     );
 }
 
+/// The counters a removed policy's rules left in the kernel map are
+/// retired at the next pass, so policy (and pod) churn cannot fill it for
+/// good; what is current stays.
+#[tokio::test]
+async fn counters_of_removed_rules_are_retired() {
+    let lab = start_lab("counters-gc").await;
+    lab.apply("z.yaml", &z_policy("{port: 80}")).await;
+    lab.matrix("80/tcp", Family::Ipv4).await;
+    let cookies = |lab: &portcullis_tests::TestLab| {
+        lab.counters()
+            .unwrap()
+            .iter()
+            .filter(|s| s.key.rule_cookie != 0)
+            .map(|s| s.key.rule_cookie)
+            .collect::<std::collections::BTreeSet<u32>>()
+    };
+    let with_policy = cookies(&lab);
+    assert!(!with_policy.is_empty(), "the policy's rules counted");
+    lab.apply("z.yaml", &z_policy("{port: 81}")).await;
+    lab.matrix("81/tcp", Family::Ipv4).await;
+    let after_change = cookies(&lab);
+    let names: portcullis_agent::reconcile::PublishedNames =
+        serde_json::from_slice(&std::fs::read(lab.names_file()).unwrap()).unwrap();
+    assert!(
+        after_change.iter().all(|c| names.cookies.contains_key(c)),
+        "only current rules' counters remain: {after_change:?}, current {:?}",
+        names.cookies.keys().collect::<Vec<_>>()
+    );
+    lab.remove("z.yaml").await;
+    assert!(
+        cookies(&lab).is_empty(),
+        "with no policy, no rule's counter remains: {:?}",
+        cookies(&lab)
+    );
+}
+
 const Z_DEFAULT_DENY: &str = r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy

@@ -761,3 +761,70 @@ async fn kill_9_of_the_agent_process_leaves_no_plaintext_and_recovers() {
     drop(agent);
     lab.lab.shutdown().await.expect("shutdown");
 }
+
+/// `portcullis connections` answers "is this connection encrypted, to
+/// whom, with which certificate, until when", for both ends, and shows a
+/// passthrough connection as plaintext.
+#[tokio::test]
+async fn connections_show_encryption_peer_and_certificate() {
+    let lab = meshed_lab("mesh-conns", |t| set_namespace_mode(t, "z", "disabled")).await;
+    until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
+    let (_mtls, o) = lab.hold("x/a", "x/b", 80, Family::Ipv4).await.unwrap();
+    assert_eq!(o, ProbeOutcome::Reached);
+    let (_plain, o) = lab.hold("x/a", "z/a", 80, Family::Ipv4).await.unwrap();
+    assert_eq!(o, ProbeOutcome::Reached);
+    let path = portcullis_agent::mesh::connections::lab_file("mesh-conns");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let records = loop {
+        let records = portcullis_agent::mesh::connections::read(&path).unwrap_or_default();
+        if records.len() >= 3 || Instant::now() > deadline {
+            break records;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let find = |direction: &str, pod: &str, to: &str| {
+        records
+            .iter()
+            .find(|r| r.direction == direction && r.pod == pod && r.to.starts_with(to))
+            .unwrap_or_else(|| panic!("no {direction} {pod} → {to} in {records:#?}"))
+    };
+    let (b, z) = (
+        pod_ip(&lab, "x/b").to_string(),
+        pod_ip(&lab, "z/a").to_string(),
+    );
+    let out = find("outbound", "x/a", &b);
+    assert_eq!(out.transport, "mtls");
+    assert_eq!(
+        out.peer_identity.as_deref(),
+        Some("spiffe://cluster.local/ns/x/sa/b")
+    );
+    assert!(out.peer_serial.is_some() && out.peer_not_after.is_some());
+    let inbound = find("inbound", "x/b", &b);
+    assert_eq!(
+        inbound.peer_identity.as_deref(),
+        Some("spiffe://cluster.local/ns/x/sa/a")
+    );
+    assert!(inbound.from.starts_with(&pod_ip(&lab, "x/a").to_string()));
+    let plain = find("outbound", "x/a", &z);
+    assert_eq!(
+        (plain.transport.as_str(), plain.peer_identity.as_deref()),
+        ("passthrough", None)
+    );
+    let cli = std::process::Command::new(portcullis_agent::lab::portcullis_exe().unwrap())
+        .args(["connections", "--lab", "mesh-conns", "--pod", "x/a"])
+        .output()
+        .expect("portcullis connections");
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    assert!(
+        text.contains("[MTLS] peer spiffe://cluster.local/ns/x/sa/b (certificate "),
+        "{text}"
+    );
+    assert!(text.contains("[PASSTHROUGH] peer plaintext"), "{text}");
+    assert!(!text.contains("x/b inbound"), "--pod filters: {text}");
+    lab.lab.shutdown().await.expect("shutdown");
+}

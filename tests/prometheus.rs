@@ -16,8 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portcullis_agent::lab::{
-    pod::ProbeOutcome, report::ProbeSpec, topology::default_topology, Family, LabOptions,
+use portcullis_agent::{
+    lab::{pod::ProbeOutcome, report::ProbeSpec, topology::default_topology, Family, LabOptions},
+    mesh::mode::MODE_LABEL,
 };
 use portcullis_tests::{
     http_get, parse_response, promtool, require_binary, start_lab_with_options, TestLab,
@@ -122,6 +123,10 @@ fn prometheus_rule_and_plain_rule_file_have_the_same_groups() {
         "PortcullisPolicyProblems",
         "PortcullisBPFMapNearCapacity",
         "PortcullisDropsSpike",
+        "PortcullisPacketSocketGuardInactive",
+        "PortcullisMeshHandshakeFailures",
+        "PortcullisCertificateNearExpiry",
+        "PortcullisPlaintextRefused",
     ] {
         assert!(alerts.contains(want), "no alert {want}: {alerts:?}");
     }
@@ -393,6 +398,31 @@ fn check_expected_series(title: &str, expr: &str, result: &[Value]) -> Option<&'
             "panel {title:?}: `{expr}` shows no traffic: {result:?}"
         )
     };
+    if expr.contains("portcullis_mesh_connections_total") {
+        check(&[("direction", "outbound"), ("result", "mtls")]);
+        check(&[("direction", "inbound"), ("result", "mtls")]);
+        check(&[("direction", "outbound"), ("result", "passthrough")]);
+        return Some("mesh connections");
+    }
+    if expr.contains("portcullis_mesh_failures_total") {
+        check(&[("direction", "inbound"), ("reason", "tls_handshake")]);
+        return Some("mesh failures");
+    }
+    if expr.contains("portcullis_identity_certificate_expiry_timestamp_seconds") {
+        check(&[("spiffe_id", "spiffe://cluster.local/ns/x/sa/a")]);
+        assert!(
+            result.iter().all(|s| sample_value(s) > 0.0),
+            "panel {title:?}: every certificate is still valid: {result:?}"
+        );
+        return Some("certificate expiry");
+    }
+    if expr.contains("portcullis_mesh_active_connections") {
+        return Some("proxied connections");
+    }
+    if expr.contains("reason=\"plaintext\"") {
+        positive();
+        return Some("plaintext refused");
+    }
     if expr.contains("portcullis_drops_total") && !expr.contains("portcullis_forwards_total") {
         positive();
         if has("policy") {
@@ -476,7 +506,20 @@ async fn dashboard_queries_and_alert_rules_work_against_a_real_prometheus() {
     require_binary("promtool");
     promtool(&["check", "rules", "deploy/prometheus/rules.yaml"], None);
 
-    let mut opts = LabOptions::new("prom", default_topology());
+    // Namespace x is meshed PERMISSIVE, its pod c STRICT, so the mesh's
+    // panels and alerts have traffic too.
+    let mut topology = default_topology();
+    for n in topology.namespaces.iter_mut().filter(|n| n.name == "x") {
+        n.labels.insert(MODE_LABEL.into(), "permissive".into());
+    }
+    for w in topology
+        .workloads
+        .iter_mut()
+        .filter(|w| w.namespace == "x" && w.name == "c")
+    {
+        w.labels.insert(MODE_LABEL.into(), "strict".into());
+    }
+    let mut opts = LabOptions::new("prom", topology);
     opts.admin_addr = Some("127.0.0.1:0".parse().unwrap());
     let lab: TestLab = start_lab_with_options(opts).await;
     let agent = lab.admin_addr().expect("the lab's agent serves metrics");
@@ -516,6 +559,19 @@ async fn dashboard_queries_and_alert_rules_work_against_a_real_prometheus() {
             probe("y/a", "x/a", tcp80),
             probe("x/a", "y/b", tcp80),
         );
+        // The mesh: mTLS between x's pods, plaintext refused by STRICT x/c,
+        // and a client that speaks no TLS to x/b's HBONE port.
+        let (mtls, plaintext, no_tls) = tokio::join!(
+            probe("x/a", "x/b", tcp80),
+            probe("z/a", "x/c", tcp80),
+            probe("z/a", "x/b", "15008/tcp".parse().unwrap()),
+        );
+        assert_eq!(mtls, ProbeOutcome::Reached, "x/a → x/b over mTLS");
+        assert_eq!(plaintext, ProbeOutcome::TimedOut, "z/a → STRICT x/c");
+        // The HBONE port answers a non-TLS client with a TLS alert (which
+        // the probe, wanting any bytes back, calls reached); the failure
+        // must show in the mesh failures panel.
+        let _ = no_tls;
         assert_eq!(default_deny, ProbeOutcome::TimedOut, "z/a → y/a");
         assert_eq!(l4_deny, ProbeOutcome::TimedOut, "x/c → y/b");
         assert_eq!(cluster_deny, ProbeOutcome::TimedOut, "x/b → z/c");
@@ -578,6 +634,11 @@ async fn dashboard_queries_and_alert_rules_work_against_a_real_prometheus() {
         "agents up",
         "build info",
         "source health",
+        "mesh connections",
+        "mesh failures",
+        "plaintext refused",
+        "certificate expiry",
+        "proxied connections",
     ] {
         assert!(
             checked.contains(want),

@@ -35,12 +35,18 @@ use crate::{
     source::{
         file::{error_chain, FileSource, FileSourceError},
         kube::{KubeOptions, KubeSource, KubeSourceError},
+        wake::Wakeup,
         Revision, Source,
     },
 };
 
-/// How often the files are checked for changes.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the sync loop sleeps at most without a signal: a safety net
+/// for a missed file notification, and the pace of health checks (a
+/// source's staleness) that no event announces.
+pub const RECHECK: Duration = Duration::from_secs(1);
+/// A failed pass is retried after this, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 /// How soon the frame guard retries pods that had no process.
 const MISSING_PROCESS_RETRY: Duration = Duration::from_millis(250);
 
@@ -286,6 +292,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                     pin_dir: opts.pin_dir.clone(),
                     cgroup_mount: mount.clone(),
                     trust_domain: options.trust_domain.clone(),
+                    connections_file: options.connections_file.clone(),
                 },
                 handle,
                 metrics.mesh.clone(),
@@ -486,6 +493,20 @@ impl Observers {
             .learn_cookie_policies(&applied.names.cookie_policies);
         if let Err(e) = m.refresh(&self.pin_dir) {
             warn!("metrics: {}", error_chain(&e));
+        } else {
+            // Just counted: retire what endpoints and rules that are gone
+            // left in the counters map.
+            let (endpoints, cookies) = (&applied.names.endpoints, &applied.names.cookies);
+            let keep = |k: &portcullis_common::CounterKey| {
+                (k.endpoint_id == portcullis_common::ENDPOINT_ID_NONE
+                    || endpoints.contains_key(&k.endpoint_id))
+                    && (k.rule_cookie == 0 || cookies.contains_key(&k.rule_cookie))
+            };
+            match crate::bpf::counters::retire(&self.pin_dir, keep) {
+                Ok(0) => {}
+                Ok(n) => info!(retired = n, "counters of removed pods and rules retired"),
+                Err(e) => warn!("retiring counters: {}", error_chain(&e)),
+            }
         }
         m.decisions
             .set_cookie_policies(applied.names.cookie_policies.clone());
@@ -530,6 +551,14 @@ fn publish(path: &Path, names: &PublishedNames) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// How long after the `failed`-th failed pass in a row the next try
+/// comes: 100 ms, doubling, at most 30 s.
+fn retry_delay(failed: u32) -> Duration {
+    RETRY_FIRST
+        .saturating_mul(1 << failed.clamp(1, 16) - 1)
+        .min(RETRY_MAX)
+}
+
 /// Attaches the frame program to every enforced pod: the pods without a
 /// process yet (waited for), and the problems.
 fn guard_frames(dataplane: &mut Dataplane, cgroups: &[PathBuf]) -> (Vec<String>, Vec<String>) {
@@ -563,7 +592,39 @@ fn sync_loop(
     let mut last_guard = Instant::now();
     let mut last_pass = Instant::now();
     let mut last_pass_wall = SystemTime::now();
+    // Sources signal changes; the loop sleeps until one comes or a retry
+    // is due (no polling of the source).
+    let wake = Wakeup::new();
+    source.wake_on_change(wake.clone());
+    // A failed pass is tried again, sooner first.
+    let mut failed_passes: u32 = 0;
+    let mut retry_failed_at: Option<Instant> = None;
+    let mut first = true;
     while !stop.load(Ordering::Relaxed) {
+        if !first {
+            let mut due = vec![RECHECK];
+            if missing_cgroups {
+                due.push(
+                    source
+                        .missing_cgroup_retry()
+                        .saturating_sub(last_pass.elapsed()),
+                );
+            }
+            if missing_processes {
+                due.push(MISSING_PROCESS_RETRY.saturating_sub(last_guard.elapsed()));
+            }
+            if let Some(at) = retry_failed_at {
+                due.push(at.saturating_duration_since(Instant::now()));
+            }
+            let timeout = due.into_iter().min().unwrap_or(RECHECK);
+            if !timeout.is_zero() {
+                wake.wait(timeout);
+            }
+        }
+        first = false;
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         let degraded = source.degraded();
         observers
             .metrics
@@ -578,12 +639,12 @@ fn sync_loop(
             observers.publish(&status);
         }
         let Some(fp) = source.revision() else {
-            thread::sleep(POLL_INTERVAL);
             continue;
         };
         // A pass that met missing cgroups is retried now and then: the
         // workload's cgroup may appear without anything else changing.
-        let retry = missing_cgroups && last_pass.elapsed() >= source.missing_cgroup_retry();
+        let retry = (missing_cgroups && last_pass.elapsed() >= source.missing_cgroup_retry())
+            || retry_failed_at.is_some_and(|at| Instant::now() >= at);
         let changed = seen.as_ref() != Some(&fp);
         if !changed && !retry && missing_processes && last_guard.elapsed() >= MISSING_PROCESS_RETRY
         {
@@ -682,6 +743,18 @@ fn sync_loop(
                     status.problems.push(error_chain(&*e));
                 }
             }
+            if status.pass_error.is_some() {
+                failed_passes += 1;
+                let backoff = retry_delay(failed_passes);
+                warn!(
+                    attempt = failed_passes,
+                    "the pass failed; trying again in {backoff:?}"
+                );
+                retry_failed_at = Some(Instant::now() + backoff);
+            } else {
+                failed_passes = 0;
+                retry_failed_at = None;
+            }
             for p in &status.problems {
                 error!("{p}");
             }
@@ -694,13 +767,23 @@ fn sync_loop(
             seen = Some(fp);
             observers.publish(&status);
         }
-        thread::sleep(POLL_INTERVAL);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_passes_are_retried_sooner_first_then_every_thirty_seconds() {
+        let delays: Vec<u64> = (1..=12)
+            .map(|n| retry_delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(&delays[..4], &[100, 200, 400, 800]);
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(retry_delay(12), RETRY_MAX);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
+    }
     use crate::admin::tls::CertSource;
 
     fn options(source: SourceOptions, pins: &Path) -> AgentOptions {

@@ -7,6 +7,7 @@
 pub mod affinity;
 pub mod cli;
 pub mod kube;
+pub mod mesh_report;
 pub mod node;
 pub mod plumbing;
 pub mod pod;
@@ -583,6 +584,7 @@ impl Lab {
         }
         let mut options = IdentityOptions::ca_dir(dir, self.leaf_lifetime);
         options.identities_file = Some(node.identities_file.clone());
+        options.connections_file = Some(node.connections_file.clone());
         Ok(Some(options))
     }
 

@@ -65,6 +65,10 @@ struct IdentityArgs {
     /// Where to publish the local identities for `portcullis identity`.
     #[arg(long, default_value = identity::local::DEFAULT_FILE)]
     identities_file: PathBuf,
+    /// Where the mesh publishes its live connections for `portcullis
+    /// connections`.
+    #[arg(long, default_value = portcullis_agent::mesh::connections::DEFAULT_FILE)]
+    connections_file: PathBuf,
 }
 
 impl IdentityArgs {
@@ -112,6 +116,7 @@ impl IdentityArgs {
             issuer,
             revocations,
             identities_file: Some(self.identities_file),
+            connections_file: Some(self.connections_file),
             max_backoff: identity::manager::schedule::DEFAULT_MAX_BACKOFF,
         }))
     }
@@ -222,6 +227,25 @@ enum Command {
         /// The identities of a lab started with `portcullis lab --keep --name NAME`.
         #[arg(long)]
         lab: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The mesh's live connections: encrypted or not, to which SPIFFE ID,
+    /// with which certificate and until when.
+    Connections {
+        /// The file the agent publishes to (its --connections-file).
+        #[arg(
+            long,
+            default_value = portcullis_agent::mesh::connections::DEFAULT_FILE,
+            conflicts_with = "lab"
+        )]
+        connections_file: PathBuf,
+        /// The connections of a lab started with `portcullis lab --keep --name NAME`.
+        #[arg(long)]
+        lab: Option<String>,
+        /// Only connections of this pod (`namespace/name`).
+        #[arg(long)]
+        pod: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -477,6 +501,30 @@ async fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || flows::tail(&source, &filter, json, count))
                 .await?
                 .map_err(|e| anyhow::anyhow!(portcullis_agent::source::file::error_chain(&e)))
+        }
+        Command::Connections {
+            connections_file,
+            lab,
+            pod,
+            json,
+        } => {
+            use portcullis_agent::mesh::connections;
+            let path = match lab {
+                Some(name) => connections::lab_file(&name),
+                None => connections_file,
+            };
+            let mut all = connections::read(&path)
+                .map_err(|e| anyhow::anyhow!(portcullis_agent::source::file::error_chain(&e)))?;
+            all.retain(|c| pod.as_deref().is_none_or(|p| c.pod == p));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print!(
+                    "{}",
+                    connections::render(&all, std::time::SystemTime::now())
+                );
+            }
+            Ok(())
         }
         Command::Identity {
             identities_file,

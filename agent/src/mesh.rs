@@ -15,6 +15,7 @@
 //! - [`runtime`]: the mesh's thread, following the plan.
 
 pub mod authz;
+pub mod connections;
 pub mod hbone;
 pub mod inbound;
 pub mod mode;

@@ -2,12 +2,15 @@
 //! feeds the same reconcile path.
 
 pub mod file;
+pub mod inotify;
 pub mod kube;
 pub mod state;
+pub mod wake;
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -58,8 +61,13 @@ impl Default for Revision {
     }
 }
 
-/// A source of desired state, polled by the sync loop.
+/// A source of desired state. It signals the sync loop's [`wake::Wakeup`]
+/// whenever its revision may have changed; the loop then compares
+/// revisions and runs a pass.
 pub trait Source: Send + 'static {
+    /// From now on, signal `wake` on every change (and on changes of
+    /// [`Source::degraded`]).
+    fn wake_on_change(&mut self, wake: Arc<wake::Wakeup>);
     /// The current revision, or `None` while the source has nothing
     /// complete to offer (no initial list yet): nothing is applied then, so
     /// a partial view never replaces what is enforced.

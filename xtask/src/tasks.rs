@@ -319,9 +319,19 @@ impl Totals {
 
 /// `cargo xtask demo`: the lab on the example policies.
 pub fn demo(args: &[OsString]) -> Result<()> {
-    let mut lab: Vec<OsString> = ["lab", "--policies", "deploy/examples", "--show-before"]
-        .map(OsString::from)
-        .to_vec();
+    // Every pod meshed STRICT: the matrices are those of plaintext, and the
+    // lab then shows one connection as encrypted, to whom, with which
+    // certificate.
+    let mut lab: Vec<OsString> = [
+        "lab",
+        "--policies",
+        "deploy/examples",
+        "--show-before",
+        "--mtls",
+        "strict",
+    ]
+    .map(OsString::from)
+    .to_vec();
     lab.extend_from_slice(args);
     run_agent("demo", &lab)
 }

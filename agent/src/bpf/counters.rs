@@ -34,6 +34,31 @@ pub fn read_counters(pin_dir: &Path) -> Result<(Vec<CounterSample>, u64), LoadEr
     Ok((out, per_cpu_total(pin_dir, COUNTERS_LOST_MAP)?))
 }
 
+/// Deletes the counters `keep` rejects (those of endpoints and rules that
+/// no longer exist), so pod and policy churn cannot fill the map for good.
+/// Read the counters just before: what a deleted entry gained since then
+/// is lost. Returns how many were deleted.
+pub fn retire(pin_dir: &Path, keep: impl Fn(&CounterKey) -> bool) -> Result<usize, LoadError> {
+    let mut counters: PerCpuHashMap<MapData, CounterKey, u64> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open_pinned(pin_dir, COUNTERS_MAP)?))
+            .map_err(map(COUNTERS_MAP))?;
+    let retired: Vec<CounterKey> = counters
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep(k))
+        .collect();
+    let mut deleted = 0;
+    for key in &retired {
+        match counters.remove(key) {
+            Ok(()) => deleted += 1,
+            // Gone already: nothing to do.
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map(COUNTERS_MAP)(e)),
+        }
+    }
+    Ok(deleted)
+}
+
 /// Changes the run-time switches of the agent pinned at `pin_dir`.
 fn update_settings(
     pin_dir: &Path,

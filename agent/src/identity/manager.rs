@@ -79,6 +79,9 @@ pub struct IdentityOptions {
     pub revocations: RevocationSource,
     /// Where `portcullis identity` reads them; not published when `None`.
     pub identities_file: Option<PathBuf>,
+    /// Where the mesh publishes its live connections (`portcullis
+    /// connections`).
+    pub connections_file: Option<PathBuf>,
     /// The longest wait between retries (see [`schedule`]).
     pub max_backoff: Duration,
 }
@@ -93,6 +96,7 @@ impl IdentityOptions {
             revocations: RevocationSource::File(dir.join("revocations.yaml")),
             issuer: IssuerOptions::CaDir { dir, lifetime },
             identities_file: None,
+            connections_file: None,
             max_backoff: schedule::DEFAULT_MAX_BACKOFF,
         }
     }

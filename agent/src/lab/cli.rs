@@ -225,6 +225,13 @@ async fn measure(lab: &Lab, args: &LabArgs, specs: &[ProbeSpec]) -> anyhow::Resu
             started.elapsed().as_secs_f64()
         );
     }
+    if human && args.mtls.is_some_and(|m| m.is_meshed()) {
+        if let Some(shown) =
+            super::mesh_report::encrypted_connection(lab, &args.name, &after).await?
+        {
+            println!("== Encrypted ==\n\n{shown}");
+        }
+    }
     if args.keep {
         eprintln!(
             "lab '{}' keeps running; try `portcullis explain --lab {} --from x/a --to y/b \

@@ -25,6 +25,8 @@ pub struct LabNode {
     pub names_file: PathBuf,
     /// Where this node's agent publishes its pods' identities.
     pub identities_file: PathBuf,
+    /// Where this node's agent publishes its proxied connections.
+    pub connections_file: PathBuf,
     pub agent: Option<AgentHandle>,
     /// A process in the node's namespace, outside every pod (the kubelet's
     /// place: its probes are node traffic).
@@ -46,6 +48,7 @@ impl LabNode {
             agent_state_dir: dir.join("agent-state"),
             names_file: dir.join(super::NAMES_FILE),
             identities_file: dir.join(crate::identity::local::LAB_FILE),
+            connections_file: dir.join(crate::mesh::connections::LAB_FILE),
             agent: None,
             client: None,
         }

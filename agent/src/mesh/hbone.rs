@@ -40,7 +40,7 @@ pub use self::{
     pool::{HbonePool, POOL_IDLE_TIMEOUT},
     registry::{CloseSignal, TunnelRegistry},
     relay::relay,
-    server::{serve, InboundHandler, InboundRequest, Refusal},
+    server::{serve, InboundHandler, InboundRequest, Opened, Refusal},
     stream::HboneStream,
     verify::PeerError,
 };

@@ -19,7 +19,8 @@ use crate::{bpf::inspect::KernelView, metrics::MeshMetrics, reconcile::addr16};
 
 use super::{
     authz::IdentityRules,
-    hbone::{InboundHandler, InboundRequest, Refusal},
+    connections::{self, ConnectionRecord, ConnectionTable},
+    hbone::{InboundHandler, InboundRequest, Opened, Refusal},
     netns::{set_int_option, PodNetns},
     plan::{LocalPod, MeshPlan},
 };
@@ -33,6 +34,7 @@ pub struct InboundPod {
     pub kernel: Arc<Mutex<KernelView>>,
     /// Rules naming identities, when some policy has them.
     pub identity_rules: watch::Receiver<Option<Arc<IdentityRules>>>,
+    pub connections: ConnectionTable,
     pub metrics: MeshMetrics,
 }
 
@@ -231,9 +233,29 @@ const WITNESS_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 pub struct InboundGate(pub Arc<InboundPod>);
 
 impl InboundHandler for InboundGate {
-    fn open(&self, req: InboundRequest) -> BoxFuture<'static, Result<TcpStream, Refusal>> {
+    fn open(&self, req: InboundRequest) -> BoxFuture<'static, Result<Opened, Refusal>> {
         let pod = self.0.clone();
-        async move { pod.open(req).await }.boxed()
+        async move {
+            let record = ConnectionRecord {
+                direction: "inbound".into(),
+                pod: pod.pod.reference.to_string(),
+                from: req.from.to_string(),
+                to: req.authority.to_string(),
+                transport: "mtls".into(),
+                local_identity: pod.pod.id.to_string(),
+                peer_identity: Some(req.peer.id.to_string()),
+                peer_serial: Some(req.peer.serial.clone()),
+                peer_not_after: Some(connections::unix(req.peer.not_after)),
+                since: connections::unix(std::time::SystemTime::now()),
+            };
+            let app = pod.open(req).await?;
+            let tracked = pod.connections.track(record);
+            Ok(Opened {
+                app,
+                keep: Some(Box::new(tracked)),
+            })
+        }
+        .boxed()
     }
 }
 

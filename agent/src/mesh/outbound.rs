@@ -23,6 +23,7 @@ use tracing::{debug, info};
 use crate::metrics::MeshMetrics;
 
 use super::{
+    connections::{self, ConnectionRecord, ConnectionTable},
     hbone::{self, HbonePool, LocalIdentity},
     netns::PodNetns,
     original::Originals,
@@ -39,6 +40,7 @@ pub struct OutboundPod {
     pub plan: watch::Receiver<Arc<MeshPlan>>,
     pub originals: Arc<Mutex<Originals>>,
     pub pool: Arc<HbonePool>,
+    pub connections: ConnectionTable,
     pub metrics: MeshMetrics,
 }
 
@@ -96,6 +98,12 @@ impl OutboundPod {
                 match opened {
                     Ok(mut tunnel) => {
                         self.metrics.connection("outbound", mode, "mtls");
+                        let _tracked = self.connections.track(ConnectionRecord {
+                            peer_identity: Some(tunnel.peer.id.to_string()),
+                            peer_serial: Some(tunnel.peer.serial.clone()),
+                            peer_not_after: Some(connections::unix(tunnel.peer.not_after)),
+                            ..self.record(from, destination, "mtls")
+                        });
                         let close = tunnel.close_signal();
                         hbone::relay(&mut app, &mut tunnel, &close).await
                     }
@@ -109,6 +117,9 @@ impl OutboundPod {
             None => match dial(&netns, destination).await {
                 Ok(mut upstream) => {
                     self.metrics.connection("outbound", mode, "passthrough");
+                    let _tracked =
+                        self.connections
+                            .track(self.record(from, destination, "passthrough"));
                     copy_bidirectional(&mut app, &mut upstream).await
                 }
                 Err(_) => {
@@ -119,6 +130,28 @@ impl OutboundPod {
         };
         if let Ok((up, down)) = relayed {
             self.metrics.relayed("outbound", up + down);
+        }
+    }
+
+    /// The table entry of a connection from `from` (on loopback: the port
+    /// is the client's) to `destination`, without a peer.
+    fn record(
+        &self,
+        from: SocketAddr,
+        destination: SocketAddr,
+        transport: &str,
+    ) -> ConnectionRecord {
+        ConnectionRecord {
+            direction: "outbound".into(),
+            pod: self.pod.reference.to_string(),
+            from: SocketAddr::new(self.pod.address_like(destination.ip()), from.port()).to_string(),
+            to: destination.to_string(),
+            transport: transport.into(),
+            local_identity: self.pod.id.to_string(),
+            peer_identity: None,
+            peer_serial: None,
+            peer_not_after: None,
+            since: connections::unix(std::time::SystemTime::now()),
         }
     }
 

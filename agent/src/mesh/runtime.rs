@@ -26,6 +26,7 @@ use crate::{
 
 use super::{
     authz::IdentityRules,
+    connections::ConnectionTable,
     hbone::{self, HbonePool, LocalIdentity, TrustInputs, TunnelRegistry},
     inbound::{InboundGate, InboundPod},
     mode::MeshMode,
@@ -59,6 +60,9 @@ pub struct MeshOptions {
     pub pin_dir: PathBuf,
     pub cgroup_mount: PathBuf,
     pub trust_domain: String,
+    /// Where the live connections are published for `portcullis
+    /// connections` (none: not published).
+    pub connections_file: Option<PathBuf>,
 }
 
 /// How far the mesh is: pods planned, pods whose listeners run and whose
@@ -95,6 +99,9 @@ type Report = (Arc<MeshPlan>, Vec<String>);
 /// How long a sync pass waits for the listeners of new pods: they should
 /// exist before the kernel starts redirecting to them.
 const SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// How often the connection table is published (when it changed).
+const PUBLISH_EVERY: Duration = Duration::from_millis(500);
 
 /// How soon pods that could not be meshed are tried again.
 const RETRY: Duration = Duration::from_millis(250);
@@ -146,6 +153,7 @@ struct Shared {
     originals: Arc<Mutex<Originals>>,
     kernel: Arc<Mutex<KernelView>>,
     identity_rules: watch::Receiver<Option<Arc<IdentityRules>>>,
+    connections: ConnectionTable,
     trust: TrustInputs,
     registry: TunnelRegistry,
     metrics: MeshMetrics,
@@ -177,7 +185,20 @@ pub fn start(
         .enable_all()
         .build()
         .map_err(|source| MeshError::Runtime { source })?;
+    let connections = ConnectionTable::default();
+    let connections_file = options.connections_file.clone();
     let worker = Worker::spawn("portcullis-mesh", runtime, move |stop| async move {
+        let publisher = connections_file.map(|path| {
+            let table = connections.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = table.publish_if_changed(&path) {
+                        warn!("{}", error_chain(&e));
+                    }
+                    tokio::time::sleep(PUBLISH_EVERY).await;
+                }
+            })
+        });
         let registry = TunnelRegistry::new();
         let revocations = registry.watch(trust.revocations.clone());
         let shared = Arc::new(Shared {
@@ -186,12 +207,16 @@ pub fn start(
             originals: Arc::new(Mutex::new(originals)),
             kernel: Arc::new(Mutex::new(kernel)),
             identity_rules: rules_rx,
+            connections: connections.clone(),
             trust,
             registry,
             metrics,
         });
         follow(shared, plan_rx, report_tx, state_tx, stop).await;
         revocations.abort();
+        if let Some(p) = publisher {
+            p.abort();
+        }
     })
     .map_err(|source| MeshError::Runtime { source })?;
     Ok(MeshHandle {
@@ -340,6 +365,7 @@ async fn start_pod(shared: &Arc<Shared>, pod: &LocalPod) -> Result<Vec<JoinHandl
             shared.trust.clone(),
             shared.registry.clone(),
         )),
+        connections: shared.connections.clone(),
         metrics: shared.metrics.clone(),
     });
     let handler: Arc<dyn hbone::InboundHandler> = Arc::new(InboundGate(Arc::new(InboundPod {
@@ -349,6 +375,7 @@ async fn start_pod(shared: &Arc<Shared>, pod: &LocalPod) -> Result<Vec<JoinHandl
         plan: shared.plan.clone(),
         kernel: shared.kernel.clone(),
         identity_rules: shared.identity_rules.clone(),
+        connections: shared.connections.clone(),
         metrics: shared.metrics.clone(),
     })));
     let inbound_task = |inbound: TcpListener| {

@@ -169,6 +169,20 @@ impl Selector {
         })
     }
 
+    /// The label keys the selector looks at: a label set's other keys never
+    /// change what it matches.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.match_labels
+            .keys()
+            .map(String::as_str)
+            .chain(self.requirements.iter().map(|r| match r {
+                Requirement::In { key, .. }
+                | Requirement::NotIn { key, .. }
+                | Requirement::Exists { key }
+                | Requirement::DoesNotExist { key } => key.as_str(),
+            }))
+    }
+
     /// Does this selector match every label set?
     pub fn is_everything(&self) -> bool {
         self.match_labels.is_empty() && self.requirements.is_empty()

@@ -108,6 +108,8 @@ pub struct FileSource {
     committed_inventory: Option<Version<Inventory>>,
     durable: Option<Durable>,
     pending: Option<Pending>,
+    /// Wakes the sync loop on file changes, once asked to.
+    watch: Option<super::inotify::FileWatch>,
 }
 
 pub fn is_policy_file(path: &Path) -> bool {
@@ -153,6 +155,19 @@ pub fn fingerprint(policies_dir: &Path, workloads: &Path) -> Fingerprint {
 }
 
 impl super::Source for FileSource {
+    fn wake_on_change(&mut self, wake: std::sync::Arc<super::wake::Wakeup>) {
+        let mut dirs = vec![self.policies_dir.clone()];
+        dirs.extend(self.policies_dir.parent().map(Path::to_path_buf));
+        dirs.extend(self.workloads.parent().map(Path::to_path_buf));
+        dirs.sort();
+        dirs.dedup();
+        match super::inotify::watch(&dirs, wake) {
+            Ok(w) => self.watch = Some(w),
+            // The loop's periodic re-check still sees changes, later.
+            Err(e) => tracing::warn!("watching {dirs:?} for changes: {e}"),
+        }
+    }
+
     fn revision(&self) -> Option<super::Revision> {
         Some(super::Revision::Files(self.fingerprint()))
     }
@@ -192,6 +207,7 @@ impl FileSource {
             committed_inventory: None,
             durable: None,
             pending: None,
+            watch: None,
         }
     }
 

@@ -181,6 +181,8 @@ struct Progress {
     /// How often the probe saw the API server answer after failing: the
     /// watches' backoff starts over at each.
     recoveries: u64,
+    /// The sync loop, woken on every change.
+    wake: Option<Arc<crate::source::wake::Wakeup>>,
 }
 
 type Shared = Arc<Mutex<Progress>>;
@@ -195,6 +197,14 @@ impl Progress {
         self.revision += 1;
         self.changed_at = Some(SystemTime::now());
         self.failing.remove(&what);
+        self.wake();
+    }
+
+    /// Tells the sync loop to look: the revision or the health changed.
+    fn wake(&self) {
+        if let Some(w) = &self.wake {
+            w.signal();
+        }
     }
 }
 
@@ -267,6 +277,7 @@ where
                     let failure = describe_watch_error(&e);
                     tracing::warn!("watching {what}: {}", failure.message);
                     p.failing.insert(what, (failure, Instant::now()));
+                    p.wake();
                 }
             }
         }
@@ -564,6 +575,13 @@ impl CgroupLookup for ListedCgroups<'_> {
 }
 
 impl Source for KubeSource {
+    fn wake_on_change(&mut self, wake: Arc<crate::source::wake::Wakeup>) {
+        let mut p = lock(&self.progress);
+        p.wake = Some(wake);
+        // Whatever happened before counts too.
+        p.wake();
+    }
+
     fn revision(&self) -> Option<Revision> {
         let p = lock(&self.progress);
         (p.synced.len() == Watched::ALL.len()).then_some(Revision::Events(p.revision))

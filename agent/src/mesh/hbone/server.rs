@@ -55,7 +55,14 @@ pub struct Refusal {
 
 /// Decides each tunnel and opens its connection to the app.
 pub trait InboundHandler: Send + Sync + 'static {
-    fn open(&self, req: InboundRequest) -> BoxFuture<'static, Result<TcpStream, Refusal>>;
+    fn open(&self, req: InboundRequest) -> BoxFuture<'static, Result<Opened, Refusal>>;
+}
+
+/// The application's connection for a tunnel, and whatever the handler
+/// keeps alive while the tunnel is relayed (dropped when it ends).
+pub struct Opened {
+    pub app: TcpStream,
+    pub keep: Option<Box<dyn Send + Sync>>,
 }
 
 /// Serves one accepted TCP connection: TLS 1.3 handshake requiring a client
@@ -143,8 +150,8 @@ impl Connection {
             authority,
             forwarded_for,
         };
-        let mut app = match self.handler.open(inbound).await {
-            Ok(app) => app,
+        let Opened { mut app, keep } = match self.handler.open(inbound).await {
+            Ok(opened) => opened,
             Err(refusal) => {
                 info!(
                     client = %self.peer.id,
@@ -173,6 +180,7 @@ impl Connection {
                 Ok((up, down)) => debug!(%client, %authority, up, down, "tunnel done"),
                 Err(e) => debug!(%client, %authority, "tunnel ended: {e}"),
             }
+            drop(keep);
         });
         status(StatusCode::OK)
     }

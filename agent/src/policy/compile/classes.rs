@@ -7,6 +7,13 @@
 //! one address form a chain, so the most specific one decides every ipBlock
 //! test: the address is in `cidr` iff that prefix is inside `cidr`, and in an
 //! `except` iff that prefix is inside the `except`.
+//!
+//! A class keeps only what some rule can look at: the label keys peer
+//! selectors name, the namespace label keys namespace selectors name, the
+//! port names rules name. Real pods carry per-pod and per-rollout labels
+//! (`pod-template-hash`, `controller-revision-hash`,
+//! `statefulset.kubernetes.io/pod-name`) that no policy selects on; kept,
+//! they would make every pod its own class and identity.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,7 +23,9 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::AddrPrefix;
-use crate::policy::model::{Inventory, Labels, NamespaceScope, Peer, Peers, Protocol, Rule};
+use crate::policy::model::{
+    Inventory, Labels, NamespaceScope, Peer, Peers, PortSpec, Protocol, Rule,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PeerClass {
@@ -58,7 +67,9 @@ pub struct PeerClasses {
 impl PeerClasses {
     /// `rules`: every rule of every policy (of any kind).
     pub fn build<'a>(inventory: &Inventory, rules: impl IntoIterator<Item = &'a Rule>) -> Self {
-        let mentioned = mentioned_cidrs(rules);
+        let rules: Vec<&Rule> = rules.into_iter().collect();
+        let mentioned = mentioned_cidrs(rules.iter().copied());
+        let looked_at = LookedAt::of(&rules);
         // One lookup per prefix length, longest first: policies may mention
         // thousands of CIDRs.
         let most_specific = |ip: IpAddr| -> Option<IpNet> {
@@ -80,14 +91,20 @@ impl PeerClasses {
             let mut named_ports: Vec<_> = w
                 .ports
                 .iter()
+                .filter(|p| looked_at.port_names.contains(p.name.as_str()))
                 .map(|p| (p.name.clone(), p.protocol, p.container_port))
                 .collect();
             named_ports.sort();
+            let labels = LookedAt::keep(&w.labels, &looked_at.pod_keys);
+            let namespace_labels = LookedAt::keep(
+                &inventory.namespace_labels(&w.namespace),
+                &looked_at.namespace_keys,
+            );
             for ip in &w.ips {
                 let class = PeerClass::Pod {
                     namespace: w.namespace.clone(),
-                    labels: w.labels.clone(),
-                    namespace_labels: inventory.namespace_labels(&w.namespace),
+                    labels: labels.clone(),
+                    namespace_labels: namespace_labels.clone(),
                     named_ports: named_ports.clone(),
                     cidr: most_specific(*ip),
                 };
@@ -199,6 +216,46 @@ impl PeerClasses {
     /// Indexes of the pod classes, ascending.
     pub fn pod_classes(&self) -> &[usize] {
         &self.pods
+    }
+}
+
+/// What the rules' peers and ports can look at in a pod.
+#[derive(Default)]
+struct LookedAt<'a> {
+    pod_keys: BTreeSet<&'a str>,
+    namespace_keys: BTreeSet<&'a str>,
+    port_names: BTreeSet<&'a str>,
+}
+
+impl<'a> LookedAt<'a> {
+    fn of(rules: &[&'a Rule]) -> Self {
+        let mut seen = Self::default();
+        for rule in rules {
+            if let Peers::Only(peers) = &rule.peers {
+                for peer in peers {
+                    if let Peer::Pods { namespaces, pods } = peer {
+                        seen.pod_keys.extend(pods.keys());
+                        if let NamespaceScope::Matching(selector) = namespaces {
+                            seen.namespace_keys.extend(selector.keys());
+                        }
+                    }
+                }
+            }
+            for port in &rule.ports {
+                if let PortSpec::Named(name) = &port.port {
+                    seen.port_names.insert(name);
+                }
+            }
+        }
+        seen
+    }
+
+    fn keep(labels: &Labels, keys: &BTreeSet<&str>) -> Labels {
+        labels
+            .iter()
+            .filter(|(k, _)| keys.contains(k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
 

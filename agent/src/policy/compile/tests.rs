@@ -2,7 +2,7 @@
 //! stability. Verdict semantics are covered by the evaluator's scenario
 //! tests (which also run the kernel model) and the agreement property test.
 
-use std::str::FromStr;
+use std::{collections::BTreeSet, str::FromStr};
 
 use portcullis_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
@@ -207,6 +207,58 @@ fn identities_group_alike_pods_and_reserve_the_node() {
         ),
     );
     assert_ne!(identity(&c, "198.18.0.10"), identity(&c, "198.18.0.11"));
+}
+
+/// Labels no selector names (rollout hashes, per-pod names) and port names
+/// no rule names do not split classes: identities grow with what policies
+/// select on, not with the pods.
+#[test]
+fn classes_ignore_labels_and_port_names_no_rule_looks_at() {
+    let mut text = String::from("workloads:\n");
+    for i in 0..50 {
+        text.push_str(&format!(
+            "  - {{name: web-{i}, namespace: x, labels: {{app: web, pod-template-hash: h{}, \
+             statefulset.kubernetes.io/pod-name: web-{i}}}, ips: [10.1.0.{i}], \
+             ports: [{{name: p{i}, containerPort: 80}}]}}\n",
+            i % 7
+        ));
+    }
+    text.push_str(
+        "  - {name: db, namespace: x, labels: {app: db}, cgroup: /lab/db, ips: [10.1.1.1]}\n",
+    );
+    let inv = inventory(&text);
+    let by_app = np(
+        "x",
+        "p",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: web}}}]",
+    );
+    let c = compile(&inv, &by_app);
+    let ids: BTreeSet<u32> = (0..50)
+        .map(|i| identity(&c, &format!("10.1.0.{i}")))
+        .collect();
+    assert_eq!(ids.len(), 1, "50 web pods, one identity: {ids:?}");
+    // A selector on the hash makes its key matter again.
+    let by_hash = np(
+        "x",
+        "p",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod-template-hash: h1}}}]",
+    );
+    let c = compile(&inv, &by_hash);
+    let ids: BTreeSet<u32> = (0..50)
+        .map(|i| identity(&c, &format!("10.1.0.{i}")))
+        .collect();
+    assert_eq!(ids.len(), 7, "one class per value of the key: {ids:?}");
+    // So does a rule naming a port.
+    let by_port = np(
+        "x",
+        "p",
+        "  podSelector: {matchLabels: {app: db}}\n  egress:\n  - ports: [{port: p3}]",
+    );
+    let c = compile(&inv, &by_port);
+    let ids: BTreeSet<u32> = (0..50)
+        .map(|i| identity(&c, &format!("10.1.0.{i}")))
+        .collect();
+    assert_eq!(ids.len(), 2, "the pod with port p3 and the rest: {ids:?}");
 }
 
 #[test]

@@ -22,7 +22,7 @@ use tokio::{
 
 use super::super::{
     serve, HboneError, HbonePool, HboneStream, InboundHandler, InboundRequest, LocalIdentity,
-    Refusal, TrustInputs, TunnelRegistry,
+    Opened, Refusal, TrustInputs, TunnelRegistry,
 };
 use crate::identity::{
     authority::CaDir,
@@ -192,13 +192,16 @@ struct Handler {
 }
 
 impl InboundHandler for Handler {
-    fn open(&self, req: InboundRequest) -> BoxFuture<'static, Result<TcpStream, Refusal>> {
+    fn open(&self, req: InboundRequest) -> BoxFuture<'static, Result<Opened, Refusal>> {
         let _ = self.seen.send(req);
         let (app, refuse) = (self.app, self.refuse.clone());
         Box::pin(async move {
             match refuse {
                 Some(refusal) => Err(refusal),
-                None => Ok(TcpStream::connect(app).await.unwrap()),
+                None => Ok(Opened {
+                    app: TcpStream::connect(app).await.unwrap(),
+                    keep: None,
+                }),
             }
         })
     }
