@@ -164,3 +164,75 @@ async fn a_policy_too_large_for_a_map_is_held_back_alone() {
     })
     .await;
 }
+
+/// Map capacities are configurable; a map an earlier agent pinned keeps its
+/// size (asking for another is a clear error at start, and what is
+/// enforced stays enforced), and a policy state that does not fit the
+/// configured size is held back with an error naming the map, the previous
+/// state kept.
+#[tokio::test]
+async fn map_capacities_are_configurable_and_never_silently_resized() {
+    let mut lab = start_lab("map-capacity").await;
+    lab.write_policy("z.yaml", Z_DEFAULT_DENY).unwrap();
+    lab.wait_applied().await.unwrap();
+    probe_until(&lab, "x/a", "z/a", ProbeOutcome::TimedOut).await;
+    lab.stop_agent();
+    let state = tempfile::tempdir().unwrap();
+    let small = [
+        std::ffi::OsStr::new("--map-capacity"),
+        std::ffi::OsStr::new("policy=64"),
+    ];
+    let mut agent = AgentProcess::start_with(&lab, state.path(), &small);
+    let status = agent.wait_exit(TIMEOUT);
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "map {} is pinned with {} entries, but 64 were asked for",
+            portcullis_common::POLICY_MAP,
+            portcullis_common::POLICY_CAPACITY
+        )),
+        "{log}"
+    );
+    // The earlier agent's programs and maps still enforce.
+    probe_until(&lab, "x/a", "z/a", ProbeOutcome::TimedOut).await;
+
+    // Resized the documented way: uninstall, then start with the new size.
+    let out = std::process::Command::new(portcullis_agent::lab::portcullis_exe().unwrap())
+        .args(["uninstall", "--pin-dir"])
+        .arg(lab.pin_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = AgentProcess::start_with(&lab, state.path(), &small);
+    agent.wait_applied(0).await;
+    probe_until(&lab, "x/a", "z/a", ProbeOutcome::TimedOut).await;
+    // 32 entries per generation: z admitting x on 40 scattered ports does
+    // not fit.
+    let at = agent.lines();
+    let ports: Vec<String> = (0..40)
+        .map(|i| format!("{{port: {}}}", 1000 + 7 * i))
+        .collect();
+    lab.write_policy(
+        "z.yaml",
+        &Z_FROM_X.replace(
+            "ports: [{port: 80}]",
+            &format!("ports: [{}]", ports.join(", ")),
+        ),
+    )
+    .unwrap();
+    agent
+        .wait_line(at, "the over-capacity report", |l| {
+            l.contains("does not fit")
+                && l.contains(portcullis_common::POLICY_MAP)
+                && l.contains("at most 32")
+        })
+        .await;
+    // Its previous version (default deny) stays enforced.
+    probe_until(&lab, "x/a", "z/a", ProbeOutcome::TimedOut).await;
+    drop(agent);
+}

@@ -63,6 +63,7 @@ async fn an_unregistered_pod_below_a_pending_guard_is_denied_until_programmed() 
     let mut dataplane = Dataplane::load(&DataplaneOptions {
         pin_dir: lab.pin_dir().to_path_buf(),
         cgroup_root: root.clone(),
+        capacities: Default::default(),
     })
     .unwrap();
     let mut source = FileSource::new(
@@ -231,6 +232,7 @@ async fn a_workload_deeper_than_the_kernel_searches_is_denied_and_reported() {
     let mut dataplane = Dataplane::load(&DataplaneOptions {
         pin_dir: lab.pin_dir().to_path_buf(),
         cgroup_root: root.clone(),
+        capacities: Default::default(),
     })
     .unwrap();
     let mut source = FileSource::new(

@@ -91,6 +91,7 @@ impl Agent {
             admin_secure: None,
             state_dir: None,
             guard_frames: false,
+            map_capacities: Default::default(),
             identity: Some(identity),
         })
         .unwrap_or_else(|e| panic!("starting the agent: {}", portcullis_tests::chain(&e)));

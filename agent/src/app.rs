@@ -149,6 +149,8 @@ pub struct AgentOptions {
     /// Needs the pods' processes and the right to enter their network
     /// namespaces.
     pub guard_frames: bool,
+    /// Entries of the kernel maps (defaults sized for a large node).
+    pub map_capacities: crate::bpf::capacity::MapCapacities,
     /// Certificates for the service accounts of local workloads (see
     /// [`crate::identity::manager`]); none when `None`.
     pub identity: Option<IdentityOptions>,
@@ -277,8 +279,11 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     let dataplane = Dataplane::load(&DataplaneOptions {
         pin_dir: opts.pin_dir.clone(),
         cgroup_root: cgroup_root.clone(),
+        capacities: opts.map_capacities,
     })
     .map_err(|source| AgentError::Load { source })?;
+    metrics.maps.set_capacities(&opts.map_capacities);
+    let opts_capacity = opts.map_capacities.generation();
     info!(
         cgroup = %cgroup_root.display(),
         pins = %opts.pin_dir.display(),
@@ -385,7 +390,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                     guard_frames,
                     names_file,
                     source,
-                    Reconciler::new(mount),
+                    Reconciler::new(mount).with_capacity(opts_capacity),
                     dataplane,
                     Observers {
                         status: tx,
@@ -801,6 +806,7 @@ mod tests {
             }),
             state_dir: None,
             guard_frames: false,
+            map_capacities: Default::default(),
             identity: None,
         }
     }

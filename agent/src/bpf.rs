@@ -1,6 +1,7 @@
 //! The only code that touches aya: loading and attaching the kernel programs,
 //! pinning, and reading and writing the maps.
 
+pub mod capacity;
 pub mod counters;
 pub mod events;
 pub mod frames;

@@ -410,6 +410,7 @@ impl Lab {
             admin_secure: None,
             state_dir: Some(node.agent_state_dir.clone()),
             guard_frames: true,
+            map_capacities: Default::default(),
             identity: self.identity(node)?,
         })
         .map_err(|source| LabError::Agent { source })

@@ -215,6 +215,12 @@ enum Command {
         /// and CAP_SYS_ADMIN (see docs/kubernetes.md).
         #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
         guard_packet_sockets: bool,
+        /// Entries of a kernel map, MAP=ENTRIES (repeatable): endpoints,
+        /// identities, policy, services, backends (both generations: one
+        /// policy state may use half) and counters. A map pinned by an
+        /// earlier agent keeps its size.
+        #[arg(long = "map-capacity", value_name = "MAP=ENTRIES")]
+        map_capacity: Vec<portcullis_agent::bpf::capacity::CapacitySetting>,
         #[command(flatten)]
         identity: Box<IdentityArgs>,
     },
@@ -377,6 +383,7 @@ async fn main() -> anyhow::Result<()> {
             admin_tls_key,
             state_dir,
             guard_packet_sockets,
+            map_capacity,
             identity,
         } => {
             let identity = (*identity).options(kubernetes, &lease_namespace)?;
@@ -425,6 +432,7 @@ async fn main() -> anyhow::Result<()> {
                 admin_secure,
                 state_dir: Some(state_dir),
                 guard_frames: guard_packet_sockets,
+                map_capacities: portcullis_agent::bpf::capacity::MapCapacities::with(&map_capacity),
                 identity,
             })
             .await

@@ -151,6 +151,7 @@ fn measure(
     let mut dataplane = Dataplane::load(&DataplaneOptions {
         pin_dir: pin_dir.to_path_buf(),
         cgroup_root: root.to_path_buf(),
+        capacities: Default::default(),
     })?;
     let mut points = Vec::new();
     for &rules in rule_counts {

@@ -44,6 +44,17 @@ const LINKS_DIR: &str = "links";
 pub enum LoadError {
     #[error("this agent was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild it")]
     NoObject,
+    #[error(
+        "map {map} is pinned with {pinned} entries, but {wanted} were asked for: a pinned map \
+         keeps its size so enforcement never lapses across restarts; to resize, stop the \
+         agent, run `portcullis uninstall` (pods are not enforced until the agent is back) \
+         and start it with the new --map-capacity"
+    )]
+    PinnedCapacity {
+        map: &'static str,
+        pinned: u32,
+        wanted: u32,
+    },
     #[error("{path} is not a BPF filesystem and mounting one there failed")]
     NoBpfFs {
         path: PathBuf,
@@ -109,6 +120,8 @@ pub struct DataplaneOptions {
     /// cgroup v2 directory the programs attach to; sockets in its subtree are
     /// candidates for enforcement.
     pub cgroup_root: PathBuf,
+    /// Entries of the configurable maps.
+    pub capacities: super::capacity::MapCapacities,
 }
 
 /// The loaded programs and the map writer.
@@ -157,6 +170,37 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoadE
     }
 }
 
+/// A map pinned by an earlier agent keeps its size (the new programs reuse
+/// it, with its entries, so enforcement never lapses); a different size
+/// asked for is an error before anything changes.
+fn check_pinned_capacities(
+    pin_dir: &Path,
+    capacities: &super::capacity::MapCapacities,
+) -> Result<(), LoadError> {
+    for (map, wanted) in capacities.by_map() {
+        let path = pin_dir.join(map);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = aya::maps::MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map(|info| info.max_entries())
+            .map_err(|e| LoadError::Link {
+                name: map,
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
+        if pinned != wanted {
+            return Err(LoadError::PinnedCapacity {
+                map,
+                pinned,
+                wanted,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Dataplane {
     pub fn load(opts: &DataplaneOptions) -> Result<Self, LoadError> {
         if OBJECT.is_empty() {
@@ -167,8 +211,13 @@ impl Dataplane {
         let links_dir = opts.pin_dir.join(LINKS_DIR);
         fs::create_dir_all(&links_dir).map_err(io("creating", &links_dir))?;
 
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&opts.pin_dir)
+        check_pinned_capacities(&opts.pin_dir, &opts.capacities)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&opts.pin_dir);
+        for (map, entries) in opts.capacities.by_map() {
+            loader.map_max_entries(map, entries);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| LoadError::Object { source })?;
         let cgroup = File::open(&opts.cgroup_root).map_err(io("opening", &opts.cgroup_root))?;
@@ -215,6 +264,7 @@ impl Dataplane {
             LpmTrie::try_from(take_map(&mut ebpf, POLICY_MAP)?).map_err(map(POLICY_MAP))?,
             HashMap::try_from(take_map(&mut ebpf, SERVICES_MAP)?).map_err(map(SERVICES_MAP))?,
             HashMap::try_from(take_map(&mut ebpf, BACKENDS_MAP)?).map_err(map(BACKENDS_MAP))?,
+            opts.capacities.generation(),
         );
         let frames_program: &mut SchedClassifier = ebpf
             .program_mut(PROG_TC_EGRESS)

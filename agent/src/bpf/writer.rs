@@ -122,6 +122,8 @@ pub struct MapWriter {
     backends: HashMap<MapData, BackendKey, BackendValue>,
     /// What each generation holds, when known.
     shadows: [Option<DesiredState>; GENERATIONS as usize],
+    /// What one generation may hold.
+    capacity: MapUsage,
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> WriteError {
@@ -136,6 +138,7 @@ impl MapWriter {
         policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
         services: HashMap<MapData, ServiceKey, ServiceValue>,
         backends: HashMap<MapData, BackendKey, BackendValue>,
+        capacity: MapUsage,
     ) -> Self {
         Self {
             state,
@@ -145,7 +148,13 @@ impl MapWriter {
             services,
             backends,
             shadows: [None, None],
+            capacity,
         }
+    }
+
+    /// What one generation may hold.
+    pub fn capacity(&self) -> MapUsage {
+        self.capacity
     }
 
     pub fn active_generation(&self) -> Result<u32, WriteError> {
@@ -156,7 +165,7 @@ impl MapWriter {
     /// Makes `desired` the enforced state. On error the enforced state is
     /// unchanged.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<MapUsage, WriteError> {
-        check_capacity(desired)?;
+        check_capacity(desired, self.capacity)?;
         let active = self.active_generation()?;
         let next = (active + 1) % GENERATIONS;
         let shadow = self.shadows[next as usize].take();
@@ -282,8 +291,7 @@ impl MapWriter {
     }
 }
 
-fn check_capacity(desired: &DesiredState) -> Result<(), WriteError> {
-    let cap = generation_capacity();
+fn check_capacity(desired: &DesiredState, cap: MapUsage) -> Result<(), WriteError> {
     let used = desired.usage();
     for (map, needed, capacity) in [
         (ENDPOINTS_MAP, used.endpoints, cap.endpoints),
@@ -449,7 +457,9 @@ mod tests {
         for i in 0..=generation_capacity().endpoints as u64 {
             d.endpoints.insert(i, EndpointValue::default());
         }
-        let e = check_capacity(&d).unwrap_err().to_string();
+        let e = check_capacity(&d, generation_capacity())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains(ENDPOINTS_MAP) && e.contains("nothing was changed"),
             "{e}"

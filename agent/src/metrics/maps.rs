@@ -59,6 +59,23 @@ impl MapMetrics {
         m
     }
 
+    /// What the maps were created with.
+    pub fn set_capacities(&self, c: &crate::bpf::capacity::MapCapacities) {
+        let g = c.generation();
+        for (map, n) in [
+            ("endpoints", g.endpoints),
+            ("identities", g.identities),
+            ("policy", g.policy),
+            ("services", g.services),
+            ("backends", g.backends),
+            ("counters", c.counters as usize),
+        ] {
+            self.capacity
+                .get_or_create(&MapLabels { map })
+                .set(gauge_value(n));
+        }
+    }
+
     /// Entries written by the latest apply.
     pub fn set_usage(&self, usage: MapUsage) {
         for (map, n) in [

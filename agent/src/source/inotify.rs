@@ -44,6 +44,11 @@ const MASK: u32 = libc::IN_CREATE
     | libc::IN_DELETE_SELF
     | libc::IN_MOVE_SELF;
 
+/// A burst of events ends after this long without one...
+const BURST_QUIET_MS: i32 = 5;
+/// ...or this long after its first.
+const BURST_MAX: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How often the thread looks at its stop flag while no event comes.
 const STOP_CHECK_MS: i32 = 500;
 
@@ -77,13 +82,27 @@ pub fn watch(paths: &[PathBuf], wake: Arc<Wakeup>) -> std::io::Result<FileWatch>
                 if ready <= 0 {
                     continue;
                 }
-                // Drain; what the events say does not matter, only that
-                // something changed.
+                // Drain, and let a burst (several files saved together)
+                // finish first, so one pass sees all of it; what the events
+                // say does not matter, only that something changed.
+                let started = std::time::Instant::now();
                 loop {
                     // SAFETY: reading into a buffer we own.
                     let n =
                         unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                    if n <= 0 {
+                    if n > 0 {
+                        continue;
+                    }
+                    if started.elapsed() >= BURST_MAX {
+                        break;
+                    }
+                    let mut poll = libc::pollfd {
+                        fd: fd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    if unsafe { libc::poll(&mut poll, 1, BURST_QUIET_MS) } <= 0 {
                         break;
                     }
                 }

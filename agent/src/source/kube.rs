@@ -16,6 +16,7 @@
 mod backoff;
 pub mod cgroups;
 mod policies;
+mod prune;
 mod recheck;
 mod services;
 mod workloads;
@@ -253,15 +254,21 @@ fn spawn_watch<K>(
     shared: Shared,
 ) -> JoinHandle<()>
 where
-    K: Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+    K: Resource
+        + prune::Prune
+        + Clone
+        + serde::de::DeserializeOwned
+        + fmt::Debug
+        + Send
+        + Sync
+        + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     runtime.spawn(async move {
-        // Managed fields are large and never read: drop them before they
-        // reach the store.
+        // Only what the agent reads reaches the store.
         let stream = watcher::watcher(api, config)
             .backoff(backoff::WatchBackoff::new(shared.clone()))
-            .modify(|o: &mut K| o.meta_mut().managed_fields = None);
+            .modify(|o: &mut K| o.prune());
         let stream = reflector::reflector(writer, stream);
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
