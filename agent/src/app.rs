@@ -560,7 +560,7 @@ fn publish(path: &Path, names: &PublishedNames) -> std::io::Result<()> {
 /// comes: 100 ms, doubling, at most 30 s.
 fn retry_delay(failed: u32) -> Duration {
     RETRY_FIRST
-        .saturating_mul(1 << failed.clamp(1, 16) - 1)
+        .saturating_mul(1 << (failed.clamp(1, 16) - 1))
         .min(RETRY_MAX)
 }
 

@@ -1,10 +1,12 @@
 //! `portcullis bench`: the numbers behind the performance claims, written to
-//! BENCHMARKS.md — connection rate against no agent and iptables, and how
-//! compile time, map entries and kernel memory grow with the rule count.
+//! BENCHMARKS.md — connection rate against no agent and iptables, how
+//! compile time, map entries and kernel memory grow with the rule count,
+//! and transparent mTLS against a stunnel pair.
 
 pub mod connrate;
 pub mod cputime;
 pub mod layout;
+pub mod mtls;
 pub mod overhead;
 pub mod reader;
 pub mod scale;
@@ -54,9 +56,45 @@ pub struct BenchArgs {
     /// Skip measuring what counters and flow events cost.
     #[arg(long)]
     pub skip_overhead: bool,
+    /// Skip the mTLS comparison.
+    #[arg(long)]
+    pub skip_mtls: bool,
+    /// Rounds of the mTLS comparison, each measuring plaintext, Portcullis
+    /// and the stunnel pair once. Seven are the fewest whose full range is
+    /// an interval for the median at 98%.
+    #[arg(long, default_value_t = 7)]
+    pub mtls_rounds: usize,
+    /// Seconds of each mTLS measure (iperf3 and wrk take whole seconds).
+    #[arg(long, default_value_t = 3)]
+    pub mtls_seconds: u32,
+    /// Run only these sections; the output file keeps its other sections
+    /// as they are (each run section replaces its own).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Section>,
     /// Where to write the results for people to read.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
+}
+
+/// The sections of BENCHMARKS.md, for `--only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Rate,
+    Overhead,
+    Scale,
+    Mtls,
+}
+
+impl BenchArgs {
+    fn runs(&self, section: Section) -> bool {
+        let skipped = match section {
+            Section::Rate => self.skip_rate,
+            Section::Overhead => self.skip_overhead,
+            Section::Scale => self.skip_scale,
+            Section::Mtls => self.skip_mtls,
+        };
+        !skipped && (self.only.is_empty() || self.only.contains(&section))
+    }
 }
 
 /// A lab of one namespace whose pods (labelled `pod=<name>`) serve TCP on
@@ -96,6 +134,62 @@ fn cpu_model() -> String {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let mut report = header();
+    let mut sections = Vec::new();
+    if args.runs(Section::Rate) {
+        sections.push(connrate::run(&args).await?);
+    }
+    if args.runs(Section::Overhead) {
+        sections.push(overhead::run(&args).await?);
+    }
+    if args.runs(Section::Scale) {
+        let points = scale::run(&args.scale_rules, args.workloads)?;
+        sections.push(scale::render(&points, args.workloads));
+    }
+    if args.runs(Section::Mtls) {
+        sections.push(mtls::run(&args).await?);
+    }
+    let existing = std::fs::read_to_string(&args.output).ok();
+    match existing.filter(|_| !args.only.is_empty()) {
+        // Some sections: the others stay as they were.
+        Some(text) => report = sections.iter().fold(text, |t, s| splice(&t, s)),
+        None => sections.iter().for_each(|s| report.push_str(s)),
+    }
+    print!("{report}");
+    std::fs::write(&args.output, &report)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    eprintln!("results written to {}", args.output.display());
+    Ok(())
+}
+
+/// `section` (a `## ` heading and its text) in place of the section of the
+/// same heading in `text`, or after it when it has none.
+fn splice(text: &str, section: &str) -> String {
+    let heading = section.lines().next().unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(start) = lines.iter().position(|l| *l == heading) else {
+        let mut out = text.trim_end().to_string();
+        out.push_str("\n\n");
+        out.push_str(section);
+        return out;
+    };
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| l.starts_with("## "))
+        .map_or(lines.len(), |i| start + 1 + i);
+    let mut out = lines[..start].join("\n");
+    if start > 0 {
+        out.push('\n');
+    }
+    out.push_str(section);
+    if end < lines.len() {
+        out.push_str(&lines[end..].join("\n"));
+        out.push('\n');
+    }
+    out
+}
+
+fn header() -> String {
     let mut report = String::from("# Portcullis benchmarks\n\n");
     let _ = writeln!(
         report,
@@ -108,21 +202,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         command_line("uname", &["-r"]),
         command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
     );
-    if !args.skip_rate {
-        report.push_str(&connrate::run(&args).await?);
-    }
-    if !args.skip_overhead {
-        report.push_str(&overhead::run(&args).await?);
-    }
-    if !args.skip_scale {
-        let points = scale::run(&args.scale_rules, args.workloads)?;
-        report.push_str(&scale::render(&points, args.workloads));
-    }
-    print!("{report}");
-    std::fs::write(&args.output, &report)
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    eprintln!("results written to {}", args.output.display());
-    Ok(())
+    report
 }
 
 /// The first line(s) a command prints, trimmed; empty if it cannot run.
@@ -133,4 +213,49 @@ fn command_line(cmd: &str, args: &[&str]) -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_section_replaces_its_own_and_leaves_the_others() {
+        let text = "# B\n\n- Date: old\n\n## One\n\nold one\n\n## Two\n\ntwo\n";
+        assert_eq!(
+            splice(text, "## One\n\nnew one\n\n"),
+            "# B\n\n- Date: old\n\n## One\n\nnew one\n\n## Two\n\ntwo\n"
+        );
+        assert_eq!(
+            splice(text, "## Two\n\nnew two\n"),
+            "# B\n\n- Date: old\n\n## One\n\nold one\n\n## Two\n\nnew two\n"
+        );
+        assert_eq!(
+            splice(text, "## Three\n\nthree\n"),
+            "# B\n\n- Date: old\n\n## One\n\nold one\n\n## Two\n\ntwo\n\n## Three\n\nthree\n"
+        );
+    }
+
+    #[test]
+    fn only_runs_the_named_sections_unless_skipped() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        let parse = |a: &[&str]| <Cli as clap::Parser>::parse_from(a).args;
+        let all = parse(&["bench"]);
+        assert!([
+            Section::Rate,
+            Section::Overhead,
+            Section::Scale,
+            Section::Mtls
+        ]
+        .iter()
+        .all(|s| all.runs(*s)));
+        let only = parse(&["bench", "--only", "mtls"]);
+        assert!(only.runs(Section::Mtls) && !only.runs(Section::Rate));
+        let skipped = parse(&["bench", "--only", "mtls,scale", "--skip-mtls"]);
+        assert!(!skipped.runs(Section::Mtls) && skipped.runs(Section::Scale));
+    }
 }

@@ -441,7 +441,7 @@ impl ServiceExplanation {
 #[derive(Clone, Debug, Serialize)]
 #[serde(untagged)]
 pub enum Explained {
-    Workload(Explanation),
+    Workload(Box<Explanation>),
     Service(ServiceExplanation),
 }
 
@@ -485,7 +485,7 @@ pub fn explain_target(
         None => !is_workload && format!("{}/{}", s.namespace, s.name) == to,
     });
     let Some(service) = service else {
-        return explain(paths, from, to, spec, family).map(Explained::Workload);
+        return explain(paths, from, to, spec, family).map(|e| Explained::Workload(Box::new(e)));
     };
     let cluster_ip = match as_ip {
         Some(ip) => ip,

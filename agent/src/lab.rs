@@ -644,6 +644,14 @@ impl Lab {
         Ok(())
     }
 
+    /// Puts every namespace of the lab in the mesh with `mode` (DISABLED
+    /// takes them out) and rewrites the workloads file; wait with
+    /// [`Lab::wait_applied`] (the mTLS bench switches the mesh per round).
+    pub fn set_mesh_mode(&mut self, mode: crate::mesh::mode::MeshMode) -> Result<(), LabError> {
+        self.topology.mesh_all(mode);
+        self.set_services(self.services.clone())
+    }
+
     /// Replaces the lab's policies with the policy files of `dir`.
     pub fn use_policies_from(&self, dir: &Path) -> Result<(), LabError> {
         self.clear_policies()?;

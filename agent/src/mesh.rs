@@ -16,6 +16,7 @@
 
 pub mod authz;
 pub mod connections;
+pub mod counted;
 pub mod hbone;
 pub mod inbound;
 pub mod mode;

@@ -34,7 +34,19 @@ const BPF_LINKER_FEATURE: &str = "llvm-22";
 /// (prometheus, promtool).
 /// The mesh tests capture the node-to-pod wire (tcpdump) and read the TLS
 /// records back (tshark).
-const RUNTIME: &[&str] = &["iproute2", "iptables", "prometheus", "tcpdump", "tshark"];
+/// The mTLS bench drives nginx (its own configuration and process, not the
+/// service), iperf3 and wrk, and compares with a pair of stunnel processes.
+const RUNTIME: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "prometheus",
+    "tcpdump",
+    "tshark",
+    "stunnel4",
+    "iperf3",
+    "wrk",
+    "nginx-light",
+];
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// What is missing, found before anything is changed.

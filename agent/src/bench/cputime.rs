@@ -8,6 +8,39 @@ pub fn used_ns(pids: &[u32]) -> u64 {
     pids.iter().map(|&pid| process_ns(pid)).sum()
 }
 
+/// CPU time `pids` have used so far, threads that exited included (the
+/// process's own account, /proc/<pid>/stat utime + stime, in clock ticks:
+/// 10 ms here). For processes with a thread per connection (stunnel),
+/// whose threads' time [`used_ns`] would lose.
+pub fn total_ns(pids: &[u32]) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    pids.iter()
+        .filter_map(|&pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name, which may hold spaces: state
+            // is the 3rd field, utime the 14th and stime the 15th.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .map(|t| t * 1_000_000_000 / ticks)
+        .sum()
+}
+
+/// The peak resident memory of process `pid` so far (VmHWM), in bytes.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
 fn process_ns(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
@@ -45,11 +78,29 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_process_shows_in_the_total_and_has_a_peak_memory() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("spawn sh");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && total_ns(&[child.id()]) < 20_000_000 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let total = total_ns(&[child.id()]);
+        assert!(peak_rss(child.id()).is_some_and(|b| b > 0));
+        child.kill().ok();
+        child.wait().ok();
+        assert!(total >= 20_000_000, "{total} ns");
+    }
+
+    #[test]
     fn no_processes_or_gone_ones_used_nothing() {
         assert_eq!(used_ns(&[]), 0);
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();
         assert_eq!(used_ns(&[pid]), 0);
+        assert_eq!(total_ns(&[pid]), 0);
     }
 }

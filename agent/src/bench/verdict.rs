@@ -98,6 +98,24 @@ pub fn assess(ratios: &[f64], max_cost: f64) -> Assessment {
     }
 }
 
+/// Judges ratios against "at least `line`" (e.g. 1.3× the comparison).
+pub fn assess_at_least(ratios: &[f64], line: f64) -> Assessment {
+    assess(ratios, 1.0 - line)
+}
+
+/// Judges ratios against "at most `line`" (e.g. half the comparison's CPU):
+/// met when the whole interval lies at or below it.
+pub fn assess_at_most(ratios: &[f64], line: f64) -> Assessment {
+    let mirrored: Vec<f64> = ratios.iter().map(|r| -r).collect();
+    let a = assess(&mirrored, 1.0 + line);
+    Assessment {
+        median: -a.median,
+        range: (-a.range.1, -a.range.0),
+        interval: a.interval.map(|(lo, hi, c)| (-hi, -lo, c)),
+        verdict: a.verdict,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +166,21 @@ mod tests {
             assess(&[1.0, 1.0, 1.0], 0.03).verdict,
             Verdict::TooFewRounds
         );
+    }
+
+    #[test]
+    fn targets_above_and_below_one() {
+        let high = [8.5, 9.0, 10.0, 8.2, 9.5];
+        assert_eq!(assess_at_least(&high, 8.0).verdict, Verdict::Met);
+        assert_eq!(assess_at_least(&high, 9.0).verdict, Verdict::Inconclusive);
+        assert_eq!(assess_at_least(&high, 11.0).verdict, Verdict::NotMet);
+        let low = [0.3, 0.4, 0.35, 0.45, 0.38];
+        let a = assess_at_most(&low, 0.5);
+        assert_eq!(a.verdict, Verdict::Met);
+        assert_eq!(a.median, 0.38);
+        assert_eq!(a.range, (0.3, 0.45));
+        assert_eq!(a.interval.map(|(l, h, _)| (l, h)), Some((0.3, 0.45)));
+        assert_eq!(assess_at_most(&low, 0.4).verdict, Verdict::Inconclusive);
+        assert_eq!(assess_at_most(&low, 0.2).verdict, Verdict::NotMet);
     }
 }

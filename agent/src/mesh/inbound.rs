@@ -161,7 +161,9 @@ impl InboundPod {
             })
             .await
             .map_err(std::io::Error::other)??;
-        socket.connect(to).await
+        let stream = socket.connect(to).await?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
     }
 
     /// Hands an allowed flow to the application.

@@ -24,6 +24,7 @@ use crate::metrics::MeshMetrics;
 
 use super::{
     connections::{self, ConnectionRecord, ConnectionTable},
+    counted::Counted,
     hbone::{self, HbonePool, LocalIdentity},
     netns::PodNetns,
     original::Originals,
@@ -60,8 +61,11 @@ impl OutboundPod {
         }
     }
 
-    async fn proxy(self: Arc<Self>, mut app: TcpStream, from: SocketAddr) {
+    async fn proxy(self: Arc<Self>, app: TcpStream, from: SocketAddr) {
         let mode = self.pod.mode.as_str();
+        // Requests and replies are small on keep-alive connections: no
+        // Nagle delay on either side of the proxy.
+        let _ = app.set_nodelay(true);
         let taken = self
             .originals
             .lock()
@@ -80,7 +84,8 @@ impl OutboundPod {
         let peer = self.plan.borrow().peer(destination.ip()).cloned();
         let _active = self.metrics.open("outbound");
         let netns = self.netns.clone();
-        let relayed = match peer {
+        let mut app = Counted::new(app);
+        let _relayed = match peer {
             Some(peer) => {
                 let hbone = SocketAddr::new(destination.ip(), mesh::INBOUND_PORT);
                 let dial = move || async move { dial(&netns, hbone).await }.boxed();
@@ -109,13 +114,14 @@ impl OutboundPod {
                     }
                     Err(e) => {
                         debug!(pod = %self.pod.reference, %destination, "HBONE: {e}");
-                        self.refuse(app, e.reason());
+                        self.refuse(app.into_inner(), e.reason());
                         return;
                     }
                 }
             }
             None => match dial(&netns, destination).await {
                 Ok(mut upstream) => {
+                    let _ = upstream.set_nodelay(true);
                     self.metrics.connection("outbound", mode, "passthrough");
                     let _tracked =
                         self.connections
@@ -123,14 +129,13 @@ impl OutboundPod {
                     copy_bidirectional(&mut app, &mut upstream).await
                 }
                 Err(_) => {
-                    self.refuse(app, "connect_failed");
+                    self.refuse(app.into_inner(), "connect_failed");
                     return;
                 }
             },
         };
-        if let Ok((up, down)) = relayed {
-            self.metrics.relayed("outbound", up + down);
-        }
+        // Counted as carried, whether the relay ended cleanly or in a reset.
+        self.metrics.relayed("outbound", app.bytes());
     }
 
     /// The table entry of a connection from `from` (on loopback: the port

@@ -192,6 +192,9 @@ impl HbonePool {
             tls::connect(tcp, peer, presenter.clone(), &self.trust, expected.cloned()).await?;
         let alerts = tls.alerts();
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .max_frame_size(super::H2_MAX_FRAME)
+            .initial_stream_window_size(super::H2_STREAM_WINDOW)
+            .initial_connection_window_size(super::H2_CONNECTION_WINDOW)
             .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
             .await
             .map_err(|e| h2_error(peer, e, &alerts))?;

@@ -6,7 +6,10 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::registry::{closed_error, CloseSignal};
+use super::{
+    registry::{closed_error, CloseSignal},
+    RELAY_BUFFER,
+};
 
 /// Relays `a` and `b` until both sides finish, returning (bytes a→b,
 /// bytes b→a); ends early, with an error, when `close` fires (the registry
@@ -17,7 +20,7 @@ where
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(a, b) => copied,
+        copied = tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER) => copied,
         () = close.closed() => Err(closed_error()),
     }
 }

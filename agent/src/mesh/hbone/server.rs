@@ -101,6 +101,9 @@ pub async fn serve(
         async move { Ok::<_, Infallible>(connection.answer(req).await) }
     });
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_frame_size(super::H2_MAX_FRAME)
+        .initial_stream_window_size(super::H2_STREAM_WINDOW)
+        .initial_connection_window_size(super::H2_CONNECTION_WINDOW)
         .serve_connection(TokioIo::new(tls), service);
     tokio::select! {
         done = served => done.map_err(|source| HboneError::Http2 { peer: from, source }),
