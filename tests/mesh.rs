@@ -4,43 +4,25 @@
 //! network namespace, HBONE between the pods, and the application handed
 //! the connection from the client's own address.
 
-use std::{
-    net::IpAddr,
-    path::Path,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use portcullis_agent::{
     bpf::events::EventReader,
     flows::Namer,
-    lab::{
-        pod::ProbeOutcome, report::ProbeSpec, topology::default_topology, Family, Lab, LabOptions,
-    },
+    lab::{pod::ProbeOutcome, topology::default_topology, Family, Lab, LabOptions},
     mesh::mode::{MeshMode, MODE_LABEL},
     policy::parse::parse_inventory,
     reconcile::PublishedNames,
 };
 use portcullis_common::{mesh, DIRECTION_INGRESS, REASON_PLAINTEXT, VERDICT_DENY};
 use portcullis_tests::{
-    agent_process::AgentProcess, attack::Place, start_lab_with, start_lab_with_options, TestLab,
+    agent_process::AgentProcess,
+    mesh_wire::{
+        keylog_file, pod_ip, python_in, read_line, start_server, start_server_on, tcp,
+        tshark_fields, until_outcome, Capture,
+    },
+    start_lab_with, start_lab_with_options, TestLab,
 };
-use tokio::io::AsyncBufReadExt;
-
-fn tcp(port: u16) -> ProbeSpec {
-    format!("{port}/tcp").parse().expect("probe spec")
-}
-
-/// Where the agent's TLS keys go (rustls reads `SSLKEYLOGFILE` at the
-/// process's first handshake, so every test sets it before its lab), for
-/// tshark to read the handshakes' certificates.
-fn keylog_file() -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("portcullis-mesh-keys-{}", std::process::id()));
-    // SAFETY: set before any lab's agent starts; the tests here take the
-    // lab lock, so no other thread reads the environment meanwhile.
-    unsafe { std::env::set_var("SSLKEYLOGFILE", &path) };
-    path
-}
 
 /// The default lab with every namespace STRICT, except what `adjust` changes.
 async fn meshed_lab(
@@ -65,28 +47,6 @@ fn set_namespace_mode(t: &mut portcullis_agent::lab::topology::Topology, ns: &st
     n.labels.insert(MODE_LABEL.into(), mode.into());
 }
 
-/// Probes until the outcome is `want` (identities are issued and listeners
-/// opened moments after the pass), or panics with the last one.
-async fn until_outcome(lab: &Lab, from: &str, to: &str, port: u16, want: ProbeOutcome) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = lab
-            .probe(from, to, tcp(port), Family::Ipv4)
-            .await
-            .expect("probe");
-        if got == want {
-            return;
-        }
-        if Instant::now() >= deadline {
-            let problems = lab.agent_status().map(|s| s.borrow().problems.clone());
-            panic!(
-                "{from} → {to}:{port}: {got:?}, expected {want:?}; agent problems: {problems:?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// What the kernel counted in one direction with one verdict, all rules.
 fn kernel_count(lab: &Lab, direction: u8, verdict: u8) -> u64 {
     lab.counters()
@@ -95,146 +55,6 @@ fn kernel_count(lab: &Lab, direction: u8, verdict: u8) -> u64 {
         .filter(|s| s.key.direction == direction && s.key.verdict == verdict)
         .map(|s| s.count)
         .sum()
-}
-
-fn pod_ip(lab: &Lab, key: &str) -> IpAddr {
-    IpAddr::V4(lab.pod_ipv4(key).expect("pod"))
-}
-
-/// A capture of what crosses a pod's veth, on the node.
-struct Capture {
-    child: tokio::process::Child,
-    file: std::path::PathBuf,
-}
-
-impl Capture {
-    async fn start(lab: &Lab, key: &str, file: &Path) -> Self {
-        let veth = lab.pod_host_veth(key).expect("veth");
-        let mut cmd = Place::node(lab).command("tcpdump");
-        cmd.args(["-i", &veth, "--immediate-mode", "-U", "-s", "0", "-w"])
-            .arg(file)
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .expect("tcpdump (cargo xtask setup installs it)");
-        // tcpdump says "listening on ..." once the capture runs.
-        let err = child.stderr.take().expect("stderr");
-        let mut lines = tokio::io::BufReader::new(err).lines();
-        let mut said = Vec::new();
-        let started = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let listening = line.contains("listening on");
-                said.push(line);
-                if listening {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        assert!(
-            matches!(started, Ok(true)),
-            "tcpdump did not start: {said:?}"
-        );
-        // Keep draining its stderr so it never blocks on a full pipe.
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("tcpdump: {line}");
-            }
-        });
-        Self {
-            child,
-            file: file.into(),
-        }
-    }
-
-    /// Stops the capture (SIGINT flushes it) and returns the file's bytes.
-    async fn stop(mut self) -> Vec<u8> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        if let Some(pid) = self.child.id() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid as i32, libc::SIGINT) };
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
-        std::fs::read(&self.file).expect("capture file")
-    }
-}
-
-/// One field of every packet of a capture that matches a display filter,
-/// a line each.
-fn tshark_fields(pcap: &Path, filter: &str, field: &str, options: &[&str]) -> String {
-    let out = std::process::Command::new("tshark")
-        .arg("-r")
-        .arg(pcap)
-        .args(options)
-        .args(["-Y", filter, "-T", "fields", "-e", field])
-        .output()
-        .expect("tshark (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a short Python program in a pod; returns its stdout.
-async fn python_in(lab: &Lab, key: &str, program: &str) -> String {
-    let out = Place::pod(lab, key)
-        .command("python3")
-        .args(["-c", program])
-        .output()
-        .await
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "python in {key}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A one-connection server in a pod: prints the client's address, echoes
-/// one message.
-fn start_server(lab: &Lab, key: &str, port: u16) -> tokio::process::Child {
-    start_server_on(lab, key, "AF_INET", "0.0.0.0", port)
-}
-
-fn start_server_on(
-    lab: &Lab,
-    key: &str,
-    family: &str,
-    address: &str,
-    port: u16,
-) -> tokio::process::Child {
-    let program = format!(
-        "import socket\n\
-         s = socket.socket(socket.{family}); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('{address}', {port})); s.listen(); print('ready', flush=True)\n\
-         c, a = s.accept(); print('peer', a[0], flush=True)\n\
-         c.sendall(c.recv(4096)); c.close()\n"
-    );
-    Place::pod(lab, key)
-        .command("python3")
-        .args(["-c", &program])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3")
-}
-
-async fn read_line(child: &mut tokio::process::Child) -> String {
-    let out = child.stdout.as_mut().expect("stdout");
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(out);
-    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
-        .await
-        .expect("a line within 10 s")
-        .expect("stdout");
-    line.trim().to_string()
 }
 
 /// The whole promise on the wire: a marker sent between two STRICT pods

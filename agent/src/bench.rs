@@ -110,6 +110,7 @@ fn pods_serving(namespace: &str, pods: &[&str], port: u16) -> Topology {
             protocol: "TCP".into(),
         }],
         service_account: None,
+        node: None,
     };
     Topology {
         namespaces: vec![LabNamespace {

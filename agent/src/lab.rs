@@ -1,11 +1,14 @@
 //! `portcullis lab`: a throwaway topology of network namespaces ("pods"),
 //! each with its own cgroup, on one bridge, enforced by a real agent, and the
-//! measured reachability between every pair of pods.
+//! measured reachability between every pair of pods. With two nodes, each
+//! node is a namespace with its own bridge, pods and agent, and a veth link
+//! joins the nodes (see [`node`]).
 
 pub mod affinity;
 pub mod cli;
 pub mod kube;
 pub mod mesh_report;
+pub mod node;
 pub mod plumbing;
 pub mod pod;
 pub mod report;
@@ -31,10 +34,11 @@ use crate::{
         Revision,
     },
 };
+use node::LabNode;
 use plumbing::{LabNames, PlumbingError};
 use pod::{LoadResult, Placement, PodClient, PodError, ProbeOutcome, Protocol};
 use report::{Matrix, ProbeSpec};
-use topology::{PlannedPod, Topology, NODE_IPV4, NODE_IPV6};
+use topology::{NodeNet, PlannedPod, Topology, TopologyError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -97,6 +101,15 @@ pub enum LabError {
         #[source]
         source: affinity::AffinityError,
     },
+    #[error("placing the pods on the lab's nodes")]
+    Placement {
+        #[source]
+        source: TopologyError,
+    },
+    #[error("a lab on a Kubernetes API server has one node")]
+    KubernetesNodes,
+    #[error("the lab has no node {node}")]
+    UnknownNode { node: usize },
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LabError {
@@ -146,6 +159,9 @@ pub struct LabOptions {
     /// Lifetime of the pods' certificates from the lab's CA (renewed at
     /// half-life).
     pub leaf_lifetime: Duration,
+    /// How many nodes to simulate, 1 or 2; each has its own bridge, pods,
+    /// agent and identities, and two are joined by a link (files only).
+    pub nodes: usize,
 }
 
 impl LabOptions {
@@ -157,6 +173,7 @@ impl LabOptions {
             admin_addr: None,
             kubernetes: None,
             leaf_lifetime: crate::identity::authority::DEFAULT_LEAF_LIFETIME,
+            nodes: 1,
         }
     }
 }
@@ -165,12 +182,11 @@ pub struct Lab {
     names: LabNames,
     pods: Vec<PlannedPod>,
     clients: Vec<PodClient>,
-    node: Option<PodClient>,
-    agent: Option<AgentHandle>,
+    /// Node 1 first; the first one is "the" node of one-node accessors.
+    nodes: Vec<LabNode>,
     state_dir: PathBuf,
+    /// Shared by every node's agent, as a cluster's policies are.
     policies_dir: PathBuf,
-    workloads: PathBuf,
-    pin_dir: PathBuf,
     probe_timeout: Duration,
     admin_addr: Option<SocketAddr>,
     kubernetes: Option<kube::LabKube>,
@@ -202,10 +218,25 @@ pub fn state_dir_for(name: &str) -> PathBuf {
     PathBuf::from(format!("/run/portcullis-lab-{name}"))
 }
 
-/// Removes whatever a lab of this name left behind (a crashed run).
+/// The end of the node-to-node link in one node, for captures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkEnd {
+    pub node: usize,
+    /// The node's network namespace.
+    pub netns: String,
+    pub interface: String,
+}
+
+/// Removes whatever a lab of this name left behind (a crashed run), with
+/// one node or two.
 fn remove_leftovers(names: &LabNames) -> Result<(), LabError> {
     plumbing::remove_all(names).map_err(|source| LabError::Plumbing { source })?;
-    bpf::loader::uninstall(&pin_dir_for(&names.lab)).map_err(|source| LabError::Pins { source })?;
+    for pins in [
+        pin_dir_for(&names.lab),
+        node::pin_dir_for_node(&names.lab, 2),
+    ] {
+        bpf::loader::uninstall(&pins).map_err(|source| LabError::Pins { source })?;
+    }
     let state = state_dir_for(&names.lab);
     if state.exists() {
         fs::remove_dir_all(&state).map_err(io("removing", &state))?;
@@ -219,21 +250,26 @@ impl Lab {
         if !nix::unistd::geteuid().is_root() {
             return Err(LabError::NotRoot);
         }
+        if opts.kubernetes.is_some() && opts.nodes != 1 {
+            return Err(LabError::KubernetesNodes);
+        }
+        let pods = topology::plan_on(&opts.topology, opts.nodes)
+            .map_err(|source| LabError::Placement { source })?;
         let mount = cgroup::cgroup2_mount().map_err(|source| LabError::Cgroup { source })?;
         let mut names = LabNames::new(&opts.name, &mount);
+        names.nodes = opts.nodes;
         names.kubelet_uids = opts.kubernetes.as_ref().map(|k| k.pod_uids.clone());
         remove_leftovers(&names)?;
         let state_dir = state_dir_for(&opts.name);
         let mut lab = Lab {
-            pods: topology::plan(&opts.topology),
-            names,
+            pods,
             clients: Vec::new(),
-            node: None,
-            agent: None,
+            nodes: (1..=opts.nodes)
+                .map(|n| LabNode::new(&opts.name, n, names.node_cgroup_root(n)))
+                .collect(),
+            names,
             policies_dir: state_dir.join("policies"),
-            workloads: state_dir.join("workloads.yaml"),
             state_dir,
-            pin_dir: pin_dir_for(&opts.name),
             probe_timeout: opts.probe_timeout,
             admin_addr: opts.admin_addr,
             kubernetes: opts.kubernetes.clone(),
@@ -250,15 +286,26 @@ impl Lab {
     async fn build(&mut self, topology: &Topology) -> Result<(), LabError> {
         let plumb =
             |r: Result<(), PlumbingError>| r.map_err(|source| LabError::Plumbing { source });
-        plumb(plumbing::create_node(&self.names))?;
         plumb(plumbing::create_cgroup(&self.names.cgroup_root))?;
+        for node in &self.nodes {
+            plumb(plumbing::create_node(&self.names, node.number))?;
+            plumb(plumbing::create_cgroup(&node.cgroup_root))?;
+        }
+        if self.nodes.len() > 1 {
+            plumb(plumbing::create_link(&self.names))?;
+        }
         for pod in &self.pods {
             plumb(plumbing::create_pod(&self.names, pod))?;
             plumb(plumbing::create_cgroup(&self.names.pod_cgroup(pod)))?;
         }
         fs::create_dir_all(&self.policies_dir).map_err(io("creating", &self.policies_dir))?;
-        let workloads = workloads_yaml(topology, &self.pods, &self.names, &[]);
-        fs::write(&self.workloads, workloads).map_err(io("writing", &self.workloads))?;
+        for node in &self.nodes {
+            let yaml = workloads_yaml(topology, &self.pods, &self.names, node.number, &[]);
+            if let Some(dir) = node.workloads.parent() {
+                fs::create_dir_all(dir).map_err(io("creating", dir))?;
+            }
+            fs::write(&node.workloads, yaml).map_err(io("writing", &node.workloads))?;
+        }
 
         self.attach_agent()?;
 
@@ -291,34 +338,48 @@ impl Lab {
                 })?;
             self.clients.push(client);
         }
-        let node_netns = plumbing::netns_path(&self.names.node_netns());
-        let node = PodClient::spawn(
-            &exe,
-            Placement {
-                netns: &node_netns,
-                cgroup: None,
-            },
-            &[],
-        )
-        .await
-        .map_err(|source| LabError::Pod {
-            pod: "node".into(),
-            source,
-        })?;
-        self.node = Some(node);
+        for node in &mut self.nodes {
+            let node_netns = plumbing::netns_path(&self.names.node_netns_of(node.number));
+            let client = PodClient::spawn(
+                &exe,
+                Placement {
+                    netns: &node_netns,
+                    cgroup: None,
+                },
+                &[],
+            )
+            .await
+            .map_err(|source| LabError::Pod {
+                pod: format!("node{}", node.number),
+                source,
+            })?;
+            node.client = Some(client);
+        }
         // Every pod has a process now: wait for a pass that attached the
         // frame program to each, so a lab is fully enforced once started.
-        let applied = self.applied_predicate();
-        self.wait_status(|s| applied(s) && s.waiting_for_process.is_empty())
-            .await?;
+        for node in &self.nodes {
+            let applied = self.applied_predicate(node);
+            self.wait_node_status(node, |s| applied(s) && s.waiting_for_process.is_empty())
+                .await?;
+        }
         Ok(())
     }
 
+    /// Starts every node's agent on its own pins, cgroup subtree, workloads
+    /// file and identities; the policies are the lab's, shared.
     fn attach_agent(&mut self) -> Result<(), LabError> {
+        for i in 0..self.nodes.len() {
+            let agent = self.start_node_agent(&self.nodes[i])?;
+            self.nodes[i].agent = Some(agent);
+        }
+        Ok(())
+    }
+
+    fn start_node_agent(&self, node: &LabNode) -> Result<AgentHandle, LabError> {
         let source = match &self.kubernetes {
             None => app::SourceOptions::Files {
                 policies_dir: self.policies_dir.clone(),
-                workloads: self.workloads.clone(),
+                workloads: node.workloads.clone(),
             },
             Some(k) => {
                 let mut options = KubeOptions::new(k.client.clone(), &k.node_name);
@@ -338,36 +399,35 @@ impl Lab {
                 app::SourceOptions::Kubernetes(Box::new(options))
             }
         };
-        self.agent = Some(
-            app::start(AgentOptions {
-                source,
-                cgroup_mount: None,
-                pin_dir: self.pin_dir.clone(),
-                cgroup_root: Some(self.names.cgroup_root.clone()),
-                names_file: Some(self.names_file()),
-                admin_addr: self.admin_addr,
-                admin_secure: None,
-                state_dir: Some(self.agent_state_dir()),
-                guard_frames: true,
-                map_capacities: Default::default(),
-                identity: self.identity()?,
-            })
-            .map_err(|source| LabError::Agent { source })?,
-        );
+        app::start(AgentOptions {
+            source,
+            cgroup_mount: None,
+            pin_dir: node.pin_dir.clone(),
+            cgroup_root: Some(node.cgroup_root.clone()),
+            names_file: Some(node.names_file.clone()),
+            // One admin endpoint: node 1's.
+            admin_addr: self.admin_addr.filter(|_| node.number == 1),
+            admin_secure: None,
+            state_dir: Some(node.agent_state_dir.clone()),
+            guard_frames: true,
+            map_capacities: Default::default(),
+            identity: self.identity(node)?,
+        })
+        .map_err(|source| LabError::Agent { source })
+    }
+
+    /// Stops the agents and detaches the programs: no enforcement at all
+    /// (the benchmark's baseline).
+    pub fn detach_agent(&mut self) -> Result<(), LabError> {
+        for node in &mut self.nodes {
+            node.stop_agent();
+            bpf::loader::uninstall(&node.pin_dir).map_err(|source| LabError::Pins { source })?;
+        }
         Ok(())
     }
 
-    /// Stops the agent and detaches the programs: no enforcement at all
-    /// (the benchmark's baseline).
-    pub fn detach_agent(&mut self) -> Result<(), LabError> {
-        if let Some(agent) = self.agent.take() {
-            agent.stop();
-        }
-        bpf::loader::uninstall(&self.pin_dir).map_err(|source| LabError::Pins { source })
-    }
-
-    /// Starts a fresh agent (after [`Lab::detach_agent`]) and waits until it
-    /// has applied the current policies.
+    /// Starts fresh agents (after [`Lab::detach_agent`]) and waits until
+    /// they have applied the current policies (node 1's status returned).
     pub async fn reattach_agent(&mut self) -> Result<Status, LabError> {
         self.attach_agent()?;
         self.wait_applied().await
@@ -386,10 +446,50 @@ impl Lab {
         Ok(self.names.pod_cgroup(&self.pods[i]))
     }
 
-    /// Network namespace name of the node (the bridge and the pods' host-side
-    /// veths), for tools that watch what leaves a pod.
+    /// Network namespace name of the (first) node (the bridge and the pods'
+    /// host-side veths), for tools that watch what leaves a pod.
     pub fn node_netns(&self) -> String {
         self.names.node_netns()
+    }
+
+    /// How many nodes the lab simulates.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Network namespace name of node `node` (from 1).
+    pub fn node_netns_of(&self, node: usize) -> Result<String, LabError> {
+        self.lab_node(node)?;
+        Ok(self.names.node_netns_of(node))
+    }
+
+    /// The node (from 1) pod `key` runs on.
+    pub fn pod_node(&self, key: &str) -> Result<usize, LabError> {
+        Ok(self.pods[self.pod_index(key)?].node)
+    }
+
+    /// The two ends of the node-to-node link (node 1's first), for
+    /// captures of what crosses between nodes; `None` with one node.
+    pub fn node_link(&self) -> Option<[LinkEnd; 2]> {
+        (self.nodes.len() == 2).then(|| {
+            [1, 2].map(|node| LinkEnd {
+                node,
+                netns: self.names.node_netns_of(node),
+                interface: plumbing::link_interface(node),
+            })
+        })
+    }
+
+    /// A node's addresses (its bridge's), as its workloads file names them.
+    pub fn node_net(&self, node: usize) -> Result<NodeNet, LabError> {
+        self.lab_node(node)?;
+        Ok(NodeNet::of(node, self.nodes.len()))
+    }
+
+    fn lab_node(&self, node: usize) -> Result<&LabNode, LabError> {
+        node.checked_sub(1)
+            .and_then(|i| self.nodes.get(i))
+            .ok_or(LabError::UnknownNode { node })
     }
 
     /// The IPv4 address of pod `key`.
@@ -397,7 +497,8 @@ impl Lab {
         Ok(self.pods[self.pod_index(key)?].ipv4)
     }
 
-    /// Name of a pod's veth on the node side, in [`Lab::node_netns`].
+    /// Name of a pod's veth on the node side, in its node's namespace
+    /// ([`Lab::node_netns`] with one node, see [`Lab::pod_node`]).
     pub fn pod_host_veth(&self, key: &str) -> Result<String, LabError> {
         let i = self.pod_index(key)?;
         Ok(plumbing::host_veth(&self.pods[i]))
@@ -445,27 +546,35 @@ impl Lab {
         &self.pods
     }
 
-    /// Where the running agent's admin endpoint listens, if it has one.
+    /// Where the running (node 1's) agent's admin endpoint listens, if it
+    /// has one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.agent.as_ref().and_then(AgentHandle::admin_addr)
+        self.nodes[0]
+            .agent
+            .as_ref()
+            .and_then(AgentHandle::admin_addr)
     }
 
     pub fn policies_dir(&self) -> &Path {
         &self.policies_dir
     }
 
+    /// Node 1's pins.
     pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
+        &self.nodes[0].pin_dir
     }
 
-    /// Where the lab's agent keeps the last valid version of each object;
-    /// it outlives the agent (restarts), not the lab.
     /// Standalone labs give their pods identities from a throwaway CA in
     /// the lab's directory (made once, kept across agent restarts), and
     /// publish them where `portcullis identity --lab NAME` reads. Labs on
     /// an API server leave identity to the test that drives them.
-    fn identity(&self) -> Result<Option<crate::identity::manager::IdentityOptions>, LabError> {
-        use crate::identity::{authority, local, manager::IdentityOptions};
+    /// Every node's agent signs with the same lab CA, for its own pods only,
+    /// so the nodes trust each other's identities.
+    fn identity(
+        &self,
+        node: &LabNode,
+    ) -> Result<Option<crate::identity::manager::IdentityOptions>, LabError> {
+        use crate::identity::{authority, manager::IdentityOptions};
         if self.kubernetes.is_some() {
             return Ok(None);
         }
@@ -475,8 +584,8 @@ impl Lab {
             authority::CaDir::init(&dir, "lab").map_err(|source| LabError::Ca { source })?;
         }
         let mut options = IdentityOptions::ca_dir(dir, self.leaf_lifetime);
-        options.identities_file = Some(local::lab_file(&self.names.lab));
-        options.connections_file = Some(crate::mesh::connections::lab_file(&self.names.lab));
+        options.identities_file = Some(node.identities_file.clone());
+        options.connections_file = Some(node.connections_file.clone());
         Ok(Some(options))
     }
 
@@ -485,22 +594,32 @@ impl Lab {
         self.state_dir.join("ca")
     }
 
+    /// Where (node 1's) agent keeps the last valid version of each object;
+    /// it outlives the agent (restarts), not the lab.
     pub fn agent_state_dir(&self) -> PathBuf {
-        self.state_dir.join("agent-state")
+        self.nodes[0].agent_state_dir.clone()
     }
 
-    /// The cgroup the lab's agent attaches to (its pods are below it).
+    /// The cgroup node 1's agent attaches to (its pods are below it); the
+    /// lab's own cgroup with one node.
     pub fn cgroup_root(&self) -> &Path {
-        &self.names.cgroup_root
+        &self.nodes[0].cgroup_root
     }
 
-    /// Where the lab's agent publishes endpoint and rule names.
+    /// Where node 1's agent publishes endpoint and rule names.
     pub fn names_file(&self) -> PathBuf {
-        self.state_dir.join(NAMES_FILE)
+        self.nodes[0].names_file.clone()
     }
 
+    /// Node 1's workloads file (every pod; only node 1's with a cgroup).
     pub fn workloads_file(&self) -> &Path {
-        &self.workloads
+        &self.nodes[0].workloads
+    }
+
+    /// Node `node`'s workloads file: its own pods with their cgroups, the
+    /// other node's as remote workloads.
+    pub fn node_workloads_file(&self, node: usize) -> Result<&Path, LabError> {
+        Ok(&self.lab_node(node)?.workloads)
     }
 
     /// Replaces the services in the lab's workloads file (cluster IPs should
@@ -509,11 +628,20 @@ impl Lab {
     /// [`Lab::wait_applied`].
     pub fn set_services(&mut self, services: Vec<Service>) -> Result<(), LabError> {
         self.services = services;
-        let yaml = workloads_yaml(&self.topology, &self.pods, &self.names, &self.services);
-        // Write aside and rename, so the agent never reads half a file.
-        let tmp = self.state_dir.join(".workloads.yaml.tmp");
-        fs::write(&tmp, yaml).map_err(io("writing", &tmp))?;
-        fs::rename(&tmp, &self.workloads).map_err(io("writing", &self.workloads))
+        for node in &self.nodes {
+            let yaml = workloads_yaml(
+                &self.topology,
+                &self.pods,
+                &self.names,
+                node.number,
+                &self.services,
+            );
+            // Write aside and rename, so the agent never reads half a file.
+            let tmp = node.workloads.with_file_name(".workloads.yaml.tmp");
+            fs::write(&tmp, yaml).map_err(io("writing", &tmp))?;
+            fs::rename(&tmp, &node.workloads).map_err(io("writing", &node.workloads))?;
+        }
+        Ok(())
     }
 
     /// Puts every namespace of the lab in the mesh with `mode` (DISABLED
@@ -564,20 +692,29 @@ impl Lab {
         Ok(())
     }
 
-    /// Waits until the agent has processed the current policy files and
-    /// returns its status (check `problems` for invalid files).
+    /// Waits until the agent (every node's) has processed the current
+    /// policy files and returns its status (node 1's; check `problems` for
+    /// invalid files, see [`Lab::node_agent_status`] for the others).
     /// In Kubernetes mode: waits for a pass that reached the kernel with
     /// the source current.
     pub async fn wait_applied(&self) -> Result<Status, LabError> {
-        let status = self.wait_status(self.applied_predicate()).await?;
-        self.wait_meshed().await?;
-        Ok(status)
+        let mut first = None;
+        for node in &self.nodes {
+            let status = self
+                .wait_node_status(node, self.applied_predicate(node))
+                .await?;
+            first.get_or_insert(status);
+        }
+        for node in &self.nodes {
+            self.wait_meshed(node).await?;
+        }
+        Ok(first.expect("a lab has a node"))
     }
 
     /// Waits until every meshed pod's listeners run and its certificate is
     /// here, so a probe right after meets a working mesh.
-    async fn wait_meshed(&self) -> Result<(), LabError> {
-        let Some(mut state) = self.agent.as_ref().and_then(|a| a.mesh.clone()) else {
+    async fn wait_meshed(&self, node: &LabNode) -> Result<(), LabError> {
+        let Some(mut state) = node.agent.as_ref().and_then(|a| a.mesh.clone()) else {
             return Ok(());
         };
         let ready = tokio::time::timeout(MESH_READY_WITHIN, state.wait_for(|s| s.is_ready()))
@@ -591,8 +728,8 @@ impl Lab {
     }
 
     /// Whether a status is of a pass that applied the current state.
-    fn applied_predicate(&self) -> impl Fn(&Status) -> bool {
-        let want = Revision::Files(fingerprint(&self.policies_dir, &self.workloads));
+    fn applied_predicate(&self, node: &LabNode) -> impl Fn(&Status) -> bool {
+        let want = Revision::Files(fingerprint(&self.policies_dir, &node.workloads));
         let kubernetes = self.kubernetes.is_some();
         move |s| {
             if kubernetes {
@@ -603,28 +740,59 @@ impl Lab {
         }
     }
 
-    /// The running agent's metrics, as /metrics would serve them.
+    /// The running (node 1's) agent's metrics, as /metrics would serve them.
     pub fn agent_metrics(&self) -> Option<std::sync::Arc<crate::metrics::Metrics>> {
-        self.agent.as_ref().map(|a| a.metrics.clone())
+        self.node_agent_metrics(1)
     }
 
-    /// The certificates the running agent holds for the lab's pods.
+    /// Node `node`'s agent's metrics, while it runs.
+    pub fn node_agent_metrics(
+        &self,
+        node: usize,
+    ) -> Option<std::sync::Arc<crate::metrics::Metrics>> {
+        let agent = self.lab_node(node).ok()?.agent.as_ref()?;
+        Some(agent.metrics.clone())
+    }
+
+    /// The certificates the running (node 1's) agent holds for its pods.
     pub fn agent_certificates(
         &self,
     ) -> Option<tokio::sync::watch::Receiver<crate::identity::manager::Certificates>> {
-        let agent = self.agent.as_ref()?;
+        self.node_agent_certificates(1)
+    }
+
+    /// The certificates node `node`'s agent holds for its own pods.
+    pub fn node_agent_certificates(
+        &self,
+        node: usize,
+    ) -> Option<tokio::sync::watch::Receiver<crate::identity::manager::Certificates>> {
+        let agent = self.lab_node(node).ok()?.agent.as_ref()?;
         agent.identity.as_ref().map(|i| i.certificates.clone())
     }
 
-    /// The running agent's status, as it changes.
+    /// The running (node 1's) agent's status, as it changes.
     pub fn agent_status(&self) -> Option<tokio::sync::watch::Receiver<Status>> {
-        self.agent.as_ref().map(|a| a.status.clone())
+        self.node_agent_status(1)
     }
 
-    /// Waits (up to the apply timeout) for the agent's status to satisfy
-    /// `ready`.
+    /// Node `node`'s agent's status, as it changes.
+    pub fn node_agent_status(&self, node: usize) -> Option<tokio::sync::watch::Receiver<Status>> {
+        let agent = self.lab_node(node).ok()?.agent.as_ref()?;
+        Some(agent.status.clone())
+    }
+
+    /// Waits (up to the apply timeout) for the (node 1's) agent's status to
+    /// satisfy `ready`.
     pub async fn wait_status(&self, ready: impl Fn(&Status) -> bool) -> Result<Status, LabError> {
-        let agent = self.agent.as_ref().ok_or(LabError::NoAgent)?;
+        self.wait_node_status(&self.nodes[0], ready).await
+    }
+
+    async fn wait_node_status(
+        &self,
+        node: &LabNode,
+        ready: impl Fn(&Status) -> bool,
+    ) -> Result<Status, LabError> {
+        let agent = node.agent.as_ref().ok_or(LabError::NoAgent)?;
         let mut rx = agent.status.clone();
         let status = tokio::time::timeout(APPLY_TIMEOUT, async {
             rx.wait_for(|s| ready(s)).await.map(|s| s.clone())
@@ -741,14 +909,15 @@ impl Lab {
         self.reattach_agent().await
     }
 
-    /// Stops the agent, leaving programs and maps pinned in the kernel.
+    /// Stops the agents, leaving programs and maps pinned in the kernel.
     pub fn stop_agent(&mut self) {
-        if let Some(agent) = self.agent.take() {
-            agent.stop();
+        for node in &mut self.nodes {
+            node.stop_agent();
         }
     }
 
-    /// A probe from the node itself (like a kubelet health check).
+    /// A probe from the node itself (like a kubelet health check): the
+    /// node `to` runs on.
     pub async fn probe_from_node(
         &self,
         to: &str,
@@ -757,7 +926,8 @@ impl Lab {
     ) -> Result<ProbeOutcome, LabError> {
         let t = self.pod_index(to)?;
         let node = self
-            .node
+            .lab_node(self.pods[t].node)?
+            .client
             .as_ref()
             .ok_or(LabError::UnknownPod { pod: "node".into() })?;
         node.probe(
@@ -820,9 +990,14 @@ impl Lab {
         Ok(matrices)
     }
 
-    /// Decision counters from the kernel, summed over CPUs.
+    /// Decision counters from (node 1's) kernel programs, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<CounterSample>, LabError> {
-        bpf::read_counters(&self.pin_dir)
+        self.node_counters(1)
+    }
+
+    /// Decision counters of node `node`'s programs, summed over CPUs.
+    pub fn node_counters(&self, node: usize) -> Result<Vec<CounterSample>, LabError> {
+        bpf::read_counters(&self.lab_node(node)?.pin_dir)
             .map(|(c, _)| c)
             .map_err(|source| LabError::Counters { source })
     }
@@ -832,8 +1007,10 @@ impl Lab {
         for c in self.clients.drain(..) {
             c.stop().await;
         }
-        if let Some(n) = self.node.take() {
-            n.stop().await;
+        for node in &mut self.nodes {
+            if let Some(n) = node.client.take() {
+                n.stop().await;
+            }
         }
         self.teardown()
     }
@@ -843,9 +1020,7 @@ impl Lab {
             return Ok(());
         }
         self.torn_down = true;
-        if let Some(agent) = self.agent.take() {
-            agent.stop();
-        }
+        self.stop_agent();
         remove_leftovers(&self.names)
     }
 }
@@ -855,7 +1030,9 @@ impl Drop for Lab {
         // Pod processes die with their handles (kill_on_drop); the rest is
         // removed here so a failed test or a panic leaves nothing behind.
         self.clients.clear();
-        self.node = None;
+        for node in &mut self.nodes {
+            node.client = None;
+        }
         if let Err(e) = self.teardown() {
             eprintln!("portcullis lab: cleanup failed: {e}");
         }
@@ -885,11 +1062,14 @@ fn helper_exe(current: &Path) -> PathBuf {
         .unwrap_or_else(|| current.to_path_buf())
 }
 
-/// The standalone workloads file describing the lab's pods to the agent.
+/// The standalone workloads file describing the lab's pods to node
+/// `node`'s agent: its own pods with their cgroups, the others' (on the
+/// other node) as remote workloads, with addresses and labels only.
 fn workloads_yaml(
     t: &Topology,
     pods: &[PlannedPod],
     names: &LabNames,
+    node: usize,
     services: &[Service],
 ) -> String {
     let namespaces: Vec<_> = t
@@ -900,19 +1080,23 @@ fn workloads_yaml(
     let workloads: Vec<_> = pods
         .iter()
         .map(|p| {
-            json!({
+            let mut w = json!({
                 "name": p.workload.name,
                 "namespace": p.workload.namespace,
                 "labels": p.workload.labels,
-                "cgroup": names.pod_cgroup(p),
                 "ips": [p.ipv4.to_string(), p.ipv6.to_string()],
                 "ports": p.workload.ports,
                 "serviceAccount": p.workload.service_account(),
-            })
+            });
+            if p.node == node {
+                w["cgroup"] = json!(names.pod_cgroup(p));
+            }
+            w
         })
         .collect();
+    let net = NodeNet::of(node, names.nodes);
     let mut doc = json!({
-        "nodeIPs": [NODE_IPV4.to_string(), NODE_IPV6.to_string()],
+        "nodeIPs": [net.ipv4.to_string(), net.ipv6.to_string()],
         "namespaces": namespaces,
         "workloads": workloads,
     });

@@ -91,6 +91,15 @@ impl Place {
             cgroup: None,
         }
     }
+
+    /// In the lab's network namespace `name` (a node's), outside every pod.
+    pub fn netns(name: &str) -> Place {
+        Place {
+            name: name.into(),
+            netns: netns_path(name),
+            cgroup: None,
+        }
+    }
 }
 
 /// The tool binary, as the integration test names it

@@ -6,6 +6,7 @@ pub mod agent_process;
 pub mod attack;
 pub mod kube_api;
 pub mod kube_source_harness;
+pub mod mesh_wire;
 pub mod relay;
 
 use std::{collections::BTreeMap, net::IpAddr};
@@ -209,15 +210,19 @@ impl TestLab {
     }
 
     /// What the evaluator says for every pair, from the lab's current
-    /// policy files and workloads file.
+    /// policy files and workloads file (each node's, in a two-node lab).
     pub fn evaluator_matrix(
         &self,
         spec: &ProbeSpec,
         family: Family,
     ) -> BTreeMap<String, BTreeMap<String, bool>> {
-        let inv_path = self.lab.workloads_file();
-        let text = std::fs::read_to_string(inv_path).expect("workloads file");
-        let inventory = parse_inventory(inv_path, &text).expect("lab inventory parses");
+        let inventories: Vec<_> = (1..=self.lab.node_count())
+            .map(|node| {
+                let inv_path = self.lab.node_workloads_file(node).expect("node");
+                let text = std::fs::read_to_string(inv_path).expect("workloads file");
+                parse_inventory(inv_path, &text).expect("lab inventory parses")
+            })
+            .collect();
         let mut policies = Vec::new();
         let mut files: Vec<_> = std::fs::read_dir(self.lab.policies_dir())
             .expect("policies dir")
@@ -247,7 +252,12 @@ impl TestLab {
                 port: spec.port,
                 protocol,
             };
-            evaluate(&inventory, &policies, &q).allowed
+            // Each node judges its own pods' side of a flow: the source's
+            // node its egress, the destination's node its ingress.
+            let node = |key: &str| self.lab.pod_node(key).expect("pod");
+            let allowed = |n: usize| evaluate(&inventories[n - 1], &policies, &q).allowed;
+            let (f, t) = (node(from), node(to));
+            allowed(f) && (f == t || allowed(t))
         })
     }
 }

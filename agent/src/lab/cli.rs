@@ -51,6 +51,20 @@ pub struct LabArgs {
     /// `portcullis.dev/mtls` labels still win.
     #[arg(long)]
     pub mtls: Option<MeshMode>,
+    /// Simulated nodes, 1 or 2. With 2, pods take turns (or follow their
+    /// `node` in the topology file); each node has its own bridge, agent
+    /// and identities, and a link joins the nodes.
+    #[arg(long, default_value_t = 1, value_parser = parse_nodes)]
+    pub nodes: usize,
+}
+
+fn parse_nodes(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if (1..=topology::MAX_NODES).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{value:?}: the lab simulates 1 or 2 nodes (--nodes 1 or --nodes 2)"
+        )),
+    }
 }
 
 fn load_topology(args: &LabArgs) -> anyhow::Result<Topology> {
@@ -71,12 +85,16 @@ fn load_topology(args: &LabArgs) -> anyhow::Result<Topology> {
 pub async fn run(args: LabArgs) -> anyhow::Result<()> {
     let topology = load_topology(&args)?;
     if args.topology_only {
-        let pods = topology::plan(&topology);
+        let pods = topology::plan_on(&topology, args.nodes)?;
         if args.json {
             println!("{}", serde_json::json!({"pods": report::pods_json(&pods)}));
         } else {
             for p in &pods {
-                println!("{:<20} {:<16} {}", p.key, p.ipv4, p.ipv6);
+                let node = match args.nodes {
+                    1 => String::new(),
+                    _ => format!(" node{}", p.node),
+                };
+                println!("{:<20} {:<16} {}{node}", p.key, p.ipv4, p.ipv6);
             }
         }
         return Ok(());
@@ -93,14 +111,19 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
     };
     let mut opts = LabOptions::new(&args.name, topology);
     opts.probe_timeout = Duration::from_millis(args.timeout_ms);
+    opts.nodes = args.nodes;
     if !args.json {
         eprintln!(
-            "building lab '{}': {} pods …",
+            "building lab '{}': {} pods on {} node(s) …",
             args.name,
-            opts.topology.workloads.len()
+            opts.topology.workloads.len(),
+            opts.nodes
         );
     }
     let lab = Lab::start(opts).await?;
+    if !args.json && lab.node_count() > 1 {
+        eprint!("{}", describe_nodes(&lab));
+    }
     // Ctrl-C anywhere below still tears the lab down.
     let outcome = tokio::select! {
         r = measure(&lab, &args, &specs) => r,
@@ -118,8 +141,41 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
     outcome
 }
 
+/// Which pods run where, and the link between the nodes.
+fn describe_nodes(lab: &Lab) -> String {
+    let mut out = String::new();
+    for node in 1..=lab.node_count() {
+        let pods: Vec<&str> = lab
+            .pods()
+            .iter()
+            .filter(|p| p.node == node)
+            .map(|p| p.key.as_str())
+            .collect();
+        let (net, netns) = match (lab.node_net(node), lab.node_netns_of(node)) {
+            (Ok(net), Ok(netns)) => (net, netns),
+            _ => continue,
+        };
+        out.push_str(&format!(
+            "node{node} ({netns}, {}/{}): {}\n",
+            net.subnet_v4,
+            net.prefix_v4,
+            pods.join(", ")
+        ));
+    }
+    if let Some([a, b]) = lab.node_link() {
+        out.push_str(&format!(
+            "link: {} in {} <-> {} in {}\n",
+            a.interface, a.netns, b.interface, b.netns
+        ));
+    }
+    out
+}
+
 async fn measure(lab: &Lab, args: &LabArgs, specs: &[ProbeSpec]) -> anyhow::Result<()> {
     let human = !args.json;
+    // Every agent has applied its first pass once the lab is up, but meshed
+    // pods' listeners and certificates may still be on their way.
+    lab.wait_applied().await?;
     if args.show_before && human {
         let before = lab.probe_matrix(specs, args.family).await?;
         println!("== Before: no policies ==\n");
@@ -185,4 +241,19 @@ async fn measure(lab: &Lab, args: &LabArgs, specs: &[ProbeSpec]) -> anyhow::Resu
         std::future::pending::<()>().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_nodes;
+
+    #[test]
+    fn the_lab_has_one_or_two_nodes() {
+        assert_eq!(parse_nodes("1"), Ok(1));
+        assert_eq!(parse_nodes("2"), Ok(2));
+        for bad in ["0", "3", "-1", "two", ""] {
+            let e = parse_nodes(bad).unwrap_err();
+            assert!(e.contains("1 or 2 nodes"), "{bad}: {e}");
+        }
+    }
 }

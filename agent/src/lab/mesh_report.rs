@@ -36,12 +36,17 @@ pub async fn encrypted_connection(
         return Ok(None);
     };
     let (_held, _) = lab.hold(&from, &to, m.spec.port, Family::Ipv4).await?;
-    let path = connections::lab_file(name);
+    // Every node's agent publishes its own pods' ends (one file per node).
+    let paths: Vec<_> = lab
+        .nodes
+        .iter()
+        .map(|n| n.connections_file.clone())
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(3);
     let records = loop {
-        let records: Vec<_> = connections::read(&path)
-            .unwrap_or_default()
-            .into_iter()
+        let records: Vec<_> = paths
+            .iter()
+            .flat_map(|path| connections::read(path).unwrap_or_default())
             .filter(|r| r.pod == from || r.pod == to)
             .collect();
         if records.len() >= 2 || Instant::now() > deadline {

@@ -1,6 +1,6 @@
-//! Network namespaces, veths, the bridge and cgroups that make up lab pods.
-//! Everything is named after the lab so a later run can find and remove what
-//! a crashed one left behind.
+//! Network namespaces, veths, the bridges and cgroups that make up lab pods
+//! and nodes, and the link between two nodes. Everything is named after the
+//! lab so a later run can find and remove what a crashed one left behind.
 
 use std::{
     collections::BTreeMap,
@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use super::topology::{PlannedPod, IPV4_PREFIX_LEN, IPV6_PREFIX_LEN, NODE_IPV4, NODE_IPV6};
+use super::topology::{NodeNet, PlannedPod};
 
 const NETNS_DIR: &str = "/run/netns";
 
@@ -62,8 +62,11 @@ pub fn ip(args: &[&str]) -> Result<(), PlumbingError> {
 #[derive(Clone, Debug)]
 pub struct LabNames {
     pub lab: String,
-    /// cgroup directory the programs attach to; pods' cgroups are below it.
+    /// cgroup directory of the lab; pods' cgroups are below it. A one-node
+    /// lab's agent attaches here (see [`LabNames::node_cgroup_root`]).
     pub cgroup_root: PathBuf,
+    /// How many nodes the lab simulates (1 or 2).
+    pub nodes: usize,
     /// Pods' cgroups named as a kubelet names them, by pod UID
     /// (Kubernetes-mode lab; see [`super::kube::LabKube::pod_uids`]).
     pub kubelet_uids: Option<BTreeMap<String, String>>,
@@ -74,6 +77,7 @@ impl LabNames {
         Self {
             lab: lab.to_string(),
             cgroup_root: cgroup_mount.join(format!("portcullis-lab-{lab}")),
+            nodes: 1,
             kubelet_uids: None,
         }
     }
@@ -82,8 +86,28 @@ impl LabNames {
         format!("pcl-{}-", self.lab)
     }
 
+    /// The first node's namespace.
     pub fn node_netns(&self) -> String {
-        format!("{}node", self.prefix())
+        self.node_netns_of(1)
+    }
+
+    /// Node `node`'s (from 1) namespace: `…node`, `…node2`.
+    pub fn node_netns_of(&self, node: usize) -> String {
+        match node {
+            1 => format!("{}node", self.prefix()),
+            n => format!("{}node{n}", self.prefix()),
+        }
+    }
+
+    /// Where node `node`'s agent attaches: the lab's cgroup in a one-node
+    /// lab, a subtree of it per node otherwise (disjoint, so each agent
+    /// sees only its own pods).
+    pub fn node_cgroup_root(&self, node: usize) -> PathBuf {
+        if self.nodes <= 1 {
+            self.cgroup_root.clone()
+        } else {
+            self.cgroup_root.join(format!("node{node}"))
+        }
     }
 
     pub fn pod_netns(&self, pod: &PlannedPod) -> String {
@@ -100,7 +124,7 @@ impl LabNames {
                 .cgroup_root
                 .join(super::kube::pod_cgroup_relative(&uid));
         }
-        self.cgroup_root.join(format!(
+        self.node_cgroup_root(pod.node).join(format!(
             "{}-{}",
             sanitize(&pod.workload.namespace),
             sanitize(&pod.workload.name)
@@ -120,13 +144,31 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// The "node": a namespace holding the bridge that connects the pods, with
-/// the node's addresses on it.
-pub fn create_node(names: &LabNames) -> Result<(), PlumbingError> {
-    let ns = names.node_netns();
-    let v4 = format!("{NODE_IPV4}/{IPV4_PREFIX_LEN}");
-    let v6 = format!("{NODE_IPV6}/{IPV6_PREFIX_LEN}");
+/// A "node": a namespace holding the bridge that connects its pods, with
+/// the node's addresses on it. In a two-node lab it also routes.
+pub fn create_node(names: &LabNames, node: usize) -> Result<(), PlumbingError> {
+    let ns = names.node_netns_of(node);
+    let net = NodeNet::of(node, names.nodes);
+    let v4 = format!("{}/{}", net.ipv4, net.prefix_v4);
+    let v6 = format!("{}/{}", net.ipv6, net.prefix_v6);
     ip(&["netns", "add", &ns])?;
+    if names.nodes > 1 {
+        // Before any interface exists, so all inherit it: no duplicate
+        // address detection, as a forwarding node sends neighbour
+        // solicitations for other hosts' packets only from a link-local
+        // address that is no longer tentative (a second lost at start).
+        ip(&[
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ])?;
+    }
     ip(&["-n", &ns, "link", "set", "lo", "up"])?;
     ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
     ip(&["-n", &ns, "addr", "add", &v4, "dev", "br0"])?;
@@ -135,13 +177,15 @@ pub fn create_node(names: &LabNames) -> Result<(), PlumbingError> {
     ip(&["-n", &ns, "link", "set", "br0", "up"])
 }
 
-/// A pod: its own network namespace with `eth0` on the node's bridge.
+/// A pod: its own network namespace with `eth0` on its node's bridge (and,
+/// with two nodes, a default route through the node).
 pub fn create_pod(names: &LabNames, pod: &PlannedPod) -> Result<(), PlumbingError> {
-    let node = names.node_netns();
+    let node = names.node_netns_of(pod.node);
+    let net = NodeNet::of(pod.node, names.nodes);
     let ns = names.pod_netns(pod);
     let host_side = host_veth(pod);
-    let v4 = format!("{}/{IPV4_PREFIX_LEN}", pod.ipv4);
-    let v6 = format!("{}/{IPV6_PREFIX_LEN}", pod.ipv6);
+    let v4 = format!("{}/{}", pod.ipv4, net.prefix_v4);
+    let v6 = format!("{}/{}", pod.ipv6, net.prefix_v6);
     ip(&["netns", "add", &ns])?;
     ip(&[
         "-n", &node, "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns",
@@ -153,7 +197,72 @@ pub fn create_pod(names: &LabNames, pod: &PlannedPod) -> Result<(), PlumbingErro
     ip(&["-n", &ns, "link", "set", "lo", "up"])?;
     ip(&["-n", &ns, "addr", "add", &v4, "dev", "eth0"])?;
     ip(&["-n", &ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
-    ip(&["-n", &ns, "link", "set", "eth0", "up"])
+    ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+    if names.nodes > 1 {
+        let (gw4, gw6) = (net.ipv4.to_string(), net.ipv6.to_string());
+        ip(&[
+            "-n", &ns, "route", "add", "default", "via", &gw4, "dev", "eth0",
+        ])?;
+        ip(&[
+            "-n", &ns, "-6", "route", "add", "default", "via", &gw6, "dev", "eth0",
+        ])?;
+    }
+    Ok(())
+}
+
+/// The interface on the node-to-node link in node `node`'s namespace,
+/// named after the node at its other end.
+pub fn link_interface(node: usize) -> String {
+    format!("to-node{}", 3 - node)
+}
+
+/// Addresses of the node-to-node link's ends (link-local IPv4, a ULA /64
+/// of its own), so neither node's pod subnet is used for the link.
+fn link_addresses(node: usize) -> (String, String) {
+    (
+        format!("169.254.0.{node}"),
+        format!("fd00:7063:6cff::{node}"),
+    )
+}
+
+/// Joins node 1 and node 2 with a veth pair and routes each node's pod
+/// subnets across it. Traffic the nodes make themselves leaves from their
+/// bridge addresses, as a node's traffic leaves from its node IP.
+pub fn create_link(names: &LabNames) -> Result<(), PlumbingError> {
+    let (ns1, ns2) = (names.node_netns_of(1), names.node_netns_of(2));
+    let (if1, if2) = (link_interface(1), link_interface(2));
+    ip(&[
+        "-n", &ns1, "link", "add", &if1, "type", "veth", "peer", "name", &if2, "netns", &ns2,
+    ])?;
+    for node in [1, 2] {
+        let ns = names.node_netns_of(node);
+        let dev = link_interface(node);
+        let (v4, v6) = link_addresses(node);
+        ip(&["-n", &ns, "addr", "add", &format!("{v4}/30"), "dev", &dev])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            &dev,
+            "nodad",
+        ])?;
+        ip(&["-n", &ns, "link", "set", &dev, "up"])?;
+        let (own, peer) = (NodeNet::of(node, 2), NodeNet::of(3 - node, 2));
+        let (via4, via6) = link_addresses(3 - node);
+        let to4 = format!("{}/{}", peer.subnet_v4, peer.prefix_v4);
+        let to6 = format!("{}/{}", peer.subnet_v6, peer.prefix_v6);
+        let (src4, src6) = (own.ipv4.to_string(), own.ipv6.to_string());
+        ip(&[
+            "-n", &ns, "route", "add", &to4, "via", &via4, "dev", &dev, "src", &src4,
+        ])?;
+        ip(&[
+            "-n", &ns, "-6", "route", "add", &to6, "via", &via6, "dev", &dev, "src", &src6,
+        ])?;
+    }
+    Ok(())
 }
 
 /// The node-side end of a pod's veth.

@@ -82,14 +82,17 @@ impl Matrix {
     }
 }
 
+/// Pods and their addresses; with more than one node, their nodes too.
 pub fn pods_json(pods: &[PlannedPod]) -> Value {
+    let nodes = pods.iter().any(|p| p.node > 1);
     let map: serde_json::Map<String, Value> = pods
         .iter()
         .map(|p| {
-            (
-                p.key.clone(),
-                json!({"ipv4": p.ipv4.to_string(), "ipv6": p.ipv6.to_string()}),
-            )
+            let mut pod = json!({"ipv4": p.ipv4.to_string(), "ipv6": p.ipv6.to_string()});
+            if nodes {
+                pod["node"] = json!(p.node);
+            }
+            (p.key.clone(), pod)
         })
         .collect();
     Value::Object(map)

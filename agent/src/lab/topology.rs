@@ -1,8 +1,10 @@
 //! The lab's model of namespaces and pods, and the addresses it assigns.
 //!
 //! Same YAML shape as the standalone workloads file, minus `cgroup` and `ips`
-//! (the lab assigns those). Addresses come from the benchmarking range
-//! 198.18.0.0/15 and a ULA prefix, deterministic in the pod's position.
+//! (the lab assigns those), plus an optional `node`. Addresses come from the
+//! benchmarking range 198.18.0.0/15 and a ULA prefix, deterministic in the
+//! pod's position: one node has all of 198.18.0.0/15; two nodes split it,
+//! 198.18.0.0/16 for node 1 and 198.19.0.0/16 for node 2 (see [`NodeNet`]).
 
 use std::{
     collections::BTreeMap,
@@ -22,6 +24,12 @@ pub enum TopologyError {
         #[source]
         source: crate::policy::parse::YamlError,
     },
+    #[error("--nodes {nodes}: the lab has 1 or 2 nodes")]
+    Nodes { nodes: usize },
+    #[error("pod {pod} asks for node {node}, but the lab has {nodes} node(s)")]
+    NoSuchNode { pod: String, node: u8, nodes: usize },
+    #[error("at most {room} pods fit the address range of a {nodes}-node lab")]
+    Full { nodes: usize, room: usize },
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -52,6 +60,10 @@ pub struct LabWorkload {
     /// Its ServiceAccount, the workload identity (default `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
+    /// The node (1 or 2) of a two-node lab it runs on; round-robin by
+    /// position when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u8>,
 }
 
 impl Topology {
@@ -103,6 +115,8 @@ pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7063, 0x6c00, 0, 0, 0, 0
 pub const IPV4_PREFIX_LEN: u8 = 15;
 pub const IPV6_PREFIX_LEN: u8 = 64;
 const FIRST_POD_IPV4: u32 = u32::from_be_bytes([198, 18, 1, 10]);
+/// A pod's host part, from its node's subnet: x.x.1.10 for the first.
+const FIRST_POD_HOST: u32 = FIRST_POD_IPV4 - u32::from_be_bytes([198, 18, 0, 0]);
 /// 198.18.0.0/15 ends at 198.19.255.255.
 const LAST_POD_IPV4: u32 = u32::from_be_bytes([198, 19, 255, 254]);
 
@@ -138,6 +152,7 @@ pub fn default_topology() -> Topology {
                     ports: ports.clone(),
                     // One identity per pod: spiffe://…/ns/x/sa/a.
                     service_account: Some(p.to_string()),
+                    node: None,
                 })
             })
             .collect(),
@@ -179,6 +194,11 @@ fn validate(file: &str, t: &Topology) -> Result<(), TopologyError> {
         if !seen.insert(key.clone()) {
             return Err(invalid(format!("workloads[{i}]: duplicate workload {key}")));
         }
+        if let Some(n) = w.node.filter(|n| !(1..=MAX_NODES as u8).contains(n)) {
+            return Err(invalid(format!(
+                "workloads[{i}] ({key}).node: {n} is not a node of the lab (1 or 2)"
+            )));
+        }
         for (j, p) in w.ports.iter().enumerate() {
             if p.container_port == 0 {
                 return Err(invalid(format!(
@@ -203,23 +223,105 @@ pub struct PlannedPod {
     pub key: String,
     pub workload: LabWorkload,
     pub index: usize,
+    /// The node it runs on, from 1 (always 1 in a one-node lab).
+    pub node: usize,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
 }
 
-/// Assigns each pod its addresses, by position in the topology.
+/// Assigns each pod its addresses, by position in the topology, all on one
+/// node (whatever their `node` says; [`plan_on`] checks it).
 pub fn plan(t: &Topology) -> Vec<PlannedPod> {
+    let mut one = t.clone();
+    for w in &mut one.workloads {
+        w.node = None;
+    }
+    plan_on(&one, 1).expect("a valid topology fits one node")
+}
+
+/// Places each pod on one of `nodes` nodes (its `node`, else round-robin
+/// by position) and assigns its addresses in that node's subnet. The host
+/// part follows the pod's position in the whole topology, so addresses
+/// stay unique across nodes and a one-node plan is [`plan`]'s.
+pub fn plan_on(t: &Topology, nodes: usize) -> Result<Vec<PlannedPod>, TopologyError> {
+    if !(1..=MAX_NODES).contains(&nodes) {
+        return Err(TopologyError::Nodes { nodes });
+    }
+    let room = (LAST_POD_IPV4 - FIRST_POD_IPV4) as usize / nodes;
+    if t.workloads.len() > room {
+        return Err(TopologyError::Full { nodes, room });
+    }
     t.workloads
         .iter()
         .enumerate()
-        .map(|(i, w)| PlannedPod {
-            key: format!("{}/{}", w.namespace, w.name),
-            workload: w.clone(),
-            index: i,
-            ipv4: Ipv4Addr::from(FIRST_POD_IPV4 + i as u32),
-            ipv6: Ipv6Addr::from(u128::from(NODE_IPV6) + 0x1_0000 + i as u128),
+        .map(|(i, w)| {
+            let key = format!("{}/{}", w.namespace, w.name);
+            let node = match w.node {
+                Some(n) if (1..=nodes).contains(&(n as usize)) => n as usize,
+                Some(n) => {
+                    return Err(TopologyError::NoSuchNode {
+                        pod: key,
+                        node: n,
+                        nodes,
+                    })
+                }
+                None => 1 + i % nodes,
+            };
+            let net = NodeNet::of(node, nodes);
+            Ok(PlannedPod {
+                key,
+                workload: w.clone(),
+                index: i,
+                node,
+                ipv4: Ipv4Addr::from(u32::from(net.subnet_v4) + FIRST_POD_HOST + i as u32),
+                ipv6: Ipv6Addr::from(u128::from(net.ipv6) + 0x1_0000 + i as u128),
+            })
         })
         .collect()
+}
+
+/// The most nodes a lab simulates.
+pub const MAX_NODES: usize = 2;
+
+/// One node's place in the lab's address plan: its own addresses (on its
+/// bridge), and the subnets its pods take theirs from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeNet {
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub subnet_v4: Ipv4Addr,
+    pub prefix_v4: u8,
+    pub subnet_v6: Ipv6Addr,
+    pub prefix_v6: u8,
+}
+
+impl NodeNet {
+    /// Node `node` (from 1) of a lab of `nodes`. One node keeps the whole
+    /// /15 on its bridge (the lab as it always was); two nodes take a /16
+    /// and a /64 each, routed to each other over the link between them.
+    pub fn of(node: usize, nodes: usize) -> Self {
+        if nodes <= 1 {
+            return Self {
+                ipv4: NODE_IPV4,
+                ipv6: NODE_IPV6,
+                subnet_v4: Ipv4Addr::new(198, 18, 0, 0),
+                prefix_v4: IPV4_PREFIX_LEN,
+                subnet_v6: Ipv6Addr::from(u128::from(NODE_IPV6) - 1),
+                prefix_v6: IPV6_PREFIX_LEN,
+            };
+        }
+        let n = node.saturating_sub(1);
+        let subnet_v4 = Ipv4Addr::new(198, 18 + n as u8, 0, 0);
+        let subnet_v6 = Ipv6Addr::from(u128::from(NODE_IPV6) - 1 + ((n as u128) << 64));
+        Self {
+            ipv4: Ipv4Addr::from(u32::from(subnet_v4) + 1),
+            ipv6: Ipv6Addr::from(u128::from(subnet_v6) + 1),
+            subnet_v4,
+            prefix_v4: 16,
+            subnet_v6,
+            prefix_v6: IPV6_PREFIX_LEN,
+        }
+    }
 }
 
 /// Namespace labels, including the one Kubernetes sets on every namespace.
@@ -272,6 +374,50 @@ mod tests {
             "fd00:7063:6c00::1:1".parse::<Ipv6Addr>().unwrap()
         );
         assert_eq!(plan(&default_topology()), p);
+    }
+
+    #[test]
+    fn two_nodes_take_turns_and_split_the_range() {
+        let one = plan(&default_topology());
+        let two = plan_on(&default_topology(), 2).unwrap();
+        let nodes: Vec<usize> = two.iter().map(|p| p.node).collect();
+        assert_eq!(nodes, [1, 2, 1, 2, 1, 2, 1, 2, 1]);
+        assert_eq!(
+            two[0].ipv4, one[0].ipv4,
+            "node 1 keeps the one-node addresses"
+        );
+        assert_eq!(two[0].ipv6, one[0].ipv6);
+        assert_eq!(two[1].ipv4, Ipv4Addr::new(198, 19, 1, 11));
+        assert_eq!(
+            two[1].ipv6,
+            "fd00:7063:6c00:1::1:2".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(NodeNet::of(1, 2).ipv4, NODE_IPV4);
+        assert_eq!(NodeNet::of(2, 2).ipv4, Ipv4Addr::new(198, 19, 0, 1));
+        assert_eq!(NodeNet::of(1, 1).prefix_v4, IPV4_PREFIX_LEN);
+    }
+
+    #[test]
+    fn a_pod_may_name_its_node() {
+        let mut t = default_topology();
+        t.workloads[1].node = Some(1);
+        assert_eq!(plan_on(&t, 2).unwrap()[1].node, 1);
+        assert!(matches!(
+            plan_on(&t, 1),
+            Ok(p) if p.iter().all(|p| p.node == 1)
+        ));
+        t.workloads[1].node = Some(2);
+        assert!(matches!(
+            plan_on(&t, 1),
+            Err(TopologyError::NoSuchNode { pod, node: 2, nodes: 1 }) if pod == "x/b"
+        ));
+        assert!(plan_on(&t, 3).is_err());
+        let e = parse_topology(
+            Path::new("t.yaml"),
+            "workloads: [{name: a, namespace: x, node: 3}]",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("node"), "{e}");
     }
 
     #[test]
