@@ -196,6 +196,8 @@ pub struct AgentHandle {
     /// How far the mesh is, when identity (and so the mesh) is on.
     pub mesh: Option<watch::Receiver<MeshState>>,
     stop: Arc<AtomicBool>,
+    /// Wakes the sync loop, to see `stop` at once.
+    wake: Arc<Wakeup>,
     thread: Option<thread::JoinHandle<()>>,
     admin: Option<AdminServer>,
 }
@@ -213,6 +215,7 @@ impl AgentHandle {
 
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.wake.signal();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -327,6 +330,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         ..Status::default()
     });
     let stop = Arc::new(AtomicBool::new(false));
+    let wake = Wakeup::new();
     let running = Arc::new(AtomicBool::new(true));
     let admin = match opts.admin_addr.zip(exposure) {
         Some((addr, exposure)) => {
@@ -356,6 +360,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     };
     let thread = {
         let stop = stop.clone();
+        let loop_wake = wake.clone();
         let source: Box<dyn Source> = match &opts.source {
             SourceOptions::Files {
                 policies_dir,
@@ -399,7 +404,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                         demand,
                         mesh,
                     },
-                    &stop,
+                    (&stop, loop_wake),
                 )
             })
             .expect("spawning the sync thread")
@@ -411,6 +416,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         identity,
         mesh: mesh_state,
         stop,
+        wake,
         thread: Some(thread),
         admin,
     })
@@ -586,7 +592,7 @@ fn sync_loop(
     mut reconciler: Reconciler,
     mut dataplane: Dataplane,
     observers: Observers,
-    stop: &AtomicBool,
+    (stop, wake): (&AtomicBool, Arc<Wakeup>),
 ) {
     let mut seen: Option<Revision> = None;
     let mut status = observers.status.borrow().clone();
@@ -599,7 +605,6 @@ fn sync_loop(
     let mut last_pass_wall = SystemTime::now();
     // Sources signal changes; the loop sleeps until one comes or a retry
     // is due (no polling of the source).
-    let wake = Wakeup::new();
     source.wake_on_change(wake.clone());
     // A failed pass is tried again, sooner first.
     let mut failed_passes: u32 = 0;

@@ -16,18 +16,16 @@ use std::{
 
 use super::wake::Wakeup;
 
-/// Stops the watching thread when dropped.
+/// Stops the watching thread when dropped (it ends at its next look at
+/// the flag; nothing waits for it).
 pub struct FileWatch {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: JoinHandle<()>,
 }
 
 impl Drop for FileWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -111,7 +109,7 @@ pub fn watch(paths: &[PathBuf], wake: Arc<Wakeup>) -> std::io::Result<FileWatch>
         })?;
     Ok(FileWatch {
         stop,
-        thread: Some(thread),
+        _thread: thread,
     })
 }
 
