@@ -18,7 +18,7 @@ use portcullis_common::{mesh, DIRECTION_INGRESS, REASON_PLAINTEXT, VERDICT_DENY}
 use portcullis_tests::{
     agent_process::AgentProcess,
     mesh_wire::{
-        keylog_file, pod_ip, python_in, read_line, start_server, start_server_on, tcp,
+        exchange, keylog_file, pod_ip, python_in, read_line, start_server, start_server_on, tcp,
         tshark_fields, until_outcome, Capture,
     },
     start_lab_with, start_lab_with_options, TestLab,
@@ -75,17 +75,7 @@ async fn strict_pods_talk_tls13_with_spiffe_certificates_and_real_addresses() {
     assert_eq!(read_line(&mut server).await, "ready");
     let server_ip = pod_ip(&lab, "x/b");
     let marker = format!("portcullis-marker-{}", std::process::id());
-    let client = python_in(
-        &lab,
-        "x/a",
-        &format!(
-            "import socket\n\
-             c = socket.create_connection(('{server_ip}', 8080), timeout=10)\n\
-             print('peername', c.getpeername()[0], c.getpeername()[1])\n\
-             c.sendall(b'{marker}'); print('echo', c.recv(4096).decode())\n"
-        ),
-    )
-    .await;
+    let client = exchange(&lab, "x/a", server_ip, 8080, &marker).await;
     assert!(
         client.contains(&format!("peername {server_ip} 8080")),
         "the client's getpeername() names the original destination: {client}"
@@ -146,17 +136,7 @@ async fn ipv6_is_meshed_like_ipv4() {
     let mut server = start_server_on(&lab, "x/b", "AF_INET6", "::", 8080);
     assert_eq!(read_line(&mut server).await, "ready");
     let marker = format!("portcullis-v6-marker-{}", std::process::id());
-    let client = python_in(
-        &lab,
-        "x/a",
-        &format!(
-            "import socket\n\
-             c = socket.create_connection(('{server_ip}', 8080), timeout=10)\n\
-             print('peername', c.getpeername()[0], c.getpeername()[1])\n\
-             c.sendall(b'{marker}'); print('echo', c.recv(4096).decode())\n"
-        ),
-    )
-    .await;
+    let client = exchange(&lab, "x/a", server_ip.into(), 8080, &marker).await;
     assert!(
         client.contains(&format!("peername {server_ip} 8080")),
         "the client's getpeername() names the original destination: {client}"
@@ -462,7 +442,7 @@ async fn the_mesh_ports_are_no_way_in() {
     until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
     let x_b = pod_ip(&lab, "x/b");
     // Prints how the exchange ended: `echo` only if data came back.
-    let exchange = |host: String, port: u16| {
+    let attempt = |host: String, port: u16| {
         format!(
             "import socket\n\
              try:\n    c = socket.create_connection(('{host}', {port}), timeout=5)\n\
@@ -473,14 +453,14 @@ async fn the_mesh_ports_are_no_way_in() {
     let direct = python_in(
         &lab,
         "x/a",
-        &exchange("127.0.0.1".into(), mesh::OUTBOUND_PORT),
+        &attempt("127.0.0.1".into(), mesh::OUTBOUND_PORT),
     )
     .await;
     assert!(
         !direct.contains("echo"),
         "the outbound listener, dialled directly: {direct}"
     );
-    let nested = python_in(&lab, "x/a", &exchange(x_b.to_string(), mesh::INBOUND_PORT)).await;
+    let nested = python_in(&lab, "x/a", &attempt(x_b.to_string(), mesh::INBOUND_PORT)).await;
     assert!(
         !nested.contains("echo"),
         "a peer's HBONE port through the mesh: {nested}"

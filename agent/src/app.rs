@@ -700,7 +700,9 @@ fn sync_loop(
                         .problems
                         .extend(observers.workloads(&snapshot.inventory));
                     match reconciler.reconcile(&snapshot, &mut dataplane.writer) {
-                        Ok(applied) => {
+                        Ok(mut applied) => {
+                            applied.names.trust_domain =
+                                observers.demand.as_ref().map(|d| d.trust_domain.clone());
                             status.problems.extend(applied.rejected.values().cloned());
                             status
                                 .problems
@@ -722,10 +724,7 @@ fn sync_loop(
                             missing_cgroups = !status.waiting_for_cgroup.is_empty();
                             missing_processes = !status.waiting_for_process.is_empty();
                             if let Some(path) = &names_file {
-                                let mut names = applied.names.clone();
-                                names.trust_domain =
-                                    observers.demand.as_ref().map(|d| d.trust_domain.clone());
-                                if let Err(e) = publish(path, &names) {
+                                if let Err(e) = publish(path, &applied.names) {
                                     status.problems.push(format!(
                                         "publishing names to {}: {e}",
                                         path.display()

@@ -611,6 +611,24 @@ impl Lab {
         self.nodes[0].names_file.clone()
     }
 
+    /// `portcullis agent` arguments that run node 1's agent as a process
+    /// of its own on this lab's files, pins and cgroups (stop the
+    /// in-process one first).
+    pub fn agent_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec!["agent".into()];
+        for (flag, value) in [
+            ("--policies", self.policies_dir().to_path_buf()),
+            ("--workloads", self.workloads_file().to_path_buf()),
+            ("--pin-dir", self.pin_dir().to_path_buf()),
+            ("--cgroup-root", self.cgroup_root().to_path_buf()),
+            ("--names-file", self.names_file()),
+        ] {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        args
+    }
+
     /// Node 1's workloads file (every pod; only node 1's with a cgroup).
     pub fn workloads_file(&self) -> &Path {
         &self.nodes[0].workloads
