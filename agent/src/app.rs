@@ -285,6 +285,8 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         capacities: opts.map_capacities,
     })
     .map_err(|source| AgentError::Load { source })?;
+    // Loading parsed the kernel's BTF; give those pages back.
+    crate::memory::release_freed();
     metrics.maps.set_capacities(&opts.map_capacities);
     let opts_capacity = opts.map_capacities.generation();
     info!(

@@ -15,6 +15,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod kube_report;
 pub mod lab;
+pub mod memory;
 pub mod mesh;
 pub mod metrics;
 pub mod policy;

@@ -212,14 +212,19 @@ impl Dataplane {
         fs::create_dir_all(&links_dir).map_err(io("creating", &links_dir))?;
 
         check_pinned_capacities(&opts.pin_dir, &opts.capacities)?;
-        let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(&opts.pin_dir);
-        for (map, entries) in opts.capacities.by_map() {
-            loader.map_max_entries(map, entries);
-        }
-        let mut ebpf = loader
-            .load(OBJECT)
-            .map_err(|source| LoadError::Object { source })?;
+        // The loader holds the kernel's parsed BTF (tens of MiB); it is
+        // dropped before the socket guard parses its own copy, so the two
+        // never sit in memory together (the agent's peak RSS).
+        let mut ebpf = {
+            let mut loader = EbpfLoader::new();
+            loader.default_map_pin_directory(&opts.pin_dir);
+            for (map, entries) in opts.capacities.by_map() {
+                loader.map_max_entries(map, entries);
+            }
+            loader
+                .load(OBJECT)
+                .map_err(|source| LoadError::Object { source })?
+        };
         let cgroup = File::open(&opts.cgroup_root).map_err(io("opening", &opts.cgroup_root))?;
 
         let old_links: Vec<PathBuf> = fs::read_dir(&links_dir)
