@@ -624,3 +624,125 @@ proptest! {
         }
     }
 }
+
+/// One step of a change sequence: which policies are in force (each name
+/// from the first set, the second, or neither) and a change to the pods.
+#[derive(Debug, Clone)]
+struct Step {
+    /// Per policy name: 0 absent, 1 the first set's version, 2 the
+    /// second's (the same name in both is a policy changed in place).
+    versions: Vec<u8>,
+    change: PodChange,
+}
+
+#[derive(Debug, Clone)]
+enum PodChange {
+    None,
+    /// Flip the `app` label of a workload (by index modulo their number).
+    Relabel(usize),
+    /// Flip a namespace's `team` label.
+    RelabelNamespace(usize),
+    /// Drop a workload, or bring back the last dropped.
+    Remove(usize),
+    Restore,
+    /// Give a workload another named port, or take its ports away.
+    Ports(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    (
+        vec(0..3u8, 12),
+        prop_oneof![
+            Just(PodChange::None),
+            (0..6usize).prop_map(PodChange::Relabel),
+            (0..NAMESPACES.len()).prop_map(PodChange::RelabelNamespace),
+            (0..6usize).prop_map(PodChange::Remove),
+            Just(PodChange::Restore),
+            (0..6usize).prop_map(PodChange::Ports),
+        ],
+    )
+        .prop_map(|(versions, change)| Step { versions, change })
+}
+
+fn flip(labels: &mut BTreeMap<String, String>, key: &str, values: [&str; 2]) {
+    let next = match labels.get(key).map(String::as_str) {
+        Some(v) if v == values[0] => Some(values[1]),
+        Some(_) => None,
+        None => Some(values[0]),
+    };
+    match next {
+        Some(v) => labels.insert(key.to_string(), v.to_string()),
+        None => labels.remove(key),
+    };
+}
+
+impl PodChange {
+    fn apply(&self, inventory: &mut Inventory, dropped: &mut Vec<Workload>) {
+        let n = inventory.workloads.len();
+        match *self {
+            Self::None => {}
+            Self::Relabel(i) if n > 0 => {
+                flip(&mut inventory.workloads[i % n].labels, "app", ["web", "db"]);
+            }
+            Self::RelabelNamespace(i) => {
+                flip(&mut inventory.namespaces[i].labels, "team", ["a", "b"]);
+            }
+            Self::Remove(i) if n > 1 => dropped.push(inventory.workloads.remove(i % n)),
+            Self::Restore => inventory.workloads.extend(dropped.pop()),
+            Self::Ports(i) if n > 0 => {
+                let ports = &mut inventory.workloads[i % n].ports;
+                if ports.is_empty() {
+                    ports.push(ContainerPort {
+                        name: PORT_NAMES[i % PORT_NAMES.len()].to_string(),
+                        container_port: RULE_PORTS[i % RULE_PORTS.len()],
+                        protocol: Protocol::Tcp,
+                    });
+                } else {
+                    ports.clear();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+proptest! {
+    // The incremental compile's property (issue #13): after every step of
+    // a random sequence of pod, namespace and policy changes, the compiler
+    // that replays its previous output produces exactly the maps of one
+    // that works everything out, given the same history (so the same ids).
+    #[test]
+    fn incremental_compile_equals_full_compile(
+        inventory in inventory(),
+        first in policy_file(),
+        second in policy_file(),
+        steps in vec(step(), 1..10),
+    ) {
+        let (mut inventory, first) = parse_case(&inventory, &first)?;
+        let (_, second) = parse_case(&inventory, &second)?;
+        let mut names: Vec<_> = first.iter().chain(&second).map(|p| p.reference.clone()).collect();
+        names.sort();
+        names.dedup();
+        let version = |set: &[PolicyObject], name| set.iter().find(|p| &p.reference == name).cloned();
+
+        let mut incremental = Compiler::new();
+        let mut full = Compiler::without_memo();
+        let mut dropped = Vec::new();
+        for step in &steps {
+            step.change.apply(&mut inventory, &mut dropped);
+            let policies: Vec<PolicyObject> = names
+                .iter()
+                .zip(step.versions.iter().cycle())
+                .filter_map(|(name, v)| match v {
+                    1 => version(&first, name).or_else(|| version(&second, name)),
+                    2 => version(&second, name).or_else(|| version(&first, name)),
+                    _ => None,
+                })
+                .collect();
+            let context = format!("{step:?}\n--- workloads\n{}", serde_saphyr::to_string(&inventory).unwrap());
+            let expected = full.compile(&inventory, &policies).map_err(|e| TestCaseError::fail(chain(&e)))?;
+            let got = incremental.compile(&inventory, &policies).map_err(|e| TestCaseError::fail(chain(&e)))?;
+            prop_assert_eq!(&got, &expected, "incremental differs from full\n{}", context);
+        }
+    }
+}

@@ -25,6 +25,7 @@
 mod classes;
 mod ids;
 pub mod lookup;
+mod memo;
 mod ports;
 
 use std::{
@@ -42,9 +43,11 @@ use portcullis_common::{
 };
 use thiserror::Error;
 
+pub use self::memo::Reuse;
 use self::{
     classes::{Member, PeerClass, PeerClasses},
     ids::IdAllocator,
+    memo::{Memo, Memoized, Recorder},
     ports::{prefix_blocks, PortPartition, Segment},
 };
 use crate::policy::model::{
@@ -210,11 +213,26 @@ pub enum CompileError {
 
 /// Compiles, keeping ids stable across compiles: the same workload keeps its
 /// endpoint id, the same peer class its identity, the same rule its cookie.
+/// Each compile replays what it can of the previous one (see [`memo`]).
 #[derive(Debug, Clone)]
 pub struct Compiler {
     endpoint_ids: IdAllocator<WorkloadRef>,
     identity_ids: IdAllocator<PeerClass>,
     cookie_ids: IdAllocator<Attribution>,
+    /// `None`: every compile works everything out (the reference the
+    /// incremental compile is tested against).
+    memo: Option<Memo>,
+    /// The classes each distinct rule peer list named in the previous
+    /// compile, valid while the classes stay the same.
+    named_cache: NamedCache,
+    reuse: Reuse,
+}
+
+/// Classes named by peer lists, for one list of classes.
+#[derive(Debug, Clone, Default)]
+struct NamedCache {
+    classes: Vec<PeerClass>,
+    by_peers: HashMap<Peers, Vec<usize>>,
 }
 
 impl Default for Compiler {
@@ -230,7 +248,26 @@ impl Compiler {
             identity_ids: IdAllocator::new(IDENTITY_FIRST_ALLOCATED, IDENTITY_ANY),
             // Cookie 0 marks verdicts no rule made (local, host, not isolated).
             cookie_ids: IdAllocator::new(1, u32::MAX),
+            memo: Some(Memo::default()),
+            named_cache: NamedCache::default(),
+            reuse: Reuse::default(),
         }
+    }
+
+    /// A compiler that never replays: the full compile the incremental one
+    /// must always equal.
+    #[cfg(test)]
+    pub fn without_memo() -> Self {
+        Self {
+            memo: None,
+            named_cache: NamedCache::default(),
+            ..Self::new()
+        }
+    }
+
+    /// What the latest successful compile replayed and worked out.
+    pub fn reuse(&self) -> Reuse {
+        self.reuse
     }
 
     pub fn compile(
@@ -272,12 +309,28 @@ impl Compiler {
             })
             .collect();
 
+        // Taken out: a failed compile leaves no memo, so the next one starts
+        // from scratch instead of from entries whose cookies were not kept.
+        let previous = self.memo.as_mut().map(Memo::take).unwrap_or_default();
+        // Which classes a rule names depends only on its peers and the
+        // classes: while the classes stay, the previous answers hold.
+        let mut named_before = std::mem::take(&mut self.named_cache);
+        if self.memo.is_none() || named_before.classes != classes.classes {
+            named_before.by_peers.clear();
+        }
         let mut pass = Pass {
             policies,
             inventory,
             classes,
             class_identities,
             named: HashMap::new(),
+            named_before: named_before.by_peers,
+            named_now: HashMap::new(),
+            memo: self.memo.as_ref(),
+            previous,
+            next: HashMap::new(),
+            pod_classes_print: None,
+            reuse: Reuse::default(),
             out: Compiled {
                 identities,
                 ..Default::default()
@@ -306,10 +359,26 @@ impl Compiler {
             }
         }
 
+        let Pass {
+            out,
+            next,
+            reuse,
+            classes,
+            named_now,
+            ..
+        } = pass;
+        if let Some(memo) = self.memo.as_mut() {
+            memo.restore(next);
+            self.named_cache = NamedCache {
+                classes: classes.classes,
+                by_peers: named_now,
+            };
+        }
+        self.reuse = reuse;
         self.endpoint_ids = endpoint_ids.finish();
         self.identity_ids = identity_ids.finish();
         self.cookie_ids = cookie_ids.finish();
-        Ok(pass.out)
+        Ok(out)
     }
 }
 
@@ -369,6 +438,19 @@ struct Pass<'p> {
     /// outlive the pass). A policy applies to many endpoints, so this is
     /// worked out once per rule.
     named: HashMap<*const Rule, Vec<usize>>,
+    /// The same by peer list: from the previous compile (when its classes
+    /// were these) and from this one.
+    named_before: HashMap<Peers, Vec<usize>>,
+    named_now: HashMap<Peers, Vec<usize>>,
+    /// The compiler's memo (for its fingerprint keys), the previous
+    /// compile's entries and this compile's.
+    memo: Option<&'p Memo>,
+    previous: HashMap<(WorkloadRef, Direction), Memoized>,
+    next: HashMap<(WorkloadRef, Direction), Memoized>,
+    /// Fingerprint of every pod class's identity and named ports, for
+    /// endpoints whose egress rules name ports; worked out once.
+    pod_classes_print: Option<u128>,
+    reuse: Reuse,
     out: Compiled,
 }
 
@@ -585,9 +667,22 @@ impl<'p> Pass<'p> {
             return Ok(());
         }
         for entry in layers.all_entries() {
-            self.named
-                .entry(entry.rule as *const Rule)
-                .or_insert_with(|| named_classes(&self.classes, entry.rule));
+            if self.named.contains_key(&(entry.rule as *const Rule)) {
+                continue;
+            }
+            let peers = &entry.rule.peers;
+            let named = match self.named_now.get(peers) {
+                Some(named) => named.clone(),
+                None => {
+                    let named = self
+                        .named_before
+                        .remove(peers)
+                        .unwrap_or_else(|| named_classes(&self.classes, entry.rule));
+                    self.named_now.insert(peers.clone(), named.clone());
+                    named
+                }
+            };
+            self.named.insert(entry.rule as *const Rule, named);
         }
         // Classes no rule names decide like the wildcard, except that for
         // egress a named port resolves against the destination pod's ports.
@@ -607,6 +702,31 @@ impl<'p> Pass<'p> {
         }
         by_class.sort_unstable();
         by_class.dedup();
+
+        let memo_key = (endpoint.reference(), direction);
+        let fingerprint = self.memo.map(|memo| {
+            self.fingerprint(
+                memo,
+                &layers,
+                endpoint,
+                endpoint_id,
+                direction,
+                named_egress_ports,
+            )
+        });
+        if let Some(fingerprint) = fingerprint {
+            if let Some(memoized) = self
+                .previous
+                .remove(&memo_key)
+                .filter(|m| m.fingerprint() == fingerprint)
+            {
+                memoized.replay(&mut self.out, cookie_ids)?;
+                self.next.insert(memo_key, memoized);
+                self.reuse.replayed += 1;
+                return Ok(());
+            }
+        }
+        let mut recorder = Recorder::default();
 
         for protocol in Protocol::JUDGED {
             let key = |peer_identity| PolicySlot {
@@ -628,6 +748,7 @@ impl<'p> Pass<'p> {
             let wildcard = scope.runs(PeerView::Unnamed);
             emit(
                 &mut self.out,
+                &mut recorder,
                 cookie_ids,
                 key(IDENTITY_ANY),
                 &wildcard,
@@ -639,6 +760,7 @@ impl<'p> Pass<'p> {
                 if specific != wildcard {
                     emit(
                         &mut self.out,
+                        &mut recorder,
                         cookie_ids,
                         key(self.class_identities[class]),
                         &specific,
@@ -648,7 +770,76 @@ impl<'p> Pass<'p> {
                 }
             }
         }
+        if let Some(fingerprint) = fingerprint {
+            self.next.insert(memo_key, recorder.finish(fingerprint));
+        }
+        self.reuse.computed += 1;
         Ok(())
+    }
+
+    /// Everything the entries of `endpoint` in `direction` are worked out
+    /// from (see [`memo`] for the argument that nothing else matters).
+    fn fingerprint(
+        &mut self,
+        memo: &Memo,
+        layers: &Layers,
+        endpoint: &Workload,
+        endpoint_id: u32,
+        direction: Direction,
+        named_egress_ports: bool,
+    ) -> u128 {
+        let mut f = memo.fingerprinter();
+        f.add(&endpoint_id);
+        f.add(&direction);
+        f.add(&endpoint.ports);
+        let named = &self.named;
+        let identities = &self.class_identities;
+        let entries = |f: &mut memo::Fingerprinter, list: &[Entry]| {
+            f.add(&list.len());
+            for e in list {
+                f.add(&e.attribution);
+                f.add(&e.action);
+                f.add(&e.rule.ports);
+                f.add(&(e.rule.peers == Peers::All));
+                let classes = &named[&(e.rule as *const Rule)];
+                f.add(&classes.len());
+                for &class in classes {
+                    f.add(&identities[class]);
+                }
+            }
+        };
+        entries(&mut f, &layers.admin);
+        entries(&mut f, &layers.deny);
+        entries(&mut f, &layers.allow);
+        entries(&mut f, &layers.baseline);
+        f.add(&layers.audits.len());
+        for audit in &layers.audits {
+            entries(&mut f, &audit.deny);
+            f.add(&audit.isolates);
+            entries(&mut f, &audit.allow);
+            f.add(&audit.default_deny);
+        }
+        f.add(&layers.isolated);
+        f.add(&layers.default_deny);
+        f.add(&layers.attributions);
+        f.add(&named_egress_ports);
+        if named_egress_ports {
+            let print = match self.pod_classes_print {
+                Some(print) => print,
+                None => {
+                    let mut p = memo.fingerprinter();
+                    for &class in self.classes.pod_classes() {
+                        p.add(&self.class_identities[class]);
+                        if let PeerClass::Pod { named_ports, .. } = &self.classes.classes[class] {
+                            p.add(named_ports);
+                        }
+                    }
+                    *self.pod_classes_print.insert(p.fingerprint())
+                }
+            };
+            f.add(&print);
+        }
+        f.fingerprint()
     }
 }
 
@@ -883,6 +1074,7 @@ impl Scope<'_> {
 /// needs none.
 fn emit(
     out: &mut Compiled,
+    recorder: &mut Recorder,
     cookie_ids: &mut ids::IdRound<'_, Attribution>,
     key: PolicySlot,
     runs: &[Run],
@@ -943,19 +1135,23 @@ fn emit(
         );
     }
     for (port, port_prefix_len, outcome, rule_cookie) in entries {
-        out.rules.insert(
-            PolicySlot {
-                port,
-                port_prefix_len,
-                ..key
-            },
-            PolicyValue {
-                verdict: outcome.verdict,
-                reason: outcome.reason,
-                _pad: 0,
-                rule_cookie,
-            },
+        let slot = PolicySlot {
+            port,
+            port_prefix_len,
+            ..key
+        };
+        let value = PolicyValue {
+            verdict: outcome.verdict,
+            reason: outcome.reason,
+            _pad: 0,
+            rule_cookie,
+        };
+        recorder.record(
+            slot,
+            &value,
+            outcome.attribution.map(|i| (i, &attributions[i])),
         );
+        out.rules.insert(slot, value);
     }
     Ok(())
 }

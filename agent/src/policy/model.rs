@@ -395,14 +395,14 @@ pub struct Rule {
     pub ports: Vec<PortMatch>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Peers {
     /// `from`/`to` absent or empty: every peer.
     All,
     Only(Vec<Peer>),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// Pods matching `pods` in the namespaces `namespaces` selects.
     Pods {
@@ -418,7 +418,7 @@ pub enum Peer {
     Identity(IdentityMatch),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum IdentityMatch {
     Exact(SpiffeId),
     /// Every identity of the namespace (the trust domain is the agent's:
@@ -444,7 +444,7 @@ impl fmt::Display for IdentityMatch {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NamespaceScope {
     /// Only this namespace (a `podSelector` without `namespaceSelector`).
     Exactly(String),
@@ -452,13 +452,13 @@ pub enum NamespaceScope {
     Matching(Selector),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PortMatch {
     pub protocol: Protocol,
     pub port: PortSpec,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PortSpec {
     /// Every port of the protocol (port 0 included).
     All,

@@ -1,0 +1,192 @@
+//! Incremental compile. The unit is one endpoint in one direction: its
+//! policy entries are kept with a fingerprint of everything they were
+//! worked out from, and the next compile replays them instead of working
+//! them out again when the fingerprint is the same.
+//!
+//! What an endpoint's entries depend on, and so what the fingerprint
+//! covers: its endpoint id and named container ports; the rules that apply
+//! to it, in evaluation order, each with its action, its ports and the
+//! identities of the peer classes it names (not its selectors: they only
+//! matter through those classes); the attributions its cookies stand for;
+//! and, when an egress rule names a port, every pod class's identity and
+//! named ports. A pod that joins an existing class, a policy that selects
+//! other pods, or a label no rule looks at leaves it unchanged.
+//!
+//! The fingerprint is 128 bits from two SipHash instances with random keys
+//! (fixed for the compiler's life). The property test in
+//! `agreement_tests.rs` checks after every step of random change sequences
+//! that incremental output equals a compile that replays nothing.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, Hash, Hasher},
+};
+
+use portcullis_common::{PolicySlot, PolicyValue};
+
+use super::{ids::IdRound, Attribution, CompileError, Compiled};
+use crate::policy::model::{Direction, WorkloadRef};
+
+/// One emitted policy entry; `attribution` indexes the memo's own list.
+#[derive(Debug, Clone)]
+pub struct Emitted {
+    pub slot: PolicySlot,
+    pub verdict: u8,
+    pub reason: u8,
+    pub attribution: Option<usize>,
+}
+
+/// The entries of one endpoint and direction, and what they came from.
+#[derive(Debug, Clone)]
+pub struct Memoized {
+    fingerprint: u128,
+    entries: Vec<Emitted>,
+    /// Only the attributions the entries use.
+    attributions: Vec<Attribution>,
+}
+
+type MemoKey = (WorkloadRef, Direction);
+
+/// Entries of the latest successful compile, by endpoint and direction.
+#[derive(Debug, Clone)]
+pub struct Memo {
+    keys: [std::collections::hash_map::RandomState; 2],
+    entries: HashMap<MemoKey, Memoized>,
+}
+
+impl Default for Memo {
+    fn default() -> Self {
+        Self {
+            keys: [Default::default(), Default::default()],
+            entries: HashMap::new(),
+        }
+    }
+}
+
+/// How much one compile reused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reuse {
+    /// Endpoint-directions replayed from the previous compile.
+    pub replayed: usize,
+    /// Endpoint-directions worked out.
+    pub computed: usize,
+}
+
+/// Both hashers at once.
+pub struct Fingerprinter(
+    std::collections::hash_map::DefaultHasher,
+    std::collections::hash_map::DefaultHasher,
+);
+
+impl Hasher for Fingerprinter {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(bytes);
+        self.1.write(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.finish()
+    }
+}
+
+impl Fingerprinter {
+    pub fn fingerprint(&self) -> u128 {
+        (u128::from(self.0.finish()) << 64) | u128::from(self.1.finish())
+    }
+
+    pub fn add(&mut self, value: &impl Hash) {
+        value.hash(self);
+    }
+}
+
+impl Memo {
+    pub fn fingerprinter(&self) -> Fingerprinter {
+        Fingerprinter(self.keys[0].build_hasher(), self.keys[1].build_hasher())
+    }
+
+    /// Takes the entries out for a compile; what it does not hand back in
+    /// [`Memo::restore`] is forgotten (an endpoint that went away).
+    pub fn take(&mut self) -> HashMap<MemoKey, Memoized> {
+        std::mem::take(&mut self.entries)
+    }
+
+    pub fn restore(&mut self, entries: HashMap<MemoKey, Memoized>) {
+        self.entries = entries;
+    }
+}
+
+/// Records the entries of one endpoint-direction while it is worked out.
+#[derive(Default)]
+pub struct Recorder {
+    entries: Vec<Emitted>,
+    /// Index in the layers' attributions → index in `attributions`.
+    remap: HashMap<usize, usize>,
+    attributions: Vec<Attribution>,
+}
+
+impl Recorder {
+    pub fn record(
+        &mut self,
+        slot: PolicySlot,
+        value: &PolicyValue,
+        attribution: Option<(usize, &Attribution)>,
+    ) {
+        let attribution = attribution.map(|(index, a)| {
+            *self.remap.entry(index).or_insert_with(|| {
+                self.attributions.push(a.clone());
+                self.attributions.len() - 1
+            })
+        });
+        self.entries.push(Emitted {
+            slot,
+            verdict: value.verdict,
+            reason: value.reason,
+            attribution,
+        });
+    }
+
+    pub fn finish(self, fingerprint: u128) -> Memoized {
+        Memoized {
+            fingerprint,
+            entries: self.entries,
+            attributions: self.attributions,
+        }
+    }
+}
+
+impl Memoized {
+    pub fn fingerprint(&self) -> u128 {
+        self.fingerprint
+    }
+
+    /// Writes the entries into `out` again, looking their cookies up in
+    /// this round (each attribution had an id last round, so it keeps it).
+    pub fn replay(
+        &self,
+        out: &mut Compiled,
+        cookie_ids: &mut IdRound<'_, Attribution>,
+    ) -> Result<(), CompileError> {
+        let mut cookies = Vec::with_capacity(self.attributions.len());
+        for attribution in &self.attributions {
+            let id = cookie_ids
+                .id(attribution)
+                .ok_or(CompileError::IdsExhausted {
+                    what: "rule cookie",
+                })?;
+            out.cookies.entry(id).or_insert_with(|| attribution.clone());
+            cookies.push(id);
+        }
+        for e in &self.entries {
+            out.rules.insert(
+                e.slot,
+                PolicyValue {
+                    verdict: e.verdict,
+                    reason: e.reason,
+                    _pad: 0,
+                    rule_cookie: e.attribution.map_or(0, |i| cookies[i]),
+                },
+            );
+        }
+        Ok(())
+    }
+}
