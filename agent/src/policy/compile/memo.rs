@@ -48,19 +48,10 @@ pub struct Memoized {
 type MemoKey = (WorkloadRef, Direction);
 
 /// Entries of the latest successful compile, by endpoint and direction.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Memo {
     keys: [std::collections::hash_map::RandomState; 2],
     entries: HashMap<MemoKey, Memoized>,
-}
-
-impl Default for Memo {
-    fn default() -> Self {
-        Self {
-            keys: [Default::default(), Default::default()],
-            entries: HashMap::new(),
-        }
-    }
 }
 
 /// How much one compile reused.
