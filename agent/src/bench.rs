@@ -82,7 +82,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20)]
     pub churn_changes: usize,
     /// Cluster sizes the churn measurement grows to afterwards, for the
-    /// agent's memory (none: `--churn-growth ''`).
+    /// agent's memory (sizes up to --churn-pods add nothing).
     #[arg(long, value_delimiter = ',', default_value = "20000")]
     pub churn_growth: Vec<usize>,
     /// Run only these sections; the output file keeps its other sections

@@ -40,11 +40,10 @@ use self::{
 use crate::kube_plane::ControlPlane;
 
 const PIN_DIR: &str = "/sys/fs/bpf/churn";
-/// Below the cgroup v2 mount: the programs attach here and the kubelet's
+/// Below the cgroup v2 mount ([`crate::cgroup::cgroup2_mount`]): the programs attach here and the kubelet's
 /// pod cgroups are made here (`--kubelet-cgroup-root`).
 const CGROUP_DIR: &str = "churn-bench";
 const RUN_DIR: &str = "/run/churn";
-const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
 /// Targets of issue 13, per kind of change.
 const TARGET_P50: f64 = 0.005;
 const TARGET_P99: f64 = 0.030;
@@ -139,7 +138,7 @@ struct Agent {
 }
 
 impl Agent {
-    async fn start(plane: &ControlPlane) -> anyhow::Result<Self> {
+    async fn start(plane: &ControlPlane, mount: &Path) -> anyhow::Result<Self> {
         let exe = crate::lab::portcullis_exe().context("locating the portcullis binary")?;
         let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let log = std::fs::File::create(Path::new(RUN_DIR).join("agent.log"))?;
@@ -148,7 +147,7 @@ impl Agent {
             .arg("--kubelet-cgroup-root")
             .arg(format!("/{CGROUP_DIR}"))
             .arg("--cgroup-root")
-            .arg(Path::new(CGROUP_MOUNT).join(CGROUP_DIR))
+            .arg(mount.join(CGROUP_DIR))
             .args(["--pin-dir", PIN_DIR])
             .arg("--names-file")
             .arg(Path::new(RUN_DIR).join("names.json"))
@@ -188,7 +187,7 @@ impl Agent {
 
     async fn histogram(&mut self) -> anyhow::Result<Reading> {
         if let Ok(Some(status)) = self.child.try_wait() {
-            bail!("the agent exited ({status}); see {RUN_DIR}/agent.log");
+            bail!("the agent exited ({status}); its log is kept in /tmp/churn-agent.log");
         }
         Ok(Reading::parse(&self.get("/metrics").await?)?)
     }
@@ -243,18 +242,18 @@ impl Agent {
 }
 
 /// The pod cgroup the kubelet (systemd driver) makes for a BestEffort pod.
-fn pod_cgroup(uid: &str) -> PathBuf {
-    Path::new(CGROUP_MOUNT).join(CGROUP_DIR).join(format!(
+fn pod_cgroup(mount: &Path, uid: &str) -> PathBuf {
+    mount.join(CGROUP_DIR).join(format!(
         "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
         uid.replace('-', "_")
     ))
 }
 
 /// Best effort, before a run (leftovers of a crashed one) and after it.
-fn clean_up() {
+fn clean_up(mount: &Path) {
     let _ = crate::bpf::loader::uninstall(Path::new(PIN_DIR));
     let _ = std::fs::remove_dir_all(PIN_DIR);
-    let _ = crate::lab::plumbing::remove_cgroup_tree(&Path::new(CGROUP_MOUNT).join(CGROUP_DIR));
+    let _ = crate::lab::plumbing::remove_cgroup_tree(&mount.join(CGROUP_DIR));
     let _ = std::fs::remove_dir_all(RUN_DIR);
 }
 
@@ -265,6 +264,8 @@ fn typed<K: serde::de::DeserializeOwned>(value: Value) -> anyhow::Result<K> {
 /// The cluster as the bench writes it.
 struct Cluster {
     client: kube::Client,
+    /// The cgroup v2 mount.
+    mount: PathBuf,
     /// Pods written so far, by index; their UIDs.
     pods: BTreeMap<usize, String>,
 }
@@ -284,7 +285,7 @@ impl Cluster {
             .with_context(|| format!("creating pod {}/{}", spec.namespace, spec.name))?;
         let uid = pod.metadata.uid.unwrap_or_default();
         if spec.local {
-            std::fs::create_dir_all(pod_cgroup(&uid))?;
+            std::fs::create_dir_all(pod_cgroup(&self.mount, &uid))?;
         }
         Ok(uid)
     }
@@ -328,7 +329,7 @@ impl Cluster {
             .with_context(|| format!("deleting pod {}/{}", spec.namespace, spec.name))?;
         if let Some(uid) = self.pods.remove(&i) {
             if spec.local {
-                let _ = std::fs::remove_dir(pod_cgroup(&uid));
+                let _ = std::fs::remove_dir(pod_cgroup(&self.mount, &uid));
             }
         }
         Ok(())
@@ -445,20 +446,26 @@ pub async fn run(options: &ChurnOptions) -> anyhow::Result<ChurnResult> {
         options.pods >= 100 && options.rules >= objects::RULES_PER_POLICY,
         "the churn bench needs at least 100 pods and 10 rules"
     );
-    clean_up();
-    let result = measure(options).await;
-    clean_up();
+    let mount = crate::cgroup::cgroup2_mount()?;
+    clean_up(&mount);
+    let result = measure(options, &mount).await;
+    if result.is_err() {
+        // Kept for whoever reads the error.
+        let _ = std::fs::copy(Path::new(RUN_DIR).join("agent.log"), "/tmp/churn-agent.log");
+    }
+    clean_up(&mount);
     result
 }
 
-async fn measure(options: &ChurnOptions) -> anyhow::Result<ChurnResult> {
+async fn measure(options: &ChurnOptions, mount: &Path) -> anyhow::Result<ChurnResult> {
     std::fs::create_dir_all(RUN_DIR)?;
-    std::fs::create_dir_all(Path::new(CGROUP_MOUNT).join(CGROUP_DIR))?;
+    std::fs::create_dir_all(mount.join(CGROUP_DIR))?;
     let started = Instant::now();
     eprintln!("churn: starting etcd and kube-apiserver");
     let plane = ControlPlane::start("churn-kube-").await?;
     let mut cluster = Cluster {
         client: plane.client().await?,
+        mount: mount.to_path_buf(),
         pods: BTreeMap::new(),
     };
     let policies = options.rules.div_ceil(objects::RULES_PER_POLICY);
@@ -472,7 +479,7 @@ async fn measure(options: &ChurnOptions) -> anyhow::Result<ChurnResult> {
     let setup_secs = started.elapsed().as_secs_f64();
 
     eprintln!("churn: starting the agent");
-    let mut agent = Agent::start(&plane).await?;
+    let mut agent = Agent::start(&plane, mount).await?;
     let first = agent_ready(&mut agent).await?;
     let (rss, hwm) = agent.memory();
     let mut memory = vec![Memory {
@@ -534,10 +541,10 @@ async fn agent_ready(agent: &mut Agent) -> anyhow::Result<f64> {
             break;
         }
         if let Ok(Some(status)) = agent.child.try_wait() {
-            bail!("the agent exited ({status}); see {RUN_DIR}/agent.log");
+            bail!("the agent exited ({status}); its log is kept in /tmp/churn-agent.log");
         }
         if started.elapsed() > Duration::from_secs(300) {
-            bail!("the agent was not ready after 300 s; see {RUN_DIR}/agent.log");
+            bail!("the agent was not ready after 300 s; its log is kept in /tmp/churn-agent.log");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
