@@ -52,8 +52,9 @@ pub enum PlaneError {
     #[error("{}: not a CRD", path.display())]
     Crd {
         path: PathBuf,
+        // Boxed: the parser's error is large, every Result here carries it.
         #[source]
-        source: serde_saphyr::Error,
+        source: Box<serde_saphyr::Error>,
     },
 }
 
@@ -454,7 +455,7 @@ async fn install_crds(client: &kube::Client) -> Result<(), PlaneError> {
         let crd: CustomResourceDefinition =
             serde_saphyr::from_str(&text).map_err(|source| PlaneError::Crd {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
         names.push(crd.metadata.name.clone().unwrap_or_default());
         crds.create(&PostParams::default(), &crd)

@@ -75,7 +75,7 @@ impl PodSpec {
         let app = format!("app-{}", workload % APPS);
         let mut labels = serde_json::Map::new();
         labels.insert("app".into(), app.clone().into());
-        let name = if workload % STATEFUL_EVERY == 0 {
+        let name = if workload.is_multiple_of(STATEFUL_EVERY) {
             let set = format!("{app}-db{workload}");
             let name = format!("{set}-{replica}");
             labels.insert(
@@ -96,7 +96,7 @@ impl PodSpec {
             index,
             namespace,
             name,
-            local: index % LOCAL_EVERY == 0,
+            local: index.is_multiple_of(LOCAL_EVERY),
             ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 10)) + index as u32),
             labels,
         }
