@@ -1,8 +1,10 @@
 //! `portcullis bench`: the numbers behind the performance claims, written to
 //! BENCHMARKS.md — connection rate against no agent and iptables, how
 //! compile time, map entries and kernel memory grow with the rule count,
-//! and transparent mTLS against a stunnel pair.
+//! transparent mTLS against a stunnel pair, and how fast single changes
+//! reach the kernel through the Kubernetes source at cluster scale.
 
+pub mod churn;
 pub mod connrate;
 pub mod cputime;
 pub mod layout;
@@ -67,6 +69,22 @@ pub struct BenchArgs {
     /// Seconds of each mTLS measure (iperf3 and wrk take whole seconds).
     #[arg(long, default_value_t = 3)]
     pub mtls_seconds: u32,
+    /// Skip the churn measurement (a real API server with thousands of pods).
+    #[arg(long)]
+    pub skip_churn: bool,
+    /// Cluster pods in the churn measurement (a fifth on this node).
+    #[arg(long, default_value_t = 5_000)]
+    pub churn_pods: usize,
+    /// Rules in the churn measurement, in NetworkPolicies of ten.
+    #[arg(long, default_value_t = 10_000)]
+    pub churn_rules: usize,
+    /// Changes of each kind in the churn measurement.
+    #[arg(long, default_value_t = 20)]
+    pub churn_changes: usize,
+    /// Cluster sizes the churn measurement grows to afterwards, for the
+    /// agent's memory (sizes up to --churn-pods add nothing).
+    #[arg(long, value_delimiter = ',', default_value = "20000")]
+    pub churn_growth: Vec<usize>,
     /// Run only these sections; the output file keeps its other sections
     /// as they are (each run section replaces its own).
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -83,6 +101,7 @@ pub enum Section {
     Overhead,
     Scale,
     Mtls,
+    Churn,
 }
 
 impl BenchArgs {
@@ -92,6 +111,7 @@ impl BenchArgs {
             Section::Overhead => self.skip_overhead,
             Section::Scale => self.skip_scale,
             Section::Mtls => self.skip_mtls,
+            Section::Churn => self.skip_churn,
         };
         !skipped && (self.only.is_empty() || self.only.contains(&section))
     }
@@ -148,6 +168,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.runs(Section::Mtls) {
         sections.push(mtls::run(&args).await?);
+    }
+    if args.runs(Section::Churn) {
+        let options = churn::ChurnOptions {
+            pods: args.churn_pods,
+            rules: args.churn_rules,
+            changes: args.churn_changes,
+            growth: args.churn_growth.clone(),
+        };
+        sections.push(churn::render(&churn::run(&options).await?));
     }
     let existing = std::fs::read_to_string(&args.output).ok();
     match existing.filter(|_| !args.only.is_empty()) {
@@ -249,7 +278,8 @@ mod tests {
             Section::Rate,
             Section::Overhead,
             Section::Scale,
-            Section::Mtls
+            Section::Mtls,
+            Section::Churn
         ]
         .iter()
         .all(|s| all.runs(*s)));

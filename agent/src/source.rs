@@ -72,8 +72,10 @@ pub trait Source: Send + 'static {
     /// complete to offer (no initial list yet): nothing is applied then, so
     /// a partial view never replaces what is enforced.
     fn revision(&self) -> Option<Revision>;
-    /// When the newest change between `previous` and `now` was made: where
-    /// apply latency starts.
+    /// When the changes between `previous` (the last applied revision) and
+    /// `now` were made: where apply latency starts. The Kubernetes source
+    /// gives the oldest change not yet applied; files, whose revision only
+    /// tells the newest modification, give that.
     fn changed_at(&self, now: &Revision, previous: Option<&Revision>) -> Option<SystemTime>;
     /// Reads the complete desired state.
     fn load(&mut self) -> Result<Snapshot, Box<dyn std::error::Error + Send + Sync>>;

@@ -333,19 +333,41 @@ pub fn demo(args: &[OsString]) -> Result<()> {
     .map(OsString::from)
     .to_vec();
     lab.extend_from_slice(args);
-    run_agent("demo", &lab)
+    run_agent("demo", &lab, None)
 }
 
 /// `cargo xtask bench`: `portcullis bench` with the given arguments.
 pub fn bench(args: &[OsString]) -> Result<()> {
     let mut bench = vec![OsString::from("bench")];
     bench.extend_from_slice(args);
-    run_agent("bench", &bench)
+    // The churn section runs a real API server.
+    let kube_bin = runs_churn(args).then(crate::kube::build).transpose()?;
+    run_agent("bench", &bench, kube_bin)
+}
+
+/// Whether `portcullis bench` with `args` runs the churn section.
+fn runs_churn(args: &[OsString]) -> bool {
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if args.iter().any(|a| a == "--skip-churn") {
+        return false;
+    }
+    let only = args
+        .iter()
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix("--only") {
+            Some("") => args.get(i + 1).cloned(),
+            Some(v) => v.strip_prefix('=').map(str::to_string),
+            None => None,
+        });
+    only.is_none_or(|v| v.split(',').any(|s| s == "churn"))
 }
 
 /// Builds the agent and runs it from the workspace root; exits with its
 /// status.
-fn run_agent(step: &str, args: &[OsString]) -> Result<()> {
+fn run_agent(step: &str, args: &[OsString], kube_bin: Option<PathBuf>) -> Result<()> {
     setup()?;
     let bin = build_agent()?;
     if !is_root() {
@@ -353,6 +375,9 @@ fn run_agent(step: &str, args: &[OsString]) -> Result<()> {
     }
     let mut cmd = Command::new(&bin);
     cmd.current_dir(run::workspace_root()).args(args);
+    if let Some(dir) = kube_bin {
+        cmd.env("PORTCULLIS_KUBE_BIN", dir);
+    }
     let status = run::status(step, &mut cmd)?;
     if !status.success() {
         eprintln!(
@@ -396,7 +421,21 @@ pub fn lint() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{serial_test_targets, test_failures, warning_count, Totals, PARALLEL_TESTS};
+    use std::ffi::OsString;
+
+    use super::{
+        runs_churn, serial_test_targets, test_failures, warning_count, Totals, PARALLEL_TESTS,
+    };
+
+    #[test]
+    fn the_control_plane_is_built_only_when_churn_runs() {
+        let runs = |a: &[&str]| runs_churn(&a.iter().map(OsString::from).collect::<Vec<_>>());
+        assert!(runs(&[]));
+        assert!(runs(&["--only", "mtls,churn"]));
+        assert!(runs(&["--only=churn"]));
+        assert!(!runs(&["--only", "mtls"]));
+        assert!(!runs(&["--skip-churn"]));
+    }
 
     /// Every test file runs in one of the two groups: the serialized group
     /// comes from cargo metadata, so a new file cannot be left out.

@@ -15,6 +15,7 @@
 
 mod backoff;
 pub mod cgroups;
+mod pending;
 mod policies;
 mod prune;
 mod recheck;
@@ -172,7 +173,8 @@ impl fmt::Display for Watched {
 struct Progress {
     /// Changes seen after the initial lists.
     revision: u64,
-    changed_at: Option<SystemTime>,
+    /// When each change not yet applied was seen.
+    pending: pending::PendingChanges,
     synced: BTreeSet<Watched>,
     /// Latest watch error per resource, until the watch delivers again
     /// (or, for a transient one, the API server answers a probe).
@@ -196,9 +198,21 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Progress> {
 impl Progress {
     fn changed(&mut self, what: Watched) {
         self.revision += 1;
-        self.changed_at = Some(SystemTime::now());
+        self.pending.record(self.revision, SystemTime::now());
         self.failing.remove(&what);
         self.wake();
+    }
+
+    /// When the oldest change a pass at `now` takes was seen (those up to
+    /// `previous` are applied already): a burst's latency is its first
+    /// change's wait, not its last's.
+    fn changed_at(&mut self, now: &Revision, previous: Option<&Revision>) -> Option<SystemTime> {
+        let events = |r: &Revision| match r {
+            Revision::Events(n) => Some(*n),
+            _ => None,
+        };
+        let now = events(now)?;
+        self.pending.oldest_since(now, previous.and_then(events))
     }
 
     /// Tells the sync loop to look: the revision or the health changed.
@@ -594,8 +608,8 @@ impl Source for KubeSource {
         (p.synced.len() == Watched::ALL.len()).then_some(Revision::Events(p.revision))
     }
 
-    fn changed_at(&self, _now: &Revision, _previous: Option<&Revision>) -> Option<SystemTime> {
-        lock(&self.progress).changed_at
+    fn changed_at(&self, now: &Revision, previous: Option<&Revision>) -> Option<SystemTime> {
+        lock(&self.progress).changed_at(now, previous)
     }
 
     fn load(&mut self) -> Result<Snapshot, Box<dyn std::error::Error + Send + Sync>> {
@@ -741,5 +755,41 @@ impl Source for KubeSource {
         // creates it any moment, and until then the pod is not enforced
         // (or, with deny-unprogrammed, gets no traffic).
         Duration::from_millis(200)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The histogram's start for a burst is its first change: before the
+    /// fix it was the last one, understating the wait of the rest.
+    #[test]
+    fn a_pass_is_timed_from_the_oldest_change_it_takes() {
+        let mut p = Progress::default();
+        let before = SystemTime::now();
+        p.changed(Watched::Pods);
+        std::thread::sleep(Duration::from_millis(20));
+        p.changed(Watched::Pods);
+        p.changed(Watched::Services);
+        let first = p.changed_at(&Revision::Events(3), None).unwrap();
+        assert!(
+            first.duration_since(before).unwrap() < Duration::from_millis(15),
+            "timed from a later change"
+        );
+        // Once that pass applied revision 3, a new change starts afresh.
+        std::thread::sleep(Duration::from_millis(20));
+        let later = SystemTime::now();
+        p.changed(Watched::Pods);
+        let next = p
+            .changed_at(&Revision::Events(4), Some(&Revision::Events(3)))
+            .unwrap();
+        assert!(next >= later);
+        assert_eq!(
+            p.changed_at(&Revision::Events(4), Some(&Revision::Events(4))),
+            None
+        );
     }
 }

@@ -1,0 +1,60 @@
+//! The churn section of `portcullis bench`, tiny: a real API server with
+//! 200 pods and 100 rules, two changes of each kind, through the CLI as
+//! `cargo xtask bench` runs it. Checks it still runs and reports every
+//! kind of change with a latency, not how fast it is. A missing control
+//! plane build or privilege fails the test; nothing is skipped.
+
+use std::process::Command;
+
+const SECTION: &str = "## Churn: single changes through the real Kubernetes source";
+
+#[test]
+fn a_tiny_cluster_reports_every_kind_of_change() {
+    portcullis_tests::require_root();
+    let _kernel = portcullis_tests::kernel_lock();
+    // Fails loudly when `cargo xtask kube build` has not run.
+    portcullis_tests::kube_api::program("kube-apiserver");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let output = dir.path().join("BENCHMARKS.md");
+    let exe = portcullis_agent::lab::portcullis_exe().expect("the portcullis binary");
+    let out = Command::new(&exe)
+        .args(["bench", "--only", "churn", "--churn-pods", "200"])
+        .args(["--churn-rules", "100", "--churn-changes", "2"])
+        .args(["--churn-growth", "300"])
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "portcullis bench failed:\n{stderr}");
+
+    let text = std::fs::read_to_string(&output).expect("the output file");
+    let section = &text[text.find(SECTION).expect("the churn section")..];
+    for kind in [
+        "pod added",
+        "pod deleted",
+        "label changed",
+        "policy added",
+        "policy changed",
+        "Service endpoints changed",
+    ] {
+        let row = section
+            .lines()
+            .find(|l| l.starts_with(&format!("| {kind}")))
+            .unwrap_or_else(|| panic!("no row for {kind}:\n{section}"));
+        let p50: f64 = row
+            .split('|')
+            .nth(3)
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no p50 for {kind}: {row}"));
+        assert!(p50 > 0.0, "{row}");
+    }
+    for pods in ["| 200 |", "| 300 |"] {
+        assert!(section.contains(pods), "no memory row {pods}:\n{section}");
+    }
+    let mount = portcullis_agent::cgroup::cgroup2_mount().expect("a cgroup v2 mount");
+    assert!(
+        !mount.join("churn-bench").exists(),
+        "the bench's cgroups are left behind"
+    );
+}
