@@ -357,14 +357,8 @@ impl Cluster {
 
     async fn change_policy(&self, p: usize, shift: usize) -> anyhow::Result<()> {
         let policy = objects::policy(p, shift);
-        let ns = policy["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let name = policy["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let ns = metadata(&policy, "namespace");
+        let name = metadata(&policy, "name");
         Api::<NetworkPolicy>::namespaced(self.client.clone(), &ns)
             .patch(
                 &name,
@@ -408,10 +402,7 @@ impl Cluster {
             .await?;
         let nodes = Api::<Node>::all(self.client.clone());
         for node in objects::nodes() {
-            let name = node["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let name = metadata(&node, "name");
             nodes
                 .create(&PostParams::default(), &typed(node.clone())?)
                 .await?;
@@ -438,6 +429,14 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// A metadata field of an object given as JSON ("" when absent).
+fn metadata(object: &serde_json::Value, field: &str) -> String {
+    object["metadata"][field]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Builds the cluster, runs the agent on it and measures.

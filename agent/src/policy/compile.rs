@@ -260,7 +260,6 @@ impl Compiler {
     pub fn without_memo() -> Self {
         Self {
             memo: None,
-            named_cache: NamedCache::default(),
             ..Self::new()
         }
     }
@@ -1107,17 +1106,10 @@ fn emit(
         }
     }
     let mut cookie = |outcome: Outcome| -> Result<u32, CompileError> {
-        let Some(index) = outcome.attribution else {
-            return Ok(0);
-        };
-        let attribution = &attributions[index];
-        let id = cookie_ids
-            .id(attribution)
-            .ok_or(CompileError::IdsExhausted {
-                what: "rule cookie",
-            })?;
-        out.cookies.entry(id).or_insert_with(|| attribution.clone());
-        Ok(id)
+        match outcome.attribution {
+            Some(index) => cookie_id(out, cookie_ids, &attributions[index]),
+            None => Ok(0),
+        }
     };
     let mut entries = Vec::new();
     if !(wildcard && default == NOT_ISOLATED) {
@@ -1154,6 +1146,21 @@ fn emit(
         out.rules.insert(slot, value);
     }
     Ok(())
+}
+
+/// The cookie of `attribution` in this round, recorded in `out.cookies`.
+fn cookie_id(
+    out: &mut Compiled,
+    cookie_ids: &mut ids::IdRound<'_, Attribution>,
+    attribution: &Attribution,
+) -> Result<u32, CompileError> {
+    let id = cookie_ids
+        .id(attribution)
+        .ok_or(CompileError::IdsExhausted {
+            what: "rule cookie",
+        })?;
+    out.cookies.entry(id).or_insert_with(|| attribution.clone());
+    Ok(id)
 }
 
 #[cfg(test)]

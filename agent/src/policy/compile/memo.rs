@@ -157,16 +157,11 @@ impl Memoized {
         out: &mut Compiled,
         cookie_ids: &mut IdRound<'_, Attribution>,
     ) -> Result<(), CompileError> {
-        let mut cookies = Vec::with_capacity(self.attributions.len());
-        for attribution in &self.attributions {
-            let id = cookie_ids
-                .id(attribution)
-                .ok_or(CompileError::IdsExhausted {
-                    what: "rule cookie",
-                })?;
-            out.cookies.entry(id).or_insert_with(|| attribution.clone());
-            cookies.push(id);
-        }
+        let cookies = self
+            .attributions
+            .iter()
+            .map(|a| super::cookie_id(out, cookie_ids, a))
+            .collect::<Result<Vec<u32>, CompileError>>()?;
         for e in &self.entries {
             out.rules.insert(
                 e.slot,
