@@ -413,7 +413,7 @@ impl<'p> Sorted<'p> {
             cluster: Vec::new(),
         };
         for p in all {
-            match &p.kind {
+            match &*p.kind {
                 PolicyKind::NetworkPolicy(np) => sorted.network.push((&p.reference, np)),
                 PolicyKind::L4Policy(lp) => sorted.l4.push((&p.reference, lp)),
                 PolicyKind::ClusterL4Policy(cp) => sorted.cluster.push((&p.reference, cp)),

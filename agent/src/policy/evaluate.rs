@@ -209,7 +209,7 @@ impl Judge<'_> {
             let selects = |selector: &crate::policy::selector::Selector| {
                 p.reference.namespace == workload.namespace && selector.matches(&workload.labels)
             };
-            match &p.kind {
+            match &*p.kind {
                 PolicyKind::NetworkPolicy(np) if selects(&np.pod_selector) => {
                     network.push((&p.reference, np))
                 }

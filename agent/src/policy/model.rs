@@ -224,7 +224,11 @@ impl fmt::Display for Origin {
 pub struct PolicyObject {
     pub reference: PolicyRef,
     pub origin: Origin,
-    pub kind: PolicyKind,
+    /// Shared: a pass clones the policy list several times (what was
+    /// compiled, what is enforced, what was held back), and at 10,000 rules
+    /// deep copies were a large part of a pass. Equal when the same
+    /// allocation, without a deep comparison.
+    pub kind: std::sync::Arc<PolicyKind>,
 }
 
 impl PolicyObject {
@@ -235,7 +239,7 @@ impl PolicyObject {
 
     /// Every rule of the policy, of every direction and kind.
     pub fn rules(&self) -> Box<dyn Iterator<Item = &Rule> + '_> {
-        match &self.kind {
+        match &*self.kind {
             PolicyKind::NetworkPolicy(np) => Box::new(np.ingress.iter().chain(&np.egress)),
             PolicyKind::L4Policy(lp) => Box::new(
                 lp.allow

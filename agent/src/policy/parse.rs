@@ -402,13 +402,13 @@ pub fn network_policy(origin: Origin, raw: &NetworkPolicy) -> Result<PolicyObjec
     Ok(PolicyObject {
         reference,
         origin: cx.origin,
-        kind: PolicyKind::NetworkPolicy(NetworkPolicyRules {
+        kind: std::sync::Arc::new(PolicyKind::NetworkPolicy(NetworkPolicyRules {
             pod_selector,
             isolates_ingress,
             isolates_egress,
             ingress,
             egress,
-        }),
+        })),
     })
 }
 
@@ -454,7 +454,7 @@ pub fn l4_policy(origin: Origin, raw: &L4Policy) -> Result<PolicyObject, ParseEr
     Ok(PolicyObject {
         reference,
         origin: cx.origin,
-        kind: PolicyKind::L4Policy(L4PolicyRules {
+        kind: std::sync::Arc::new(PolicyKind::L4Policy(L4PolicyRules {
             mode,
             allow: NetworkPolicyRules {
                 pod_selector,
@@ -465,7 +465,7 @@ pub fn l4_policy(origin: Origin, raw: &L4Policy) -> Result<PolicyObject, ParseEr
             },
             ingress_deny,
             egress_deny,
-        }),
+        })),
     })
 }
 
@@ -556,14 +556,14 @@ pub fn cluster_l4_policy(
     Ok(PolicyObject {
         reference,
         origin: cx.origin,
-        kind: PolicyKind::ClusterL4Policy(ClusterPolicyRules {
+        kind: std::sync::Arc::new(PolicyKind::ClusterL4Policy(ClusterPolicyRules {
             tier,
             priority,
             namespaces,
             pods,
             ingress,
             egress,
-        }),
+        })),
     })
 }
 

@@ -93,13 +93,13 @@ spec:
 "#;
     let p = parse(text).unwrap_or_else(|e| panic!("{}", chain(&e)));
     assert_eq!(p.len(), 3);
-    let PolicyKind::L4Policy(lp) = &p[1].kind else {
+    let PolicyKind::L4Policy(lp) = &*p[1].kind else {
         panic!("not an L4Policy")
     };
     assert_eq!(lp.mode, Mode::Audit);
     assert!(lp.allow.isolates_ingress && lp.allow.isolates_egress);
     assert_eq!((lp.ingress_deny.len(), lp.egress_deny.len()), (1, 1));
-    let PolicyKind::ClusterL4Policy(cp) = &p[2].kind else {
+    let PolicyKind::ClusterL4Policy(cp) = &*p[2].kind else {
         panic!("not a ClusterL4Policy")
     };
     assert_eq!((cp.tier, cp.priority), (Tier::Admin, 10));
@@ -118,7 +118,7 @@ spec:
 #[test]
 fn l4_policy_defaults() {
     let p = parse(&l4("  podSelector: {}\n  egressDeny: [{}]")).unwrap();
-    let PolicyKind::L4Policy(lp) = &p[0].kind else {
+    let PolicyKind::L4Policy(lp) = &*p[0].kind else {
         panic!("not an L4Policy")
     };
     assert_eq!(lp.mode, Mode::Enforce);
@@ -127,7 +127,7 @@ fn l4_policy_defaults() {
         "deny-only isolates nothing"
     );
     let p = parse(&l4("  podSelector: {}\n  egress: []")).unwrap();
-    let PolicyKind::L4Policy(lp) = &p[0].kind else {
+    let PolicyKind::L4Policy(lp) = &*p[0].kind else {
         panic!("not an L4Policy")
     };
     assert!(
@@ -253,7 +253,7 @@ fn identity_peers_parse_in_ingress_of_portcullis_kinds() {
         "  podSelector: {}\n  ingress:\n  - from:\n    - identity: {spiffeId: 'spiffe://cluster.local/ns/x/sa/api'}\n    - identity: {namespace: y}\n  ingressDeny:\n  - from: [{identity: {namespace: z}}]",
     ))
     .expect("valid");
-    let PolicyKind::L4Policy(lp) = &parsed[0].kind else {
+    let PolicyKind::L4Policy(lp) = &*parsed[0].kind else {
         panic!("{parsed:?}")
     };
     let Peers::Only(peers) = &lp.allow.ingress[0].peers else {

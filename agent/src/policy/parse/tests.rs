@@ -92,7 +92,7 @@ spec: {podSelector: {}}
             document: 2
         }
     );
-    let PolicyKind::NetworkPolicy(np) = &web.kind else {
+    let PolicyKind::NetworkPolicy(np) = &*web.kind else {
         panic!("not a NetworkPolicy")
     };
     assert!(np.isolates_ingress && np.isolates_egress);
@@ -160,7 +160,7 @@ spec: {podSelector: {}}
         "default/default-deny",
         "namespace defaults to default"
     );
-    let PolicyKind::NetworkPolicy(np) = &deny.kind else {
+    let PolicyKind::NetworkPolicy(np) = &*deny.kind else {
         panic!("not a NetworkPolicy")
     };
     assert!(np.isolates_ingress && !np.isolates_egress);

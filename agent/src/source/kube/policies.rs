@@ -6,6 +6,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -162,7 +163,17 @@ struct Committed {
     uid: String,
     policy: PolicyObject,
     /// The object as served, for the state store.
-    object: serde_json::Value,
+    object: Arc<serde_json::Value>,
+}
+
+/// One object's validation, kept while its version is served: the API
+/// server gives every write a new `resourceVersion`, so an object whose
+/// UID and version are unchanged validates the same way again. Without
+/// this every pass re-serialized and re-parsed every policy.
+struct Validated {
+    uid: String,
+    resource_version: String,
+    outcome: Result<(PolicyObject, Arc<serde_json::Value>), String>,
 }
 
 /// What the latest pass offered, until [`PolicyTracker::settle`].
@@ -181,6 +192,7 @@ struct Pending {
 #[derive(Default)]
 pub struct PolicyTracker {
     committed: BTreeMap<ObjectKey, Committed>,
+    validated: BTreeMap<ObjectKey, Validated>,
     store: Option<StateStore>,
     pending: Option<Pending>,
 }
@@ -220,14 +232,14 @@ impl PolicyTracker {
                 Committed {
                     uid,
                     policy,
-                    object: record.object,
+                    object: Arc::new(record.object),
                 },
             );
         }
         Ok(Self {
             committed,
             store: Some(store),
-            pending: None,
+            ..Self::default()
         })
     }
 
@@ -243,6 +255,7 @@ impl PolicyTracker {
         };
         let mut pending = Pending::default();
         let mut in_force = BTreeMap::new();
+        let mut earlier = std::mem::take(&mut self.validated);
         for object in objects {
             let meta = object.meta();
             let key = ObjectKey::of(object.kind(), meta);
@@ -252,15 +265,34 @@ impl PolicyTracker {
             if let Some(last) = last {
                 out.previous.insert(key.policy_ref(), last.policy.clone());
             }
-            let problem = match object.validate() {
-                Ok(policy) => {
+            let version = meta.resource_version.clone().unwrap_or_default();
+            let outcome = match earlier.remove(&key) {
+                Some(v) if !version.is_empty() && v.uid == uid && v.resource_version == version => {
+                    v.outcome
+                }
+                _ => object
+                    .validate()
+                    .map(|policy| (policy, Arc::new(object.to_json()))),
+            };
+            if !version.is_empty() {
+                self.validated.insert(
+                    key.clone(),
+                    Validated {
+                        uid: uid.clone(),
+                        resource_version: version,
+                        outcome: outcome.clone(),
+                    },
+                );
+            }
+            let problem = match outcome {
+                Ok((policy, json)) => {
                     in_force.insert(key.clone(), policy.clone());
                     pending.valid.insert(
                         key.clone(),
                         Committed {
                             uid: uid.clone(),
                             policy,
-                            object: object.to_json(),
+                            object: json,
                         },
                     );
                     None
@@ -335,7 +367,7 @@ impl PolicyTracker {
             }
             let record = Record {
                 kind: key.kind.as_str().to_string(),
-                object: version.object.clone(),
+                object: (*version.object).clone(),
             };
             let stored = store.map_or(Ok(()), |s| {
                 let bytes = serde_json::to_vec(&record).expect("JSON values serialize");
@@ -413,6 +445,33 @@ mod tests {
             "{:?}",
             second.problems
         );
+    }
+
+    #[test]
+    fn a_served_version_is_validated_once_and_every_new_version_again() {
+        let versioned = |uid: &str, version: &str, port| {
+            let mut o = l4("web", uid, port);
+            o.metadata.resource_version = Some(version.into());
+            o
+        };
+        let mut tracker = PolicyTracker::default();
+        let first = tracker.track([ApiPolicy::L4(&versioned("u1", "7", json!(80)))]);
+        tracker.settle(Some(&BTreeMap::new()));
+        let again = tracker.track([ApiPolicy::L4(&versioned("u1", "7", json!(80)))]);
+        assert!(
+            std::sync::Arc::ptr_eq(&first.policies[0].kind, &again.policies[0].kind),
+            "the same version is not validated again"
+        );
+        tracker.settle(Some(&BTreeMap::new()));
+        // A new version (an invalid edit) and a re-created object under the
+        // same version string are both validated afresh.
+        let edited = tracker.track([ApiPolicy::L4(&versioned("u1", "8", json!(70000)))]);
+        assert!(edited.reports[0].problem.is_some(), "the edit was judged");
+        assert_eq!(edited.policies, first.policies, "last valid version kept");
+        tracker.settle(Some(&BTreeMap::new()));
+        let recreated = tracker.track([ApiPolicy::L4(&versioned("u2", "8", json!(443)))]);
+        assert!(recreated.reports[0].problem.is_none());
+        assert_ne!(recreated.policies, first.policies, "the new object's rules");
     }
 
     #[test]
