@@ -222,12 +222,12 @@ impl Reconciler {
             None => (snapshot.policies.clone(), BTreeMap::new()),
         };
         let mut culprits = isolate::Culprits::default();
-        let (desired, missing_cgroups) = loop {
+        let (desired, missing_cgroups, endpoint_cgroups) = loop {
             self.compile(&snapshot.inventory, &policies)?;
             let compiled = &self.last.as_ref().expect("compiled above").compiled;
-            let (desired, missing) = self.desired_state(compiled, snapshot);
+            let (desired, missing, cgroups) = self.desired_state(compiled, snapshot);
             let Some(over) = isolate::overflow(desired.usage(), self.capacity) else {
-                break (desired, missing);
+                break (desired, missing, cgroups);
             };
             let picked = culprits.pick(&snapshot.inventory, &policies, &snapshot.previous, &over);
             let Some((culprit, alone)) = picked else {
@@ -304,18 +304,15 @@ impl Reconciler {
             missing_cgroups,
             names,
             rejected,
-            endpoint_cgroups: compiled
-                .endpoints
-                .iter()
-                .map(|e| cgroup::resolve(&self.cgroup_mount, &e.cgroup))
-                .filter(|path| {
-                    cgroup::cgroup_id(path).is_ok_and(|id| {
-                        desired
-                            .endpoints
-                            .get(&id)
-                            .is_some_and(|e| e.endpoint_id != ENDPOINT_ID_NONE)
-                    })
+            endpoint_cgroups: endpoint_cgroups
+                .into_iter()
+                .filter(|(id, _)| {
+                    desired
+                        .endpoints
+                        .get(id)
+                        .is_some_and(|e| e.endpoint_id != ENDPOINT_ID_NONE)
                 })
+                .map(|(_, path)| path)
                 .collect(),
             enforced: policies,
         })
@@ -323,10 +320,15 @@ impl Reconciler {
 
     /// Translates compiler output into map contents. An endpoint whose cgroup
     /// does not exist (yet) has no process to enforce on; it is skipped and
-    /// reported.
-    fn desired_state(&self, c: &Compiled, snapshot: &Snapshot) -> (DesiredState, Vec<String>) {
+    /// reported. Also returns each endpoint's cgroup (id and directory).
+    fn desired_state(
+        &self,
+        c: &Compiled,
+        snapshot: &Snapshot,
+    ) -> (DesiredState, Vec<String>, Vec<(u64, PathBuf)>) {
         let mut desired = DesiredState::default();
         let mut missing = Vec::new();
+        let mut cgroups = Vec::with_capacity(c.endpoints.len());
         // Guards first: a pod registered as an endpoint overrides a guard on
         // the same cgroup.
         let guards = &snapshot.guards;
@@ -421,6 +423,7 @@ impl Reconciler {
                 value.flags |= ENDPOINT_FLAG_HAS_IPV6;
             }
             desired.endpoints.insert(id, value);
+            cgroups.push((id, path));
         }
         for (prefix, identity) in &c.identities {
             desired
@@ -429,7 +432,7 @@ impl Reconciler {
         }
         desired.policy = c.rules.clone();
         (desired.services, desired.backends) = services::desired(&snapshot.inventory.services);
-        (desired, missing)
+        (desired, missing, cgroups)
     }
 }
 

@@ -385,9 +385,11 @@ impl Compiler {
 struct Sorted<'p> {
     /// Every policy, by [`PolicyRef`].
     all: Vec<&'p PolicyObject>,
-    /// NetworkPolicies and L4Policies by [`PolicyRef`].
-    network: Vec<(&'p PolicyRef, &'p NetworkPolicyRules)>,
-    l4: Vec<(&'p PolicyRef, &'p L4PolicyRules)>,
+    /// NetworkPolicies and L4Policies by namespace (they select pods of
+    /// their own namespace only), each list by [`PolicyRef`]: an endpoint
+    /// looks only at its namespace's policies.
+    network: HashMap<&'p str, Vec<(&'p PolicyRef, &'p NetworkPolicyRules)>>,
+    l4: HashMap<&'p str, Vec<(&'p PolicyRef, &'p L4PolicyRules)>>,
     /// ClusterL4Policies by (priority, name).
     cluster: Vec<(&'p PolicyRef, &'p ClusterPolicyRules)>,
 }
@@ -408,14 +410,22 @@ impl<'p> Sorted<'p> {
         }
         let mut sorted = Self {
             all: all.clone(),
-            network: Vec::new(),
-            l4: Vec::new(),
+            network: HashMap::new(),
+            l4: HashMap::new(),
             cluster: Vec::new(),
         };
         for p in all {
             match &*p.kind {
-                PolicyKind::NetworkPolicy(np) => sorted.network.push((&p.reference, np)),
-                PolicyKind::L4Policy(lp) => sorted.l4.push((&p.reference, lp)),
+                PolicyKind::NetworkPolicy(np) => sorted
+                    .network
+                    .entry(p.reference.namespace.as_str())
+                    .or_default()
+                    .push((&p.reference, np)),
+                PolicyKind::L4Policy(lp) => sorted
+                    .l4
+                    .entry(p.reference.namespace.as_str())
+                    .or_default()
+                    .push((&p.reference, lp)),
                 PolicyKind::ClusterL4Policy(cp) => sorted.cluster.push((&p.reference, cp)),
             }
         }
@@ -579,7 +589,8 @@ impl<'p> Pass<'p> {
             policy.namespace == endpoint.namespace && np.pod_selector.matches(&endpoint.labels)
         };
         let mut isolating: Vec<(&PolicyRef, &NetworkPolicyRules)> = Vec::new();
-        for &(policy, lp) in &policies.l4 {
+        let namespace = endpoint.namespace.as_str();
+        for &(policy, lp) in policies.l4.get(namespace).into_iter().flatten() {
             if !selects(policy, &lp.allow) {
                 continue;
             }
@@ -629,7 +640,7 @@ impl<'p> Pass<'p> {
                 }
             }
         }
-        for &(policy, np) in &policies.network {
+        for &(policy, np) in policies.network.get(namespace).into_iter().flatten() {
             if selects(policy, np) && np.isolates(direction) {
                 isolating.push((policy, np));
             }

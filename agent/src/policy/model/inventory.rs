@@ -202,23 +202,25 @@ impl Inventory {
     /// services with usable cluster IPs no workload or node uses, one per
     /// family, and each port and protocol once.
     pub fn check(&self) -> Result<(), InventoryError> {
-        let mut address_owners: HashMap<IpAddr, String> = HashMap::new();
-        let mut claim = |address: IpAddr, field: String| -> Result<(), InventoryError> {
-            check_address(address, &field)?;
+        // Field names are only spelled out for an error: this runs on every
+        // pass over thousands of pods.
+        let mut address_owners: HashMap<IpAddr, Claimant> = HashMap::new();
+        let mut claim = |address: IpAddr, claimant: Claimant| -> Result<(), InventoryError> {
+            check_address(address, || claimant.to_string())?;
             match address_owners.get(&address) {
                 Some(first) => Err(InventoryError::DuplicateAddress {
-                    field,
+                    field: claimant.to_string(),
                     address,
-                    first: first.clone(),
+                    first: first.to_string(),
                 }),
                 None => {
-                    address_owners.insert(address, field);
+                    address_owners.insert(address, claimant);
                     Ok(())
                 }
             }
         };
         for (i, ip) in self.node_ips.iter().enumerate() {
-            claim(*ip, format!("nodeIPs[{i}]"))?;
+            claim(*ip, Claimant::Node(i))?;
         }
 
         let mut namespaces: HashMap<&str, usize> = HashMap::new();
@@ -230,10 +232,10 @@ impl Inventory {
             }
             check_name(
                 &ns.name,
-                format!("namespaces[{i}].name"),
+                || format!("namespaces[{i}].name"),
                 names::dns1123_label,
             )?;
-            check_labels(&ns.labels, &format!("namespaces[{i}].labels"))?;
+            check_labels(&ns.labels, || format!("namespaces[{i}].labels"))?;
             if let Some(first) = namespaces.insert(&ns.name, i) {
                 return Err(InventoryError::DuplicateNamespace {
                     field: format!("namespaces[{i}]"),
@@ -246,11 +248,12 @@ impl Inventory {
         let mut workloads: HashMap<WorkloadRef, usize> = HashMap::new();
         let mut cgroups: HashMap<&Path, WorkloadRef> = HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
-            let at = format!("workloads[{i}]");
+            let at = || format!("workloads[{i}]");
             if w.name.is_empty() || w.namespace.is_empty() {
                 return Err(InventoryError::EmptyName {
                     field: format!(
-                        "{at}.{}",
+                        "{}.{}",
+                        at(),
                         if w.name.is_empty() {
                             "name"
                         } else {
@@ -259,66 +262,69 @@ impl Inventory {
                     ),
                 });
             }
-            check_name(&w.name, format!("{at}.name"), names::dns1123_subdomain)?;
+            check_name(
+                &w.name,
+                || format!("{}.name", at()),
+                names::dns1123_subdomain,
+            )?;
             check_name(
                 &w.namespace,
-                format!("{at}.namespace"),
+                || format!("{}.namespace", at()),
                 names::dns1123_label,
             )?;
-            check_labels(&w.labels, &format!("{at}.labels"))?;
+            check_labels(&w.labels, || format!("{}.labels", at()))?;
             if let Some(account) = &w.service_account {
                 check_name(
                     account,
-                    format!("{at}.serviceAccount"),
+                    || format!("{}.serviceAccount", at()),
                     names::dns1123_subdomain,
                 )?;
             }
             let workload = w.reference();
             if let Some(first) = workloads.insert(workload.clone(), i) {
                 return Err(InventoryError::DuplicateWorkload {
-                    field: at,
+                    field: at(),
                     workload,
                     first: format!("workloads[{first}]"),
                 });
             }
             let (mut v4, mut v6): (Option<IpAddr>, Option<IpAddr>) = (None, None);
             for (j, ip) in w.ips.iter().enumerate() {
-                let field = format!("{at}.ips[{j}]");
                 let slot = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
                 if let Some(first) = *slot {
                     return Err(InventoryError::SecondAddressOfFamily {
-                        field,
+                        field: Claimant::Workload(i, j).to_string(),
                         workload,
                         first,
                         second: *ip,
                     });
                 }
                 *slot = Some(*ip);
-                claim(*ip, field)?;
+                claim(*ip, Claimant::Workload(i, j))?;
             }
             let mut port_names: HashMap<&str, usize> = HashMap::new();
             for (j, port) in w.ports.iter().enumerate() {
-                let field = format!("{at}.ports[{j}]");
+                let field = || format!("{}.ports[{j}]", at());
                 if !is_valid_port_name(&port.name) {
                     return Err(InventoryError::InvalidPortName {
-                        field: format!("{field}.name"),
+                        field: format!("{}.name", field()),
                         workload,
                         name: abbreviate(&port.name),
                     });
                 }
                 if port.container_port == 0 {
                     return Err(InventoryError::PortOutOfRange {
-                        field: format!("{field}.containerPort"),
+                        field: format!("{}.containerPort", field()),
                         workload,
                         port: 0,
                     });
                 }
                 if let Some(first) = port_names.insert(&port.name, j) {
                     return Err(InventoryError::DuplicatePortName {
-                        field: format!("{field}.name"),
+                        field: format!("{}.name", field()),
                         workload,
                         name: abbreviate(&port.name),
-                        first: format!("{at}.ports[{first}]"),
+                        first: format!("{}.ports[{first}]", at()),
                     });
                 }
             }
@@ -335,24 +341,24 @@ impl Inventory {
 
         let mut services: HashMap<String, usize> = HashMap::new();
         for (i, svc) in self.services.iter().enumerate() {
-            let at = format!("services[{i}]");
+            let at = || format!("services[{i}]");
             for (field, value) in [("name", &svc.name), ("namespace", &svc.namespace)] {
                 if value.is_empty() {
                     return Err(InventoryError::EmptyName {
-                        field: format!("{at}.{field}"),
+                        field: format!("{}.{field}", at()),
                     });
                 }
             }
-            check_name(&svc.name, format!("{at}.name"), names::dns1123_label)?;
+            check_name(&svc.name, || format!("{}.name", at()), names::dns1123_label)?;
             check_name(
                 &svc.namespace,
-                format!("{at}.namespace"),
+                || format!("{}.namespace", at()),
                 names::dns1123_label,
             )?;
             let service = format!("{}/{}", svc.namespace, svc.name);
             if let Some(first) = services.insert(service.clone(), i) {
                 return Err(InventoryError::DuplicateService {
-                    field: at,
+                    field: at(),
                     service,
                     first: format!("services[{first}]"),
                 });
@@ -361,44 +367,43 @@ impl Inventory {
             // translates every connection to it, so it must mean one thing.
             let (mut v4, mut v6): (Option<IpAddr>, Option<IpAddr>) = (None, None);
             for (j, ip) in svc.cluster_ips.iter().enumerate() {
-                let field = format!("{at}.clusterIPs[{j}]");
                 let slot = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
                 if let Some(first) = *slot {
                     return Err(InventoryError::SecondServiceAddressOfFamily {
-                        field,
+                        field: Claimant::Service(i, j).to_string(),
                         service,
                         first,
                         second: *ip,
                     });
                 }
                 *slot = Some(*ip);
-                claim(*ip, field)?;
+                claim(*ip, Claimant::Service(i, j))?;
             }
             let mut ports: HashMap<(u16, Protocol), usize> = HashMap::new();
             for (j, port) in svc.ports.iter().enumerate() {
-                let field = format!("{at}.ports[{j}]");
+                let field = || format!("{}.ports[{j}]", at());
                 if port.port == 0 {
                     return Err(InventoryError::ServicePortOutOfRange {
-                        field: format!("{field}.port"),
+                        field: format!("{}.port", field()),
                         service,
                         port: 0,
                     });
                 }
                 if let Some(first) = ports.insert((port.port, port.protocol), j) {
                     return Err(InventoryError::DuplicateServicePort {
-                        field: format!("{field}.port"),
+                        field: format!("{}.port", field()),
                         service,
                         port: port.port,
                         protocol: port.protocol,
-                        first: format!("{at}.ports[{first}]"),
+                        first: format!("{}.ports[{first}]", at()),
                     });
                 }
                 for (k, backend) in port.backends.iter().enumerate() {
-                    let field = format!("{field}.backends[{k}]");
-                    check_address(backend.ip, &format!("{field}.ip"))?;
+                    let backend_field = || format!("{}.backends[{k}]", field());
+                    check_address(backend.ip, || format!("{}.ip", backend_field()))?;
                     if backend.port == 0 {
                         return Err(InventoryError::ServicePortOutOfRange {
-                            field: format!("{field}.port"),
+                            field: format!("{}.port", backend_field()),
                             service,
                             port: 0,
                         });
@@ -410,27 +415,45 @@ impl Inventory {
     }
 }
 
+/// Who claimed an address, named as the inventory's field when reported.
+#[derive(Clone, Copy)]
+enum Claimant {
+    Node(usize),
+    Workload(usize, usize),
+    Service(usize, usize),
+}
+
+impl fmt::Display for Claimant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Node(i) => write!(f, "nodeIPs[{i}]"),
+            Self::Workload(i, j) => write!(f, "workloads[{i}].ips[{j}]"),
+            Self::Service(i, j) => write!(f, "services[{i}].clusterIPs[{j}]"),
+        }
+    }
+}
+
 fn check_name(
     value: &str,
-    field: String,
+    field: impl FnOnce() -> String,
     rule: fn(&str) -> Result<(), NameError>,
 ) -> Result<(), InventoryError> {
     rule(value).map_err(|source| InventoryError::InvalidName {
-        field,
+        field: field(),
         value: abbreviate(value),
         source,
     })
 }
 
-fn check_labels(labels: &Labels, field: &str) -> Result<(), InventoryError> {
+fn check_labels(labels: &Labels, field: impl Fn() -> String) -> Result<(), InventoryError> {
     for (key, value) in labels {
         names::label_key(key).map_err(|source| InventoryError::InvalidLabelKey {
-            field: field.to_string(),
+            field: field(),
             key: abbreviate(key),
             source,
         })?;
         names::label_value(value).map_err(|source| InventoryError::InvalidLabelValue {
-            field: field.to_string(),
+            field: field(),
             key: abbreviate(key),
             value: abbreviate(value),
             source,
@@ -456,10 +479,10 @@ pub fn unusable_reason(address: IpAddr) -> Option<&'static str> {
     }
 }
 
-fn check_address(address: IpAddr, field: &str) -> Result<(), InventoryError> {
+fn check_address(address: IpAddr, field: impl FnOnce() -> String) -> Result<(), InventoryError> {
     match unusable_reason(address) {
         Some(reason) => Err(InventoryError::UnusableAddress {
-            field: field.to_string(),
+            field: field(),
             address,
             reason,
         }),
