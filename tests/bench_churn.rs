@@ -52,6 +52,18 @@ fn a_tiny_cluster_reports_every_kind_of_change() {
             .unwrap_or_else(|| panic!("no bucket p50 for {kind}: {row}"));
         assert!(bound > 0.0, "{row}");
     }
+    let idle: f64 = section
+        .lines()
+        .find_map(|l| l.strip_prefix("Idle CPU, "))
+        .and_then(|l| {
+            l.rsplit_once(": ")?
+                .1
+                .strip_suffix("% of one core.")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no idle CPU line:\n{section}"));
+    assert!((0.0..=200.0).contains(&idle), "idle CPU {idle}%");
     for pods in ["| 200 |", "| 300 |"] {
         assert!(section.contains(pods), "no memory row {pods}:\n{section}");
     }
