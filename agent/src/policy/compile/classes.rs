@@ -80,7 +80,15 @@ impl PeerClasses {
                 .find(|net| mentioned.contains(net))
         };
 
-        let mut members: BTreeMap<AddrPrefix, PeerClass> = BTreeMap::new();
+        // Each prefix points at its class, each distinct class kept once:
+        // thousands of pods share a few label sets, and a class per pod
+        // address was most of the agent's memory at 20,000 pods.
+        let mut interned: BTreeMap<PeerClass, usize> = BTreeMap::new();
+        let mut intern = |class: PeerClass| -> usize {
+            let next = interned.len();
+            *interned.entry(class).or_insert(next)
+        };
+        let mut members: BTreeMap<AddrPrefix, usize> = BTreeMap::new();
         let mut prefixes: BTreeMap<AddrPrefix, Member> = BTreeMap::new();
         // Node addresses are HOST even if a policy CIDR names them exactly:
         // the kernel lets HOST in unconditionally and ipBlocks never match it.
@@ -108,7 +116,7 @@ impl PeerClasses {
                     named_ports: named_ports.clone(),
                     cidr: most_specific(*ip),
                 };
-                members.insert(AddrPrefix::host(*ip), class);
+                members.insert(AddrPrefix::host(*ip), intern(class));
             }
         }
         // Link-local addresses are nobody's in policy terms: ipBlocks never
@@ -132,7 +140,7 @@ impl PeerClasses {
             // A /32 or /128 naming a pod or node: the host entry already
             // carries (or overrides) what the CIDR would say.
             if !members.contains_key(&prefix) && !prefixes.contains_key(&prefix) {
-                members.insert(prefix, PeerClass::Cidr(*net));
+                members.insert(prefix, intern(PeerClass::Cidr(*net)));
             }
         }
         // IPv4 lives at ::ffff:0:0/96 in the kernel's trie, so an IPv6 policy
@@ -149,15 +157,21 @@ impl PeerClasses {
             prefixes.insert(ipv4_space, Member::World);
         }
 
-        let classes: Vec<PeerClass> = members
-            .values()
-            .cloned()
-            .collect::<BTreeSet<_>>()
+        // Only classes some prefix still points at (one whose address was
+        // claimed again by a later member is not), in sorted order.
+        let used: BTreeSet<usize> = members.values().copied().collect();
+        let mut rank = vec![None; interned.len()];
+        let classes: Vec<PeerClass> = interned
             .into_iter()
+            .filter(|(_, provisional)| used.contains(provisional))
+            .enumerate()
+            .map(|(index, (class, provisional))| {
+                rank[provisional] = Some(index);
+                class
+            })
             .collect();
-        for (prefix, class) in members {
-            // The list was built from these classes, so the search succeeds.
-            if let Ok(index) = classes.binary_search(&class) {
+        for (prefix, provisional) in members {
+            if let Some(index) = rank[provisional] {
                 prefixes.insert(prefix, Member::Class(index));
             }
         }
