@@ -232,24 +232,19 @@ impl Agent {
     }
 
     /// CPU seconds (user + system) the agent has used so far.
-    fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let path = format!("/proc/{}/stat", self.pid());
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         // Fields after the command name (which may hold spaces): utime is
         // the 14th field of the line, stime the 15th.
-        let ticks: u64 = stat
+        let ticks = stat
             .rsplit_once(')')
-            .map(|(_, rest)| {
-                rest.split_whitespace()
-                    .skip(11)
-                    .take(2)
-                    .filter_map(|t| t.parse::<u64>().ok())
-                    .sum()
-            })
-            .unwrap_or_default();
+            .map(|(_, rest)| rest.split_whitespace().skip(11).take(2))
+            .and_then(|times| times.map(|t| t.parse::<u64>().ok()).sum::<Option<u64>>())
+            .with_context(|| format!("no CPU times in {path}"))?;
         // SAFETY: sysconf has no preconditions.
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        ticks as f64 / per_second
+        Ok(ticks as f64 / per_second)
     }
 
     async fn stop(mut self) {
@@ -531,9 +526,9 @@ async fn measure(options: &ChurnOptions, mount: &Path) -> anyhow::Result<ChurnRe
     }
 
     // Nothing changes and nobody scrapes: what the agent costs at rest.
-    let idle_from = agent.cpu_seconds();
+    let idle_from = agent.cpu_seconds()?;
     tokio::time::sleep(IDLE).await;
-    let idle_cpu = (agent.cpu_seconds() - idle_from) / IDLE.as_secs_f64();
+    let idle_cpu = (agent.cpu_seconds()? - idle_from) / IDLE.as_secs_f64();
 
     for &size in &options.growth {
         let have = cluster.pods.keys().next_back().map_or(0, |i| i + 1);

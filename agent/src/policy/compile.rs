@@ -585,13 +585,12 @@ impl<'p> Pass<'p> {
                 }
             }
         }
-        let selects = |policy: &PolicyRef, np: &NetworkPolicyRules| {
-            policy.namespace == endpoint.namespace && np.pod_selector.matches(&endpoint.labels)
-        };
+        // The lists below hold only the endpoint's namespace's policies.
+        let selects = |np: &NetworkPolicyRules| np.pod_selector.matches(&endpoint.labels);
         let mut isolating: Vec<(&PolicyRef, &NetworkPolicyRules)> = Vec::new();
         let namespace = endpoint.namespace.as_str();
         for &(policy, lp) in policies.l4.get(namespace).into_iter().flatten() {
-            if !selects(policy, &lp.allow) {
+            if !selects(&lp.allow) {
                 continue;
             }
             let deny_rule = |rule_index| Attribution::DenyRule {
@@ -641,7 +640,7 @@ impl<'p> Pass<'p> {
             }
         }
         for &(policy, np) in policies.network.get(namespace).into_iter().flatten() {
-            if selects(policy, np) && np.isolates(direction) {
+            if selects(np) && np.isolates(direction) {
                 isolating.push((policy, np));
             }
         }

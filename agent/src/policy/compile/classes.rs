@@ -82,7 +82,8 @@ impl PeerClasses {
 
         // Each prefix points at its class, each distinct class kept once:
         // thousands of pods share a few label sets, and a class per pod
-        // address was most of the agent's memory at 20,000 pods.
+        // address (then a sorted copy of them all) cost about 33 MiB at
+        // 20,000 pods.
         let mut interned: BTreeMap<PeerClass, usize> = BTreeMap::new();
         let mut intern = |class: PeerClass| -> usize {
             let next = interned.len();
