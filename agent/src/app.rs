@@ -554,6 +554,11 @@ impl Observers {
     }
 }
 
+/// A stage's duration as the log shows it.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
 /// Writes aside and renames, so readers never see half a file.
 fn publish(path: &Path, names: &PublishedNames) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
@@ -695,8 +700,10 @@ fn sync_loop(
             status.waiting_for_cgroup.clear();
             status.waiting_for_process.clear();
             status.pass_error = None;
+            let load_started = Instant::now();
             match source.load() {
                 Ok(snapshot) => {
+                    let load_time = load_started.elapsed();
                     status.problems = snapshot.problems.clone();
                     status
                         .problems
@@ -739,6 +746,10 @@ fn sync_loop(
                                 rules = applied.usage.policy,
                                 policies = snapshot.policies.len(),
                                 held_back = applied.rejected.len(),
+                                load_ms = millis(load_time),
+                                compile_ms = millis(applied.timings.compile),
+                                desired_ms = millis(applied.timings.desired),
+                                write_ms = millis(applied.timings.write),
                                 "policy applied"
                             );
                         }

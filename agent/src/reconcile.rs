@@ -9,6 +9,7 @@ mod services;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    time::Instant,
 };
 
 use portcullis_common::{
@@ -75,6 +76,20 @@ pub struct Applied {
     /// The policies now enforced (held-back objects at their previous
     /// version, or absent), for rules judged outside the kernel.
     pub enforced: Vec<PolicyObject>,
+    /// Where the pass spent its time (logged with each pass).
+    pub timings: PassTimings,
+}
+
+/// How long each stage of a pass took, for the log line operators read
+/// when a change is slow to reach the kernel.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PassTimings {
+    /// Working out the entries (replayed ones included).
+    pub compile: std::time::Duration,
+    /// Map contents from the compile: cgroup ids, guards, services.
+    pub desired: std::time::Duration,
+    /// Writing the inactive generation and flipping to it.
+    pub write: std::time::Duration,
 }
 
 /// Endpoint ids and rule cookies as people read them. Cookie numbers belong
@@ -222,10 +237,15 @@ impl Reconciler {
             None => (snapshot.policies.clone(), BTreeMap::new()),
         };
         let mut culprits = isolate::Culprits::default();
+        let mut timings = PassTimings::default();
         let (desired, missing_cgroups, endpoint_cgroups) = loop {
+            let started = Instant::now();
             self.compile(&snapshot.inventory, &policies)?;
             let compiled = &self.last.as_ref().expect("compiled above").compiled;
+            let compiled_at = Instant::now();
+            timings.compile += compiled_at - started;
             let (desired, missing, cgroups) = self.desired_state(compiled, snapshot);
+            timings.desired += compiled_at.elapsed();
             let Some(over) = isolate::overflow(desired.usage(), self.capacity) else {
                 break (desired, missing, cgroups);
             };
@@ -273,9 +293,11 @@ impl Reconciler {
             rejected: rejected.clone(),
         });
         let compiled = &self.last.as_ref().expect("compiled above").compiled;
+        let started = Instant::now();
         let usage = sink
             .apply(&desired)
             .map_err(|source| ReconcileError::Write { source })?;
+        timings.write = started.elapsed();
         let names = PublishedNames {
             endpoints: compiled
                 .endpoints
@@ -315,6 +337,7 @@ impl Reconciler {
                 .map(|(_, path)| path)
                 .collect(),
             enforced: policies,
+            timings,
         })
     }
 

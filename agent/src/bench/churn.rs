@@ -161,7 +161,11 @@ impl Agent {
             .arg(admin.to_string())
             .args(["--guard-packet-sockets", "false"])
             .env("KUBECONFIG", plane.kubeconfig())
-            .env("RUST_LOG", "warn")
+            // RUST_LOG=info shows each pass's stage timings in the log.
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -191,7 +195,7 @@ impl Agent {
 
     async fn histogram(&mut self) -> anyhow::Result<Reading> {
         if let Ok(Some(status)) = self.child.try_wait() {
-            bail!("the agent exited ({status}); its log is kept in /tmp/churn-agent.log");
+            bail!("the agent exited ({status}); its log is copied to /tmp/churn-agent.log");
         }
         Ok(Reading::parse(&self.get("/metrics").await?)?)
     }
@@ -473,10 +477,8 @@ pub async fn run(options: &ChurnOptions) -> anyhow::Result<ChurnResult> {
     let mount = crate::cgroup::cgroup2_mount()?;
     clean_up(&mount);
     let result = measure(options, &mount).await;
-    if result.is_err() {
-        // Kept for whoever reads the error.
-        let _ = std::fs::copy(Path::new(RUN_DIR).join("agent.log"), "/tmp/churn-agent.log");
-    }
+    // Kept for whoever reads an error, or the passes' timings.
+    let _ = std::fs::copy(Path::new(RUN_DIR).join("agent.log"), "/tmp/churn-agent.log");
     clean_up(&mount);
     result
 }
@@ -571,10 +573,10 @@ async fn agent_ready(agent: &mut Agent) -> anyhow::Result<f64> {
             break;
         }
         if let Ok(Some(status)) = agent.child.try_wait() {
-            bail!("the agent exited ({status}); its log is kept in /tmp/churn-agent.log");
+            bail!("the agent exited ({status}); its log is copied to /tmp/churn-agent.log");
         }
         if started.elapsed() > Duration::from_secs(300) {
-            bail!("the agent was not ready after 300 s; its log is kept in /tmp/churn-agent.log");
+            bail!("the agent was not ready after 300 s; its log is copied to /tmp/churn-agent.log");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

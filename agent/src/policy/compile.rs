@@ -27,6 +27,7 @@ mod ids;
 pub mod lookup;
 mod memo;
 mod ports;
+mod unaffected;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -49,6 +50,7 @@ use self::{
     ids::IdAllocator,
     memo::{Memo, Memoized, Recorder},
     ports::{prefix_blocks, PortPartition, Segment},
+    unaffected::{EndpointInputs, SharedInputs, Unchanged},
 };
 use crate::policy::model::{
     Action, ClusterPolicyRules, Direction, Inventory, InventoryError, L4PolicyRules, Mode,
@@ -310,13 +312,22 @@ impl Compiler {
 
         // Taken out: a failed compile leaves no memo, so the next one starts
         // from scratch instead of from entries whose cookies were not kept.
-        let previous = self.memo.as_mut().map(Memo::take).unwrap_or_default();
+        let (previous, shared_before) = self.memo.as_mut().map(Memo::take).unwrap_or_default();
         // Which classes a rule names depends only on its peers and the
         // classes: while the classes stay, the previous answers hold.
         let mut named_before = std::mem::take(&mut self.named_cache);
-        if self.memo.is_none() || named_before.classes != classes.classes {
+        let classes_same = self.memo.is_some() && named_before.classes == classes.classes;
+        if !classes_same {
             named_before.by_peers.clear();
         }
+        let shared = self
+            .memo
+            .is_some()
+            .then(|| SharedInputs::of(inventory, &policies.all, &class_identities));
+        let unchanged = match (&shared, &shared_before) {
+            (Some(now), Some(before)) => now.unchanged_since(before, classes_same),
+            _ => Unchanged::default(),
+        };
         let mut pass = Pass {
             policies,
             inventory,
@@ -327,6 +338,7 @@ impl Compiler {
             named_now: HashMap::new(),
             memo: self.memo.as_ref(),
             previous,
+            unchanged,
             next: HashMap::new(),
             pod_classes_print: None,
             reuse: Reuse::default(),
@@ -366,8 +378,8 @@ impl Compiler {
             named_now,
             ..
         } = pass;
-        if let Some(memo) = self.memo.as_mut() {
-            memo.restore(next);
+        if let (Some(memo), Some(shared)) = (self.memo.as_mut(), shared) {
+            memo.restore(next, shared);
             self.named_cache = NamedCache {
                 classes: classes.classes,
                 by_peers: named_now,
@@ -455,6 +467,9 @@ struct Pass<'p> {
     /// compile's entries and this compile's.
     memo: Option<&'p Memo>,
     previous: HashMap<(WorkloadRef, Direction), Memoized>,
+    /// Namespaces nothing their endpoints depend on changed in (beyond the
+    /// endpoints themselves) since the previous compile.
+    unchanged: Unchanged,
     next: HashMap<(WorkloadRef, Direction), Memoized>,
     /// Fingerprint of every pod class's identity and named ports, for
     /// endpoints whose egress rules name ports; worked out once.
@@ -671,8 +686,29 @@ impl<'p> Pass<'p> {
         endpoint_id: u32,
         direction: Direction,
     ) -> Result<(), CompileError> {
+        let memo_key = (endpoint.reference(), direction);
+        if self.unchanged.namespace(&endpoint.namespace)
+            && self
+                .previous
+                .get(&memo_key)
+                .is_some_and(|m| m.made_for(endpoint, endpoint_id))
+        {
+            let memoized = self.previous.remove(&memo_key).expect("looked up above");
+            memoized.replay(&mut self.out, cookie_ids)?;
+            if memoized.applies() {
+                self.reuse.replayed += 1;
+                self.reuse.unexamined += 1;
+            }
+            self.next.insert(memo_key, memoized);
+            return Ok(());
+        }
         let layers = self.layers(endpoint, direction);
         if layers.is_empty() {
+            if self.memo.is_some() {
+                let made_for = EndpointInputs::of(endpoint, endpoint_id);
+                self.next
+                    .insert(memo_key, Memoized::nothing_applies(made_for));
+            }
             return Ok(());
         }
         for entry in layers.all_entries() {
@@ -712,7 +748,6 @@ impl<'p> Pass<'p> {
         by_class.sort_unstable();
         by_class.dedup();
 
-        let memo_key = (endpoint.reference(), direction);
         let fingerprint = self.memo.map(|memo| {
             self.fingerprint(
                 memo,
@@ -727,10 +762,11 @@ impl<'p> Pass<'p> {
             if let Some(memoized) = self
                 .previous
                 .remove(&memo_key)
-                .filter(|m| m.fingerprint() == fingerprint)
+                .filter(|m| m.fingerprint() == Some(fingerprint))
             {
                 memoized.replay(&mut self.out, cookie_ids)?;
-                self.next.insert(memo_key, memoized);
+                let made_for = EndpointInputs::of(endpoint, endpoint_id);
+                self.next.insert(memo_key, memoized.now_for(made_for));
                 self.reuse.replayed += 1;
                 return Ok(());
             }
@@ -780,7 +816,9 @@ impl<'p> Pass<'p> {
             }
         }
         if let Some(fingerprint) = fingerprint {
-            self.next.insert(memo_key, recorder.finish(fingerprint));
+            let made_for = EndpointInputs::of(endpoint, endpoint_id);
+            self.next
+                .insert(memo_key, recorder.finish(fingerprint, made_for));
         }
         self.reuse.computed += 1;
         Ok(())

@@ -12,6 +12,10 @@
 //! named ports. A pod that joins an existing class, a policy that selects
 //! other pods, or a label no rule looks at leaves it unchanged.
 //!
+//! Before any of that, [`super::unaffected`] replays the endpoints whose
+//! inputs are all exactly as the previous compile saw them, without working
+//! out their layers or fingerprint.
+//!
 //! The fingerprint is 128 bits from two SipHash instances with random keys
 //! (fixed for the compiler's life). The property test in
 //! `agreement_tests.rs` checks after every step of random change sequences
@@ -24,8 +28,12 @@ use std::{
 
 use portcullis_common::{PolicySlot, PolicyValue};
 
-use super::{ids::IdRound, Attribution, CompileError, Compiled};
-use crate::policy::model::{Direction, WorkloadRef};
+use super::{
+    ids::IdRound,
+    unaffected::{EndpointInputs, SharedInputs},
+    Attribution, CompileError, Compiled,
+};
+use crate::policy::model::{Direction, Workload, WorkloadRef};
 
 /// One emitted policy entry; `attribution` indexes the memo's own list.
 #[derive(Debug, Clone)]
@@ -39,10 +47,14 @@ pub struct Emitted {
 /// The entries of one endpoint and direction, and what they came from.
 #[derive(Debug, Clone)]
 pub struct Memoized {
-    fingerprint: u128,
+    /// `None`: no rule applies to the endpoint in this direction (no
+    /// entries, and no fingerprint was worked out).
+    fingerprint: Option<u128>,
     entries: Vec<Emitted>,
     /// Only the attributions the entries use.
     attributions: Vec<Attribution>,
+    /// The endpoint as it was when these entries were last right for it.
+    made_for: EndpointInputs,
 }
 
 type MemoKey = (WorkloadRef, Direction);
@@ -52,6 +64,8 @@ type MemoKey = (WorkloadRef, Direction);
 pub struct Memo {
     keys: [std::collections::hash_map::RandomState; 2],
     entries: HashMap<MemoKey, Memoized>,
+    /// What the entries' compile was made from, beyond each endpoint.
+    shared: Option<SharedInputs>,
 }
 
 /// How much one compile reused.
@@ -59,6 +73,9 @@ pub struct Memo {
 pub struct Reuse {
     /// Endpoint-directions replayed from the previous compile.
     pub replayed: usize,
+    /// Of those, the ones replayed without working out their rules at all,
+    /// because nothing they depend on changed (see [`super::unaffected`]).
+    pub unexamined: usize,
     /// Endpoint-directions worked out.
     pub computed: usize,
 }
@@ -95,14 +112,16 @@ impl Memo {
         Fingerprinter(self.keys[0].build_hasher(), self.keys[1].build_hasher())
     }
 
-    /// Takes the entries out for a compile; what it does not hand back in
-    /// [`Memo::restore`] is forgotten (an endpoint that went away).
-    pub fn take(&mut self) -> HashMap<MemoKey, Memoized> {
-        std::mem::take(&mut self.entries)
+    /// Takes the entries out for a compile, with what their compile was
+    /// made from; what it does not hand back in [`Memo::restore`] is
+    /// forgotten (an endpoint that went away).
+    pub fn take(&mut self) -> (HashMap<MemoKey, Memoized>, Option<SharedInputs>) {
+        (std::mem::take(&mut self.entries), self.shared.take())
     }
 
-    pub fn restore(&mut self, entries: HashMap<MemoKey, Memoized>) {
+    pub fn restore(&mut self, entries: HashMap<MemoKey, Memoized>, shared: SharedInputs) {
         self.entries = entries;
+        self.shared = Some(shared);
     }
 }
 
@@ -136,18 +155,45 @@ impl Recorder {
         });
     }
 
-    pub fn finish(self, fingerprint: u128) -> Memoized {
+    pub fn finish(self, fingerprint: u128, made_for: EndpointInputs) -> Memoized {
         Memoized {
-            fingerprint,
+            fingerprint: Some(fingerprint),
             entries: self.entries,
             attributions: self.attributions,
+            made_for,
         }
     }
 }
 
 impl Memoized {
-    pub fn fingerprint(&self) -> u128 {
+    /// An endpoint-direction no rule applies to.
+    pub fn nothing_applies(made_for: EndpointInputs) -> Self {
+        Self {
+            fingerprint: None,
+            entries: Vec::new(),
+            attributions: Vec::new(),
+            made_for,
+        }
+    }
+
+    pub fn fingerprint(&self) -> Option<u128> {
         self.fingerprint
+    }
+
+    /// Whether these entries were made for the endpoint as it is now.
+    pub fn made_for(&self, endpoint: &Workload, endpoint_id: u32) -> bool {
+        self.made_for.same(endpoint, endpoint_id)
+    }
+
+    /// Right for the endpoint as it is now too (its fingerprint matched).
+    pub fn now_for(mut self, made_for: EndpointInputs) -> Self {
+        self.made_for = made_for;
+        self
+    }
+
+    /// Whether any rule applies (there are entries to replay).
+    pub fn applies(&self) -> bool {
+        self.fingerprint.is_some()
     }
 
     /// Writes the entries into `out` again, looking their cookies up in

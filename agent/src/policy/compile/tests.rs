@@ -10,7 +10,7 @@ use portcullis_common::{
 
 use super::*;
 use crate::policy::{
-    model::InventoryError,
+    model::{InventoryError, Labels, Namespace},
     test_support::{chain, inventory, policies},
 };
 
@@ -516,13 +516,16 @@ fn unaffected_endpoints_are_replayed_not_recompiled() {
     let mut incremental = Compiler::new();
     let mut full = Compiler::without_memo();
     // a and b ingress, c ingress and egress: four partitions with entries;
-    // then the same again; a remote pod like r (same class); a leaves the
-    // web pods (its partition goes, the others stay).
+    // then the same again and a remote pod like r (same class), where no
+    // endpoint's rules are even looked at; a leaves the web pods (a new
+    // class: every endpoint is looked at, its partition goes, the others
+    // are replayed by fingerprint).
     let expected_reuse = [
         (
             lab(),
             Reuse {
                 replayed: 0,
+                unexamined: 0,
                 computed: 4,
             },
         ),
@@ -530,6 +533,7 @@ fn unaffected_endpoints_are_replayed_not_recompiled() {
             lab(),
             Reuse {
                 replayed: 4,
+                unexamined: 4,
                 computed: 0,
             },
         ),
@@ -537,6 +541,7 @@ fn unaffected_endpoints_are_replayed_not_recompiled() {
             joined,
             Reuse {
                 replayed: 4,
+                unexamined: 4,
                 computed: 0,
             },
         ),
@@ -544,6 +549,7 @@ fn unaffected_endpoints_are_replayed_not_recompiled() {
             left,
             Reuse {
                 replayed: 3,
+                unexamined: 0,
                 computed: 0,
             },
         ),
@@ -553,4 +559,44 @@ fn unaffected_endpoints_are_replayed_not_recompiled() {
         assert_eq!(got, full.compile(&inventory, &policies).unwrap());
         assert_eq!(incremental.reuse(), reuse);
     }
+}
+
+/// A namespace label only a ClusterL4Policy's subject looks at makes no
+/// peer class, so the classes stay the same when it changes; the endpoints
+/// of that namespace must still be worked out again (and only they).
+#[test]
+fn a_namespace_label_that_only_selects_subjects_reaches_its_endpoints() {
+    let text = "apiVersion: portcullis.dev/v1alpha1\nkind: ClusterL4Policy\nmetadata: {name: guarded}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {namespaceSelector: {matchLabels: {guard: on}}}\n  ingress: [{action: Deny, ports: [{port: 22}]}]\n";
+    let policies = policies(text);
+    let mut guarded = lab();
+    guarded.namespaces = vec![
+        Namespace {
+            name: "x".into(),
+            labels: [("guard".to_string(), "on".to_string())].into(),
+        },
+        Namespace {
+            name: "y".into(),
+            labels: Labels::new(),
+        },
+    ];
+    let mut unguarded = guarded.clone();
+    unguarded.namespaces[0].labels.clear();
+
+    let mut incremental = Compiler::new();
+    let mut full = Compiler::without_memo();
+    for inventory in [&guarded, &unguarded, &guarded] {
+        let got = incremental.compile(inventory, &policies).unwrap();
+        assert_eq!(got, full.compile(inventory, &policies).unwrap());
+        assert_eq!(incremental.reuse().unexamined, 0, "x's endpoints looked at");
+    }
+    let denied = |c: &Compiled| !c.rules.is_empty();
+    assert!(denied(&incremental.compile(&guarded, &policies).unwrap()));
+    assert_eq!(
+        incremental.reuse().unexamined,
+        3,
+        "nothing changed: a, b and c ingress replayed unexamined"
+    );
+    assert!(!denied(
+        &incremental.compile(&unguarded, &policies).unwrap()
+    ));
 }
