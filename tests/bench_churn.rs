@@ -1,7 +1,8 @@
 //! The churn section of `portcullis bench`, tiny: a real API server with
-//! 200 pods and 100 rules, two changes of each kind, through the CLI as
-//! `cargo xtask bench` runs it. Checks it still runs and reports every
-//! kind of change with a latency, not how fast it is. A missing control
+//! 200 pods and 100 rules, two changes of each kind and 3 s of sustained
+//! churn, through the CLI as `cargo xtask bench` runs it. Checks it still
+//! runs, reports every kind of change with a latency and misses no update
+//! under sustained churn, not how fast it is. A missing control
 //! plane build or privilege fails the test; nothing is skipped.
 
 use std::process::Command;
@@ -21,6 +22,7 @@ fn a_tiny_cluster_reports_every_kind_of_change() {
         .args(["bench", "--only", "churn", "--churn-pods", "200"])
         .args(["--churn-rules", "100", "--churn-changes", "2"])
         .args(["--churn-growth", "300"])
+        .args(["--churn-rate", "20", "--churn-seconds", "3"])
         .arg("--output")
         .arg(&output)
         .output()
@@ -64,6 +66,27 @@ fn a_tiny_cluster_reports_every_kind_of_change() {
         })
         .unwrap_or_else(|| panic!("no idle CPU line:\n{section}"));
     assert!((0.0..=200.0).contains(&idle), "idle CPU {idle}%");
+    // Sustained churn: the row's "missed updates" column, and its verdict.
+    let header = section
+        .lines()
+        .find(|l| l.starts_with("| pods added / deleted"))
+        .unwrap_or_else(|| panic!("no sustained churn table:\n{section}"));
+    let column = header
+        .split('|')
+        .position(|c| c.trim() == "missed updates")
+        .expect("a missed updates column");
+    let row = section
+        .lines()
+        .skip_while(|l| *l != header)
+        .nth(2)
+        .expect("a sustained churn row");
+    assert!(row.starts_with("| 60 / 60 |"), "20 a second for 3 s: {row}");
+    let missed: usize = row
+        .split('|')
+        .nth(column)
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no missed updates count: {row}"));
+    assert_eq!(missed, 0, "the agent missed updates:\n{section}");
     for pods in ["| 200 |", "| 300 |"] {
         assert!(section.contains(pods), "no memory row {pods}:\n{section}");
     }

@@ -81,6 +81,13 @@ pub struct BenchArgs {
     /// Changes of each kind in the churn measurement.
     #[arg(long, default_value_t = 20)]
     pub churn_changes: usize,
+    /// Pods added, and as many deleted, per second in the sustained churn
+    /// measurement.
+    #[arg(long, default_value_t = 100)]
+    pub churn_rate: usize,
+    /// Seconds of sustained churn (0: not measured).
+    #[arg(long, default_value_t = 60)]
+    pub churn_seconds: usize,
     /// Cluster sizes the churn measurement grows to afterwards, for the
     /// agent's memory (sizes up to --churn-pods add nothing).
     #[arg(long, value_delimiter = ',', default_value = "20000")]
@@ -175,6 +182,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             rules: args.churn_rules,
             changes: args.churn_changes,
             growth: args.churn_growth.clone(),
+            sustained: (args.churn_seconds > 0 && args.churn_rate > 0).then_some(
+                churn::sustained::SustainedOptions {
+                    rate: args.churn_rate,
+                    seconds: args.churn_seconds,
+                },
+            ),
         };
         sections.push(churn::render(&churn::run(&options).await?));
     }

@@ -67,6 +67,11 @@ impl KernelView {
         Ok(s.active_generation % GENERATIONS)
     }
 
+    /// The identity the active generation gives an address, if any.
+    pub fn active_identity(&self, addr: &[u8; 16]) -> Result<Option<u32>, LoadError> {
+        self.identity(self.generation()?, addr)
+    }
+
     /// The enforced endpoint registered for a cgroup id, if any.
     pub fn endpoint(&self, cgroup_id: u64) -> Result<Option<EndpointValue>, LoadError> {
         let key = EndpointKey {

@@ -20,7 +20,7 @@ mod policies;
 mod prune;
 mod recheck;
 mod services;
-mod workloads;
+pub(crate) mod workloads;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
