@@ -370,16 +370,28 @@ impl Compiler {
             }
         }
 
+        let rules: usize = pass.policies.all.iter().map(|p| p.rules().count()).sum();
         let Pass {
             out,
             next,
             reuse,
             classes,
-            named_now,
+            mut named_now,
+            named_before,
             ..
         } = pass;
         if let (Some(memo), Some(shared)) = (self.memo.as_mut(), shared) {
             memo.restore(next, shared);
+            // Peer lists only endpoints replayed unexamined use were not
+            // looked up; their answers still hold for these classes (they
+            // were cleared above otherwise). Lists of removed rules are
+            // carried too, so the cache is dropped when it outgrows the rules.
+            for (peers, named) in named_before {
+                named_now.entry(peers).or_insert(named);
+            }
+            if named_now.len() > 2 * rules + 64 {
+                named_now.clear();
+            }
             self.named_cache = NamedCache {
                 classes: classes.classes,
                 by_peers: named_now,

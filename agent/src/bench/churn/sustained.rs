@@ -326,6 +326,8 @@ pub(super) async fn run(
     let mut gone: Vec<(usize, IpAddr)> = Vec::new();
     let mut all_gone: Vec<(usize, IpAddr)> = Vec::new();
     let began = Instant::now();
+    let mut last_write = began;
+    let mut at_last_write = start.clone();
     for second in 0..options.seconds {
         let due = began + Duration::from_secs(second as u64 + 1);
         let adds: Vec<usize> = (next..next + options.rate).collect();
@@ -344,6 +346,9 @@ pub(super) async fn run(
             .buffer_unordered(CONCURRENCY / 2)
             .try_collect::<Vec<()>>()
             .await?;
+        last_write = Instant::now();
+        // Passes ending from here on may hold this second's writes.
+        at_last_write = agent.histogram().await?;
         if Instant::now() > due {
             result.late_seconds += 1;
         }
@@ -383,11 +388,10 @@ pub(super) async fn run(
             tokio::time::sleep(wait).await;
         }
     }
-    let last_write = Instant::now();
     result.writing_secs = (last_write - began).as_secs_f64();
     // The agent may have caught up already: quiet is no pass for a while,
     // whether or not one starts after the last write.
-    let mut seen = agent.histogram().await?;
+    let mut seen = at_last_write;
     let mut changed_at = last_write;
     while changed_at.elapsed() < SETTLED && last_write.elapsed() < super::PASS_BOUND {
         tokio::time::sleep(Duration::from_millis(10)).await;
