@@ -324,8 +324,9 @@ impl Cluster {
         Ok(uid)
     }
 
-    /// The kubelet reports pod `spec` running, with its address.
-    async fn run_pod(&self, spec: &PodSpec) -> anyhow::Result<()> {
+    /// The kubelet reports pod `spec` running, with its address; the pod
+    /// as it now is.
+    async fn run_pod(&self, spec: &PodSpec) -> anyhow::Result<Pod> {
         self.pods_in(&spec.namespace)
             .patch_status(
                 &spec.name,
@@ -333,8 +334,7 @@ impl Cluster {
                 &Patch::Merge(spec.running_status()),
             )
             .await
-            .with_context(|| format!("starting pod {}/{}", spec.namespace, spec.name))?;
-        Ok(())
+            .with_context(|| format!("starting pod {}/{}", spec.namespace, spec.name))
     }
 
     /// Pods `range` bound and running, CONCURRENCY at a time.
@@ -364,13 +364,23 @@ impl Cluster {
 
     /// The kubelet removes pod `i` once its containers stopped (grace 0).
     async fn remove_pod(&mut self, i: usize) -> anyhow::Result<()> {
+        let uid = self.pods.get(&i).cloned().unwrap_or_default();
+        self.delete_pod(i, &uid).await?;
+        self.pods.remove(&i);
+        Ok(())
+    }
+
+    /// Pod `i` (UID `uid`) stops: its cgroup goes, then the kubelet removes
+    /// the object (grace 0). Leaves [`Cluster::pods`] to the caller.
+    async fn delete_pod(&self, i: usize, uid: &str) -> anyhow::Result<()> {
         let spec = PodSpec::nth(i);
-        self.remove_pod_cgroup(i);
+        if spec.local {
+            let _ = std::fs::remove_dir(pod_cgroup(&self.mount, uid));
+        }
         self.pods_in(&spec.namespace)
             .delete(&spec.name, &DeleteParams::default().grace_period(0))
             .await
             .with_context(|| format!("deleting pod {}/{}", spec.namespace, spec.name))?;
-        self.pods.remove(&i);
         Ok(())
     }
 
@@ -550,8 +560,7 @@ async fn measure(options: &ChurnOptions, mount: &Path) -> anyhow::Result<ChurnRe
                 o.rate, o.rate, o.seconds
             );
             let first = options.pods + options.changes;
-            let (result, live) =
-                sustained::run(&mut agent, &cluster.client, mount, o, first).await?;
+            let (result, live) = sustained::run(&mut agent, &cluster, o, first).await?;
             cluster.pods = live;
             Some(result)
         }
@@ -680,7 +689,7 @@ async fn measure_kind(
         }
         let before = agent.histogram().await?;
         match kind {
-            Kind::PodAdded => cluster.run_pod(&PodSpec::nth(added(i))).await?,
+            Kind::PodAdded => drop(cluster.run_pod(&PodSpec::nth(added(i))).await?),
             Kind::PodDeleted => cluster.remove_pod(added(i)).await?,
             Kind::LabelChanged => {
                 let pod = (i * 37) % options.pods;

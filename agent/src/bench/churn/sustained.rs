@@ -26,12 +26,12 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod},
     networking::v1::NetworkPolicy,
 };
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams};
 use portcullis_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_WORLD, PROTO_TCP, VERDICT_DENY,
 };
 
-use super::{histogram::Reading, objects, objects::PodSpec, pod_cgroup, typed, Agent, PIN_DIR};
+use super::{histogram::Reading, objects, objects::PodSpec, pod_cgroup, Agent, Cluster, PIN_DIR};
 use crate::{
     bpf::inspect::KernelView,
     policy::{
@@ -167,43 +167,6 @@ async fn read_cluster(client: &kube::Client) -> anyhow::Result<Written> {
     })
 }
 
-/// Creates pod `i` bound and running (its cgroup too, when local), as the
-/// scheduler and kubelet would; returns the object as it now is.
-async fn add(client: &kube::Client, mount: &Path, i: usize) -> anyhow::Result<(Pod, String)> {
-    let spec = PodSpec::nth(i);
-    let api = Api::<Pod>::namespaced(client.clone(), &spec.namespace);
-    let pod = api
-        .create(&PostParams::default(), &typed(spec.object())?)
-        .await
-        .with_context(|| format!("creating pod {}/{}", spec.namespace, spec.name))?;
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
-    if spec.local {
-        std::fs::create_dir_all(pod_cgroup(mount, &uid))?;
-    }
-    let pod = api
-        .patch_status(
-            &spec.name,
-            &PatchParams::default(),
-            &Patch::Merge(spec.running_status()),
-        )
-        .await
-        .with_context(|| format!("starting pod {}/{}", spec.namespace, spec.name))?;
-    Ok((pod, uid))
-}
-
-/// The kubelet's removal of pod `i`: its cgroup, then the object (grace 0).
-async fn delete(client: &kube::Client, mount: &Path, i: usize, uid: &str) -> anyhow::Result<()> {
-    let spec = PodSpec::nth(i);
-    if spec.local {
-        let _ = std::fs::remove_dir(pod_cgroup(mount, uid));
-    }
-    Api::<Pod>::namespaced(client.clone(), &spec.namespace)
-        .delete(&spec.name, &DeleteParams::default().grace_period(0))
-        .await
-        .with_context(|| format!("deleting pod {}/{}", spec.namespace, spec.name))?;
-    Ok(())
-}
-
 /// The kernel's identity for an address (`None`: no pod's).
 fn identity(view: &KernelView, ip: IpAddr) -> anyhow::Result<Option<u32>> {
     Ok(view
@@ -211,7 +174,8 @@ fn identity(view: &KernelView, ip: IpAddr) -> anyhow::Result<Option<u32>> {
         .filter(|&id| id != IDENTITY_WORLD))
 }
 
-/// Kernel and evaluator on one flow; `None` when they agree.
+/// Kernel and evaluator on one flow: whether the evaluator allows it, and
+/// what the kernel decides otherwise (`None` when they agree).
 fn check_flow(
     view: &KernelView,
     mount: &Path,
@@ -305,12 +269,12 @@ fn policy_ports(policies: &[PolicyObject], namespace: &str) -> Vec<u16> {
 /// Runs the churn; returns, with the result, the live pods' UIDs by index.
 pub(super) async fn run(
     agent: &mut Agent,
-    client: &kube::Client,
-    mount: &Path,
+    cluster: &Cluster,
     options: &SustainedOptions,
     first_index: usize,
 ) -> anyhow::Result<(SustainedResult, BTreeMap<usize, String>)> {
-    let mut written = read_cluster(client).await?;
+    let mount = cluster.mount.as_path();
+    let mut written = read_cluster(&cluster.client).await?;
     let view = KernelView::open(Path::new(PIN_DIR)).context("opening the agent's pinned maps")?;
     let mut result = SustainedResult {
         rate: options.rate,
@@ -337,12 +301,17 @@ pub(super) async fn run(
             .filter_map(|i| written.pods.get(&i).map(|(_, uid)| (i, uid.clone())))
             .collect();
         let added: Vec<(usize, (Pod, String))> = futures::stream::iter(adds)
-            .map(|i| async move { anyhow::Ok((i, add(client, mount, i).await?)) })
+            .map(|i| async move {
+                let spec = PodSpec::nth(i);
+                let uid = cluster.bind_pod(&spec).await?;
+                let pod = cluster.run_pod(&spec).await?;
+                anyhow::Ok((i, (pod, uid)))
+            })
             .buffer_unordered(CONCURRENCY / 2)
             .try_collect()
             .await?;
         futures::stream::iter(&deletes)
-            .map(|(i, uid)| delete(client, mount, *i, uid))
+            .map(|(i, uid)| cluster.delete_pod(*i, uid))
             .buffer_unordered(CONCURRENCY / 2)
             .try_collect::<Vec<()>>()
             .await?;
