@@ -22,6 +22,7 @@
 //! is complete (a port-0/0 default plus disjoint blocks), because the kernel
 //! falls back to ANY when a specific identity has no covering entry.
 
+mod class_delta;
 mod classes;
 mod ids;
 pub mod lookup;
@@ -50,6 +51,7 @@ use self::{
     ids::IdAllocator,
     memo::{Memo, Memoized, Recorder},
     ports::{prefix_blocks, PortPartition, Segment},
+    class_delta::{ClassDelta, NamedCache},
     unaffected::{EndpointInputs, SharedInputs, Unchanged},
 };
 use crate::policy::model::{
@@ -225,16 +227,9 @@ pub struct Compiler {
     /// incremental compile is tested against).
     memo: Option<Memo>,
     /// The classes each distinct rule peer list named in the previous
-    /// compile, valid while the classes stay the same.
+    /// compile (carried over to the next compile's classes).
     named_cache: NamedCache,
     reuse: Reuse,
-}
-
-/// Classes named by peer lists, for one list of classes.
-#[derive(Debug, Clone, Default)]
-struct NamedCache {
-    classes: Vec<PeerClass>,
-    by_peers: HashMap<Peers, Vec<usize>>,
 }
 
 impl Default for Compiler {
@@ -314,18 +309,21 @@ impl Compiler {
         // from scratch instead of from entries whose cookies were not kept.
         let (previous, shared_before) = self.memo.as_mut().map(Memo::take).unwrap_or_default();
         // Which classes a rule names depends only on its peers and the
-        // classes: while the classes stay, the previous answers hold.
-        let mut named_before = std::mem::take(&mut self.named_cache);
-        let classes_same = self.memo.is_some() && named_before.classes == classes.classes;
-        if !classes_same {
-            named_before.by_peers.clear();
-        }
+        // classes: the previous answers are carried over to these classes.
+        let named_before = std::mem::take(&mut self.named_cache);
+        let (named_before, delta) = match self.memo {
+            Some(_) => named_before.carry(&classes, &class_identities),
+            None => (HashMap::new(), ClassDelta::Unknown),
+        };
         let shared = self
             .memo
             .is_some()
-            .then(|| SharedInputs::of(inventory, &policies.all, &class_identities));
-        let unchanged = match (&shared, &shared_before) {
-            (Some(now), Some(before)) => now.unchanged_since(before, classes_same),
+            .then(|| SharedInputs::of(inventory, &policies.all));
+        let unchanged = match (&shared, &shared_before, &delta) {
+            (_, _, ClassDelta::Unknown) => Unchanged::default(),
+            (Some(now), Some(before), _) => {
+                now.unchanged_since(before, |policy| delta.reaches(policy, &named_before))
+            }
             _ => Unchanged::default(),
         };
         let mut pass = Pass {
@@ -334,7 +332,7 @@ impl Compiler {
             classes,
             class_identities,
             named: HashMap::new(),
-            named_before: named_before.by_peers,
+            named_before,
             named_now: HashMap::new(),
             memo: self.memo.as_ref(),
             previous,
@@ -376,6 +374,7 @@ impl Compiler {
             next,
             reuse,
             classes,
+            class_identities,
             mut named_now,
             named_before,
             ..
@@ -394,6 +393,7 @@ impl Compiler {
             }
             self.named_cache = NamedCache {
                 classes: classes.classes,
+                identities: class_identities,
                 by_peers: named_now,
             };
         }
@@ -471,8 +471,8 @@ struct Pass<'p> {
     /// outlive the pass). A policy applies to many endpoints, so this is
     /// worked out once per rule.
     named: HashMap<*const Rule, Vec<usize>>,
-    /// The same by peer list: from the previous compile (when its classes
-    /// were these) and from this one.
+    /// The same by peer list: from the previous compile (carried over to
+    /// these classes) and from this one.
     named_before: HashMap<Peers, Vec<usize>>,
     named_now: HashMap<Peers, Vec<usize>>,
     /// The compiler's memo (for its fingerprint keys), the previous

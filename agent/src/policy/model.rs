@@ -239,7 +239,14 @@ impl PolicyObject {
 
     /// Every rule of the policy, of every direction and kind.
     pub fn rules(&self) -> Box<dyn Iterator<Item = &Rule> + '_> {
-        match &*self.kind {
+        self.kind.rules()
+    }
+}
+
+impl PolicyKind {
+    /// Every rule of the policy, of every direction and kind.
+    pub fn rules(&self) -> Box<dyn Iterator<Item = &Rule> + '_> {
+        match self {
             PolicyKind::NetworkPolicy(np) => Box::new(np.ingress.iter().chain(&np.egress)),
             PolicyKind::L4Policy(lp) => Box::new(
                 lp.allow

@@ -8,7 +8,10 @@
 //! L4Policies; its own endpoint id, labels and named ports; and the peer
 //! classes with their identities (which classes a rule names, and for named
 //! egress ports every pod class). When every one of these is what the
-//! previous compile saw, the previous entries are the answer. Anything else
+//! previous compile saw, the previous entries are the answer. Classes may
+//! come and go meanwhile, as long as no rule of the endpoint's namespace or
+//! of a ClusterL4Policy names another set of identities because of it (see
+//! [`super::class_delta`]). Anything else
 //! falls back to the fingerprint, so a wrong "unchanged" is the only way
 //! this can err; hence each input is compared exactly: policies by
 //! allocation (an object not re-parsed shares its rules) and else by value.
@@ -52,21 +55,18 @@ struct NamespaceInputs {
     policies: Vec<Seen>,
 }
 
-/// The inputs of a compile that are shared by many endpoints.
+/// The policies and namespace labels of a compile: inputs shared by many
+/// endpoints. (The classes are compared by [`super::class_delta`].)
 #[derive(Debug, Clone, Default)]
 pub struct SharedInputs {
     cluster: Vec<Seen>,
     namespaces: HashMap<String, NamespaceInputs>,
-    class_identities: Vec<u32>,
 }
 
 impl SharedInputs {
     /// `policies` sorted by reference (as the compile sorts them).
-    pub fn of(inventory: &Inventory, policies: &[&PolicyObject], class_identities: &[u32]) -> Self {
-        let mut inputs = Self {
-            class_identities: class_identities.to_vec(),
-            ..Self::default()
-        };
+    pub fn of(inventory: &Inventory, policies: &[&PolicyObject]) -> Self {
+        let mut inputs = Self::default();
         for n in &inventory.namespaces {
             inputs.namespaces.entry(n.name.clone()).or_default().labels = n.labels.clone();
         }
@@ -85,16 +85,18 @@ impl SharedInputs {
     }
 
     /// Which namespaces' endpoints may have been reached by what changed
-    /// since `before`. `classes_same`: the peer classes are the ones
-    /// `before` was compiled with.
-    pub fn unchanged_since(&self, before: &SharedInputs, classes_same: bool) -> Unchanged {
+    /// since `before`. `reached`: whether the change of peer classes can
+    /// reach the entries of a policy's rules (which classes they name).
+    pub fn unchanged_since(
+        &self,
+        before: &SharedInputs,
+        reached: impl Fn(&PolicyKind) -> bool,
+    ) -> Unchanged {
         let same_list = |now: &[Seen], then: &[Seen]| {
-            now.len() == then.len() && now.iter().zip(then).all(|(n, t)| n.same(t))
+            now.len() == then.len()
+                && now.iter().zip(then).all(|(n, t)| n.same(t) && !reached(&n.kind))
         };
-        let shared = classes_same
-            && self.class_identities == before.class_identities
-            && same_list(&self.cluster, &before.cluster);
-        if !shared {
+        if !same_list(&self.cluster, &before.cluster) {
             return Unchanged::default();
         }
         let empty = NamespaceInputs::default();
@@ -182,7 +184,7 @@ mod tests {
 
     fn inputs(inventory: &Inventory, policies: &[PolicyObject]) -> SharedInputs {
         let refs: Vec<&PolicyObject> = policies.iter().collect();
-        SharedInputs::of(inventory, &refs, &[7])
+        SharedInputs::of(inventory, &refs)
     }
 
     #[test]
@@ -193,32 +195,32 @@ mod tests {
 
         // Shared, not re-parsed: nothing reached.
         let same = inputs(&inventory("x"), &[web.clone(), db.clone()]);
-        let u = same.unchanged_since(&before, true);
+        let u = same.unchanged_since(&before, |_| false);
         assert!(u.namespace("a") && u.namespace("b"));
 
         // Re-parsed to an equal object: still nothing reached.
         let reparsed = inputs(&inventory("x"), &[policy("a", "web", "web"), db.clone()]);
-        assert!(reparsed.unchanged_since(&before, true).namespace("a"));
+        assert!(reparsed.unchanged_since(&before, |_| false).namespace("a"));
 
         // An edit in a: a is reached, b is not.
         let edited = inputs(&inventory("x"), &[policy("a", "web", "api"), db.clone()]);
-        let u = edited.unchanged_since(&before, true);
+        let u = edited.unchanged_since(&before, |_| false);
         assert!(!u.namespace("a") && u.namespace("b"));
 
         // A namespace label: only that namespace.
         let relabelled = inputs(&inventory("y"), &[web.clone(), db.clone()]);
-        let u = relabelled.unchanged_since(&before, true);
+        let u = relabelled.unchanged_since(&before, |_| false);
         assert!(!u.namespace("a") && u.namespace("b"));
 
         // A policy gone from b, and one appearing in a namespace with no
         // record: both reached.
         let moved = inputs(&inventory("x"), &[web.clone(), policy("c", "new", "x")]);
-        let u = moved.unchanged_since(&before, true);
+        let u = moved.unchanged_since(&before, |_| false);
         assert!(u.namespace("a") && !u.namespace("b") && !u.namespace("c"));
 
-        // Other classes reach every namespace.
-        let u = same.unchanged_since(&before, false);
-        assert!(!u.namespace("a") && !u.namespace("b"));
+        // A class change that reaches b's policy reaches b only.
+        let u = same.unchanged_since(&before, |p| *p == *db.kind);
+        assert!(u.namespace("a") && !u.namespace("b"));
     }
 
     #[test]

@@ -1,0 +1,313 @@
+//! A change of peer classes, as far as rules can tell.
+//!
+//! When a pod takes a label value no other pod has, or the last pod of a
+//! label set goes, one class comes or goes; every other class stays, with
+//! its identity. A rule's entries depend on the classes only through which
+//! of them its peer list names (and, for named egress ports, every pod
+//! class). So the previous compile's answer for each peer list is carried
+//! over to the new classes — classes kept are renumbered, classes gone are
+//! dropped, new classes are tested against the list — and only the lists
+//! whose set of identities changed reach their endpoints. Without this, any
+//! new class sent every endpoint down the full path.
+
+use std::{
+    cmp::Ordering,
+    collections::{HashMap, HashSet},
+};
+
+use super::classes::{PeerClass, PeerClasses};
+use crate::policy::model::{Peers, PolicyKind, PortSpec};
+
+/// Which classes each distinct rule peer list named, for one list of
+/// classes with their identities.
+#[derive(Debug, Clone, Default)]
+pub struct NamedCache {
+    pub classes: Vec<PeerClass>,
+    pub identities: Vec<u32>,
+    /// Peer list → indexes into `classes`, ascending.
+    pub by_peers: HashMap<Peers, Vec<usize>>,
+}
+
+/// How the classes changed since the previous compile.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClassDelta {
+    /// The same classes with the same identities.
+    Same,
+    /// Classes came or went; every class kept has its identity.
+    Changed {
+        /// Peer lists that now name another set of identities.
+        renamed: HashSet<Peers>,
+        /// A pod class came or went: a named egress port resolves against
+        /// every pod class, so rules naming a port are reached.
+        pod_classes: bool,
+    },
+    /// Nothing can be assumed the same (no previous compile, or a kept
+    /// class changed identity).
+    Unknown,
+}
+
+impl NamedCache {
+    /// The previous answers, valid for `now` (whose classes have
+    /// `identities`), and how the classes changed.
+    pub fn carry(
+        self,
+        now: &PeerClasses,
+        identities: &[u32],
+    ) -> (HashMap<Peers, Vec<usize>>, ClassDelta) {
+        let unknown = || (HashMap::new(), ClassDelta::Unknown);
+        if self.identities.len() != self.classes.len() {
+            return unknown();
+        }
+        if self.classes == now.classes && self.identities == identities {
+            return (self.by_peers, ClassDelta::Same);
+        }
+        // Both lists are sorted: one merge finds what was kept and what came.
+        let mut kept_as: Vec<Option<usize>> = vec![None; self.classes.len()];
+        let mut added = Vec::new();
+        let mut old = 0;
+        for (index, class) in now.classes.iter().enumerate() {
+            while old < self.classes.len() && self.classes[old] < *class {
+                old += 1;
+            }
+            match self.classes.get(old).map(|c| c.cmp(class)) {
+                Some(Ordering::Equal) => {
+                    if self.identities[old] != identities[index] {
+                        return unknown();
+                    }
+                    kept_as[old] = Some(index);
+                    old += 1;
+                }
+                _ => added.push(index),
+            }
+        }
+        let is_pod = |c: &PeerClass| matches!(c, PeerClass::Pod { .. });
+        let pod_classes = added.iter().any(|&i| is_pod(&now.classes[i]))
+            || self
+                .classes
+                .iter()
+                .zip(&kept_as)
+                .any(|(c, kept)| kept.is_none() && is_pod(c));
+        let mut renamed = HashSet::new();
+        let mut carried = HashMap::with_capacity(self.by_peers.len());
+        for (peers, named) in self.by_peers {
+            let mut changed = false;
+            let mut now_named: Vec<usize> = named
+                .iter()
+                .filter_map(|&old| {
+                    let kept = kept_as.get(old).copied().flatten();
+                    changed |= kept.is_none();
+                    kept
+                })
+                .collect();
+            for &index in &added {
+                if named_by(&now.classes[index], &peers) {
+                    now_named.push(index);
+                    changed = true;
+                }
+            }
+            now_named.sort_unstable();
+            if changed {
+                renamed.insert(peers.clone());
+            }
+            carried.insert(peers, now_named);
+        }
+        (
+            carried,
+            ClassDelta::Changed {
+                renamed,
+                pod_classes,
+            },
+        )
+    }
+}
+
+/// Whether a peer list names the class (as `named_classes` would say).
+fn named_by(class: &PeerClass, peers: &Peers) -> bool {
+    match peers {
+        Peers::All => false,
+        Peers::Only(list) => list.iter().any(|peer| class.matched_by(peer)),
+    }
+}
+
+impl ClassDelta {
+    /// Whether the change can reach the entries a policy's rules make.
+    /// `carried`: the answers [`NamedCache::carry`] returned; a peer list
+    /// missing from them had no answer before, so it may have changed.
+    pub fn reaches(&self, policy: &PolicyKind, carried: &HashMap<Peers, Vec<usize>>) -> bool {
+        match self {
+            Self::Same => false,
+            Self::Unknown => true,
+            Self::Changed {
+                renamed,
+                pod_classes,
+            } => policy.rules().any(|rule| {
+                let names_a_port = || {
+                    rule.ports
+                        .iter()
+                        .any(|p| matches!(p.port, PortSpec::Named(_)))
+                };
+                let peers_reached = match &rule.peers {
+                    Peers::All => false,
+                    peers => !carried.contains_key(peers) || renamed.contains(peers),
+                };
+                peers_reached || (*pod_classes && names_a_port())
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{
+        model::{
+            Inventory, LabelSelector, Labels, Namespace, NamespaceScope, NetworkPolicyRules, Peer,
+            Rule, Workload,
+        },
+        selector::Selector,
+    };
+
+    fn workload(name: &str, app: &str, ip: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "x".into(),
+            labels: Labels::from([("app".to_string(), app.to_string())]),
+            cgroup: None,
+            ips: vec![ip.parse().unwrap()],
+            ports: Vec::new(),
+            service_account: None,
+        }
+    }
+
+    fn selecting(app: &str) -> Peers {
+        let pods = Selector::from_label_selector(&LabelSelector {
+            match_labels: Some([("app".to_string(), app.to_string())].into()),
+            match_expressions: None,
+        })
+        .unwrap();
+        Peers::Only(vec![Peer::Pods {
+            namespaces: NamespaceScope::Exactly("x".into()),
+            pods,
+        }])
+    }
+
+    fn rule(peers: &Peers) -> Rule {
+        Rule {
+            peers: peers.clone(),
+            ports: Vec::new(),
+        }
+    }
+
+    fn inventory(workloads: Vec<Workload>) -> Inventory {
+        Inventory {
+            namespaces: vec![Namespace {
+                name: "x".into(),
+                labels: Labels::new(),
+            }],
+            workloads,
+            ..Inventory::default()
+        }
+    }
+
+    /// The cache a compile over `inventory` leaves, with identities 100, 101…
+    fn cache(inventory: &Inventory, rules: &[Rule]) -> NamedCache {
+        let classes = PeerClasses::build(inventory, rules);
+        let by_peers = rules
+            .iter()
+            .map(|r| (r.peers.clone(), names(&classes, &r.peers)))
+            .collect();
+        NamedCache {
+            identities: (100..).take(classes.classes.len()).collect(),
+            classes: classes.classes,
+            by_peers,
+        }
+    }
+
+    fn names(classes: &PeerClasses, peers: &Peers) -> Vec<usize> {
+        (0..classes.classes.len())
+            .filter(|&i| named_by(&classes.classes[i], peers))
+            .collect()
+    }
+
+    #[test]
+    fn a_new_class_renames_only_the_lists_that_select_it() {
+        let (web, db, api) = (selecting("web"), selecting("db"), selecting("api"));
+        let rules = [rule(&web), rule(&db), rule(&api)];
+        let before = inventory(vec![
+            workload("a", "web", "10.0.0.1"),
+            workload("b", "db", "10.0.0.2"),
+        ]);
+        let old = cache(&before, &rules);
+        let old_identity = |peers: &Peers| -> Vec<u32> {
+            old.by_peers[peers].iter().map(|&i| old.identities[i]).collect()
+        };
+        let (web_before, db_before) = (old_identity(&web), old_identity(&db));
+        // a moves to app=api: the web class goes, an api class comes.
+        let after = inventory(vec![
+            workload("a", "api", "10.0.0.1"),
+            workload("b", "db", "10.0.0.2"),
+        ]);
+        let now = PeerClasses::build(&after, &rules);
+        // db keeps its identity; api is new.
+        let db_index = now
+            .classes
+            .iter()
+            .position(|c| named_by(c, &db))
+            .unwrap();
+        let mut identities = vec![0; now.classes.len()];
+        identities[db_index] = db_before[0];
+        for (i, id) in identities.iter_mut().enumerate() {
+            if i != db_index {
+                *id = 200 + i as u32;
+            }
+        }
+        let (carried, delta) = old.carry(&now, &identities);
+        for peers in [&web, &db, &api] {
+            assert_eq!(carried[peers], names(&now, peers), "{peers:?}");
+        }
+        assert_eq!(
+            delta,
+            ClassDelta::Changed {
+                renamed: HashSet::from([web.clone(), api.clone()]),
+                pod_classes: true,
+            }
+        );
+        assert_eq!(web_before.len(), 1);
+        assert!(!delta.reaches(&np_with(&[rule(&db)]), &carried));
+        assert!(delta.reaches(&np_with(&[rule(&web)]), &carried));
+        assert!(delta.reaches(&np_with(&[rule(&api)]), &carried));
+        let unseen = selecting("cache");
+        assert!(
+            delta.reaches(&np_with(&[rule(&unseen)]), &carried),
+            "a list with no previous answer may have changed"
+        );
+    }
+
+    #[test]
+    fn the_same_classes_reach_nothing_and_an_identity_change_is_unknown() {
+        let web = selecting("web");
+        let rules = [rule(&web)];
+        let inv = inventory(vec![workload("a", "web", "10.0.0.1")]);
+        let old = cache(&inv, &rules);
+        let now = PeerClasses::build(&inv, &rules);
+        let (carried, delta) = old.clone().carry(&now, &old.identities);
+        assert_eq!(delta, ClassDelta::Same);
+        assert!(!delta.reaches(&np_with(&[rule(&web)]), &carried));
+
+        let moved: Vec<u32> = old.identities.iter().map(|i| i + 1).collect();
+        let (carried, delta) = old.carry(&now, &moved);
+        assert_eq!(delta, ClassDelta::Unknown);
+        assert!(carried.is_empty());
+        assert!(delta.reaches(&np_with(&[]), &carried));
+    }
+
+    fn np_with(rules: &[Rule]) -> PolicyKind {
+        PolicyKind::NetworkPolicy(NetworkPolicyRules {
+            pod_selector: Selector::from_label_selector(&LabelSelector::default()).unwrap(),
+            isolates_ingress: true,
+            isolates_egress: false,
+            ingress: rules.to_vec(),
+            egress: Vec::new(),
+        })
+    }
+}
