@@ -155,22 +155,23 @@ async fn an_unregistered_pod_below_a_pending_guard_is_denied_until_programmed() 
     // lives in x/a's network namespace and so sends from x/a's addresses;
     // an enforced pod may send only from its own, so it takes them over.
     let mut registered = snapshot.clone();
-    let x_a = registered
-        .inventory
+    let x_a = std::sync::Arc::make_mut(&mut registered.inventory)
         .workloads
         .iter_mut()
         .find(|w| w.namespace == "x" && w.name == "a")
         .expect("x/a in the lab inventory");
     let ips = std::mem::take(&mut x_a.ips);
-    registered.inventory.workloads.push(Workload {
-        name: "new".into(),
-        namespace: "x".into(),
-        labels: [("pod".to_string(), "new".to_string())].into(),
-        cgroup: Some(new_pod.clone()),
-        ips,
-        ports: vec![],
-        service_account: None,
-    });
+    std::sync::Arc::make_mut(&mut registered.inventory)
+        .workloads
+        .push(Workload {
+            name: "new".into(),
+            namespace: "x".into(),
+            labels: [("pod".to_string(), "new".to_string())].into(),
+            cgroup: Some(new_pod.clone()),
+            ips,
+            ports: vec![],
+            service_account: None,
+        });
     let applied = reconciler
         .reconcile(&registered, &mut dataplane.writer)
         .unwrap();
@@ -240,15 +241,17 @@ async fn a_workload_deeper_than_the_kernel_searches_is_denied_and_reported() {
         lab.workloads_file().to_path_buf(),
     );
     let mut snapshot: Snapshot = source.load().unwrap();
-    snapshot.inventory.workloads.push(Workload {
-        name: "deep".into(),
-        namespace: "x".into(),
-        labels: [("pod".to_string(), "deep".to_string())].into(),
-        cgroup: Some(deep.clone()),
-        ips: vec![],
-        ports: vec![],
-        service_account: None,
-    });
+    std::sync::Arc::make_mut(&mut snapshot.inventory)
+        .workloads
+        .push(Workload {
+            name: "deep".into(),
+            namespace: "x".into(),
+            labels: [("pod".to_string(), "deep".to_string())].into(),
+            cgroup: Some(deep.clone()),
+            ips: vec![],
+            ports: vec![],
+            service_account: None,
+        });
     let netns = netns_path(&lab.pod_netns("x/a").unwrap());
     let client = spawn_in(&netns, &deep).await;
     let applied = Reconciler::new(mount.clone())

@@ -9,6 +9,7 @@ mod services;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    sync::Arc,
     time::Instant,
 };
 
@@ -159,7 +160,7 @@ pub struct Reconciler {
 }
 
 struct LastCompile {
-    inventory: Inventory,
+    inventory: Arc<Inventory>,
     policies: Vec<PolicyObject>,
     compiled: Compiled,
 }
@@ -168,7 +169,7 @@ struct LastCompile {
 /// a pass repeated on the same input starts from its outcome instead of
 /// searching again.
 struct HeldBack {
-    inventory: Inventory,
+    inventory: Arc<Inventory>,
     input: Vec<PolicyObject>,
     previous: BTreeMap<PolicyRef, PolicyObject>,
     policies: Vec<PolicyObject>,
@@ -196,20 +197,20 @@ impl Reconciler {
     /// Compiles, unless it is what was compiled last time.
     fn compile(
         &mut self,
-        inventory: &Inventory,
+        inventory: &Arc<Inventory>,
         policies: &[PolicyObject],
     ) -> Result<(), ReconcileError> {
-        let unchanged = self
-            .last
-            .as_ref()
-            .is_some_and(|l| l.inventory == *inventory && l.policies == policies);
+        let unchanged = self.last.as_ref().is_some_and(|l| {
+            (Arc::ptr_eq(&l.inventory, inventory) || l.inventory == *inventory)
+                && l.policies == policies
+        });
         if !unchanged {
             let compiled = self
                 .compiler
                 .compile(inventory, policies)
                 .map_err(|source| ReconcileError::Compile { source })?;
             self.last = Some(LastCompile {
-                inventory: inventory.clone(),
+                inventory: Arc::clone(inventory),
                 policies: policies.to_vec(),
                 compiled,
             });

@@ -163,7 +163,7 @@ fn measure(
         let compiled = Compiler::new().compile(&inventory, &policies)?;
         let compile_secs = started.elapsed().as_secs_f64();
         let snapshot = Snapshot {
-            inventory: inventory.clone(),
+            inventory: inventory.clone().into(),
             policies,
             ..Default::default()
         };
@@ -174,7 +174,7 @@ fn measure(
         // A second pass fills the other generation too: steady state.
         reconciler.reconcile(&snapshot, &mut dataplane.writer)?;
         let mut changed = snapshot.clone();
-        changed.inventory.workloads[0]
+        std::sync::Arc::make_mut(&mut changed.inventory).workloads[0]
             .labels
             .insert("app".into(), format!("app-{}", APPS / 2));
         let started = Instant::now();

@@ -47,11 +47,11 @@ use thiserror::Error;
 
 pub use self::memo::Reuse;
 use self::{
+    class_delta::{ClassDelta, NamedCache},
     classes::{Member, PeerClass, PeerClasses},
     ids::IdAllocator,
     memo::{Memo, Memoized, Recorder},
     ports::{prefix_blocks, PortPartition, Segment},
-    class_delta::{ClassDelta, NamedCache},
     unaffected::{EndpointInputs, SharedInputs, Unchanged},
 };
 use crate::policy::model::{

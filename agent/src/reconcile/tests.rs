@@ -54,7 +54,7 @@ fn admit(ns: &str, name: &str, cidrs: usize) -> PolicyObject {
 
 fn snapshot(policies: Vec<PolicyObject>, previous: &[PolicyObject]) -> Snapshot {
     Snapshot {
-        inventory: lab(),
+        inventory: lab().into(),
         policies,
         previous: previous
             .iter()

@@ -323,7 +323,7 @@ impl FileSource {
             .collect();
         self.pending = Some(pending);
         Ok(Snapshot {
-            inventory,
+            inventory: inventory.into(),
             policies,
             previous,
             problems,

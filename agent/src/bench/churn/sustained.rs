@@ -12,7 +12,7 @@
 //! without its endpoint or identity, or a deleted one still holding one.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -37,7 +37,10 @@ use crate::{
     policy::{
         compile::addr16,
         evaluate::{evaluate, FlowQuery},
-        model::{Inventory, Origin, PolicyObject, Protocol},
+        model::{
+            Direction, Inventory, Labels, NamespaceScope, NetworkPolicyRules, Origin, Peer, Peers,
+            PolicyKind, PolicyObject, PortSpec, Protocol, Rule, Workload,
+        },
     },
 };
 
@@ -253,10 +256,10 @@ fn policy_ports(policies: &[PolicyObject], namespace: &str) -> Vec<u16> {
         .iter()
         .filter(|p| p.reference.namespace == namespace)
     {
-        if let crate::policy::model::PolicyKind::NetworkPolicy(np) = &*p.kind {
-            for rule in np.effective_rules(crate::policy::model::Direction::Ingress) {
+        if let PolicyKind::NetworkPolicy(np) = &*p.kind {
+            for rule in np.effective_rules(Direction::Ingress) {
                 for port in &rule.ports {
-                    if let crate::policy::model::PortSpec::Range { first, .. } = port.port {
+                    if let PortSpec::Range { first, .. } = port.port {
                         ports.insert(first);
                     }
                 }
@@ -264,6 +267,82 @@ fn policy_ports(policies: &[PolicyObject], namespace: &str) -> Vec<u16> {
         }
     }
     ports.into_iter().collect()
+}
+
+/// A flow some ingress rule admits: (source, destination, port). Random
+/// pairs are nearly all denied (a rule names one app in one team's
+/// namespaces), so without these the check would hardly see an allow.
+/// Rules are tried from a random one on: the first whose policy selects
+/// one of `dsts` and whose peers admit one of `sources` gives the flow.
+fn admitted_flow(
+    inventory: &Inventory,
+    policies: &[PolicyObject],
+    (dsts, sources): (&[usize], &[usize]),
+    draw: &mut Draw,
+) -> Option<(usize, usize, u16)> {
+    let by_ip: HashMap<IpAddr, &Workload> = inventory
+        .workloads
+        .iter()
+        .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w)))
+        .collect();
+    let workloads = |indexes: &[usize]| -> Vec<(usize, &Workload)> {
+        indexes
+            .iter()
+            .filter_map(|&i| Some((i, *by_ip.get(&IpAddr::V4(PodSpec::nth(i).ip))?)))
+            .collect()
+    };
+    let (dsts, sources) = (workloads(dsts), workloads(sources));
+    let namespace_labels: HashMap<&str, Labels> = inventory
+        .namespaces
+        .iter()
+        .map(|n| (n.name.as_str(), inventory.namespace_labels(&n.name)))
+        .collect();
+    let admits = |peers: &[Peer], w: &Workload| {
+        peers.iter().any(|peer| match peer {
+            Peer::Pods { namespaces, pods } => {
+                let namespace_ok = match namespaces {
+                    NamespaceScope::Exactly(ns) => *ns == w.namespace,
+                    NamespaceScope::Matching(selector) => namespace_labels
+                        .get(w.namespace.as_str())
+                        .is_some_and(|labels| selector.matches(labels)),
+                };
+                namespace_ok && pods.matches(&w.labels)
+            }
+            _ => false,
+        })
+    };
+    let rules: Vec<(&str, &NetworkPolicyRules, &Rule)> = policies
+        .iter()
+        .filter_map(|p| match &*p.kind {
+            PolicyKind::NetworkPolicy(np) => Some((p.reference.namespace.as_str(), np)),
+            _ => None,
+        })
+        .flat_map(|(ns, np)| {
+            np.effective_rules(Direction::Ingress)
+                .iter()
+                .map(move |r| (ns, np, r))
+        })
+        .collect();
+    let start = draw.below(rules.len());
+    for &(namespace, np, rule) in rules.iter().cycle().skip(start).take(rules.len().min(50)) {
+        let port = rule.ports.iter().find_map(|p| match p.port {
+            PortSpec::Range { first, .. } => Some(first),
+            _ => None,
+        });
+        let (Some(port), Peers::Only(peers)) = (port, &rule.peers) else {
+            continue;
+        };
+        let Some(&(dst, _)) = dsts
+            .iter()
+            .find(|(_, w)| w.namespace == namespace && np.pod_selector.matches(&w.labels))
+        else {
+            continue;
+        };
+        if let Some(&(src, _)) = sources.iter().find(|(i, w)| *i != dst && admits(peers, w)) {
+            return Some((src, dst, port));
+        }
+    }
+    None
 }
 
 /// Runs the churn; returns, with the result, the live pods' UIDs by index.
@@ -363,7 +442,7 @@ pub(super) async fn run(
     let mut seen = at_last_write;
     let mut changed_at = last_write;
     while changed_at.elapsed() < SETTLED && last_write.elapsed() < super::PASS_BOUND {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(super::POLL).await;
         let now = agent.histogram().await?;
         if now.count != seen.count {
             seen = now;
@@ -445,15 +524,26 @@ fn check_second(
                 local[draw.below(local.len())],
             ),
         };
+        // Half the flows of stable pods: one a rule admits.
+        let admitted = match n % 4 == 1 {
+            true => admitted_flow(&inventory, &written.policies, (&local, &stable), draw),
+            false => None,
+        };
+        let (src, dst, port) = match admitted {
+            Some(flow) => flow,
+            None => {
+                let ports = policy_ports(&written.policies, &PodSpec::nth(dst).namespace);
+                let port = match ports.is_empty() {
+                    true => 80,
+                    false => ports[draw.below(ports.len())],
+                };
+                (src, dst, port)
+            }
+        };
         if src == dst {
             continue;
         }
         let (src_spec, dst_spec) = (PodSpec::nth(src), PodSpec::nth(dst));
-        let ports = policy_ports(&written.policies, &dst_spec.namespace);
-        let port = match ports.is_empty() {
-            true => 80,
-            false => ports[draw.below(ports.len())],
-        };
         let uids = (&written.pods[&src].1, &written.pods[&dst].1);
         let (allowed, problem) = check_flow(
             view,

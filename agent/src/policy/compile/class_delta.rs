@@ -239,7 +239,10 @@ mod tests {
         ]);
         let old = cache(&before, &rules);
         let old_identity = |peers: &Peers| -> Vec<u32> {
-            old.by_peers[peers].iter().map(|&i| old.identities[i]).collect()
+            old.by_peers[peers]
+                .iter()
+                .map(|&i| old.identities[i])
+                .collect()
         };
         let (web_before, db_before) = (old_identity(&web), old_identity(&db));
         // a moves to app=api: the web class goes, an api class comes.
@@ -249,11 +252,7 @@ mod tests {
         ]);
         let now = PeerClasses::build(&after, &rules);
         // db keeps its identity; api is new.
-        let db_index = now
-            .classes
-            .iter()
-            .position(|c| named_by(c, &db))
-            .unwrap();
+        let db_index = now.classes.iter().position(|c| named_by(c, &db)).unwrap();
         let mut identities = vec![0; now.classes.len()];
         identities[db_index] = db_before[0];
         for (i, id) in identities.iter_mut().enumerate() {

@@ -16,7 +16,7 @@
 //! they would make every pod its own class and identity.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -96,6 +96,9 @@ impl PeerClasses {
         for ip in &inventory.node_ips {
             prefixes.insert(AddrPrefix::host(*ip), Member::Host);
         }
+        // Per namespace, not per pod: looking a namespace's labels up scans
+        // the namespaces and copies them.
+        let mut kept_namespace_labels: HashMap<&str, Labels> = HashMap::new();
         for w in &inventory.workloads {
             let mut named_ports: Vec<_> = w
                 .ports
@@ -105,10 +108,15 @@ impl PeerClasses {
                 .collect();
             named_ports.sort();
             let labels = LookedAt::keep(&w.labels, &looked_at.pod_keys);
-            let namespace_labels = LookedAt::keep(
-                &inventory.namespace_labels(&w.namespace),
-                &looked_at.namespace_keys,
-            );
+            let namespace_labels = kept_namespace_labels
+                .entry(w.namespace.as_str())
+                .or_insert_with(|| {
+                    LookedAt::keep(
+                        &inventory.namespace_labels(&w.namespace),
+                        &looked_at.namespace_keys,
+                    )
+                })
+                .clone();
             for ip in &w.ips {
                 let class = PeerClass::Pod {
                     namespace: w.namespace.clone(),

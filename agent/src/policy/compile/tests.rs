@@ -583,12 +583,14 @@ workloads:
     };
     let text = np("y", "db-from-api", &from("api"))
         + &np("z", "db-from-web", &from("web"))
-        + &np("x", "web-isolated", "  podSelector: {}\n  policyTypes: [Ingress]");
+        + &np(
+            "x",
+            "web-isolated",
+            "  podSelector: {}\n  policyTypes: [Ingress]",
+        );
     let policies = policies(&text);
     let mut after = before.clone();
-    after.workloads[0]
-        .labels
-        .insert("app".into(), "api".into());
+    after.workloads[0].labels.insert("app".into(), "api".into());
 
     let mut incremental = Compiler::new();
     let mut full = Compiler::without_memo();

@@ -94,7 +94,10 @@ impl SharedInputs {
     ) -> Unchanged {
         let same_list = |now: &[Seen], then: &[Seen]| {
             now.len() == then.len()
-                && now.iter().zip(then).all(|(n, t)| n.same(t) && !reached(&n.kind))
+                && now
+                    .iter()
+                    .zip(then)
+                    .all(|(n, t)| n.same(t) && !reached(&n.kind))
         };
         if !same_list(&self.cluster, &before.cluster) {
             return Unchanged::default();
