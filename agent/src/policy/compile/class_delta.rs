@@ -35,11 +35,18 @@ pub enum ClassDelta {
     Same,
     /// Classes came or went; every class kept has its identity.
     Changed {
-        /// Peer lists that now name another set of identities.
+        /// Peer lists with a previous answer that now name another set of
+        /// identities.
         renamed: HashSet<Peers>,
-        /// A pod class came or went: a named egress port resolves against
-        /// every pod class, so rules naming a port are reached.
-        pod_classes: bool,
+        /// The classes that came or went: a list without a previous answer
+        /// (its policy selected no endpoint here) names another set of
+        /// identities exactly when it names one of these.
+        came_or_went: Vec<PeerClass>,
+        /// A pod class whose pods name a port some rule names came or went:
+        /// a named egress port resolves against every pod class, so rules
+        /// naming a port are reached. (A class without such ports decides
+        /// like the wildcard wherever no rule's peers name it.)
+        port_classes: bool,
     },
     /// Nothing can be assumed the same (no previous compile, or a kept
     /// class changed identity).
@@ -80,13 +87,20 @@ impl NamedCache {
                 _ => added.push(index),
             }
         }
-        let is_pod = |c: &PeerClass| matches!(c, PeerClass::Pod { .. });
-        let pod_classes = added.iter().any(|&i| is_pod(&now.classes[i]))
-            || self
-                .classes
-                .iter()
-                .zip(&kept_as)
-                .any(|(c, kept)| kept.is_none() && is_pod(c));
+        let came_or_went: Vec<PeerClass> = added
+            .iter()
+            .map(|&i| now.classes[i].clone())
+            .chain(
+                self.classes
+                    .iter()
+                    .zip(&kept_as)
+                    .filter(|(_, kept)| kept.is_none())
+                    .map(|(c, _)| c.clone()),
+            )
+            .collect();
+        let port_classes = came_or_went
+            .iter()
+            .any(|c| matches!(c, PeerClass::Pod { named_ports, .. } if !named_ports.is_empty()));
         let mut renamed = HashSet::new();
         let mut carried = HashMap::with_capacity(self.by_peers.len());
         for (peers, named) in self.by_peers {
@@ -115,7 +129,8 @@ impl NamedCache {
             carried,
             ClassDelta::Changed {
                 renamed,
-                pod_classes,
+                came_or_went,
+                port_classes,
             },
         )
     }
@@ -131,15 +146,15 @@ fn named_by(class: &PeerClass, peers: &Peers) -> bool {
 
 impl ClassDelta {
     /// Whether the change can reach the entries a policy's rules make.
-    /// `carried`: the answers [`NamedCache::carry`] returned; a peer list
-    /// missing from them had no answer before, so it may have changed.
+    /// `carried`: the answers [`NamedCache::carry`] returned.
     pub fn reaches(&self, policy: &PolicyKind, carried: &HashMap<Peers, Vec<usize>>) -> bool {
         match self {
             Self::Same => false,
             Self::Unknown => true,
             Self::Changed {
                 renamed,
-                pod_classes,
+                came_or_went,
+                port_classes,
             } => policy.rules().any(|rule| {
                 let names_a_port = || {
                     rule.ports
@@ -148,9 +163,12 @@ impl ClassDelta {
                 };
                 let peers_reached = match &rule.peers {
                     Peers::All => false,
-                    peers => !carried.contains_key(peers) || renamed.contains(peers),
+                    peers if carried.contains_key(peers) => renamed.contains(peers),
+                    // Classes kept are named as before: only a class that
+                    // came or went can change the answer.
+                    peers => came_or_went.iter().any(|c| named_by(c, peers)),
                 };
-                peers_reached || (*pod_classes && names_a_port())
+                peers_reached || (*port_classes && names_a_port())
             }),
         }
     }
@@ -180,13 +198,18 @@ mod tests {
     }
 
     fn selecting(app: &str) -> Peers {
+        selecting_in("x", app)
+    }
+
+    /// Pods of `namespace` labelled `app`.
+    fn selecting_in(namespace: &str, app: &str) -> Peers {
         let pods = Selector::from_label_selector(&LabelSelector {
             match_labels: Some([("app".to_string(), app.to_string())].into()),
             match_expressions: None,
         })
         .unwrap();
         Peers::Only(vec![Peer::Pods {
-            namespaces: NamespaceScope::Exactly("x".into()),
+            namespaces: NamespaceScope::Exactly(namespace.into()),
             pods,
         }])
     }
@@ -264,22 +287,44 @@ mod tests {
         for peers in [&web, &db, &api] {
             assert_eq!(carried[peers], names(&now, peers), "{peers:?}");
         }
-        assert_eq!(
-            delta,
-            ClassDelta::Changed {
-                renamed: HashSet::from([web.clone(), api.clone()]),
-                pod_classes: true,
-            }
-        );
+        let ClassDelta::Changed {
+            renamed,
+            came_or_went,
+            port_classes,
+        } = &delta
+        else {
+            panic!("{delta:?}");
+        };
+        assert_eq!(*renamed, HashSet::from([web.clone(), api.clone()]));
+        assert_eq!(came_or_went.len(), 2, "web went, api came");
+        assert!(!port_classes, "no pod names a port");
         assert_eq!(web_before.len(), 1);
         assert!(!delta.reaches(&np_with(&[rule(&db)]), &carried));
         assert!(delta.reaches(&np_with(&[rule(&web)]), &carried));
         assert!(delta.reaches(&np_with(&[rule(&api)]), &carried));
-        let unseen = selecting("cache");
-        assert!(
-            delta.reaches(&np_with(&[rule(&unseen)]), &carried),
-            "a list with no previous answer may have changed"
-        );
+        // Lists with no previous answer (their policy selected nothing
+        // here): reached when they name a class that came or went.
+        let (unseen_api, unseen_db) = (selecting_in("y", "api"), selecting_in("y", "db"));
+        assert!(!carried.contains_key(&unseen_api));
+        let in_x = |peers: &Peers| match peers {
+            Peers::Only(list) => Peers::Only(
+                list.iter()
+                    .map(|p| match p {
+                        Peer::Pods { pods, .. } => Peer::Pods {
+                            namespaces: NamespaceScope::Matching(
+                                Selector::from_label_selector(&LabelSelector::default()).unwrap(),
+                            ),
+                            pods: pods.clone(),
+                        },
+                        other => other.clone(),
+                    })
+                    .collect(),
+            ),
+            Peers::All => Peers::All,
+        };
+        assert!(delta.reaches(&np_with(&[rule(&in_x(&unseen_api))]), &carried));
+        assert!(!delta.reaches(&np_with(&[rule(&in_x(&unseen_db))]), &carried));
+        assert!(!delta.reaches(&np_with(&[rule(&unseen_api)]), &carried));
     }
 
     #[test]

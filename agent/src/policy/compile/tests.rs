@@ -620,6 +620,56 @@ workloads:
     );
 }
 
+/// A policy that selects no endpoint here never has its peer lists looked
+/// up; a new class it cannot name must still leave its namespace's other
+/// endpoints unexamined, and one it names must reach them.
+#[test]
+fn lists_never_looked_up_are_judged_by_the_classes_that_came() {
+    let before = inventory(
+        r#"
+workloads:
+  - {name: a, namespace: x, labels: {app: web}, cgroup: /lab/x-a, ips: [198.18.0.10]}
+  - {name: d, namespace: y, labels: {app: db}, ips: [198.18.0.12]}
+"#,
+    );
+    let from = |app: &str, peer: &str| {
+        format!(
+            "  podSelector: {{matchLabels: {{app: {app}}}}}\n  ingress:\n    - from: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: {peer}}}}}}}]"
+        )
+    };
+    // web-from-db selects a; nobody-from-cache selects no pod here, so its
+    // peer list is never looked up.
+    let text = np("x", "web-from-db", &from("web", "db"))
+        + &np("x", "nobody-from-cache", &from("nobody", "cache"));
+    let policies = policies(&text);
+    let with = |(namespace, name): (&str, &str), app: &str, ip: &str| {
+        let mut inventory = before.clone();
+        inventory.workloads.push(Workload {
+            name: name.into(),
+            namespace: namespace.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            ips: vec![ip.parse().unwrap()],
+            ..before.workloads[1].clone()
+        });
+        inventory
+    };
+    let mut incremental = Compiler::new();
+    let mut full = Compiler::without_memo();
+    let steps = [
+        (before.clone(), 0),
+        // A new class (y, api) no list names: a is not looked at.
+        (with(("y", "e"), "api", "198.18.0.13"), 1),
+        // A new cache class: the list never looked up names it, so x's
+        // endpoints are looked at again.
+        (with(("z", "f"), "cache", "198.18.0.14"), 0),
+    ];
+    for (inventory, unexamined) in steps {
+        let got = incremental.compile(&inventory, &policies).unwrap();
+        assert_eq!(got, full.compile(&inventory, &policies).unwrap());
+        assert_eq!(incremental.reuse().unexamined, unexamined, "{inventory:?}");
+    }
+}
+
 /// Compiles `before` then `after` incrementally and in full; the two must
 /// agree after each (the property test does this on random sequences;
 /// these are the class changes it finds only rarely).
