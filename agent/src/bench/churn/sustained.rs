@@ -2,7 +2,8 @@
 //! real API server for a while, the agent keeping up as it goes.
 //!
 //! After each second, a sample of flows between pods the second did not
-//! touch (half of them to or from pods added the second before) is decided
+//! touch (half of them to or from pods added the second before, a quarter
+//! a flow some rule admits) is decided
 //! twice: by the kernel (the pinned maps, with the kernel's own decision
 //! code, as `portcullis explain` does) and by the evaluator over the
 //! cluster as written. Pods added the second before must also have an
@@ -607,7 +608,8 @@ pub fn render(r: &SustainedResult) -> String {
         "\nSustained churn: for {} s, {} pods added (bound, then running with an address) \
          and {} deleted (cgroup, then object) per second, {} API writes a second in all, \
          while the agent kept up. After each second, {SAMPLE} flows between pods that \
-         second did not touch (half of them with a pod added the second before) were \
+         second did not touch (half of them with a pod added the second before, a \
+         quarter a flow some rule admits, as random pairs are nearly all denied) were \
          decided by the kernel (the pinned maps, the kernel's own decision code) and by \
          the evaluator on the cluster as written; pods added the second before must have \
          an identity and pods deleted then none. Once the writes stopped and the agent \
