@@ -155,23 +155,22 @@ async fn an_unregistered_pod_below_a_pending_guard_is_denied_until_programmed() 
     // lives in x/a's network namespace and so sends from x/a's addresses;
     // an enforced pod may send only from its own, so it takes them over.
     let mut registered = snapshot.clone();
-    let x_a = std::sync::Arc::make_mut(&mut registered.inventory)
+    let inventory = std::sync::Arc::make_mut(&mut registered.inventory);
+    let x_a = inventory
         .workloads
         .iter_mut()
         .find(|w| w.namespace == "x" && w.name == "a")
         .expect("x/a in the lab inventory");
     let ips = std::mem::take(&mut x_a.ips);
-    std::sync::Arc::make_mut(&mut registered.inventory)
-        .workloads
-        .push(Workload {
-            name: "new".into(),
-            namespace: "x".into(),
-            labels: [("pod".to_string(), "new".to_string())].into(),
-            cgroup: Some(new_pod.clone()),
-            ips,
-            ports: vec![],
-            service_account: None,
-        });
+    inventory.workloads.push(Workload {
+        name: "new".into(),
+        namespace: "x".into(),
+        labels: [("pod".to_string(), "new".to_string())].into(),
+        cgroup: Some(new_pod.clone()),
+        ips,
+        ports: vec![],
+        service_account: None,
+    });
     let applied = reconciler
         .reconcile(&registered, &mut dataplane.writer)
         .unwrap();

@@ -663,9 +663,14 @@ impl Source for KubeSource {
             .chain(cl4.iter().map(|o| ApiPolicy::ClusterL4(o)));
         let tracked = self.tracker.track(objects);
         problems.extend(tracked.problems);
-        // A view the inventory rules reject (a bug in the translation) is
-        // refused whole by the compile, which checks every inventory; the
-        // reports are published when the failed pass settles.
+        // A view the inventory rules reject would be a bug in the
+        // translation; refuse it whole rather than enforce part of it. Here,
+        // not only in the compile: the mesh and the identity demand act on
+        // the snapshot before it is compiled.
+        if let Err(e) = inventory.check() {
+            self.publish_reports(tracked.reports);
+            return Err(Box::new(e));
+        }
         self.pending_reports = Some(tracked.reports);
         let pending_roots = if self.options.deny_unprogrammed {
             self.finder.kubepods_dirs()

@@ -198,20 +198,21 @@ mod tests {
     }
 
     fn selecting(app: &str) -> Peers {
-        selecting_in("x", app)
+        selecting_in(NamespaceScope::Exactly("x".into()), app)
     }
 
-    /// Pods of `namespace` labelled `app`.
-    fn selecting_in(namespace: &str, app: &str) -> Peers {
+    /// Pods labelled `app` in the namespaces `namespaces` names.
+    fn selecting_in(namespaces: NamespaceScope, app: &str) -> Peers {
         let pods = Selector::from_label_selector(&LabelSelector {
             match_labels: Some([("app".to_string(), app.to_string())].into()),
             match_expressions: None,
         })
         .unwrap();
-        Peers::Only(vec![Peer::Pods {
-            namespaces: NamespaceScope::Exactly(namespace.into()),
-            pods,
-        }])
+        Peers::Only(vec![Peer::Pods { namespaces, pods }])
+    }
+
+    fn every_namespace() -> NamespaceScope {
+        NamespaceScope::Matching(Selector::from_label_selector(&LabelSelector::default()).unwrap())
     }
 
     fn rule(peers: &Peers) -> Rule {
@@ -304,27 +305,15 @@ mod tests {
         assert!(delta.reaches(&np_with(&[rule(&api)]), &carried));
         // Lists with no previous answer (their policy selected nothing
         // here): reached when they name a class that came or went.
-        let (unseen_api, unseen_db) = (selecting_in("y", "api"), selecting_in("y", "db"));
-        assert!(!carried.contains_key(&unseen_api));
-        let in_x = |peers: &Peers| match peers {
-            Peers::Only(list) => Peers::Only(
-                list.iter()
-                    .map(|p| match p {
-                        Peer::Pods { pods, .. } => Peer::Pods {
-                            namespaces: NamespaceScope::Matching(
-                                Selector::from_label_selector(&LabelSelector::default()).unwrap(),
-                            ),
-                            pods: pods.clone(),
-                        },
-                        other => other.clone(),
-                    })
-                    .collect(),
-            ),
-            Peers::All => Peers::All,
-        };
-        assert!(delta.reaches(&np_with(&[rule(&in_x(&unseen_api))]), &carried));
-        assert!(!delta.reaches(&np_with(&[rule(&in_x(&unseen_db))]), &carried));
-        assert!(!delta.reaches(&np_with(&[rule(&unseen_api)]), &carried));
+        let (api_anywhere, db_anywhere) = (
+            selecting_in(every_namespace(), "api"),
+            selecting_in(every_namespace(), "db"),
+        );
+        let api_in_y = selecting_in(NamespaceScope::Exactly("y".into()), "api");
+        assert!(!carried.contains_key(&api_anywhere));
+        assert!(delta.reaches(&np_with(&[rule(&api_anywhere)]), &carried));
+        assert!(!delta.reaches(&np_with(&[rule(&db_anywhere)]), &carried));
+        assert!(!delta.reaches(&np_with(&[rule(&api_in_y)]), &carried));
     }
 
     #[test]

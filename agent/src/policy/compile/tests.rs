@@ -561,6 +561,38 @@ fn unaffected_endpoints_are_replayed_not_recompiled() {
     }
 }
 
+/// An incremental compiler and one that replays nothing, given the same
+/// history: every compile must agree (the property test does this on
+/// random sequences; the tests using this pin the class changes it finds
+/// only rarely).
+struct Agreeing {
+    incremental: Compiler,
+    full: Compiler,
+}
+
+impl Agreeing {
+    fn new() -> Self {
+        Self {
+            incremental: Compiler::new(),
+            full: Compiler::without_memo(),
+        }
+    }
+
+    fn compile(&mut self, inventory: &Inventory, policies: &[PolicyObject]) -> Compiled {
+        let got = self.incremental.compile(inventory, policies).unwrap();
+        assert_eq!(got, self.full.compile(inventory, policies).unwrap());
+        got
+    }
+
+    /// Compiles `before`, then returns the compile of `after`.
+    fn across(before: &Inventory, after: &Inventory, text: &str) -> Compiled {
+        let policies = policies(text);
+        let mut both = Self::new();
+        both.compile(before, &policies);
+        both.compile(after, &policies)
+    }
+}
+
 /// A new peer class reaches only the endpoints whose rules name it: when a
 /// pod takes a label value no pod had, a rule selecting that value is
 /// worked out again, while endpoints whose rules name classes that kept
@@ -592,23 +624,19 @@ workloads:
     let mut after = before.clone();
     after.workloads[0].labels.insert("app".into(), "api".into());
 
-    let mut incremental = Compiler::new();
-    let mut full = Compiler::without_memo();
-    for inventory in [&before, &after] {
-        let got = incremental.compile(inventory, &policies).unwrap();
-        assert_eq!(got, full.compile(inventory, &policies).unwrap());
-    }
+    let mut both = Agreeing::new();
+    both.compile(&before, &policies);
+    let compiled = both.compile(&after, &policies);
     // d (its rule names the new class) is worked out; a changed itself, so
     // it is looked at (and replayed by fingerprint); b and e are not.
     assert_eq!(
-        incremental.reuse(),
+        both.incremental.reuse(),
         Reuse {
             replayed: 3,
             unexamined: 2,
             computed: 1,
         }
     );
-    let compiled = incremental.compile(&after, &policies).unwrap();
     let d = endpoint(&compiled, "d");
     let a = identity(&compiled, "198.18.0.10");
     assert!(
@@ -653,8 +681,7 @@ workloads:
         });
         inventory
     };
-    let mut incremental = Compiler::new();
-    let mut full = Compiler::without_memo();
+    let mut both = Agreeing::new();
     let steps = [
         (before.clone(), 0),
         // A new class (y, api) no list names: a is not looked at.
@@ -664,26 +691,13 @@ workloads:
         (with(("z", "f"), "cache", "198.18.0.14"), 0),
     ];
     for (inventory, unexamined) in steps {
-        let got = incremental.compile(&inventory, &policies).unwrap();
-        assert_eq!(got, full.compile(&inventory, &policies).unwrap());
-        assert_eq!(incremental.reuse().unexamined, unexamined, "{inventory:?}");
+        both.compile(&inventory, &policies);
+        assert_eq!(
+            both.incremental.reuse().unexamined,
+            unexamined,
+            "{inventory:?}"
+        );
     }
-}
-
-/// Compiles `before` then `after` incrementally and in full; the two must
-/// agree after each (the property test does this on random sequences;
-/// these are the class changes it finds only rarely).
-fn agree_across(before: &Inventory, after: &Inventory, text: &str) -> Compiled {
-    let policies = policies(text);
-    let mut incremental = Compiler::new();
-    let mut full = Compiler::without_memo();
-    let mut last = None;
-    for inventory in [before, after] {
-        let got = incremental.compile(inventory, &policies).unwrap();
-        assert_eq!(got, full.compile(inventory, &policies).unwrap());
-        last = Some(got);
-    }
-    last.unwrap()
 }
 
 /// The last pod of a class going takes the entries naming its identity
@@ -705,7 +719,7 @@ workloads:
     );
     let mut after = before.clone();
     after.workloads.remove(1);
-    let compiled = agree_across(&before, &after, &text);
+    let compiled = Agreeing::across(&before, &after, &text);
     let a = endpoint(&compiled, "a");
     assert_eq!(
         compiled
@@ -746,7 +760,7 @@ workloads:
         }],
         ..after.workloads[1].clone()
     });
-    let compiled = agree_across(&before, &after, &text);
+    let compiled = Agreeing::across(&before, &after, &text);
     let s = identity(&compiled, "198.18.0.14");
     assert!(
         compiled
