@@ -155,22 +155,26 @@ async fn an_unregistered_pod_below_a_pending_guard_is_denied_until_programmed() 
     // lives in x/a's network namespace and so sends from x/a's addresses;
     // an enforced pod may send only from its own, so it takes them over.
     let mut registered = snapshot.clone();
-    let inventory = std::sync::Arc::make_mut(&mut registered.inventory);
-    let x_a = inventory
-        .workloads
-        .iter_mut()
-        .find(|w| w.namespace == "x" && w.name == "a")
-        .expect("x/a in the lab inventory");
-    let ips = std::mem::take(&mut x_a.ips);
-    inventory.workloads.push(Workload {
-        name: "new".into(),
-        namespace: "x".into(),
-        labels: [("pod".to_string(), "new".to_string())].into(),
-        cgroup: Some(new_pod.clone()),
-        ips,
-        ports: vec![],
-        service_account: None,
-    });
+    registered.inventory = snapshot
+        .inventory
+        .edit(|inventory| {
+            let x_a = inventory
+                .workloads
+                .iter_mut()
+                .find(|w| w.namespace == "x" && w.name == "a")
+                .expect("x/a in the lab inventory");
+            let ips = std::mem::take(&mut std::sync::Arc::make_mut(x_a).ips);
+            inventory.workloads.push(std::sync::Arc::new(Workload {
+                name: "new".into(),
+                namespace: "x".into(),
+                labels: [("pod".to_string(), "new".to_string())].into(),
+                cgroup: Some(new_pod.clone()),
+                ips,
+                ports: vec![],
+                service_account: None,
+            }));
+        })
+        .expect("a consistent inventory");
     let applied = reconciler
         .reconcile(&registered, &mut dataplane.writer)
         .unwrap();
@@ -240,17 +244,20 @@ async fn a_workload_deeper_than_the_kernel_searches_is_denied_and_reported() {
         lab.workloads_file().to_path_buf(),
     );
     let mut snapshot: Snapshot = source.load().unwrap();
-    std::sync::Arc::make_mut(&mut snapshot.inventory)
-        .workloads
-        .push(Workload {
-            name: "deep".into(),
-            namespace: "x".into(),
-            labels: [("pod".to_string(), "deep".to_string())].into(),
-            cgroup: Some(deep.clone()),
-            ips: vec![],
-            ports: vec![],
-            service_account: None,
-        });
+    snapshot.inventory = snapshot
+        .inventory
+        .edit(|inventory| {
+            inventory.workloads.push(std::sync::Arc::new(Workload {
+                name: "deep".into(),
+                namespace: "x".into(),
+                labels: [("pod".to_string(), "deep".to_string())].into(),
+                cgroup: Some(deep.clone()),
+                ips: vec![],
+                ports: vec![],
+                service_account: None,
+            }))
+        })
+        .expect("a consistent inventory");
     let netns = netns_path(&lab.pod_netns("x/a").unwrap());
     let client = spawn_in(&netns, &deep).await;
     let applied = Reconciler::new(mount.clone())

@@ -9,7 +9,6 @@ mod services;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
-    sync::Arc,
     time::Instant,
 };
 
@@ -28,7 +27,7 @@ use crate::{
     policy::{
         compile::{Attribution, CompileError, Compiled, Compiler},
         describe,
-        model::Inventory,
+        model::CheckedInventory,
         PolicyObject, PolicyRef,
     },
     source::Snapshot,
@@ -48,13 +47,14 @@ pub enum ReconcileError {
     },
 }
 
-/// Anything that can take a complete desired state.
+/// Anything that can take a complete desired state (kept, not copied: at
+/// tens of thousands of entries a copy costs milliseconds of every pass).
 pub trait MapSink {
-    fn apply(&mut self, desired: &DesiredState) -> Result<MapUsage, WriteError>;
+    fn apply(&mut self, desired: DesiredState) -> Result<MapUsage, WriteError>;
 }
 
 impl MapSink for crate::bpf::writer::MapWriter {
-    fn apply(&mut self, desired: &DesiredState) -> Result<MapUsage, WriteError> {
+    fn apply(&mut self, desired: DesiredState) -> Result<MapUsage, WriteError> {
         crate::bpf::writer::MapWriter::apply(self, desired)
     }
 }
@@ -155,12 +155,16 @@ pub struct Reconciler {
     /// to look for missing cgroups again reuses it instead of compiling.
     last: Option<LastCompile>,
     held_back: Option<HeldBack>,
+    /// The compile `last` replaced, dropped after the write: freeing a
+    /// whole compile (and the view it came from) costs milliseconds that
+    /// need not delay the flip.
+    retired: Option<LastCompile>,
     /// Entries one generation of each map holds.
     capacity: MapUsage,
 }
 
 struct LastCompile {
-    inventory: Arc<Inventory>,
+    inventory: CheckedInventory,
     policies: Vec<PolicyObject>,
     compiled: Compiled,
 }
@@ -169,7 +173,7 @@ struct LastCompile {
 /// a pass repeated on the same input starts from its outcome instead of
 /// searching again.
 struct HeldBack {
-    inventory: Arc<Inventory>,
+    inventory: CheckedInventory,
     input: Vec<PolicyObject>,
     previous: BTreeMap<PolicyRef, PolicyObject>,
     policies: Vec<PolicyObject>,
@@ -183,6 +187,7 @@ impl Reconciler {
             cgroup_mount,
             last: None,
             held_back: None,
+            retired: None,
             capacity: generation_capacity(),
         }
     }
@@ -197,23 +202,28 @@ impl Reconciler {
     /// Compiles, unless it is what was compiled last time.
     fn compile(
         &mut self,
-        inventory: &Arc<Inventory>,
+        inventory: &CheckedInventory,
         policies: &[PolicyObject],
     ) -> Result<(), ReconcileError> {
         let unchanged = self.last.as_ref().is_some_and(|l| {
-            (Arc::ptr_eq(&l.inventory, inventory) || l.inventory == *inventory)
+            (CheckedInventory::same(&l.inventory, inventory) || l.inventory == *inventory)
                 && l.policies == policies
         });
         if !unchanged {
             let compiled = self
                 .compiler
-                .compile(inventory, policies)
+                .compile_checked(inventory, policies)
                 .map_err(|source| ReconcileError::Compile { source })?;
-            self.last = Some(LastCompile {
-                inventory: Arc::clone(inventory),
+            let replaced = self.last.replace(LastCompile {
+                inventory: inventory.clone(),
                 policies: policies.to_vec(),
                 compiled,
             });
+            // A search for culprits compiles more than once a pass: only
+            // the first replaced compile waits, later ones go at once.
+            if self.retired.is_none() {
+                self.retired = replaced;
+            }
         }
         Ok(())
     }
@@ -294,11 +304,27 @@ impl Reconciler {
             rejected: rejected.clone(),
         });
         let compiled = &self.last.as_ref().expect("compiled above").compiled;
+        let programmed = |id: &u64| {
+            desired
+                .endpoints
+                .get(id)
+                .is_some_and(|e| e.endpoint_id != ENDPOINT_ID_NONE)
+        };
+        let endpoints = desired
+            .endpoints
+            .values()
+            .filter(|e| e.endpoint_id != ENDPOINT_ID_NONE)
+            .count();
+        let endpoint_cgroups: Vec<PathBuf> = endpoint_cgroups
+            .into_iter()
+            .filter(|(id, _)| programmed(id))
+            .map(|(_, path)| path)
+            .collect();
         let started = Instant::now();
-        let usage = sink
-            .apply(&desired)
-            .map_err(|source| ReconcileError::Write { source })?;
+        let written = sink.apply(desired);
         timings.write = started.elapsed();
+        self.retired = None;
+        let usage = written.map_err(|source| ReconcileError::Write { source })?;
         let names = PublishedNames {
             endpoints: compiled
                 .endpoints
@@ -319,24 +345,11 @@ impl Reconciler {
         };
         Ok(Applied {
             usage,
-            endpoints: desired
-                .endpoints
-                .values()
-                .filter(|e| e.endpoint_id != ENDPOINT_ID_NONE)
-                .count(),
+            endpoints,
             missing_cgroups,
             names,
             rejected,
-            endpoint_cgroups: endpoint_cgroups
-                .into_iter()
-                .filter(|(id, _)| {
-                    desired
-                        .endpoints
-                        .get(id)
-                        .is_some_and(|e| e.endpoint_id != ENDPOINT_ID_NONE)
-                })
-                .map(|(_, path)| path)
-                .collect(),
+            endpoint_cgroups,
             enforced: policies,
             timings,
         })

@@ -14,16 +14,17 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::policy::{model::Inventory, PolicyObject, PolicyRef};
+use crate::policy::{model::CheckedInventory, PolicyObject, PolicyRef};
 
 /// Desired state read from a source, plus the problems found reading it.
 /// Objects that failed to parse are represented by their last good version
 /// (if any), so a broken edit never loosens what is enforced.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    /// Shared: the reconciler keeps the inventory it compiled last, to
-    /// know a repeated pass by; at 5,000 pods a copy cost milliseconds.
-    pub inventory: Arc<Inventory>,
+    /// Checked by the source, and shared: the reconciler keeps the
+    /// inventory it compiled last, to know a repeated pass by; at 5,000
+    /// pods a copy cost milliseconds.
+    pub inventory: CheckedInventory,
     pub policies: Vec<PolicyObject>,
     /// The version of each object in `policies` that was last valid and
     /// applied, where one is known: what the reconciler keeps enforced when

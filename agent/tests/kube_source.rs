@@ -40,15 +40,16 @@ struct Recorder {
 }
 
 impl MapSink for Recorder {
-    fn apply(&mut self, desired: &DesiredState) -> Result<MapUsage, WriteError> {
-        self.desired = desired.clone();
-        Ok(MapUsage {
+    fn apply(&mut self, desired: DesiredState) -> Result<MapUsage, WriteError> {
+        let usage = MapUsage {
             endpoints: desired.endpoints.len(),
             identities: desired.identities.len(),
             policy: desired.policy.len(),
             services: desired.services.len(),
             backends: desired.backends.len(),
-        })
+        };
+        self.desired = desired;
+        Ok(usage)
     }
 }
 

@@ -23,6 +23,7 @@ use crate::{
     cgroup,
     policy::{
         compile::Compiler,
+        model::CheckedInventory,
         parse::{parse_inventory, parse_policies},
     },
     reconcile::Reconciler,
@@ -163,7 +164,7 @@ fn measure(
         let compiled = Compiler::new().compile(&inventory, &policies)?;
         let compile_secs = started.elapsed().as_secs_f64();
         let snapshot = Snapshot {
-            inventory: inventory.clone().into(),
+            inventory: CheckedInventory::new(inventory.clone())?,
             policies,
             ..Default::default()
         };
@@ -174,9 +175,11 @@ fn measure(
         // A second pass fills the other generation too: steady state.
         reconciler.reconcile(&snapshot, &mut dataplane.writer)?;
         let mut changed = snapshot.clone();
-        std::sync::Arc::make_mut(&mut changed.inventory).workloads[0]
-            .labels
-            .insert("app".into(), format!("app-{}", APPS / 2));
+        changed.inventory = snapshot.inventory.edit(|i| {
+            std::sync::Arc::make_mut(&mut i.workloads[0])
+                .labels
+                .insert("app".into(), format!("app-{}", APPS / 2));
+        })?;
         let started = Instant::now();
         reconciler.reconcile(&changed, &mut dataplane.writer)?;
         let change_secs = started.elapsed().as_secs_f64();

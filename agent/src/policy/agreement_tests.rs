@@ -7,7 +7,7 @@
 //! CIDRs, ports at range edges, IPv6 blocks covering the IPv4-mapped range),
 //! so the corner cases are hit often.
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc};
 
 use proptest::{collection::vec, option, prelude::*, sample::select};
 
@@ -139,7 +139,7 @@ fn inventory() -> impl Strategy<Value = Inventory> {
                             protocol: if udp { Protocol::Udp } else { Protocol::Tcp },
                         });
                     }
-                    Workload {
+                    Arc::new(Workload {
                         name: format!("w{i}"),
                         namespace: NAMESPACES[ns].to_string(),
                         labels,
@@ -147,7 +147,7 @@ fn inventory() -> impl Strategy<Value = Inventory> {
                         ips,
                         ports: named.into_values().collect(),
                         service_account: None,
-                    }
+                    })
                 })
                 .collect();
             let mut node_ips = Vec::new();
@@ -677,12 +677,16 @@ fn flip(labels: &mut BTreeMap<String, String>, key: &str, values: [&str; 2]) {
 }
 
 impl PodChange {
-    fn apply(&self, inventory: &mut Inventory, dropped: &mut Vec<Workload>) {
+    fn apply(&self, inventory: &mut Inventory, dropped: &mut Vec<Arc<Workload>>) {
         let n = inventory.workloads.len();
         match *self {
             Self::None => {}
             Self::Relabel(i) if n > 0 => {
-                flip(&mut inventory.workloads[i % n].labels, "app", ["web", "db"]);
+                flip(
+                    &mut Arc::make_mut(&mut inventory.workloads[i % n]).labels,
+                    "app",
+                    ["web", "db"],
+                );
             }
             Self::RelabelNamespace(i) => {
                 flip(&mut inventory.namespaces[i].labels, "team", ["a", "b"]);
@@ -690,7 +694,7 @@ impl PodChange {
             Self::Remove(i) if n > 1 => dropped.push(inventory.workloads.remove(i % n)),
             Self::Restore => inventory.workloads.extend(dropped.pop()),
             Self::Ports(i) if n > 0 => {
-                let ports = &mut inventory.workloads[i % n].ports;
+                let ports = &mut Arc::make_mut(&mut inventory.workloads[i % n]).ports;
                 if ports.is_empty() {
                     ports.push(ContainerPort {
                         name: PORT_NAMES[i % PORT_NAMES.len()].to_string(),

@@ -55,9 +55,9 @@ use self::{
     unaffected::{EndpointInputs, SharedInputs, Unchanged},
 };
 use crate::policy::model::{
-    Action, ClusterPolicyRules, Direction, Inventory, InventoryError, L4PolicyRules, Mode,
-    NetworkPolicyRules, Origin, Peers, PolicyKind, PolicyObject, PolicyRef, PortSpec, Protocol,
-    Rule, Tier, Workload, WorkloadRef,
+    Action, CheckedInventory, ClusterPolicyRules, Direction, Inventory, InventoryError,
+    L4PolicyRules, Mode, NetworkPolicyRules, Origin, Peers, PolicyKind, PolicyObject, PolicyRef,
+    PortSpec, Protocol, Rule, Tier, Workload, WorkloadRef,
 };
 
 /// Everything the kernel maps should contain (without generations).
@@ -266,6 +266,7 @@ impl Compiler {
         self.reuse
     }
 
+    /// Compiles after checking the inventory.
     pub fn compile(
         &mut self,
         inventory: &Inventory,
@@ -276,6 +277,25 @@ impl Compiler {
             .map_err(|source| CompileError::Inventory {
                 source: source.into(),
             })?;
+        self.compile_valid(inventory, policies)
+    }
+
+    /// Compiles an inventory checked already (the sources check the view
+    /// they build; checking it again cost milliseconds of every pass).
+    pub fn compile_checked(
+        &mut self,
+        inventory: &CheckedInventory,
+        policies: &[PolicyObject],
+    ) -> Result<Compiled, CompileError> {
+        self.compile_valid(inventory, policies)
+    }
+
+    /// `inventory` passed [`Inventory::check`].
+    fn compile_valid(
+        &mut self,
+        inventory: &Inventory,
+        policies: &[PolicyObject],
+    ) -> Result<Compiled, CompileError> {
         let policies = Sorted::new(policies)?;
         let classes = PeerClasses::build(inventory, policies.all.iter().flat_map(|p| p.rules()));
 
@@ -349,6 +369,7 @@ impl Compiler {
             .workloads
             .iter()
             .filter(|w| w.is_local())
+            .map(|w| &**w)
             .collect();
         local.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for w in local {

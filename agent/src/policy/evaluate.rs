@@ -177,6 +177,7 @@ fn workload_with(inventory: &Inventory, address: IpAddr) -> Option<&Workload> {
         .workloads
         .iter()
         .find(|w| w.ips.contains(&address))
+        .map(|w| &**w)
 }
 
 /// One side of a flow: `workload` in `direction`; `peer` is the other end.

@@ -4,6 +4,7 @@
 //! [`ClusterL4Policy`]), and the validated policy form ([`PolicyObject`])
 //! that the compiler and the evaluator consume.
 
+mod checked;
 mod inventory;
 pub mod names;
 mod network_policy;
@@ -15,6 +16,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use self::{
+    checked::CheckedInventory,
     inventory::{
         unusable_reason, ContainerPort, Inventory, InventoryError, Namespace, Service,
         ServiceBackend, ServicePort, Workload, WorkloadRef,

@@ -5,7 +5,10 @@ use std::path::Path;
 
 use portcullis_common::IDENTITIES_MAP;
 
-use crate::policy::parse::{parse_inventory, parse_policies};
+use crate::policy::{
+    model::Inventory,
+    parse::{parse_inventory, parse_policies},
+};
 
 fn inventory(yaml: &str) -> Inventory {
     parse_inventory(Path::new("workloads.yaml"), yaml).unwrap()
@@ -22,9 +25,10 @@ struct Recorder {
 }
 
 impl MapSink for Recorder {
-    fn apply(&mut self, desired: &DesiredState) -> Result<MapUsage, WriteError> {
-        self.applied.push(desired.clone());
-        Ok(desired.usage())
+    fn apply(&mut self, desired: DesiredState) -> Result<MapUsage, WriteError> {
+        let usage = desired.usage();
+        self.applied.push(desired);
+        Ok(usage)
     }
 }
 
@@ -54,7 +58,7 @@ fn admit(ns: &str, name: &str, cidrs: usize) -> PolicyObject {
 
 fn snapshot(policies: Vec<PolicyObject>, previous: &[PolicyObject]) -> Snapshot {
     Snapshot {
-        inventory: lab().into(),
+        inventory: CheckedInventory::new(lab()).unwrap(),
         policies,
         previous: previous
             .iter()

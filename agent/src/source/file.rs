@@ -16,7 +16,7 @@ use super::{
     Snapshot,
 };
 use crate::policy::{
-    model::Inventory,
+    model::{CheckedInventory, Inventory, InventoryError},
     parse::{parse_inventory, parse_policies, ParseError, MAX_FILE_BYTES},
     PolicyObject, PolicyRef,
 };
@@ -34,6 +34,12 @@ pub enum FileSourceError {
         path: PathBuf,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("workloads file {path} describes an inconsistent view")]
+    Inventory {
+        path: PathBuf,
+        #[source]
+        source: Box<InventoryError>,
     },
     #[error("opening the last-valid state in {dir}")]
     State {
@@ -322,8 +328,13 @@ impl FileSource {
             .map(|o| (o.policy_ref(), o.clone()))
             .collect();
         self.pending = Some(pending);
+        let inventory =
+            CheckedInventory::new(inventory).map_err(|source| FileSourceError::Inventory {
+                path: self.workloads.clone(),
+                source: Box::new(source),
+            })?;
         Ok(Snapshot {
-            inventory: inventory.into(),
+            inventory,
             policies,
             previous,
             problems,

@@ -57,6 +57,7 @@ use super::{Guards, Revision, Snapshot, Source};
 use crate::{
     crd,
     kube_report::{ObjectReport, Reporter, ReporterOptions},
+    policy::model::CheckedInventory,
 };
 
 /// How often the API server is asked whether it is there, when no watch
@@ -245,6 +246,11 @@ pub struct KubeSource {
     /// Reports of the latest load, published once its outcome is known (an
     /// object that does not fit is reported too).
     pending_reports: Option<Vec<ObjectReport>>,
+    /// Pods as workloads, kept while they do not change.
+    translations: workloads::Translations,
+    /// The latest view that passed its check: the next one does not check
+    /// again what the workloads it shares say of themselves.
+    last_checked: Option<CheckedInventory>,
     /// Whether this agent's reporter holds the Lease; `None` without one.
     leadership: Option<watch::Receiver<bool>>,
     tasks: Vec<JoinHandle<()>>,
@@ -523,6 +529,8 @@ impl KubeSource {
             tracker,
             reports,
             pending_reports: None,
+            translations: workloads::Translations::default(),
+            last_checked: None,
             leadership,
             tasks,
         })
@@ -575,9 +583,10 @@ struct ListedCgroups<'a> {
 
 impl CgroupLookup for ListedCgroups<'_> {
     fn pod_cgroup(&self, pod: &Pod) -> Result<PathBuf, PathBuf> {
-        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        let none = BTreeMap::new();
+        let annotations = pod.metadata.annotations.as_ref().unwrap_or(&none);
         let uid = pod.metadata.uid.as_deref().unwrap_or_default();
-        let Ok(uid) = PodUid::of_pod(uid, &annotations) else {
+        let Ok(uid) = PodUid::of_pod(uid, annotations) else {
             // Not a name the kubelet would make: it has no cgroup to find.
             return Err(self.mount.join("unknown-pod-uid"));
         };
@@ -633,11 +642,11 @@ impl Source for KubeSource {
         let node = s.node.state();
         let namespaces = s.namespaces.state();
         let pods = s.pods.state();
-        let (mut inventory, local) = workloads::inventory(
+        let (mut inventory, local) = self.translations.inventory(
             &self.options.node_name,
             node.first().map(|n| n.as_ref()),
             namespaces.iter().map(|n| n.as_ref()),
-            pods.iter().map(|p| p.as_ref()),
+            pods.iter(),
             &lookup,
         );
         let services = s.services.state();
@@ -667,10 +676,20 @@ impl Source for KubeSource {
         // translation; refuse it whole rather than enforce part of it. Here,
         // not only in the compile: the mesh and the identity demand act on
         // the snapshot before it is compiled.
-        if let Err(e) = inventory.check() {
-            self.publish_reports(tracked.reports);
-            return Err(Box::new(e));
-        }
+        let checked = match &self.last_checked {
+            Some(previous) => CheckedInventory::new_after(inventory, previous),
+            None => CheckedInventory::new(inventory),
+        };
+        let inventory = match checked {
+            Ok(checked) => {
+                self.last_checked = Some(checked.clone());
+                checked
+            }
+            Err(e) => {
+                self.publish_reports(tracked.reports);
+                return Err(Box::new(e));
+            }
+        };
         self.pending_reports = Some(tracked.reports);
         let pending_roots = if self.options.deny_unprogrammed {
             self.finder.kubepods_dirs()
@@ -686,7 +705,7 @@ impl Source for KubeSource {
             ));
         }
         Ok(Snapshot {
-            inventory: inventory.into(),
+            inventory,
             policies: tracked.policies,
             previous: tracked.previous,
             problems,

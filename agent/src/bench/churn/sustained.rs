@@ -109,14 +109,20 @@ impl Written {
             .filter(|(i, _)| PodSpec::nth(**i).local)
             .map(|(_, (_, uid))| (uid.clone(), pod_cgroup(mount, uid)))
             .collect();
-        crate::source::kube::workloads::inventory(
-            objects::NODE,
-            Some(&self.node),
-            &self.namespaces,
-            self.pods.values().map(|(p, _)| p),
-            &Cgroups(&cgroups),
-        )
-        .0
+        let pods: Vec<std::sync::Arc<Pod>> = self
+            .pods
+            .values()
+            .map(|(p, _)| std::sync::Arc::new(p.clone()))
+            .collect();
+        crate::source::kube::workloads::Translations::default()
+            .inventory(
+                objects::NODE,
+                Some(&self.node),
+                &self.namespaces,
+                &pods,
+                &Cgroups(&cgroups),
+            )
+            .0
     }
 }
 
@@ -284,7 +290,7 @@ fn admitted_flow(
     let by_ip: HashMap<IpAddr, &Workload> = inventory
         .workloads
         .iter()
-        .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w)))
+        .flat_map(|w| w.ips.iter().map(move |ip| (*ip, &**w)))
         .collect();
     let workloads = |indexes: &[usize]| -> Vec<(usize, &Workload)> {
         indexes

@@ -184,6 +184,7 @@ mod tests {
         },
         selector::Selector,
     };
+    use std::sync::Arc;
 
     fn workload(name: &str, app: &str, ip: &str) -> Workload {
         Workload {
@@ -228,7 +229,7 @@ mod tests {
                 name: "x".into(),
                 labels: Labels::new(),
             }],
-            workloads,
+            workloads: workloads.into_iter().map(Arc::new).collect(),
             ..Inventory::default()
         }
     }

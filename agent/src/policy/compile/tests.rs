@@ -2,7 +2,7 @@
 //! stability. Verdict semantics are covered by the evaluator's scenario
 //! tests (which also run the kernel model) and the agreement property test.
 
-use std::{collections::BTreeSet, str::FromStr};
+use std::{collections::BTreeSet, str::FromStr, sync::Arc};
 
 use portcullis_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
@@ -395,7 +395,7 @@ fn ids_are_stable_across_recompiles() {
     let mut grown = inv.clone();
     grown.workloads.insert(
         0,
-        Workload {
+        Arc::new(Workload {
             name: "new".into(),
             namespace: "x".into(),
             labels: [("app".to_string(), "cache".to_string())].into(),
@@ -403,7 +403,7 @@ fn ids_are_stable_across_recompiles() {
             ips: vec!["198.18.0.30".parse().unwrap()],
             ports: vec![],
             service_account: None,
-        },
+        }),
     );
     let mut more = pols.clone();
     more.extend(policies(&np(
@@ -439,7 +439,7 @@ fn ids_are_stable_across_recompiles() {
 #[test]
 fn two_local_workloads_cannot_share_a_cgroup() {
     let mut inv = lab();
-    inv.workloads[1].cgroup = Some("/lab/x-a/".into());
+    Arc::make_mut(&mut inv.workloads[1]).cgroup = Some("/lab/x-a/".into());
     let err = Compiler::new().compile(&inv, &[]).unwrap_err();
     assert!(
         matches!(&err, CompileError::Inventory { source } if matches!(&**source,
@@ -505,13 +505,15 @@ fn unaffected_endpoints_are_replayed_not_recompiled() {
     );
     let policies = policies(&text);
     let mut joined = lab();
-    joined.workloads.push(Workload {
+    joined.workloads.push(Arc::new(Workload {
         name: "s".into(),
         ips: vec!["198.18.0.21".parse().unwrap()],
-        ..joined.workloads[3].clone()
-    });
+        ..joined.workloads[3].as_ref().clone()
+    }));
     let mut left = joined.clone();
-    left.workloads[0].labels.insert("app".into(), "api".into());
+    Arc::make_mut(&mut left.workloads[0])
+        .labels
+        .insert("app".into(), "api".into());
 
     let mut incremental = Compiler::new();
     let mut full = Compiler::without_memo();
@@ -622,7 +624,9 @@ workloads:
         );
     let policies = policies(&text);
     let mut after = before.clone();
-    after.workloads[0].labels.insert("app".into(), "api".into());
+    Arc::make_mut(&mut after.workloads[0])
+        .labels
+        .insert("app".into(), "api".into());
 
     let mut both = Agreeing::new();
     both.compile(&before, &policies);
@@ -672,13 +676,13 @@ workloads:
     let policies = policies(&text);
     let with = |(namespace, name): (&str, &str), app: &str, ip: &str| {
         let mut inventory = before.clone();
-        inventory.workloads.push(Workload {
+        inventory.workloads.push(Arc::new(Workload {
             name: name.into(),
             namespace: namespace.into(),
             labels: [("app".to_string(), app.to_string())].into(),
             ips: vec![ip.parse().unwrap()],
-            ..before.workloads[1].clone()
-        });
+            ..before.workloads[1].as_ref().clone()
+        }));
         inventory
     };
     let mut both = Agreeing::new();
@@ -749,7 +753,7 @@ workloads:
         "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n    - ports: [{port: http}]",
     );
     let mut after = before.clone();
-    after.workloads.push(Workload {
+    after.workloads.push(Arc::new(Workload {
         name: "s".into(),
         labels: [("app".to_string(), "api".to_string())].into(),
         ips: vec!["198.18.0.14".parse().unwrap()],
@@ -758,8 +762,8 @@ workloads:
             container_port: 8080,
             protocol: Protocol::Tcp,
         }],
-        ..after.workloads[1].clone()
-    });
+        ..after.workloads[1].as_ref().clone()
+    }));
     let compiled = Agreeing::across(&before, &after, &text);
     let s = identity(&compiled, "198.18.0.14");
     assert!(

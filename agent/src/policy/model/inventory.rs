@@ -6,6 +6,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -27,8 +28,10 @@ pub struct Inventory {
     pub node_ips: Vec<IpAddr>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<Namespace>,
+    /// Shared: a source that rebuilds its view keeps the workloads that
+    /// did not change, and the passes that hold two views hold them once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub workloads: Vec<Workload>,
+    pub workloads: Vec<Arc<Workload>>,
     /// Virtual service addresses (ClusterIPs) and the backends each port
     /// leads to. Connections to them are translated to a backend at
     /// connect time, so policy judges the backend really reached.
@@ -102,6 +105,85 @@ pub struct Workload {
     /// when unset, as in Kubernetes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
+}
+
+impl Workload {
+    /// What a workload must be on its own: valid names and labels, at most
+    /// one usable address per family, valid and distinct port names.
+    fn check_alone(&self, at: &dyn Fn() -> String) -> Result<(), InventoryError> {
+        if self.name.is_empty() || self.namespace.is_empty() {
+            return Err(InventoryError::EmptyName {
+                field: format!(
+                    "{}.{}",
+                    at(),
+                    if self.name.is_empty() {
+                        "name"
+                    } else {
+                        "namespace"
+                    }
+                ),
+            });
+        }
+        check_name(
+            &self.name,
+            || format!("{}.name", at()),
+            names::dns1123_subdomain,
+        )?;
+        check_name(
+            &self.namespace,
+            || format!("{}.namespace", at()),
+            names::dns1123_label,
+        )?;
+        check_labels(&self.labels, || format!("{}.labels", at()))?;
+        if let Some(account) = &self.service_account {
+            check_name(
+                account,
+                || format!("{}.serviceAccount", at()),
+                names::dns1123_subdomain,
+            )?;
+        }
+        let (mut v4, mut v6): (Option<IpAddr>, Option<IpAddr>) = (None, None);
+        for (j, ip) in self.ips.iter().enumerate() {
+            let slot = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+            if let Some(first) = *slot {
+                return Err(InventoryError::SecondAddressOfFamily {
+                    field: format!("{}.ips[{j}]", at()),
+                    workload: self.reference(),
+                    first,
+                    second: *ip,
+                });
+            }
+            *slot = Some(*ip);
+            check_address(*ip, || format!("{}.ips[{j}]", at()))?;
+        }
+        let mut port_names: HashMap<&str, usize> = HashMap::new();
+        for (j, port) in self.ports.iter().enumerate() {
+            let field = || format!("{}.ports[{j}]", at());
+            if !is_valid_port_name(&port.name) {
+                return Err(InventoryError::InvalidPortName {
+                    field: format!("{}.name", field()),
+                    workload: self.reference(),
+                    name: abbreviate(&port.name),
+                });
+            }
+            if port.container_port == 0 {
+                return Err(InventoryError::PortOutOfRange {
+                    field: format!("{}.containerPort", field()),
+                    workload: self.reference(),
+                    port: 0,
+                });
+            }
+            if let Some(first) = port_names.insert(&port.name, j) {
+                return Err(InventoryError::DuplicatePortName {
+                    field: format!("{}.name", field()),
+                    workload: self.reference(),
+                    name: abbreviate(&port.name),
+                    first: format!("{}.ports[{first}]", at()),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -202,6 +284,16 @@ impl Inventory {
     /// services with usable cluster IPs no workload or node uses, one per
     /// family, and each port and protocol once.
     pub fn check(&self) -> Result<(), InventoryError> {
+        self.check_reusing(|_| false)
+    }
+
+    /// [`Inventory::check`], trusting what a workload says of itself (its
+    /// names, labels, addresses and ports) where `known_valid` vouches for
+    /// it; what workloads must not share is always checked.
+    pub(crate) fn check_reusing(
+        &self,
+        known_valid: impl Fn(&Arc<Workload>) -> bool,
+    ) -> Result<(), InventoryError> {
         // Field names are only spelled out for an error: this runs on every
         // pass over thousands of pods.
         let mut address_owners: HashMap<IpAddr, Claimant> = HashMap::new();
@@ -245,95 +337,29 @@ impl Inventory {
             }
         }
 
-        let mut workloads: HashMap<WorkloadRef, usize> = HashMap::new();
-        let mut cgroups: HashMap<&Path, WorkloadRef> = HashMap::new();
+        let mut workloads: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut cgroups: HashMap<&Path, usize> = HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let at = || format!("workloads[{i}]");
-            if w.name.is_empty() || w.namespace.is_empty() {
-                return Err(InventoryError::EmptyName {
-                    field: format!(
-                        "{}.{}",
-                        at(),
-                        if w.name.is_empty() {
-                            "name"
-                        } else {
-                            "namespace"
-                        }
-                    ),
-                });
+            if !known_valid(w) {
+                w.check_alone(&at)?;
             }
-            check_name(
-                &w.name,
-                || format!("{}.name", at()),
-                names::dns1123_subdomain,
-            )?;
-            check_name(
-                &w.namespace,
-                || format!("{}.namespace", at()),
-                names::dns1123_label,
-            )?;
-            check_labels(&w.labels, || format!("{}.labels", at()))?;
-            if let Some(account) = &w.service_account {
-                check_name(
-                    account,
-                    || format!("{}.serviceAccount", at()),
-                    names::dns1123_subdomain,
-                )?;
-            }
-            let workload = w.reference();
-            if let Some(first) = workloads.insert(workload.clone(), i) {
+            if let Some(first) = workloads.insert((&w.namespace, &w.name), i) {
                 return Err(InventoryError::DuplicateWorkload {
                     field: at(),
-                    workload,
+                    workload: w.reference(),
                     first: format!("workloads[{first}]"),
                 });
             }
-            let (mut v4, mut v6): (Option<IpAddr>, Option<IpAddr>) = (None, None);
             for (j, ip) in w.ips.iter().enumerate() {
-                let slot = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
-                if let Some(first) = *slot {
-                    return Err(InventoryError::SecondAddressOfFamily {
-                        field: Claimant::Workload(i, j).to_string(),
-                        workload,
-                        first,
-                        second: *ip,
-                    });
-                }
-                *slot = Some(*ip);
                 claim(*ip, Claimant::Workload(i, j))?;
             }
-            let mut port_names: HashMap<&str, usize> = HashMap::new();
-            for (j, port) in w.ports.iter().enumerate() {
-                let field = || format!("{}.ports[{j}]", at());
-                if !is_valid_port_name(&port.name) {
-                    return Err(InventoryError::InvalidPortName {
-                        field: format!("{}.name", field()),
-                        workload,
-                        name: abbreviate(&port.name),
-                    });
-                }
-                if port.container_port == 0 {
-                    return Err(InventoryError::PortOutOfRange {
-                        field: format!("{}.containerPort", field()),
-                        workload,
-                        port: 0,
-                    });
-                }
-                if let Some(first) = port_names.insert(&port.name, j) {
-                    return Err(InventoryError::DuplicatePortName {
-                        field: format!("{}.name", field()),
-                        workload,
-                        name: abbreviate(&port.name),
-                        first: format!("{}.ports[{first}]", at()),
-                    });
-                }
-            }
             if let Some(cgroup) = &w.cgroup {
-                if let Some(first) = cgroups.insert(cgroup, workload.clone()) {
+                if let Some(first) = cgroups.insert(cgroup, i) {
                     return Err(InventoryError::DuplicateCgroup {
                         cgroup: cgroup.clone(),
-                        first,
-                        second: workload,
+                        first: self.workloads[first].reference(),
+                        second: w.reference(),
                     });
                 }
             }

@@ -265,34 +265,30 @@ impl PolicyTracker {
             if let Some(last) = last {
                 out.previous.insert(key.policy_ref(), last.policy.clone());
             }
-            let version = meta.resource_version.clone().unwrap_or_default();
-            let outcome = match earlier.remove(&key) {
+            let version = meta.resource_version.as_deref().unwrap_or_default();
+            // An object seen before at this version is not validated (nor
+            // copied) again.
+            let validated = match earlier.remove(&key) {
                 Some(v) if !version.is_empty() && v.uid == uid && v.resource_version == version => {
-                    v.outcome
+                    v
                 }
-                _ => object
-                    .validate()
-                    .map(|policy| (policy, Arc::new(object.to_json()))),
+                _ => Validated {
+                    uid: uid.clone(),
+                    resource_version: version.to_string(),
+                    outcome: object
+                        .validate()
+                        .map(|policy| (policy, Arc::new(object.to_json()))),
+                },
             };
-            if !version.is_empty() {
-                self.validated.insert(
-                    key.clone(),
-                    Validated {
-                        uid: uid.clone(),
-                        resource_version: version,
-                        outcome: outcome.clone(),
-                    },
-                );
-            }
-            let problem = match outcome {
+            let problem = match &validated.outcome {
                 Ok((policy, json)) => {
                     in_force.insert(key.clone(), policy.clone());
                     pending.valid.insert(
                         key.clone(),
                         Committed {
                             uid: uid.clone(),
-                            policy,
-                            object: json,
+                            policy: policy.clone(),
+                            object: Arc::clone(json),
                         },
                     );
                     None
@@ -306,9 +302,12 @@ impl PolicyTracker {
                         None => "it is not applied",
                     };
                     out.problems.push(format!("{key}: {e} ({consequence})"));
-                    Some(e)
+                    Some(e.clone())
                 }
             };
+            if !version.is_empty() {
+                self.validated.insert(key.clone(), validated);
+            }
             out.reports.push(ObjectReport {
                 kind: key.kind,
                 namespace: key.namespace,

@@ -8,9 +8,10 @@
 //! odd object never stops the whole node from being reconciled.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{HashMap, HashSet},
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node, Pod};
@@ -163,115 +164,173 @@ fn outranks(a: &Pod, b: &Pod) -> bool {
     rank(a) > rank(b)
 }
 
-pub fn inventory<'a>(
-    node_name: &str,
-    node: Option<&Node>,
-    namespaces: impl IntoIterator<Item = &'a ApiNamespace>,
-    pods: impl IntoIterator<Item = &'a Pod>,
-    cgroups: &impl CgroupLookup,
-) -> (Inventory, LocalPods) {
-    let mut local = LocalPods::default();
-    let mut namespace_list: Vec<Namespace> = namespaces
-        .into_iter()
-        .filter_map(|ns| {
-            Some(Namespace {
-                name: ns.metadata.name.clone()?,
-                labels: ns.metadata.labels.clone().unwrap_or_default(),
-            })
-        })
-        .collect();
-    namespace_list.sort_by(|a, b| a.name.cmp(&b.name));
-    namespace_list.dedup_by(|a, b| a.name == b.name);
+/// A pod as a workload, before this node's cgroup and the view's address
+/// conflicts are applied.
+struct Translated {
+    /// The pod still holds its address and may run, and has a name.
+    usable: bool,
+    /// Scheduled on this node.
+    local: bool,
+    host_network: bool,
+    /// `cgroup` is the one given the last time it was used.
+    workload: Arc<Workload>,
+}
 
-    let (mut node_ips, gateways) = node_ips(node);
-    // Address → index of the pod holding it; node addresses are never
-    // handed to a pod.
-    let mut holders: HashMap<IpAddr, usize> = HashMap::new();
-    let mut candidates: Vec<(&Pod, Workload)> = Vec::new();
-    for pod in pods.into_iter().filter(|p| is_live(p)) {
-        let (Some(name), Some(namespace)) = (&pod.metadata.name, &pod.metadata.namespace) else {
-            continue;
-        };
+impl Translated {
+    fn of(pod: &Pod, node_name: &str) -> Self {
         let spec = pod.spec.as_ref();
-        let is_local = spec.and_then(|s| s.node_name.as_deref()) == Some(node_name);
-        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-        if host_network {
-            // Shares the node's addresses: not a peer of its own, and
-            // NetworkPolicy does not apply to it.
-            if is_local {
-                if let Ok(cgroup) = cgroups.pod_cgroup(pod) {
-                    local.host_network.push(cgroup);
+        let workload = Workload {
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            cgroup: None,
+            ips: pod_ips(pod),
+            ports: named_ports(pod),
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|a| !a.is_empty()),
+        };
+        Self {
+            usable: is_live(pod) && pod.metadata.name.is_some() && pod.metadata.namespace.is_some(),
+            local: spec.and_then(|s| s.node_name.as_deref()) == Some(node_name),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            workload: Arc::new(workload),
+        }
+    }
+
+    /// The workload with this cgroup, shared with the last view when the
+    /// cgroup is the same.
+    fn with_cgroup(&mut self, cgroup: Option<PathBuf>) -> Arc<Workload> {
+        if self.workload.cgroup != cgroup {
+            Arc::make_mut(&mut self.workload).cgroup = cgroup;
+        }
+        Arc::clone(&self.workload)
+    }
+}
+
+/// Each pod's translation, kept while the store holds the same object: the
+/// reflector replaces a pod's `Arc` when the pod changes, so an unchanged
+/// pod is neither translated again nor copied, and the views of two passes
+/// share its workload.
+#[derive(Default)]
+pub struct Translations {
+    /// By the address of the pod object, which the kept `Arc` pins.
+    by_object: HashMap<usize, (Arc<Pod>, Translated)>,
+    /// The node the translations were made for.
+    node_name: String,
+}
+
+impl Translations {
+    /// The view of pods, namespaces and the node (see the module docs).
+    pub fn inventory<'n, 'p>(
+        &mut self,
+        node_name: &str,
+        node: Option<&Node>,
+        namespaces: impl IntoIterator<Item = &'n ApiNamespace>,
+        pods: impl IntoIterator<Item = &'p Arc<Pod>>,
+        cgroups: &impl CgroupLookup,
+    ) -> (Inventory, LocalPods) {
+        if self.node_name != node_name {
+            self.by_object.clear();
+            self.node_name = node_name.to_string();
+        }
+        let mut earlier = std::mem::take(&mut self.by_object);
+        let mut local = LocalPods::default();
+        let mut namespace_list: Vec<Namespace> = namespaces
+            .into_iter()
+            .filter_map(|ns| {
+                Some(Namespace {
+                    name: ns.metadata.name.clone()?,
+                    labels: ns.metadata.labels.clone().unwrap_or_default(),
+                })
+            })
+            .collect();
+        namespace_list.sort_by(|a, b| a.name.cmp(&b.name));
+        namespace_list.dedup_by(|a, b| a.name == b.name);
+
+        let (mut node_ips, gateways) = node_ips(node);
+        // Address → index of the pod holding it; node addresses are never
+        // handed to a pod.
+        let mut holders: HashMap<IpAddr, usize> = HashMap::new();
+        let mut candidates: Vec<(&Pod, Arc<Workload>)> = Vec::new();
+        for pod in pods {
+            let at = Arc::as_ptr(pod) as usize;
+            let mut translated = match earlier.remove(&at) {
+                Some((kept, t)) if Arc::ptr_eq(&kept, pod) => t,
+                _ => Translated::of(pod, node_name),
+            };
+            let workload = if !translated.usable {
+                None
+            } else if translated.host_network {
+                // Shares the node's addresses: not a peer of its own, and
+                // NetworkPolicy does not apply to it.
+                if translated.local {
+                    if let Ok(cgroup) = cgroups.pod_cgroup(pod) {
+                        local.host_network.push(cgroup);
+                    }
+                }
+                None
+            } else {
+                let cgroup = translated
+                    .local
+                    .then(|| cgroups.pod_cgroup(pod).unwrap_or_else(|expected| expected));
+                Some(translated.with_cgroup(cgroup))
+            };
+            if let Some(w) = workload.filter(|w| !w.ips.is_empty() || w.cgroup.is_some()) {
+                candidates.push((pod, w));
+            }
+            self.by_object.insert(at, (Arc::clone(pod), translated));
+        }
+        for i in 0..candidates.len() {
+            let ips = candidates[i].1.ips.clone();
+            for ip in ips {
+                if node_ips.contains(&ip) {
+                    Arc::make_mut(&mut candidates[i].1).ips.retain(|a| *a != ip);
+                    continue;
+                }
+                match holders.get(&ip).copied() {
+                    None => {
+                        holders.insert(ip, i);
+                    }
+                    Some(j) if outranks(candidates[i].0, candidates[j].0) => {
+                        Arc::make_mut(&mut candidates[j].1).ips.retain(|a| *a != ip);
+                        holders.insert(ip, i);
+                    }
+                    Some(_) => Arc::make_mut(&mut candidates[i].1).ips.retain(|a| *a != ip),
                 }
             }
-            continue;
         }
-        let cgroup = is_local.then(|| cgroups.pod_cgroup(pod).unwrap_or_else(|expected| expected));
-        let ips = pod_ips(pod);
-        if ips.is_empty() && cgroup.is_none() {
-            continue;
-        }
-        candidates.push((
-            pod,
-            Workload {
-                name: name.clone(),
-                namespace: namespace.clone(),
-                labels: pod.metadata.labels.clone().unwrap_or_default(),
-                cgroup,
-                ips,
-                ports: named_ports(pod),
-                service_account: spec
-                    .and_then(|s| s.service_account_name.clone())
-                    .filter(|a| !a.is_empty()),
-            },
-        ));
-    }
-    for i in 0..candidates.len() {
-        let ips = candidates[i].1.ips.clone();
-        for ip in ips {
-            if node_ips.contains(&ip) {
-                candidates[i].1.ips.retain(|a| *a != ip);
+        node_ips.extend(gateways.into_iter().filter(|g| !holders.contains_key(g)));
+        node_ips.sort();
+        // Two local pods never share a cgroup unless the lookup is confused;
+        // keep the first rather than reject the node's whole state.
+        let mut cgroup_owners: HashSet<&Path> = HashSet::new();
+        let mut workloads: Vec<Arc<Workload>> = Vec::with_capacity(candidates.len());
+        for (_, candidate) in &candidates {
+            let mut w = Arc::clone(candidate);
+            // Remote pods have none: only the local fifth is hashed.
+            if let Some(cgroup) = candidate.cgroup.as_deref() {
+                if !cgroup_owners.insert(cgroup) {
+                    Arc::make_mut(&mut w).cgroup = None;
+                }
+            }
+            if w.ips.is_empty() && w.cgroup.is_none() {
                 continue;
             }
-            match holders.get(&ip).copied() {
-                None => {
-                    holders.insert(ip, i);
-                }
-                Some(j) if outranks(candidates[i].0, candidates[j].0) => {
-                    candidates[j].1.ips.retain(|a| *a != ip);
-                    holders.insert(ip, i);
-                }
-                Some(_) => candidates[i].1.ips.retain(|a| *a != ip),
-            }
+            workloads.push(w);
         }
+        workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        workloads.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
+        (
+            Inventory {
+                node_ips,
+                namespaces: namespace_list,
+                workloads,
+                services: Vec::new(),
+            },
+            local,
+        )
     }
-    node_ips.extend(gateways.into_iter().filter(|g| !holders.contains_key(g)));
-    node_ips.sort();
-    // Two local pods never share a cgroup unless the lookup is confused;
-    // keep the first rather than reject the node's whole state.
-    let mut cgroup_owners: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut workloads: Vec<Workload> = Vec::new();
-    for (_, mut w) in candidates {
-        if let Some(cgroup) = &w.cgroup {
-            if !cgroup_owners.insert(cgroup.clone()) {
-                w.cgroup = None;
-            }
-        }
-        if w.ips.is_empty() && w.cgroup.is_none() {
-            continue;
-        }
-        workloads.push(w);
-    }
-    workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    workloads.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
-    (
-        Inventory {
-            node_ips,
-            namespaces: namespace_list,
-            workloads,
-            services: Vec::new(),
-        },
-        local,
-    )
 }
 
 #[cfg(test)]
@@ -293,6 +352,107 @@ mod tests {
 
     fn pod(v: serde_json::Value) -> Pod {
         serde_json::from_value(v).unwrap()
+    }
+
+    /// A first translation (nothing kept from an earlier view).
+    fn inventory<'a>(
+        node_name: &str,
+        node: Option<&Node>,
+        namespaces: impl IntoIterator<Item = &'a ApiNamespace>,
+        pods: &[Pod],
+        cgroups: &impl CgroupLookup,
+    ) -> (Inventory, LocalPods) {
+        let pods: Vec<Arc<Pod>> = pods.iter().cloned().map(Arc::new).collect();
+        Translations::default().inventory(node_name, node, namespaces, &pods, cgroups)
+    }
+
+    /// The cgroups of the fixture, except pods whose cgroup is not there yet.
+    struct Listed(Vec<&'static str>);
+    impl CgroupLookup for Listed {
+        fn pod_cgroup(&self, pod: &Pod) -> Result<PathBuf, PathBuf> {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            if self.0.contains(&uid.as_str()) {
+                Ok(PathBuf::from(format!("/cg/{uid}")))
+            } else {
+                Err(PathBuf::from(format!("/cg/expected/{uid}")))
+            }
+        }
+    }
+
+    /// An unchanged pod object (the same `Arc` in the store) keeps its
+    /// workload, shared with the earlier view; a changed object, or a local
+    /// pod whose cgroup appeared, gets a new one with the change.
+    #[test]
+    fn unchanged_pods_share_their_workload_with_the_last_view() {
+        let mut translations = Translations::default();
+        let a = Arc::new(web("a", "n1", "10.0.0.2"));
+        let b = Arc::new(web("b", "n2", "10.0.1.2"));
+        let (first, _) = translations.inventory("n1", None, [], [&a, &b], &Listed(vec![]));
+        assert_eq!(
+            first.workloads[0].cgroup.as_deref(),
+            Some(Path::new("/cg/expected/a"))
+        );
+        let mut relabelled = web("b", "n2", "10.0.1.2");
+        relabelled
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("app".into(), "db".into());
+        let b2 = Arc::new(relabelled);
+        let (second, _) = translations.inventory("n1", None, [], [&a, &b2], &Listed(vec!["a"]));
+        second.check().unwrap();
+        assert_eq!(
+            second.workloads[0].cgroup.as_deref(),
+            Some(Path::new("/cg/a"))
+        );
+        assert!(!Arc::ptr_eq(&first.workloads[0], &second.workloads[0]));
+        assert_eq!(second.workloads[1].labels["app"], "db");
+        assert_eq!(
+            first.workloads[1].labels["app"], "web",
+            "the old view stands"
+        );
+        let (third, _) = translations.inventory("n1", None, [], [&a, &b2], &Listed(vec!["a"]));
+        assert!(Arc::ptr_eq(&second.workloads[0], &third.workloads[0]));
+        assert!(Arc::ptr_eq(&second.workloads[1], &third.workloads[1]));
+        assert_eq!(second, third);
+    }
+
+    /// A kept translation is for one node: the agent told another node name
+    /// translates again, so no pod stays local to the wrong node.
+    #[test]
+    fn a_new_node_name_translates_every_pod_again() {
+        let mut translations = Translations::default();
+        let a = Arc::new(web("a", "n1", "10.0.0.2"));
+        let (on_n1, _) = translations.inventory("n1", None, [], [&a], &Fixed);
+        assert!(on_n1.workloads[0].cgroup.is_some());
+        let (on_n2, _) = translations.inventory("n2", None, [], [&a], &Fixed);
+        assert!(on_n2.workloads[0].cgroup.is_none(), "a peer on n2");
+    }
+
+    /// Address conflicts are settled on the view's copy: the kept
+    /// translation still has the address, so it is back once the other pod
+    /// is gone.
+    #[test]
+    fn an_address_taken_away_returns_when_the_conflict_ends() {
+        let mut translations = Translations::default();
+        let mut old = web("old", "n2", "10.0.0.7");
+        old.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-01-01T00:00:00Z".parse().unwrap(),
+            ));
+        let old = Arc::new(old);
+        let new = Arc::new(web("new", "n2", "10.0.0.7"));
+        let (both, _) = translations.inventory("n1", None, [], [&old, &new], &Fixed);
+        assert_eq!(both.workloads.len(), 1);
+        assert_eq!(both.workloads[0].name, "new");
+        let (alone, _) = translations.inventory("n1", None, [], [&old], &Fixed);
+        assert_eq!(alone.workloads.len(), 1);
+        assert_eq!(alone.workloads[0].name, "old");
+        assert_eq!(
+            alone.workloads[0].ips,
+            vec!["10.0.0.7".parse::<IpAddr>().unwrap()]
+        );
     }
 
     fn web(name: &str, node: &str, ip: &str) -> Pod {
