@@ -25,11 +25,11 @@ use crate::policy::{
     model::{
         default_namespace, is_valid_port_name,
         names::{self, abbreviate, NameError},
-        Action, ClusterL4Policy, ClusterPolicyRules, IdentityMatch, IdentityPeer, IntOrString,
-        Inventory, InventoryError, L4Policy, L4PolicyRules, LabelSelector, Mode, NamespaceScope,
-        NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicyRules, ObjectKind,
-        Origin, Peer, Peers, PolicyKind, PolicyObject, PolicyRef, PortMatch, PortSpec, Protocol,
-        Rule, Tier, TierRule,
+        Action, CheckedInventory, ClusterL4Policy, ClusterPolicyRules, IdentityMatch, IdentityPeer,
+        IntOrString, Inventory, InventoryError, L4Policy, L4PolicyRules, LabelSelector, Mode,
+        NamespaceScope, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicyRules,
+        ObjectKind, Origin, Peer, Peers, PolicyKind, PolicyObject, PolicyRef, PortMatch, PortSpec,
+        Protocol, Rule, Tier, TierRule,
     },
     selector::{Selector, SelectorError},
 };
@@ -957,6 +957,11 @@ fn port(at: &Context, raw: &NetworkPolicyPort) -> Result<PortMatch, ParseError> 
 
 /// Parses the workloads file (one YAML document; empty means no workloads).
 pub fn parse_inventory(path: &Path, text: &str) -> Result<Inventory, ParseError> {
+    parse_checked_inventory(path, text).map(CheckedInventory::into_inner)
+}
+
+/// [`parse_inventory`], keeping the proof that the view passed its check.
+pub fn parse_checked_inventory(path: &Path, text: &str) -> Result<CheckedInventory, ParseError> {
     check_size(path, text)?;
     let inventory = yaml::single::<Inventory>(text)
         .map_err(|source| ParseError::InventoryYaml {
@@ -971,11 +976,10 @@ pub fn parse_inventory(path: &Path, text: &str) -> Result<Inventory, ParseError>
             count,
         });
     }
-    inventory.check().map_err(|source| ParseError::Inventory {
+    CheckedInventory::new(inventory).map_err(|source| ParseError::Inventory {
         path: path.to_path_buf(),
         source: source.into(),
-    })?;
-    Ok(inventory)
+    })
 }
 
 pub mod yaml;

@@ -16,8 +16,8 @@ use super::{
     Snapshot,
 };
 use crate::policy::{
-    model::{CheckedInventory, Inventory, InventoryError},
-    parse::{parse_inventory, parse_policies, ParseError, MAX_FILE_BYTES},
+    model::CheckedInventory,
+    parse::{parse_checked_inventory, parse_policies, ParseError, MAX_FILE_BYTES},
     PolicyObject, PolicyRef,
 };
 
@@ -34,12 +34,6 @@ pub enum FileSourceError {
         path: PathBuf,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("workloads file {path} describes an inconsistent view")]
-    Inventory {
-        path: PathBuf,
-        #[source]
-        source: Box<InventoryError>,
     },
     #[error("opening the last-valid state in {dir}")]
     State {
@@ -102,7 +96,7 @@ struct Pending {
     valid: BTreeMap<String, Version<Vec<PolicyObject>>>,
     /// Every policy file present, valid or not.
     present: BTreeSet<String>,
-    inventory: Option<Version<Inventory>>,
+    inventory: Option<Version<CheckedInventory>>,
 }
 
 pub struct FileSource {
@@ -111,7 +105,7 @@ pub struct FileSource {
     /// Last valid and applied version of each policy file, by file name:
     /// what stands in for the file while it is invalid.
     committed: BTreeMap<String, Version<Vec<PolicyObject>>>,
-    committed_inventory: Option<Version<Inventory>>,
+    committed_inventory: Option<Version<CheckedInventory>>,
     durable: Option<Durable>,
     pending: Option<Pending>,
     /// Wakes the sync loop on file changes, once asked to.
@@ -266,7 +260,7 @@ impl FileSource {
             let text = String::from_utf8(bytes).map_err(|_| FileSourceError::StateNotText {
                 path: stored.clone(),
             })?;
-            let parsed = parse_inventory(&path, &text).map_err(invalid)?;
+            let parsed = parse_checked_inventory(&path, &text).map_err(invalid)?;
             source.committed_inventory = Some(Version { text, parsed });
         }
         source.durable = Some(durable);
@@ -328,11 +322,6 @@ impl FileSource {
             .map(|o| (o.policy_ref(), o.clone()))
             .collect();
         self.pending = Some(pending);
-        let inventory =
-            CheckedInventory::new(inventory).map_err(|source| FileSourceError::Inventory {
-                path: self.workloads.clone(),
-                source: Box::new(source),
-            })?;
         Ok(Snapshot {
             inventory,
             policies,
@@ -346,7 +335,7 @@ impl FileSource {
         &mut self,
         problems: &mut Vec<String>,
         pending: &mut Pending,
-    ) -> Result<Inventory, FileSourceError> {
+    ) -> Result<CheckedInventory, FileSourceError> {
         let parsed = read_bounded(&self.workloads)
             .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
                 match e {
@@ -355,7 +344,7 @@ impl FileSource {
                 }
             })
             .and_then(|text| {
-                parse_inventory(&self.workloads, &text)
+                parse_checked_inventory(&self.workloads, &text)
                     .map(|inv| (text, inv))
                     .map_err(|e| Box::new(e) as _)
             });

@@ -673,9 +673,9 @@ impl Source for KubeSource {
         let tracked = self.tracker.track(objects);
         problems.extend(tracked.problems);
         // A view the inventory rules reject would be a bug in the
-        // translation; refuse it whole rather than enforce part of it. Here,
-        // not only in the compile: the mesh and the identity demand act on
-        // the snapshot before it is compiled.
+        // translation; refuse it whole rather than enforce part of it. The
+        // only check of the pass: the mesh, the identity demand and the
+        // compile all take this checked view.
         let checked = match &self.last_checked {
             Some(previous) => CheckedInventory::new_after(inventory, previous),
             None => CheckedInventory::new(inventory),

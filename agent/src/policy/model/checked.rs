@@ -32,6 +32,11 @@ impl CheckedInventory {
         Ok(Self(Arc::new(inventory)))
     }
 
+    /// The view itself, to change (copied only if it is shared).
+    pub fn into_inner(self) -> Inventory {
+        Arc::unwrap_or_clone(self.0)
+    }
+
     /// A changed copy, checked again.
     pub fn edit(&self, change: impl FnOnce(&mut Inventory)) -> Result<Self, InventoryError> {
         let mut inventory = Inventory::clone(&self.0);

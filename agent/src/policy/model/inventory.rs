@@ -109,7 +109,8 @@ pub struct Workload {
 
 impl Workload {
     /// What a workload must be on its own: valid names and labels, at most
-    /// one usable address per family, valid and distinct port names.
+    /// one address per family, valid and distinct port names. (Whether an
+    /// address is usable is checked where every address is claimed.)
     fn check_alone(&self, at: &dyn Fn() -> String) -> Result<(), InventoryError> {
         if self.name.is_empty() || self.namespace.is_empty() {
             return Err(InventoryError::EmptyName {
@@ -154,7 +155,6 @@ impl Workload {
                 });
             }
             *slot = Some(*ip);
-            check_address(*ip, || format!("{}.ips[{j}]", at()))?;
         }
         let mut port_names: HashMap<&str, usize> = HashMap::new();
         for (j, port) in self.ports.iter().enumerate() {
