@@ -259,6 +259,34 @@ async fn metrics_attribute_drops_and_audits_to_the_deciding_policy() {
         "the initial and the policy apply: {applied}"
     );
     assert!(must(&samples, "portcullis_policy_apply_seconds_sum", &[], &text) > 0.0);
+    // Every pass that reached the kernel is timed by stage.
+    for stage in ["load", "compile", "desired", "write"] {
+        let label = [("stage", stage)];
+        assert_eq!(
+            must(
+                &samples,
+                "portcullis_policy_pass_stage_seconds_count",
+                &label,
+                &text
+            ),
+            must(
+                &samples,
+                "portcullis_policy_applies_total",
+                &[("result", "success")],
+                &text
+            ),
+            "{stage}: one observation per pass that reached the kernel"
+        );
+        assert!(
+            must(
+                &samples,
+                "portcullis_policy_pass_stage_seconds_sum",
+                &label,
+                &text
+            ) > 0.0,
+            "{stage} took no time:\n{text}"
+        );
+    }
     assert_eq!(
         must(
             &samples,

@@ -498,10 +498,21 @@ impl Observers {
     /// A pass reached the kernel. The counters are read knowing both the old
     /// and the new rule cookies (the kernel may have counted under either
     /// since the flip), then only the new meanings are kept.
-    fn applied(&self, applied: &crate::reconcile::Applied, changed_at: Option<SystemTime>) {
+    fn applied(
+        &self,
+        applied: &crate::reconcile::Applied,
+        changed_at: Option<SystemTime>,
+        load_time: Duration,
+    ) {
         let m = &self.metrics;
         m.apply
             .succeeded(changed_at.map(|t| t.elapsed().unwrap_or_default()));
+        m.apply.stages(&crate::metrics::apply::StageTimes {
+            load: load_time,
+            compile: applied.timings.compile,
+            desired: applied.timings.desired,
+            write: applied.timings.write,
+        });
         m.decisions
             .learn_cookie_policies(&applied.names.cookie_policies);
         if let Err(e) = m.refresh(&self.pin_dir) {
@@ -716,7 +727,7 @@ fn sync_loop(
                             status
                                 .problems
                                 .extend(source.settle(Some(&applied.rejected)));
-                            observers.applied(&applied, changed_at);
+                            observers.applied(&applied, changed_at, load_time);
                             if let Some(mesh) = &observers.mesh {
                                 mesh.set_policies(&snapshot.inventory, &applied.enforced);
                             }

@@ -167,6 +167,8 @@ mod tests {
             "# TYPE portcullis_policy_apply_seconds histogram",
             "# UNIT portcullis_policy_apply_seconds seconds",
             "portcullis_policy_applies_total{result=\"success\"} 0",
+            "# TYPE portcullis_policy_pass_stage_seconds histogram",
+            "portcullis_policy_pass_stage_seconds_count{stage=\"compile\"} 0",
             "portcullis_policy_problems 0",
             "portcullis_source_degraded 0",
             "portcullis_policy_report_leader 0",
