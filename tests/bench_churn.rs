@@ -21,7 +21,7 @@ fn a_tiny_cluster_reports_every_kind_of_change() {
     let out = Command::new(&exe)
         .args(["bench", "--only", "churn", "--churn-pods", "200"])
         .args(["--churn-rules", "100", "--churn-changes", "2"])
-        .args(["--churn-growth", "300"])
+        .args(["--churn-from", "100", "--churn-growth", "300"])
         .args(["--churn-rate", "20", "--churn-seconds", "3"])
         .arg("--output")
         .arg(&output)
@@ -99,8 +99,32 @@ fn a_tiny_cluster_reports_every_kind_of_change() {
         .and_then(|c| c.trim().split_once('(')?.1.strip_suffix(')')?.parse().ok())
         .unwrap_or_else(|| panic!("no allowed flows count: {row}"));
     assert!(allowed > 0, "no sampled flow was allowed:\n{section}");
-    for pods in ["| 200 |", "| 300 |"] {
-        assert!(section.contains(pods), "no memory row {pods}:\n{section}");
+    // Growth rows from the size the agent started on, each with where its
+    // pods-added passes spent their time, by stage.
+    let header = section
+        .lines()
+        .find(|l| l.starts_with("| cluster pods"))
+        .unwrap_or_else(|| panic!("no growth table:\n{section}"));
+    let column = header
+        .split('|')
+        .position(|c| c.trim() == "load / compile / desired / write ms")
+        .expect("a stage column");
+    for pods in ["| 100 |", "| 200 |", "| 300 |"] {
+        let row = section
+            .lines()
+            .find(|l| l.starts_with(pods))
+            .unwrap_or_else(|| panic!("no growth row {pods}:\n{section}"));
+        let stages: Vec<f64> = row
+            .split('|')
+            .nth(column)
+            .map(|c| c.split('/').filter_map(|v| v.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        assert_eq!(stages.len(), 4, "four stage times: {row}");
+        assert!(stages.iter().all(|ms| *ms >= 0.0), "{row}");
+        assert!(
+            stages[0] + stages[1] > 0.0,
+            "load and compile took time: {row}"
+        );
     }
     let mount = portcullis_agent::cgroup::cgroup2_mount().expect("a cgroup v2 mount");
     assert!(

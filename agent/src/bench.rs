@@ -92,6 +92,11 @@ pub struct BenchArgs {
     /// agent's memory (sizes up to --churn-pods add nothing).
     #[arg(long, value_delimiter = ',', default_value = "20000")]
     pub churn_growth: Vec<usize>,
+    /// A smaller cluster the churn measurement starts the agent on, measured
+    /// before it grows to --churn-pods: where the growth rows begin (0: start
+    /// at --churn-pods).
+    #[arg(long, default_value_t = 1_000)]
+    pub churn_from: usize,
     /// Run only these sections; the output file keeps its other sections
     /// as they are (each run section replaces its own).
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -182,6 +187,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             rules: args.churn_rules,
             changes: args.churn_changes,
             growth: args.churn_growth.clone(),
+            from: (args.churn_from > 0 && args.churn_from < args.churn_pods)
+                .then_some(args.churn_from),
             sustained: (args.churn_seconds > 0 && args.churn_rate > 0).then_some(
                 churn::sustained::SustainedOptions {
                     rate: args.churn_rate,

@@ -35,10 +35,10 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use self::{
-    histogram::{quantile, Reading},
+    histogram::{quantile, Reading, StageTotals},
     objects::PodSpec,
 };
-use crate::kube_plane::ControlPlane;
+use crate::{kube_plane::ControlPlane, metrics::apply::StageTimes};
 
 const PIN_DIR: &str = "/sys/fs/bpf/churn";
 /// Below the cgroup v2 mount ([`crate::cgroup::cgroup2_mount`]): the programs attach here and the kubelet's
@@ -73,6 +73,9 @@ pub struct ChurnOptions {
     pub changes: usize,
     /// Cluster sizes after the measured one, for memory (ascending).
     pub growth: Vec<usize>,
+    /// A smaller size the agent starts on, measured like a grown size
+    /// before the cluster grows to `pods` (`None`: it starts at `pods`).
+    pub from: Option<usize>,
     /// Sustained churn after the single changes (`None`: not measured).
     pub sustained: Option<sustained::SustainedOptions>,
 }
@@ -119,6 +122,8 @@ pub struct KindResult {
     pub histogram: Reading,
     /// Changes that took more than one pass (or none in time).
     pub irregular: usize,
+    /// Stage times of the measured changes' passes.
+    pub stages: StageTotals,
 }
 
 /// Agent memory at a cluster size.
@@ -129,9 +134,11 @@ pub struct Memory {
     pub hwm: u64,
     /// Seconds from the last pod written to the pass that took it.
     pub settle_secs: f64,
-    /// Exact latencies of pods added at this size (grown sizes only: the
+    /// Exact latencies of pods added at this size (other sizes only: the
     /// measured size has its own row per kind).
     pub pod_added: Vec<f64>,
+    /// Stage times of those pods' passes.
+    pub stages: StageTotals,
 }
 
 /// Pods added at a grown size, for how latency grows with the cluster.
@@ -523,8 +530,9 @@ async fn measure(options: &ChurnOptions, mount: &Path) -> anyhow::Result<ChurnRe
     let policies = options.rules.div_ceil(objects::RULES_PER_POLICY);
     eprintln!("churn: {policies} policies, {} Services", objects::SERVICES);
     cluster.populate(policies).await?;
-    eprintln!("churn: {} pods", options.pods);
-    cluster.add_pods(0..options.pods).await?;
+    let start_size = options.from.unwrap_or(options.pods).min(options.pods);
+    eprintln!("churn: {start_size} pods");
+    cluster.add_pods(0..start_size).await?;
     for s in 0..objects::SERVICES {
         cluster.set_endpoints(s, s, true).await?;
     }
@@ -535,12 +543,21 @@ async fn measure(options: &ChurnOptions, mount: &Path) -> anyhow::Result<ChurnRe
     let first = agent_ready(&mut agent).await?;
     let (rss, hwm) = agent.memory();
     let mut memory = vec![Memory {
-        pods: options.pods,
+        pods: start_size,
         rss,
         hwm,
         settle_secs: first,
         pod_added: Vec::new(),
+        stages: Default::default(),
     }];
+    if start_size < options.pods {
+        // The smaller cluster is measured as a grown size is, then grows to
+        // the measured size.
+        let (pod_added, stages) = pods_added_at_size(&mut agent, &mut cluster).await?;
+        memory[0].pod_added = pod_added;
+        memory[0].stages = stages;
+        memory.push(grow(&mut agent, &mut cluster, options.pods).await?);
+    }
     let policy_entries = agent
         .get("/metrics")
         .await
@@ -574,26 +591,12 @@ async fn measure(options: &ChurnOptions, mount: &Path) -> anyhow::Result<ChurnRe
     };
 
     for &size in &options.growth {
-        let live = cluster.pods.len();
-        if size <= live {
+        if size <= cluster.pods.len() {
             continue;
         }
-        eprintln!("churn: growing to {size} pods");
-        let before = agent.histogram().await?;
-        let from = cluster.pods.keys().next_back().map_or(0, |i| i + 1);
-        cluster.add_pods(from..from + (size - live)).await?;
-        let written = Instant::now();
-        agent.settled(&before).await?;
-        let settle_secs = written.elapsed().as_secs_f64() - QUIET.as_secs_f64();
-        let (rss, hwm) = agent.memory();
-        let pod_added = pods_added_at_size(&mut agent, &mut cluster).await?;
-        memory.push(Memory {
-            pods: size,
-            rss,
-            hwm,
-            settle_secs,
-            pod_added,
-        });
+        let mut grown = grow(&mut agent, &mut cluster, size).await?;
+        (grown.pod_added, grown.stages) = pods_added_at_size(&mut agent, &mut cluster).await?;
+        memory.push(grown);
     }
     agent.stop().await;
     drop(plane);
@@ -610,11 +613,37 @@ async fn measure(options: &ChurnOptions, mount: &Path) -> anyhow::Result<ChurnRe
     })
 }
 
+/// Adds pods up to `size` and waits for the pass that takes them: the
+/// agent's memory then, and how long that pass took to come.
+async fn grow(agent: &mut Agent, cluster: &mut Cluster, size: usize) -> anyhow::Result<Memory> {
+    eprintln!("churn: growing to {size} pods");
+    let live = cluster.pods.len();
+    let before = agent.histogram().await?;
+    let from = cluster.pods.keys().next_back().map_or(0, |i| i + 1);
+    cluster.add_pods(from..from + (size - live)).await?;
+    let written = Instant::now();
+    agent.settled(&before).await?;
+    let settle_secs = written.elapsed().as_secs_f64() - QUIET.as_secs_f64();
+    let (rss, hwm) = agent.memory();
+    Ok(Memory {
+        pods: size,
+        rss,
+        hwm,
+        settle_secs,
+        pod_added: Vec::new(),
+        stages: Default::default(),
+    })
+}
+
 /// [`GROWTH_ADDS`] pods added one at a time, as [`Kind::PodAdded`] does
 /// them; their exact latencies (changes that took more than one pass left
-/// out). The cluster grows by them.
-async fn pods_added_at_size(agent: &mut Agent, cluster: &mut Cluster) -> anyhow::Result<Vec<f64>> {
+/// out) and where their passes' time went. The cluster grows by them.
+async fn pods_added_at_size(
+    agent: &mut Agent,
+    cluster: &mut Cluster,
+) -> anyhow::Result<(Vec<f64>, StageTotals)> {
     let mut exact = Vec::new();
+    let mut stages = StageTotals::default();
     for _ in 0..GROWTH_ADDS {
         let i = cluster.pods.keys().next_back().map_or(0, |i| i + 1);
         let spec = PodSpec::nth(i);
@@ -627,10 +656,11 @@ async fn pods_added_at_size(agent: &mut Agent, cluster: &mut Cluster) -> anyhow:
         if let Some(after) = agent.settled(&before).await? {
             if after.count == before.count + 1 {
                 exact.push(after.sum - before.sum);
+                stages.add(&after.stages.since(&before.stages));
             }
         }
     }
-    Ok(exact)
+    Ok((exact, stages))
 }
 
 /// Waits for the agent's first full pass over the cluster; returns how
@@ -713,6 +743,7 @@ async fn measure_kind(
         match agent.settled(&before).await? {
             Some(after) if after.count == before.count + 1 => {
                 result.exact.push(after.sum - before.sum);
+                result.stages.add(&after.stages.since(&before.stages));
             }
             _ => result.irregular += 1,
         }
@@ -751,7 +782,8 @@ pub fn render(result: &ChurnResult) -> String {
          `controller-revision-hash`), {} NetworkPolicies of {} ingress rules ({} rules), \
          {} Services with EndpointSlices of 5 addresses. The real agent runs on them \
          (`portcullis agent --kubernetes`, its own process). Setup took {:.0} s; the \
-         agent's first pass over the cluster ended {:.1} s after it started{}.\n",
+         agent started on {} of the pods and its first pass over them ended {:.1} s after \
+         it started{}.\n",
         o.pods,
         result.local_pods,
         result.policies,
@@ -759,6 +791,7 @@ pub fn render(result: &ChurnResult) -> String {
         result.policies * objects::RULES_PER_POLICY,
         objects::SERVICES,
         result.setup_secs,
+        result.memory.first().map_or(o.pods, |m| m.pods),
         result.memory.first().map_or(0.0, |m| m.settle_secs),
         result
             .policy_entries
@@ -813,60 +846,78 @@ pub fn render(result: &ChurnResult) -> String {
             p99.map_or("no data", |v| verdict(v <= TARGET_P99)),
         );
     }
-    s.push_str("\nAgent memory (from /proc: VmRSS now, VmHWM the peak so far) once the pass over the cluster ended:\n\n");
+    s.push_str(
+        "\nGrowth: the agent's memory (from /proc: VmRSS now, VmHWM the peak so far) once \
+         the pass over the cluster ended, and pods added at each size, with where their \
+         passes' time went (`portcullis_policy_pass_stage_seconds`, mean per pass):\n\n",
+    );
     s.push_str(
         "| cluster pods | VmRSS MiB | VmHWM MiB | pass after the last pod written, s | \
-         pod added p50 ms | ≤ 150 MB at 20k | growth vs linear: RSS / pod added |\n\
-         |---:|---:|---:|---:|---:|---|---|\n",
+         pod added p50 ms | load / compile / desired / write ms | ≤ 150 MB at 20k | \
+         growth vs linear: RSS / pod added / compile |\n\
+         |---:|---:|---:|---:|---:|---:|---|---|\n",
     );
-    let base_added = result
-        .kinds
-        .get(&Kind::PodAdded)
-        .and_then(|r| quantile(&r.exact, 0.5));
+    // The measured size's pods added are the pod-added kind above.
+    let at_size = |m: &Memory| match m.pods == o.pods {
+        true => result
+            .kinds
+            .get(&Kind::PodAdded)
+            .map(|r| (quantile(&r.exact, 0.5), r.stages.clone()))
+            .unwrap_or_default(),
+        false => (quantile(&m.pod_added, 0.5), m.stages.clone()),
+    };
     let base = result.memory.first();
+    let (base_added, base_stages) = base.map(at_size).unwrap_or_default();
     for m in &result.memory {
         let target = match m.pods >= 20_000 {
             true => verdict(m.hwm <= TARGET_RSS_AT_20K).to_string(),
             false => "–".into(),
         };
-        let added = match m.pods == o.pods {
-            true => base_added,
-            false => quantile(&m.pod_added, 0.5),
-        };
+        let (added, stages) = at_size(m);
+        let stage_ms = StageTimes::STAGES
+            .iter()
+            .map(|stage| stages.mean(stage).map_or("–".into(), ms))
+            .collect::<Vec<_>>()
+            .join(" / ");
         // (growth of the value) / (growth of the cluster): 1 is linear,
         // below 1 sublinear.
         let growth = match base.filter(|b| b.pods < m.pods) {
             Some(b) => {
                 let size = m.pods as f64 / b.pods as f64;
-                let ratio = |now: f64, then: f64| format!("{:.2}", now / then / size);
+                let ratio = |now: Option<f64>, then: Option<f64>| match (now, then) {
+                    (Some(now), Some(then)) if then > 0.0 => format!("{:.2}", now / then / size),
+                    _ => "–".into(),
+                };
                 format!(
-                    "{} / {}",
-                    ratio(m.rss as f64, b.rss as f64),
-                    match (added, base_added) {
-                        (Some(now), Some(then)) => ratio(now, then),
-                        _ => "–".into(),
-                    }
+                    "{} / {} / {}",
+                    ratio(Some(m.rss as f64), Some(b.rss as f64)),
+                    ratio(added, base_added),
+                    ratio(stages.mean("compile"), base_stages.mean("compile")),
                 )
             }
             None => "–".into(),
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {} | {} | {} | {} |",
             m.pods,
             mib(m.rss),
             mib(m.hwm),
             m.settle_secs,
             added.map_or("–".into(), ms),
+            stage_ms,
             target,
             growth
         );
     }
+    let first = base.map_or(o.pods, |b| b.pods);
     let _ = writeln!(
         s,
-        "\nAt grown sizes, \"pod added\" is {GROWTH_ADDS} more pods added one at a time as \
-         above; growth vs linear is (value / value at {} pods) / (pods / {}): 1.00 grows \
-         with the cluster, below 1 slower.",
+        "\nThe agent started on {first} pods; the cluster then grew to each size in \
+         turn. At sizes other than {}, \"pod added\" is {GROWTH_ADDS} pods added one at a \
+         time as above; at {} it is the pod-added row above. Growth vs linear is (value / \
+         value at {first} pods) / (pods / {first}): 1.00 grows with the cluster, below 1 \
+         slower.",
         o.pods, o.pods
     );
     if !result.memory.iter().any(|m| m.pods >= 20_000) {
@@ -884,8 +935,9 @@ pub fn render(result: &ChurnResult) -> String {
     if let Some(r) = &result.sustained {
         s.push_str(&sustained::render(r));
     }
-    s.push_str(
-        "\nNot measured yet: growth from 1k pods (the rows start at the measured size).\n\n",
-    );
+    if o.from.is_none() {
+        s.push_str("\nThe rows start at the measured size (`--churn-from 0`).\n");
+    }
+    s.push('\n');
     s
 }

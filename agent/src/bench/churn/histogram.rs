@@ -1,8 +1,12 @@
-//! `portcullis_policy_apply_seconds` as the agent's /metrics serves it:
-//! read before and after a change, the difference is that change's passes.
-//! Pure text parsing and percentile arithmetic.
+//! `portcullis_policy_apply_seconds` (and the per-stage
+//! `portcullis_policy_pass_stage_seconds`) as the agent's /metrics serves
+//! them: read before and after a change, the difference is that change's
+//! passes. Pure text parsing and percentile arithmetic.
+
+use std::collections::BTreeMap;
 
 const NAME: &str = "portcullis_policy_apply_seconds";
+const STAGES: &str = "portcullis_policy_pass_stage_seconds";
 
 /// One reading of the histogram: cumulative bucket counts by upper bound,
 /// the sum of observed seconds and their count.
@@ -11,6 +15,74 @@ pub struct Reading {
     pub buckets: Vec<(f64, u64)>,
     pub sum: f64,
     pub count: u64,
+    /// Where those passes' time went.
+    pub stages: StageTotals,
+}
+
+/// Seconds and passes by stage (`load`, `compile`, ...).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StageTotals(pub BTreeMap<String, (f64, u64)>);
+
+impl StageTotals {
+    fn parse(text: &str) -> Self {
+        let mut totals = StageTotals::default();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(STAGES) else {
+                continue;
+            };
+            let (sum, rest) = match (rest.strip_prefix("_sum{"), rest.strip_prefix("_count{")) {
+                (Some(rest), _) => (true, rest),
+                (_, Some(rest)) => (false, rest),
+                _ => continue,
+            };
+            let Some(stage) = rest
+                .split("stage=\"")
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+            else {
+                continue;
+            };
+            let Ok(value) = rest.rsplit(' ').next().unwrap_or_default().parse::<f64>() else {
+                continue;
+            };
+            let entry = totals.0.entry(stage.to_string()).or_default();
+            match sum {
+                true => entry.0 = value,
+                false => entry.1 = value as u64,
+            }
+        }
+        totals
+    }
+
+    /// What was observed between `earlier` and these totals.
+    pub fn since(&self, earlier: &StageTotals) -> StageTotals {
+        StageTotals(
+            self.0
+                .iter()
+                .map(|(stage, (sum, count))| {
+                    let (s0, c0) = earlier.0.get(stage).copied().unwrap_or_default();
+                    (stage.clone(), (sum - s0, count.saturating_sub(c0)))
+                })
+                .collect(),
+        )
+    }
+
+    /// Both together.
+    pub fn add(&mut self, other: &StageTotals) {
+        for (stage, (sum, count)) in &other.0 {
+            let entry = self.0.entry(stage.clone()).or_default();
+            entry.0 += sum;
+            entry.1 += count;
+        }
+    }
+
+    /// Mean seconds per pass of `stage`; `None` if no pass was timed.
+    pub fn mean(&self, stage: &str) -> Option<f64> {
+        match self.0.get(stage) {
+            Some((sum, count)) if *count > 0 => Some(sum / *count as f64),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +123,7 @@ impl Reading {
                 counted = true;
             }
         }
+        reading.stages = StageTotals::parse(text);
         match counted {
             true => Ok(reading),
             false => Err(HistogramError::Missing),
@@ -74,6 +147,7 @@ impl Reading {
                 .collect(),
             sum: self.sum - earlier.sum,
             count: self.count.saturating_sub(earlier.count),
+            stages: self.stages.since(&earlier.stages),
         }
     }
 
@@ -110,7 +184,12 @@ mod tests {
         portcullis_policy_apply_seconds_bucket{le=\"0.005\"} 1\n\
         portcullis_policy_apply_seconds_bucket{le=\"0.5\"} 2\n\
         portcullis_policy_apply_seconds_bucket{le=\"+Inf\"} 3\n\
-        portcullis_policy_applies_total{result=\"success\"} 3\n";
+        portcullis_policy_applies_total{result=\"success\"} 3\n\
+        portcullis_policy_pass_stage_seconds_bucket{le=\"0.05\",stage=\"compile\"} 3\n\
+        portcullis_policy_pass_stage_seconds_sum{stage=\"compile\"} 0.12\n\
+        portcullis_policy_pass_stage_seconds_count{stage=\"compile\"} 3\n\
+        portcullis_policy_pass_stage_seconds_sum{stage=\"load\"} 0.03\n\
+        portcullis_policy_pass_stage_seconds_count{stage=\"load\"} 3\n";
 
     #[test]
     fn a_difference_of_readings_is_what_happened_between() {
@@ -119,9 +198,17 @@ mod tests {
             buckets: vec![(0.005, 1), (0.5, 1), (f64::INFINITY, 1)],
             sum: 0.004,
             count: 1,
+            stages: StageTotals(BTreeMap::from([("compile".to_string(), (0.02, 1))])),
         };
         let d = after.since(&before);
         assert_eq!(d.count, 2);
+        assert!((d.stages.mean("compile").unwrap() - 0.05).abs() < 1e-9);
+        assert!((d.stages.mean("load").unwrap() - 0.01).abs() < 1e-9);
+        assert_eq!(d.stages.mean("write"), None, "not served: no mean");
+        let mut both = d.stages.clone();
+        both.add(&d.stages);
+        assert!((both.mean("compile").unwrap() - 0.05).abs() < 1e-9);
+        assert_eq!(both.0["compile"].1, 4);
         assert!((d.sum - 0.746).abs() < 1e-9);
         assert_eq!(d.quantile_bound(0.5), Some(0.5));
         assert_eq!(d.quantile_bound(0.99), Some(f64::INFINITY));
