@@ -9,6 +9,7 @@ mod services;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    sync::Arc,
     time::Instant,
 };
 
@@ -128,8 +129,8 @@ impl From<&PolicyRef> for PolicyName {
     fn from(p: &PolicyRef) -> Self {
         Self {
             kind: p.kind.as_str().to_string(),
-            namespace: p.namespace.clone(),
-            name: p.name.clone(),
+            namespace: p.namespace.to_string(),
+            name: p.name.to_string(),
         }
     }
 }
@@ -467,7 +468,7 @@ impl Reconciler {
                 .identities
                 .insert((prefix.len, prefix.addr), *identity);
         }
-        desired.policy = c.rules.clone();
+        desired.policy = Arc::clone(&c.rules);
         (desired.services, desired.backends) = services::desired(&snapshot.inventory.services);
         (desired, missing, cgroups)
     }

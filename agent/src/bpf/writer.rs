@@ -11,7 +11,7 @@
 //! whose contents are unknown (first start over pinned maps, or a failed
 //! write) is reconciled by scanning the map.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError};
 use portcullis_common::{
@@ -48,7 +48,9 @@ pub struct DesiredState {
     pub endpoints: BTreeMap<u64, EndpointValue>,
     /// (address prefix length in the 128-bit space, address) → identity.
     pub identities: BTreeMap<(u8, [u8; 16]), u32>,
-    pub policy: BTreeMap<PolicySlot, PolicyValue>,
+    /// Shared with the compile it came from (26,000 entries at 10,000
+    /// rules were a copy each pass).
+    pub policy: Arc<BTreeMap<PolicySlot, PolicyValue>>,
     /// Service frontend → (service id, backend count).
     pub services: BTreeMap<ServiceSlot, ServiceValue>,
     /// (service id, index below the frontend's backend count) → backend.
@@ -243,8 +245,8 @@ impl MapWriter {
         };
         sync(
             present,
-            shadow.map(|s| &s.policy),
-            &desired.policy,
+            shadow.map(|s| &*s.policy),
+            &*desired.policy,
             policy,
             |m, k| m.remove(&policy_key(g, k)),
             |m, k, v| m.insert(&policy_key(g, k), v, 0),

@@ -543,7 +543,7 @@ fn check_shape(compiled: &Compiled) -> Result<(), TestCaseError> {
     // below the port-0/0 default.
     type Partition = (u32, u32, u8, u8);
     let mut blocks: BTreeMap<Partition, Vec<(u32, u32)>> = BTreeMap::new();
-    for (key, value) in &compiled.rules {
+    for (key, value) in compiled.rules.iter() {
         prop_assert!(key.port_prefix_len <= 16);
         let size = 1u32 << (16 - u32::from(key.port_prefix_len));
         prop_assert_eq!(u32::from(key.port) % size, 0, "unaligned block {:?}", key);

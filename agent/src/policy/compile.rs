@@ -35,6 +35,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -67,7 +68,8 @@ pub struct Compiled {
     pub endpoints: Vec<CompiledEndpoint>,
     /// Address prefix → peer identity.
     pub identities: BTreeMap<AddrPrefix, u32>,
-    pub rules: BTreeMap<PolicySlot, PolicyValue>,
+    /// Shared with the map state written from it, not copied.
+    pub rules: Arc<BTreeMap<PolicySlot, PolicyValue>>,
     /// Rule cookie → what decided; every cookie in `rules` is here.
     pub cookies: BTreeMap<u32, Attribution>,
 }
@@ -419,9 +421,14 @@ impl Compiler {
             };
         }
         self.reuse = reuse;
-        self.endpoint_ids = endpoint_ids.finish();
-        self.identity_ids = identity_ids.finish();
-        self.cookie_ids = cookie_ids.finish();
+        let (endpoints, identities, cookies) = (
+            endpoint_ids.finish(),
+            identity_ids.finish(),
+            cookie_ids.finish(),
+        );
+        self.endpoint_ids.apply(endpoints);
+        self.identity_ids.apply(identities);
+        self.cookie_ids.apply(cookies);
         Ok(out)
     }
 }
@@ -463,12 +470,12 @@ impl<'p> Sorted<'p> {
             match &*p.kind {
                 PolicyKind::NetworkPolicy(np) => sorted
                     .network
-                    .entry(p.reference.namespace.as_str())
+                    .entry(&*p.reference.namespace)
                     .or_default()
                     .push((&p.reference, np)),
                 PolicyKind::L4Policy(lp) => sorted
                     .l4
-                    .entry(p.reference.namespace.as_str())
+                    .entry(&*p.reference.namespace)
                     .or_default()
                     .push((&p.reference, lp)),
                 PolicyKind::ClusterL4Policy(cp) => sorted.cluster.push((&p.reference, cp)),
@@ -727,7 +734,7 @@ impl<'p> Pass<'p> {
                 .is_some_and(|m| m.made_for(endpoint, endpoint_id))
         {
             let memoized = self.previous.remove(&memo_key).expect("looked up above");
-            memoized.replay(&mut self.out, cookie_ids)?;
+            memoized.replay(&mut self.out, cookie_ids);
             if memoized.applies() {
                 self.reuse.replayed += 1;
                 self.reuse.unexamined += 1;
@@ -797,7 +804,7 @@ impl<'p> Pass<'p> {
                 .remove(&memo_key)
                 .filter(|m| m.fingerprint() == Some(fingerprint))
             {
-                memoized.replay(&mut self.out, cookie_ids)?;
+                memoized.replay(&mut self.out, cookie_ids);
                 let made_for = EndpointInputs::of(endpoint, endpoint_id);
                 self.next.insert(memo_key, memoized.now_for(made_for));
                 self.reuse.replayed += 1;
@@ -1224,7 +1231,7 @@ fn emit(
             &value,
             outcome.attribution.map(|i| (i, &attributions[i])),
         );
-        out.rules.insert(slot, value);
+        Arc::make_mut(&mut out.rules).insert(slot, value);
     }
     Ok(())
 }

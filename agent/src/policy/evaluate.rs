@@ -208,7 +208,7 @@ impl Judge<'_> {
         let mut l4: Vec<(&PolicyRef, &L4PolicyRules)> = Vec::new();
         for p in &sorted {
             let selects = |selector: &crate::policy::selector::Selector| {
-                p.reference.namespace == workload.namespace && selector.matches(&workload.labels)
+                *p.reference.namespace == *workload.namespace && selector.matches(&workload.labels)
             };
             match &*p.kind {
                 PolicyKind::NetworkPolicy(np) if selects(&np.pod_selector) => {

@@ -160,10 +160,14 @@ impl fmt::Display for ObjectKind {
 /// namespace/name (they are different resources), so the kind is part of
 /// it. Cluster-scoped policies have an empty namespace. Orders by namespace,
 /// name, kind: the order allow rules are credited in.
+///
+/// Its names are shared, not copied: a pass clones references to every
+/// policy many times (the policy list, the last valid versions, the rule
+/// cookies' attributions).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: std::sync::Arc<str>,
+    pub name: std::sync::Arc<str>,
     pub kind: ObjectKind,
 }
 
@@ -182,8 +186,8 @@ impl PolicyRef {
 
     fn new(kind: ObjectKind, namespace: &str, name: &str) -> Self {
         Self {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            namespace: namespace.into(),
+            name: name.into(),
             kind,
         }
     }

@@ -396,7 +396,7 @@ pub fn network_policy(origin: Origin, raw: &NetworkPolicy) -> Result<PolicyObjec
     let defaults = (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
     let (isolates_ingress, isolates_egress) =
         policy_types(&cx, spec.policy_types.as_deref(), defaults)?;
-    let scope = Some(reference.namespace.as_str());
+    let scope = Some(&*reference.namespace);
     let ingress = ingress_rules(&cx, scope, "spec.ingress", spec.ingress.as_deref())?;
     let egress = egress_rules(&cx, scope, "spec.egress", spec.egress.as_deref())?;
     Ok(PolicyObject {
@@ -446,7 +446,7 @@ pub fn l4_policy(origin: Origin, raw: &L4Policy) -> Result<PolicyObject, ParseEr
     let defaults = (spec.ingress.is_some(), spec.egress.is_some());
     let (isolates_ingress, isolates_egress) =
         policy_types(&cx, spec.policy_types.as_deref(), defaults)?;
-    let scope = Some(reference.namespace.as_str());
+    let scope = Some(&*reference.namespace);
     let ingress = ingress_rules(&cx, scope, "spec.ingress", spec.ingress.as_deref())?;
     let egress = egress_rules(&cx, scope, "spec.egress", spec.egress.as_deref())?;
     let ingress_deny = ingress_rules(&cx, scope, "spec.ingressDeny", spec.ingress_deny.as_deref())?;
@@ -638,8 +638,8 @@ fn identify(
         names::dns1123_label(namespace).map_err(|e| invalid("metadata.namespace", namespace, e))?;
     }
     let reference = PolicyRef {
-        namespace: namespace.unwrap_or_default(),
-        name,
+        namespace: namespace.unwrap_or_default().into(),
+        name: name.into(),
         kind: expected,
     };
     Ok((cx, reference))

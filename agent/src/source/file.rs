@@ -574,7 +574,7 @@ mod tests {
     fn names(s: &Snapshot) -> Vec<String> {
         s.policies
             .iter()
-            .map(|p| p.reference.name.clone())
+            .map(|p| p.reference.name.to_string())
             .collect()
     }
 

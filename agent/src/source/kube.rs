@@ -721,14 +721,17 @@ impl Source for KubeSource {
         outcome: Option<&BTreeMap<crate::policy::PolicyRef, String>>,
     ) -> Vec<String> {
         if let Some(mut reports) = self.pending_reports.take() {
-            for r in &mut reports {
-                let key = crate::policy::PolicyRef {
-                    kind: r.kind,
-                    namespace: r.namespace.clone(),
-                    name: r.name.clone(),
-                };
-                if let Some(why) = outcome.and_then(|rejected| rejected.get(&key)) {
-                    r.problem = Some(why.clone());
+            // Most passes reject nothing: no report changes then.
+            if let Some(rejected) = outcome.filter(|rejected| !rejected.is_empty()) {
+                for r in &mut reports {
+                    let key = crate::policy::PolicyRef {
+                        kind: r.kind,
+                        namespace: r.namespace.as_str().into(),
+                        name: r.name.as_str().into(),
+                    };
+                    if let Some(why) = rejected.get(&key) {
+                        r.problem = Some(why.clone());
+                    }
                 }
             }
             self.publish_reports(reports);

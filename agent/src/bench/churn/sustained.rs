@@ -261,7 +261,7 @@ fn policy_ports(policies: &[PolicyObject], namespace: &str) -> Vec<u16> {
     let mut ports = BTreeSet::new();
     for p in policies
         .iter()
-        .filter(|p| p.reference.namespace == namespace)
+        .filter(|p| &*p.reference.namespace == namespace)
     {
         if let PolicyKind::NetworkPolicy(np) = &*p.kind {
             for rule in np.effective_rules(Direction::Ingress) {
@@ -321,7 +321,7 @@ fn admitted_flow(
     let rules: Vec<(&str, &NetworkPolicyRules, &Rule)> = policies
         .iter()
         .filter_map(|p| match &*p.kind {
-            PolicyKind::NetworkPolicy(np) => Some((p.reference.namespace.as_str(), np)),
+            PolicyKind::NetworkPolicy(np) => Some((&*p.reference.namespace, np)),
             _ => None,
         })
         .flat_map(|(ns, np)| {

@@ -5,7 +5,10 @@
 //! That keeps counters keyed by id from silently changing meaning, and
 //! forgetting keys that were not used keeps memory bounded under churn.
 
-use std::{collections::HashMap, hash::Hash};
+use std::{
+    collections::{HashMap, HashSet},
+    hash::{BuildHasherDefault, Hash, Hasher},
+};
 
 #[derive(Debug, Clone)]
 pub struct IdAllocator<K> {
@@ -26,46 +29,95 @@ impl<K: Hash + Eq + Clone> IdAllocator<K> {
     }
 
     /// Starts a compile: ids are looked up or allocated in the round and only
-    /// kept if the compile succeeds ([`IdRound::finish`]).
+    /// kept if the compile succeeds ([`IdAllocator::apply`]).
     pub fn round(&self) -> IdRound<'_, K> {
         IdRound {
             previous: self,
-            used: HashMap::new(),
+            kept: IdSet::default(),
+            fresh: HashMap::new(),
             next: self.next,
         }
     }
+
+    /// Ends a successful round: the allocator then knows only its keys.
+    pub fn apply(&mut self, sweep: Sweep<K>) {
+        self.ids.retain(|_, id| sweep.kept.contains(id));
+        self.ids.extend(sweep.fresh);
+        self.next = sweep.next;
+    }
 }
 
+/// Multiplicative hashing of ids: they are dense and sequential, which the
+/// table's control bytes (the hash's top bits) must not see as one value.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type IdSet = HashSet<u32, BuildHasherDefault<IdHasher>>;
+
+/// A compile's use of ids: previous ids it used (marked, by id alone, so a
+/// replay need not hash its keys) and keys new to it.
 pub struct IdRound<'a, K> {
     previous: &'a IdAllocator<K>,
-    used: HashMap<K, u32>,
+    kept: IdSet,
+    fresh: HashMap<K, u32>,
+    next: u32,
+}
+
+/// What a finished round used, for [`IdAllocator::apply`].
+pub struct Sweep<K> {
+    kept: IdSet,
+    fresh: HashMap<K, u32>,
     next: u32,
 }
 
 impl<K: Hash + Eq + Clone> IdRound<'_, K> {
     /// The id of `key`, or `None` when the id space is exhausted.
     pub fn id(&mut self, key: &K) -> Option<u32> {
-        if let Some(id) = self.used.get(key) {
-            return Some(*id);
+        if let Some(&id) = self.previous.ids.get(key) {
+            self.kept.insert(id);
+            return Some(id);
         }
-        let id = match self.previous.ids.get(key) {
-            Some(id) => *id,
-            None if self.next < self.previous.end => {
-                self.next += 1;
-                self.next - 1
-            }
-            None => return None,
-        };
-        self.used.insert(key.clone(), id);
+        if let Some(&id) = self.fresh.get(key) {
+            return Some(id);
+        }
+        if self.next >= self.previous.end {
+            return None;
+        }
+        let id = self.next;
+        self.next += 1;
+        self.fresh.insert(key.clone(), id);
         Some(id)
     }
 
-    /// The allocator for the next compile: knows only this round's keys.
-    pub fn finish(self) -> IdAllocator<K> {
-        IdAllocator {
-            ids: self.used,
+    /// Keeps `id`, which the previous round handed out to a key this round
+    /// uses unchanged (a replayed entry's cookie): as [`IdRound::id`] of
+    /// that key, without hashing it.
+    pub fn keep(&mut self, id: u32) {
+        debug_assert!(id < self.previous.next, "id {id} was never handed out");
+        self.kept.insert(id);
+    }
+
+    pub fn finish(self) -> Sweep<K> {
+        Sweep {
+            kept: self.kept,
+            fresh: self.fresh,
             next: self.next,
-            end: self.previous.end,
         }
     }
 }
@@ -81,13 +133,15 @@ mod tests {
         assert_eq!(round.id(&"a"), Some(16));
         assert_eq!(round.id(&"b"), Some(17));
         assert_eq!(round.id(&"a"), Some(16));
-        alloc = round.finish();
+        let sweep = round.finish();
+        alloc.apply(sweep);
 
         let mut round = alloc.round();
         assert_eq!(round.id(&"b"), Some(17), "kept across rounds");
         assert_eq!(round.id(&"c"), Some(18), "a's id is not reused");
         assert_eq!(round.id(&"d"), None, "space exhausted");
-        alloc = round.finish();
+        let sweep = round.finish();
+        alloc.apply(sweep);
 
         let mut round = alloc.round();
         assert_eq!(
@@ -96,5 +150,46 @@ mod tests {
             "a was forgotten and the space is full"
         );
         assert_eq!(round.id(&"c"), Some(18));
+    }
+
+    #[test]
+    fn a_kept_id_survives_the_round_and_an_unused_one_is_forgotten() {
+        let mut alloc = IdAllocator::new(1, 100);
+        let mut round = alloc.round();
+        let (a, b) = (round.id(&"a").unwrap(), round.id(&"b").unwrap());
+        let sweep = round.finish();
+        alloc.apply(sweep);
+
+        // "a" is kept by id alone (a replay), "b" is not used.
+        let mut round = alloc.round();
+        round.keep(a);
+        let sweep = round.finish();
+        alloc.apply(sweep);
+
+        let mut round = alloc.round();
+        assert_eq!(round.id(&"a"), Some(a), "kept by its id");
+        assert_ne!(round.id(&"b"), Some(b), "forgotten, so it gets a new id");
+    }
+
+    #[test]
+    fn a_round_that_is_not_applied_changes_nothing() {
+        let mut alloc = IdAllocator::new(1, 100);
+        let mut round = alloc.round();
+        let a = round.id(&"a").unwrap();
+        let sweep = round.finish();
+        alloc.apply(sweep);
+
+        // A failed compile: its round is dropped.
+        let mut round = alloc.round();
+        assert!(round.id(&"new").is_some());
+        drop(round);
+
+        let mut round = alloc.round();
+        assert_eq!(round.id(&"a"), Some(a), "still known");
+        assert_eq!(
+            round.id(&"new"),
+            Some(a + 1),
+            "the failed round's id was never kept"
+        );
     }
 }

@@ -22,7 +22,7 @@
 //! that incremental output equals a compile that replays nothing.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{BuildHasher, Hash, Hasher},
 };
 
@@ -31,17 +31,15 @@ use portcullis_common::{PolicySlot, PolicyValue};
 use super::{
     ids::IdRound,
     unaffected::{EndpointInputs, SharedInputs},
-    Attribution, CompileError, Compiled,
+    Attribution, Compiled,
 };
 use crate::policy::model::{Direction, Workload, WorkloadRef};
 
-/// One emitted policy entry; `attribution` indexes the memo's own list.
+/// One emitted policy entry, its cookie included.
 #[derive(Debug, Clone)]
 pub struct Emitted {
     pub slot: PolicySlot,
-    pub verdict: u8,
-    pub reason: u8,
-    pub attribution: Option<usize>,
+    pub value: PolicyValue,
 }
 
 /// The entries of one endpoint and direction, and what they came from.
@@ -51,8 +49,10 @@ pub struct Memoized {
     /// entries, and no fingerprint was worked out).
     fingerprint: Option<u128>,
     entries: Vec<Emitted>,
-    /// Only the attributions the entries use.
-    attributions: Vec<Attribution>,
+    /// Only the attributions the entries use, with their cookies: an
+    /// attribution keeps its cookie while compiles use it, so a replay
+    /// keeps the cookie by number and writes the entries as they were.
+    attributions: Vec<(u32, Attribution)>,
     /// The endpoint as it was when these entries were last right for it.
     made_for: EndpointInputs,
 }
@@ -129,9 +129,9 @@ impl Memo {
 #[derive(Default)]
 pub struct Recorder {
     entries: Vec<Emitted>,
-    /// Index in the layers' attributions → index in `attributions`.
-    remap: HashMap<usize, usize>,
-    attributions: Vec<Attribution>,
+    /// Indexes in the layers' attributions already recorded.
+    seen: HashSet<usize>,
+    attributions: Vec<(u32, Attribution)>,
 }
 
 impl Recorder {
@@ -141,17 +141,14 @@ impl Recorder {
         value: &PolicyValue,
         attribution: Option<(usize, &Attribution)>,
     ) {
-        let attribution = attribution.map(|(index, a)| {
-            *self.remap.entry(index).or_insert_with(|| {
-                self.attributions.push(a.clone());
-                self.attributions.len() - 1
-            })
-        });
+        if let Some((index, a)) = attribution {
+            if self.seen.insert(index) {
+                self.attributions.push((value.rule_cookie, a.clone()));
+            }
+        }
         self.entries.push(Emitted {
             slot,
-            verdict: value.verdict,
-            reason: value.reason,
-            attribution,
+            value: *value,
         });
     }
 
@@ -196,29 +193,15 @@ impl Memoized {
         self.fingerprint.is_some()
     }
 
-    /// Writes the entries into `out` again, looking their cookies up in
-    /// this round (each attribution had an id last round, so it keeps it).
-    pub fn replay(
-        &self,
-        out: &mut Compiled,
-        cookie_ids: &mut IdRound<'_, Attribution>,
-    ) -> Result<(), CompileError> {
-        let cookies = self
-            .attributions
-            .iter()
-            .map(|a| super::cookie_id(out, cookie_ids, a))
-            .collect::<Result<Vec<u32>, CompileError>>()?;
-        for e in &self.entries {
-            out.rules.insert(
-                e.slot,
-                PolicyValue {
-                    verdict: e.verdict,
-                    reason: e.reason,
-                    _pad: 0,
-                    rule_cookie: e.attribution.map_or(0, |i| cookies[i]),
-                },
-            );
+    /// Writes the entries into `out` again. Their attributions had cookies
+    /// in the compile these entries come from, the latest successful one,
+    /// so the cookies are the same now and are kept by number.
+    pub fn replay(&self, out: &mut Compiled, cookie_ids: &mut IdRound<'_, Attribution>) {
+        for (cookie, a) in &self.attributions {
+            cookie_ids.keep(*cookie);
+            out.cookies.entry(*cookie).or_insert_with(|| a.clone());
         }
-        Ok(())
+        std::sync::Arc::make_mut(&mut out.rules)
+            .extend(self.entries.iter().map(|e| (e.slot, e.value)));
     }
 }

@@ -427,7 +427,7 @@ fn ids_are_stable_across_recompiles() {
     for (cookie, attribution) in &first.cookies {
         assert_eq!(second.cookies.get(cookie), Some(attribution));
     }
-    for (key, value) in &first.rules {
+    for (key, value) in first.rules.iter() {
         assert_eq!(
             second.rules.get(key),
             Some(value),

@@ -75,7 +75,7 @@ impl SharedInputs {
                 PolicyKind::ClusterL4Policy(_) => inputs.cluster.push(Seen::of(p)),
                 PolicyKind::NetworkPolicy(_) | PolicyKind::L4Policy(_) => inputs
                     .namespaces
-                    .entry(p.reference.namespace.clone())
+                    .entry(p.reference.namespace.to_string())
                     .or_default()
                     .policies
                     .push(Seen::of(p)),

@@ -95,16 +95,17 @@ fn decode<T: serde::de::DeserializeOwned>(o: &DynamicObject, kind: &str) -> Resu
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct ObjectKey {
     kind: ObjectKind,
-    namespace: String,
-    name: String,
+    /// Shared with the [`PolicyRef`]s made from it.
+    namespace: Arc<str>,
+    name: Arc<str>,
 }
 
 impl ObjectKey {
     fn of(kind: ObjectKind, meta: &ObjectMeta) -> Self {
         Self {
             kind,
-            namespace: meta.namespace.clone().unwrap_or_default(),
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: meta.namespace.as_deref().unwrap_or_default().into(),
+            name: meta.name.as_deref().unwrap_or_default().into(),
         }
     }
 
@@ -310,8 +311,8 @@ impl PolicyTracker {
             }
             out.reports.push(ObjectReport {
                 kind: key.kind,
-                namespace: key.namespace,
-                name: key.name,
+                namespace: key.namespace.to_string(),
+                name: key.name.to_string(),
                 uid,
                 generation: meta.generation,
                 problem,
@@ -504,7 +505,7 @@ mod tests {
             ApiPolicy::L4(&bad_label),
         ]);
         assert_eq!(out.policies.len(), 1);
-        assert_eq!(out.policies[0].reference.name, "fine");
+        assert_eq!(out.policies[0].reference.name.as_ref(), "fine");
         let problem = out.reports[0].problem.as_deref().unwrap();
         assert!(
             problem.contains("metadata.name") && problem.contains("at most 253 characters"),
@@ -526,7 +527,7 @@ mod tests {
         let fine = l4("fine", "u4", json!(443));
         let out = tracker.track([ApiPolicy::L4(&broken), ApiPolicy::L4(&fine)]);
         assert_eq!(out.policies.len(), 1);
-        assert_eq!(out.policies[0].reference.name, "fine");
+        assert_eq!(out.policies[0].reference.name.as_ref(), "fine");
         assert!(out.reports[0]
             .problem
             .as_deref()
