@@ -193,12 +193,46 @@ struct Pending {
 #[derive(Default)]
 pub struct PolicyTracker {
     committed: BTreeMap<ObjectKey, Committed>,
+    /// Counts changes to `committed`: what a track answers depends on it.
+    committed_changes: u64,
     validated: BTreeMap<ObjectKey, Validated>,
     store: Option<StateStore>,
-    pending: Option<Pending>,
+    pending: Option<Arc<Pending>>,
+    last: Option<LastTrack>,
+}
+
+/// The latest track, answered again while the same object versions are
+/// served and nothing was committed since: most passes follow a pod or a
+/// Service, and tracking a thousand unchanged policies cost milliseconds.
+struct LastTrack {
+    /// Kind, UID and `resourceVersion` of each object, in the order served.
+    inputs: Vec<(ObjectKind, String, String)>,
+    committed_changes: u64,
+    output: TrackedPolicies,
+    pending: Arc<Pending>,
+}
+
+impl LastTrack {
+    /// Whether `objects` are the versions this track was made from. An
+    /// object without a `resourceVersion` is never the same.
+    fn same_inputs(&self, objects: &[ApiPolicy<'_>]) -> bool {
+        self.inputs.len() == objects.len()
+            && self
+                .inputs
+                .iter()
+                .zip(objects)
+                .all(|((kind, uid, version), o)| {
+                    let meta = o.meta();
+                    *kind == o.kind()
+                        && !version.is_empty()
+                        && meta.uid.as_deref().unwrap_or_default() == uid
+                        && meta.resource_version.as_deref().unwrap_or_default() == version
+                })
+    }
 }
 
 /// What one pass over the policy objects produced.
+#[derive(Clone)]
 pub struct TrackedPolicies {
     pub policies: Vec<PolicyObject>,
     /// The last applied version of each object that has one.
@@ -248,6 +282,24 @@ impl PolicyTracker {
         &mut self,
         objects: impl IntoIterator<Item = ApiPolicy<'a>>,
     ) -> TrackedPolicies {
+        let objects: Vec<ApiPolicy<'a>> = objects.into_iter().collect();
+        if let Some(last) = self.last.as_ref().filter(|last| {
+            last.committed_changes == self.committed_changes && last.same_inputs(&objects)
+        }) {
+            self.pending = Some(Arc::clone(&last.pending));
+            return last.output.clone();
+        }
+        let inputs = objects
+            .iter()
+            .map(|o| {
+                let meta = o.meta();
+                (
+                    o.kind(),
+                    meta.uid.clone().unwrap_or_default(),
+                    meta.resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
         let mut out = TrackedPolicies {
             policies: Vec::new(),
             previous: BTreeMap::new(),
@@ -319,7 +371,14 @@ impl PolicyTracker {
             });
         }
         out.policies = in_force.into_values().collect();
-        self.pending = Some(pending);
+        let pending = Arc::new(pending);
+        self.pending = Some(Arc::clone(&pending));
+        self.last = Some(LastTrack {
+            inputs,
+            committed_changes: self.committed_changes,
+            output: out.clone(),
+            pending,
+        });
         out
     }
 
@@ -352,15 +411,16 @@ impl PolicyTracker {
         for key in gone {
             if persist(store.map_or(Ok(()), |s| s.remove(&key.store_key()))) {
                 self.committed.remove(&key);
+                self.committed_changes += 1;
             }
         }
-        for (key, version) in pending.valid {
+        for (key, version) in &pending.valid {
             if rejected.contains_key(&key.policy_ref()) {
                 continue;
             }
             let unchanged = self
                 .committed
-                .get(&key)
+                .get(key)
                 .is_some_and(|c| c.uid == version.uid && c.policy == version.policy);
             if unchanged {
                 continue;
@@ -374,7 +434,8 @@ impl PolicyTracker {
                 s.put(&key.store_key(), &bytes)
             });
             if persist(stored) {
-                self.committed.insert(key, version);
+                self.committed.insert(key.clone(), version.clone());
+                self.committed_changes += 1;
             }
         }
         problems
@@ -472,6 +533,46 @@ mod tests {
         let recreated = tracker.track([ApiPolicy::L4(&versioned("u2", "8", json!(443)))]);
         assert!(recreated.reports[0].problem.is_none());
         assert_ne!(recreated.policies, first.policies, "the new object's rules");
+    }
+
+    #[test]
+    fn unchanged_versions_are_answered_again_until_a_settle_commits_something() {
+        let versioned = |uid: &str, version: &str, port| {
+            let mut o = l4("web", uid, port);
+            o.metadata.resource_version = Some(version.into());
+            o
+        };
+        let v1 = versioned("u1", "7", json!(80));
+        let mut tracker = PolicyTracker::default();
+        let first = tracker.track([ApiPolicy::L4(&v1)]);
+        assert!(first.previous.is_empty(), "nothing committed yet");
+        // Held back: nothing is committed, so the same versions give the
+        // same answer (from the last track).
+        let rejected = BTreeMap::from([(PolicyRef::l4_policy("x", "web"), "too big".into())]);
+        tracker.settle(Some(&rejected));
+        let again = tracker.track([ApiPolicy::L4(&v1)]);
+        assert!(again.previous.is_empty());
+        assert_eq!(again.policies, first.policies);
+        // Applied now: the settle commits v1, so the same versions must be
+        // answered afresh, naming v1 as the last valid version.
+        tracker.settle(Some(&BTreeMap::new()));
+        let after_commit = tracker.track([ApiPolicy::L4(&v1)]);
+        assert_eq!(
+            after_commit.previous.values().cloned().collect::<Vec<_>>(),
+            first.policies,
+            "a commit since the last track is seen"
+        );
+        // An invalid edit is judged, not answered from the last track, and
+        // the committed v1 stays in force.
+        tracker.settle(Some(&BTreeMap::new()));
+        let bad = versioned("u1", "8", json!(70000));
+        let edited = tracker.track([ApiPolicy::L4(&bad)]);
+        assert!(edited.reports[0].problem.is_some(), "the edit was judged");
+        assert_eq!(edited.policies, first.policies, "last valid version kept");
+        // A deletion is a change too.
+        tracker.settle(Some(&BTreeMap::new()));
+        let gone = tracker.track(Vec::<ApiPolicy>::new());
+        assert!(gone.policies.is_empty() && gone.reports.is_empty());
     }
 
     #[test]
