@@ -67,14 +67,8 @@ fn a_tiny_cluster_reports_every_kind_of_change() {
         .unwrap_or_else(|| panic!("no idle CPU line:\n{section}"));
     assert!((0.0..=200.0).contains(&idle), "idle CPU {idle}%");
     // Sustained churn: the row's "missed updates" column, and its verdict.
-    let header = section
-        .lines()
-        .find(|l| l.starts_with("| pods added / deleted"))
-        .unwrap_or_else(|| panic!("no sustained churn table:\n{section}"));
-    let column = header
-        .split('|')
-        .position(|c| c.trim() == "missed updates")
-        .expect("a missed updates column");
+    let header = table_header(section, "| pods added / deleted");
+    let column = column_of(header, "missed updates");
     let row = section
         .lines()
         .skip_while(|l| *l != header)
@@ -89,10 +83,7 @@ fn a_tiny_cluster_reports_every_kind_of_change() {
     assert_eq!(missed, 0, "the agent missed updates:\n{section}");
     // Some sampled flows are ones a rule admits, or the check would only
     // ever compare denies.
-    let column = header
-        .split('|')
-        .position(|c| c.trim() == "flows checked (allowed)")
-        .expect("a flows checked column");
+    let column = column_of(header, "flows checked (allowed)");
     let allowed: usize = row
         .split('|')
         .nth(column)
@@ -101,14 +92,8 @@ fn a_tiny_cluster_reports_every_kind_of_change() {
     assert!(allowed > 0, "no sampled flow was allowed:\n{section}");
     // Growth rows from the size the agent started on, each with where its
     // pods-added passes spent their time, by stage.
-    let header = section
-        .lines()
-        .find(|l| l.starts_with("| cluster pods"))
-        .unwrap_or_else(|| panic!("no growth table:\n{section}"));
-    let column = header
-        .split('|')
-        .position(|c| c.trim() == "load / compile / desired / write ms")
-        .expect("a stage column");
+    let header = table_header(section, "| cluster pods");
+    let column = column_of(header, "load / compile / desired / write ms");
     for pods in ["| 100 |", "| 200 |", "| 300 |"] {
         let row = section
             .lines()
@@ -131,4 +116,20 @@ fn a_tiny_cluster_reports_every_kind_of_change() {
         !mount.join("churn-bench").exists(),
         "the bench's cgroups are left behind"
     );
+}
+
+/// The header line of the table whose header starts with `start`.
+fn table_header<'a>(section: &'a str, start: &str) -> &'a str {
+    section
+        .lines()
+        .find(|l| l.starts_with(start))
+        .unwrap_or_else(|| panic!("no table starting {start:?}:\n{section}"))
+}
+
+/// Where the column `name` is in a table row split at `|`.
+fn column_of(header: &str, name: &str) -> usize {
+    header
+        .split('|')
+        .position(|c| c.trim() == name)
+        .unwrap_or_else(|| panic!("no {name:?} column in {header}"))
 }

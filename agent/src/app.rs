@@ -507,12 +507,7 @@ impl Observers {
         let m = &self.metrics;
         m.apply
             .succeeded(changed_at.map(|t| t.elapsed().unwrap_or_default()));
-        m.apply.stages(&crate::metrics::apply::StageTimes {
-            load: load_time,
-            compile: applied.timings.compile,
-            desired: applied.timings.desired,
-            write: applied.timings.write,
-        });
+        m.apply.stages(load_time, &applied.timings);
         m.decisions
             .learn_cookie_policies(&applied.names.cookie_policies);
         if let Err(e) = m.refresh(&self.pin_dir) {

@@ -38,7 +38,7 @@ use self::{
     histogram::{quantile, Reading, StageTotals},
     objects::PodSpec,
 };
-use crate::{kube_plane::ControlPlane, metrics::apply::StageTimes};
+use crate::{kube_plane::ControlPlane, metrics::apply::STAGES};
 
 const PIN_DIR: &str = "/sys/fs/bpf/churn";
 /// Below the cgroup v2 mount ([`crate::cgroup::cgroup2_mount`]): the programs attach here and the kubelet's
@@ -874,7 +874,7 @@ pub fn render(result: &ChurnResult) -> String {
             false => "–".into(),
         };
         let (added, stages) = at_size(m);
-        let stage_ms = StageTimes::STAGES
+        let stage_ms = STAGES
             .iter()
             .map(|stage| stages.mean(stage).map_or("–".into(), ms))
             .collect::<Vec<_>>()

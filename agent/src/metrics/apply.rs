@@ -9,6 +9,8 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+use crate::reconcile::PassTimings;
+
 /// Labels of `portcullis_policy_applies_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -24,15 +26,9 @@ pub struct StageLabels {
     pub stage: &'static str,
 }
 
-/// The stages of a pass that reached the kernel, as
-/// `portcullis_policy_pass_stage_seconds` labels them.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StageTimes {
-    pub load: Duration,
-    pub compile: Duration,
-    pub desired: Duration,
-    pub write: Duration,
-}
+/// The stages of a pass, as `portcullis_policy_pass_stage_seconds` labels
+/// them, in the order a pass runs them.
+pub const STAGES: [&str; 4] = ["load", "compile", "desired", "write"];
 
 /// Bucket bounds in seconds: an apply is a few milliseconds for small
 /// policies and seconds for maps with ~10⁵–10⁶ entries.
@@ -82,7 +78,7 @@ impl ApplyMetrics {
         for result in ["success", "failure"] {
             let _ = m.passes.get_or_create(&ResultLabels { result });
         }
-        for stage in StageTimes::STAGES {
+        for stage in STAGES {
             let _ = m.stages.get_or_create(&StageLabels { stage });
         }
         m
@@ -99,9 +95,11 @@ impl ApplyMetrics {
         }
     }
 
-    /// The stages of a pass that reached the kernel.
-    pub fn stages(&self, times: &StageTimes) {
-        for (stage, time) in StageTimes::STAGES.into_iter().zip(times.each()) {
+    /// The stages of a pass that reached the kernel: the source's `load`,
+    /// then what the reconciler timed.
+    pub fn stages(&self, load: Duration, pass: &PassTimings) {
+        let times = [load, pass.compile, pass.desired, pass.write];
+        for (stage, time) in STAGES.into_iter().zip(times) {
             self.stages
                 .get_or_create(&StageLabels { stage })
                 .observe(time.as_secs_f64());
@@ -119,15 +117,6 @@ impl ApplyMetrics {
     }
 }
 
-impl StageTimes {
-    pub const STAGES: [&'static str; 4] = ["load", "compile", "desired", "write"];
-
-    /// In the order of [`StageTimes::STAGES`].
-    fn each(&self) -> [Duration; 4] {
-        [self.load, self.compile, self.desired, self.write]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,12 +125,14 @@ mod tests {
     fn each_stage_of_a_pass_is_observed_under_its_own_label() {
         let mut registry = Registry::with_prefix("portcullis");
         let m = ApplyMetrics::register(&mut registry);
-        m.stages(&StageTimes {
-            load: Duration::from_millis(3),
-            compile: Duration::from_millis(40),
-            desired: Duration::from_millis(7),
-            write: Duration::from_millis(2),
-        });
+        m.stages(
+            Duration::from_millis(3),
+            &PassTimings {
+                compile: Duration::from_millis(40),
+                desired: Duration::from_millis(7),
+                write: Duration::from_millis(2),
+            },
+        );
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for (stage, sum) in [
