@@ -22,6 +22,7 @@
 //! is complete (a port-0/0 default plus disjoint blocks), because the kernel
 //! falls back to ANY when a specific identity has no covering entry.
 
+mod class_cache;
 mod class_delta;
 mod classes;
 mod ids;
@@ -48,6 +49,7 @@ use thiserror::Error;
 
 pub use self::memo::Reuse;
 use self::{
+    class_cache::ClassCache,
     class_delta::{ClassDelta, NamedCache},
     classes::{Member, PeerClass, PeerClasses},
     ids::IdAllocator,
@@ -231,6 +233,8 @@ pub struct Compiler {
     /// The classes each distinct rule peer list named in the previous
     /// compile (carried over to the next compile's classes).
     named_cache: NamedCache,
+    /// Each workload's peer classes, kept between compiles (with the memo).
+    class_cache: ClassCache,
     reuse: Reuse,
 }
 
@@ -249,6 +253,7 @@ impl Compiler {
             cookie_ids: IdAllocator::new(1, u32::MAX),
             memo: Some(Memo::default()),
             named_cache: NamedCache::default(),
+            class_cache: ClassCache::default(),
             reuse: Reuse::default(),
         }
     }
@@ -299,7 +304,11 @@ impl Compiler {
         policies: &[PolicyObject],
     ) -> Result<Compiled, CompileError> {
         let policies = Sorted::new(policies)?;
-        let classes = PeerClasses::build(inventory, policies.all.iter().flat_map(|p| p.rules()));
+        let rules = policies.all.iter().flat_map(|p| p.rules());
+        let classes = match self.memo {
+            Some(_) => PeerClasses::build_cached(inventory, rules, &mut self.class_cache),
+            None => PeerClasses::build(inventory, rules),
+        };
 
         let mut endpoint_ids = self.endpoint_ids.round();
         let mut identity_ids = self.identity_ids.round();
@@ -329,7 +338,11 @@ impl Compiler {
 
         // Taken out: a failed compile leaves no memo, so the next one starts
         // from scratch instead of from entries whose cookies were not kept.
-        let (previous, shared_before) = self.memo.as_mut().map(Memo::take).unwrap_or_default();
+        let memo::Taken {
+            entries: previous,
+            shared: shared_before,
+            rules: rules_before,
+        } = self.memo.as_mut().map(Memo::take).unwrap_or_default();
         // Which classes a rule names depends only on its peers and the
         // classes: the previous answers are carried over to these classes.
         let named_before = std::mem::take(&mut self.named_cache);
@@ -358,12 +371,14 @@ impl Compiler {
             named_now: HashMap::new(),
             memo: self.memo.as_ref(),
             previous,
+            carried: rules_before.is_some(),
             unchanged,
             next: HashMap::new(),
             pod_classes_print: None,
             reuse: Reuse::default(),
             out: Compiled {
                 identities,
+                rules: rules_before.unwrap_or_default(),
                 ..Default::default()
             },
         };
@@ -391,6 +406,13 @@ impl Compiler {
             }
         }
 
+        // What is left was made for endpoints that are gone: their ids are
+        // never handed out again, so nothing written above is withdrawn.
+        if pass.carried {
+            for (_, gone) in pass.previous.drain() {
+                gone.withdraw(&mut pass.out);
+            }
+        }
         let rules: usize = pass.policies.all.iter().map(|p| p.rules().count()).sum();
         let Pass {
             out,
@@ -403,7 +425,7 @@ impl Compiler {
             ..
         } = pass;
         if let (Some(memo), Some(shared)) = (self.memo.as_mut(), shared) {
-            memo.restore(next, shared);
+            memo.restore(next, shared, Arc::clone(&out.rules));
             // Peer lists only endpoints replayed unexamined use were not
             // looked up; their answers still hold for these classes (they
             // were cleared above otherwise). Lists of removed rules are
@@ -507,6 +529,10 @@ struct Pass<'p> {
     /// compile's entries and this compile's.
     memo: Option<&'p Memo>,
     previous: HashMap<(WorkloadRef, Direction), Memoized>,
+    /// `out.rules` started as the previous compile's, which are exactly
+    /// the entries in `previous`: a replay leaves them, and an
+    /// endpoint-direction worked out again withdraws its old ones first.
+    carried: bool,
     /// Namespaces nothing their endpoints depend on changed in (beyond the
     /// endpoints themselves) since the previous compile.
     unchanged: Unchanged,
@@ -734,7 +760,7 @@ impl<'p> Pass<'p> {
                 .is_some_and(|m| m.made_for(endpoint, endpoint_id))
         {
             let memoized = self.previous.remove(&memo_key).expect("looked up above");
-            memoized.replay(&mut self.out, cookie_ids);
+            memoized.replay(&mut self.out, cookie_ids, self.carried);
             if memoized.applies() {
                 self.reuse.replayed += 1;
                 self.reuse.unexamined += 1;
@@ -742,8 +768,14 @@ impl<'p> Pass<'p> {
             self.next.insert(memo_key, memoized);
             return Ok(());
         }
+        // Worked out from here on (or replayed after a fingerprint check):
+        // the old entries leave the carried rules unless replayed.
+        let before = self.previous.remove(&memo_key);
         let layers = self.layers(endpoint, direction);
         if layers.is_empty() {
+            if let Some(before) = before.filter(|_| self.carried) {
+                before.withdraw(&mut self.out);
+            }
             if self.memo.is_some() {
                 let made_for = EndpointInputs::of(endpoint, endpoint_id);
                 self.next
@@ -798,18 +830,18 @@ impl<'p> Pass<'p> {
                 named_egress_ports,
             )
         });
-        if let Some(fingerprint) = fingerprint {
-            if let Some(memoized) = self
-                .previous
-                .remove(&memo_key)
-                .filter(|m| m.fingerprint() == Some(fingerprint))
-            {
-                memoized.replay(&mut self.out, cookie_ids);
+        let before = match (fingerprint, before) {
+            (Some(fingerprint), Some(memoized)) if memoized.fingerprint() == Some(fingerprint) => {
+                memoized.replay(&mut self.out, cookie_ids, self.carried);
                 let made_for = EndpointInputs::of(endpoint, endpoint_id);
                 self.next.insert(memo_key, memoized.now_for(made_for));
                 self.reuse.replayed += 1;
                 return Ok(());
             }
+            (_, before) => before,
+        };
+        if let Some(before) = before.filter(|_| self.carried) {
+            before.withdraw(&mut self.out);
         }
         let mut recorder = Recorder::default();
 

@@ -16,16 +16,15 @@
 //! they would make every pod its own class and identity.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::AddrPrefix;
-use crate::policy::model::{
-    Inventory, Labels, NamespaceScope, Peer, Peers, PortSpec, Protocol, Rule,
-};
+use super::{class_cache::ClassCache, AddrPrefix};
+use crate::policy::model::{Inventory, Labels, NamespaceScope, Peer, Protocol, Rule};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PeerClass {
@@ -67,27 +66,29 @@ pub struct PeerClasses {
 impl PeerClasses {
     /// `rules`: every rule of every policy (of any kind).
     pub fn build<'a>(inventory: &Inventory, rules: impl IntoIterator<Item = &'a Rule>) -> Self {
+        Self::build_cached(inventory, rules, &mut ClassCache::default())
+    }
+
+    /// [`PeerClasses::build`], reusing the classes `cache` kept for
+    /// workloads that did not change since its last compile.
+    pub fn build_cached<'a>(
+        inventory: &Inventory,
+        rules: impl IntoIterator<Item = &'a Rule>,
+        cache: &mut ClassCache,
+    ) -> Self {
         let rules: Vec<&Rule> = rules.into_iter().collect();
-        let mentioned = mentioned_cidrs(rules.iter().copied());
-        let looked_at = LookedAt::of(&rules);
-        // One lookup per prefix length, longest first: policies may mention
-        // thousands of CIDRs.
-        let most_specific = |ip: IpAddr| -> Option<IpNet> {
-            let max_len = if ip.is_ipv4() { 32 } else { 128 };
-            (0..=max_len)
-                .rev()
-                .filter_map(|len| IpNet::new(ip, len).ok().map(|net| net.trunc()))
-                .find(|net| mentioned.contains(net))
-        };
+        let mut pass = cache.pass(inventory, &rules);
 
         // Each prefix points at its class, each distinct class kept once:
-        // thousands of pods share a few label sets, and a class per pod
-        // address (then a sorted copy of them all) cost about 33 MiB at
-        // 20,000 pods.
-        let mut interned: BTreeMap<PeerClass, usize> = BTreeMap::new();
-        let mut intern = |class: PeerClass| -> usize {
-            let next = interned.len();
-            *interned.entry(class).or_insert(next)
+        // thousands of pods share a few label sets. Classes are shared
+        // values (see `class_cache`), told apart here by address.
+        let mut interned: Vec<Arc<PeerClass>> = Vec::new();
+        let mut index_of: HashMap<*const PeerClass, usize> = HashMap::new();
+        let mut intern = |class: &Arc<PeerClass>| -> usize {
+            *index_of.entry(Arc::as_ptr(class)).or_insert_with(|| {
+                interned.push(Arc::clone(class));
+                interned.len() - 1
+            })
         };
         let mut members: BTreeMap<AddrPrefix, usize> = BTreeMap::new();
         let mut prefixes: BTreeMap<AddrPrefix, Member> = BTreeMap::new();
@@ -96,38 +97,12 @@ impl PeerClasses {
         for ip in &inventory.node_ips {
             prefixes.insert(AddrPrefix::host(*ip), Member::Host);
         }
-        // Per namespace, not per pod: looking a namespace's labels up scans
-        // the namespaces and copies them.
-        let mut kept_namespace_labels: HashMap<&str, Labels> = HashMap::new();
         for w in &inventory.workloads {
-            let mut named_ports: Vec<_> = w
-                .ports
-                .iter()
-                .filter(|p| looked_at.port_names.contains(p.name.as_str()))
-                .map(|p| (p.name.clone(), p.protocol, p.container_port))
-                .collect();
-            named_ports.sort();
-            let labels = LookedAt::keep(&w.labels, &looked_at.pod_keys);
-            let namespace_labels = kept_namespace_labels
-                .entry(w.namespace.as_str())
-                .or_insert_with(|| {
-                    LookedAt::keep(
-                        &inventory.namespace_labels(&w.namespace),
-                        &looked_at.namespace_keys,
-                    )
-                })
-                .clone();
-            for ip in &w.ips {
-                let class = PeerClass::Pod {
-                    namespace: w.namespace.clone(),
-                    labels: labels.clone(),
-                    namespace_labels: namespace_labels.clone(),
-                    named_ports: named_ports.clone(),
-                    cidr: most_specific(*ip),
-                };
+            for (ip, class) in pass.classes_of(w) {
                 members.insert(AddrPrefix::host(*ip), intern(class));
             }
         }
+        let mentioned: Vec<IpNet> = pass.cidrs().copied().collect();
         // Link-local addresses are nobody's in policy terms: ipBlocks never
         // match them (see `evaluate::is_ipv6_link_local`), so no class may
         // claim any part of fe80::/10.
@@ -149,7 +124,8 @@ impl PeerClasses {
             // A /32 or /128 naming a pod or node: the host entry already
             // carries (or overrides) what the CIDR would say.
             if !members.contains_key(&prefix) && !prefixes.contains_key(&prefix) {
-                members.insert(prefix, intern(PeerClass::Cidr(*net)));
+                let class = pass.canonical(PeerClass::Cidr(*net));
+                members.insert(prefix, intern(&class));
             }
         }
         // IPv4 lives at ::ffff:0:0/96 in the kernel's trie, so an IPv6 policy
@@ -168,15 +144,17 @@ impl PeerClasses {
 
         // Only classes some prefix still points at (one whose address was
         // claimed again by a later member is not), in sorted order.
-        let used: BTreeSet<usize> = members.values().copied().collect();
+        let mut used: Vec<usize> = members.values().copied().collect();
+        used.sort_unstable();
+        used.dedup();
+        used.sort_by(|a, b| interned[*a].cmp(&interned[*b]));
         let mut rank = vec![None; interned.len()];
-        let classes: Vec<PeerClass> = interned
-            .into_iter()
-            .filter(|(_, provisional)| used.contains(provisional))
+        let classes: Vec<PeerClass> = used
+            .iter()
             .enumerate()
-            .map(|(index, (class, provisional))| {
+            .map(|(index, &provisional)| {
                 rank[provisional] = Some(index);
-                class
+                PeerClass::clone(&interned[provisional])
             })
             .collect();
         for (prefix, provisional) in members {
@@ -184,6 +162,8 @@ impl PeerClasses {
                 prefixes.insert(prefix, Member::Class(index));
             }
         }
+        drop(interned);
+        pass.finish();
         let mut by_cidr: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
         let mut pods = Vec::new();
         for (index, class) in classes.iter().enumerate() {
@@ -240,62 +220,6 @@ impl PeerClasses {
     pub fn pod_classes(&self) -> &[usize] {
         &self.pods
     }
-}
-
-/// What the rules' peers and ports can look at in a pod.
-#[derive(Default)]
-struct LookedAt<'a> {
-    pod_keys: BTreeSet<&'a str>,
-    namespace_keys: BTreeSet<&'a str>,
-    port_names: BTreeSet<&'a str>,
-}
-
-impl<'a> LookedAt<'a> {
-    fn of(rules: &[&'a Rule]) -> Self {
-        let mut seen = Self::default();
-        for rule in rules {
-            if let Peers::Only(peers) = &rule.peers {
-                for peer in peers {
-                    if let Peer::Pods { namespaces, pods } = peer {
-                        seen.pod_keys.extend(pods.keys());
-                        if let NamespaceScope::Matching(selector) = namespaces {
-                            seen.namespace_keys.extend(selector.keys());
-                        }
-                    }
-                }
-            }
-            for port in &rule.ports {
-                if let PortSpec::Named(name) = &port.port {
-                    seen.port_names.insert(name);
-                }
-            }
-        }
-        seen
-    }
-
-    fn keep(labels: &Labels, keys: &BTreeSet<&str>) -> Labels {
-        labels
-            .iter()
-            .filter(|(k, _)| keys.contains(k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    }
-}
-
-/// Every `cidr` and `except` of the rules.
-fn mentioned_cidrs<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> BTreeSet<IpNet> {
-    let mut cidrs = BTreeSet::new();
-    for rule in rules {
-        if let Peers::Only(peers) = &rule.peers {
-            for peer in peers {
-                if let Peer::Block { cidr, except } = peer {
-                    cidrs.insert(*cidr);
-                    cidrs.extend(except.iter().copied());
-                }
-            }
-        }
-    }
-    cidrs
 }
 
 impl PeerClass {

@@ -66,6 +66,21 @@ pub struct Memo {
     entries: HashMap<MemoKey, Memoized>,
     /// What the entries' compile was made from, beyond each endpoint.
     shared: Option<SharedInputs>,
+    /// That compile's rules: exactly the entries above, all together. The
+    /// next compile starts from them and changes only the endpoints it
+    /// works out again or no longer has, instead of inserting every entry
+    /// of every endpoint again (tens of thousands at cluster scale).
+    rules: Option<Rules>,
+}
+
+pub type Rules = std::sync::Arc<std::collections::BTreeMap<PolicySlot, PolicyValue>>;
+
+/// What a compile takes from the memo (see [`Memo::take`]).
+#[derive(Default)]
+pub struct Taken {
+    pub entries: HashMap<MemoKey, Memoized>,
+    pub shared: Option<SharedInputs>,
+    pub rules: Option<Rules>,
 }
 
 /// How much one compile reused.
@@ -115,13 +130,25 @@ impl Memo {
     /// Takes the entries out for a compile, with what their compile was
     /// made from; what it does not hand back in [`Memo::restore`] is
     /// forgotten (an endpoint that went away).
-    pub fn take(&mut self) -> (HashMap<MemoKey, Memoized>, Option<SharedInputs>) {
-        (std::mem::take(&mut self.entries), self.shared.take())
+    pub fn take(&mut self) -> Taken {
+        Taken {
+            entries: std::mem::take(&mut self.entries),
+            shared: self.shared.take(),
+            rules: self.rules.take(),
+        }
     }
 
-    pub fn restore(&mut self, entries: HashMap<MemoKey, Memoized>, shared: SharedInputs) {
+    /// After a successful compile: its entries, what it was made from and
+    /// its rules (exactly those entries).
+    pub fn restore(
+        &mut self,
+        entries: HashMap<MemoKey, Memoized>,
+        shared: SharedInputs,
+        rules: Rules,
+    ) {
         self.entries = entries;
         self.shared = Some(shared);
+        self.rules = Some(rules);
     }
 }
 
@@ -193,15 +220,36 @@ impl Memoized {
         self.fingerprint.is_some()
     }
 
-    /// Writes the entries into `out` again. Their attributions had cookies
-    /// in the compile these entries come from, the latest successful one,
-    /// so the cookies are the same now and are kept by number.
-    pub fn replay(&self, out: &mut Compiled, cookie_ids: &mut IdRound<'_, Attribution>) {
+    /// Writes the entries into `out` again, unless `out` started from the
+    /// rules they were taken from (`carried`: they are there already).
+    /// Their attributions had cookies in the compile these entries come
+    /// from, the latest successful one, so the cookies are the same now
+    /// and are kept by number.
+    pub fn replay(
+        &self,
+        out: &mut Compiled,
+        cookie_ids: &mut IdRound<'_, Attribution>,
+        carried: bool,
+    ) {
         for (cookie, a) in &self.attributions {
             cookie_ids.keep(*cookie);
             out.cookies.entry(*cookie).or_insert_with(|| a.clone());
         }
-        std::sync::Arc::make_mut(&mut out.rules)
-            .extend(self.entries.iter().map(|e| (e.slot, e.value)));
+        if !carried {
+            std::sync::Arc::make_mut(&mut out.rules)
+                .extend(self.entries.iter().map(|e| (e.slot, e.value)));
+        }
+    }
+
+    /// Takes these entries out of rules that were carried over: the
+    /// endpoint-direction is worked out again, or gone.
+    pub fn withdraw(&self, out: &mut Compiled) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let rules = std::sync::Arc::make_mut(&mut out.rules);
+        for e in &self.entries {
+            rules.remove(&e.slot);
+        }
     }
 }

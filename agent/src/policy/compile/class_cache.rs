@@ -1,0 +1,398 @@
+//! Each workload's peer classes, kept from one compile to the next.
+//!
+//! A pod's classes depend on the pod itself, on what the rules look at (the
+//! lens: pod label keys, namespace label keys, port names and policy CIDRs)
+//! and on its namespace's labels under that lens. A pod event replaces the
+//! workload's `Arc`, so a workload served as the very same `Arc`, under the
+//! same lens and the same namespace labels, has the classes it had. At 5,000
+//! pods working every pod's classes out again was more than half of a
+//! compile that followed one pod.
+//!
+//! Equal classes are one shared value (`canonical`), so a compile can tell
+//! classes apart by address and compare values only to sort the distinct
+//! ones. A class no kept workload uses any more is dropped after the pass.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use ipnet::IpNet;
+
+use super::classes::PeerClass;
+use crate::policy::model::{
+    Inventory, Labels, NamespaceScope, Peer, Peers, PortSpec, Rule, Workload,
+};
+
+/// Classes kept between compiles (see the module docs).
+#[derive(Default, Clone)]
+pub struct ClassCache {
+    lens: Lens,
+    /// Each namespace's labels under the lens, as of the last compile.
+    namespaces: HashMap<String, Arc<Labels>>,
+    /// By the address of the workload, which `Kept::workload` pins.
+    workloads: HashMap<usize, Kept>,
+    canonical: HashSet<Arc<PeerClass>>,
+}
+
+#[derive(Clone)]
+struct Kept {
+    workload: Arc<Workload>,
+    /// The namespace labels the classes were made with.
+    namespace_labels: Arc<Labels>,
+    classes: Vec<(IpAddr, Arc<PeerClass>)>,
+}
+
+/// What the rules' peers and ports can look at in a pod.
+#[derive(Default, Clone, PartialEq, Eq)]
+struct Lens {
+    pod_keys: BTreeSet<String>,
+    namespace_keys: BTreeSet<String>,
+    port_names: BTreeSet<String>,
+    /// Every `cidr` and `except` of the rules.
+    cidrs: BTreeSet<IpNet>,
+}
+
+impl Lens {
+    fn of(rules: &[&Rule]) -> Self {
+        // Borrowed while scanning: ten thousand rules name the same few
+        // keys, so only the distinct ones are copied.
+        let mut pod_keys = BTreeSet::new();
+        let mut namespace_keys = BTreeSet::new();
+        let mut port_names = BTreeSet::new();
+        let mut cidrs = BTreeSet::new();
+        for rule in rules {
+            if let Peers::Only(peers) = &rule.peers {
+                for peer in peers {
+                    match peer {
+                        Peer::Pods { namespaces, pods } => {
+                            pod_keys.extend(pods.keys());
+                            if let NamespaceScope::Matching(selector) = namespaces {
+                                namespace_keys.extend(selector.keys());
+                            }
+                        }
+                        Peer::Block { cidr, except } => {
+                            cidrs.insert(*cidr);
+                            cidrs.extend(except.iter().copied());
+                        }
+                        Peer::Identity(_) => {}
+                    }
+                }
+            }
+            for port in &rule.ports {
+                if let PortSpec::Named(name) = &port.port {
+                    port_names.insert(name.as_str());
+                }
+            }
+        }
+        let owned = |keys: BTreeSet<&str>| keys.into_iter().map(str::to_string).collect();
+        Self {
+            pod_keys: owned(pod_keys),
+            namespace_keys: owned(namespace_keys),
+            port_names: owned(port_names),
+            cidrs,
+        }
+    }
+
+    fn keep(labels: &Labels, keys: &BTreeSet<String>) -> Labels {
+        labels
+            .iter()
+            .filter(|(k, _)| keys.contains(k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The most specific policy CIDR holding `ip`: one lookup per prefix
+    /// length, longest first (policies may mention thousands of CIDRs).
+    fn most_specific(&self, ip: IpAddr) -> Option<IpNet> {
+        let max_len = if ip.is_ipv4() { 32 } else { 128 };
+        (0..=max_len)
+            .rev()
+            .filter_map(|len| IpNet::new(ip, len).ok().map(|net| net.trunc()))
+            .find(|net| self.cidrs.contains(net))
+    }
+
+    /// A pod address's class.
+    fn pod_class(&self, w: &Workload, ip: IpAddr, namespace_labels: &Labels) -> PeerClass {
+        let mut named_ports: Vec<_> = w
+            .ports
+            .iter()
+            .filter(|p| self.port_names.contains(p.name.as_str()))
+            .map(|p| (p.name.clone(), p.protocol, p.container_port))
+            .collect();
+        named_ports.sort();
+        PeerClass::Pod {
+            namespace: w.namespace.clone(),
+            labels: Self::keep(&w.labels, &self.pod_keys),
+            namespace_labels: namespace_labels.clone(),
+            named_ports,
+            cidr: self.most_specific(ip),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClassCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassCache")
+            .field("workloads", &self.workloads.len())
+            .field("classes", &self.canonical.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One compile's use of the cache: [`ClassCache::pass`] to
+/// [`ClassPass::finish`].
+pub struct ClassPass<'c> {
+    cache: &'c mut ClassCache,
+    /// The last compile's workloads; what this one reuses moves back.
+    earlier: HashMap<usize, Kept>,
+    namespaces: HashMap<String, Arc<Labels>>,
+}
+
+impl ClassCache {
+    /// Starts a compile of `inventory` under `rules`: a changed lens
+    /// forgets every workload's classes.
+    pub fn pass<'c>(&'c mut self, inventory: &Inventory, rules: &[&Rule]) -> ClassPass<'c> {
+        let lens = Lens::of(rules);
+        if lens != self.lens {
+            self.workloads.clear();
+            self.lens = lens;
+        }
+        // Per namespace, not per pod: a namespace's labels are looked up by
+        // scanning the namespaces. An unchanged namespace keeps its `Arc`,
+        // so its pods' kept classes stay valid.
+        let mut namespaces = HashMap::new();
+        for w in &inventory.workloads {
+            if namespaces.contains_key(w.namespace.as_str()) {
+                continue;
+            }
+            let labels = Lens::keep(
+                &inventory.namespace_labels(&w.namespace),
+                &self.lens.namespace_keys,
+            );
+            let labels = match self.namespaces.get(w.namespace.as_str()) {
+                Some(before) if **before == labels => Arc::clone(before),
+                _ => Arc::new(labels),
+            };
+            namespaces.insert(w.namespace.clone(), labels);
+        }
+        let earlier = std::mem::take(&mut self.workloads);
+        ClassPass {
+            cache: self,
+            earlier,
+            namespaces,
+        }
+    }
+}
+
+impl ClassPass<'_> {
+    /// Every policy CIDR, each with its class.
+    pub fn cidrs(&self) -> impl Iterator<Item = &IpNet> + '_ {
+        self.cache.lens.cidrs.iter()
+    }
+
+    /// The one shared value equal to `class`.
+    pub fn canonical(&mut self, class: PeerClass) -> Arc<PeerClass> {
+        canonical(&mut self.cache.canonical, class)
+    }
+
+    /// `w`'s classes, one per address: kept if `w` is the very workload
+    /// they were made for, under the same namespace labels.
+    pub fn classes_of(&mut self, w: &Arc<Workload>) -> &[(IpAddr, Arc<PeerClass>)] {
+        let at = Arc::as_ptr(w) as usize;
+        let namespace_labels = &self.namespaces[w.namespace.as_str()];
+        let kept = match self.earlier.remove(&at) {
+            Some(kept)
+                if Arc::ptr_eq(&kept.workload, w)
+                    && Arc::ptr_eq(&kept.namespace_labels, namespace_labels) =>
+            {
+                kept
+            }
+            _ => {
+                let lens = &self.cache.lens;
+                let classes = w
+                    .ips
+                    .iter()
+                    .map(|ip| {
+                        let class = lens.pod_class(w, *ip, namespace_labels);
+                        (*ip, canonical(&mut self.cache.canonical, class))
+                    })
+                    .collect();
+                Kept {
+                    workload: Arc::clone(w),
+                    namespace_labels: Arc::clone(namespace_labels),
+                    classes,
+                }
+            }
+        };
+        &self
+            .cache
+            .workloads
+            .entry(at)
+            .insert_entry(kept)
+            .into_mut()
+            .classes
+    }
+
+    /// Ends the compile: workloads it did not see are forgotten, and so
+    /// are classes nothing kept uses.
+    pub fn finish(self) {
+        let ClassPass {
+            cache,
+            earlier,
+            namespaces,
+        } = self;
+        drop(earlier);
+        cache.namespaces = namespaces;
+        cache.canonical.retain(|class| Arc::strong_count(class) > 1);
+    }
+}
+
+fn canonical(set: &mut HashSet<Arc<PeerClass>>, class: PeerClass) -> Arc<PeerClass> {
+    if let Some(shared) = set.get(&class) {
+        return Arc::clone(shared);
+    }
+    let shared = Arc::new(class);
+    set.insert(Arc::clone(&shared));
+    shared
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{model::Namespace, selector::Selector};
+
+    fn workload(name: &str, app: &str, ip: &str) -> Arc<Workload> {
+        Arc::new(Workload {
+            name: name.into(),
+            namespace: "shop".into(),
+            labels: [("app", app), ("pod-template-hash", name)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cgroup: None,
+            ips: vec![ip.parse().unwrap()],
+            ports: Vec::new(),
+            service_account: None,
+        })
+    }
+
+    fn labelled(key: &str, value: &str) -> Selector {
+        Selector {
+            match_labels: [(key.to_string(), value.to_string())].into(),
+            requirements: Vec::new(),
+        }
+    }
+
+    /// Pods of namespace shop with `key` = "a".
+    fn selecting(key: &str) -> Rule {
+        Rule {
+            peers: Peers::Only(vec![Peer::Pods {
+                namespaces: NamespaceScope::Exactly("shop".into()),
+                pods: labelled(key, "a"),
+            }]),
+            ports: Vec::new(),
+        }
+    }
+
+    fn classes(
+        cache: &mut ClassCache,
+        inventory: &Inventory,
+        rules: &[&Rule],
+    ) -> Vec<Arc<PeerClass>> {
+        let mut pass = cache.pass(inventory, rules);
+        let out = inventory
+            .workloads
+            .iter()
+            .flat_map(|w| {
+                pass.classes_of(w)
+                    .iter()
+                    .map(|(_, c)| Arc::clone(c))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        pass.finish();
+        out
+    }
+
+    /// Pods that differ only in labels no rule looks at share one class
+    /// value, and a second compile of the same workloads reuses it.
+    #[test]
+    fn equal_classes_are_one_value_and_are_kept_for_the_same_workload() {
+        let rule = selecting("app");
+        let inventory = Inventory {
+            workloads: vec![
+                workload("a", "web", "10.0.0.1"),
+                workload("b", "web", "10.0.0.2"),
+            ],
+            ..Default::default()
+        };
+        let mut cache = ClassCache::default();
+        let first = classes(&mut cache, &inventory, &[&rule]);
+        assert!(
+            Arc::ptr_eq(&first[0], &first[1]),
+            "one value for equal classes"
+        );
+        let second = classes(&mut cache, &inventory, &[&rule]);
+        assert!(
+            Arc::ptr_eq(&first[0], &second[0]),
+            "kept for the same workload"
+        );
+    }
+
+    /// A new lens, a changed namespace or a replaced workload is worked
+    /// out again; unused classes are dropped.
+    #[test]
+    fn a_new_lens_namespace_or_workload_is_worked_out_again() {
+        let by_app = selecting("app");
+        let by_hash = selecting("pod-template-hash");
+        let mut inventory = Inventory {
+            workloads: vec![
+                workload("a", "web", "10.0.0.1"),
+                workload("b", "web", "10.0.0.2"),
+            ],
+            ..Default::default()
+        };
+        let mut cache = ClassCache::default();
+        let first = classes(&mut cache, &inventory, &[&by_app]);
+        assert_eq!(cache.canonical.len(), 1);
+        drop(first);
+
+        let per_pod = classes(&mut cache, &inventory, &[&by_hash]);
+        assert!(
+            !Arc::ptr_eq(&per_pod[0], &per_pod[1]),
+            "the lens now sees the hash"
+        );
+        assert_eq!(cache.canonical.len(), 2, "the by-app class is gone");
+
+        inventory.workloads[1] = workload("b", "db", "10.0.0.2");
+        let replaced = classes(&mut cache, &inventory, &[&by_app]);
+        let PeerClass::Pod { labels, .. } = &*replaced[1] else {
+            panic!("a pod class")
+        };
+        assert_eq!(labels["app"], "db");
+
+        let ns_rule = Rule {
+            peers: Peers::Only(vec![Peer::Pods {
+                namespaces: NamespaceScope::Matching(labelled("team", "x")),
+                pods: Selector::default(),
+            }]),
+            ports: Vec::new(),
+        };
+        let before = classes(&mut cache, &inventory, &[&ns_rule]);
+        inventory.namespaces.push(Namespace {
+            name: "shop".into(),
+            labels: [("team".to_string(), "x".to_string())].into(),
+        });
+        let after = classes(&mut cache, &inventory, &[&ns_rule]);
+        assert!(!Arc::ptr_eq(&before[0], &after[0]));
+        let PeerClass::Pod {
+            namespace_labels, ..
+        } = &*after[0]
+        else {
+            panic!("a pod class")
+        };
+        assert_eq!(namespace_labels["team"], "x");
+    }
+}
