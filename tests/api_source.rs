@@ -169,8 +169,45 @@ async fn a_starting_pod_is_enforced_once_the_kubelet_creates_its_cgroup() {
         Duration::from_millis(200),
         "a starting pod is retried quickly"
     );
+    // The sync loop passes again only once a look says the cgroup may be
+    // there: at the path the pass expected, or anywhere the walk finds it.
+    let awaited = &applied.missing_cgroup_paths;
+    assert_eq!(awaited.len(), 1, "{awaited:?}");
+    assert!(!h.source.cgroups_appeared(awaited), "nothing there yet");
+    // The kubelet put it under another QoS class than the pod says.
+    let elsewhere = h.cgroups.mount().join(format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        uid_of(&d).replace('-', "_")
+    ));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    assert!(
+        h.source.cgroups_appeared(awaited),
+        "the walk finds it where the pass did not look"
+    );
+    let applied = h.reconcile();
+    assert!(applied.missing_cgroups.is_empty());
+    let cg_elsewhere = portcullis_agent::cgroup::cgroup_id(&elsewhere).unwrap();
+    assert_eq!(
+        h.maps.desired.endpoints[&cg_elsewhere].ipv4_mapped,
+        ipv4_mapped([10, 0, 0, 4])
+    );
+    assert!(
+        !h.source.cgroups_appeared(&applied.missing_cgroup_paths),
+        "nothing awaited, nothing new"
+    );
+
+    // Gone and back at the expected path: the stat sees it.
+    std::fs::remove_dir(&elsewhere).unwrap();
+    let applied = h.reconcile();
+    assert_eq!(
+        applied.missing_cgroups.len(),
+        1,
+        "{:?}",
+        applied.missing_cgroups
+    );
+    assert!(!h.source.cgroups_appeared(&applied.missing_cgroup_paths));
     let cg_d = h.cgroups.create_pod_cgroup(&uid_of(&d));
-    // The sync loop retries without any API event; so does the test.
+    assert!(h.source.cgroups_appeared(&applied.missing_cgroup_paths));
     let applied = h.reconcile();
     assert!(applied.missing_cgroups.is_empty());
     assert_eq!(

@@ -15,6 +15,9 @@ use std::{
 };
 
 use tokio::sync::watch;
+
+mod cgroup_wait;
+use cgroup_wait::CgroupWait;
 use tracing::{error, info, warn};
 
 use crate::{
@@ -495,7 +498,7 @@ pub fn local_identities(
 }
 
 impl Observers {
-    /// A pass reached the kernel. The counters are read knowing both the old
+    /// A pass succeeded (and reached the kernel if it `wrote`). The counters are read knowing both the old
     /// and the new rule cookies (the kernel may have counted under either
     /// since the flip), then only the new meanings are kept.
     fn applied(
@@ -505,9 +508,14 @@ impl Observers {
         load_time: Duration,
     ) {
         let m = &self.metrics;
-        m.apply
-            .succeeded(changed_at.map(|t| t.elapsed().unwrap_or_default()));
-        m.apply.stages(load_time, &applied.timings);
+        // Timed to the flip: a pass that changed nothing made none.
+        if applied.wrote {
+            m.apply
+                .succeeded(changed_at.map(|t| t.elapsed().unwrap_or_default()));
+            m.apply.stages(load_time, &applied.timings);
+        } else {
+            m.apply.unchanged();
+        }
         m.decisions
             .learn_cookie_policies(&applied.names.cookie_policies);
         if let Err(e) = m.refresh(&self.pin_dir) {
@@ -609,12 +617,11 @@ fn sync_loop(
 ) {
     let mut seen: Option<Revision> = None;
     let mut status = observers.status.borrow().clone();
-    let mut missing_cgroups = false;
+    let mut missing_cgroups: Option<CgroupWait> = None;
     let mut missing_processes = false;
     // The cgroups the frame guard follows, and when it last tried.
     let mut guarded: Vec<PathBuf> = Vec::new();
     let mut last_guard = Instant::now();
-    let mut last_pass = Instant::now();
     let mut last_pass_wall = SystemTime::now();
     // Sources signal changes; the loop sleeps until one comes or a retry
     // is due (no polling of the source).
@@ -626,12 +633,8 @@ fn sync_loop(
     while !stop.load(Ordering::Relaxed) {
         if !first {
             let mut due = vec![RECHECK];
-            if missing_cgroups {
-                due.push(
-                    source
-                        .missing_cgroup_retry()
-                        .saturating_sub(last_pass.elapsed()),
-                );
+            if let Some(wait) = &missing_cgroups {
+                due.push(wait.due(source.missing_cgroup_retry()));
             }
             if missing_processes {
                 due.push(MISSING_PROCESS_RETRY.saturating_sub(last_guard.elapsed()));
@@ -664,9 +667,12 @@ fn sync_loop(
         let Some(fp) = source.revision() else {
             continue;
         };
-        // A pass that met missing cgroups is retried now and then: the
-        // workload's cgroup may appear without anything else changing.
-        let retry = (missing_cgroups && last_pass.elapsed() >= source.missing_cgroup_retry())
+        // A pass that met missing cgroups is retried once one may have
+        // appeared: the cgroup comes without anything else changing.
+        let every = source.missing_cgroup_retry();
+        let retry = missing_cgroups
+            .as_mut()
+            .is_some_and(|wait| wait.pass_now(&*source, every))
             || retry_failed_at.is_some_and(|at| Instant::now() >= at);
         let changed = seen.as_ref() != Some(&fp);
         if !changed && !retry && missing_processes && last_guard.elapsed() >= MISSING_PROCESS_RETRY
@@ -690,7 +696,6 @@ fn sync_loop(
         }
         if changed || retry {
             let previous_pass = last_pass_wall;
-            last_pass = Instant::now();
             last_pass_wall = SystemTime::now();
             // The source event: when the newest change was written. A file
             // modified before the previous pass (copied with its old time)
@@ -736,7 +741,10 @@ fn sync_loop(
                                 status.waiting_for_process = waiting;
                                 status.problems.extend(problems);
                             }
-                            missing_cgroups = !status.waiting_for_cgroup.is_empty();
+                            missing_cgroups = CgroupWait::after_pass(
+                                !status.waiting_for_cgroup.is_empty(),
+                                applied.missing_cgroup_paths.clone(),
+                            );
                             missing_processes = !status.waiting_for_process.is_empty();
                             if let Some(path) = &names_file {
                                 if let Err(e) = publish(path, &applied.names) {

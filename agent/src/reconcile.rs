@@ -52,12 +52,27 @@ pub enum ReconcileError {
 /// tens of thousands of entries a copy costs milliseconds of every pass).
 pub trait MapSink {
     fn apply(&mut self, desired: DesiredState) -> Result<MapUsage, WriteError>;
+    /// Whether the enforced state is known to be exactly `desired`.
+    fn holds(&self, _desired: &DesiredState) -> bool {
+        false
+    }
 }
 
 impl MapSink for crate::bpf::writer::MapWriter {
     fn apply(&mut self, desired: DesiredState) -> Result<MapUsage, WriteError> {
         crate::bpf::writer::MapWriter::apply(self, desired)
     }
+
+    fn holds(&self, desired: &DesiredState) -> bool {
+        crate::bpf::writer::MapWriter::holds(self, desired)
+    }
+}
+
+/// Cgroups a pass did not find: what to report, and where they were
+/// looked for.
+struct MissingCgroups {
+    problems: Vec<String>,
+    paths: Vec<PathBuf>,
 }
 
 /// Result of one successful pass.
@@ -67,6 +82,12 @@ pub struct Applied {
     pub endpoints: usize,
     /// Local workloads whose cgroup was not found: not enforced until it is.
     pub missing_cgroups: Vec<String>,
+    /// Where those cgroups were looked for (guards' too), so a retry can
+    /// wait for one to appear instead of passing again blindly.
+    pub missing_cgroup_paths: Vec<PathBuf>,
+    /// Whether the pass wrote and flipped a generation; `false` when the
+    /// kernel already held exactly what it worked out.
+    pub wrote: bool,
     /// What the kernel's ids mean, for `portcullis explain` and flow output.
     pub names: PublishedNames,
     /// Objects held back because they did not fit (their previous version,
@@ -250,7 +271,7 @@ impl Reconciler {
         };
         let mut culprits = isolate::Culprits::default();
         let mut timings = PassTimings::default();
-        let (desired, missing_cgroups, endpoint_cgroups) = loop {
+        let (desired, missing, endpoint_cgroups) = loop {
             let started = Instant::now();
             self.compile(&snapshot.inventory, &policies)?;
             let compiled = &self.last.as_ref().expect("compiled above").compiled;
@@ -321,8 +342,15 @@ impl Reconciler {
             .filter(|(id, _)| programmed(id))
             .map(|(_, path)| path)
             .collect();
+        // A pass that would write what the kernel already enforces (a pod
+        // deletion's second event, a Service nothing here uses) neither
+        // writes nor flips: it did not reach the kernel.
+        let wrote = !sink.holds(&desired);
         let started = Instant::now();
-        let written = sink.apply(desired);
+        let written = match wrote {
+            true => sink.apply(desired),
+            false => Ok(desired.usage()),
+        };
         timings.write = started.elapsed();
         self.retired = None;
         let usage = written.map_err(|source| ReconcileError::Write { source })?;
@@ -347,7 +375,9 @@ impl Reconciler {
         Ok(Applied {
             usage,
             endpoints,
-            missing_cgroups,
+            missing_cgroups: missing.problems,
+            missing_cgroup_paths: missing.paths,
+            wrote,
             names,
             rejected,
             endpoint_cgroups,
@@ -363,9 +393,10 @@ impl Reconciler {
         &self,
         c: &Compiled,
         snapshot: &Snapshot,
-    ) -> (DesiredState, Vec<String>, Vec<(u64, PathBuf)>) {
+    ) -> (DesiredState, MissingCgroups, Vec<(u64, PathBuf)>) {
         let mut desired = DesiredState::default();
         let mut missing = Vec::new();
+        let mut missing_paths = Vec::new();
         let mut cgroups = Vec::with_capacity(c.endpoints.len());
         // Guards first: a pod registered as an endpoint overrides a guard on
         // the same cgroup.
@@ -383,7 +414,8 @@ impl Reconciler {
             ),
         ] {
             for path in paths {
-                match cgroup::cgroup_id(&cgroup::resolve(&self.cgroup_mount, path)) {
+                let path = cgroup::resolve(&self.cgroup_mount, path);
+                match cgroup::cgroup_id(&path) {
                     Ok(id) => {
                         let guard = EndpointValue {
                             endpoint_id: ENDPOINT_ID_NONE,
@@ -392,7 +424,10 @@ impl Reconciler {
                         };
                         desired.endpoints.insert(id, guard);
                     }
-                    Err(e) => missing.push(format!("{kind} {}: {e}", path.display())),
+                    Err(e) => {
+                        missing.push(format!("{kind} {}: {e}", path.display()));
+                        missing_paths.push(path);
+                    }
                 }
             }
         }
@@ -410,6 +445,7 @@ impl Reconciler {
                 Ok(id) => id,
                 Err(e) => {
                     missing.push(format!("{}: {e}", ep.workload));
+                    missing_paths.push(path);
                     continue;
                 }
             };
@@ -470,6 +506,10 @@ impl Reconciler {
         }
         desired.policy = Arc::clone(&c.rules);
         (desired.services, desired.backends) = services::desired(&snapshot.inventory.services);
+        let missing = MissingCgroups {
+            problems: missing,
+            paths: missing_paths,
+        };
         (desired, missing, cgroups)
     }
 }

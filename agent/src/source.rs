@@ -105,4 +105,11 @@ pub trait Source: Send + 'static {
     fn missing_cgroup_retry(&self) -> Duration {
         Duration::from_secs(2)
     }
+    /// Whether a cgroup the last pass did not find (looked for at
+    /// `awaited`) may exist now: checked at every retry, and only a yes
+    /// costs a pass. A source that finds cgroups elsewhere than where it
+    /// expected them says so too.
+    fn cgroups_appeared(&self, awaited: &[PathBuf]) -> bool {
+        awaited.iter().any(|path| path.exists())
+    }
 }

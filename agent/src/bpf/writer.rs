@@ -159,6 +159,15 @@ impl MapWriter {
         self.capacity
     }
 
+    /// Whether the active generation is known to hold exactly `desired`
+    /// (as this writer wrote it), so writing it again would change nothing.
+    pub fn holds(&self, desired: &DesiredState) -> bool {
+        self.active_generation()
+            .ok()
+            .and_then(|active| self.shadows[active as usize].as_ref())
+            .is_some_and(|written| written == desired)
+    }
+
     pub fn active_generation(&self) -> Result<u32, WriteError> {
         let s = self.state.get(&0, 0).map_err(map_err(STATE_MAP))?;
         Ok(s.active_generation % GENERATIONS)

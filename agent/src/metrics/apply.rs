@@ -75,7 +75,7 @@ impl ApplyMetrics {
             "Problems of the latest pass (invalid files, failed writes)",
             m.problems.clone(),
         );
-        for result in ["success", "failure"] {
+        for result in ["success", "unchanged", "failure"] {
             let _ = m.passes.get_or_create(&ResultLabels { result });
         }
         for stage in STAGES {
@@ -104,6 +104,16 @@ impl ApplyMetrics {
                 .get_or_create(&StageLabels { stage })
                 .observe(time.as_secs_f64());
         }
+    }
+
+    /// A pass worked out exactly what the kernel already held: nothing
+    /// written, no flip, so no latency or stages either.
+    pub fn unchanged(&self) {
+        self.passes
+            .get_or_create(&ResultLabels {
+                result: "unchanged",
+            })
+            .inc();
     }
 
     pub fn failed(&self) {
@@ -156,5 +166,25 @@ mod tests {
             text.contains(compile_in_50ms) && text.contains(compile_in_25ms),
             "{text}"
         );
+    }
+
+    /// A pass that found nothing to write is counted apart and timed
+    /// nowhere: the histograms time flips.
+    #[test]
+    fn a_pass_with_nothing_to_write_is_counted_but_not_timed() {
+        let mut registry = Registry::with_prefix("portcullis");
+        let m = ApplyMetrics::register(&mut registry);
+        m.unchanged();
+        m.unchanged();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "portcullis_policy_applies_total{result=\"unchanged\"} 2",
+            "portcullis_policy_applies_total{result=\"success\"} 0",
+            "portcullis_policy_apply_seconds_count 0",
+            "portcullis_policy_pass_stage_seconds_count{stage=\"write\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
     }
 }

@@ -219,3 +219,44 @@ fn endpoints_are_flagged_restricted_when_ingress_policy_denies() {
         BTreeSet::from([id("a")])
     );
 }
+
+/// A sink that knows what it enforces, as the map writer does.
+#[derive(Default)]
+struct Enforcing(Recorder);
+
+impl MapSink for Enforcing {
+    fn apply(&mut self, desired: DesiredState) -> Result<MapUsage, WriteError> {
+        self.0.apply(desired)
+    }
+
+    fn holds(&self, desired: &DesiredState) -> bool {
+        self.0.applied.last() == Some(desired)
+    }
+}
+
+/// A pass that works out what the kernel already holds (a deleted pod's
+/// second event) writes nothing and says so; a real change still writes.
+#[test]
+fn a_pass_that_changes_nothing_writes_nothing() {
+    let mut sink = Enforcing::default();
+    let mut reconciler = reconciler();
+    let first = admit("x", "first", 1);
+    let applied = reconciler
+        .reconcile(&snapshot(vec![first.clone()], &[]), &mut sink)
+        .unwrap();
+    assert!(applied.wrote);
+    let again = reconciler
+        .reconcile(&snapshot(vec![first.clone()], &[]), &mut sink)
+        .unwrap();
+    assert!(!again.wrote, "nothing changed");
+    assert_eq!(sink.0.applied.len(), 1);
+    assert_eq!(again.usage, applied.usage, "what is enforced is reported");
+    let changed = reconciler
+        .reconcile(
+            &snapshot(vec![first, admit("y", "second", 1)], &[]),
+            &mut sink,
+        )
+        .unwrap();
+    assert!(changed.wrote);
+    assert_eq!(sink.0.applied.len(), 2);
+}

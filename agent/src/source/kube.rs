@@ -251,6 +251,9 @@ pub struct KubeSource {
     /// The latest view that passed its check: the next one does not check
     /// again what the workloads it shares say of themselves.
     last_checked: Option<CheckedInventory>,
+    /// Pod cgroups as the latest load listed them: a retry for a missing
+    /// one passes only when the listing changed.
+    listed: BTreeMap<PodUid, PathBuf>,
     /// Whether this agent's reporter holds the Lease; `None` without one.
     leadership: Option<watch::Receiver<bool>>,
     tasks: Vec<JoinHandle<()>>,
@@ -531,6 +534,7 @@ impl KubeSource {
             pending_reports: None,
             translations: workloads::Translations::default(),
             last_checked: None,
+            listed: BTreeMap::new(),
             leadership,
             tasks,
         })
@@ -578,7 +582,7 @@ pub fn own_cgroup(mount: &Path, options: &KubeOptions) -> Result<PathBuf, KubeSo
 struct ListedCgroups<'a> {
     mount: &'a Path,
     finder: &'a PodCgroupFinder,
-    listed: BTreeMap<PodUid, PathBuf>,
+    listed: &'a BTreeMap<PodUid, PathBuf>,
 }
 
 impl CgroupLookup for ListedCgroups<'_> {
@@ -634,10 +638,11 @@ impl Source for KubeSource {
                 BTreeMap::new()
             }
         };
+        self.listed = listed;
         let lookup = ListedCgroups {
             mount: &self.mount,
             finder: &self.finder,
-            listed,
+            listed: &self.listed,
         };
         let node = s.node.state();
         let namespaces = s.namespaces.state();
@@ -779,6 +784,14 @@ impl Source for KubeSource {
         // creates it any moment, and until then the pod is not enforced
         // (or, with deny-unprogrammed, gets no traffic).
         Duration::from_millis(200)
+    }
+
+    /// Where it was expected, or anywhere: the kubelet may have put it
+    /// under another QoS class than the pod's status says, and a walk
+    /// (milliseconds) is far cheaper than a pass at thousands of pods.
+    fn cgroups_appeared(&self, awaited: &[PathBuf]) -> bool {
+        awaited.iter().any(|path| path.exists())
+            || self.finder.list().is_ok_and(|now| now != self.listed)
     }
 }
 
