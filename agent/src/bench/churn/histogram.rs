@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 const NAME: &str = "portcullis_policy_apply_seconds";
 const STAGES: &str = "portcullis_policy_pass_stage_seconds";
+const PASSES: &str = "portcullis_policy_applies_total{";
 
 /// One reading of the histogram: cumulative bucket counts by upper bound,
 /// the sum of observed seconds and their count.
@@ -17,6 +18,9 @@ pub struct Reading {
     pub count: u64,
     /// Where those passes' time went.
     pub stages: StageTotals,
+    /// Successful passes, those that changed nothing in the kernel (and
+    /// so are not in the histogram) included: the agent took an event.
+    pub passes: u64,
 }
 
 /// Seconds and passes by stage (`load`, `compile`, ...).
@@ -124,6 +128,15 @@ impl Reading {
             }
         }
         reading.stages = StageTotals::parse(text);
+        reading.passes = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(PASSES))
+            .filter(|l| {
+                l.starts_with("result=\"success\"") || l.starts_with("result=\"unchanged\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|n| n as u64)
+            .sum();
         match counted {
             true => Ok(reading),
             false => Err(HistogramError::Missing),
@@ -148,6 +161,7 @@ impl Reading {
             sum: self.sum - earlier.sum,
             count: self.count.saturating_sub(earlier.count),
             stages: self.stages.since(&earlier.stages),
+            passes: self.passes.saturating_sub(earlier.passes),
         }
     }
 
@@ -185,6 +199,8 @@ mod tests {
         portcullis_policy_apply_seconds_bucket{le=\"0.5\"} 2\n\
         portcullis_policy_apply_seconds_bucket{le=\"+Inf\"} 3\n\
         portcullis_policy_applies_total{result=\"success\"} 3\n\
+        portcullis_policy_applies_total{result=\"unchanged\"} 2\n\
+        portcullis_policy_applies_total{result=\"failure\"} 7\n\
         portcullis_policy_pass_stage_seconds_bucket{le=\"0.05\",stage=\"compile\"} 3\n\
         portcullis_policy_pass_stage_seconds_sum{stage=\"compile\"} 0.12\n\
         portcullis_policy_pass_stage_seconds_count{stage=\"compile\"} 3\n\
@@ -199,9 +215,15 @@ mod tests {
             sum: 0.004,
             count: 1,
             stages: StageTotals(BTreeMap::from([("compile".to_string(), (0.02, 1))])),
+            passes: 1,
         };
+        assert_eq!(
+            after.passes, 5,
+            "written and unchanged passes, not failures"
+        );
         let d = after.since(&before);
         assert_eq!(d.count, 2);
+        assert_eq!(d.passes, 4);
         assert!((d.stages.mean("compile").unwrap() - 0.05).abs() < 1e-9);
         assert!((d.stages.mean("load").unwrap() - 0.01).abs() < 1e-9);
         assert_eq!(d.stages.mean("write"), None, "not served: no mean");

@@ -24,7 +24,12 @@ const ENDPOINTS_PER_SERVICE: usize = 5;
 
 pub fn namespace(n: usize) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace",
-           "metadata": {"name": format!("churn-{n}"), "labels": {"team": format!("t-{}", n % 5)}}})
+           "metadata": {"name": format!("churn-{n}"), "labels": {"team": namespace_team(n)}}})
+}
+
+/// The `team` label of namespace `n`.
+fn namespace_team(n: usize) -> String {
+    format!("t-{}", n % 5)
 }
 
 /// This node (with an InternalIP, as the source wants for its own node)
@@ -124,6 +129,13 @@ impl PodSpec {
     }
 }
 
+/// Policies whose number is a multiple of this have rules whose peers are
+/// pods of the cluster: a pod's namespace team follows its app modulo 5,
+/// and rule `j` of policy `p` names app `7p + j` with team `p + j`, which
+/// agree only when `p` is a multiple of 5. The others isolate their pods
+/// and admit no one.
+pub const PEERED_EVERY: usize = 5;
+
 /// NetworkPolicy `p` with RULES_PER_POLICY ingress rules, each naming
 /// peers by namespace and app and a port of its own (no two collapse).
 /// `port_shift` moves every port: a changed policy.
@@ -191,6 +203,33 @@ mod tests {
         assert_eq!(names.len(), pods.len(), "names are unique");
         let ips: std::collections::BTreeSet<_> = pods.iter().map(|p| p.ip).collect();
         assert_eq!(ips.len(), pods.len(), "addresses are unique");
+    }
+
+    /// Rules name pods that exist exactly in every PEERED_EVERY-th policy.
+    #[test]
+    fn every_fifth_policy_names_pods_that_exist() {
+        let pods: Vec<PodSpec> = (0..1_000).map(PodSpec::nth).collect();
+        let team_of = |namespace: &str| {
+            let n: usize = namespace.trim_start_matches("churn-").parse().unwrap();
+            namespace_team(n)
+        };
+        for p in 0..20 {
+            let policy = policy(p, 0);
+            let peered = policy["spec"]["ingress"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|rule| {
+                    let from = &rule["from"][0];
+                    let team = from["namespaceSelector"]["matchLabels"]["team"]
+                        .as_str()
+                        .unwrap();
+                    let app = from["podSelector"]["matchLabels"]["app"].as_str().unwrap();
+                    pods.iter()
+                        .any(|pod| pod.labels["app"] == app && team_of(&pod.namespace) == team)
+                });
+            assert_eq!(peered, p % PEERED_EVERY == 0, "policy {p}");
+        }
     }
 
     #[test]
