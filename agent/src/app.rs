@@ -498,9 +498,10 @@ pub fn local_identities(
 }
 
 impl Observers {
-    /// A pass succeeded (and reached the kernel if it `wrote`). The counters are read knowing both the old
-    /// and the new rule cookies (the kernel may have counted under either
-    /// since the flip), then only the new meanings are kept.
+    /// A pass succeeded (and reached the kernel if it `wrote`). The
+    /// counters are read knowing both the old and the new rule cookies (the
+    /// kernel may have counted under either since the flip), then only the
+    /// new meanings are kept.
     fn applied(
         &self,
         applied: &crate::reconcile::Applied,

@@ -371,13 +371,16 @@ impl Compiler {
             named_now: HashMap::new(),
             memo: self.memo.as_ref(),
             previous,
-            carried: rules_before.is_some(),
             unchanged,
             next: HashMap::new(),
             pod_classes_print: None,
             reuse: Reuse::default(),
             out: Compiled {
                 identities,
+                // Exactly the entries of `previous` (the memo keeps both
+                // from one compile): a replay leaves its entries there, and
+                // an endpoint-direction worked out again or gone withdraws
+                // its old ones.
                 rules: rules_before.unwrap_or_default(),
                 ..Default::default()
             },
@@ -408,10 +411,8 @@ impl Compiler {
 
         // What is left was made for endpoints that are gone: their ids are
         // never handed out again, so nothing written above is withdrawn.
-        if pass.carried {
-            for (_, gone) in pass.previous.drain() {
-                gone.withdraw(&mut pass.out);
-            }
+        for (_, gone) in pass.previous.drain() {
+            gone.withdraw(&mut pass.out);
         }
         let rules: usize = pass.policies.all.iter().map(|p| p.rules().count()).sum();
         let Pass {
@@ -529,10 +530,6 @@ struct Pass<'p> {
     /// compile's entries and this compile's.
     memo: Option<&'p Memo>,
     previous: HashMap<(WorkloadRef, Direction), Memoized>,
-    /// `out.rules` started as the previous compile's, which are exactly
-    /// the entries in `previous`: a replay leaves them, and an
-    /// endpoint-direction worked out again withdraws its old ones first.
-    carried: bool,
     /// Namespaces nothing their endpoints depend on changed in (beyond the
     /// endpoints themselves) since the previous compile.
     unchanged: Unchanged,
@@ -760,7 +757,7 @@ impl<'p> Pass<'p> {
                 .is_some_and(|m| m.made_for(endpoint, endpoint_id))
         {
             let memoized = self.previous.remove(&memo_key).expect("looked up above");
-            memoized.replay(&mut self.out, cookie_ids, self.carried);
+            memoized.replay(&mut self.out, cookie_ids);
             if memoized.applies() {
                 self.reuse.replayed += 1;
                 self.reuse.unexamined += 1;
@@ -769,11 +766,11 @@ impl<'p> Pass<'p> {
             return Ok(());
         }
         // Worked out from here on (or replayed after a fingerprint check):
-        // the old entries leave the carried rules unless replayed.
+        // the old entries leave `out.rules` unless replayed.
         let before = self.previous.remove(&memo_key);
         let layers = self.layers(endpoint, direction);
         if layers.is_empty() {
-            if let Some(before) = before.filter(|_| self.carried) {
+            if let Some(before) = before {
                 before.withdraw(&mut self.out);
             }
             if self.memo.is_some() {
@@ -832,7 +829,7 @@ impl<'p> Pass<'p> {
         });
         let before = match (fingerprint, before) {
             (Some(fingerprint), Some(memoized)) if memoized.fingerprint() == Some(fingerprint) => {
-                memoized.replay(&mut self.out, cookie_ids, self.carried);
+                memoized.replay(&mut self.out, cookie_ids);
                 let made_for = EndpointInputs::of(endpoint, endpoint_id);
                 self.next.insert(memo_key, memoized.now_for(made_for));
                 self.reuse.replayed += 1;
@@ -840,7 +837,7 @@ impl<'p> Pass<'p> {
             }
             (_, before) => before,
         };
-        if let Some(before) = before.filter(|_| self.carried) {
+        if let Some(before) = before {
             before.withdraw(&mut self.out);
         }
         let mut recorder = Recorder::default();

@@ -187,7 +187,7 @@ impl ClassCache {
 }
 
 impl ClassPass<'_> {
-    /// Every policy CIDR, each with its class.
+    /// Every CIDR the rules name (`cidr` and `except`).
     pub fn cidrs(&self) -> impl Iterator<Item = &IpNet> + '_ {
         self.cache.lens.cidrs.iter()
     }
@@ -296,6 +296,17 @@ mod tests {
         }
     }
 
+    /// Two pods of app `web` that differ only in their template hash.
+    fn two_web_pods() -> Inventory {
+        Inventory {
+            workloads: vec![
+                workload("a", "web", "10.0.0.1"),
+                workload("b", "web", "10.0.0.2"),
+            ],
+            ..Default::default()
+        }
+    }
+
     fn classes(
         cache: &mut ClassCache,
         inventory: &Inventory,
@@ -321,13 +332,7 @@ mod tests {
     #[test]
     fn equal_classes_are_one_value_and_are_kept_for_the_same_workload() {
         let rule = selecting("app");
-        let inventory = Inventory {
-            workloads: vec![
-                workload("a", "web", "10.0.0.1"),
-                workload("b", "web", "10.0.0.2"),
-            ],
-            ..Default::default()
-        };
+        let inventory = two_web_pods();
         let mut cache = ClassCache::default();
         let first = classes(&mut cache, &inventory, &[&rule]);
         assert!(
@@ -347,13 +352,7 @@ mod tests {
     fn a_new_lens_namespace_or_workload_is_worked_out_again() {
         let by_app = selecting("app");
         let by_hash = selecting("pod-template-hash");
-        let mut inventory = Inventory {
-            workloads: vec![
-                workload("a", "web", "10.0.0.1"),
-                workload("b", "web", "10.0.0.2"),
-            ],
-            ..Default::default()
-        };
+        let mut inventory = two_web_pods();
         let mut cache = ClassCache::default();
         let first = classes(&mut cache, &inventory, &[&by_app]);
         assert_eq!(cache.canonical.len(), 1);

@@ -35,23 +35,18 @@ use super::{
 };
 use crate::policy::model::{Direction, Workload, WorkloadRef};
 
-/// One emitted policy entry, its cookie included.
-#[derive(Debug, Clone)]
-pub struct Emitted {
-    pub slot: PolicySlot,
-    pub value: PolicyValue,
-}
-
 /// The entries of one endpoint and direction, and what they came from.
 #[derive(Debug, Clone)]
 pub struct Memoized {
     /// `None`: no rule applies to the endpoint in this direction (no
     /// entries, and no fingerprint was worked out).
     fingerprint: Option<u128>,
-    entries: Vec<Emitted>,
+    /// Where the entries are; their values stay in the compile's rules,
+    /// which the next compile starts from.
+    slots: Vec<PolicySlot>,
     /// Only the attributions the entries use, with their cookies: an
     /// attribution keeps its cookie while compiles use it, so a replay
-    /// keeps the cookie by number and writes the entries as they were.
+    /// keeps the cookie by number and the entries stay as they were.
     attributions: Vec<(u32, Attribution)>,
     /// The endpoint as it was when these entries were last right for it.
     made_for: EndpointInputs,
@@ -155,7 +150,7 @@ impl Memo {
 /// Records the entries of one endpoint-direction while it is worked out.
 #[derive(Default)]
 pub struct Recorder {
-    entries: Vec<Emitted>,
+    slots: Vec<PolicySlot>,
     /// Indexes in the layers' attributions already recorded.
     seen: HashSet<usize>,
     attributions: Vec<(u32, Attribution)>,
@@ -173,16 +168,13 @@ impl Recorder {
                 self.attributions.push((value.rule_cookie, a.clone()));
             }
         }
-        self.entries.push(Emitted {
-            slot,
-            value: *value,
-        });
+        self.slots.push(slot);
     }
 
     pub fn finish(self, fingerprint: u128, made_for: EndpointInputs) -> Memoized {
         Memoized {
             fingerprint: Some(fingerprint),
-            entries: self.entries,
+            slots: self.slots,
             attributions: self.attributions,
             made_for,
         }
@@ -194,7 +186,7 @@ impl Memoized {
     pub fn nothing_applies(made_for: EndpointInputs) -> Self {
         Self {
             fingerprint: None,
-            entries: Vec::new(),
+            slots: Vec::new(),
             attributions: Vec::new(),
             made_for,
         }
@@ -220,36 +212,26 @@ impl Memoized {
         self.fingerprint.is_some()
     }
 
-    /// Writes the entries into `out` again, unless `out` started from the
-    /// rules they were taken from (`carried`: they are there already).
-    /// Their attributions had cookies in the compile these entries come
-    /// from, the latest successful one, so the cookies are the same now
-    /// and are kept by number.
-    pub fn replay(
-        &self,
-        out: &mut Compiled,
-        cookie_ids: &mut IdRound<'_, Attribution>,
-        carried: bool,
-    ) {
+    /// Uses the entries again. They are in `out` already (a compile starts
+    /// from the rules of the compile they come from); their attributions
+    /// had cookies in that compile, the latest successful one, so the
+    /// cookies are the same now and are kept by number.
+    pub fn replay(&self, out: &mut Compiled, cookie_ids: &mut IdRound<'_, Attribution>) {
         for (cookie, a) in &self.attributions {
             cookie_ids.keep(*cookie);
             out.cookies.entry(*cookie).or_insert_with(|| a.clone());
         }
-        if !carried {
-            std::sync::Arc::make_mut(&mut out.rules)
-                .extend(self.entries.iter().map(|e| (e.slot, e.value)));
-        }
     }
 
-    /// Takes these entries out of rules that were carried over: the
-    /// endpoint-direction is worked out again, or gone.
+    /// Takes these entries out of `out`, which started from the rules of
+    /// their compile: the endpoint-direction is worked out again, or gone.
     pub fn withdraw(&self, out: &mut Compiled) {
-        if self.entries.is_empty() {
+        if self.slots.is_empty() {
             return;
         }
         let rules = std::sync::Arc::make_mut(&mut out.rules);
-        for e in &self.entries {
-            rules.remove(&e.slot);
+        for slot in &self.slots {
+            rules.remove(slot);
         }
     }
 }
