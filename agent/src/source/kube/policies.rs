@@ -53,13 +53,19 @@ impl ApiPolicy<'_> {
         }
     }
 
-    /// The object as the API served it.
-    fn to_json(&self) -> serde_json::Value {
+    /// The object as the API served it, as the state store keeps it: a
+    /// [`Record`], serialized. Kept as bytes, not as a JSON value: at a
+    /// thousand policies the values were a third of the agent's memory.
+    fn to_record(&self) -> Arc<[u8]> {
+        let kind = self.kind().as_str();
         match self {
-            Self::Network(o) => serde_json::to_value(o),
-            Self::L4(o) | Self::ClusterL4(o) => serde_json::to_value(o),
+            Self::Network(object) => serde_json::to_vec(&RecordOf { kind, object }),
+            Self::L4(object) | Self::ClusterL4(object) => {
+                serde_json::to_vec(&RecordOf { kind, object })
+            }
         }
-        .unwrap_or_default()
+        .expect("API objects serialize")
+        .into()
     }
 
     /// Validates the object as the file source validates a document.
@@ -152,10 +158,17 @@ pub enum TrackerError {
 
 /// How an object's last valid version is kept on disk: its kind, and the
 /// object as the API served it (validated again when read back).
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 struct Record {
     kind: String,
     object: serde_json::Value,
+}
+
+/// A [`Record`] written straight from the served object.
+#[derive(serde::Serialize)]
+struct RecordOf<'a, T> {
+    kind: &'a str,
+    object: &'a T,
 }
 
 /// The last valid and applied version of an object.
@@ -163,8 +176,8 @@ struct Record {
 struct Committed {
     uid: String,
     policy: PolicyObject,
-    /// The object as served, for the state store.
-    object: Arc<serde_json::Value>,
+    /// The object as served, as the state store's record.
+    record: Arc<[u8]>,
 }
 
 /// One object's validation, kept while its version is served: the API
@@ -174,7 +187,7 @@ struct Committed {
 struct Validated {
     uid: String,
     resource_version: String,
-    outcome: Result<(PolicyObject, Arc<serde_json::Value>), String>,
+    outcome: Result<(PolicyObject, Arc<[u8]>), String>,
 }
 
 /// What the latest pass offered, until [`PolicyTracker::settle`].
@@ -267,7 +280,7 @@ impl PolicyTracker {
                 Committed {
                     uid,
                     policy,
-                    object: Arc::new(record.object),
+                    record: bytes.into(),
                 },
             );
         }
@@ -328,9 +341,7 @@ impl PolicyTracker {
                 _ => Validated {
                     uid: uid.clone(),
                     resource_version: version.to_string(),
-                    outcome: object
-                        .validate()
-                        .map(|policy| (policy, Arc::new(object.to_json()))),
+                    outcome: object.validate().map(|policy| (policy, object.to_record())),
                 },
             };
             let problem = match &validated.outcome {
@@ -341,7 +352,7 @@ impl PolicyTracker {
                         Committed {
                             uid: uid.clone(),
                             policy: policy.clone(),
-                            object: Arc::clone(json),
+                            record: Arc::clone(json),
                         },
                     );
                     None
@@ -425,14 +436,7 @@ impl PolicyTracker {
             if unchanged {
                 continue;
             }
-            let record = Record {
-                kind: key.kind.as_str().to_string(),
-                object: (*version.object).clone(),
-            };
-            let stored = store.map_or(Ok(()), |s| {
-                let bytes = serde_json::to_vec(&record).expect("JSON values serialize");
-                s.put(&key.store_key(), &bytes)
-            });
+            let stored = store.map_or(Ok(()), |s| s.put(&key.store_key(), &version.record));
             if persist(stored) {
                 self.committed.insert(key.clone(), version.clone());
                 self.committed_changes += 1;
