@@ -441,7 +441,8 @@ impl Reconciler {
             .collect();
         for ep in &c.endpoints {
             let path = cgroup::resolve(&self.cgroup_mount, &ep.cgroup);
-            let id = match cgroup::cgroup_id(&path) {
+            let known = snapshot.cgroup_ids.get(&path).copied();
+            let id = match known.map_or_else(|| cgroup::cgroup_id(&path), Ok) {
                 Ok(id) => id,
                 Err(e) => {
                     missing.push(format!("{}: {e}", ep.workload));

@@ -8,7 +8,7 @@ pub mod state;
 pub mod wake;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -25,6 +25,10 @@ pub struct Snapshot {
     /// inventory it compiled last, to know a repeated pass by; at 5,000
     /// pods a copy cost milliseconds.
     pub inventory: CheckedInventory,
+    /// cgroup ids the source read while finding the workloads' cgroups in
+    /// this load (absolute paths), so the pass need not look them up again;
+    /// any other cgroup is looked up when the pass needs it.
+    pub cgroup_ids: HashMap<PathBuf, u64>,
     pub policies: Vec<PolicyObject>,
     /// The version of each object in `policies` that was last valid and
     /// applied, where one is known: what the reconciler keeps enforced when

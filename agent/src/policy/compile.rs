@@ -32,12 +32,14 @@ mod ports;
 mod unaffected;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::Arc,
 };
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use ipnet::IpNet;
 use portcullis_common::{
@@ -304,10 +306,12 @@ impl Compiler {
         policies: &[PolicyObject],
     ) -> Result<Compiled, CompileError> {
         let policies = Sorted::new(policies)?;
-        let rules = policies.all.iter().flat_map(|p| p.rules());
         let classes = match self.memo {
-            Some(_) => PeerClasses::build_cached(inventory, rules, &mut self.class_cache),
-            None => PeerClasses::build(inventory, rules),
+            Some(_) => {
+                let kinds: Vec<_> = policies.all.iter().map(|p| &p.kind).collect();
+                PeerClasses::build_cached(inventory, &kinds, &mut self.class_cache)
+            }
+            None => PeerClasses::build(inventory, policies.all.iter().flat_map(|p| p.rules())),
         };
 
         let mut endpoint_ids = self.endpoint_ids.round();

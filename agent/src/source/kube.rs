@@ -49,7 +49,7 @@ use k8s_openapi::api::{
 use tokio::{sync::watch, task::JoinHandle};
 
 use self::{
-    cgroups::{PodCgroupFinder, PodUid, QosClass},
+    cgroups::{PodCgroupFinder, PodDir, PodUid, QosClass},
     policies::{ApiPolicy, PolicyTracker},
     workloads::CgroupLookup,
 };
@@ -253,7 +253,7 @@ pub struct KubeSource {
     last_checked: Option<CheckedInventory>,
     /// Pod cgroups as the latest load listed them: a retry for a missing
     /// one passes only when the listing changed.
-    listed: BTreeMap<PodUid, PathBuf>,
+    listed: BTreeMap<PodUid, PodDir>,
     /// Whether this agent's reporter holds the Lease; `None` without one.
     leadership: Option<watch::Receiver<bool>>,
     tasks: Vec<JoinHandle<()>>,
@@ -582,7 +582,7 @@ pub fn own_cgroup(mount: &Path, options: &KubeOptions) -> Result<PathBuf, KubeSo
 struct ListedCgroups<'a> {
     mount: &'a Path,
     finder: &'a PodCgroupFinder,
-    listed: &'a BTreeMap<PodUid, PathBuf>,
+    listed: &'a BTreeMap<PodUid, PodDir>,
 }
 
 impl CgroupLookup for ListedCgroups<'_> {
@@ -594,8 +594,8 @@ impl CgroupLookup for ListedCgroups<'_> {
             // Not a name the kubelet would make: it has no cgroup to find.
             return Err(self.mount.join("unknown-pod-uid"));
         };
-        if let Some(path) = self.listed.get(&uid) {
-            return Ok(self.mount.join(path));
+        if let Some(dir) = self.listed.get(&uid) {
+            return Ok(self.mount.join(&dir.path));
         }
         let qos = pod
             .status
@@ -628,7 +628,7 @@ impl Source for KubeSource {
     fn load(&mut self) -> Result<Snapshot, Box<dyn std::error::Error + Send + Sync>> {
         let s = &self.stores;
         let mut problems = Vec::new();
-        let listed = match self.finder.list() {
+        let listed = match self.finder.list_with_ids() {
             Ok(listed) => listed,
             Err(e) => {
                 problems.push(format!(
@@ -709,8 +709,15 @@ impl Source for KubeSource {
                 self.finder.base_dir().display()
             ));
         }
+        // Read by the walk of this load: no pass need look them up again.
+        let cgroup_ids = self
+            .listed
+            .values()
+            .map(|dir| (self.mount.join(&dir.path), dir.id))
+            .collect();
         Ok(Snapshot {
             inventory,
+            cgroup_ids,
             policies: tracked.policies,
             previous: tracked.previous,
             problems,
@@ -791,7 +798,10 @@ impl Source for KubeSource {
     /// (milliseconds) is far cheaper than a pass at thousands of pods.
     fn cgroups_appeared(&self, awaited: &[PathBuf]) -> bool {
         awaited.iter().any(|path| path.exists())
-            || self.finder.list().is_ok_and(|now| now != self.listed)
+            || self
+                .finder
+                .list_with_ids()
+                .is_ok_and(|now| now != self.listed)
     }
 }
 

@@ -10,10 +10,9 @@
 //! whose set of identities changed reach their endpoints. Without this, any
 //! new class sent every endpoint down the full path.
 
-use std::{
-    cmp::Ordering,
-    collections::{HashMap, HashSet},
-};
+use std::cmp::Ordering;
+
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use super::classes::{PeerClass, PeerClasses};
 use crate::policy::model::{Peers, PolicyKind, PortSpec};
@@ -297,7 +296,12 @@ mod tests {
         else {
             panic!("{delta:?}");
         };
-        assert_eq!(*renamed, HashSet::from([web.clone(), api.clone()]));
+        assert_eq!(
+            *renamed,
+            [web.clone(), api.clone()]
+                .into_iter()
+                .collect::<HashSet<_>>()
+        );
         assert_eq!(came_or_went.len(), 2, "web went, api came");
         assert!(!port_classes, "no pod names a port");
         assert_eq!(web_before.len(), 1);

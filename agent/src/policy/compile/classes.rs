@@ -16,15 +16,20 @@
 //! they would make every pod its own class and identity.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
+use foldhash::{HashMap, HashMapExt as _};
+
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::{class_cache::ClassCache, AddrPrefix};
-use crate::policy::model::{Inventory, Labels, NamespaceScope, Peer, Protocol, Rule};
+use super::{
+    class_cache::{ClassCache, ClassPass},
+    AddrPrefix,
+};
+use crate::policy::model::{Inventory, Labels, NamespaceScope, Peer, PolicyKind, Protocol, Rule};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PeerClass {
@@ -66,19 +71,23 @@ pub struct PeerClasses {
 impl PeerClasses {
     /// `rules`: every rule of every policy (of any kind).
     pub fn build<'a>(inventory: &Inventory, rules: impl IntoIterator<Item = &'a Rule>) -> Self {
-        Self::build_cached(inventory, rules, &mut ClassCache::default())
+        let rules: Vec<&Rule> = rules.into_iter().collect();
+        let mut cache = ClassCache::default();
+        Self::from_pass(inventory, cache.pass(inventory, &rules))
     }
 
-    /// [`PeerClasses::build`], reusing the classes `cache` kept for
-    /// workloads that did not change since its last compile.
-    pub fn build_cached<'a>(
+    /// [`PeerClasses::build`] for the rules of `policies`, reusing what
+    /// `cache` kept from its last compile: the classes of workloads and the
+    /// lens of policies that did not change since.
+    pub fn build_cached(
         inventory: &Inventory,
-        rules: impl IntoIterator<Item = &'a Rule>,
+        policies: &[&Arc<PolicyKind>],
         cache: &mut ClassCache,
     ) -> Self {
-        let rules: Vec<&Rule> = rules.into_iter().collect();
-        let mut pass = cache.pass(inventory, &rules);
+        Self::from_pass(inventory, cache.pass_policies(inventory, policies))
+    }
 
+    fn from_pass(inventory: &Inventory, mut pass: ClassPass<'_>) -> Self {
         // Each prefix points at its class, each distinct class kept once:
         // thousands of pods share a few label sets. Classes are shared
         // values (see `class_cache`), told apart here by address.

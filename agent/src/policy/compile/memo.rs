@@ -21,10 +21,9 @@
 //! `agreement_tests.rs` checks after every step of random change sequences
 //! that incremental output equals a compile that replays nothing.
 
-use std::{
-    collections::{HashMap, HashSet},
-    hash::{BuildHasher, Hash, Hasher},
-};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use foldhash::{HashMap, HashSet};
 
 use portcullis_common::{PolicySlot, PolicyValue};
 

@@ -16,10 +16,9 @@
 //! this can err; hence each input is compared exactly: policies by
 //! allocation (an object not re-parsed shares its rules) and else by value.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+use std::sync::Arc;
+
+use foldhash::{HashMap, HashSet};
 
 use crate::policy::model::{
     ContainerPort, Inventory, Labels, PolicyKind, PolicyObject, PolicyRef, Workload,

@@ -5,7 +5,9 @@
 //! it again (at 5,000 pods a check costs milliseconds of every pass). It
 //! cannot change without being checked again: there is no `&mut` access.
 
-use std::{collections::HashSet, ops::Deref, sync::Arc};
+use std::{ops::Deref, sync::Arc};
+
+use foldhash::HashSet;
 
 use super::{Inventory, InventoryError, Workload};
 

@@ -2,12 +2,14 @@
 //! and every workload (local ones, with a cgroup, are enforced here).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::Arc,
 };
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;

@@ -22,6 +22,7 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     fmt, fs, io,
+    os::unix::fs::DirEntryExt as _,
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -224,6 +225,15 @@ pub fn parse_pod_dir(name: &str) -> Option<PodUid> {
     PodUid::new(&uid.replace('_', "-")).ok()
 }
 
+/// A pod cgroup a walk found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodDir {
+    /// Relative to the mount.
+    pub path: PathBuf,
+    /// The cgroup id as the walk read it.
+    pub id: u64,
+}
+
 /// Finds pod cgroups below one cgroup v2 mount.
 #[derive(Clone, Debug)]
 pub struct PodCgroupFinder {
@@ -306,7 +316,7 @@ impl PodCgroupFinder {
                 .walk()?
                 .into_iter()
                 .filter(|(found, _)| found == uid)
-                .map(|(_, path)| path)
+                .map(|(_, dir)| dir.path)
                 .collect();
         }
         match hits.len() {
@@ -329,25 +339,36 @@ impl PodCgroupFinder {
     /// mount: what to compare with the API's pods when reconciling starts
     /// and deletes.
     pub fn list(&self) -> Result<BTreeMap<PodUid, PathBuf>, PodCgroupError> {
-        let mut pods: BTreeMap<PodUid, PathBuf> = BTreeMap::new();
-        for (uid, path) in self.walk()? {
+        Ok(self
+            .list_with_ids()?
+            .into_iter()
+            .map(|(uid, dir)| (uid, dir.path))
+            .collect())
+    }
+
+    /// [`PodCgroupFinder::list`] with each cgroup's id as the walk read it
+    /// (the directory's inode number, which is the cgroup id), so a pass
+    /// need not look each one up again.
+    pub fn list_with_ids(&self) -> Result<BTreeMap<PodUid, PodDir>, PodCgroupError> {
+        let mut pods: BTreeMap<PodUid, PodDir> = BTreeMap::new();
+        for (uid, dir) in self.walk()? {
             if let Some(first) = pods.get(&uid) {
                 tracing::warn!(
                     pod = %uid,
-                    used = %first.display(),
-                    ignored = %path.display(),
+                    used = %first.path.display(),
+                    ignored = %dir.path.display(),
                     "pod has more than one cgroup"
                 );
                 continue;
             }
-            pods.insert(uid, path);
+            pods.insert(uid, dir);
         }
         Ok(pods)
     }
 
     /// Breadth-first over directories below the base, shallowest first,
     /// without descending into pods (their children are containers).
-    fn walk(&self) -> Result<Vec<(PodUid, PathBuf)>, PodCgroupError> {
+    fn walk(&self) -> Result<Vec<(PodUid, PodDir)>, PodCgroupError> {
         let mut found = Vec::new();
         let mut queue = VecDeque::from([(self.base.clone(), 0)]);
         while let Some((dir, level)) = queue.pop_front() {
@@ -366,13 +387,13 @@ impl PodCgroupFinder {
             let mut children: Vec<_> = entries
                 .filter_map(Result::ok)
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .filter_map(|e| e.file_name().into_string().ok())
+                .filter_map(|e| Some((e.file_name().into_string().ok()?, e.ino())))
                 .collect();
             children.sort();
-            for name in children {
+            for (name, id) in children {
                 let path = dir.join(&name);
                 if let Some(uid) = parse_pod_dir(&name) {
-                    found.push((uid, path));
+                    found.push((uid, PodDir { path, id }));
                 } else if level + 1 < self.depth {
                     queue.push_back((path, level + 1));
                 }
@@ -576,6 +597,14 @@ mod tests {
             expected,
             "{driver:?}/{runtime:?}: listing must return exactly the pods, not containers"
         );
+        // The ids the walk reads are the kernel's, which the maps are keyed by.
+        for (uid, dir) in finder.list_with_ids().unwrap() {
+            assert_eq!(
+                dir.id,
+                kernel_cgroup_id(&tree.mount.join(&dir.path)),
+                "{uid}: the listed id is not the kernel's cgroup id"
+            );
+        }
     }
 
     #[test]

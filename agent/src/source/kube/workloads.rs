@@ -8,11 +8,12 @@
 //! odd object never stops the whole node from being reconciled.
 
 use std::{
-    collections::{HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
+
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node, Pod};
 
