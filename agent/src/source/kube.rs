@@ -20,6 +20,7 @@ mod policies;
 mod prune;
 mod recheck;
 mod services;
+pub mod slim_pod;
 pub(crate) mod workloads;
 
 use std::{
@@ -42,7 +43,7 @@ use ::kube::{
 };
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
@@ -51,6 +52,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use self::{
     cgroups::{PodCgroupFinder, PodDir, PodUid, QosClass},
     policies::{ApiPolicy, PolicyTracker},
+    slim_pod::SlimPod,
     workloads::CgroupLookup,
 };
 use super::{Guards, Revision, Snapshot, Source};
@@ -225,7 +227,7 @@ impl Progress {
 }
 
 struct Stores {
-    pods: Store<Pod>,
+    pods: Store<SlimPod>,
     namespaces: Store<Namespace>,
     node: Store<Node>,
     network_policies: Store<NetworkPolicy>,
@@ -473,7 +475,7 @@ impl KubeSource {
             }};
         }
         let any = watcher::Config::default;
-        let pods = typed!(Pod, Watched::Pods, any());
+        let pods = typed!(SlimPod, Watched::Pods, any());
         let namespaces = typed!(Namespace, Watched::Namespaces, any());
         let node = typed!(
             Node,
@@ -586,7 +588,7 @@ struct ListedCgroups<'a> {
 }
 
 impl CgroupLookup for ListedCgroups<'_> {
-    fn pod_cgroup(&self, pod: &Pod) -> Result<PathBuf, PathBuf> {
+    fn pod_cgroup(&self, pod: &SlimPod) -> Result<PathBuf, PathBuf> {
         let none = BTreeMap::new();
         let annotations = pod.metadata.annotations.as_ref().unwrap_or(&none);
         let uid = pod.metadata.uid.as_deref().unwrap_or_default();

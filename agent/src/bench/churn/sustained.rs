@@ -43,6 +43,7 @@ use crate::{
             PolicyKind, PolicyObject, PortSpec, Protocol, Rule, Workload,
         },
     },
+    source::kube::slim_pod::SlimPod,
 };
 
 /// Flows checked after each second.
@@ -95,7 +96,7 @@ struct Written {
 struct Cgroups<'a>(&'a BTreeMap<String, PathBuf>);
 
 impl crate::source::kube::workloads::CgroupLookup for Cgroups<'_> {
-    fn pod_cgroup(&self, pod: &Pod) -> Result<PathBuf, PathBuf> {
+    fn pod_cgroup(&self, pod: &SlimPod) -> Result<PathBuf, PathBuf> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         self.0.get(&uid).cloned().ok_or_else(PathBuf::new)
     }
@@ -109,10 +110,15 @@ impl Written {
             .filter(|(i, _)| PodSpec::nth(**i).local)
             .map(|(_, (_, uid))| (uid.clone(), pod_cgroup(mount, uid)))
             .collect();
-        let pods: Vec<std::sync::Arc<Pod>> = self
+        // Decoded from the written objects' JSON, as the agent decodes
+        // what the API serves.
+        let pods: Vec<std::sync::Arc<SlimPod>> = self
             .pods
             .values()
-            .map(|(p, _)| std::sync::Arc::new(p.clone()))
+            .map(|(p, _)| {
+                let json = serde_json::to_value(p).expect("pods serialize");
+                std::sync::Arc::new(serde_json::from_value(json).expect("a pod decodes slim"))
+            })
             .collect();
         crate::source::kube::workloads::Translations::default()
             .inventory(

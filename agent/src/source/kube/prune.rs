@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::{
-    core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use kube::{api::DynamicObject, Resource};
 
-use super::cgroups::MIRROR_ANNOTATION;
+use super::{cgroups::MIRROR_ANNOTATION, slim_pod::SlimPod};
 
 /// Drops what the agent never reads.
 pub trait Prune {
@@ -34,33 +34,10 @@ fn metadata<K: Resource>(o: &mut K) {
     meta.annotations = mirror.map(|m| BTreeMap::from([(MIRROR_ANNOTATION.to_string(), m)]));
 }
 
-impl Prune for Pod {
+/// Decoded slim already (see [`SlimPod`]): only its metadata to trim.
+impl Prune for SlimPod {
     fn prune(&mut self) {
         metadata(self);
-        // Its node, network mode, identity and named ports.
-        self.spec = self.spec.take().map(|s| PodSpec {
-            node_name: s.node_name,
-            host_network: s.host_network,
-            service_account_name: s.service_account_name,
-            containers: s
-                .containers
-                .into_iter()
-                .map(|c| Container {
-                    name: c.name,
-                    ports: c.ports,
-                    ..Container::default()
-                })
-                .collect(),
-            ..PodSpec::default()
-        });
-        // Its phase, addresses and QoS class (which names its cgroup).
-        self.status = self.status.take().map(|s| PodStatus {
-            phase: s.phase,
-            pod_ip: s.pod_ip,
-            pod_ips: s.pod_ips,
-            qos_class: s.qos_class,
-            ..PodStatus::default()
-        });
     }
 }
 
@@ -89,7 +66,7 @@ mod tests {
 
     #[test]
     fn a_pod_keeps_what_the_agent_reads_and_nothing_else() {
-        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+        let full = serde_json::json!({
             "metadata": {
                 "name": "web-0", "namespace": "shop", "uid": "u",
                 "labels": {"app": "web"},
@@ -113,9 +90,9 @@ mod tests {
                 "qosClass": "Burstable",
                 "conditions": [{"type": "Ready", "status": "True"}]
             }
-        }))
-        .unwrap();
-        let before = serde_json::to_vec(&pod).unwrap().len();
+        });
+        let before = serde_json::to_vec(&full).unwrap().len();
+        let mut pod: SlimPod = serde_json::from_value(full).unwrap();
         pod.prune();
         let after = serde_json::to_vec(&pod).unwrap();
         assert!(after.len() * 10 < before, "{} → {}", before, after.len());

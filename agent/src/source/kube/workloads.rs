@@ -15,7 +15,9 @@ use std::{
 
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
-use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node};
+
+use super::slim_pod::SlimPod as Pod;
 
 use crate::policy::model::{
     is_valid_port_name, ContainerPort, Inventory, Namespace, Protocol, Workload,
