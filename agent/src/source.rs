@@ -28,7 +28,7 @@ pub struct Snapshot {
     /// cgroup ids the source read while finding the workloads' cgroups in
     /// this load (absolute paths), so the pass need not look them up again;
     /// any other cgroup is looked up when the pass needs it.
-    pub cgroup_ids: HashMap<PathBuf, u64>,
+    pub cgroup_ids: Arc<HashMap<PathBuf, u64>>,
     pub policies: Vec<PolicyObject>,
     /// The version of each object in `policies` that was last valid and
     /// applied, where one is known: what the reconciler keeps enforced when

@@ -14,6 +14,7 @@
 //!   reports not-ready.
 
 mod backoff;
+mod cgroup_tree;
 pub mod cgroups;
 mod pending;
 mod policies;
@@ -50,6 +51,7 @@ use k8s_openapi::api::{
 use tokio::{sync::watch, task::JoinHandle};
 
 use self::{
+    cgroup_tree::{Listing, PodCgroupTree},
     cgroups::{PodCgroupFinder, PodDir, PodUid, QosClass},
     policies::{ApiPolicy, PolicyTracker},
     slim_pod::SlimPod,
@@ -241,7 +243,8 @@ pub struct KubeSource {
     options: KubeOptions,
     stores: Stores,
     progress: Shared,
-    finder: PodCgroupFinder,
+    /// The pod cgroups, walked again only when they changed.
+    cgroups: PodCgroupTree,
     mount: PathBuf,
     tracker: PolicyTracker,
     reports: watch::Sender<Vec<ObjectReport>>,
@@ -253,9 +256,6 @@ pub struct KubeSource {
     /// The latest view that passed its check: the next one does not check
     /// again what the workloads it shares say of themselves.
     last_checked: Option<CheckedInventory>,
-    /// Pod cgroups as the latest load listed them: a retry for a missing
-    /// one passes only when the listing changed.
-    listed: BTreeMap<PodUid, PodDir>,
     /// Whether this agent's reporter holds the Lease; `None` without one.
     leadership: Option<watch::Receiver<bool>>,
     tasks: Vec<JoinHandle<()>>,
@@ -529,14 +529,13 @@ impl KubeSource {
                 endpoint_slices,
             },
             progress,
-            finder,
+            cgroups: PodCgroupTree::new(finder),
             mount: mount.to_path_buf(),
             tracker,
             reports,
             pending_reports: None,
             translations: workloads::Translations::default(),
             last_checked: None,
-            listed: BTreeMap::new(),
             leadership,
             tasks,
         })
@@ -630,22 +629,21 @@ impl Source for KubeSource {
     fn load(&mut self) -> Result<Snapshot, Box<dyn std::error::Error + Send + Sync>> {
         let s = &self.stores;
         let mut problems = Vec::new();
-        let listed = match self.finder.list_with_ids() {
-            Ok(listed) => listed,
-            Err(e) => {
-                problems.push(format!(
-                    "listing pod cgroups: {}",
-                    crate::source::file::error_chain(&e)
-                ));
-                BTreeMap::new()
-            }
-        };
-        self.listed = listed;
+        if let Err(e) = self.cgroups.list() {
+            problems.push(format!(
+                "listing pod cgroups: {}",
+                crate::source::file::error_chain(&e)
+            ));
+        }
+        let unlisted = Listing::default();
+        let listing = self.cgroups.last().unwrap_or(&unlisted);
         let lookup = ListedCgroups {
             mount: &self.mount,
-            finder: &self.finder,
-            listed: &self.listed,
+            finder: self.cgroups.finder(),
+            listed: &listing.pods,
         };
+        // Read by the walk that listed them: no pass need look them up.
+        let cgroup_ids = Arc::clone(&listing.ids);
         let node = s.node.state();
         let namespaces = s.namespaces.state();
         let pods = s.pods.state();
@@ -699,7 +697,7 @@ impl Source for KubeSource {
         };
         self.pending_reports = Some(tracked.reports);
         let pending_roots = if self.options.deny_unprogrammed {
-            self.finder.kubepods_dirs()
+            self.cgroups.finder().kubepods_dirs()
         } else {
             Vec::new()
         };
@@ -708,15 +706,9 @@ impl Source for KubeSource {
             problems.push(format!(
                 "--deny-unprogrammed: no kubepods cgroup below {}; new pods are not \
                  guarded (pass the kubelet's --cgroup-root as --kubelet-cgroup-root)",
-                self.finder.base_dir().display()
+                self.cgroups.finder().base_dir().display()
             ));
         }
-        // Read by the walk of this load: no pass need look them up again.
-        let cgroup_ids = self
-            .listed
-            .values()
-            .map(|dir| (self.mount.join(&dir.path), dir.id))
-            .collect();
         Ok(Snapshot {
             inventory,
             cgroup_ids,
@@ -800,10 +792,12 @@ impl Source for KubeSource {
     /// (milliseconds) is far cheaper than a pass at thousands of pods.
     fn cgroups_appeared(&self, awaited: &[PathBuf]) -> bool {
         awaited.iter().any(|path| path.exists())
-            || self
-                .finder
-                .list_with_ids()
-                .is_ok_and(|now| now != self.listed)
+            || (self.cgroups.may_have_changed()
+                && self
+                    .cgroups
+                    .finder()
+                    .list_with_ids()
+                    .is_ok_and(|now| self.cgroups.last().is_none_or(|last| now != last.pods)))
     }
 }
 

@@ -271,6 +271,11 @@ impl PodCgroupFinder {
         self.mount.join(&self.base)
     }
 
+    /// The cgroup2 mount the finder searches.
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
     /// The base's systemd name plus `-` (`kubelet-` for `kubelet.slice`),
     /// since slice names repeat their parents'; empty otherwise.
     fn slice_prefix(&self) -> String {
@@ -350,8 +355,17 @@ impl PodCgroupFinder {
     /// (the directory's inode number, which is the cgroup id), so a pass
     /// need not look each one up again.
     pub fn list_with_ids(&self) -> Result<BTreeMap<PodUid, PodDir>, PodCgroupError> {
+        self.list_visiting(|_| {})
+    }
+
+    /// [`PodCgroupFinder::list_with_ids`], calling `visit` with each
+    /// directory the walk reads (absolute) just before reading it.
+    pub fn list_visiting(
+        &self,
+        visit: impl FnMut(&Path),
+    ) -> Result<BTreeMap<PodUid, PodDir>, PodCgroupError> {
         let mut pods: BTreeMap<PodUid, PodDir> = BTreeMap::new();
-        for (uid, dir) in self.walk()? {
+        for (uid, dir) in self.walk_visiting(visit)? {
             if let Some(first) = pods.get(&uid) {
                 tracing::warn!(
                     pod = %uid,
@@ -369,10 +383,18 @@ impl PodCgroupFinder {
     /// Breadth-first over directories below the base, shallowest first,
     /// without descending into pods (their children are containers).
     fn walk(&self) -> Result<Vec<(PodUid, PodDir)>, PodCgroupError> {
+        self.walk_visiting(|_| {})
+    }
+
+    fn walk_visiting(
+        &self,
+        mut visit: impl FnMut(&Path),
+    ) -> Result<Vec<(PodUid, PodDir)>, PodCgroupError> {
         let mut found = Vec::new();
         let mut queue = VecDeque::from([(self.base.clone(), 0)]);
         while let Some((dir, level)) = queue.pop_front() {
             let abs = self.mount.join(&dir);
+            visit(&abs);
             let entries = match fs::read_dir(&abs) {
                 Ok(entries) => entries,
                 Err(source) if level == 0 => {
@@ -404,7 +426,7 @@ impl PodCgroupFinder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::{
         ffi::CString,
         os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
@@ -453,13 +475,13 @@ mod tests {
 
     /// A uniquely named subtree of the real cgroup2 hierarchy, removed
     /// bottom-up on drop.
-    struct TestTree {
-        mount: PathBuf,
-        base: PathBuf,
+    pub(in crate::source::kube) struct TestTree {
+        pub mount: PathBuf,
+        pub base: PathBuf,
     }
 
     impl TestTree {
-        fn new() -> Self {
+        pub fn new() -> Self {
             assert!(
                 nix::unistd::geteuid().is_root(),
                 "cgroup discovery tests build real cgroup trees and must run as root"
@@ -476,13 +498,13 @@ mod tests {
         }
 
         /// Creates `rel` (below the test base) and its parents.
-        fn mkdir(&self, rel: impl AsRef<Path>) -> PathBuf {
+        pub fn mkdir(&self, rel: impl AsRef<Path>) -> PathBuf {
             let abs = self.mount.join(&self.base).join(rel);
             fs::create_dir_all(&abs).unwrap_or_else(|e| panic!("mkdir {}: {e}", abs.display()));
             abs
         }
 
-        fn finder(&self) -> PodCgroupFinder {
+        pub fn finder(&self) -> PodCgroupFinder {
             PodCgroupFinder::new(&self.mount).with_base(&self.base)
         }
     }
