@@ -584,9 +584,15 @@ struct ListedCgroups<'a> {
     mount: &'a Path,
     finder: &'a PodCgroupFinder,
     listed: &'a BTreeMap<PodUid, PodDir>,
+    /// The walk that listed them, if any did.
+    walk: Option<u64>,
 }
 
 impl CgroupLookup for ListedCgroups<'_> {
+    fn listing(&self) -> Option<u64> {
+        self.walk
+    }
+
     fn pod_cgroup(&self, pod: &SlimPod) -> Result<PathBuf, PathBuf> {
         let none = BTreeMap::new();
         let annotations = pod.metadata.annotations.as_ref().unwrap_or(&none);
@@ -641,6 +647,7 @@ impl Source for KubeSource {
             mount: &self.mount,
             finder: self.cgroups.finder(),
             listed: &listing.pods,
+            walk: self.cgroups.last().map(|_| self.cgroups.walks()),
         };
         // Read by the walk that listed them: no pass need look them up.
         let cgroup_ids = Arc::clone(&listing.ids);

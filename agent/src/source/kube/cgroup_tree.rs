@@ -142,8 +142,7 @@ impl PodCgroupTree {
         unsafe { libc::poll(&mut poll, 1, 0) != 0 }
     }
 
-    /// How many walks the listings took (tests).
-    #[cfg(test)]
+    /// How many walks the listings took: the latest listing's number.
     pub fn walks(&self) -> u64 {
         self.walks
     }

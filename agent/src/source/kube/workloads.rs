@@ -28,6 +28,12 @@ pub trait CgroupLookup {
     /// The pod's cgroup (absolute). `Err` carries the path the pod is
     /// expected at, which the reconciler reports as missing and retries.
     fn pod_cgroup(&self, pod: &Pod) -> Result<PathBuf, PathBuf>;
+    /// Which listing of the cgroups answers: a pod unchanged since it was
+    /// looked up in the same listing has the same answer. `None` (the
+    /// default): look every pod up every time.
+    fn listing(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The node-local part of a translation.
@@ -177,6 +183,8 @@ struct Translated {
     host_network: bool,
     /// `cgroup` is the one given the last time it was used.
     workload: Arc<Workload>,
+    /// The listing `workload.cgroup` was looked up in.
+    looked_up_in: Option<u64>,
 }
 
 impl Translated {
@@ -198,6 +206,7 @@ impl Translated {
             local: spec.and_then(|s| s.node_name.as_deref()) == Some(node_name),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             workload: Arc::new(workload),
+            looked_up_in: None,
         }
     }
 
@@ -307,9 +316,15 @@ impl Translations {
                 }
                 None
             } else {
-                let cgroup = translated
-                    .local
-                    .then(|| cgroups.pod_cgroup(pod).unwrap_or_else(|expected| expected));
+                let listing = cgroups.listing();
+                let cgroup = if !translated.local {
+                    None
+                } else if listing.is_some() && translated.looked_up_in == listing {
+                    translated.workload.cgroup.clone()
+                } else {
+                    translated.looked_up_in = listing;
+                    Some(cgroups.pod_cgroup(pod).unwrap_or_else(|expected| expected))
+                };
                 Some(translated.with_cgroup(cgroup))
             };
             if let Some(w) = workload.filter(|w| !w.ips.is_empty() || w.cgroup.is_some()) {
@@ -557,6 +572,71 @@ mod tests {
             let (fresh, _) = Translations::default().inventory("n1", None, [], &pods, &Fixed);
             assert_eq!(view, fresh, "round {round}");
         }
+    }
+
+    /// Looks pods up in listing `.1`, counting the look-ups.
+    struct Counted(std::cell::Cell<usize>, Option<u64>, &'static str);
+    impl CgroupLookup for Counted {
+        fn pod_cgroup(&self, pod: &Pod) -> Result<PathBuf, PathBuf> {
+            self.0.set(self.0.get() + 1);
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            Ok(PathBuf::from(format!("/cg/{}/{uid}", self.2)))
+        }
+        fn listing(&self) -> Option<u64> {
+            self.1
+        }
+    }
+
+    /// An unchanged local pod is not looked up again in the same listing;
+    /// a new listing, a changed pod, or a lookup without listings is.
+    #[test]
+    fn a_pod_is_looked_up_once_per_listing() {
+        let a = Arc::new(web("a", "n1", "10.0.0.2"));
+        let b = Arc::new(web("b", "n1", "10.0.0.3"));
+        let mut translations = Translations::default();
+        let looked_up = |t: &mut Translations, pods: &[&Arc<Pod>], lookup: Counted| {
+            let (view, _) = t.inventory("n1", None, [], pods.iter().copied(), &lookup);
+            (lookup.0.get(), view)
+        };
+        let (n, _) = looked_up(
+            &mut translations,
+            &[&a, &b],
+            Counted(Default::default(), Some(1), "x"),
+        );
+        assert_eq!(n, 2);
+        let (n, view) = looked_up(
+            &mut translations,
+            &[&a, &b],
+            Counted(Default::default(), Some(1), "y"),
+        );
+        assert_eq!(n, 0, "same listing, same pods: nothing to look up");
+        assert_eq!(
+            view.workloads[0].cgroup.as_deref(),
+            Some(Path::new("/cg/x/a"))
+        );
+        let b2 = Arc::new(web("b", "n1", "10.0.0.4"));
+        let (n, _) = looked_up(
+            &mut translations,
+            &[&a, &b2],
+            Counted(Default::default(), Some(1), "y"),
+        );
+        assert_eq!(n, 1, "the changed pod only");
+        let (n, view) = looked_up(
+            &mut translations,
+            &[&a, &b2],
+            Counted(Default::default(), Some(2), "z"),
+        );
+        assert_eq!(n, 2, "a new listing");
+        assert_eq!(
+            view.workloads[0].cgroup.as_deref(),
+            Some(Path::new("/cg/z/a"))
+        );
+        let (n, _) = looked_up(
+            &mut translations,
+            &[&a, &b2],
+            Counted(Default::default(), None, "z"),
+        );
+        assert_eq!(n, 2, "no listing: every time");
     }
 
     #[test]
