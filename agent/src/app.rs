@@ -511,8 +511,9 @@ impl Observers {
         let m = &self.metrics;
         // Timed to the flip: a pass that changed nothing made none.
         if applied.wrote {
+            let flipped = applied.flipped_at.unwrap_or_else(SystemTime::now);
             m.apply
-                .succeeded(changed_at.map(|t| t.elapsed().unwrap_or_default()));
+                .succeeded(changed_at.map(|t| flipped.duration_since(t).unwrap_or_default()));
             m.apply.stages(load_time, &applied.timings);
         } else {
             m.apply.unchanged();

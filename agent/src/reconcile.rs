@@ -88,6 +88,9 @@ pub struct Applied {
     /// Whether the pass wrote and flipped a generation; `false` when the
     /// kernel already held exactly what it worked out.
     pub wrote: bool,
+    /// When the flip was done (the end of apply latency: what follows, the
+    /// names for people and metrics, is after the kernel holds the change).
+    pub flipped_at: Option<std::time::SystemTime>,
     /// What the kernel's ids mean, for `portcullis explain` and flow output.
     pub names: PublishedNames,
     /// Objects held back because they did not fit (their previous version,
@@ -352,6 +355,7 @@ impl Reconciler {
             false => Ok(desired.usage()),
         };
         timings.write = started.elapsed();
+        let flipped_at = (wrote && written.is_ok()).then(std::time::SystemTime::now);
         self.retired = None;
         let usage = written.map_err(|source| ReconcileError::Write { source })?;
         let names = PublishedNames {
@@ -378,6 +382,7 @@ impl Reconciler {
             missing_cgroups: missing.problems,
             missing_cgroup_paths: missing.paths,
             wrote,
+            flipped_at,
             names,
             rejected,
             endpoint_cgroups,

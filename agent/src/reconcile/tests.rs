@@ -245,10 +245,12 @@ fn a_pass_that_changes_nothing_writes_nothing() {
         .reconcile(&snapshot(vec![first.clone()], &[]), &mut sink)
         .unwrap();
     assert!(applied.wrote);
+    assert!(applied.flipped_at.is_some(), "a flip ends apply latency");
     let again = reconciler
         .reconcile(&snapshot(vec![first.clone()], &[]), &mut sink)
         .unwrap();
     assert!(!again.wrote, "nothing changed");
+    assert_eq!(again.flipped_at, None, "no flip, nothing to time");
     assert_eq!(sink.0.applied.len(), 1);
     assert_eq!(again.usage, applied.usage, "what is enforced is reported");
     let changed = reconciler
