@@ -298,7 +298,10 @@ impl Inventory {
     ) -> Result<(), InventoryError> {
         // Field names are only spelled out for an error: this runs on every
         // pass over thousands of pods.
-        let mut address_owners: HashMap<IpAddr, Claimant> = HashMap::new();
+        // Sized up front: growing maps of thousands of entries rehashes them.
+        let addresses =
+            self.node_ips.len() + self.workloads.iter().map(|w| w.ips.len()).sum::<usize>();
+        let mut address_owners: HashMap<IpAddr, Claimant> = HashMap::with_capacity(addresses);
         let mut claim = |address: IpAddr, claimant: Claimant| -> Result<(), InventoryError> {
             check_address(address, || claimant.to_string())?;
             match address_owners.get(&address) {
@@ -339,19 +342,27 @@ impl Inventory {
             }
         }
 
+        // Sources list workloads in name order: then a name given twice
+        // would sit next to itself, and no map is needed to find it.
+        let strictly_sorted = self
+            .workloads
+            .windows(2)
+            .all(|p| (&p[0].namespace, &p[0].name) < (&p[1].namespace, &p[1].name));
         let mut workloads: HashMap<(&str, &str), usize> = HashMap::new();
-        let mut cgroups: HashMap<&Path, usize> = HashMap::new();
+        let mut cgroups: HashMap<&Path, usize> = HashMap::with_capacity(self.workloads.len());
         for (i, w) in self.workloads.iter().enumerate() {
             let at = || format!("workloads[{i}]");
             if !known_valid(w) {
                 w.check_alone(&at)?;
             }
-            if let Some(first) = workloads.insert((&w.namespace, &w.name), i) {
-                return Err(InventoryError::DuplicateWorkload {
-                    field: at(),
-                    workload: w.reference(),
-                    first: format!("workloads[{first}]"),
-                });
+            if !strictly_sorted {
+                if let Some(first) = workloads.insert((&w.namespace, &w.name), i) {
+                    return Err(InventoryError::DuplicateWorkload {
+                        field: at(),
+                        workload: w.reference(),
+                        first: format!("workloads[{first}]"),
+                    });
+                }
             }
             for (j, ip) in w.ips.iter().enumerate() {
                 claim(*ip, Claimant::Workload(i, j))?;
@@ -650,6 +661,30 @@ mod tests {
         let base = "nodeIPs: [10.0.0.1]\nworkloads: [{name: b, namespace: y, ips: [10.0.1.2]}]\n";
         let inv: Inventory = serde_saphyr::from_str(&format!("{base}{yaml}")).unwrap();
         inv.check()
+    }
+
+    /// A workload listed twice is refused whether the list is in name
+    /// order (the twice-listed name side by side) or not.
+    #[test]
+    fn a_workload_listed_twice_is_refused_in_any_order() {
+        let check = |names: &[&str]| {
+            let workloads: Vec<String> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("{{name: {n}, namespace: y, ips: [10.0.1.{}]}}", i + 2))
+                .collect();
+            let yaml = format!("workloads: [{}]", workloads.join(", "));
+            let inv: Inventory = serde_saphyr::from_str(&yaml).unwrap();
+            inv.check().map_err(|e| e.to_string())
+        };
+        assert_eq!(check(&["a", "b", "c"]), Ok(()));
+        assert_eq!(check(&["c", "a", "b"]), Ok(()));
+        let twice = "workloads[1]: workload y/a is listed twice (first at workloads[0])";
+        assert_eq!(check(&["a", "a", "b"]).unwrap_err(), twice);
+        assert_eq!(
+            check(&["a", "b", "a"]).unwrap_err(),
+            "workloads[2]: workload y/a is listed twice (first at workloads[0])"
+        );
     }
 
     #[test]
