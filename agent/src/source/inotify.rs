@@ -61,7 +61,7 @@ pub fn watch(paths: &[PathBuf], wake: Arc<Wakeup>) -> std::io::Result<FileWatch>
     // SAFETY: a fresh fd nobody else owns.
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     for path in paths.iter().filter(|p| p.is_dir()) {
-        add(&fd, path)?;
+        add_watch(&fd, path, MASK)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -113,11 +113,12 @@ pub fn watch(paths: &[PathBuf], wake: Arc<Wakeup>) -> std::io::Result<FileWatch>
     })
 }
 
-fn add(fd: &std::os::fd::OwnedFd, path: &Path) -> std::io::Result<()> {
+/// Watches `path` for `mask`. Watching it again returns its existing watch.
+pub(crate) fn add_watch(fd: &std::os::fd::OwnedFd, path: &Path, mask: u32) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: valid fd and NUL-terminated path.
-    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), MASK) } < 0 {
+    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

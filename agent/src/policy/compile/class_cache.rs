@@ -365,7 +365,11 @@ mod tests {
         inventory: &Inventory,
         rules: &[&Rule],
     ) -> Vec<Arc<PeerClass>> {
-        let mut pass = cache.pass(inventory, rules);
+        every_class(cache.pass(inventory, rules), inventory)
+    }
+
+    /// Each workload's classes in `pass`, in order; ends the pass.
+    fn every_class(mut pass: ClassPass<'_>, inventory: &Inventory) -> Vec<Arc<PeerClass>> {
         let out = inventory
             .workloads
             .iter()
@@ -465,19 +469,7 @@ mod tests {
         inventory: &Inventory,
         policies: &[&Arc<PolicyKind>],
     ) -> Vec<Arc<PeerClass>> {
-        let mut pass = cache.pass_policies(inventory, policies);
-        let out = inventory
-            .workloads
-            .iter()
-            .flat_map(|w| {
-                pass.classes_of(w)
-                    .iter()
-                    .map(|(_, c)| Arc::clone(c))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        pass.finish();
-        out
+        every_class(cache.pass_policies(inventory, policies), inventory)
     }
 
     /// The lens kept per policy follows policies that come, change and go:

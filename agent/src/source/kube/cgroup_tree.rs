@@ -13,16 +13,13 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    ffi::CString,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
-    path::{Path, PathBuf},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
     sync::Arc,
 };
 
 use super::cgroups::{PodCgroupError, PodCgroupFinder, PodDir, PodUid};
+use crate::source::inotify::add_watch;
 
 /// Anything that changes which directories exist below a watched one.
 const MASK: u32 = libc::IN_CREATE
@@ -92,7 +89,7 @@ impl PodCgroupTree {
                 let watch = self.watch.as_ref();
                 self.finder.list_visiting(|dir| {
                     if let (Some(fd), None) = (watch, &failed) {
-                        if let Err(e) = add_watch(fd, dir) {
+                        if let Err(e) = add_watch(fd, dir, MASK) {
                             failed = Some((dir.to_path_buf(), e));
                         }
                     }
@@ -171,17 +168,6 @@ impl PodCgroupTree {
             return any;
         }
     }
-}
-
-fn add_watch(fd: &OwnedFd, dir: &Path) -> std::io::Result<()> {
-    let c = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: valid fd and NUL-terminated path. Watching a directory again
-    // returns its existing watch.
-    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), MASK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -151,16 +151,11 @@ mod tests {
         assert_eq!(SlimPod::api_version(&()), Pod::api_version(&()));
 
         let full: Pod = serde_json::from_value(served).unwrap();
-        let inline = |spec: usize, containers: usize| spec + containers;
-        let full_size = inline(
-            std::mem::size_of::<k8s_openapi::api::core::v1::PodSpec>(),
-            std::mem::size_of::<k8s_openapi::api::core::v1::Container>()
-                * full.spec.as_ref().unwrap().containers.len(),
-        );
-        let slim_size = inline(
-            std::mem::size_of::<SlimPodSpec>(),
-            std::mem::size_of::<SlimContainer>() * spec.containers.len(),
-        );
+        let full_size = std::mem::size_of::<k8s_openapi::api::core::v1::PodSpec>()
+            + std::mem::size_of::<k8s_openapi::api::core::v1::Container>()
+                * full.spec.as_ref().unwrap().containers.len();
+        let slim_size = std::mem::size_of::<SlimPodSpec>()
+            + std::mem::size_of::<SlimContainer>() * spec.containers.len();
         assert!(
             slim_size * 10 < full_size,
             "slim {slim_size} B vs full {full_size} B"

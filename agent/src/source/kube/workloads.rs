@@ -594,48 +594,31 @@ mod tests {
         let a = Arc::new(web("a", "n1", "10.0.0.2"));
         let b = Arc::new(web("b", "n1", "10.0.0.3"));
         let mut translations = Translations::default();
-        let looked_up = |t: &mut Translations, pods: &[&Arc<Pod>], lookup: Counted| {
-            let (view, _) = t.inventory("n1", None, [], pods.iter().copied(), &lookup);
+        // Look-ups made translating `pods` with listing `listing`, whose
+        // cgroups are below `/cg/{tag}`.
+        let mut looked_up = |pods: &[&Arc<Pod>], listing: Option<u64>, tag: &'static str| {
+            let lookup = Counted(Default::default(), listing, tag);
+            let (view, _) = translations.inventory("n1", None, [], pods.iter().copied(), &lookup);
             (lookup.0.get(), view)
         };
-        let (n, _) = looked_up(
-            &mut translations,
-            &[&a, &b],
-            Counted(Default::default(), Some(1), "x"),
-        );
+        let (n, _) = looked_up(&[&a, &b], Some(1), "x");
         assert_eq!(n, 2);
-        let (n, view) = looked_up(
-            &mut translations,
-            &[&a, &b],
-            Counted(Default::default(), Some(1), "y"),
-        );
+        let (n, view) = looked_up(&[&a, &b], Some(1), "y");
         assert_eq!(n, 0, "same listing, same pods: nothing to look up");
         assert_eq!(
             view.workloads[0].cgroup.as_deref(),
             Some(Path::new("/cg/x/a"))
         );
         let b2 = Arc::new(web("b", "n1", "10.0.0.4"));
-        let (n, _) = looked_up(
-            &mut translations,
-            &[&a, &b2],
-            Counted(Default::default(), Some(1), "y"),
-        );
+        let (n, _) = looked_up(&[&a, &b2], Some(1), "y");
         assert_eq!(n, 1, "the changed pod only");
-        let (n, view) = looked_up(
-            &mut translations,
-            &[&a, &b2],
-            Counted(Default::default(), Some(2), "z"),
-        );
+        let (n, view) = looked_up(&[&a, &b2], Some(2), "z");
         assert_eq!(n, 2, "a new listing");
         assert_eq!(
             view.workloads[0].cgroup.as_deref(),
             Some(Path::new("/cg/z/a"))
         );
-        let (n, _) = looked_up(
-            &mut translations,
-            &[&a, &b2],
-            Counted(Default::default(), None, "z"),
-        );
+        let (n, _) = looked_up(&[&a, &b2], None, "z");
         assert_eq!(n, 2, "no listing: every time");
     }
 
