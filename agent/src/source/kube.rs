@@ -61,7 +61,7 @@ use super::{Guards, Revision, Snapshot, Source};
 use crate::{
     crd,
     kube_report::{ObjectReport, Reporter, ReporterOptions},
-    policy::model::CheckedInventory,
+    policy::model::{CheckedInventory, Inventory},
 };
 
 /// How often the API server is asked whether it is there, when no watch
@@ -178,6 +178,9 @@ impl fmt::Display for Watched {
 struct Progress {
     /// Changes seen after the initial lists.
     revision: u64,
+    /// The resources changed since a load last took them: what the load
+    /// must read again (see [`KeptView`]).
+    dirty: BTreeSet<Watched>,
     /// When each change not yet applied was seen.
     pending: pending::PendingChanges,
     synced: BTreeSet<Watched>,
@@ -203,6 +206,7 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Progress> {
 impl Progress {
     fn changed(&mut self, what: Watched) {
         self.revision += 1;
+        self.dirty.insert(what);
         self.pending.record(self.revision, SystemTime::now());
         self.failing.remove(&what);
         self.wake();
@@ -253,9 +257,10 @@ pub struct KubeSource {
     pending_reports: Option<Vec<ObjectReport>>,
     /// Pods as workloads, kept while they do not change.
     translations: workloads::Translations,
-    /// The latest view that passed its check: the next one does not check
-    /// again what the workloads it shares say of themselves.
-    last_checked: Option<CheckedInventory>,
+    /// The latest view that passed its check, kept for the next load: it
+    /// reads again only what changed, and does not check again what the
+    /// workloads it shares say of themselves.
+    kept: Option<KeptView>,
     /// Whether this agent's reporter holds the Lease; `None` without one.
     leadership: Option<watch::Receiver<bool>>,
     tasks: Vec<JoinHandle<()>>,
@@ -535,7 +540,7 @@ impl KubeSource {
             reports,
             pending_reports: None,
             translations: workloads::Translations::default(),
-            last_checked: None,
+            kept: None,
             leadership,
             tasks,
         })
@@ -558,6 +563,69 @@ impl KubeSource {
     }
 }
 
+impl KubeSource {
+    /// Reads the view again from the stores, as much as `reread` says,
+    /// and checks it: a view the inventory rules reject would be a bug in
+    /// the translation, refused whole rather than enforced in part. The
+    /// only check of the pass: the mesh, the identity demand and the
+    /// compile all take this checked view.
+    fn read_view(
+        &mut self,
+        reread: Reread,
+        kept: Option<KeptView>,
+        walk: Option<u64>,
+    ) -> Result<KeptView, crate::policy::model::InventoryError> {
+        let s = &self.stores;
+        let (mut inventory, local) = match (reread, &kept) {
+            (Reread::Services, Some(kept)) => {
+                (Inventory::clone(&kept.inventory), kept.local.clone())
+            }
+            _ => {
+                let unlisted = Listing::default();
+                let lookup = ListedCgroups {
+                    mount: &self.mount,
+                    finder: self.cgroups.finder(),
+                    listed: &self.cgroups.last().unwrap_or(&unlisted).pods,
+                    walk,
+                };
+                let node = s.node.state();
+                let namespaces = s.namespaces.state();
+                let pods = s.pods.state();
+                self.translations.inventory(
+                    &self.options.node_name,
+                    node.first().map(|n| n.as_ref()),
+                    namespaces.iter().map(|n| n.as_ref()),
+                    pods.iter(),
+                    &lookup,
+                )
+            }
+        };
+        let services = s.services.state();
+        let slices = s.endpoint_slices.state();
+        inventory.services = services::services(
+            services.iter().map(|x| x.as_ref()),
+            slices.iter().map(|x| x.as_ref()),
+        );
+        let claimed: Vec<_> = inventory
+            .node_ips
+            .iter()
+            .chain(inventory.workloads.iter().flat_map(|w| w.ips.iter()))
+            .copied()
+            .collect();
+        let service_problems = services::keep_consistent(&mut inventory.services, &claimed);
+        let inventory = match &kept {
+            Some(previous) => CheckedInventory::new_after(inventory, &previous.inventory)?,
+            None => CheckedInventory::new(inventory)?,
+        };
+        Ok(KeptView {
+            inventory,
+            walk,
+            local,
+            service_problems,
+        })
+    }
+}
+
 /// The agent's own cgroup in `mount`: its pod's, by UID, or else the one
 /// /proc/self/cgroup names (outside a cgroup namespace).
 pub fn own_cgroup(mount: &Path, options: &KubeOptions) -> Result<PathBuf, KubeSourceError> {
@@ -577,6 +645,55 @@ pub fn own_cgroup(mount: &Path, options: &KubeOptions) -> Result<PathBuf, KubeSo
         .map(|p| mount.join(p.trim_start_matches('/')))
         .filter(|p| p.is_dir())
         .ok_or(KubeSourceError::OwnCgroupUnknown)
+}
+
+/// What a load read from the pod, namespace, node, Service and
+/// EndpointSlice stores, kept for the next load.
+struct KeptView {
+    /// Checked, with its Services.
+    inventory: CheckedInventory,
+    /// The cgroup walk its workloads were looked up in, if any listed.
+    walk: Option<u64>,
+    local: workloads::LocalPods,
+    /// What keeping its Services consistent with the pods reported.
+    service_problems: Vec<String>,
+}
+
+/// What a load reads again of the view the last one kept. A policy edit
+/// need not translate five thousand pods again, nor an EndpointSlice
+/// change either; at that size each was milliseconds of every pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reread {
+    /// The view is the kept one.
+    Nothing,
+    /// The kept workloads, namespaces and node; Services read again (they
+    /// are checked against the workloads' addresses, which are kept).
+    Services,
+    Everything,
+}
+
+impl Reread {
+    /// After the resources in `dirty` changed, the cgroups were listed by
+    /// walk number `walk` (`None`: not listed), and the last load kept
+    /// `kept`. Without a kept view, or a listing to compare, everything.
+    fn after(dirty: &BTreeSet<Watched>, kept: Option<&KeptView>, walk: Option<u64>) -> Self {
+        let pods = [Watched::Pods, Watched::Namespaces, Watched::Node];
+        let services = [Watched::Services, Watched::EndpointSlices];
+        match kept {
+            Some(kept)
+                if walk.is_some()
+                    && walk == kept.walk
+                    && !pods.iter().any(|w| dirty.contains(w)) =>
+            {
+                if services.iter().any(|w| dirty.contains(w)) {
+                    Self::Services
+                } else {
+                    Self::Nothing
+                }
+            }
+            _ => Self::Everything,
+        }
+    }
 }
 
 /// Local pod cgroups, found by one walk per pass.
@@ -633,7 +750,9 @@ impl Source for KubeSource {
     }
 
     fn load(&mut self) -> Result<Snapshot, Box<dyn std::error::Error + Send + Sync>> {
-        let s = &self.stores;
+        // Taken before any store is read: a change that lands later is
+        // marked again, and its event wakes the next load.
+        let dirty = std::mem::take(&mut lock(&self.progress).dirty);
         let mut problems = Vec::new();
         if let Err(e) = self.cgroups.list() {
             problems.push(format!(
@@ -641,39 +760,13 @@ impl Source for KubeSource {
                 crate::source::file::error_chain(&e)
             ));
         }
-        let unlisted = Listing::default();
-        let listing = self.cgroups.last().unwrap_or(&unlisted);
-        let lookup = ListedCgroups {
-            mount: &self.mount,
-            finder: self.cgroups.finder(),
-            listed: &listing.pods,
-            walk: self.cgroups.last().map(|_| self.cgroups.walks()),
+        let walk = self.cgroups.last().map(|_| self.cgroups.walks());
+        let kept = self.kept.take();
+        let view = match (Reread::after(&dirty, kept.as_ref(), walk), kept) {
+            (Reread::Nothing, Some(kept)) => Ok(kept),
+            (reread, kept) => self.read_view(reread, kept, walk),
         };
-        // Read by the walk that listed them: no pass need look them up.
-        let cgroup_ids = Arc::clone(&listing.ids);
-        let node = s.node.state();
-        let namespaces = s.namespaces.state();
-        let pods = s.pods.state();
-        let (mut inventory, local) = self.translations.inventory(
-            &self.options.node_name,
-            node.first().map(|n| n.as_ref()),
-            namespaces.iter().map(|n| n.as_ref()),
-            pods.iter(),
-            &lookup,
-        );
-        let services = s.services.state();
-        let slices = s.endpoint_slices.state();
-        inventory.services = services::services(
-            services.iter().map(|x| x.as_ref()),
-            slices.iter().map(|x| x.as_ref()),
-        );
-        let claimed: Vec<_> = inventory
-            .node_ips
-            .iter()
-            .chain(inventory.workloads.iter().flat_map(|w| w.ips.iter()))
-            .copied()
-            .collect();
-        problems.extend(services::keep_consistent(&mut inventory.services, &claimed));
+        let s = &self.stores;
         let network_policies = s.network_policies.state();
         let l4 = s.l4_policies.state();
         let cl4 = s.cluster_l4_policies.state();
@@ -684,24 +777,22 @@ impl Source for KubeSource {
             .chain(cl4.iter().map(|o| ApiPolicy::ClusterL4(o)));
         let tracked = self.tracker.track(objects);
         problems.extend(tracked.problems);
-        // A view the inventory rules reject would be a bug in the
-        // translation; refuse it whole rather than enforce part of it. The
-        // only check of the pass: the mesh, the identity demand and the
-        // compile all take this checked view.
-        let checked = match &self.last_checked {
-            Some(previous) => CheckedInventory::new_after(inventory, previous),
-            None => CheckedInventory::new(inventory),
-        };
-        let inventory = match checked {
-            Ok(checked) => {
-                self.last_checked = Some(checked.clone());
-                checked
-            }
+        let view = match view {
+            Ok(view) => view,
             Err(e) => {
                 self.publish_reports(tracked.reports);
                 return Err(Box::new(e));
             }
         };
+        problems.extend(view.service_problems.iter().cloned());
+        let inventory = view.inventory.clone();
+        // Read by the walk that listed them: no pass need look them up.
+        let cgroup_ids = match self.cgroups.last() {
+            Some(listing) => Arc::clone(&listing.ids),
+            None => Arc::default(),
+        };
+        let unenforced = view.local.host_network.clone();
+        self.kept = Some(view);
         self.pending_reports = Some(tracked.reports);
         let pending_roots = if self.options.deny_unprogrammed {
             self.cgroups.finder().kubepods_dirs()
@@ -724,7 +815,7 @@ impl Source for KubeSource {
             problems,
             guards: Guards {
                 pending_roots,
-                unenforced: local.host_network,
+                unenforced,
             },
         })
     }
@@ -813,6 +904,66 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    fn kept(walk: Option<u64>) -> KeptView {
+        KeptView {
+            inventory: CheckedInventory::default(),
+            walk,
+            local: Default::default(),
+            service_problems: Vec::new(),
+        }
+    }
+
+    /// Each resource is read again when it changed, and whatever the view
+    /// was read with changes too; a skipped read would leave a change
+    /// unenforced until some other change came.
+    #[test]
+    fn a_load_reads_again_what_changed_and_what_depends_on_it() {
+        let after = |dirty: &[Watched], kept: Option<&KeptView>, walk| {
+            Reread::after(&dirty.iter().copied().collect(), kept, walk)
+        };
+        let listed = kept(Some(7));
+        for what in Watched::ALL {
+            let expected = match what {
+                Watched::Pods | Watched::Namespaces | Watched::Node => Reread::Everything,
+                Watched::Services | Watched::EndpointSlices => Reread::Services,
+                Watched::NetworkPolicies | Watched::L4Policies | Watched::ClusterL4Policies => {
+                    Reread::Nothing
+                }
+            };
+            assert_eq!(after(&[what], Some(&listed), Some(7)), expected, "{what}");
+            // Pods with anything else: everything.
+            assert_eq!(
+                after(&[what, Watched::Pods], Some(&listed), Some(7)),
+                Reread::Everything
+            );
+        }
+        assert_eq!(after(&[], Some(&listed), Some(7)), Reread::Nothing);
+        // The cgroups were walked again: the workloads' cgroups may differ.
+        assert_eq!(after(&[], Some(&listed), Some(8)), Reread::Everything);
+        // Not listed now, or then: nothing to compare.
+        assert_eq!(after(&[], Some(&listed), None), Reread::Everything);
+        assert_eq!(after(&[], Some(&kept(None)), None), Reread::Everything);
+        // Nothing kept (the first load, or the last one failed its check).
+        assert_eq!(after(&[], None, Some(7)), Reread::Everything);
+    }
+
+    /// Every watch event marks its resource for the next load, and a load
+    /// takes the marks: none is lost between two loads.
+    #[test]
+    fn every_change_is_marked_until_a_load_takes_it() {
+        let mut p = Progress::default();
+        p.changed(Watched::Services);
+        p.changed(Watched::Pods);
+        let taken = std::mem::take(&mut p.dirty);
+        assert_eq!(
+            taken.into_iter().collect::<Vec<_>>(),
+            [Watched::Pods, Watched::Services]
+        );
+        assert!(p.dirty.is_empty());
+        p.changed(Watched::L4Policies);
+        assert!(p.dirty.contains(&Watched::L4Policies));
+    }
 
     /// The histogram's start for a burst is its first change: before the
     /// fix it was the last one, understating the wait of the rest.
