@@ -4,15 +4,17 @@
 //! [`isolate`]): every other change still applies.
 
 mod isolate;
+mod kept;
 mod services;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Instant,
 };
 
+use foldhash::HashMap;
 use portcullis_common::{
     ipv4_mapped, EndpointValue, PolicySlot, PolicyValue, DIRECTION_INGRESS, ENDPOINT_FLAG_HAS_IPV4,
     ENDPOINT_FLAG_HAS_IPV6, ENDPOINT_FLAG_INGRESS_RESTRICTED, ENDPOINT_FLAG_PENDING,
@@ -28,7 +30,7 @@ use crate::{
     policy::{
         compile::{Attribution, CompileError, Compiled, Compiler},
         describe,
-        model::CheckedInventory,
+        model::{CheckedInventory, Workload},
         PolicyObject, PolicyRef,
     },
     source::Snapshot,
@@ -186,6 +188,15 @@ pub struct Reconciler {
     retired: Option<LastCompile>,
     /// Entries one generation of each map holds.
     capacity: MapUsage,
+    /// What the last desired state was worked out from, for the next.
+    kept: Kept,
+}
+
+/// See [`kept`].
+#[derive(Default)]
+struct Kept {
+    paths: kept::EndpointPaths,
+    identities: kept::KeptIdentities,
 }
 
 struct LastCompile {
@@ -214,6 +225,7 @@ impl Reconciler {
             held_back: None,
             retired: None,
             capacity: generation_capacity(),
+            kept: Kept::default(),
         }
     }
 
@@ -280,7 +292,8 @@ impl Reconciler {
             let compiled = &self.last.as_ref().expect("compiled above").compiled;
             let compiled_at = Instant::now();
             timings.compile += compiled_at - started;
-            let (desired, missing, cgroups) = self.desired_state(compiled, snapshot);
+            let (desired, missing, cgroups) =
+                desired_state(&mut self.kept, &self.cgroup_mount, compiled, snapshot);
             timings.desired += compiled_at.elapsed();
             let Some(over) = isolate::overflow(desired.usage(), self.capacity) else {
                 break (desired, missing, cgroups);
@@ -390,134 +403,133 @@ impl Reconciler {
             timings,
         })
     }
+}
 
-    /// Translates compiler output into map contents. An endpoint whose cgroup
-    /// does not exist (yet) has no process to enforce on; it is skipped and
-    /// reported. Also returns each endpoint's cgroup (id and directory).
-    fn desired_state(
-        &self,
-        c: &Compiled,
-        snapshot: &Snapshot,
-    ) -> (DesiredState, MissingCgroups, Vec<(u64, PathBuf)>) {
-        let mut desired = DesiredState::default();
-        let mut missing = Vec::new();
-        let mut missing_paths = Vec::new();
-        let mut cgroups = Vec::with_capacity(c.endpoints.len());
-        // Guards first: a pod registered as an endpoint overrides a guard on
-        // the same cgroup.
-        let guards = &snapshot.guards;
-        for (paths, flags, kind) in [
-            (
-                &guards.pending_roots,
-                ENDPOINT_FLAG_PENDING,
-                "pending guard",
-            ),
-            (
-                &guards.unenforced,
-                ENDPOINT_FLAG_UNENFORCED,
-                "unenforced pod",
-            ),
-        ] {
-            for path in paths {
-                let path = cgroup::resolve(&self.cgroup_mount, path);
-                match cgroup::cgroup_id(&path) {
-                    Ok(id) => {
-                        let guard = EndpointValue {
-                            endpoint_id: ENDPOINT_ID_NONE,
-                            flags,
-                            ..Default::default()
-                        };
-                        desired.endpoints.insert(id, guard);
-                    }
-                    Err(e) => {
-                        missing.push(format!("{kind} {}: {e}", path.display()));
-                        missing_paths.push(path);
-                    }
+/// Translates compiler output into map contents. An endpoint whose cgroup
+/// does not exist (yet) has no process to enforce on; it is skipped and
+/// reported. Also returns each endpoint's cgroup (id and directory).
+fn desired_state(
+    kept: &mut Kept,
+    mount: &Path,
+    c: &Compiled,
+    snapshot: &Snapshot,
+) -> (DesiredState, MissingCgroups, Vec<(u64, PathBuf)>) {
+    let mut desired = DesiredState::default();
+    let mut missing = Vec::new();
+    let mut missing_paths = Vec::new();
+    let mut cgroups = Vec::with_capacity(c.endpoints.len());
+    // Guards first: a pod registered as an endpoint overrides a guard on
+    // the same cgroup.
+    let guards = &snapshot.guards;
+    for (paths, flags, kind) in [
+        (
+            &guards.pending_roots,
+            ENDPOINT_FLAG_PENDING,
+            "pending guard",
+        ),
+        (
+            &guards.unenforced,
+            ENDPOINT_FLAG_UNENFORCED,
+            "unenforced pod",
+        ),
+    ] {
+        for path in paths {
+            let path = cgroup::resolve(mount, path);
+            match cgroup::cgroup_id(&path) {
+                Ok(id) => {
+                    let guard = EndpointValue {
+                        endpoint_id: ENDPOINT_ID_NONE,
+                        flags,
+                        ..Default::default()
+                    };
+                    desired.endpoints.insert(id, guard);
+                }
+                Err(e) => {
+                    missing.push(format!("{kind} {}: {e}", path.display()));
+                    missing_paths.push(path);
                 }
             }
         }
-        let restricted = ingress_restricted(&c.rules);
-        let workloads: BTreeMap<_, _> = snapshot
-            .inventory
-            .workloads
-            .iter()
-            .filter(|w| w.is_local())
-            .map(|w| (w.reference(), w))
-            .collect();
-        for ep in &c.endpoints {
-            let path = cgroup::resolve(&self.cgroup_mount, &ep.cgroup);
-            let known = snapshot.cgroup_ids.get(&path).copied();
-            let id = match known.map_or_else(|| cgroup::cgroup_id(&path), Ok) {
-                Ok(id) => id,
-                Err(e) => {
-                    missing.push(format!("{}: {e}", ep.workload));
-                    missing_paths.push(path);
-                    continue;
-                }
-            };
-            let depth = cgroup::depth(&self.cgroup_mount, &path);
-            if depth > MAX_CGROUP_DEPTH as usize {
-                // The kernel's ancestry search would never reach this
-                // cgroup: rather than leave the workload unenforced, guard
-                // the deepest ancestor it does reach, so the workload's
-                // traffic is denied until it is moved up, and say so.
-                let visible = cgroup::deepest_visible(&self.cgroup_mount, &path);
-                missing.push(format!(
-                    "{}: cgroup {} is {depth} levels deep, past the {MAX_CGROUP_DEPTH} the \
-                     kernel searches: not enforced as an endpoint; its traffic is denied \
-                     (guard on {})",
-                    ep.workload,
-                    path.display(),
-                    visible.display()
-                ));
-                if let Ok(guard_id) = cgroup::cgroup_id(&visible) {
-                    desired.endpoints.entry(guard_id).or_insert(EndpointValue {
-                        endpoint_id: ENDPOINT_ID_NONE,
-                        flags: ENDPOINT_FLAG_PENDING,
-                        ..Default::default()
-                    });
-                }
+    }
+    let restricted = ingress_restricted(&c.rules);
+    let workloads: HashMap<(&str, &str), &Workload> = snapshot
+        .inventory
+        .workloads
+        .iter()
+        .filter(|w| w.is_local())
+        .map(|w| ((&*w.namespace, &*w.name), &**w))
+        .collect();
+    kept.paths.begin();
+    for ep in &c.endpoints {
+        let located = kept
+            .paths
+            .locate(mount, ep.id, &ep.cgroup, &snapshot.cgroup_ids);
+        let (path, depth) = (located.resolved, located.depth);
+        let id = match located.id {
+            Ok(id) => id,
+            Err(e) => {
+                missing.push(format!("{}: {e}", ep.workload));
+                missing_paths.push(path.to_path_buf());
                 continue;
             }
-            let mut value = EndpointValue {
-                endpoint_id: ep.id,
-                flags: if restricted.contains(&ep.id) {
-                    ENDPOINT_FLAG_INGRESS_RESTRICTED
-                } else {
-                    0
-                },
-                ..Default::default()
-            };
-            if let Some(w) = workloads.get(&ep.workload) {
-                // A bad mode label is reported by the mesh (it is STRICT
-                // meanwhile), not as a missing cgroup.
-                let (mode, _) = mesh::mode::of_workload(&snapshot.inventory, w);
-                value.flags |= mode.endpoint_flags();
-            }
-            if let Some(v4) = ep.ipv4 {
-                value.ipv4_mapped = ipv4_mapped(v4.octets());
-                value.flags |= ENDPOINT_FLAG_HAS_IPV4;
-            }
-            if let Some(v6) = ep.ipv6 {
-                value.ipv6 = v6.octets();
-                value.flags |= ENDPOINT_FLAG_HAS_IPV6;
-            }
-            desired.endpoints.insert(id, value);
-            cgroups.push((id, path));
-        }
-        for (prefix, identity) in &c.identities {
-            desired
-                .identities
-                .insert((prefix.len, prefix.addr), *identity);
-        }
-        desired.policy = Arc::clone(&c.rules);
-        (desired.services, desired.backends) = services::desired(&snapshot.inventory.services);
-        let missing = MissingCgroups {
-            problems: missing,
-            paths: missing_paths,
         };
-        (desired, missing, cgroups)
+        if depth > MAX_CGROUP_DEPTH as usize {
+            // The kernel's ancestry search would never reach this cgroup:
+            // rather than leave the workload unenforced, guard the deepest
+            // ancestor it does reach, so the workload's traffic is denied
+            // until it is moved up, and say so.
+            let visible = cgroup::deepest_visible(mount, path);
+            missing.push(format!(
+                "{}: cgroup {} is {depth} levels deep, past the {MAX_CGROUP_DEPTH} the \
+                 kernel searches: not enforced as an endpoint; its traffic is denied \
+                 (guard on {})",
+                ep.workload,
+                path.display(),
+                visible.display()
+            ));
+            if let Ok(guard_id) = cgroup::cgroup_id(&visible) {
+                desired.endpoints.entry(guard_id).or_insert(EndpointValue {
+                    endpoint_id: ENDPOINT_ID_NONE,
+                    flags: ENDPOINT_FLAG_PENDING,
+                    ..Default::default()
+                });
+            }
+            continue;
+        }
+        let mut value = EndpointValue {
+            endpoint_id: ep.id,
+            flags: if restricted.contains(&ep.id) {
+                ENDPOINT_FLAG_INGRESS_RESTRICTED
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        if let Some(w) = workloads.get(&(&*ep.workload.namespace, &*ep.workload.name)) {
+            // A bad mode label is reported by the mesh (it is STRICT
+            // meanwhile), not as a missing cgroup.
+            let (mode, _) = mesh::mode::of_workload(&snapshot.inventory, w);
+            value.flags |= mode.endpoint_flags();
+        }
+        if let Some(v4) = ep.ipv4 {
+            value.ipv4_mapped = ipv4_mapped(v4.octets());
+            value.flags |= ENDPOINT_FLAG_HAS_IPV4;
+        }
+        if let Some(v6) = ep.ipv6 {
+            value.ipv6 = v6.octets();
+            value.flags |= ENDPOINT_FLAG_HAS_IPV6;
+        }
+        desired.endpoints.insert(id, value);
+        cgroups.push((id, path.to_path_buf()));
     }
+    desired.identities = kept.identities.of(&c.identities);
+    desired.policy = Arc::clone(&c.rules);
+    (desired.services, desired.backends) = services::desired(&snapshot.inventory.services);
+    let missing = MissingCgroups {
+        problems: missing,
+        paths: missing_paths,
+    };
+    (desired, missing, cgroups)
 }
 
 /// The endpoints some ingress entry of whose policy denies
