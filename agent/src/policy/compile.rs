@@ -361,7 +361,7 @@ impl Compiler {
         let unchanged = match (&shared, &shared_before, &delta) {
             (_, _, ClassDelta::Unknown) => Unchanged::default(),
             (Some(now), Some(before), _) => {
-                now.unchanged_since(before, |policy| delta.reaches(policy, &named_before))
+                now.unchanged_since(before, |policy| delta.reaches(policy))
             }
             _ => Unchanged::default(),
         };

@@ -12,7 +12,7 @@
 
 use std::cmp::Ordering;
 
-use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
+use foldhash::{HashMap, HashMapExt as _};
 
 use super::classes::{PeerClass, PeerClasses};
 use crate::policy::model::{Peers, PolicyKind, PortSpec};
@@ -34,12 +34,10 @@ pub enum ClassDelta {
     Same,
     /// Classes came or went; every class kept has its identity.
     Changed {
-        /// Peer lists with a previous answer that now name another set of
-        /// identities.
-        renamed: HashSet<Peers>,
-        /// The classes that came or went: a list without a previous answer
-        /// (its policy selected no endpoint here) names another set of
-        /// identities exactly when it names one of these.
+        /// The classes that came or went: a peer list names another set of
+        /// identities exactly when it names one of these (classes kept are
+        /// named as before, with their identities), whether or not it has
+        /// a previous answer.
         came_or_went: Vec<PeerClass>,
         /// A pod class whose pods name a port some rule names came or went:
         /// a named egress port resolves against every pod class, so rules
@@ -100,34 +98,28 @@ impl NamedCache {
         let port_classes = came_or_went
             .iter()
             .any(|c| matches!(c, PeerClass::Pod { named_ports, .. } if !named_ports.is_empty()));
-        let mut renamed = HashSet::new();
-        let mut carried = HashMap::with_capacity(self.by_peers.len());
-        for (peers, named) in self.by_peers {
-            let mut changed = false;
-            let mut now_named: Vec<usize> = named
-                .iter()
-                .filter_map(|&old| {
-                    let kept = kept_as.get(old).copied().flatten();
-                    changed |= kept.is_none();
-                    kept
-                })
-                .collect();
-            for &index in &added {
-                if named_by(&now.classes[index], &peers) {
-                    now_named.push(index);
-                    changed = true;
+        // Answered again in place: thousands of peer lists, each costly to
+        // hash again.
+        let mut carried = self.by_peers;
+        for (peers, named) in carried.iter_mut() {
+            named.retain_mut(|index| match kept_as.get(*index).copied().flatten() {
+                Some(now) => {
+                    *index = now;
+                    true
                 }
-            }
-            now_named.sort_unstable();
-            if changed {
-                renamed.insert(peers.clone());
-            }
-            carried.insert(peers, now_named);
+                None => false,
+            });
+            named.extend(
+                added
+                    .iter()
+                    .copied()
+                    .filter(|&index| named_by(&now.classes[index], peers)),
+            );
+            named.sort_unstable();
         }
         (
             carried,
             ClassDelta::Changed {
-                renamed,
                 came_or_went,
                 port_classes,
             },
@@ -145,13 +137,14 @@ fn named_by(class: &PeerClass, peers: &Peers) -> bool {
 
 impl ClassDelta {
     /// Whether the change can reach the entries a policy's rules make.
-    /// `carried`: the answers [`NamedCache::carry`] returned.
-    pub fn reaches(&self, policy: &PolicyKind, carried: &HashMap<Peers, Vec<usize>>) -> bool {
+    /// Asks only the classes that came or went (usually one or two), never
+    /// the answers carried: looking a rule's peer list up costs a hash of
+    /// its selectors, and ten thousand rules made that milliseconds.
+    pub fn reaches(&self, policy: &PolicyKind) -> bool {
         match self {
             Self::Same => false,
             Self::Unknown => true,
             Self::Changed {
-                renamed,
                 came_or_went,
                 port_classes,
             } => policy.rules().any(|rule| {
@@ -160,14 +153,8 @@ impl ClassDelta {
                         .iter()
                         .any(|p| matches!(p.port, PortSpec::Named(_)))
                 };
-                let peers_reached = match &rule.peers {
-                    Peers::All => false,
-                    peers if carried.contains_key(peers) => renamed.contains(peers),
-                    // Classes kept are named as before: only a class that
-                    // came or went can change the answer.
-                    peers => came_or_went.iter().any(|c| named_by(c, peers)),
-                };
-                peers_reached || (*port_classes && names_a_port())
+                came_or_went.iter().any(|c| named_by(c, &rule.peers))
+                    || (*port_classes && names_a_port())
             }),
         }
     }
@@ -289,25 +276,24 @@ mod tests {
             assert_eq!(carried[peers], names(&now, peers), "{peers:?}");
         }
         let ClassDelta::Changed {
-            renamed,
             came_or_went,
             port_classes,
         } = &delta
         else {
             panic!("{delta:?}");
         };
-        assert_eq!(
-            *renamed,
-            [web.clone(), api.clone()]
-                .into_iter()
-                .collect::<HashSet<_>>()
-        );
         assert_eq!(came_or_went.len(), 2, "web went, api came");
         assert!(!port_classes, "no pod names a port");
         assert_eq!(web_before.len(), 1);
-        assert!(!delta.reaches(&np_with(&[rule(&db)]), &carried));
-        assert!(delta.reaches(&np_with(&[rule(&web)]), &carried));
-        assert!(delta.reaches(&np_with(&[rule(&api)]), &carried));
+        // Reached exactly where the list's identities changed: web's class
+        // went, api's came, db's stayed with its identity.
+        let identities_now =
+            |peers: &Peers| -> Vec<u32> { carried[peers].iter().map(|&i| identities[i]).collect() };
+        assert_ne!(identities_now(&web), web_before);
+        assert_eq!(identities_now(&db), db_before);
+        assert!(!delta.reaches(&np_with(&[rule(&db)])));
+        assert!(delta.reaches(&np_with(&[rule(&web)])));
+        assert!(delta.reaches(&np_with(&[rule(&api)])));
         // Lists with no previous answer (their policy selected nothing
         // here): reached when they name a class that came or went.
         let (api_anywhere, db_anywhere) = (
@@ -316,9 +302,9 @@ mod tests {
         );
         let api_in_y = selecting_in(NamespaceScope::Exactly("y".into()), "api");
         assert!(!carried.contains_key(&api_anywhere));
-        assert!(delta.reaches(&np_with(&[rule(&api_anywhere)]), &carried));
-        assert!(!delta.reaches(&np_with(&[rule(&db_anywhere)]), &carried));
-        assert!(!delta.reaches(&np_with(&[rule(&api_in_y)]), &carried));
+        assert!(delta.reaches(&np_with(&[rule(&api_anywhere)])));
+        assert!(!delta.reaches(&np_with(&[rule(&db_anywhere)])));
+        assert!(!delta.reaches(&np_with(&[rule(&api_in_y)])));
     }
 
     #[test]
@@ -328,15 +314,15 @@ mod tests {
         let inv = inventory(vec![workload("a", "web", "10.0.0.1")]);
         let old = cache(&inv, &rules);
         let now = PeerClasses::build(&inv, &rules);
-        let (carried, delta) = old.clone().carry(&now, &old.identities);
+        let (_, delta) = old.clone().carry(&now, &old.identities);
         assert_eq!(delta, ClassDelta::Same);
-        assert!(!delta.reaches(&np_with(&[rule(&web)]), &carried));
+        assert!(!delta.reaches(&np_with(&[rule(&web)])));
 
         let moved: Vec<u32> = old.identities.iter().map(|i| i + 1).collect();
         let (carried, delta) = old.carry(&now, &moved);
         assert_eq!(delta, ClassDelta::Unknown);
         assert!(carried.is_empty());
-        assert!(delta.reaches(&np_with(&[]), &carried));
+        assert!(delta.reaches(&np_with(&[])));
     }
 
     fn np_with(rules: &[Rule]) -> PolicyKind {
