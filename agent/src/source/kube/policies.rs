@@ -3,7 +3,8 @@
 //! invalid, and a report per object for the status writer.
 
 use std::{
-    collections::BTreeMap,
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -176,26 +177,76 @@ struct RecordOf<'a, T> {
 struct Committed {
     uid: String,
     policy: PolicyObject,
-    /// The object as served, as the state store's record.
-    record: Arc<[u8]>,
 }
 
-/// One object's validation, kept while its version is served: the API
-/// server gives every write a new `resourceVersion`, so an object whose
-/// UID and version are unchanged validates the same way again. Without
-/// this every pass re-serialized and re-parsed every policy.
-struct Validated {
+/// One served object as the last track saw it, kept while its version is
+/// served: the API server gives every write a new `resourceVersion`, so an
+/// object whose UID and version are unchanged validates the same way again.
+/// Without this every pass re-serialized and re-parsed every policy.
+struct Served {
+    key: ObjectKey,
     uid: String,
     resource_version: String,
     outcome: Result<(PolicyObject, Arc<[u8]>), String>,
+    report: ObjectReport,
+    /// The track that last saw it.
+    seen_in: u64,
 }
 
-/// What the latest pass offered, until [`PolicyTracker::settle`].
-#[derive(Default)]
-struct Pending {
-    valid: BTreeMap<ObjectKey, Committed>,
-    /// Every object present, by its UID.
-    present: BTreeMap<ObjectKey, String>,
+impl Served {
+    fn of(object: &ApiPolicy<'_>, key: ObjectKey, seen_in: u64) -> Self {
+        let meta = object.meta();
+        let outcome = object.validate().map(|policy| (policy, object.to_record()));
+        let uid = meta.uid.clone().unwrap_or_default();
+        Self {
+            report: ObjectReport {
+                kind: key.kind,
+                namespace: key.namespace.to_string(),
+                name: key.name.to_string(),
+                uid: uid.clone(),
+                generation: meta.generation,
+                problem: outcome.as_ref().err().cloned(),
+            },
+            key,
+            uid,
+            resource_version: meta.resource_version.clone().unwrap_or_default(),
+            outcome,
+            seen_in,
+        }
+    }
+
+    /// Whether `object` is this version of this object. An object without
+    /// a UID or a `resourceVersion` is never the same.
+    fn is(&self, object: &ApiPolicy<'_>) -> bool {
+        let meta = object.meta();
+        let version = meta.resource_version.as_deref().unwrap_or_default();
+        !self.uid.is_empty()
+            && !version.is_empty()
+            && self.resource_version == version
+            && self.key.kind == object.kind()
+            && *self.key.namespace == *meta.namespace.as_deref().unwrap_or_default()
+            && *self.key.name == *meta.name.as_deref().unwrap_or_default()
+    }
+}
+
+/// Where a served object is kept: by UID, so an unchanged object is found
+/// without building its key; one without a UID by its key.
+fn served_id<'a>(object: &'a ApiPolicy<'_>) -> Cow<'a, str> {
+    let meta = object.meta();
+    id_of(
+        object.kind(),
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+        meta.uid.as_deref().unwrap_or_default(),
+    )
+}
+
+fn id_of<'a>(kind: ObjectKind, namespace: &str, name: &str, uid: &'a str) -> Cow<'a, str> {
+    if uid.is_empty() {
+        format!("\0{}\0{namespace}\0{name}", kind.as_str()).into()
+    } else {
+        uid.into()
+    }
 }
 
 /// Remembers the last valid and applied version of every object, in
@@ -208,40 +259,17 @@ pub struct PolicyTracker {
     committed: BTreeMap<ObjectKey, Committed>,
     /// Counts changes to `committed`: what a track answers depends on it.
     committed_changes: u64,
-    validated: BTreeMap<ObjectKey, Validated>,
+    /// The objects the last track was given, by [`served_id`].
+    served: HashMap<String, Served>,
+    /// Counts tracks.
+    tracks: u64,
     store: Option<StateStore>,
-    pending: Option<Arc<Pending>>,
-    last: Option<LastTrack>,
-}
-
-/// The latest track, answered again while the same object versions are
-/// served and nothing was committed since: most passes follow a pod or a
-/// Service, and tracking a thousand unchanged policies cost milliseconds.
-struct LastTrack {
-    /// Kind, UID and `resourceVersion` of each object, in the order served.
-    inputs: Vec<(ObjectKind, String, String)>,
-    committed_changes: u64,
-    output: TrackedPolicies,
-    pending: Arc<Pending>,
-}
-
-impl LastTrack {
-    /// Whether `objects` are the versions this track was made from. An
-    /// object without a `resourceVersion` is never the same.
-    fn same_inputs(&self, objects: &[ApiPolicy<'_>]) -> bool {
-        self.inputs.len() == objects.len()
-            && self
-                .inputs
-                .iter()
-                .zip(objects)
-                .all(|((kind, uid, version), o)| {
-                    let meta = o.meta();
-                    *kind == o.kind()
-                        && !version.is_empty()
-                        && meta.uid.as_deref().unwrap_or_default() == uid
-                        && meta.resource_version.as_deref().unwrap_or_default() == version
-                })
-    }
+    /// `served` is what the last track offered, not settled yet.
+    unsettled: bool,
+    /// The last track's answer, and the commits it saw: answered again
+    /// while the same object versions are served and nothing was committed
+    /// since (most passes follow a pod or a Service).
+    last: Option<(u64, TrackedPolicies)>,
 }
 
 /// What one pass over the policy objects produced.
@@ -275,14 +303,7 @@ impl PolicyTracker {
             if key.store_key() != name {
                 return Err(invalid(format!("it holds {key}")));
             }
-            committed.insert(
-                key,
-                Committed {
-                    uid,
-                    policy,
-                    record: bytes.into(),
-                },
-            );
+            committed.insert(key, Committed { uid, policy });
         }
         Ok(Self {
             committed,
@@ -291,105 +312,91 @@ impl PolicyTracker {
         })
     }
 
+    /// The policies to enforce from the objects served now (a complete
+    /// list): each valid object as served, each invalid one by its last
+    /// valid version if it has one. Only objects whose version is new are
+    /// validated; the answer is built again only when some object came,
+    /// went or changed, or a settle committed something.
     pub fn track<'a>(
         &mut self,
         objects: impl IntoIterator<Item = ApiPolicy<'a>>,
     ) -> TrackedPolicies {
-        let objects: Vec<ApiPolicy<'a>> = objects.into_iter().collect();
-        if let Some(last) = self.last.as_ref().filter(|last| {
-            last.committed_changes == self.committed_changes && last.same_inputs(&objects)
-        }) {
-            self.pending = Some(Arc::clone(&last.pending));
-            return last.output.clone();
+        self.tracks += 1;
+        self.unsettled = true;
+        let round = self.tracks;
+        let mut fresh = Vec::new();
+        let mut kept = 0;
+        for object in objects {
+            let id = served_id(&object);
+            match self.served.get_mut(&*id) {
+                Some(served) if served.seen_in != round && served.is(&object) => {
+                    served.seen_in = round;
+                    kept += 1;
+                }
+                _ => {
+                    let key = ObjectKey::of(object.kind(), object.meta());
+                    fresh.push((id.into_owned(), Served::of(&object, key, round)));
+                }
+            }
         }
-        let inputs = objects
-            .iter()
-            .map(|o| {
-                let meta = o.meta();
-                (
-                    o.kind(),
-                    meta.uid.clone().unwrap_or_default(),
-                    meta.resource_version.clone().unwrap_or_default(),
-                )
-            })
-            .collect();
+        let changed = !fresh.is_empty() || kept != self.served.len();
+        if changed {
+            // A reflector's store holds one object per name: a name served
+            // again under a new UID (re-created) replaces the old object,
+            // which this list no longer has.
+            self.served.retain(|_, served| served.seen_in == round);
+            self.served.extend(fresh);
+        }
+        match &self.last {
+            Some((commits, answer)) if !changed && *commits == self.committed_changes => {
+                answer.clone()
+            }
+            _ => {
+                let answer = self.answer();
+                self.last = Some((self.committed_changes, answer.clone()));
+                answer
+            }
+        }
+    }
+
+    /// What the served objects mean for enforcement, in key order.
+    fn answer(&self) -> TrackedPolicies {
+        let mut served: Vec<&Served> = self.served.values().collect();
+        served.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let mut out = TrackedPolicies {
-            policies: Vec::new(),
+            policies: Vec::with_capacity(served.len()),
             previous: BTreeMap::new(),
             problems: Vec::new(),
-            reports: Vec::new(),
+            reports: Vec::with_capacity(served.len()),
         };
-        let mut pending = Pending::default();
-        let mut in_force = BTreeMap::new();
-        let mut earlier = std::mem::take(&mut self.validated);
-        for object in objects {
-            let meta = object.meta();
-            let key = ObjectKey::of(object.kind(), meta);
-            let uid = meta.uid.clone().unwrap_or_default();
-            pending.present.insert(key.clone(), uid.clone());
-            let last = self.committed.get(&key).filter(|c| c.uid == uid);
+        let mut previous = Vec::new();
+        // Both in key order: walked side by side.
+        let mut committed = self.committed.iter().peekable();
+        for s in served {
+            while committed.next_if(|(key, _)| **key < s.key).is_some() {}
+            let last = committed
+                .peek()
+                .filter(|(key, c)| **key == s.key && c.uid == s.uid)
+                .map(|(_, c)| *c);
             if let Some(last) = last {
-                out.previous.insert(key.policy_ref(), last.policy.clone());
+                previous.push((s.key.policy_ref(), last.policy.clone()));
             }
-            let version = meta.resource_version.as_deref().unwrap_or_default();
-            // An object seen before at this version is not validated (nor
-            // copied) again.
-            let validated = match earlier.remove(&key) {
-                Some(v) if !version.is_empty() && v.uid == uid && v.resource_version == version => {
-                    v
-                }
-                _ => Validated {
-                    uid: uid.clone(),
-                    resource_version: version.to_string(),
-                    outcome: object.validate().map(|policy| (policy, object.to_record())),
-                },
-            };
-            let problem = match &validated.outcome {
-                Ok((policy, json)) => {
-                    in_force.insert(key.clone(), policy.clone());
-                    pending.valid.insert(
-                        key.clone(),
-                        Committed {
-                            uid: uid.clone(),
-                            policy: policy.clone(),
-                            record: Arc::clone(json),
-                        },
-                    );
-                    None
-                }
+            match &s.outcome {
+                Ok((policy, _)) => out.policies.push(policy.clone()),
                 Err(e) => {
                     let consequence = match last {
                         Some(previous) => {
-                            in_force.insert(key.clone(), previous.policy.clone());
+                            out.policies.push(previous.policy.clone());
                             "its last valid version stays enforced"
                         }
                         None => "it is not applied",
                     };
-                    out.problems.push(format!("{key}: {e} ({consequence})"));
-                    Some(e.clone())
+                    out.problems.push(format!("{}: {e} ({consequence})", s.key));
                 }
-            };
-            if !version.is_empty() {
-                self.validated.insert(key.clone(), validated);
             }
-            out.reports.push(ObjectReport {
-                kind: key.kind,
-                namespace: key.namespace.to_string(),
-                name: key.name.to_string(),
-                uid,
-                generation: meta.generation,
-                problem,
-            });
+            out.reports.push(s.report.clone());
         }
-        out.policies = in_force.into_values().collect();
-        let pending = Arc::new(pending);
-        self.pending = Some(Arc::clone(&pending));
-        self.last = Some(LastTrack {
-            inputs,
-            committed_changes: self.committed_changes,
-            output: out.clone(),
-            pending,
-        });
+        out.previous = previous.into_iter().collect();
         out
     }
 
@@ -398,7 +405,7 @@ impl PolicyTracker {
     /// first, when durable); deleted or re-created objects are forgotten.
     /// `None`: nothing was applied, nothing changes. Returns problems.
     pub fn settle(&mut self, outcome: Option<&BTreeMap<PolicyRef, String>>) -> Vec<String> {
-        let (Some(pending), Some(rejected)) = (self.pending.take(), outcome) else {
+        let (true, Some(rejected)) = (std::mem::take(&mut self.unsettled), outcome) else {
             return Vec::new();
         };
         let mut problems = Vec::new();
@@ -413,10 +420,16 @@ impl PolicyTracker {
                 false
             }
         };
+        let served = &self.served;
         let gone: Vec<ObjectKey> = self
             .committed
             .iter()
-            .filter(|(key, c)| pending.present.get(*key) != Some(&c.uid))
+            .filter(|(key, c)| {
+                let id = id_of(key.kind, &key.namespace, &key.name, &c.uid);
+                !served
+                    .get(&*id)
+                    .is_some_and(|s| s.key == **key && s.uid == c.uid)
+            })
             .map(|(key, _)| key.clone())
             .collect();
         for key in gone {
@@ -425,20 +438,29 @@ impl PolicyTracker {
                 self.committed_changes += 1;
             }
         }
-        for (key, version) in &pending.valid {
-            if rejected.contains_key(&key.policy_ref()) {
+        for s in self.served.values() {
+            let Ok((policy, record)) = &s.outcome else {
+                continue;
+            };
+            if !rejected.is_empty() && rejected.contains_key(&s.key.policy_ref()) {
                 continue;
             }
             let unchanged = self
                 .committed
-                .get(key)
-                .is_some_and(|c| c.uid == version.uid && c.policy == version.policy);
+                .get(&s.key)
+                .is_some_and(|c| c.uid == s.uid && c.policy == *policy);
             if unchanged {
                 continue;
             }
-            let stored = store.map_or(Ok(()), |s| s.put(&key.store_key(), &version.record));
+            let stored = store.map_or(Ok(()), |st| st.put(&s.key.store_key(), record));
             if persist(stored) {
-                self.committed.insert(key.clone(), version.clone());
+                self.committed.insert(
+                    s.key.clone(),
+                    Committed {
+                        uid: s.uid.clone(),
+                        policy: policy.clone(),
+                    },
+                );
                 self.committed_changes += 1;
             }
         }
@@ -611,12 +633,16 @@ mod tests {
         ]);
         assert_eq!(out.policies.len(), 1);
         assert_eq!(out.policies[0].reference.name.as_ref(), "fine");
-        let problem = out.reports[0].problem.as_deref().unwrap();
+        let problem_of = |name: &str| {
+            let report = out.reports.iter().find(|r| r.name.starts_with(name));
+            report.and_then(|r| r.problem.clone()).unwrap()
+        };
+        let problem = problem_of("www");
         assert!(
             problem.contains("metadata.name") && problem.contains("at most 253 characters"),
             "{problem}"
         );
-        let problem = out.reports[2].problem.as_deref().unwrap();
+        let problem = problem_of("labels");
         assert!(
             problem.contains("spec.podSelector.matchLabels")
                 && problem.contains("label value \"a b\" of key \"app\" is invalid"),
@@ -638,6 +664,79 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("does not match the L4Policy schema"));
+    }
+
+    /// The tracker answers from what it kept of unchanged objects; its
+    /// answers must be those of a tracker that validates every object
+    /// afresh (objects without a `resourceVersion` are never kept), through
+    /// random adds, valid and invalid edits, deletions, re-creations and
+    /// held-back settles.
+    #[test]
+    fn kept_answers_equal_answers_worked_out_afresh() {
+        use proptest::{prelude::*, test_runner::TestRunner};
+        let step = (0usize..6, 0u8..5, any::<bool>());
+        TestRunner::default()
+            .run(&proptest::collection::vec(step, 1..40), |steps| {
+                let mut kept = PolicyTracker::default();
+                let mut afresh = PolicyTracker::default();
+                // name → (uid generation, version, port)
+                let mut live: BTreeMap<usize, (u32, u32, i64)> = BTreeMap::new();
+                let mut version = 0;
+                for (name, action, hold_back) in steps {
+                    version += 1;
+                    match action {
+                        0 => {
+                            live.remove(&name);
+                        }
+                        1 => {
+                            // Re-created: a new UID.
+                            let uid = live.get(&name).map_or(0, |l| l.0 + 1);
+                            live.insert(name, (uid, version, 80));
+                        }
+                        2 => {
+                            // An invalid edit.
+                            let uid = live.get(&name).map_or(0, |l| l.0);
+                            live.insert(name, (uid, version, 70000));
+                        }
+                        _ => {
+                            let uid = live.get(&name).map_or(0, |l| l.0);
+                            live.insert(name, (uid, version, 1000 + version as i64));
+                        }
+                    }
+                    let objects = |versioned: bool| -> Vec<DynamicObject> {
+                        live.iter()
+                            .map(|(name, (uid, version, port))| {
+                                let mut o =
+                                    l4(&format!("p{name}"), &format!("u{name}-{uid}"), json!(port));
+                                if versioned {
+                                    o.metadata.resource_version = Some(version.to_string());
+                                }
+                                o
+                            })
+                            .collect()
+                    };
+                    let (with, without) = (objects(true), objects(false));
+                    let a = kept.track(with.iter().map(ApiPolicy::L4));
+                    let b = afresh.track(without.iter().map(ApiPolicy::L4));
+                    prop_assert_eq!(&a.policies, &b.policies);
+                    prop_assert_eq!(&a.previous, &b.previous);
+                    prop_assert_eq!(&a.problems, &b.problems);
+                    prop_assert_eq!(&a.reports, &b.reports);
+                    let rejected: BTreeMap<PolicyRef, String> = if hold_back {
+                        a.policies
+                            .iter()
+                            .take(1)
+                            .map(|p| (p.reference.clone(), "too big".into()))
+                            .collect()
+                    } else {
+                        BTreeMap::new()
+                    };
+                    kept.settle(Some(&rejected));
+                    afresh.settle(Some(&rejected));
+                }
+                Ok(())
+            })
+            .unwrap();
     }
 
     fn applied_whole(tracker: &mut PolicyTracker) {
