@@ -254,7 +254,7 @@ pub struct KubeSource {
     reports: watch::Sender<Vec<ObjectReport>>,
     /// Reports of the latest load, published once its outcome is known (an
     /// object that does not fit is reported too).
-    pending_reports: Option<Vec<ObjectReport>>,
+    pending_reports: Option<Arc<Vec<ObjectReport>>>,
     /// Pods as workloads, kept while they do not change.
     translations: workloads::Translations,
     /// The latest view that passed its check, kept for the next load: it
@@ -552,11 +552,11 @@ impl KubeSource {
         self.reports.subscribe()
     }
 
-    fn publish_reports(&self, reports: Vec<ObjectReport>) {
+    fn publish_reports(&self, reports: Arc<Vec<ObjectReport>>) {
         self.reports.send_if_modified(|current| {
-            let changed = *current != reports;
+            let changed = *current != *reports;
             if changed {
-                *current = reports;
+                *current = Arc::unwrap_or_clone(reports);
             }
             changed
         });
@@ -827,7 +827,7 @@ impl Source for KubeSource {
         if let Some(mut reports) = self.pending_reports.take() {
             // Most passes reject nothing: no report changes then.
             if let Some(rejected) = outcome.filter(|rejected| !rejected.is_empty()) {
-                for r in &mut reports {
+                for r in Arc::make_mut(&mut reports) {
                     let key = crate::policy::PolicyRef {
                         kind: r.kind,
                         namespace: r.namespace.as_str().into(),

@@ -279,7 +279,9 @@ pub struct TrackedPolicies {
     /// The last applied version of each object that has one.
     pub previous: BTreeMap<PolicyRef, PolicyObject>,
     pub problems: Vec<String>,
-    pub reports: Vec<ObjectReport>,
+    /// Shared with the tracker's last answer: most passes report what the
+    /// last one did, and a thousand reports were a copy each pass.
+    pub reports: Arc<Vec<ObjectReport>>,
 }
 
 impl PolicyTracker {
@@ -367,8 +369,9 @@ impl PolicyTracker {
             policies: Vec::with_capacity(served.len()),
             previous: BTreeMap::new(),
             problems: Vec::new(),
-            reports: Vec::with_capacity(served.len()),
+            reports: Arc::default(),
         };
+        let mut reports = Vec::with_capacity(served.len());
         let mut previous = Vec::new();
         // Both in key order: walked side by side.
         let mut committed = self.committed.iter().peekable();
@@ -394,8 +397,9 @@ impl PolicyTracker {
                     out.problems.push(format!("{}: {e} ({consequence})", s.key));
                 }
             }
-            out.reports.push(s.report.clone());
+            reports.push(s.report.clone());
         }
+        out.reports = Arc::new(reports);
         out.previous = previous.into_iter().collect();
         out
     }
