@@ -185,6 +185,8 @@ struct Translated {
     workload: Arc<Workload>,
     /// The listing `workload.cgroup` was looked up in.
     looked_up_in: Option<u64>,
+    /// The last view that had the pod.
+    seen_in: u64,
 }
 
 impl Translated {
@@ -207,6 +209,7 @@ impl Translated {
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             workload: Arc::new(workload),
             looked_up_in: None,
+            seen_in: 0,
         }
     }
 
@@ -234,6 +237,8 @@ pub struct Translations {
     order: Vec<usize>,
     /// The node the translations were made for.
     node_name: String,
+    /// Counts views.
+    views: u64,
 }
 
 /// How the view orders pods: by namespace, then name.
@@ -259,9 +264,8 @@ impl Translations {
             self.order.clear();
             self.node_name = node_name.to_string();
         }
-        // Pins the last view's pods until the end: no new pod can have the
-        // address of one kept there, so an address in both is the same pod.
-        let mut earlier = std::mem::take(&mut self.by_object);
+        self.views += 1;
+        let view = self.views;
         let mut local = LocalPods::default();
         let mut namespace_list: Vec<Namespace> = namespaces
             .into_iter()
@@ -280,19 +284,33 @@ impl Translations {
         // handed to a pod.
         let mut holders: HashMap<IpAddr, usize> = HashMap::new();
         let mut added: Vec<usize> = Vec::new();
+        // Marked in place: moving five thousand entries to a new map each
+        // view cost more than translating the few that changed. A kept pod
+        // pins its address, so no other pod can have it: an address seen
+        // before is the same pod exactly when it is the same `Arc`.
+        let mut replaced = false;
         for pod in pods {
             let at = Arc::as_ptr(pod) as usize;
-            let translated = match earlier.remove(&at) {
-                Some((kept, t)) if Arc::ptr_eq(&kept, pod) => t,
+            match self.by_object.get_mut(&at) {
+                Some((kept, t)) if Arc::ptr_eq(kept, pod) => t.seen_in = view,
                 _ => {
+                    let mut translated = Translated::of(pod, node_name);
+                    translated.seen_in = view;
+                    replaced |= self
+                        .by_object
+                        .insert(at, (Arc::clone(pod), translated))
+                        .is_some();
                     added.push(at);
-                    Translated::of(pod, node_name)
                 }
-            };
-            self.by_object.insert(at, (Arc::clone(pod), translated));
+            }
         }
+        self.by_object.retain(|_, (_, t)| t.seen_in == view);
         let by_object = &mut self.by_object;
         self.order.retain(|at| by_object.contains_key(at));
+        if replaced {
+            // Not possible while pods are pinned; placed again below if so.
+            self.order.retain(|at| !added.contains(at));
+        }
         for at in added {
             let key = order_key(&by_object[&at].0);
             let place = self
