@@ -39,6 +39,8 @@ pub struct ClassCache {
     /// By the address of the workload, which `Kept::workload` pins.
     workloads: HashMap<usize, Kept>,
     canonical: HashSet<Arc<PeerClass>>,
+    /// Counts compiles.
+    passes: u64,
 }
 
 #[derive(Clone)]
@@ -47,6 +49,8 @@ struct Kept {
     /// The namespace labels the classes were made with.
     namespace_labels: Arc<Labels>,
     classes: Vec<(IpAddr, Arc<PeerClass>)>,
+    /// The last compile that used them.
+    seen_in: u64,
 }
 
 /// What the rules' peers and ports can look at in a pod.
@@ -163,8 +167,6 @@ impl std::fmt::Debug for ClassCache {
 /// [`ClassPass::finish`].
 pub struct ClassPass<'c> {
     cache: &'c mut ClassCache,
-    /// The last compile's workloads; what this one reuses moves back.
-    earlier: HashMap<usize, Kept>,
     namespaces: HashMap<String, Arc<Labels>>,
 }
 
@@ -230,10 +232,12 @@ impl ClassCache {
             };
             namespaces.insert(w.namespace.clone(), labels);
         }
-        let earlier = std::mem::take(&mut self.workloads);
+        // Workloads are marked in place (see `classes_of`): moving five
+        // thousand to a new map each compile cost more than the few that
+        // changed.
+        self.passes += 1;
         ClassPass {
             cache: self,
-            earlier,
             namespaces,
         }
     }
@@ -255,48 +259,44 @@ impl ClassPass<'_> {
     pub fn classes_of(&mut self, w: &Arc<Workload>) -> &[(IpAddr, Arc<PeerClass>)] {
         let at = Arc::as_ptr(w) as usize;
         let namespace_labels = &self.namespaces[w.namespace.as_str()];
-        let kept = match self.earlier.remove(&at) {
-            Some(kept)
-                if Arc::ptr_eq(&kept.workload, w)
-                    && Arc::ptr_eq(&kept.namespace_labels, namespace_labels) =>
-            {
-                kept
-            }
-            _ => {
-                let lens = &self.cache.lens;
+        let pass = self.cache.passes;
+        let cache = &mut *self.cache;
+        // A kept workload pins its address: the same address is the same
+        // workload exactly when it is the same `Arc`.
+        let reusable = cache.workloads.get(&at).is_some_and(|kept| {
+            Arc::ptr_eq(&kept.workload, w) && Arc::ptr_eq(&kept.namespace_labels, namespace_labels)
+        });
+        let kept = match reusable {
+            true => cache.workloads.get_mut(&at).expect("looked up above"),
+            false => {
+                let lens = &cache.lens;
                 let classes = w
                     .ips
                     .iter()
                     .map(|ip| {
                         let class = lens.pod_class(w, *ip, namespace_labels);
-                        (*ip, canonical(&mut self.cache.canonical, class))
+                        (*ip, canonical(&mut cache.canonical, class))
                     })
                     .collect();
-                Kept {
+                let made = Kept {
                     workload: Arc::clone(w),
                     namespace_labels: Arc::clone(namespace_labels),
                     classes,
-                }
+                    seen_in: pass,
+                };
+                cache.workloads.entry(at).insert_entry(made).into_mut()
             }
         };
-        &self
-            .cache
-            .workloads
-            .entry(at)
-            .insert_entry(kept)
-            .into_mut()
-            .classes
+        kept.seen_in = pass;
+        &kept.classes
     }
 
     /// Ends the compile: workloads it did not see are forgotten, and so
     /// are classes nothing kept uses.
     pub fn finish(self) {
-        let ClassPass {
-            cache,
-            earlier,
-            namespaces,
-        } = self;
-        drop(earlier);
+        let ClassPass { cache, namespaces } = self;
+        let pass = cache.passes;
+        cache.workloads.retain(|_, kept| kept.seen_in == pass);
         cache.namespaces = namespaces;
         cache.canonical.retain(|class| Arc::strong_count(class) > 1);
     }

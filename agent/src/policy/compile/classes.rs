@@ -99,18 +99,26 @@ impl PeerClasses {
                 interned.len() - 1
             })
         };
-        let mut members: BTreeMap<AddrPrefix, usize> = BTreeMap::new();
         let mut prefixes: BTreeMap<AddrPrefix, Member> = BTreeMap::new();
         // Node addresses are HOST even if a policy CIDR names them exactly:
         // the kernel lets HOST in unconditionally and ipBlocks never match it.
         for ip in &inventory.node_ips {
             prefixes.insert(AddrPrefix::host(*ip), Member::Host);
         }
+        // Sorted, then built in one go: thousands of inserts one by one
+        // were a large part of a compile.
+        let mut hosts: Vec<(AddrPrefix, usize)> = Vec::with_capacity(inventory.workloads.len());
         for w in &inventory.workloads {
             for (ip, class) in pass.classes_of(w) {
-                members.insert(AddrPrefix::host(*ip), intern(class));
+                hosts.push((AddrPrefix::host(*ip), intern(class)));
             }
         }
+        // A later member takes an address, as an insert would (a checked
+        // inventory names each address once).
+        hosts.reverse();
+        hosts.sort_by_key(|(prefix, _)| *prefix);
+        hosts.dedup_by_key(|(prefix, _)| *prefix);
+        let mut members: BTreeMap<AddrPrefix, usize> = hosts.into_iter().collect();
         let mentioned: Vec<IpNet> = pass.cidrs().copied().collect();
         // Link-local addresses are nobody's in policy terms: ipBlocks never
         // match them (see `evaluate::is_ipv6_link_local`), so no class may
@@ -166,11 +174,10 @@ impl PeerClasses {
                 PeerClass::clone(&interned[provisional])
             })
             .collect();
-        for (prefix, provisional) in members {
-            if let Some(index) = rank[provisional] {
-                prefixes.insert(prefix, Member::Class(index));
-            }
-        }
+        let classed = members
+            .into_iter()
+            .filter_map(|(prefix, provisional)| Some((prefix, Member::Class(rank[provisional]?))));
+        let prefixes = overriding(prefixes, classed);
         drop(interned);
         pass.finish();
         let mut by_cidr: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
@@ -273,5 +280,51 @@ impl PeerClass {
                 .map(|(_, _, port)| *port),
             PeerClass::Cidr(_) => None,
         }
+    }
+}
+
+/// `base` with every entry of `over` (sorted, each key once) put in, an
+/// entry of `over` replacing one of `base`: one pass over both, and the
+/// map built in one go.
+fn overriding<K: Ord + Copy, V>(
+    base: BTreeMap<K, V>,
+    over: impl Iterator<Item = (K, V)>,
+) -> BTreeMap<K, V> {
+    let mut merged = Vec::with_capacity(base.len());
+    let mut base = base.into_iter().peekable();
+    for (key, value) in over {
+        while let Some(kept) = base.next_if(|(k, _)| *k < key) {
+            merged.push(kept);
+        }
+        base.next_if(|(k, _)| *k == key);
+        merged.push((key, value));
+    }
+    merged.extend(base);
+    merged.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overriding_puts_every_entry_in_and_replaces_equal_keys() {
+        let base = BTreeMap::from([(1, "host"), (3, "world"), (9, "host")]);
+        let over = [(1, "a"), (2, "b"), (4, "c"), (10, "d")];
+        assert_eq!(
+            overriding(base, over.into_iter()),
+            BTreeMap::from([
+                (1, "a"),
+                (2, "b"),
+                (3, "world"),
+                (4, "c"),
+                (9, "host"),
+                (10, "d")
+            ])
+        );
+        assert_eq!(
+            overriding(BTreeMap::from([(5, "x")]), std::iter::empty()),
+            BTreeMap::from([(5, "x")])
+        );
     }
 }
