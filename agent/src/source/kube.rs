@@ -613,6 +613,17 @@ impl KubeSource {
             .copied()
             .collect();
         let service_problems = services::keep_consistent(&mut inventory.services, &claimed);
+        if let Some(kept) = kept.as_ref().filter(|kept| *kept.inventory == inventory) {
+            // The events changed nothing the view reads (a deletion mark
+            // before the removal): the same checked view, so the pass
+            // knows at once that nothing is to be compiled.
+            return Ok(KeptView {
+                inventory: kept.inventory.clone(),
+                walk,
+                local,
+                service_problems,
+            });
+        }
         let inventory = match &kept {
             Some(previous) => CheckedInventory::new_after(inventory, &previous.inventory)?,
             None => CheckedInventory::new(inventory)?,

@@ -213,6 +213,23 @@ impl Translated {
         }
     }
 
+    /// Shares `before`'s workload when this translation says the same: the
+    /// pod changed only where the view does not look (its conditions, the
+    /// deletion mark that comes before its removal), so the view stays the
+    /// same and the pass has nothing to work out. Its cgroup is looked up
+    /// again all the same.
+    fn share_workload_of(&mut self, before: &Translated) {
+        let flags = |t: &Translated| (t.usable, t.local, t.host_network);
+        if flags(self) != flags(before) {
+            return;
+        }
+        let mut probe = Workload::clone(&self.workload);
+        probe.cgroup = before.workload.cgroup.clone();
+        if probe == *before.workload {
+            self.workload = Arc::clone(&before.workload);
+        }
+    }
+
     /// The workload with this cgroup, shared with the last view when the
     /// cgroup is the same.
     fn with_cgroup(&mut self, cgroup: Option<PathBuf>) -> Arc<Workload> {
@@ -250,6 +267,17 @@ fn order_key(pod: &Pod) -> (&str, &str) {
 }
 
 impl Translations {
+    /// The last view's translation of this pod (by namespace, name and
+    /// UID), while the last view's pods are still in `order`.
+    fn translated_before(&self, pod: &Pod) -> Option<&Translated> {
+        let key = order_key(pod);
+        let place = self
+            .order
+            .partition_point(|other| order_key(&self.by_object[other].0) < key);
+        let (before, translated) = self.by_object.get(self.order.get(place)?)?;
+        (order_key(before) == key && before.metadata.uid == pod.metadata.uid).then_some(translated)
+    }
+
     /// The view of pods, namespaces and the node (see the module docs).
     pub fn inventory<'n, 'p>(
         &mut self,
@@ -295,6 +323,9 @@ impl Translations {
                 Some((kept, t)) if Arc::ptr_eq(kept, pod) => t.seen_in = view,
                 _ => {
                     let mut translated = Translated::of(pod, node_name);
+                    if let Some(before) = self.translated_before(pod) {
+                        translated.share_workload_of(before);
+                    }
                     translated.seen_in = view;
                     replaced |= self
                         .by_object
@@ -638,6 +669,55 @@ mod tests {
         );
         let (n, _) = looked_up(&[&a, &b2], None, "z");
         assert_eq!(n, 2, "no listing: every time");
+    }
+
+    /// A pod object replaced by one the view reads the same (a deletion
+    /// mark, a new resourceVersion) keeps its workload, so the pass finds
+    /// nothing changed; a change the view reads, or a new pod under the
+    /// same name, does not.
+    #[test]
+    fn a_pod_changed_where_the_view_does_not_look_keeps_its_workload() {
+        let view = |translations: &mut Translations, pods: &[&Arc<Pod>]| {
+            translations
+                .inventory("n1", None, [], pods.iter().copied(), &Fixed)
+                .0
+        };
+        let (a, b) = (
+            Arc::new(web("a", "n1", "10.0.0.2")),
+            Arc::new(web("b", "n2", "10.0.0.3")),
+        );
+        let mut translations = Translations::default();
+        let first = view(&mut translations, &[&a, &b]);
+        let marked = |p: &Pod| {
+            let mut p = p.clone();
+            p.metadata.resource_version = Some("9".into());
+            p.metadata.deletion_timestamp = Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+            );
+            Arc::new(p)
+        };
+        let (a2, b2) = (marked(&a), marked(&b));
+        let second = view(&mut translations, &[&a2, &b2]);
+        for (now, then) in second.workloads.iter().zip(&first.workloads) {
+            assert!(Arc::ptr_eq(now, then), "{} was made again", now.name);
+        }
+        assert_eq!(second, first);
+
+        let mut relabelled = (*b2).clone();
+        relabelled.metadata.labels = Some([("app".to_string(), "db".to_string())].into());
+        let recreated = {
+            let mut p = (*a2).clone();
+            p.metadata.uid = Some("a-again".into());
+            Arc::new(p)
+        };
+        let third = view(&mut translations, &[&recreated, &Arc::new(relabelled)]);
+        assert!(!Arc::ptr_eq(&third.workloads[0], &second.workloads[0]));
+        assert_eq!(third.workloads[1].labels["app"], "db");
+        assert_eq!(
+            third.workloads[0].cgroup.as_deref(),
+            Some(Path::new("/cg/a-again")),
+            "the new pod's own cgroup"
+        );
     }
 
     #[test]
