@@ -815,9 +815,11 @@ pub fn render(result: &ChurnResult) -> String {
          quantile). A pod added is the kubelet reporting it running with its address \
          (it was bound, not measured, just before); a pod deleted is the kubelet \
          removing the object (grace 0) just after its cgroup: the API server writes \
-         that as two watch events, the deletion mark (the pod leaves the view: the \
-         pass measured) and the removal (a pass that finds nothing to write, which \
-         the histogram does not count); a label change moves a pod to another `app`; a policy \
+         that as two watch events, the deletion mark and the removal. A pod keeps its \
+         address until it is removed, so the mark's pass finds the view unchanged and \
+         writes nothing (the histogram does not count it), unless the pod was local \
+         and its cgroup is gone; the removal's pass is timed from the removal, and \
+         it waits for the mark's pass to end; a label change moves a pod to another `app`; a policy \
          change moves the ports of a policy whose rules select pods; an endpoints change replaces an EndpointSlice's \
          addresses. Targets (issue 13): p50 ≤ 5 ms and p99 ≤ 30 ms per kind. With \
          {} changes a kind's p99 is its slowest change.\n",
