@@ -48,6 +48,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::{sync::watch, task::JoinHandle};
 
 use self::{
@@ -181,6 +182,10 @@ struct Progress {
     /// The resources changed since a load last took them: what the load
     /// must read again (see [`KeptView`]).
     dirty: BTreeSet<Watched>,
+    /// The pods (namespace, name) the events since a load last took the
+    /// marks named; `None` when they named too many, or a relist named none
+    /// (and before the first load): the load then reads every pod.
+    named_pods: Option<BTreeSet<(String, String)>>,
     /// When each change not yet applied was seen.
     pending: pending::PendingChanges,
     synced: BTreeSet<Watched>,
@@ -203,7 +208,44 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Progress> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Past this many pods named between two loads, a load reads them all:
+/// checking each would cost as much, and the set stays small.
+const NAMED_PODS_MAX: usize = 64;
+
 impl Progress {
+    /// An event changed (or removed) the object `meta` describes.
+    fn changed_object(&mut self, what: Watched, meta: &ObjectMeta) {
+        if what == Watched::Pods {
+            if let Some(named) = &mut self.named_pods {
+                named.insert((
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone().unwrap_or_default(),
+                ));
+                if named.len() > NAMED_PODS_MAX {
+                    self.named_pods = None;
+                }
+            }
+        }
+        self.changed(what);
+    }
+
+    /// A list replaced the store's contents: no object named.
+    fn relisted(&mut self, what: Watched) {
+        if what == Watched::Pods {
+            self.named_pods = None;
+        }
+        self.synced.insert(what);
+        self.changed(what);
+    }
+
+    /// What the events since the last call changed, for a load to read
+    /// again (see [`Reread`]).
+    fn take_marks(&mut self) -> (BTreeSet<Watched>, Option<BTreeSet<(String, String)>>) {
+        let dirty = std::mem::take(&mut self.dirty);
+        let named = self.named_pods.replace(BTreeSet::new());
+        (dirty, named)
+    }
+
     fn changed(&mut self, what: Watched) {
         self.revision += 1;
         self.dirty.insert(what);
@@ -305,11 +347,8 @@ where
             let mut p = lock(&shared);
             match event {
                 Ok(Event::Init) | Ok(Event::InitApply(_)) => {}
-                Ok(Event::InitDone) => {
-                    p.synced.insert(what);
-                    p.changed(what);
-                }
-                Ok(Event::Apply(_)) | Ok(Event::Delete(_)) => p.changed(what),
+                Ok(Event::InitDone) => p.relisted(what),
+                Ok(Event::Apply(o)) | Ok(Event::Delete(o)) => p.changed_object(what, o.meta()),
                 Err(e) => {
                     let failure = describe_watch_error(&e);
                     tracing::warn!("watching {what}: {}", failure.message);
@@ -687,14 +726,22 @@ impl Reread {
     /// After the resources in `dirty` changed, the cgroups were listed by
     /// walk number `walk` (`None`: not listed), and the last load kept
     /// `kept`. Without a kept view, or a listing to compare, everything.
-    fn after(dirty: &BTreeSet<Watched>, kept: Option<&KeptView>, walk: Option<u64>) -> Self {
-        let pods = [Watched::Pods, Watched::Namespaces, Watched::Node];
+    /// Changed pods are read again unless `pods_read_alike` tells that
+    /// those the events named leave the view as it was (asked only then).
+    fn after(
+        dirty: &BTreeSet<Watched>,
+        kept: Option<&KeptView>,
+        walk: Option<u64>,
+        pods_read_alike: impl FnOnce() -> bool,
+    ) -> Self {
+        let view = [Watched::Namespaces, Watched::Node];
         let services = [Watched::Services, Watched::EndpointSlices];
         match kept {
             Some(kept)
                 if walk.is_some()
                     && walk == kept.walk
-                    && !pods.iter().any(|w| dirty.contains(w)) =>
+                    && !view.iter().any(|w| dirty.contains(w))
+                    && (!dirty.contains(&Watched::Pods) || pods_read_alike()) =>
             {
                 if services.iter().any(|w| dirty.contains(w)) {
                     Self::Services
@@ -763,7 +810,7 @@ impl Source for KubeSource {
     fn load(&mut self) -> Result<Snapshot, Box<dyn std::error::Error + Send + Sync>> {
         // Taken before any store is read: a change that lands later is
         // marked again, and its event wakes the next load.
-        let dirty = std::mem::take(&mut lock(&self.progress).dirty);
+        let (dirty, named_pods) = lock(&self.progress).take_marks();
         let mut problems = Vec::new();
         if let Err(e) = self.cgroups.list() {
             problems.push(format!(
@@ -773,7 +820,18 @@ impl Source for KubeSource {
         }
         let walk = self.cgroups.last().map(|_| self.cgroups.walks());
         let kept = self.kept.take();
-        let view = match (Reread::after(&dirty, kept.as_ref(), walk), kept) {
+        let pods_read_alike = || {
+            let Some(named) = &named_pods else {
+                return false;
+            };
+            let pods = &self.stores.pods;
+            self.translations.read_alike(
+                named.iter().map(|(ns, name)| (ns.as_str(), name.as_str())),
+                |ns, name| pods.get(&reflector::ObjectRef::new(name).within(ns)),
+            )
+        };
+        let reread = Reread::after(&dirty, kept.as_ref(), walk, pods_read_alike);
+        let view = match (reread, kept) {
             (Reread::Nothing, Some(kept)) => Ok(kept),
             (reread, kept) => self.read_view(reread, kept, walk),
         };
@@ -931,7 +989,7 @@ mod tests {
     #[test]
     fn a_load_reads_again_what_changed_and_what_depends_on_it() {
         let after = |dirty: &[Watched], kept: Option<&KeptView>, walk| {
-            Reread::after(&dirty.iter().copied().collect(), kept, walk)
+            Reread::after(&dirty.iter().copied().collect(), kept, walk, || false)
         };
         let listed = kept(Some(7));
         for what in Watched::ALL {
@@ -957,6 +1015,65 @@ mod tests {
         assert_eq!(after(&[], Some(&kept(None)), None), Reread::Everything);
         // Nothing kept (the first load, or the last one failed its check).
         assert_eq!(after(&[], None, Some(7)), Reread::Everything);
+
+        // Pods whose events change nothing the view reads: not read again,
+        // unless something else says so.
+        let alike = |dirty: &[Watched], walk| {
+            Reread::after(
+                &dirty.iter().copied().collect(),
+                Some(&listed),
+                walk,
+                || true,
+            )
+        };
+        assert_eq!(alike(&[Watched::Pods], Some(7)), Reread::Nothing);
+        assert_eq!(
+            alike(&[Watched::Pods, Watched::EndpointSlices], Some(7)),
+            Reread::Services
+        );
+        assert_eq!(
+            alike(&[Watched::Pods, Watched::Namespaces], Some(7)),
+            Reread::Everything
+        );
+        assert_eq!(alike(&[Watched::Pods], Some(8)), Reread::Everything);
+        // Asked only when pods changed.
+        let asked = std::cell::Cell::new(false);
+        let policies = [Watched::NetworkPolicies].into_iter().collect();
+        Reread::after(&policies, Some(&listed), Some(7), || {
+            asked.set(true);
+            true
+        });
+        assert!(!asked.get());
+    }
+
+    /// A load learns which pods the events named, until they are too many
+    /// or a relist names none; then it reads every pod.
+    #[test]
+    fn the_pods_events_name_are_kept_for_the_next_load() {
+        let meta = |name: &str| ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("x".into()),
+            ..Default::default()
+        };
+        let mut p = Progress::default();
+        // Before the first load nothing is known: every pod.
+        p.changed_object(Watched::Pods, &meta("a"));
+        assert_eq!(p.take_marks().1, None);
+        p.changed_object(Watched::Pods, &meta("a"));
+        p.changed_object(Watched::Services, &meta("s"));
+        p.changed_object(Watched::Pods, &meta("b"));
+        let (dirty, named) = p.take_marks();
+        assert_eq!(dirty.len(), 2);
+        let pair = |name: &str| ("x".to_string(), name.to_string());
+        assert_eq!(named, Some([pair("a"), pair("b")].into()));
+        assert_eq!(p.take_marks(), (BTreeSet::new(), Some(BTreeSet::new())));
+        p.changed_object(Watched::Pods, &meta("a"));
+        p.relisted(Watched::Pods);
+        assert_eq!(p.take_marks().1, None, "a relist names no pod");
+        for i in 0..=NAMED_PODS_MAX {
+            p.changed_object(Watched::Pods, &meta(&format!("p{i}")));
+        }
+        assert_eq!(p.take_marks().1, None, "too many to check one by one");
     }
 
     /// Every watch event marks its resource for the next load, and a load
