@@ -139,7 +139,7 @@ async fn an_unregistered_pod_below_a_pending_guard_is_denied_until_programmed() 
         .map(|s| s.count)
         .sum();
     assert!(counted >= 2, "not-programmed denies counted: {counted}");
-    let namer = Namer::new(&snapshot.inventory, applied.names.clone());
+    let namer = Namer::new(&snapshot.inventory, (*applied.names).clone());
     let mut flows = Vec::new();
     while let Some(e) = reader.next(Duration::from_millis(300)) {
         flows.push(namer.name(&e));

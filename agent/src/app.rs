@@ -392,6 +392,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         let metrics = metrics.clone();
         let pin_dir = opts.pin_dir.clone();
         let guard_frames = opts.guard_frames;
+        let trust_domain = demand.as_ref().map(|d| d.trust_domain.clone());
         thread::Builder::new()
             .name("portcullis-sync".into())
             .spawn(move || {
@@ -400,7 +401,9 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
                     guard_frames,
                     names_file,
                     source,
-                    Reconciler::new(mount).with_capacity(opts_capacity),
+                    Reconciler::new(mount)
+                        .with_capacity(opts_capacity)
+                        .with_trust_domain(trust_domain),
                     dataplane,
                     Observers {
                         status: tx,
@@ -502,11 +505,13 @@ impl Observers {
     /// counters are read knowing both the old and the new rule cookies (the
     /// kernel may have counted under either since the flip), then only the
     /// new meanings are kept.
+    /// `names_changed`: the pass's names are not the last pass's.
     fn applied(
         &self,
         applied: &crate::reconcile::Applied,
         changed_at: Option<SystemTime>,
         load_time: Duration,
+        names_changed: bool,
     ) {
         let m = &self.metrics;
         // Timed to the flip: a pass that changed nothing made none.
@@ -517,6 +522,13 @@ impl Observers {
             m.apply.stages(load_time, &applied.timings);
         } else {
             m.apply.unchanged();
+        }
+        m.maps.set_usage(applied.usage);
+        if !applied.wrote && !names_changed {
+            // No flip and the same meanings: nothing to attribute anew and
+            // nothing gone to retire. At 10,000 rules this was milliseconds
+            // that kept the next pass waiting.
+            return;
         }
         m.decisions
             .learn_cookie_policies(&applied.names.cookie_policies);
@@ -539,7 +551,6 @@ impl Observers {
         }
         m.decisions
             .set_cookie_policies(applied.names.cookie_policies.clone());
-        m.maps.set_usage(applied.usage);
     }
 
     /// A pass read the workloads: the identity manager follows them.
@@ -632,6 +643,9 @@ fn sync_loop(
     let mut failed_passes: u32 = 0;
     let mut retry_failed_at: Option<Instant> = None;
     let mut first = true;
+    // The names the observers and the names file have: a pass with the
+    // same ones (it compiled nothing new) need not publish them again.
+    let mut published: Option<Arc<PublishedNames>> = None;
     while !stop.load(Ordering::Relaxed) {
         if !first {
             let mut due = vec![RECHECK];
@@ -722,14 +736,15 @@ fn sync_loop(
                         .problems
                         .extend(observers.workloads(&snapshot.inventory));
                     match reconciler.reconcile(&snapshot, &mut dataplane.writer) {
-                        Ok(mut applied) => {
-                            applied.names.trust_domain =
-                                observers.demand.as_ref().map(|d| d.trust_domain.clone());
+                        Ok(applied) => {
+                            let names_changed = !published
+                                .as_ref()
+                                .is_some_and(|p| Arc::ptr_eq(p, &applied.names));
                             status.problems.extend(applied.rejected.values().cloned());
                             status
                                 .problems
                                 .extend(source.settle(Some(&applied.rejected)));
-                            observers.applied(&applied, changed_at, load_time);
+                            observers.applied(&applied, changed_at, load_time, names_changed);
                             if let Some(mesh) = &observers.mesh {
                                 mesh.set_policies(&snapshot.inventory, &applied.enforced);
                             }
@@ -748,12 +763,15 @@ fn sync_loop(
                                 applied.missing_cgroup_paths.clone(),
                             );
                             missing_processes = !status.waiting_for_process.is_empty();
-                            if let Some(path) = &names_file {
+                            published = Some(Arc::clone(&applied.names));
+                            if let Some(path) = names_file.as_ref().filter(|_| names_changed) {
                                 if let Err(e) = publish(path, &applied.names) {
                                     status.problems.push(format!(
                                         "publishing names to {}: {e}",
                                         path.display()
                                     ));
+                                    // Written again by the next pass.
+                                    published = None;
                                 }
                             }
                             info!(

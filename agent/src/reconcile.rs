@@ -94,7 +94,10 @@ pub struct Applied {
     /// names for people and metrics, is after the kernel holds the change).
     pub flipped_at: Option<std::time::SystemTime>,
     /// What the kernel's ids mean, for `portcullis explain` and flow output.
-    pub names: PublishedNames,
+    /// The same `Arc` as the last pass's while the compile is the same, so
+    /// what follows a pass (metrics labels, the names file) is redone only
+    /// when the meanings changed.
+    pub names: Arc<PublishedNames>,
     /// Objects held back because they did not fit (their previous version,
     /// if any, applied instead), with the problem to report.
     pub rejected: BTreeMap<PolicyRef, String>,
@@ -190,6 +193,11 @@ pub struct Reconciler {
     capacity: MapUsage,
     /// What the last desired state was worked out from, for the next.
     kept: Kept,
+    /// The names of `last`'s compile, once worked out: at 10,000 rules
+    /// spelling every cookie out again was milliseconds of each pass.
+    names: Option<Arc<PublishedNames>>,
+    /// Published with the names (see [`PublishedNames::trust_domain`]).
+    trust_domain: Option<String>,
 }
 
 /// See [`kept`].
@@ -226,7 +234,15 @@ impl Reconciler {
             retired: None,
             capacity: generation_capacity(),
             kept: Kept::default(),
+            names: None,
+            trust_domain: None,
         }
+    }
+
+    /// The trust domain the published names give (identity is on).
+    pub fn with_trust_domain(mut self, trust_domain: Option<String>) -> Self {
+        self.trust_domain = trust_domain;
+        self
     }
 
     /// Holds changes back as if each map's generation held only
@@ -251,6 +267,7 @@ impl Reconciler {
                 .compiler
                 .compile_checked(inventory, policies)
                 .map_err(|source| ReconcileError::Compile { source })?;
+            self.names = None;
             let replaced = self.last.replace(LastCompile {
                 inventory: inventory.clone(),
                 policies: policies.to_vec(),
@@ -371,24 +388,11 @@ impl Reconciler {
         let flipped_at = (wrote && written.is_ok()).then(std::time::SystemTime::now);
         self.retired = None;
         let usage = written.map_err(|source| ReconcileError::Write { source })?;
-        let names = PublishedNames {
-            endpoints: compiled
-                .endpoints
-                .iter()
-                .map(|e| (e.id, e.workload.to_string()))
-                .collect(),
-            cookies: compiled
-                .cookies
-                .iter()
-                .map(|(c, a)| (*c, describe::attribution(a)))
-                .collect(),
-            cookie_policies: compiled
-                .cookies
-                .iter()
-                .map(|(c, a)| (*c, attribution_policies(a)))
-                .collect(),
-            trust_domain: None,
-        };
+        let trust_domain = &self.trust_domain;
+        let names = self
+            .names
+            .get_or_insert_with(|| Arc::new(published_names(compiled, trust_domain.clone())));
+        let names = Arc::clone(names);
         Ok(Applied {
             usage,
             endpoints,
@@ -402,6 +406,28 @@ impl Reconciler {
             enforced: policies,
             timings,
         })
+    }
+}
+
+/// What a compile's endpoint ids and rule cookies mean.
+fn published_names(compiled: &Compiled, trust_domain: Option<String>) -> PublishedNames {
+    PublishedNames {
+        endpoints: compiled
+            .endpoints
+            .iter()
+            .map(|e| (e.id, e.workload.to_string()))
+            .collect(),
+        cookies: compiled
+            .cookies
+            .iter()
+            .map(|(c, a)| (*c, describe::attribution(a)))
+            .collect(),
+        cookie_policies: compiled
+            .cookies
+            .iter()
+            .map(|(c, a)| (*c, attribution_policies(a)))
+            .collect(),
+        trust_domain,
     }
 }
 

@@ -262,3 +262,34 @@ fn a_pass_that_changes_nothing_writes_nothing() {
     assert!(changed.wrote);
     assert_eq!(sink.0.applied.len(), 2);
 }
+
+/// The names a compile gives are worked out once: a pass that compiled
+/// nothing new hands on the very same names (so they are not published
+/// again), and a changed policy gives new names that say so. The trust
+/// domain goes with them.
+#[test]
+fn names_are_worked_out_again_only_for_a_new_compile() {
+    let mut sink = Enforcing::default();
+    let mut reconciler = reconciler().with_trust_domain(Some("cluster.local".into()));
+    let first = admit("x", "first", 1);
+    let one = reconciler
+        .reconcile(&snapshot(vec![first.clone()], &[]), &mut sink)
+        .unwrap();
+    let again = reconciler
+        .reconcile(&snapshot(vec![first.clone()], &[]), &mut sink)
+        .unwrap();
+    assert!(Arc::ptr_eq(&one.names, &again.names), "the same compile");
+    assert_eq!(again.names.trust_domain.as_deref(), Some("cluster.local"));
+    let named =
+        |names: &PublishedNames, policy: &str| names.cookies.values().any(|c| c.contains(policy));
+    assert!(named(&one.names, "first"));
+    let two = reconciler
+        .reconcile(
+            &snapshot(vec![first, admit("y", "second", 1)], &[]),
+            &mut sink,
+        )
+        .unwrap();
+    assert!(!Arc::ptr_eq(&one.names, &two.names));
+    assert!(named(&two.names, "second"), "{:?}", two.names.cookies);
+    assert_eq!(two.names.trust_domain.as_deref(), Some("cluster.local"));
+}
