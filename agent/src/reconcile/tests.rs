@@ -293,3 +293,83 @@ fn names_are_worked_out_again_only_for_a_new_compile() {
     assert!(named(&two.names, "second"), "{:?}", two.names.cookies);
     assert_eq!(two.names.trust_domain.as_deref(), Some("cluster.local"));
 }
+
+/// A sink that counts how often it is asked what it holds.
+#[derive(Default)]
+struct Asked {
+    inner: Enforcing,
+    asked: std::cell::Cell<usize>,
+}
+
+impl MapSink for Asked {
+    fn apply(&mut self, desired: DesiredState) -> Result<MapUsage, WriteError> {
+        self.inner.apply(desired)
+    }
+
+    fn holds(&self, desired: &DesiredState) -> bool {
+        self.asked.set(self.asked.get() + 1);
+        self.inner.holds(desired)
+    }
+}
+
+/// The very same input again (the view, cgroup listing, policies and
+/// guards the last pass had: a deletion mark's pass) has the outcome the
+/// kernel holds, so nothing is worked out and the sink is not even asked.
+/// An equal view that is not the same one is worked out and compared, and
+/// a pass that missed a cgroup is worked out again to look for it.
+#[test]
+fn the_same_input_again_is_not_worked_out_again() {
+    let remote = CheckedInventory::new(inventory(
+        "workloads:\n\
+         - {name: a, namespace: x, labels: {app: a}, ips: [198.18.0.10]}\n",
+    ))
+    .unwrap();
+    let pass = |inventory: &CheckedInventory| Snapshot {
+        inventory: inventory.clone(),
+        policies: vec![admit("x", "first", 1)],
+        ..Default::default()
+    };
+    let mut sink = Asked::default();
+    let mut reconciler = reconciler();
+    let snapshot = pass(&remote);
+    let first = reconciler.reconcile(&snapshot, &mut sink).unwrap();
+    assert!(first.wrote);
+    assert_eq!(sink.asked.get(), 1);
+    let again = reconciler.reconcile(&snapshot, &mut sink).unwrap();
+    assert!(!again.wrote && again.flipped_at.is_none());
+    assert_eq!(sink.asked.get(), 1, "worked out again");
+    assert_eq!(again.usage, first.usage);
+    assert!(Arc::ptr_eq(&again.names, &first.names));
+    assert_eq!(again.enforced, first.enforced);
+
+    let equal = CheckedInventory::new(Inventory::clone(&remote)).unwrap();
+    let compared = reconciler.reconcile(&pass(&equal), &mut sink).unwrap();
+    assert!(!compared.wrote);
+    assert_eq!(
+        sink.asked.get(),
+        2,
+        "an equal view is compared with the kernel"
+    );
+    // A changed policy on the same view: worked out, written.
+    let mut changed = pass(&equal);
+    changed.policies.push(admit("x", "second", 1));
+    assert!(reconciler.reconcile(&changed, &mut sink).unwrap().wrote);
+    assert_eq!(sink.inner.0.applied.len(), 2);
+
+    // lab()'s pods have no cgroup on this machine: each pass looks again.
+    let missing = snapshot_of(lab());
+    for round in 1..=2 {
+        let before = sink.asked.get();
+        let applied = reconciler.reconcile(&missing, &mut sink).unwrap();
+        assert!(!applied.missing_cgroups.is_empty());
+        assert_eq!(sink.asked.get(), before + 1, "round {round} not worked out");
+    }
+}
+
+fn snapshot_of(inventory: Inventory) -> Snapshot {
+    Snapshot {
+        inventory: CheckedInventory::new(inventory).unwrap(),
+        policies: vec![admit("x", "first", 1)],
+        ..Default::default()
+    }
+}
