@@ -193,11 +193,12 @@ impl DecisionMetrics {
     /// of policies that no longer exist, so label values stay within the
     /// configured objects. Call [`DecisionMetrics::refresh`] first, so gains
     /// counted under the old meanings are attributed to them.
-    pub fn set_cookie_policies(&self, cookie_policies: BTreeMap<u32, Vec<PolicyName>>) {
+    pub fn set_cookie_policies(&self, cookie_policies: &BTreeMap<u32, Vec<PolicyName>>) {
         let mut state = self.state();
-        let current: BTreeSet<(String, String)> = cookie_policies
-            .values()
-            .flatten()
+        // Thousands of cookies name a few hundred policies: spelled once each.
+        let policies: BTreeSet<&PolicyName> = cookie_policies.values().flatten().collect();
+        let current: BTreeSet<(String, String)> = policies
+            .into_iter()
             .map(|p| (p.namespace.clone(), labels::policy_label(p)))
             .collect();
         let keep = |namespace: &str, policy: &str| {
@@ -219,7 +220,17 @@ impl DecisionMetrics {
             }
             k
         });
-        state.cookie_policies = cookie_policies;
+        // A cookie's meaning never changes (cookies are not reused): keep
+        // the entries still in use, add the new ones, copy nothing else.
+        state
+            .cookie_policies
+            .retain(|cookie, _| cookie_policies.contains_key(cookie));
+        for (cookie, policies) in cookie_policies {
+            state
+                .cookie_policies
+                .entry(*cookie)
+                .or_insert_with(|| policies.clone());
+        }
     }
 }
 
@@ -257,7 +268,7 @@ mod tests {
     fn setup() -> (Registry, DecisionMetrics) {
         let mut registry = Registry::default();
         let m = DecisionMetrics::register(&mut registry);
-        m.set_cookie_policies(BTreeMap::from([
+        m.set_cookie_policies(&BTreeMap::from([
             (5, vec![policy("NetworkPolicy", "y", "default-deny")]),
             (6, vec![policy("L4Policy", "x", "trial")]),
         ]));
@@ -327,7 +338,7 @@ mod tests {
     fn series_of_deleted_policies_are_removed() {
         let (_r, m) = setup();
         m.observe(&[sample(5, VERDICT_DENY, REASON_DEFAULT_DENY, 4)], 0);
-        m.set_cookie_policies(BTreeMap::from([(
+        m.set_cookie_policies(&BTreeMap::from([(
             6,
             vec![policy("L4Policy", "x", "trial")],
         )]));
@@ -363,7 +374,7 @@ mod tests {
             0,
         );
         assert_eq!(drops(&m, "y", "NetworkPolicy/default-deny"), 3);
-        m.set_cookie_policies(new);
+        m.set_cookie_policies(&new);
         assert_eq!(drops(&m, "x", "L4Policy/fresh"), 2);
         assert_eq!(drops(&m, "", ""), 0, "nothing unattributed");
     }
