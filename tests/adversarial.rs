@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use portcullis_agent::lab::{pod::ProbeOutcome, Family, Lab};
+use portcullis_agent::lab::{plumbing, pod::ProbeOutcome, Family, Lab};
 use portcullis_common::{DIRECTION_INGRESS, REASON_PACKET_SOCKET, VERDICT_DENY};
 use portcullis_tests::{
     attack::{
@@ -28,7 +28,7 @@ use portcullis_tests::{
         },
         Attacker, Place, Running,
     },
-    start_lab, TestLab,
+    chain, start_lab, TestLab,
 };
 
 fn attacker() -> Attacker {
@@ -474,15 +474,8 @@ impl PlainPair {
         };
         pair.remove();
         let ip = |args: &str| {
-            let out = std::process::Command::new("ip")
-                .args(args.split_whitespace())
-                .output()
-                .expect("running ip");
-            assert!(
-                out.status.success(),
-                "ip {args}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let args: Vec<&str> = args.split_whitespace().collect();
+            plumbing::ip(&args).unwrap_or_else(|e| panic!("{}", chain(&e)));
         };
         let (a, b) = (&pair.a, &pair.b);
         ip(&format!("netns add {a}"));
@@ -499,12 +492,10 @@ impl PlainPair {
         pair
     }
 
+    /// Left over from an earlier run or not: either way gone after.
     fn remove(&self) {
         for ns in [&self.a, &self.b] {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(std::process::Stdio::null())
-                .status();
+            let _ = plumbing::ip(&["netns", "del", ns]);
         }
     }
 }

@@ -8,6 +8,7 @@
 //! odd object never stops the whole node from being reconciled.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -16,6 +17,7 @@ use std::{
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::slim_pod::SlimPod as Pod;
 
@@ -307,19 +309,19 @@ impl Translations {
                 (None, None) => true,
                 (Some((before, _)), Some(now)) if Arc::ptr_eq(before, &now) => true,
                 (Some((before, translated)), Some(now)) => {
-                    let rank = |p: &Pod| {
+                    fn rank(p: &Pod) -> (bool, Option<&Time>) {
                         (
                             p.metadata.deletion_timestamp.is_none(),
-                            p.metadata.creation_timestamp.clone(),
+                            p.metadata.creation_timestamp.as_ref(),
                         )
-                    };
-                    // What the cgroup lookup reads.
-                    let cgroup_of = |p: &Pod| {
+                    }
+                    /// What the cgroup lookup reads.
+                    fn cgroup_of(p: &Pod) -> (Option<&BTreeMap<String, String>>, Option<&str>) {
                         (
-                            p.metadata.annotations.clone(),
-                            p.status.as_ref().and_then(|s| s.qos_class.clone()),
+                            p.metadata.annotations.as_ref(),
+                            p.status.as_ref().and_then(|s| s.qos_class.as_deref()),
                         )
-                    };
+                    }
                     let mut again = Translated::of(&now, &self.node_name);
                     again.share_workload_of(translated);
                     before.metadata.uid == now.metadata.uid
