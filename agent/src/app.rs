@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 mod cgroup_wait;
 use cgroup_wait::CgroupWait;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::{self, AdminError, AdminServer, AdminState, Exposure, SecureOptions},
@@ -28,6 +28,7 @@ use crate::{
         manager::{self as identity_manager, IdentityHandle, IdentityOptions, ManagerError},
         spiffe::SpiffeId,
     },
+    memory::{release_freed, TrimWhenQuiet},
     mesh::{
         self,
         runtime::{MeshError, MeshHandle, MeshOptions, MeshState},
@@ -289,7 +290,7 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     })
     .map_err(|source| AgentError::Load { source })?;
     // Loading parsed the kernel's BTF; give those pages back.
-    crate::memory::release_freed();
+    release_freed();
     metrics.maps.set_capacities(&opts.map_capacities);
     let opts_capacity = opts.map_capacities.generation();
     info!(
@@ -651,9 +652,11 @@ fn sync_loop(
     // The names the observers and the names file have: a pass with the
     // same ones (it compiled nothing new) need not publish them again.
     let mut published: Option<Arc<PublishedNames>> = None;
+    let mut trim = TrimWhenQuiet::default();
     while !stop.load(Ordering::Relaxed) {
         if !first {
             let mut due = vec![RECHECK];
+            due.extend(trim.due_in(Instant::now()));
             if let Some(wait) = &missing_cgroups {
                 due.push(wait.due(source.missing_cgroup_retry()));
             }
@@ -696,6 +699,12 @@ fn sync_loop(
             .is_some_and(|wait| wait.pass_now(&*source, every))
             || retry_failed_at.is_some_and(|at| Instant::now() >= at);
         let changed = seen.as_ref() != Some(&fp);
+        if !changed && !retry && trim.take(Instant::now()) {
+            // A lull after passes: give back the compiles they replaced.
+            let started = Instant::now();
+            release_freed();
+            debug!(ms = millis(started.elapsed()), "freed memory given back");
+        }
         if !changed && !retry && missing_processes && last_guard.elapsed() >= MISSING_PROCESS_RETRY
         {
             // Only the frame guard waits: attach it again, no new pass.
@@ -827,6 +836,7 @@ fn sync_loop(
             }
             seen = Some(fp);
             observers.publish(&status);
+            trim.after_pass(Instant::now());
         }
     }
 }

@@ -38,7 +38,7 @@ use self::{
     histogram::{quantile, Reading, StageTotals},
     objects::PodSpec,
 };
-use crate::{kube_plane::ControlPlane, metrics::apply::STAGES};
+use crate::{kube_plane::ControlPlane, memory::TrimWhenQuiet, metrics::apply::STAGES};
 
 const PIN_DIR: &str = "/sys/fs/bpf/churn";
 /// Below the cgroup v2 mount ([`crate::cgroup::cgroup2_mount`]): the programs attach here and the kubelet's
@@ -53,6 +53,8 @@ const TARGET_RSS_AT_20K: u64 = 150 * 1024 * 1024;
 const CONCURRENCY: usize = 16;
 /// A pass is over when no other starts for this long.
 const QUIET: Duration = Duration::from_millis(300);
+/// Past the agent's own lull, before its memory is read.
+const LULL_MARGIN: Duration = Duration::from_millis(500);
 /// How often the agent's histogram is read while waiting for a pass. Each
 /// read is a /metrics scrape, which walks the kernel's counter map: read
 /// every 10 ms, scrapes took a fifth of the agent's CPU on a 2-core machine
@@ -243,6 +245,15 @@ impl Agent {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// VmRSS and VmHWM, in bytes, once the agent has had its lull after
+    /// the last pass (it gives freed memory back then): what the node
+    /// carries while the cluster stays this size. The bench's own
+    /// [`QUIET`] has passed already.
+    async fn quiet_memory(&self) -> (u64, u64) {
+        tokio::time::sleep(TrimWhenQuiet::QUIET.saturating_sub(QUIET) + LULL_MARGIN).await;
+        self.memory()
     }
 
     /// VmRSS and VmHWM, in bytes.
@@ -542,7 +553,7 @@ async fn measure(options: &ChurnOptions, mount: &Path) -> anyhow::Result<ChurnRe
     eprintln!("churn: starting the agent");
     let mut agent = Agent::start(&plane, mount).await?;
     let first = agent_ready(&mut agent).await?;
-    let (rss, hwm) = agent.memory();
+    let (rss, hwm) = agent.quiet_memory().await;
     let mut memory = vec![Memory {
         pods: start_size,
         rss,
@@ -625,7 +636,7 @@ async fn grow(agent: &mut Agent, cluster: &mut Cluster, size: usize) -> anyhow::
     let written = Instant::now();
     agent.settled(&before).await?;
     let settle_secs = written.elapsed().as_secs_f64() - QUIET.as_secs_f64();
-    let (rss, hwm) = agent.memory();
+    let (rss, hwm) = agent.quiet_memory().await;
     Ok(Memory {
         pods: size,
         rss,
@@ -856,9 +867,13 @@ pub fn render(result: &ChurnResult) -> String {
         );
     }
     s.push_str(
-        "\nGrowth: the agent's memory (from /proc: VmRSS now, VmHWM the peak so far) once \
-         the pass over the cluster ended, and pods added at each size, with where their \
-         passes' time went (`portcullis_policy_pass_stage_seconds`, mean per pass):\n\n",
+        "\nGrowth: the agent's memory (from /proc) once the pass over the cluster ended, \
+         and pods added at each size, with where their passes' time went \
+         (`portcullis_policy_pass_stage_seconds`, mean per pass). VmRSS is read after the \
+         agent has had no pass for 1.5 s: after 1 s without one it gives the memory passes \
+         freed back to the kernel, so this is what the node carries while the cluster stays \
+         that size. VmHWM is the peak so far, the passes' transient memory included; a \
+         memory limit must leave room for it.\n\n",
     );
     s.push_str(
         "| cluster pods | VmRSS MiB | VmHWM MiB | pass after the last pod written, s | \
