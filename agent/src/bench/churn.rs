@@ -48,7 +48,9 @@ const RUN_DIR: &str = "/run/churn";
 /// Targets of issue 13, per kind of change.
 const TARGET_P50: f64 = 0.005;
 const TARGET_P99: f64 = 0.030;
-const TARGET_RSS_AT_20K: u64 = 150 * 1024 * 1024;
+/// 150 MB, read strictly (decimal megabytes: 143.1 MiB), and judged on
+/// the peak (VmHWM), which a memory limit must allow.
+const TARGET_RSS_AT_20K: u64 = 150_000_000;
 /// Requests in flight while the cluster is filled.
 const CONCURRENCY: usize = 16;
 /// A pass is over when no other starts for this long.
@@ -873,11 +875,11 @@ pub fn render(result: &ChurnResult) -> String {
          agent has had no pass for 1.5 s: after 1 s without one it gives the memory passes \
          freed back to the kernel, so this is what the node carries while the cluster stays \
          that size. VmHWM is the peak so far, the passes' transient memory included; a \
-         memory limit must leave room for it.\n\n",
+         memory limit must leave room for it, so the target is judged on it.\n\n",
     );
     s.push_str(
         "| cluster pods | VmRSS MiB | VmHWM MiB | pass after the last pod written, s | \
-         pod added p50 ms | load / compile / desired / write ms | ≤ 150 MB at 20k | \
+         pod added p50 ms | load / compile / desired / write ms | peak ≤ 150 MB (143.1 MiB) at 20k | \
          growth vs linear: RSS / pod added / compile |\n\
          |---:|---:|---:|---:|---:|---:|---|---|\n",
     );

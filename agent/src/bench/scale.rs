@@ -176,8 +176,7 @@ fn measure(
         reconciler.reconcile(&snapshot, &mut dataplane.writer)?;
         let mut changed = snapshot.clone();
         changed.inventory = snapshot.inventory.edit(|i| {
-            std::sync::Arc::make_mut(&mut i.workloads[0])
-                .labels
+            std::sync::Arc::make_mut(&mut std::sync::Arc::make_mut(&mut i.workloads[0]).labels)
                 .insert("app".into(), format!("app-{}", APPS / 2));
         })?;
         let started = Instant::now();

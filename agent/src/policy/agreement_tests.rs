@@ -142,7 +142,7 @@ fn inventory() -> impl Strategy<Value = Inventory> {
                     Arc::new(Workload {
                         name: format!("w{i}"),
                         namespace: NAMESPACES[ns].to_string(),
-                        labels,
+                        labels: Arc::new(labels),
                         cgroup: local.then(|| format!("/lab/w{i}").into()),
                         ips,
                         ports: named.into_values().collect(),
@@ -683,7 +683,7 @@ impl PodChange {
             Self::None => {}
             Self::Relabel(i) if n > 0 => {
                 flip(
-                    &mut Arc::make_mut(&mut inventory.workloads[i % n]).labels,
+                    Arc::make_mut(&mut Arc::make_mut(&mut inventory.workloads[i % n]).labels),
                     "app",
                     ["web", "db"],
                 );

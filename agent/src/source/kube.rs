@@ -16,6 +16,7 @@
 mod backoff;
 mod cgroup_tree;
 pub mod cgroups;
+mod label_sets;
 mod pending;
 mod policies;
 mod prune;

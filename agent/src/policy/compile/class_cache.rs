@@ -323,7 +323,8 @@ mod tests {
             labels: [("app", app), ("pod-template-hash", name)]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+                .collect::<Labels>()
+                .into(),
             cgroup: None,
             ips: vec![ip.parse().unwrap()],
             ports: Vec::new(),

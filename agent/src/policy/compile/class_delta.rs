@@ -176,7 +176,7 @@ mod tests {
         Workload {
             name: name.into(),
             namespace: "x".into(),
-            labels: Labels::from([("app".to_string(), app.to_string())]),
+            labels: Labels::from([("app".to_string(), app.to_string())]).into(),
             cgroup: None,
             ips: vec![ip.parse().unwrap()],
             ports: Vec::new(),

@@ -133,7 +133,7 @@ impl Unchanged {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointInputs {
     endpoint_id: u32,
-    labels: Labels,
+    labels: Arc<Labels>,
     ports: Vec<ContainerPort>,
 }
 
@@ -230,7 +230,10 @@ mod tests {
         let w = Workload {
             name: "p".into(),
             namespace: "a".into(),
-            labels: [("app".to_string(), "web".to_string())].into(),
+            labels: [("app".to_string(), "web".to_string())]
+                .into_iter()
+                .collect::<Labels>()
+                .into(),
             cgroup: None,
             ips: Vec::new(),
             ports: Vec::new(),
@@ -240,7 +243,7 @@ mod tests {
         assert!(seen.same(&w, 3));
         assert!(!seen.same(&w, 4));
         let mut relabelled = w.clone();
-        relabelled.labels.insert("tier".into(), "1".into());
+        Arc::make_mut(&mut relabelled.labels).insert("tier".into(), "1".into());
         assert!(!seen.same(&relabelled, 3));
         let mut ported = w.clone();
         ported.ports.push(ContainerPort {

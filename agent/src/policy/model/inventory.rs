@@ -91,7 +91,7 @@ pub struct Workload {
     #[serde(default = "default_namespace")]
     pub namespace: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: Labels,
+    pub labels: Arc<Labels>,
     /// cgroup v2 path (absolute, or relative to the cgroup2 mount). Present
     /// for workloads enforced on this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]

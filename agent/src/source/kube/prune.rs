@@ -38,6 +38,7 @@ fn metadata<K: Resource>(o: &mut K) {
 impl Prune for SlimPod {
     fn prune(&mut self) {
         metadata(self);
+        self.share_labels();
     }
 }
 
@@ -97,7 +98,8 @@ mod tests {
         let after = serde_json::to_vec(&pod).unwrap();
         assert!(after.len() * 10 < before, "{} → {}", before, after.len());
         let v: serde_json::Value = serde_json::from_slice(&after).unwrap();
-        assert_eq!(v["metadata"]["labels"]["app"], "web");
+        assert_eq!(pod.labels()["app"], "web", "kept, in the shared copy");
+        assert!(v["metadata"].get("labels").is_none());
         assert_eq!(v["metadata"]["annotations"][MIRROR_ANNOTATION], "abc");
         assert!(v["metadata"]["annotations"]
             .get("kubectl.kubernetes.io/last-applied-configuration")
@@ -110,5 +112,23 @@ mod tests {
         assert_eq!(v["status"]["podIPs"][0]["ip"], "10.0.0.1");
         assert_eq!(v["status"]["qosClass"], "Burstable");
         assert!(v["status"].get("conditions").is_none());
+    }
+
+    /// Replicas with the same labels hold one copy of them between them.
+    #[test]
+    fn pods_with_the_same_labels_share_one_copy() {
+        let pod = |name: &str, hash: &str| {
+            let mut pod: SlimPod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop",
+                             "labels": {"app": "web", "pod-template-hash": hash}}
+            }))
+            .unwrap();
+            pod.prune();
+            pod
+        };
+        let (a, b, c) = (pod("a", "h1"), pod("b", "h1"), pod("c", "h2"));
+        assert!(std::sync::Arc::ptr_eq(&a.labels(), &b.labels()));
+        assert!(!std::sync::Arc::ptr_eq(&a.labels(), &c.labels()));
+        assert_eq!(c.labels()["pod-template-hash"], "h2");
     }
 }

@@ -8,10 +8,13 @@
 //! and a few strings. Field names follow the API's, so the translation
 //! reads it as it would read a `Pod`.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
+
+use super::label_sets;
+use crate::policy::model::Labels;
 
 /// A `v1/Pod`, reduced to what the agent reads (see the module docs).
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -20,6 +23,30 @@ pub struct SlimPod {
     pub metadata: ObjectMeta,
     pub spec: Option<SlimPodSpec>,
     pub status: Option<SlimPodStatus>,
+    /// `metadata.labels`, moved to their shared copy as the watcher
+    /// stores the pod ([`SlimPod::share_labels`]). Not serialized: the
+    /// agent reads pods and never writes them back.
+    #[serde(skip)]
+    pub shared_labels: Option<Arc<Labels>>,
+}
+
+impl SlimPod {
+    /// Moves the labels to the copy every pod with the same ones shares.
+    pub fn share_labels(&mut self) {
+        if let Some(labels) = self.metadata.labels.take() {
+            self.shared_labels = Some(label_sets::shared(&labels));
+        }
+    }
+
+    /// The pod's labels, shared (a pod not stored by the watcher has its
+    /// own until now).
+    pub fn labels(&self) -> Arc<Labels> {
+        match (&self.shared_labels, &self.metadata.labels) {
+            (Some(shared), _) => Arc::clone(shared),
+            (None, Some(own)) => label_sets::shared(own),
+            (None, None) => label_sets::shared(&Labels::new()),
+        }
+    }
 }
 
 /// Where the pod runs, how it is networked, who it is, its named ports.

@@ -197,7 +197,7 @@ impl Translated {
         let workload = Workload {
             name: pod.metadata.name.clone().unwrap_or_default(),
             namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            labels: pod.labels(),
             cgroup: None,
             ips: pod_ips(pod),
             ports: named_ports(pod),
