@@ -1,6 +1,7 @@
-//! The mesh's own thread and runtime: follows the plan each sync pass
-//! sends, and keeps one inbound and one outbound listener in each local
-//! meshed pod's network namespace.
+//! The mesh's own threads and runtimes (one for the outbound side, one for
+//! the inbound side): follows the plan each sync pass sends, and keeps one
+//! inbound and one outbound listener in each local meshed pod's network
+//! namespace.
 
 use std::{
     collections::BTreeMap,
