@@ -33,8 +33,13 @@ pub enum PodError {
         #[source]
         source: std::io::Error,
     },
-    #[error("starting the pod process")]
+    #[error(
+        "starting the pod process {} (the `portcullis` binary; set PORTCULLIS_BIN to \
+         use another)",
+        program.display()
+    )]
     Spawn {
+        program: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -527,7 +532,10 @@ impl PodClient {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|source| PodError::Spawn { source })?;
+        let mut child = cmd.spawn().map_err(|source| PodError::Spawn {
+            program: exe.to_path_buf(),
+            source,
+        })?;
         drop((netns, procs));
         let stdin = child.stdin.take().ok_or(PodError::Gone)?;
         let stdout = child.stdout.take().ok_or(PodError::Gone)?;
@@ -666,6 +674,24 @@ impl PodClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bench run from a copy of the binary under another name finds no
+    /// `portcullis` beside it: the error says which program it tried.
+    #[tokio::test]
+    async fn a_missing_pod_program_is_named_in_the_error() {
+        let missing = Path::new("/nonexistent/portcullis");
+        let placement = Placement {
+            netns: Path::new("/proc/self/ns/net"),
+            cgroup: None,
+        };
+        let err = PodClient::spawn(missing, placement, &[])
+            .await
+            .err()
+            .expect("no such program");
+        let message = err.to_string();
+        assert!(message.contains("/nonexistent/portcullis"), "{message}");
+        assert!(message.contains("PORTCULLIS_BIN"), "{message}");
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
