@@ -167,10 +167,10 @@ async fn an_unregistered_pod_below_a_pending_guard_is_denied_until_programmed() 
             inventory.workloads.push(std::sync::Arc::new(Workload {
                 name: "new".into(),
                 namespace: "x".into(),
-                labels: [("pod".to_string(), "new".to_string())]
-                    .into_iter()
-                    .collect::<std::collections::BTreeMap<_, _>>()
-                    .into(),
+                labels: std::sync::Arc::new(std::collections::BTreeMap::from([(
+                    "pod".to_string(),
+                    "new".to_string(),
+                )])),
                 cgroup: Some(new_pod.clone()),
                 ips,
                 ports: vec![],
@@ -253,10 +253,10 @@ async fn a_workload_deeper_than_the_kernel_searches_is_denied_and_reported() {
             inventory.workloads.push(std::sync::Arc::new(Workload {
                 name: "deep".into(),
                 namespace: "x".into(),
-                labels: [("pod".to_string(), "deep".to_string())]
-                    .into_iter()
-                    .collect::<std::collections::BTreeMap<_, _>>()
-                    .into(),
+                labels: std::sync::Arc::new(std::collections::BTreeMap::from([(
+                    "pod".to_string(),
+                    "deep".to_string(),
+                )])),
                 cgroup: Some(deep.clone()),
                 ips: vec![],
                 ports: vec![],

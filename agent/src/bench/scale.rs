@@ -176,7 +176,8 @@ fn measure(
         reconciler.reconcile(&snapshot, &mut dataplane.writer)?;
         let mut changed = snapshot.clone();
         changed.inventory = snapshot.inventory.edit(|i| {
-            std::sync::Arc::make_mut(&mut std::sync::Arc::make_mut(&mut i.workloads[0]).labels)
+            std::sync::Arc::make_mut(&mut i.workloads[0])
+                .labels_mut()
                 .insert("app".into(), format!("app-{}", APPS / 2));
         })?;
         let started = Instant::now();

@@ -683,7 +683,7 @@ impl PodChange {
             Self::None => {}
             Self::Relabel(i) if n > 0 => {
                 flip(
-                    Arc::make_mut(&mut Arc::make_mut(&mut inventory.workloads[i % n]).labels),
+                    Arc::make_mut(&mut inventory.workloads[i % n]).labels_mut(),
                     "app",
                     ["web", "db"],
                 );

@@ -398,10 +398,7 @@ fn ids_are_stable_across_recompiles() {
         Arc::new(Workload {
             name: "new".into(),
             namespace: "x".into(),
-            labels: [("app".to_string(), "cache".to_string())]
-                .into_iter()
-                .collect::<Labels>()
-                .into(),
+            labels: Arc::new(Labels::from([("app".to_string(), "cache".to_string())])),
             cgroup: Some("/lab/x-new".into()),
             ips: vec!["198.18.0.30".parse().unwrap()],
             ports: vec![],
@@ -514,7 +511,8 @@ fn unaffected_endpoints_are_replayed_not_recompiled() {
         ..joined.workloads[3].as_ref().clone()
     }));
     let mut left = joined.clone();
-    Arc::make_mut(&mut Arc::make_mut(&mut left.workloads[0]).labels)
+    Arc::make_mut(&mut left.workloads[0])
+        .labels_mut()
         .insert("app".into(), "api".into());
 
     let mut incremental = Compiler::new();
@@ -626,7 +624,8 @@ workloads:
         );
     let policies = policies(&text);
     let mut after = before.clone();
-    Arc::make_mut(&mut Arc::make_mut(&mut after.workloads[0]).labels)
+    Arc::make_mut(&mut after.workloads[0])
+        .labels_mut()
         .insert("app".into(), "api".into());
 
     let mut both = Agreeing::new();
@@ -680,10 +679,7 @@ workloads:
         inventory.workloads.push(Arc::new(Workload {
             name: name.into(),
             namespace: namespace.into(),
-            labels: [("app".to_string(), app.to_string())]
-                .into_iter()
-                .collect::<Labels>()
-                .into(),
+            labels: Arc::new(Labels::from([("app".to_string(), app.to_string())])),
             ips: vec![ip.parse().unwrap()],
             ..before.workloads[1].as_ref().clone()
         }));
@@ -759,10 +755,7 @@ workloads:
     let mut after = before.clone();
     after.workloads.push(Arc::new(Workload {
         name: "s".into(),
-        labels: [("app".to_string(), "api".to_string())]
-            .into_iter()
-            .collect::<Labels>()
-            .into(),
+        labels: Arc::new(Labels::from([("app".to_string(), "api".to_string())])),
         ips: vec!["198.18.0.14".parse().unwrap()],
         ports: vec![ContainerPort {
             name: "http".into(),

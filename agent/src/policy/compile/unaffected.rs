@@ -230,10 +230,7 @@ mod tests {
         let w = Workload {
             name: "p".into(),
             namespace: "a".into(),
-            labels: [("app".to_string(), "web".to_string())]
-                .into_iter()
-                .collect::<Labels>()
-                .into(),
+            labels: Arc::new(Labels::from([("app".to_string(), "web".to_string())])),
             cgroup: None,
             ips: Vec::new(),
             ports: Vec::new(),
@@ -243,7 +240,7 @@ mod tests {
         assert!(seen.same(&w, 3));
         assert!(!seen.same(&w, 4));
         let mut relabelled = w.clone();
-        Arc::make_mut(&mut relabelled.labels).insert("tier".into(), "1".into());
+        relabelled.labels_mut().insert("tier".into(), "1".into());
         assert!(!seen.same(&relabelled, 3));
         let mut ported = w.clone();
         ported.ports.push(ContainerPort {

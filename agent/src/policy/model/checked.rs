@@ -134,7 +134,9 @@ mod tests {
         let mut bad_label = Workload::clone(&shared);
         bad_label.name = "b".into();
         bad_label.cgroup = Some("/cg/2".into());
-        Arc::make_mut(&mut bad_label.labels).insert("not a key!".into(), "v".into());
+        bad_label
+            .labels_mut()
+            .insert("not a key!".into(), "v".into());
         let with = |w: Arc<Workload>| Inventory {
             workloads: vec![Arc::clone(&shared), w],
             ..Default::default()

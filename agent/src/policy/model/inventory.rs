@@ -110,6 +110,12 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// The labels to change: this workload's own copy from now on (others
+    /// that shared the set keep theirs).
+    pub fn labels_mut(&mut self) -> &mut Labels {
+        Arc::make_mut(&mut self.labels)
+    }
+
     /// What a workload must be on its own: valid names and labels, at most
     /// one address per family, valid and distinct port names. (Whether an
     /// address is usable is checked where every address is claimed.)

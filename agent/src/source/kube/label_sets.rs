@@ -24,12 +24,12 @@ pub fn shared(labels: &Labels) -> Arc<Labels> {
 }
 
 /// Sets no pod carries are forgotten once the table has doubled since the
-/// last sweep (and has at least this many): a sweep per view would walk
-/// every set for each pod added.
+/// last sweep (and has at least this many): sweeping on every pod stored
+/// would walk every set each time.
 const SWEEP_FLOOR: usize = 1024;
 
 #[derive(Debug)]
-pub struct LabelSets {
+struct LabelSets {
     sets: HashSet<Arc<Labels>>,
     sweep_at: usize,
 }
@@ -45,7 +45,7 @@ impl Default for LabelSets {
 
 impl LabelSets {
     /// The shared copy of `labels`, made on first sight.
-    pub fn share(&mut self, labels: &Labels) -> Arc<Labels> {
+    fn share(&mut self, labels: &Labels) -> Arc<Labels> {
         if let Some(kept) = self.sets.get(labels) {
             return Arc::clone(kept);
         }
@@ -56,7 +56,7 @@ impl LabelSets {
 
     /// Forgets the sets only this table still holds, when it has grown
     /// enough since the last sweep to be worth walking.
-    pub fn sweep(&mut self) {
+    fn sweep(&mut self) {
         if self.sets.len() < self.sweep_at {
             return;
         }
