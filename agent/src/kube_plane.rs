@@ -107,12 +107,30 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
 }
 
+/// A loopback port nobody listens on now and this process has not handed
+/// out before. The kernel may give a port it just gave back to another
+/// `bind(0)`, and the program that will listen on it binds only later: two
+/// planes started at once once shared one etcd (and saw each other's
+/// CRDs). Ports taken by other processes can still collide;
+/// `start_etcd` and `ControlPlane::start` notice that and try fresh ones.
 fn free_port() -> Result<u16, PlaneError> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(io_error("finding a free loopback port"))
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(io_error("finding a free loopback port"))?;
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
 }
+
+/// How often a program is started on fresh ports when another process
+/// took its port first.
+const PORT_ATTEMPTS: usize = 5;
 
 /// Children are started from one thread that lives as long as the process:
 /// they get SIGKILL when it exits (PR_SET_PDEATHSIG follows the thread
@@ -173,21 +191,34 @@ impl ControlPlane {
         ));
         std::fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
         write_credentials(&dir)?;
-        let etcd_url = format!("http://127.0.0.1:{}", free_port()?);
-        let etcd = start_etcd(&dir, &etcd_url)?;
-        let port = free_port()?;
+        let (etcd, etcd_url) = start_etcd(&dir).await?;
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(&dir, port, ADMIN_TOKEN))
-            .map_err(io_error(format!("writing {}", kubeconfig.display())))?;
         let mut plane = Self {
             dir,
             etcd,
             apiserver: None,
             etcd_url,
-            port,
+            port: 0,
             kubeconfig,
         };
-        plane.start_apiserver().await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            plane.port = free_port()?;
+            std::fs::write(
+                &plane.kubeconfig,
+                kubeconfig_yaml(&plane.dir, plane.port, ADMIN_TOKEN),
+            )
+            .map_err(io_error(format!("writing {}", plane.kubeconfig.display())))?;
+            match plane.start_apiserver().await {
+                Err(PlaneError::NotReady { log, .. })
+                    if attempt < PORT_ATTEMPTS && port_taken(&log) =>
+                {
+                    plane.apiserver = None;
+                }
+                other => break other?,
+            }
+        }
         install_crds(&plane.client().await?).await?;
         Ok(plane)
     }
@@ -390,18 +421,63 @@ fn kubeconfig_yaml(dir: &Path, port: u16, token: &str) -> String {
     )
 }
 
-fn start_etcd(dir: &Path, url: &str) -> Result<Child, PlaneError> {
-    let mut command = Command::new(program("etcd")?);
-    command
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir.join("etcd"))
-        .args(["--client-url", url])
-        .args(["--peer-url", &format!("http://127.0.0.1:{}", free_port()?)])
-        .stdin(Stdio::null())
-        .stdout(log_file(dir, "etcd")?)
-        .stderr(log_file(dir, "etcd.err")?);
-    spawn(command).map_err(io_error("starting etcd"))
+/// Starts etcd on fresh loopback ports and waits until it serves. Its own
+/// "serving" line, not a successful connect, says it is ready: a connect
+/// could reach another process's etcd on a port ours failed to bind.
+async fn start_etcd(dir: &Path) -> Result<(Child, String), PlaneError> {
+    let data = dir.join("etcd");
+    let log = dir.join("etcd.err.log");
+    let mut attempt = 0;
+    'attempts: loop {
+        attempt += 1;
+        let _ = std::fs::remove_dir_all(&data);
+        let url = format!("http://127.0.0.1:{}", free_port()?);
+        let mut command = Command::new(program("etcd")?);
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--client-url", &url])
+            .args(["--peer-url", &format!("http://127.0.0.1:{}", free_port()?)])
+            .stdin(Stdio::null())
+            .stdout(log_file(dir, "etcd")?)
+            .stderr(log_file(dir, "etcd.err")?);
+        let mut child = spawn(command).map_err(io_error("starting etcd"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // Whether it exited first, then its log: an exit's last words
+            // are in the log by then.
+            let exited = child.try_wait().ok().flatten();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("etcd: serving clients on") {
+                return Ok((child, url));
+            }
+            if let Some(status) = exited {
+                if attempt < PORT_ATTEMPTS && port_taken(&text) {
+                    continue 'attempts;
+                }
+                return Err(PlaneError::NotReady {
+                    what: format!("etcd exited ({status}) before it served"),
+                    log: tail(&log),
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(PlaneError::NotReady {
+                    what: "etcd not serving after 60 s".into(),
+                    log: tail(&log),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Whether a program's log says it could not listen because its port was
+/// taken.
+fn port_taken(log: &str) -> bool {
+    log.contains("address already in use")
 }
 
 fn start_apiserver(dir: &Path, etcd_url: &str, port: u16) -> Result<Child, PlaneError> {
@@ -486,4 +562,21 @@ async fn install_crds(client: &kube::Client) -> Result<(), PlaneError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `bind(0)` gives back recently freed ports often (hundreds of
+    /// repeats in a few thousand calls here): two planes starting at once
+    /// must still get ports of their own.
+    #[test]
+    fn no_port_is_handed_out_twice() {
+        let mut ports: Vec<u16> = (0..2000).map(|_| free_port().unwrap()).collect();
+        ports.sort_unstable();
+        let before = ports.len();
+        ports.dedup();
+        assert_eq!(ports.len(), before, "a port was handed out twice");
+    }
 }
