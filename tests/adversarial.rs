@@ -17,18 +17,23 @@ use std::{
     time::Duration,
 };
 
-use portcullis_agent::lab::{plumbing, pod::ProbeOutcome, Family, Lab};
-use portcullis_common::{DIRECTION_INGRESS, REASON_PACKET_SOCKET, VERDICT_DENY};
+use portcullis_agent::{
+    lab::{plumbing, pod::ProbeOutcome, topology::default_topology, Family, Lab},
+    mesh::mode::MeshMode,
+};
+use portcullis_common::{
+    mesh, DIRECTION_EGRESS, DIRECTION_INGRESS, REASON_PACKET_SOCKET, VERDICT_DENY,
+};
 use portcullis_tests::{
     attack::{
         packet::{self, Ext, PROTO_EXPERIMENTAL, PROTO_SCTP, PROTO_TCP, PROTO_UDP},
         wire::{
-            marker, Command, Event, ListenSpec, Reply, ReplyHow, Send, ServeSpec, StreamSpec, Via,
-            SNIFF_SOCKETS,
+            marker, Command, DeferredConnect, DeferredSpec, Event, ListenSpec, OpenSpec, Reply,
+            ReplyHow, Send, ServeSpec, StreamSpec, Via, SNIFF_SOCKETS,
         },
         Attacker, Place, Running,
     },
-    chain, start_lab, TestLab,
+    chain, start_lab, start_lab_with, TestLab,
 };
 
 fn attacker() -> Attacker {
@@ -129,6 +134,15 @@ fn arriving(cases: &[(String, bool)]) -> Vec<String> {
 /// (marker, should arrive) of cases that also name the receiving pod.
 fn outcomes(cases: &[(String, &str, bool)]) -> Vec<(String, bool)> {
     cases.iter().map(|c| (c.0.clone(), c.2)).collect()
+}
+
+/// A raw TCP socket: every TCP segment the kernel lets into the pod,
+/// whatever its port.
+fn raw_tcp_listener() -> ListenSpec {
+    ListenSpec {
+        raw: vec![i32::from(PROTO_TCP)],
+        ..Default::default()
+    }
 }
 
 /// One listener per pod, each with `spec`.
@@ -896,6 +910,7 @@ async fn packet_socket_frames_obey_egress_policy() {
                     via: Via::Packet {
                         ifname: "eth0".into(),
                         dst_mac,
+                        mark: None,
                     },
                     bytes: packet::ethernet(src_mac, dst_mac, &ip),
                 });
@@ -912,6 +927,433 @@ async fn packet_socket_frames_obey_egress_policy() {
     checks.each_receiver(&receivers, &cases);
     capture.stop().await;
     stop_all(receivers).await;
+    checks.finish();
+}
+
+const TINY_PORT: u16 = 7370;
+
+/// x/b may not reach y/b on TCP 7370; nothing else isolates it.
+const B_DENY_TINY_PORT: &str = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: L4Policy
+metadata: {name: no-7370, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  egressDeny:
+    - to: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}]
+      ports: [{protocol: TCP, port: 7370}]
+"#;
+
+/// RFC 1858's tiny fragment: a SYN whose first fragment holds only the
+/// first 8 bytes of the TCP header (the ports, not the flags), the rest in
+/// a second. Judged as "unclassified", a deny on the port would miss it
+/// and y/b would reassemble the SYN; it must meet the deny like a whole
+/// SYN. The same to a port nothing denies arrives (the control). IPv4
+/// only: Linux discards an IPv6 first fragment that does not hold the
+/// whole upper-layer header (RFC 7112), so IPv6 gives no such SYN.
+#[tokio::test]
+async fn tiny_tcp_fragments_meet_port_denies() {
+    let lab = start_lab("adv-tiny").await;
+    let mut checks = Checks::new("tiny_tcp_fragments");
+    let att = attacker();
+    lab.apply("deny.yaml", B_DENY_TINY_PORT).await;
+    let listen = ListenSpec {
+        raw: vec![6],
+        ..Default::default()
+    };
+    let yb = att.listen(&Place::pod(&lab, "y/b"), listen).await;
+    resolve_neighbours(&lab, "x/b", &["y/b"]).await;
+    let mut sends = Vec::new();
+    let mut cases = Vec::new();
+    let mut sport = 41000u16;
+    for family in FAMILIES {
+        let (src, dst) = (addr(&lab, "x/b", family), addr(&lab, "y/b", family));
+        for (port, arrives) in [(TINY_PORT, false), (TINY_PORT + 1, true)] {
+            sport += 1;
+            let id = format!("tiny-{}-{port}", fam(family));
+            let seg = segment(L4::Tcp, src, dst, sport, port, &marker(&id));
+            if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
+                let pieces = [
+                    packet::ipv4_fragment(s, d, PROTO_TCP, sport, 0, true, &seg[..8]),
+                    packet::ipv4_fragment(s, d, PROTO_TCP, sport, 1, false, &seg[8..]),
+                ];
+                for (i, piece) in pieces.into_iter().enumerate() {
+                    sends.push(hdrincl(&format!("{id}-{i}"), dst, piece));
+                }
+                cases.push((id.clone(), arrives));
+            }
+            // The same SYN whole: the deny's own control.
+            sport += 1;
+            let whole = format!("whole-{}-{port}", fam(family));
+            sends.push(crafted(&whole, L4::Tcp, src, dst, sport, port));
+            cases.push((whole, arrives));
+        }
+    }
+    let results = att.send(&Place::pod(&lab, "x/b"), sends).await;
+    checks.sent(&results, &[EPERM]);
+    let seen = yb.settle(&arriving(&cases), ARRIVAL).await;
+    checks.seen(&seen, &cases, "y/b");
+    yb.stop().await;
+    checks.finish();
+}
+
+const LO_PORT: u16 = 7380;
+const LO_REPLY_PORT: u16 = 7390;
+
+const A_NO_EGRESS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-no-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+"#;
+
+/// A packet socket may write frames on `lo` too (the frame guard judges
+/// them there as on eth0, and ingress refuses a foreign source on `lo`):
+/// x/a (egress-isolated, ingress open, so it may open one) forges a
+/// datagram from y/b to itself there, as if y/b had started a conversation,
+/// then "replies" to y/b from that port. The forged frame must not reach
+/// x/a's socket, and the reply must not reach y/b.
+#[tokio::test]
+async fn forged_loopback_frames_open_no_reply_window() {
+    let lab = start_lab("adv-lo").await;
+    let mut checks = Checks::new("forged_loopback_frames");
+    let att = attacker();
+    lab.apply("a.yaml", A_NO_EGRESS).await;
+    let listen = |port| ListenSpec {
+        udp: vec![port],
+        ..Default::default()
+    };
+    let xa = att
+        .listen(&Place::pod(&lab, "x/a"), listen(LO_REPLY_PORT))
+        .await;
+    let yb = att.listen(&Place::pod(&lab, "y/b"), listen(LO_PORT)).await;
+    let mut forged = Vec::new();
+    let mut replies = Vec::new();
+    let mut cases = Vec::new();
+    for family in FAMILIES {
+        let (yb_addr, xa_addr) = (addr(&lab, "y/b", family), addr(&lab, "x/a", family));
+        let id = format!("forged-{}", fam(family));
+        let seg = segment(
+            L4::Udp,
+            yb_addr,
+            xa_addr,
+            LO_PORT,
+            LO_REPLY_PORT,
+            &marker(&id),
+        );
+        forged.push(Send {
+            label: id.clone(),
+            dst: xa_addr,
+            via: Via::Packet {
+                ifname: "lo".into(),
+                dst_mac: [0; 6],
+                mark: None,
+            },
+            bytes: packet::ethernet([0; 6], [0; 6], &ip_packet(yb_addr, xa_addr, 17, &seg)),
+        });
+        for connect in [true, false] {
+            let how = if connect { "conn" } else { "sendto" };
+            let m = format!("reply-{how}-{}", fam(family));
+            replies.push(datagram(
+                m.clone(),
+                yb_addr,
+                17,
+                LO_PORT,
+                Some(LO_REPLY_PORT),
+                connect,
+                0,
+            ));
+            cases.push(m);
+        }
+    }
+    // The frame guard on `lo` drops them on the way out (ENOBUFS); should
+    // one get past it, ingress must still refuse it.
+    let sent = att.send(&Place::pod(&lab, "x/a"), forged.clone()).await;
+    checks.sent(&sent, &[libc::ENOBUFS]);
+    // The replies, and a control from x/b (not isolated) that y/b hears.
+    let replied = att.send(&Place::pod(&lab, "x/a"), replies).await;
+    checks.sent(&replied, &[EPERM]);
+    let control = datagram(
+        "control".into(),
+        addr(&lab, "y/b", Family::Ipv4),
+        17,
+        LO_PORT,
+        None,
+        false,
+        0,
+    );
+    att.send(&Place::pod(&lab, "x/b"), vec![control]).await;
+    let heard = yb.settle(&["control".to_string()], DROP_WAIT).await;
+    checks.seen(&heard, &[("control".to_string(), true)], "y/b");
+    let reply_cases: Vec<(String, bool)> = cases.into_iter().map(|m| (m, false)).collect();
+    checks.seen(&heard, &reply_cases, "y/b");
+    let forged_cases: Vec<(String, bool)> =
+        forged.iter().map(|f| (f.label.clone(), false)).collect();
+    checks.seen(&xa.markers(), &forged_cases, "x/a's socket");
+    xa.stop().await;
+    yb.stop().await;
+    checks.finish();
+}
+
+/// The inbound proxy hands a meshed pod its clients' connections on `lo`,
+/// marked and from the client's address, and ingress lets that TCP in as
+/// judged by the proxy. A process in the pod with CAP_NET_RAW can give a
+/// packet socket the same mark (SO_MARK) and write a SYN "from" any peer
+/// on `lo`: the pod's listener would then answer that peer past ingress
+/// policy (a sniffer in the pod sees the SYN-ACK and forges the ACK too).
+/// x/a, meshed and ingress-isolated, forges such SYNs from y/b with each
+/// mesh mark and none; its raw TCP socket, which the kernel hands every
+/// TCP segment the pod lets in, must see none of them. Controls: the same
+/// marked SYN from x/a's own IPv6 address arrives, and so does y/b's
+/// plaintext to x/b (meshed, not isolated).
+#[tokio::test]
+async fn forged_mesh_handovers_on_lo_are_refused() {
+    let mut topology = default_topology();
+    topology.mesh_all(MeshMode::Permissive);
+    let lab = start_lab_with("adv-mark", topology).await;
+    let mut checks = Checks::new("forged_mesh_handovers");
+    let att = attacker();
+    lab.lab
+        .write_policy("a.yaml", A_NO_INGRESS)
+        .expect("writing policy");
+    let status = lab.wait_applied().await.expect("agent applies policy");
+    assert!(status.problems.is_empty(), "{:?}", status.problems);
+    // Where the BPF LSM runs, the ingress-isolated pod cannot open the
+    // packet socket at all: every send fails with EPERM, and not even the
+    // self control can be written.
+    let socket_guarded = status.packet_sockets_unguarded.is_none();
+    let xa = att
+        .listen(&Place::pod(&lab, "x/a"), raw_tcp_listener())
+        .await;
+    let xb = att
+        .listen(&Place::pod(&lab, "x/b"), raw_tcp_listener())
+        .await;
+    let marks = [
+        ("judged", Some(mesh::MARK)),
+        ("tojudge", Some(mesh::MARK_JUDGE)),
+        ("unmarked", None),
+    ];
+    let mut sends = Vec::new();
+    let mut cases = Vec::new();
+    let mut sport = 41000;
+    for family in FAMILIES {
+        let xa_addr = addr(&lab, "x/a", family);
+        let sources = [
+            ("yb", addr(&lab, "y/b", family), false),
+            ("self", xa_addr, !socket_guarded),
+        ];
+        for (mark_name, mark) in marks {
+            for (who, src, arrives) in sources {
+                // IPv4 drops a frame from a local source that did not come
+                // from the stack itself (a martian: accept_local is off).
+                if who == "self" && (mark != Some(mesh::MARK) || family == Family::Ipv4) {
+                    continue;
+                }
+                sport += 1;
+                let id = format!("handover-{who}-{mark_name}-{}", fam(family));
+                let seg = segment(L4::Tcp, src, xa_addr, sport, LO_PORT, &marker(&id));
+                sends.push(Send {
+                    label: id.clone(),
+                    dst: xa_addr,
+                    via: Via::Packet {
+                        ifname: "lo".into(),
+                        dst_mac: [0; 6],
+                        mark,
+                    },
+                    bytes: packet::ethernet([0; 6], [0; 6], &ip_packet(src, xa_addr, 6, &seg)),
+                });
+                cases.push((id, arrives));
+            }
+        }
+    }
+    // A frame tc drops fails the send with ENOBUFS (NET_XMIT_DROP).
+    let sent = att.send(&Place::pod(&lab, "x/a"), sends).await;
+    if socket_guarded {
+        for (label, errno) in &sent {
+            checks.check(
+                *errno == Some(EPERM),
+                format!("{label}: the BPF LSM refuses the packet socket, got {errno:?}"),
+            );
+        }
+    } else {
+        checks.sent(&sent, &[EPERM, libc::ENOBUFS]);
+    }
+    let mut controls = Vec::new();
+    for family in FAMILIES {
+        let xb_addr = addr(&lab, "x/b", family);
+        let id = format!("control-{}", fam(family));
+        let seg = segment(
+            L4::Tcp,
+            addr(&lab, "y/b", family),
+            xb_addr,
+            42000,
+            LO_PORT,
+            &marker(&id),
+        );
+        controls.push(Send {
+            label: id.clone(),
+            dst: xb_addr,
+            via: Via::RawHdrincl,
+            bytes: ip_packet(addr(&lab, "y/b", family), xb_addr, 6, &seg),
+        });
+    }
+    let control_ids: Vec<String> = controls.iter().map(|c| c.label.clone()).collect();
+    let sent = att.send(&Place::pod(&lab, "y/b"), controls).await;
+    checks.sent(&sent, &[]);
+    let heard = xb.settle(&control_ids, ARRIVAL).await;
+    let control_cases: Vec<(String, bool)> = control_ids.into_iter().map(|m| (m, true)).collect();
+    checks.seen(&heard, &control_cases, "x/b's raw socket");
+    let heard = xa.settle(&arriving(&cases), ARRIVAL).await;
+    checks.seen(&heard, &cases, "x/a's raw socket");
+    xa.stop().await;
+    xb.stop().await;
+    checks.finish();
+}
+
+/// TCP Fast Open's deferred connect: connect() with TCP_FASTOPEN_CONNECT
+/// returns at once and sends nothing; the SYN leaves at the first write,
+/// as long after as the application likes. x/a connects sockets to y/b
+/// while its egress is open, then egress isolation applies, then it
+/// writes: a bank of connections judged under the old policy. The SYNs
+/// (carrying their markers as Fast Open data) must not reach y/b's raw TCP
+/// socket. Control: the same deferred connects before the change arrive.
+#[tokio::test]
+async fn deferred_fast_open_connects_meet_the_policy_of_their_syn() {
+    let lab = start_lab("adv-tfo").await;
+    let mut checks = Checks::new("deferred_fast_open");
+    let att = attacker();
+    let yb = att
+        .listen(&Place::pod(&lab, "y/b"), raw_tcp_listener())
+        .await;
+    let connects = |round: &str| -> Vec<DeferredConnect> {
+        FAMILIES
+            .iter()
+            .map(|family| DeferredConnect {
+                label: format!("tfo-{round}-{}", fam(*family)),
+                dst: addr(&lab, "y/b", *family),
+                port: LO_PORT,
+            })
+            .collect()
+    };
+    let deferred = |connects: Vec<DeferredConnect>| {
+        Command::Deferred(DeferredSpec {
+            connects,
+            wait_ms: 3000,
+        })
+    };
+    // Control: nothing changes between connect and write.
+    let control = connects("control");
+    let control_ids: Vec<String> = control.iter().map(|c| c.label.clone()).collect();
+    let events = att
+        .run(
+            &Place::pod(&lab, "x/a"),
+            &deferred(control),
+            Duration::from_secs(10),
+        )
+        .await;
+    checks.check(
+        events.contains(&Event::Done),
+        format!("the control's deferred connects finished: {events:?}"),
+    );
+    let heard = yb.settle(&control_ids, ARRIVAL).await;
+    let control_cases: Vec<(String, bool)> = control_ids.into_iter().map(|m| (m, true)).collect();
+    checks.seen(&heard, &control_cases, "y/b's raw socket");
+    // The attack: connect while allowed, write after egress isolation.
+    let attack = connects("banked");
+    let attack_ids: Vec<String> = attack.iter().map(|c| c.label.clone()).collect();
+    let banked = att.start(&Place::pod(&lab, "x/a"), &deferred(attack)).await;
+    lab.apply("a.yaml", A_NO_EGRESS).await;
+    let connected = banked.events();
+    for id in &attack_ids {
+        checks.check(
+            connected.iter().any(|e| {
+                *e == Event::Opened {
+                    label: id.clone(),
+                    errno: None,
+                }
+            }),
+            format!("{id}: connect() was allowed before the change: {connected:?}"),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let events = banked.kill().await;
+    checks.check(
+        events.contains(&Event::Done),
+        format!("the banked connects were written: {events:?}"),
+    );
+    let heard = yb.settle(&[], DROP_WAIT).await;
+    let attack_cases: Vec<(String, bool)> = attack_ids.into_iter().map(|m| (m, false)).collect();
+    checks.seen(&heard, &attack_cases, "y/b's raw socket");
+    yb.stop().await;
+    checks.finish();
+}
+
+/// An XDP socket in copy mode sends frames to the driver past tc, where
+/// no guard judges them; any pod with CAP_NET_RAW can open one. Every
+/// enforced pod is refused (EPERM, counted on egress), whatever its
+/// policy; a process outside the pods opens one, so the kernel has XDP
+/// sockets and the refusal is Portcullis'. The refusal is the BPF LSM's:
+/// on a kernel that cannot run it, the gap must be reported, and the
+/// report must be true.
+#[tokio::test]
+async fn xdp_sockets_are_refused_to_enforced_pods() {
+    let lab = start_lab("adv-xdp").await;
+    let mut checks = Checks::new("xdp_socket_create");
+    let att = attacker();
+    lab.lab
+        .write_policy("a.yaml", A_NO_EGRESS)
+        .expect("writing policy");
+    let status = lab.wait_applied().await.expect("agent applies policy");
+    assert!(status.problems.is_empty(), "{:?}", status.problems);
+    let unguarded = status.packet_sockets_unguarded.clone();
+    if let Some(why) = &unguarded {
+        assert!(
+            why.contains("loading pcl_socket_create") || why.contains("lsm="),
+            "the agent left packet sockets unguarded for a reason of its own: {why}"
+        );
+        eprintln!("this kernel cannot run the socket guard; checking the report: {why}");
+    }
+    // Refused where the guard runs; opened (as reported) where it cannot.
+    let (want, counted) = match unguarded {
+        None => (Some(Some(EPERM)), true),
+        Some(_) => (Some(None), false),
+    };
+    let open = Command::Open {
+        sockets: vec![OpenSpec {
+            label: "af-xdp".into(),
+            family: libc::AF_XDP,
+            kind: libc::SOCK_RAW,
+            protocol: 0,
+        }],
+    };
+    let opened = |events: Vec<Event>| -> Option<Option<i32>> {
+        events.into_iter().find_map(|e| match e {
+            Event::Opened { errno, .. } => Some(errno),
+            _ => None,
+        })
+    };
+    let limit = Duration::from_secs(10);
+    let node = opened(att.run(&Place::node(&lab), &open, limit).await);
+    checks.check(
+        node == Some(None),
+        format!("the node could not open an XDP socket ({node:?}): no way to tell"),
+    );
+    // x/a is egress-isolated; y/a has no policy at all.
+    for pod in ["x/a", "y/a"] {
+        let before = packet_socket_refusals_on(&lab, pod, DIRECTION_EGRESS);
+        let got = opened(att.run(&Place::pod(&lab, pod), &open, limit).await);
+        checks.check(
+            got == want,
+            format!("{pod}: opening an XDP socket should give {want:?}, got {got:?}"),
+        );
+        let after = packet_socket_refusals_on(&lab, pod, DIRECTION_EGRESS);
+        checks.check(
+            (after > before) == counted,
+            format!("{pod}: refusals counted {before} → {after}, expected a count: {counted}"),
+        );
+    }
     checks.finish();
 }
 
@@ -939,6 +1381,10 @@ spec:
 
 /// Refusals of packet sockets the kernel counted for pod `key`.
 fn packet_socket_refusals(lab: &TestLab, key: &str) -> u64 {
+    packet_socket_refusals_on(lab, key, DIRECTION_INGRESS)
+}
+
+fn packet_socket_refusals_on(lab: &TestLab, key: &str, direction: u8) -> u64 {
     let names: serde_json::Value =
         serde_json::from_slice(&std::fs::read(lab.names_file()).expect("names file"))
             .expect("names file parses");
@@ -959,7 +1405,7 @@ fn packet_socket_refusals(lab: &TestLab, key: &str) -> u64 {
             s.key.endpoint_id == id
                 && s.key.reason == REASON_PACKET_SOCKET
                 && s.key.verdict == VERDICT_DENY
-                && s.key.direction == DIRECTION_INGRESS
+                && s.key.direction == direction
         })
         .map(|s| s.count)
         .sum()
@@ -1211,23 +1657,68 @@ spec:
   policyTypes: [Ingress]
 "#;
 
+/// A policy change no stream of the test is about: it isolates z/c.
+const UNRELATED_CHANGE: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: c-no-ingress, namespace: z}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  policyTypes: [Ingress]
+"#;
+
 /// Issue #9 class 4: a policy change reaches UDP conversations already
 /// flowing, connected (`connect()` + `send()`, no sendmsg hook) or not.
 #[tokio::test]
 async fn udp_streams_stop_at_a_deny() {
     let lab = start_lab("adv-stream").await;
     let mut checks = Checks::new("udp_across_a_deny");
+    udp_streams_across(&lab, &mut checks, &[("deny.yaml", STREAM_DENIES)], None).await;
+    checks.finish();
+}
+
+/// The same, for conversations idle while the deny and then one more,
+/// unrelated change applied. The kernel's two generations alternate, so
+/// after two flips a conversation's generation is current again; only the
+/// policy epoch tells that it was judged before the deny.
+#[tokio::test]
+async fn idle_udp_conversations_are_judged_again_after_two_changes() {
+    let lab = start_lab("adv-idle").await;
+    let mut checks = Checks::new("idle_udp_across_two_changes");
+    let changes = [
+        ("deny.yaml", STREAM_DENIES),
+        ("unrelated.yaml", UNRELATED_CHANGE),
+    ];
+    udp_streams_across(&lab, &mut checks, &changes, Some((2500, 5000))).await;
+    checks.finish();
+}
+
+/// Starts UDP streams of every kind (family, connected or not; stopped by
+/// an egress deny, stopped by an ingress deny, and an allowed control),
+/// applies `changes` in order, and checks that no stopped stream delivers
+/// a datagram afterwards while every control still does. With `pause`
+/// (`after_ms`, `for_ms`) the streams are idle while the changes apply.
+async fn udp_streams_across(
+    lab: &TestLab,
+    checks: &mut Checks,
+    changes: &[(&str, &str)],
+    pause: Option<(u64, u64)>,
+) {
     let att = attacker();
     let listen = ListenSpec {
         udp: vec![STREAM_PORT],
         ..Default::default()
     };
-    let yb = att.listen(&Place::pod(&lab, "y/b"), listen.clone()).await;
-    let yc = att.listen(&Place::pod(&lab, "y/c"), listen).await;
+    let yb = att.listen(&Place::pod(lab, "y/b"), listen.clone()).await;
+    let yc = att.listen(&Place::pod(lab, "y/c"), listen).await;
 
     // (marker, sender, receiver, stopped by the deny)
     let mut streams = Vec::new();
     let mut specs = Vec::new();
+    let duration_ms = match pause {
+        Some((after, len)) => after + len + 3000,
+        None => 9000,
+    };
     for family in FAMILIES {
         for connect in [true, false] {
             let how = if connect { "conn" } else { "sendto" };
@@ -1240,12 +1731,13 @@ async fn udp_streams_stop_at_a_deny() {
                 specs.push((
                     from,
                     StreamSpec {
-                        dst: addr(&lab, to, family),
+                        dst: addr(lab, to, family),
                         port: STREAM_PORT,
                         connect,
                         interval_ms: 50,
-                        duration_ms: 9000,
+                        duration_ms,
                         marker: m.clone(),
+                        pause,
                     },
                 ));
                 streams.push((m, to, stops));
@@ -1253,9 +1745,13 @@ async fn udp_streams_stop_at_a_deny() {
         }
     }
     let mut running = Vec::new();
+    // No stream resumes before `first + after_ms + for_ms`; every stream
+    // is paused by `started + after_ms`.
+    let first = tokio::time::Instant::now();
     for (from, spec) in specs {
-        running.push(att.start_stream(&Place::pod(&lab, from), spec).await);
+        running.push(att.start_stream(&Place::pod(lab, from), spec).await);
     }
+    let started = tokio::time::Instant::now();
     let receiver = |to: &str| if to == "y/b" { &yb } else { &yc };
     let seen_of = |r: &Running, m: &str| -> BTreeSet<String> {
         r.markers()
@@ -1279,14 +1775,39 @@ async fn udp_streams_stop_at_a_deny() {
         );
     }
 
-    lab.apply("deny.yaml", STREAM_DENIES).await;
-    // Datagrams already on their way when the maps flipped may still land.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before: Vec<BTreeSet<String>> = streams
-        .iter()
-        .map(|(m, to, _)| seen_of(receiver(to), m))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before: Vec<BTreeSet<String>>;
+    match pause {
+        Some((after, len)) => {
+            // Every stream is idle (and its last datagram landed) before
+            // the first change, and resumes only after the last.
+            tokio::time::sleep_until(started + Duration::from_millis(after + 300)).await;
+            before = streams
+                .iter()
+                .map(|(m, to, _)| seen_of(receiver(to), m))
+                .collect();
+            for (file, yaml) in changes {
+                lab.apply(file, yaml).await;
+            }
+            checks.check(
+                tokio::time::Instant::now() < first + Duration::from_millis(after + len),
+                "the changes took longer than the streams' pause",
+            );
+            tokio::time::sleep_until(started + Duration::from_millis(after + len + 1500)).await;
+        }
+        None => {
+            for (file, yaml) in changes {
+                lab.apply(file, yaml).await;
+            }
+            // Datagrams already on their way when the maps flipped may
+            // still land.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            before = streams
+                .iter()
+                .map(|(m, to, _)| seen_of(receiver(to), m))
+                .collect();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+    }
     for ((m, to, stops), before) in streams.iter().zip(&before) {
         let after = seen_of(receiver(to), m);
         let new = after.difference(before).count();
@@ -1310,7 +1831,6 @@ async fn udp_streams_stop_at_a_deny() {
     }
     yb.stop().await;
     yc.stop().await;
-    checks.finish();
 }
 
 // ---------------------------------------------------------------------------

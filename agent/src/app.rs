@@ -182,7 +182,8 @@ pub struct Status {
     pub waiting_for_process: Vec<String>,
     pub usage: MapUsage,
     /// Why packet (AF_PACKET) sockets are not refused to pods policy
-    /// restricts (the BPF LSM program cannot run); `None` when they are.
+    /// restricts, nor XDP sockets to enforced pods (the BPF LSM program
+    /// cannot run); `None` when they are.
     /// Known at load, so it stands for the agent's whole life.
     pub packet_sockets_unguarded: Option<String>,
     /// Why the latest pass did not reach the kernel (the files could not be
@@ -320,10 +321,14 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
     match &unguarded {
         Some(why) => error!(
             "packet (AF_PACKET) sockets are NOT refused to pods that ingress policy restricts, so \
-             such pods can read frames ingress policy drops: {why} (docs/policy.md, \
-             \"Packet sockets\")"
+             such pods can read frames ingress policy drops, and XDP (AF_XDP) sockets are NOT \
+             refused to enforced pods, whose frames no program judges on the way out: {why} \
+             (docs/policy.md, \"Packet sockets\")"
         ),
-        None => info!("packet sockets are refused to pods that ingress policy restricts (BPF LSM)"),
+        None => info!(
+            "packet sockets are refused to pods that ingress policy restricts, and XDP sockets \
+             to every enforced pod (BPF LSM)"
+        ),
     }
     metrics.guards.set_packet_socket_guard(unguarded.is_none());
     // Counts from before this agent (pinned maps survive restarts) were made

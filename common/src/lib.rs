@@ -9,7 +9,8 @@
 //! side; the `generation` field of every key says which. The kernel reads the
 //! active generation once per decision from [`STATE_MAP`], so a decision always
 //! sees one complete generation. The agent writes the inactive generation, then
-//! flips [`State::active_generation`]: no half-applied policy is ever visible.
+//! flips it active by counting [`State::epoch`] up: no half-applied policy is
+//! ever visible.
 //!
 //! # Addresses
 //! All addresses are 16 bytes. IPv4 addresses are stored IPv4-mapped
@@ -59,8 +60,6 @@ pub const PROG_RECVMSG4: &str = "pcl_recvmsg4";
 pub const PROG_RECVMSG6: &str = "pcl_recvmsg6";
 pub const PROG_GETPEERNAME4: &str = "pcl_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "pcl_getpeername6";
-/// Records where a redirected connection was going once its port is known.
-pub const PROG_SOCKOPS: &str = "pcl_sockops";
 
 /// Map capacities. The generational maps hold two generations, so each
 /// generation may use half.
@@ -175,12 +174,25 @@ pub const POLICY_KEY_FIXED_BITS: u32 = 32 + 32 + 32 + 8 + 8;
 
 /// Generational maps' `generation` values.
 pub const GENERATIONS: u32 = 2;
+// The epoch wraps at 2^32 without skipping a generation.
+const _: () = assert!((u32::MAX as u64 + 1).is_multiple_of(GENERATIONS as u64));
+
+/// The generation an epoch ([`State::epoch`]) makes active.
+#[inline(always)]
+pub const fn generation_of(epoch: u32) -> u32 {
+    epoch % GENERATIONS
+}
 
 /// Single-entry array: which generation the kernel reads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct State {
-    pub active_generation: u32,
+    /// Counts the agent's flips; the active generation is
+    /// [`generation_of`]`(epoch)`. One aligned u32 read gives the kernel
+    /// both. Conversations remember the epoch whose policy last judged
+    /// them: a generation number alone comes back every second flip, so an
+    /// idle conversation across a deny and one more flip would look judged.
+    pub epoch: u32,
     /// [`ABI_VERSION`] of the agent that wrote the maps; 0 before the first
     /// write.
     pub abi_version: u32,
@@ -363,13 +375,13 @@ pub struct ConversationKey {
 const _: () = assert!(core::mem::size_of::<ConversationKey>() == 28);
 
 /// When the conversation last carried an allowed packet, and under which
-/// generation of policy its start was last judged: after a policy change
-/// the next packet judges the start again.
+/// policy epoch ([`State::epoch`]) its start was last judged: after any
+/// policy change the next packet judges the start again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConversationValue {
     pub last_seen_ns: u64,
-    pub generation: u32,
+    pub epoch: u32,
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<ConversationValue>() == 16);
@@ -526,6 +538,17 @@ pub struct MeshOriginal {
 }
 const _: () = assert!(core::mem::size_of::<MeshOriginal>() == 24);
 
+/// A redirected connect whose SYN has not left yet: where it was going, and
+/// the client's network namespace, which the connect hook can read and the
+/// skb hook that files the entry on the SYN cannot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MeshPending {
+    pub original: MeshOriginal,
+    pub netns_cookie: u64,
+}
+const _: () = assert!(core::mem::size_of::<MeshPending>() == 32);
+
 /// The client side of a redirected connection as the outbound listener
 /// sees it: the pod's network namespace and the client's port.
 #[repr(C)]
@@ -579,8 +602,23 @@ mod pod {
     unsafe impl aya::Pod for SvcReplyValue {}
     unsafe impl aya::Pod for MeshOriginal {}
     unsafe impl aya::Pod for MeshClientKey {}
+    unsafe impl aya::Pod for MeshPending {}
 }
 
 /// Bumped whenever a map's key or value layout changes, so an agent never
 /// reuses pinned maps written by an incompatible one.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 9;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flip_activates_the_other_generation_even_across_the_epoch_wrap() {
+        for epoch in [0, 1, 2, u32::MAX - 1, u32::MAX] {
+            let next = epoch.wrapping_add(1);
+            assert_ne!(generation_of(epoch), generation_of(next), "epoch {epoch}");
+            assert!(generation_of(next) < GENERATIONS);
+        }
+    }
+}

@@ -226,7 +226,18 @@ fn transport<P: PacketBytes>(packet: &P, protocol: u8, offset: usize) -> Transpo
                 u16::from_be_bytes([t[2], t[3]]),
                 t[13],
             ),
-            None => Transport::UNCLASSIFIED,
+            // Ports but no flags: a tiny first fragment (RFC 1858) whose
+            // SYN is in the next one. Unclassified, a deny on its port
+            // would miss it; judged as the connection attempt it may be.
+            None => match packet.bytes::<4>(offset) {
+                Some(t) => Transport::ports(
+                    protocol,
+                    u16::from_be_bytes([t[0], t[1]]),
+                    u16::from_be_bytes([t[2], t[3]]),
+                    TCP_FLAG_SYN,
+                ),
+                None => Transport::UNCLASSIFIED,
+            },
         },
         PROTO_UDP | PROTO_SCTP => match packet.bytes::<4>(offset) {
             Some(t) => Transport::ports(

@@ -5,18 +5,27 @@ use aya_ebpf::{
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_skb_ancestor_cgroup_id},
 };
 use portcullis_common::{
-    EndpointKey, EndpointValue, ENDPOINT_FLAG_PENDING, ENDPOINT_FLAG_UNENFORCED, MAX_CGROUP_DEPTH,
+    generation_of, EndpointKey, EndpointValue, ENDPOINT_FLAG_PENDING, ENDPOINT_FLAG_UNENFORCED,
+    MAX_CGROUP_DEPTH,
 };
 
 use crate::maps::{ENDPOINTS, SETTINGS, STATE};
 
+/// The policy epoch in force (`State::epoch`), read once per decision: its
+/// generation and the epoch a conversation is stamped with come from the
+/// same read, so they cannot straddle a flip.
+#[inline(always)]
+pub fn active_epoch() -> u32 {
+    match STATE.get(0) {
+        Some(s) => s.epoch,
+        None => 0,
+    }
+}
+
 /// The generation of the endpoint, identity and policy maps to read.
 #[inline(always)]
 pub fn active_generation() -> u32 {
-    match STATE.get(0) {
-        Some(s) => s.active_generation,
-        None => 0,
-    }
+    generation_of(active_epoch())
 }
 
 #[inline(always)]

@@ -26,10 +26,8 @@ mod tc;
 mod verdict;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr, cgroup_sockopt, classifier, lsm, sock_ops},
-    programs::{
-        LsmContext, SkBuffContext, SockAddrContext, SockOpsContext, SockoptContext, TcContext,
-    },
+    macros::{cgroup_skb, cgroup_sock_addr, cgroup_sockopt, classifier, lsm},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockoptContext, TcContext},
 };
 use portcullis_common::{
     decide::Flow, EndpointValue, PolicyValue, DIRECTION_EGRESS, DIRECTION_INGRESS,
@@ -84,13 +82,6 @@ pub fn pcl_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn pcl_getpeername6(ctx: SockAddrContext) -> i32 {
     sock::show_service(&ctx, Family::V6)
-}
-
-/// A redirected connection's SYN: its original destination is filed under
-/// the client's port, where the agent's outbound listener finds it.
-#[sock_ops]
-pub fn pcl_sockops(ctx: SockOpsContext) -> u32 {
-    mesh::connecting(&ctx)
 }
 
 #[cgroup_skb(ingress)]

@@ -7,8 +7,8 @@ use aya_ebpf::{
 use portcullis_common::{
     BackendKey, BackendValue, ConversationKey, ConversationValue, CounterKey, EndpointKey,
     EndpointValue, EventBudget, IdentityKeyData, IdentityValue, MeshClientKey, MeshOriginal,
-    PolicyKeyData, PolicyValue, ServiceKey, ServiceValue, Settings, State, SvcReplyKey,
-    SvcReplyValue, BACKENDS_CAPACITY, CONVERSATIONS_CAPACITY, COUNTERS_CAPACITY,
+    MeshPending, PolicyKeyData, PolicyValue, ServiceKey, ServiceValue, Settings, State,
+    SvcReplyKey, SvcReplyValue, BACKENDS_CAPACITY, CONVERSATIONS_CAPACITY, COUNTERS_CAPACITY,
     ENDPOINTS_CAPACITY, EVENTS_RING_BYTES, IDENTITIES_CAPACITY, MESH_CAPACITY, POLICY_CAPACITY,
     SERVICES_CAPACITY, SVC_REPLIES_CAPACITY,
 };
@@ -72,7 +72,7 @@ pub static SVC_REPLIES: LruHashMap<SvcReplyKey, SvcReplyValue> =
 
 /// Redirected connects, by socket cookie, until their SYN (see `mesh`).
 #[map(name = "PCL_MESH_PEND")]
-pub static MESH_PENDING: LruHashMap<u64, MeshOriginal> = LruHashMap::pinned(MESH_CAPACITY, 0);
+pub static MESH_PENDING: LruHashMap<u64, MeshPending> = LruHashMap::pinned(MESH_CAPACITY, 0);
 
 /// Redirected connections' original destinations, by the client's network
 /// namespace and port: what the agent's outbound listener reads.

@@ -1,16 +1,21 @@
 //! Capture for transparent mTLS: a meshed pod's allowed outbound TCP
 //! connect goes to the agent's outbound listener on loopback in the pod's
 //! own network namespace, and the original destination is kept for the
-//! agent (by the client's port, once `sockops` sees it) and for the
-//! application (getpeername() names it, through the service reply table).
+//! agent (by the client's port, once the egress skb hook sees the SYN) and
+//! for the application (getpeername() names it, through the service reply
+//! table).
+//!
+//! The SYN is caught by the egress skb hook, which judges every enforced
+//! SYN anyway, rather than by a `sockops` program: a sockops program runs
+//! nine times per connection of every pod, meshed or not.
 
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{sk_buff::SkBuff, SockAddrContext},
 };
 use portcullis_common::{
-    decide::is_local, ipv4_mapped, is_ipv4_mapped, mesh, EndpointValue, MeshClientKey,
-    MeshOriginal, ENDPOINT_FLAG_MESHED, PROTO_TCP,
+    decide::is_local, ipv4_mapped, is_ipv4_mapped, mesh, packet::Headers, EndpointValue,
+    MeshClientKey, MeshOriginal, MeshPending, ENDPOINT_FLAG_MESHED, PROTO_TCP,
 };
 
 use crate::{
@@ -18,10 +23,6 @@ use crate::{
     service,
     sock::{set_sock_addr, Family},
 };
-
-/// `BPF_SOCK_OPS_TCP_CONNECT_CB`: the SYN is about to be sent; the source
-/// port is chosen.
-const SOCK_OPS_TCP_CONNECT: u32 = 3;
 
 /// The outbound listener's address, as the socket's family writes it.
 const OUTBOUND_ADDR: [u8; 16] = ipv4_mapped([127, 0, 0, 1]);
@@ -59,36 +60,56 @@ pub fn redirect(ctx: &SockAddrContext, family: Family, ep: &EndpointValue, peer:
         endpoint_id: ep.endpoint_id,
     };
     // SAFETY: the context pointer is valid for the program's run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let (cookie, netns_cookie) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.sock_addr.cast()),
+            bpf_get_netns_cookie(ctx.sock_addr.cast()),
+        )
+    };
+    let pending = MeshPending {
+        original,
+        netns_cookie,
+    };
     // LRU: never fails for lack of room. Were the entry lost anyway, the
     // connect still goes to the listener, which finds no original and
     // resets it: a captured connect never leaves in plaintext.
-    let _ = MESH_PENDING.insert(&cookie, &original, 0);
+    let _ = MESH_PENDING.insert(&cookie, &pending, 0);
     set_sock_addr(ctx, family, listener, mesh::OUTBOUND_PORT);
     service::remember_reply(ctx, (listener, mesh::OUTBOUND_PORT), (addr, port));
 }
 
-/// On a redirected connection's SYN: moves its original destination to
-/// the key the agent can compute from the connection it accepts.
+/// The pending original destination of a SYN to the outbound listener
+/// (egress, a kernel socket), taken out of the pending table: its connect
+/// was redirected. A retransmitted SYN finds nothing left.
 #[inline(always)]
-pub fn connecting(ctx: &SockOpsContext) -> u32 {
-    if ctx.op() != SOCK_OPS_TCP_CONNECT {
-        return 1;
+pub fn pending_original(skb: &SkBuff, headers: &Headers) -> Option<MeshPending> {
+    let to_listener = headers.transport.dst_port == mesh::OUTBOUND_PORT
+        && (headers.dst_addr == OUTBOUND_ADDR || headers.dst_addr == OUTBOUND_ADDR6);
+    if !to_listener {
+        return None;
     }
     // SAFETY: the context pointer is valid for the program's run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let cookie = unsafe { bpf_get_socket_cookie(skb.skb.cast()) };
     // SAFETY: the value is copied out at once.
-    let Some(original) = (unsafe { MESH_PENDING.get(&cookie).copied() }) else {
-        return 1;
-    };
+    let pending = unsafe { MESH_PENDING.get(&cookie).copied() }?;
     let _ = MESH_PENDING.remove(&cookie);
+    Some(pending)
+}
+
+/// Files a redirected connection's original destination under the key the
+/// agent computes from the connection it accepts (the SYN's source port is
+/// the first moment the port is known).
+#[inline(always)]
+pub fn file_original(headers: &Headers, pending: &MeshPending) {
     let key = MeshClientKey {
-        // SAFETY: as above.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
-        port: ctx.local_port() as u16,
-        family: if is_ipv4_mapped(&original.addr) { 4 } else { 6 },
+        netns_cookie: pending.netns_cookie,
+        port: headers.transport.src_port,
+        family: if is_ipv4_mapped(&pending.original.addr) {
+            4
+        } else {
+            6
+        },
         _pad: [0; 5],
     };
-    let _ = MESH_ORIGINAL.insert(&key, &original, 0);
-    1
+    let _ = MESH_ORIGINAL.insert(&key, &pending.original, 0);
 }

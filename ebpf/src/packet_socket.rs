@@ -5,11 +5,15 @@
 //! every other socket, and every other process, is left alone. Frames a
 //! pod writes are judged one by one by the tc guard (`tc.rs`), so egress
 //! policy alone is no reason to refuse.
+//!
+//! XDP (AF_XDP) sockets are refused to every enforced pod: in copy mode
+//! their frames go to the driver past tc, and no program here would judge
+//! them. Only CAP_NET_RAW is needed to open one, which pods have.
 
 use aya_ebpf::programs::LsmContext;
 use portcullis_common::{
-    decide::Flow, DIRECTION_INGRESS, ENDPOINT_FLAG_INGRESS_RESTRICTED, PROTO_OTHER,
-    REASON_PACKET_SOCKET,
+    decide::Flow, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_FLAG_INGRESS_RESTRICTED,
+    PROTO_OTHER, REASON_PACKET_SOCKET,
 };
 
 use crate::{
@@ -20,6 +24,7 @@ use crate::{
 
 const AF_INET: i32 = 2;
 const AF_PACKET: i32 = 17;
+const AF_XDP: i32 = 44;
 /// The legacy packet socket type, `socket(AF_INET, SOCK_PACKET, ...)`. The
 /// kernel turns it into AF_PACKET before the hook; checked anyway, so a
 /// kernel that did not would not open a way round.
@@ -40,7 +45,8 @@ pub fn socket_create(ctx: &LsmContext) -> i32 {
         return earlier;
     }
     // Sockets the kernel makes for itself belong to no pod.
-    if kern != 0 || !is_packet(family, kind) {
+    let xdp = family == AF_XDP;
+    if kern != 0 || !(xdp || is_packet(family, kind)) {
         return 0;
     }
     let generation = endpoint::active_generation();
@@ -48,12 +54,17 @@ pub fn socket_create(ctx: &LsmContext) -> i32 {
         Owner::Free => return 0,
         // Its policy is not known yet: refused, like its traffic.
         Owner::NotProgrammed => no_endpoint(),
-        Owner::Endpoint(ep) if ep.flags & ENDPOINT_FLAG_INGRESS_RESTRICTED != 0 => ep,
+        Owner::Endpoint(ep) if xdp || ep.flags & ENDPOINT_FLAG_INGRESS_RESTRICTED != 0 => ep,
         Owner::Endpoint(_) => return 0,
     };
     let flow = Flow {
         generation,
-        direction: DIRECTION_INGRESS,
+        // An XDP socket's danger is what it sends.
+        direction: if xdp {
+            DIRECTION_EGRESS
+        } else {
+            DIRECTION_INGRESS
+        },
         protocol: PROTO_OTHER,
         peer_addr: [0; 16],
         peer_port: 0,

@@ -12,6 +12,7 @@
 use aya_ebpf::programs::{sk_buff::SkBuff, SkBuffContext};
 use portcullis_common::{
     decide::{is_local, policy_protocol, Flow},
+    generation_of,
     packet::{Class, Headers},
     EndpointValue, PolicyValue, DIRECTION_EGRESS, ENDPOINT_FLAG_MESHED, ENDPOINT_FLAG_MESH_STRICT,
     FLOW_FLAG_MESH, PROTO_OTHER, REASON_HOST, REASON_LOCAL, REASON_MALFORMED, REASON_PLAINTEXT,
@@ -20,7 +21,7 @@ use portcullis_common::{
 
 use crate::{
     endpoint::{self, Owner},
-    no_endpoint, not_programmed,
+    mesh, no_endpoint, not_programmed,
     packet::{self, Handover, SocketKind, TCP_LISTEN, TCP_SYN_SENT},
     refuse, report, report_flagged,
     verdict::{self, Conversation, Datagram},
@@ -63,7 +64,8 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
     if is_tcp && kernel_tcp && !transport.is_tcp_syn() {
         return PASS;
     }
-    let generation = endpoint::active_generation();
+    let epoch = endpoint::active_epoch();
+    let generation = generation_of(epoch);
     let unclassified = transport.class == Class::Unclassified;
     // Ports are 0 where the class has none.
     let (peer_port, local_port) = if egress {
@@ -105,13 +107,8 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
         return verdict_code(&v);
     }
     if is_tcp {
-        // A kernel socket's SYN was judged at connect(): every path to it
-        // (connect, TCP Fast Open's sendmsg, io_uring, MPTCP subflows, which
-        // inherit the socket's cgroup) runs the connect hook first. Its
-        // source was checked above; judging it again would cost two trie
-        // lookups per connection for nothing.
         if egress && kernel_tcp {
-            return PASS;
+            return kernel_syn(skb, &ep, &flow, &headers);
         }
         let meshed = ep.flags & ENDPOINT_FLAG_MESHED != 0;
         let handover = if meshed && !egress {
@@ -140,8 +137,45 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
     let d = Datagram {
         protocol,
         local_port,
+        epoch,
     };
     datagram(&ep, &flow, &d, egress && socket == SocketKind::Datagram)
+}
+
+/// The SYN of a kernel TCP socket, on egress. connect() judged it already
+/// and gave the application its error, but the SYN is judged again as it
+/// leaves: it may leave long after connect() (TCP Fast Open's deferred
+/// connect sends it at the first write, and SYN retransmits go on for as
+/// long as TCP_SYNCNT says), across a policy change; to another address
+/// than the one connect() named (an IPv6 routing header); or from a socket
+/// whose connect the hook did not see as the pod's (an MPTCP subflow a
+/// kernel worker opens). Allowed SYNs were counted at connect(); only a
+/// denial is news here.
+#[inline(always)]
+fn kernel_syn(skb: &SkBuff, ep: &EndpointValue, flow: &Flow, headers: &Headers) -> i32 {
+    // A connect the mesh redirected goes to the outbound listener on
+    // loopback: the destination to judge is the one the application
+    // named. It is filed for the agent only if it is still allowed, and
+    // whatever the endpoint's mesh flag says now (a pass that unmeshed the
+    // pod since the connect must not strand the connection).
+    let pending = mesh::pending_original(skb, headers);
+    let judged = match &pending {
+        Some(p) => Flow {
+            peer_addr: p.original.addr,
+            peer_port: p.original.port,
+            policy_port: p.original.port,
+            ..*flow
+        },
+        None => *flow,
+    };
+    let v = verdict::decide(ep, &judged);
+    if v.verdict == VERDICT_DENY {
+        return refuse(ep, &judged, &v);
+    }
+    if let Some(p) = &pending {
+        mesh::file_original(headers, p);
+    }
+    PASS
 }
 
 /// A datagram: a reply or a further packet of a live conversation passes;
@@ -178,14 +212,26 @@ fn plaintext_refused(v: &PolicyValue) -> bool {
 
 /// An enforced endpoint may send only from its own addresses; a packet from
 /// the wire that claims to come from the endpoint itself (or loopback) is
-/// forged: real local traffic arrives on loopback.
+/// forged: real local traffic arrives on loopback. And loopback carries only
+/// that, plus the inbound proxy's hand-over (marked TCP with the client's
+/// address): a frame a packet socket writes on `lo` with another source is
+/// forged too, and would open a reply window to that source if let in.
 #[inline(always)]
 fn spoofed(skb: &SkBuff, ep: &EndpointValue, headers: &Headers, egress: bool) -> bool {
+    let local = is_local(ep, &headers.src_addr);
     if egress {
-        !is_local(ep, &headers.src_addr)
+        !local
+    } else if packet::arrived_on_loopback(skb) {
+        !local && !(headers.transport.is_tcp() && handed_over(skb, ep))
     } else {
-        is_local(ep, &headers.src_addr) && !packet::arrived_on_loopback(skb)
+        local
     }
+}
+
+/// A packet of a meshed endpoint the inbound proxy handed over.
+#[inline(always)]
+fn handed_over(skb: &SkBuff, ep: &EndpointValue) -> bool {
+    ep.flags & ENDPOINT_FLAG_MESHED != 0 && packet::mesh_handover(skb) != Handover::None
 }
 
 /// A packet that is not IP the parser can read: an enforced endpoint's is

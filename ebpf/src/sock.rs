@@ -5,8 +5,8 @@
 use aya_ebpf::programs::SockAddrContext;
 use portcullis_common::{
     decide::{policy_protocol, Flow},
-    ipv4_mapped, DIRECTION_EGRESS, FLOW_FLAG_MESH, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
-    REASON_NO_BACKEND,
+    generation_of, ipv4_mapped, DIRECTION_EGRESS, FLOW_FLAG_MESH, PROTO_OTHER, PROTO_TCP,
+    PROTO_UDP, REASON_NO_BACKEND,
 };
 
 use crate::{
@@ -104,7 +104,8 @@ pub fn show_service(ctx: &SockAddrContext, family: Family) -> i32 {
 #[inline(always)]
 pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
     let (protocol, addr, port) = sock_addr(ctx, family);
-    let generation = endpoint::active_generation();
+    let epoch = endpoint::active_epoch();
+    let generation = generation_of(epoch);
     let (peer_addr, peer_port) = if protocol == PROTO_TCP || protocol == PROTO_UDP {
         match service::translate(generation, protocol, &addr, port) {
             Translation::Untouched => (addr, port),
@@ -145,6 +146,7 @@ pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
         let datagram = Datagram {
             protocol,
             local_port: if ported { local_port(ctx) } else { 0 },
+            epoch,
         };
         match verdict::reply(&ep, &flow, &datagram) {
             Conversation::Live => return PASS,

@@ -1,8 +1,9 @@
 //! The frames no cgroup hook sees: what a pod writes with a packet
 //! (AF_PACKET) socket goes straight to the network device. A tc program on
-//! the egress of the pod's own interfaces (attached from inside the pod's
-//! network namespace) judges those frames like any other packet; frames of
-//! the IP stack were judged by the cgroup hooks already and pass.
+//! the egress of the pod's own interfaces, `lo` included (attached from
+//! inside the pod's network namespace), judges those frames like any other
+//! packet; frames of the IP stack were judged by the cgroup hooks already
+//! and pass.
 
 use aya_ebpf::programs::{SockoptContext, TcContext};
 use portcullis_common::{

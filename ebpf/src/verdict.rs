@@ -86,6 +86,8 @@ pub struct Datagram {
     /// The IP protocol (UDP, or one judged without ports).
     pub protocol: u8,
     pub local_port: u16,
+    /// The policy epoch the flow's generation was read with.
+    pub epoch: u32,
 }
 
 #[inline(always)]
@@ -120,7 +122,7 @@ pub enum Conversation {
 
 /// Is the datagram a reply within a conversation the other side started
 /// (same protocol, addresses and both ports, opposite direction)? A
-/// conversation whose start was judged under an older policy generation is
+/// conversation whose start was judged under an older policy epoch is
 /// judged again, so a policy change reaches live conversations.
 #[inline(always)]
 pub fn reply(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> Conversation {
@@ -133,7 +135,7 @@ pub fn reply(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> Conversation {
     let Some(entry) = live(&conversation_key(ep, flow, d, opposite), now) else {
         return Conversation::New;
     };
-    if entry.generation != flow.generation {
+    if entry.epoch != d.epoch {
         // The start went the other way, to the initiator's destination port.
         let start = Flow {
             direction: opposite,
@@ -148,19 +150,19 @@ pub fn reply(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> Conversation {
         if v.verdict == VERDICT_DENY {
             return Conversation::Revoked(v);
         }
-        entry.generation = flow.generation;
+        entry.epoch = d.epoch;
     }
     entry.last_seen_ns = now;
     Conversation::Live
 }
 
 /// Is the datagram a further packet of a live conversation this side
-/// started, judged under the current policy generation?
+/// started, judged under the current policy epoch?
 #[inline(always)]
 pub fn onward(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     match live(&conversation_key(ep, flow, d, flow.direction), now) {
-        Some(entry) if entry.generation == flow.generation => {
+        Some(entry) if entry.epoch == d.epoch => {
             entry.last_seen_ns = now;
             true
         }
@@ -172,7 +174,7 @@ pub fn onward(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> bool {
 #[inline(always)]
 fn live(key: &ConversationKey, now: u64) -> Option<&'static mut ConversationValue> {
     let v = CONVERSATIONS.get_ptr_mut(key)?;
-    // SAFETY: plain data; a racing writer only stores a time or generation.
+    // SAFETY: plain data; a racing writer only stores a time or epoch.
     let v = unsafe { &mut *v };
     if now.saturating_sub(v.last_seen_ns) >= CONVERSATION_TIMEOUT_NS {
         return None;
@@ -181,13 +183,13 @@ fn live(key: &ConversationKey, now: u64) -> Option<&'static mut ConversationValu
 }
 
 /// Remembers a conversation this allowed datagram starts (or continues
-/// under a new policy generation).
+/// under a new policy epoch).
 #[inline(always)]
 pub fn remember(ep: &EndpointValue, flow: &Flow, d: &Datagram) {
     let key = conversation_key(ep, flow, d, flow.direction);
     let value = ConversationValue {
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
-        generation: flow.generation,
+        epoch: d.epoch,
         _pad: 0,
     };
     // An LRU map evicts old conversations instead of failing when full.

@@ -260,6 +260,8 @@ fn op_name(cmd: &Command) -> &'static str {
         Command::Stream(_) => "stream",
         Command::Serve(_) => "server",
         Command::Sniff { .. } => "sniffer",
+        Command::Open { .. } => "opener",
+        Command::Deferred(_) => "deferred connects",
     }
 }
 

@@ -204,8 +204,12 @@ pub(crate) fn first_process(cgroup: &Path, depth: usize) -> Option<u32> {
         .find_map(|e| first_process(&e.path(), depth - 1))
 }
 
-/// Attaches to every interface but loopback of the namespace at `netns`,
-/// from a thread that enters it, and pins the links.
+/// Attaches to every interface of the namespace at `netns`, loopback
+/// included, from a thread that enters it, and pins the links. On `lo` a
+/// packet socket could otherwise forge what only the stack and the mesh's
+/// inbound proxy put there: a frame from a foreign source, carrying the
+/// proxy's mark (any CAP_NET_RAW process may set SO_MARK), which ingress
+/// takes for a hand-over the proxy already judged.
 fn attach_in(
     program: &mut SchedClassifier,
     cgroup: &Path,
@@ -230,9 +234,6 @@ fn attach_in(
                 let mut pinned = Vec::new();
                 for iface in interfaces.iter() {
                     let name = iface.name().to_string_lossy().into_owned();
-                    if name == "lo" {
-                        continue;
-                    }
                     let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| {
                         FrameGuardError::Attach {
                             interface: name.clone(),

@@ -7,9 +7,9 @@ use std::path::Path;
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError};
 use portcullis_common::{
     decide::{self, Flow, PolicyMaps},
-    EndpointKey, EndpointValue, IdentityKeyData, IdentityValue, PolicyKeyData, PolicyValue, State,
-    ENDPOINTS_MAP, GENERATIONS, IDENTITIES_MAP, IDENTITY_KEY_FIXED_BITS, POLICY_KEY_FIXED_BITS,
-    POLICY_MAP, PROTO_OTHER, STATE_MAP,
+    generation_of, EndpointKey, EndpointValue, IdentityKeyData, IdentityValue, PolicyKeyData,
+    PolicyValue, State, ENDPOINTS_MAP, IDENTITIES_MAP, IDENTITY_KEY_FIXED_BITS,
+    POLICY_KEY_FIXED_BITS, POLICY_MAP, PROTO_OTHER, STATE_MAP,
 };
 
 use super::loader::{map, open_pinned, LoadError};
@@ -64,7 +64,7 @@ impl KernelView {
 
     fn generation(&self) -> Result<u32, LoadError> {
         let s = self.state.get(&0, 0).map_err(map(STATE_MAP))?;
-        Ok(s.active_generation % GENERATIONS)
+        Ok(generation_of(s.epoch))
     }
 
     /// The identity the active generation gives an address, if any.

@@ -17,14 +17,14 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt,
-        ProgramError, SchedClassifier, SockOps,
+        ProgramError, SchedClassifier,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
 use portcullis_common::{
     State, ABI_VERSION, BACKENDS_MAP, ENDPOINTS_MAP, IDENTITIES_MAP, POLICY_MAP, PROG_CONNECT4,
     PROG_CONNECT6, PROG_EGRESS, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_INGRESS, PROG_RECVMSG4,
-    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SETSOCKOPT, PROG_SOCKET_CREATE, PROG_SOCKOPS,
+    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SETSOCKOPT, PROG_SOCKET_CREATE,
     PROG_TC_EGRESS, SERVICES_MAP, STATE_MAP,
 };
 
@@ -138,10 +138,9 @@ enum Hook {
     SockAddr,
     Skb(CgroupSkbAttachType),
     Sockopt,
-    SockOps,
 }
 
-const PROGRAMS: [(&str, Hook); 12] = [
+const PROGRAMS: [(&str, Hook); 11] = [
     (PROG_CONNECT4, Hook::SockAddr),
     (PROG_CONNECT6, Hook::SockAddr),
     (PROG_SENDMSG4, Hook::SockAddr),
@@ -153,7 +152,6 @@ const PROGRAMS: [(&str, Hook); 12] = [
     (PROG_INGRESS, Hook::Skb(CgroupSkbAttachType::Ingress)),
     (PROG_EGRESS, Hook::Skb(CgroupSkbAttachType::Egress)),
     (PROG_SETSOCKOPT, Hook::Sockopt),
-    (PROG_SOCKOPS, Hook::SockOps),
 ];
 
 /// How many cgroup programs (and pinned links) the agent attaches; the
@@ -367,14 +365,6 @@ fn attach(
                 .map_err(|_| LoadError::MissingProgram { name })?;
             p.load().map_err(err)?;
             let id = p.attach(cgroup, attach_type, mode).map_err(err)?;
-            FdLink::try_from(p.take_link(id).map_err(err)?)
-        }
-        Hook::SockOps => {
-            let p: &mut SockOps = program
-                .try_into()
-                .map_err(|_| LoadError::MissingProgram { name })?;
-            p.load().map_err(err)?;
-            let id = p.attach(cgroup, mode).map_err(err)?;
             FdLink::try_from(p.take_link(id).map_err(err)?)
         }
         Hook::Sockopt => {

@@ -15,10 +15,10 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError};
 use portcullis_common::{
-    BackendKey, BackendValue, EndpointKey, EndpointValue, IdentityKeyData, IdentityValue,
-    PolicyKeyData, PolicySlot, PolicyValue, ServiceKey, ServiceSlot, ServiceValue, State,
-    ABI_VERSION, BACKENDS_CAPACITY, BACKENDS_MAP, ENDPOINTS_CAPACITY, ENDPOINTS_MAP, GENERATIONS,
-    IDENTITIES_CAPACITY, IDENTITIES_MAP, IDENTITY_KEY_FIXED_BITS, POLICY_CAPACITY,
+    generation_of, BackendKey, BackendValue, EndpointKey, EndpointValue, IdentityKeyData,
+    IdentityValue, PolicyKeyData, PolicySlot, PolicyValue, ServiceKey, ServiceSlot, ServiceValue,
+    State, ABI_VERSION, BACKENDS_CAPACITY, BACKENDS_MAP, ENDPOINTS_CAPACITY, ENDPOINTS_MAP,
+    GENERATIONS, IDENTITIES_CAPACITY, IDENTITIES_MAP, IDENTITY_KEY_FIXED_BITS, POLICY_CAPACITY,
     POLICY_KEY_FIXED_BITS, POLICY_MAP, SERVICES_CAPACITY, SERVICES_MAP, STATE_MAP,
 };
 
@@ -171,16 +171,22 @@ impl MapWriter {
     }
 
     pub fn active_generation(&self) -> Result<u32, WriteError> {
+        Ok(generation_of(self.epoch()?))
+    }
+
+    /// The pinned flip count, continued across agent restarts so that an
+    /// epoch a live conversation remembers never comes back early.
+    fn epoch(&self) -> Result<u32, WriteError> {
         let s = self.state.get(&0, 0).map_err(map_err(STATE_MAP))?;
-        Ok(s.active_generation % GENERATIONS)
+        Ok(s.epoch)
     }
 
     /// Makes `desired` the enforced state. On error the enforced state is
     /// unchanged.
     pub fn apply(&mut self, desired: DesiredState) -> Result<MapUsage, WriteError> {
         check_capacity(&desired, self.capacity)?;
-        let active = self.active_generation()?;
-        let next = (active + 1) % GENERATIONS;
+        let epoch = self.epoch()?.wrapping_add(1);
+        let next = generation_of(epoch);
         let shadow = self.shadows[next as usize].take();
         // The shadow is only restored once every map of `next` matches.
         self.sync_generation(next, shadow.as_ref(), &desired)?;
@@ -188,7 +194,7 @@ impl MapWriter {
             .set(
                 0,
                 State {
-                    active_generation: next,
+                    epoch,
                     abi_version: ABI_VERSION,
                 },
                 0,

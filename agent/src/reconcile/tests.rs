@@ -218,6 +218,16 @@ fn endpoints_are_flagged_restricted_when_ingress_policy_denies() {
         ingress_restricted(&compiled.rules),
         BTreeSet::from([id("a")])
     );
+    // Kept for the same rules; worked out again for other rules.
+    let mut kept = KeptRestricted::default();
+    let first = kept.of(&compiled.rules);
+    assert_eq!(*first, BTreeSet::from([id("a")]));
+    assert!(Arc::ptr_eq(&first, &kept.of(&compiled.rules)));
+    let none = kept.of(&Arc::new(BTreeMap::new()));
+    assert!(
+        none.is_empty(),
+        "a new rule set is not answered from the old"
+    );
 }
 
 /// A sink that knows what it enforces, as the map writer does.

@@ -143,7 +143,7 @@ fn later_ipv4_fragments_are_unclassified_first_ones_are_read() {
 
 #[test]
 fn truncated_transport_headers_are_unclassified() {
-    for cut in 0..14 {
+    for cut in 0..4 {
         let full = ipv4(PROTO_TCP, 0, 0, &tcp(1, 80, TCP_FLAG_SYN));
         let h = parse_v4(&full[..20 + cut]).unwrap();
         assert_eq!(h.transport, Transport::UNCLASSIFIED, "cut {cut}");
@@ -153,6 +153,30 @@ fn truncated_transport_headers_are_unclassified() {
         parse_v4(&full[..23]).unwrap().transport,
         Transport::UNCLASSIFIED
     );
+}
+
+/// RFC 1858's tiny fragment: a first fragment with the TCP ports but not
+/// the flags is judged by its ports as a SYN, whatever the flags it hides,
+/// so a deny on its port applies (unclassified, only port-less rules would).
+#[test]
+fn tcp_ports_without_flags_are_judged_as_a_syn() {
+    for cut in 4..14 {
+        let full = ipv4(PROTO_TCP, 0x2000, 0, &tcp(1, 80, TCP_FLAG_ACK));
+        let h = parse_v4(&full[..20 + cut]).unwrap();
+        assert_eq!(
+            h.transport,
+            ports(PROTO_TCP, 1, 80, TCP_FLAG_SYN),
+            "cut {cut}"
+        );
+        assert!(h.transport.is_tcp_syn());
+        let full = ipv6(&[IPV6_FRAGMENT], PROTO_TCP, &tcp(1, 80, 0));
+        let h = parse_v6(&full[..48 + cut]).unwrap();
+        assert_eq!(
+            h.transport,
+            ports(PROTO_TCP, 1, 80, TCP_FLAG_SYN),
+            "v6 cut {cut}"
+        );
+    }
 }
 
 #[test]

@@ -28,6 +28,37 @@ pub enum Command {
     /// as [`Event::Opened`]), then reports what the first that opened reads
     /// on `ifname` until killed, as a sniffer in the pod would.
     Sniff { ifname: String },
+    /// Calls `socket(family, type, protocol)` for each, reporting each as
+    /// [`Event::Opened`] under its label, and closes them.
+    Open { sockets: Vec<OpenSpec> },
+    /// TCP Fast Open's deferred connect: `connect()`s each socket with
+    /// TCP_FASTOPEN_CONNECT and TCP_FASTOPEN_NO_COOKIE, which returns at
+    /// once and sends no SYN (each reported as [`Event::Opened`]), reports
+    /// ready, waits `wait_ms`, then writes each socket's marker, which
+    /// sends its SYN with the data (each reported as [`Event::Sent`]).
+    Deferred(DeferredSpec),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeferredSpec {
+    pub connects: Vec<DeferredConnect>,
+    pub wait_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeferredConnect {
+    /// Also the marker the SYN carries.
+    pub label: String,
+    pub dst: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OpenSpec {
+    pub label: String,
+    pub family: i32,
+    pub kind: i32,
+    pub protocol: i32,
 }
 
 /// The packet sockets [`Command::Sniff`] opens, by label: `AF_PACKET`
@@ -53,7 +84,14 @@ pub enum Via {
     /// the kernel writes the IP header.
     Raw { protocol: i32 },
     /// `AF_PACKET`, `SOCK_RAW` on `ifname`: `bytes` is the Ethernet frame.
-    Packet { ifname: String, dst_mac: [u8; 6] },
+    /// `mark`: the socket's `SO_MARK` (CAP_NET_RAW may set any), which
+    /// the frame carries.
+    Packet {
+        ifname: String,
+        dst_mac: [u8; 6],
+        #[serde(default)]
+        mark: Option<u32>,
+    },
     /// A kernel datagram socket (`SOCK_DGRAM` of `protocol`: 17 UDP, 136
     /// UDP-Lite), bound to `bind_port` if given, `connect()`ed and `send()`
     /// or `sendto()`; then it keeps receiving for `linger_ms`.
@@ -87,6 +125,10 @@ pub struct StreamSpec {
     pub duration_ms: u64,
     /// Datagram `n` carries the marker `<marker>-<n>`.
     pub marker: String,
+    /// `(after_ms, for_ms)`: the socket stays open but sends nothing for
+    /// `for_ms` once `after_ms` have passed, as an idle conversation would.
+    #[serde(default)]
+    pub pause: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

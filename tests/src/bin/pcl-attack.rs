@@ -15,8 +15,8 @@ use std::{
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use portcullis_tests::attack::wire::{
-    find_markers, marker, Command, Event, ListenSpec, ReplyHow, Send, ServeSpec, StreamSpec, Via,
-    SNIFF_SOCKETS,
+    find_markers, marker, Command, DeferredSpec, Event, ListenSpec, ReplyHow, Send, ServeSpec,
+    StreamSpec, Via, SNIFF_SOCKETS,
 };
 
 static OUT: Mutex<()> = Mutex::new(());
@@ -63,6 +63,24 @@ fn run(cmd: Command) -> io::Result<()> {
         Command::Stream(spec) => stream(&spec),
         Command::Serve(spec) => serve(&spec),
         Command::Sniff { ifname } => sniff(&ifname),
+        Command::Deferred(spec) => deferred(&spec),
+        Command::Open { sockets } => {
+            for o in &sockets {
+                // SAFETY: plain syscall; the descriptor is closed at once.
+                let fd = unsafe { libc::socket(o.family, o.kind, o.protocol) };
+                let errno =
+                    (fd < 0).then(|| io::Error::last_os_error().raw_os_error().unwrap_or(-1));
+                if fd >= 0 {
+                    // SAFETY: our own descriptor.
+                    unsafe { libc::close(fd) };
+                }
+                emit(&Event::Opened {
+                    label: o.label.clone(),
+                    errno,
+                });
+            }
+            Ok(())
+        }
     }
 }
 
@@ -95,7 +113,11 @@ fn send(s: &Send) -> io::Result<()> {
             let sock = Socket::new(domain(s.dst), Type::RAW, Some(Protocol::from(*protocol)))?;
             sock.send_to(&s.bytes, &SockAddr::from(SocketAddr::new(s.dst, 0)))?;
         }
-        Via::Packet { ifname, dst_mac } => packet_send(ifname, *dst_mac, &s.bytes)?,
+        Via::Packet {
+            ifname,
+            dst_mac,
+            mark,
+        } => packet_send(ifname, *dst_mac, *mark, &s.bytes)?,
         Via::Datagram {
             protocol,
             port,
@@ -105,6 +127,9 @@ fn send(s: &Send) -> io::Result<()> {
         } => {
             let sock = Socket::new(domain(s.dst), Type::DGRAM, Some(Protocol::from(*protocol)))?;
             if let Some(p) = bind_port {
+                // Beside a listener on the same port, as a server's reply
+                // socket would be.
+                sock.set_reuse_address(true)?;
                 sock.bind(&SockAddr::from(unspecified(s.dst.is_ipv6(), *p)))?;
             }
             let to = SockAddr::from(SocketAddr::new(s.dst, *port));
@@ -231,9 +256,12 @@ fn link_addr(ifname: &str, protocol: u16, mac: [u8; 6]) -> io::Result<SockAddr> 
     Ok(addr)
 }
 
-fn packet_send(ifname: &str, dst_mac: [u8; 6], frame: &[u8]) -> io::Result<()> {
+fn packet_send(ifname: &str, dst_mac: [u8; 6], mark: Option<u32>, frame: &[u8]) -> io::Result<()> {
     // Protocol 0: a send-only packet socket that receives nothing.
     let sock = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(0)))?;
+    if let Some(mark) = mark {
+        sock.set_mark(mark)?;
+    }
     // As an attacker would: ask for PACKET_QDISC_BYPASS, which hands frames
     // to the driver past tc. Portcullis refuses it to enforced pods; where
     // it is refused, send the ordinary way.
@@ -319,6 +347,53 @@ fn read_frames(sock: Socket, ifname: &str) -> io::Result<()> {
     }
 }
 
+fn deferred(spec: &DeferredSpec) -> io::Result<()> {
+    // linux/tcp.h; libc has no names for them.
+    const TCP_FASTOPEN_CONNECT: libc::c_int = 30;
+    const TCP_FASTOPEN_NO_COOKIE: libc::c_int = 34;
+    let mut sockets = Vec::new();
+    for c in &spec.connects {
+        let sock = Socket::new(domain(c.dst), Type::STREAM, Some(Protocol::TCP))?;
+        for option in [TCP_FASTOPEN_CONNECT, TCP_FASTOPEN_NO_COOKIE] {
+            let on: libc::c_int = 1;
+            // SAFETY: a valid socket, and an int option of the right size.
+            let r = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    libc::IPPROTO_TCP,
+                    option,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let r = sock.connect(&SockAddr::from(SocketAddr::new(c.dst, c.port)));
+        emit(&Event::Opened {
+            label: c.label.clone(),
+            errno: r.err().map(|e| e.raw_os_error().unwrap_or(-1)),
+        });
+        sockets.push((c, sock));
+    }
+    emit(&Event::Ready);
+    thread::sleep(Duration::from_millis(spec.wait_ms));
+    for (c, sock) in &sockets {
+        // A blocking write would wait for the handshake its SYN starts.
+        sock.set_nonblocking(true)?;
+        let r = sock.send(&marker(&c.label));
+        emit(&Event::Sent {
+            label: c.label.clone(),
+            errno: r.err().map(|e| e.raw_os_error().unwrap_or(-1)),
+        });
+    }
+    // Keep the sockets while their SYNs go out.
+    thread::sleep(Duration::from_millis(500));
+    emit(&Event::Done);
+    Ok(())
+}
+
 fn stream(spec: &StreamSpec) -> io::Result<()> {
     let sock = Socket::new(domain(spec.dst), Type::DGRAM, Some(Protocol::UDP))?;
     let to = SockAddr::from(SocketAddr::new(spec.dst, spec.port));
@@ -326,9 +401,18 @@ fn stream(spec: &StreamSpec) -> io::Result<()> {
         sock.connect(&to)?;
     }
     emit(&Event::Ready);
-    let end = Instant::now() + Duration::from_millis(spec.duration_ms);
+    let start = Instant::now();
+    let end = start + Duration::from_millis(spec.duration_ms);
+    let pause = spec.pause.map(|(after, len)| {
+        let from = start + Duration::from_millis(after);
+        from..from + Duration::from_millis(len)
+    });
     let mut n = 0u64;
     while Instant::now() < end {
+        if let Some(p) = pause.as_ref().filter(|p| p.contains(&Instant::now())) {
+            thread::sleep(p.end.saturating_duration_since(Instant::now()));
+            continue;
+        }
         let id = format!("{}-{n}", spec.marker);
         let payload = marker(&id);
         let r = if spec.connect {
