@@ -557,6 +557,74 @@ async fn the_mesh_ports_are_no_way_in() {
     lab.lab.shutdown().await.expect("shutdown");
 }
 
+/// A redirected connect whose connection the outbound listener never
+/// accepts (here: the agent is down, so it is refused) still had its SYN
+/// leave, and the kernel filed its original destination. Later, after x/a
+/// is egress-isolated, a process in x/a connects to the outbound listener
+/// itself from the same address and port: the agent must not carry that
+/// connection to the destination judged allowed minutes of policy ago.
+/// Control: x/a's ordinary connect to x/b is refused by then.
+#[tokio::test]
+async fn a_destination_filed_for_a_refused_connect_cannot_be_claimed_later() {
+    const CLIENT_PORT: u16 = 47001;
+    let mut lab = meshed_lab("mesh-stale", |_| {}).await;
+    until_outcome(&lab, "x/a", "x/b", 80, ProbeOutcome::Reached).await;
+    let x_b = pod_ip(&lab, "x/b");
+    let mut server = start_server(&lab, "x/b", 7070);
+    assert_eq!(read_line(&mut server).await, "ready");
+    let connect_from = |host: String, port: u16, bind: &str| {
+        format!(
+            "import socket\n\
+             c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             c.bind(('{bind}', {CLIENT_PORT})); c.settimeout(5)\n\
+             try:\n    c.connect(('{host}', {port})); c.sendall(b'claim'); d = c.recv(16)\n\
+             \x20   print('echo' if d else 'closed')\n\
+             except OSError as e:\n    print('error', e.errno)\n"
+        )
+    };
+    lab.stop_agent();
+    let planted = python_in(&lab, "x/a", &connect_from(x_b.to_string(), 7070, "0.0.0.0")).await;
+    let filed = Instant::now();
+    assert_eq!(
+        planted.trim(),
+        format!("error {}", libc::ECONNREFUSED),
+        "with the agent down, the captured connect is refused"
+    );
+    lab.write_policy(
+        "a-no-egress.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: a-no-egress, namespace: x}\n\
+         spec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n",
+    )
+    .unwrap();
+    lab.reattach_agent().await.expect("agent restarts");
+    let o = lab
+        .probe("x/a", "x/b", tcp(80), Family::Ipv4)
+        .await
+        .unwrap();
+    assert!(!o.reached(), "x/a is egress-isolated now: {o:?}");
+    let max_age = Duration::from_nanos(mesh::ORIGINAL_MAX_AGE_NS);
+    tokio::time::sleep((max_age + Duration::from_millis(500)).saturating_sub(filed.elapsed()))
+        .await;
+    let claimed = python_in(
+        &lab,
+        "x/a",
+        &connect_from("127.0.0.1".into(), mesh::OUTBOUND_PORT, "127.0.0.1"),
+    )
+    .await;
+    assert!(
+        !claimed.contains("echo"),
+        "the filed destination was claimed from the same port: {claimed}"
+    );
+    let stale = metric_sum(
+        &lab,
+        "portcullis_mesh_failures_total{direction=\"outbound\",reason=\"stale_original_destination\"}",
+    );
+    assert_eq!(stale, 1.0, "the stale claim is counted");
+    let _ = server.kill().await;
+    lab.lab.shutdown().await.expect("shutdown");
+}
+
 /// The sum of a metric's samples (every label set).
 fn metric_sum(lab: &Lab, name: &str) -> f64 {
     let text = lab.agent_metrics().expect("metrics").encode().unwrap();

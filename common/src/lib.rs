@@ -523,6 +523,15 @@ pub mod mesh {
     /// the proxy.
     pub const MARK_MASK: u32 = 0xffff_fffe;
     const _: () = assert!(MARK & MARK_MASK == MARK_JUDGE & MARK_MASK);
+    /// How old a filed original destination may be when the outbound
+    /// listener takes it. On loopback the handshake ends within the
+    /// client's connect() and the listener accepts within milliseconds, so
+    /// an older entry is one whose connection was never accepted (the
+    /// agent was down, the client gave up): claiming it later from the
+    /// same address and port would carry a decision of the past. Seconds
+    /// grant nothing a client could not get by connecting earlier and
+    /// holding the connection, which a deny leaves open.
+    pub const ORIGINAL_MAX_AGE_NS: u64 = 3_000_000_000;
 }
 
 /// A redirected connect in flight: where it was going.
@@ -535,8 +544,13 @@ pub struct MeshOriginal {
     pub _pad: u16,
     /// The connecting pod's endpoint id.
     pub endpoint_id: u32,
+    /// When the SYN left (`bpf_ktime_get_ns`, CLOCK_MONOTONIC); 0 until
+    /// it is filed. The listener refuses an entry older than
+    /// [`mesh::ORIGINAL_MAX_AGE_NS`]: one whose connection it never
+    /// accepted must not be claimed by a later connect from the same port.
+    pub filed_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<MeshOriginal>() == 24);
+const _: () = assert!(core::mem::size_of::<MeshOriginal>() == 32);
 
 /// A redirected connect whose SYN has not left yet: where it was going, and
 /// the client's network namespace, which the connect hook can read and the
@@ -547,20 +561,22 @@ pub struct MeshPending {
     pub original: MeshOriginal,
     pub netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<MeshPending>() == 32);
+const _: () = assert!(core::mem::size_of::<MeshPending>() == 40);
 
 /// The client side of a redirected connection as the outbound listener
-/// sees it: the pod's network namespace and the client's port.
+/// sees it: the pod's network namespace and the client's address and port
+/// (the other half of the tuple is the listener's own).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct MeshClientKey {
     pub netns_cookie: u64,
+    /// The client's address (IPv4-mapped for IPv4, whichever listener
+    /// family it reached).
+    pub addr: [u8; 16],
     pub port: u16,
-    /// 4 or 6: the IPv4 and IPv6 listeners' clients may share a port.
-    pub family: u8,
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<MeshClientKey>() == 16);
+const _: () = assert!(core::mem::size_of::<MeshClientKey>() == 32);
 
 /// Whether a 16-byte address is the IPv4-mapped form of an IPv4 address.
 #[inline(always)]
@@ -607,7 +623,7 @@ mod pod {
 
 /// Bumped whenever a map's key or value layout changes, so an agent never
 /// reuses pinned maps written by an incompatible one.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 #[cfg(test)]
 mod tests {

@@ -1,16 +1,16 @@
 //! Capture for transparent mTLS: a meshed pod's allowed outbound TCP
 //! connect goes to the agent's outbound listener on loopback in the pod's
 //! own network namespace, and the original destination is kept for the
-//! agent (by the client's port, once the egress skb hook sees the SYN) and
-//! for the application (getpeername() names it, through the service reply
-//! table).
+//! agent (by the client's address and port, once the egress skb hook sees
+//! the SYN) and for the application (getpeername() names it, through the
+//! service reply table).
 //!
 //! The SYN is caught by the egress skb hook, which judges every enforced
 //! SYN anyway, rather than by a `sockops` program: a sockops program runs
 //! nine times per connection of every pod, meshed or not.
 
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::{sk_buff::SkBuff, SockAddrContext},
 };
 use portcullis_common::{
@@ -58,6 +58,7 @@ pub fn redirect(ctx: &SockAddrContext, family: Family, ep: &EndpointValue, peer:
         port,
         _pad: 0,
         endpoint_id: ep.endpoint_id,
+        filed_ns: 0,
     };
     // SAFETY: the context pointer is valid for the program's run.
     let (cookie, netns_cookie) = unsafe {
@@ -97,19 +98,19 @@ pub fn pending_original(skb: &SkBuff, headers: &Headers) -> Option<MeshPending> 
 }
 
 /// Files a redirected connection's original destination under the key the
-/// agent computes from the connection it accepts (the SYN's source port is
-/// the first moment the port is known).
+/// agent computes from the connection it accepts (the SYN's source address
+/// and port are the first moment the client's half of the tuple is known),
+/// stamped with the time, so that an entry nobody took goes stale.
 #[inline(always)]
 pub fn file_original(headers: &Headers, pending: &MeshPending) {
     let key = MeshClientKey {
         netns_cookie: pending.netns_cookie,
+        addr: headers.src_addr,
         port: headers.transport.src_port,
-        family: if is_ipv4_mapped(&pending.original.addr) {
-            4
-        } else {
-            6
-        },
-        _pad: [0; 5],
+        _pad: [0; 6],
     };
-    let _ = MESH_ORIGINAL.insert(&key, &pending.original, 0);
+    let mut original = pending.original;
+    // SAFETY: a helper without arguments.
+    original.filed_ns = unsafe { bpf_ktime_get_ns() };
+    let _ = MESH_ORIGINAL.insert(&key, &original, 0);
 }

@@ -1,14 +1,18 @@
 //! Where a redirected connection was going: the kernel files it under the
-//! client's network namespace and port when the connection's SYN leaves
-//! (`ebpf/src/mesh.rs`); the outbound listener takes it from there.
+//! client's network namespace, address and port when the connection's SYN
+//! leaves (`ebpf/src/mesh.rs`); the outbound listener takes it from there,
+//! once, and only while it is fresh.
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::Path,
+    time::Duration,
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use portcullis_common::{MeshClientKey, MeshOriginal, MESH_ORIGINAL_MAP};
+use portcullis_common::{mesh, MeshClientKey, MeshOriginal, MESH_ORIGINAL_MAP};
+
+use crate::reconcile::addr16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginalError {
@@ -33,6 +37,19 @@ pub struct Original {
     pub endpoint_id: u32,
 }
 
+/// What the kernel had filed for an accepted connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    Fresh(Original),
+    /// Filed longer ago than [`mesh::ORIGINAL_MAX_AGE_NS`]: left by a
+    /// connection the listener never accepted, not this one's.
+    Stale {
+        age: Duration,
+    },
+    /// Nothing filed: the kernel did not redirect this connection.
+    Missing,
+}
+
 pub struct Originals {
     map: HashMap<MapData, MeshClientKey, MeshOriginal>,
 }
@@ -49,31 +66,51 @@ impl Originals {
         Ok(Self { map })
     }
 
-    /// Takes the entry of the client at `client` (the listener's view of
-    /// it: loopback, so only its family and port tell) in the namespace
-    /// with `netns_cookie`: each connection's entry is read once.
-    pub fn take(
-        &mut self,
-        netns_cookie: u64,
-        client: std::net::SocketAddr,
-    ) -> Result<Option<Original>, OriginalError> {
+    /// Takes the entry of the client at `client` in the namespace with
+    /// `netns_cookie`: each connection's entry is read once.
+    pub fn take(&mut self, netns_cookie: u64, client: SocketAddr) -> Result<Taken, OriginalError> {
         let key = MeshClientKey {
             netns_cookie,
+            addr: addr16(client.ip()),
             port: client.port(),
-            family: if client.is_ipv4() { 4 } else { 6 },
-            _pad: [0; 5],
+            _pad: [0; 6],
         };
         let value = match self.map.get(&key, 0) {
             Ok(v) => v,
-            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(MapError::KeyNotFound) => return Ok(Taken::Missing),
             Err(source) => return Err(OriginalError::Read { source }),
         };
         let _ = self.map.remove(&key);
-        Ok(Some(Original {
-            destination: SocketAddr::new(address(value.addr), value.port),
-            endpoint_id: value.endpoint_id,
-        }))
+        Ok(judge_age(value, monotonic_ns()))
     }
+}
+
+/// The entry as found at `now_ns` (CLOCK_MONOTONIC, the clock of
+/// `bpf_ktime_get_ns`). One filed "after" now is taken as stale too: the
+/// clocks are the same, so that cannot happen honestly.
+fn judge_age(value: MeshOriginal, now_ns: u64) -> Taken {
+    match now_ns.checked_sub(value.filed_ns) {
+        Some(age) if value.filed_ns != 0 && age <= mesh::ORIGINAL_MAX_AGE_NS => {
+            Taken::Fresh(Original {
+                destination: SocketAddr::new(address(value.addr), value.port),
+                endpoint_id: value.endpoint_id,
+            })
+        }
+        age => Taken::Stale {
+            age: Duration::from_nanos(age.unwrap_or(0)),
+        },
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write; CLOCK_MONOTONIC always
+    // exists, so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// The 16-byte kernel form back to an address (IPv4-mapped is IPv4).
@@ -82,5 +119,56 @@ pub fn address(addr: [u8; 16]) -> IpAddr {
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filed_at(filed_ns: u64) -> MeshOriginal {
+        MeshOriginal {
+            addr: addr16("10.0.0.7".parse().unwrap()),
+            port: 80,
+            endpoint_id: 3,
+            filed_ns,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_fresh_entry_names_its_destination() {
+        let now = 50 * mesh::ORIGINAL_MAX_AGE_NS;
+        let taken = judge_age(filed_at(now - mesh::ORIGINAL_MAX_AGE_NS), now);
+        assert_eq!(
+            taken,
+            Taken::Fresh(Original {
+                destination: "10.0.0.7:80".parse().unwrap(),
+                endpoint_id: 3
+            })
+        );
+    }
+
+    #[test]
+    fn old_unstamped_and_future_entries_are_stale() {
+        let now = 50 * mesh::ORIGINAL_MAX_AGE_NS;
+        for filed in [now - mesh::ORIGINAL_MAX_AGE_NS - 1, 0, now + 1] {
+            assert!(
+                matches!(judge_age(filed_at(filed), now), Taken::Stale { .. }),
+                "filed at {filed}, now {now}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv4_clients_are_keyed_mapped_like_the_kernel_files_them() {
+        assert_eq!(
+            addr16("127.0.0.1".parse().unwrap()),
+            portcullis_common::ipv4_mapped([127, 0, 0, 1])
+        );
+        assert_eq!(
+            address(addr16("::1".parse().unwrap())),
+            "::1".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -27,7 +27,7 @@ use super::{
     counted::Counted,
     hbone::{self, HbonePool, LocalIdentity},
     netns::PodNetns,
-    original::Originals,
+    original::{Originals, Taken},
     plan::{LocalPod, MeshPlan},
 };
 
@@ -72,8 +72,13 @@ impl OutboundPod {
             .unwrap_or_else(|e| e.into_inner())
             .take(self.netns_cookie, from);
         let original = match taken {
-            Ok(Some(o)) => o,
-            Ok(None) | Err(_) => {
+            Ok(Taken::Fresh(o)) => o,
+            Ok(Taken::Stale { age }) => {
+                debug!(pod = %self.pod.reference, client = %from, ?age, "stale original destination");
+                self.refuse(app, "stale_original_destination");
+                return;
+            }
+            Ok(Taken::Missing) | Err(_) => {
                 // Not redirected by the kernel (a process connecting to the
                 // listener itself), or its record was lost: going nowhere.
                 self.refuse(app, "no_original_destination");
