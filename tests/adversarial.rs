@@ -18,7 +18,7 @@ use std::{
 };
 
 use portcullis_agent::{
-    lab::{plumbing, pod::ProbeOutcome, topology::default_topology, Family, Lab},
+    lab::{plumbing, pod::ProbeOutcome, topology::default_topology, Family, Lab, LabOptions},
     mesh::mode::MeshMode,
 };
 use portcullis_common::{
@@ -33,7 +33,7 @@ use portcullis_tests::{
         },
         Attacker, Place, Running,
     },
-    chain, start_lab, start_lab_with, TestLab,
+    chain, start_lab, start_lab_with_options, TestLab,
 };
 
 fn attacker() -> Attacker {
@@ -1110,20 +1110,50 @@ async fn forged_loopback_frames_open_no_reply_window() {
 /// plaintext to x/b (meshed, not isolated).
 #[tokio::test]
 async fn forged_mesh_handovers_on_lo_are_refused() {
+    forged_mesh_handovers("adv-mark", true).await;
+}
+
+/// The same forgeries by x/a without ingress isolation (so the BPF LSM,
+/// where it runs, lets it open the packet socket) and with no frame guard
+/// on `lo` (a pod whose first process the guard has not found yet, or an
+/// agent started with `--guard-packet-sockets=false`): only the ingress
+/// program stands, and it trusts the mark only on a tuple the agent
+/// registered for its own hand-over. Unregistered, a marked SYN from y/b
+/// is a foreign source on `lo`, dropped as spoofed.
+#[tokio::test]
+async fn forged_mesh_handovers_are_refused_without_the_frame_guard() {
+    forged_mesh_handovers("adv-mark-ng", false).await;
+}
+
+/// Forged hand-overs into x/a: with the frame guard and x/a
+/// ingress-isolated, or with neither (see the two tests above).
+async fn forged_mesh_handovers(name: &str, guarded: bool) {
     let mut topology = default_topology();
     topology.mesh_all(MeshMode::Permissive);
-    let lab = start_lab_with("adv-mark", topology).await;
-    let mut checks = Checks::new("forged_mesh_handovers");
+    let mut options = LabOptions::new(name, topology);
+    options.guard_frames = guarded;
+    let lab = start_lab_with_options(options).await;
+    let mut checks = Checks::new(if guarded {
+        "forged_mesh_handovers"
+    } else {
+        "forged_mesh_handovers_unguarded"
+    });
     let att = attacker();
-    lab.lab
-        .write_policy("a.yaml", A_NO_INGRESS)
-        .expect("writing policy");
+    if guarded {
+        lab.lab
+            .write_policy("a.yaml", A_NO_INGRESS)
+            .expect("writing policy");
+    }
+    // Returns once every pod is meshed (without a policy, the status is
+    // the first pass's, from before the pods' listeners ran).
     let status = lab.wait_applied().await.expect("agent applies policy");
-    assert!(status.problems.is_empty(), "{:?}", status.problems);
+    if guarded {
+        assert!(status.problems.is_empty(), "{:?}", status.problems);
+    }
     // Where the BPF LSM runs, the ingress-isolated pod cannot open the
     // packet socket at all: every send fails with EPERM, and not even the
     // self control can be written.
-    let socket_guarded = status.packet_sockets_unguarded.is_none();
+    let socket_guarded = guarded && status.packet_sockets_unguarded.is_none();
     let xa = att
         .listen(&Place::pod(&lab, "x/a"), raw_tcp_listener())
         .await;
@@ -1177,8 +1207,11 @@ async fn forged_mesh_handovers_on_lo_are_refused() {
                 format!("{label}: the BPF LSM refuses the packet socket, got {errno:?}"),
             );
         }
-    } else {
+    } else if guarded {
         checks.sent(&sent, &[EPERM, libc::ENOBUFS]);
+    } else {
+        // Nothing but the ingress program judges these: every frame leaves.
+        checks.sent(&sent, &[]);
     }
     let mut controls = Vec::new();
     for family in FAMILIES {

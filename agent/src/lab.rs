@@ -162,6 +162,10 @@ pub struct LabOptions {
     /// How many nodes to simulate, 1 or 2; each has its own bridge, pods,
     /// agent and identities, and two are joined by a link (files only).
     pub nodes: usize,
+    /// Whether the agents attach the frame guard to the pods' interfaces
+    /// (`--guard-packet-sockets`); off, a test sees what the other layers
+    /// hold alone.
+    pub guard_frames: bool,
 }
 
 impl LabOptions {
@@ -174,6 +178,7 @@ impl LabOptions {
             kubernetes: None,
             leaf_lifetime: crate::identity::authority::DEFAULT_LEAF_LIFETIME,
             nodes: 1,
+            guard_frames: true,
         }
     }
 }
@@ -191,6 +196,7 @@ pub struct Lab {
     admin_addr: Option<SocketAddr>,
     kubernetes: Option<kube::LabKube>,
     leaf_lifetime: Duration,
+    guard_frames: bool,
     /// What the workloads file is generated from.
     topology: Topology,
     services: Vec<Service>,
@@ -274,6 +280,7 @@ impl Lab {
             admin_addr: opts.admin_addr,
             kubernetes: opts.kubernetes.clone(),
             leaf_lifetime: opts.leaf_lifetime,
+            guard_frames: opts.guard_frames,
             topology: opts.topology.clone(),
             services: Vec::new(),
             torn_down: false,
@@ -409,7 +416,7 @@ impl Lab {
             admin_addr: self.admin_addr.filter(|_| node.number == 1),
             admin_secure: None,
             state_dir: Some(node.agent_state_dir.clone()),
-            guard_frames: true,
+            guard_frames: self.guard_frames,
             map_capacities: Default::default(),
             identity: self.identity(node)?,
         })

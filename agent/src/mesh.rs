@@ -17,6 +17,7 @@
 pub mod authz;
 pub mod connections;
 pub mod counted;
+pub mod handovers;
 pub mod hbone;
 pub mod inbound;
 pub mod mode;

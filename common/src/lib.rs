@@ -39,6 +39,9 @@ pub const MESH_PENDING_MAP: &str = "PCL_MESH_PEND";
 /// Redirected connections' original destinations, by the client's
 /// network namespace and port, for the agent's outbound listener.
 pub const MESH_ORIGINAL_MAP: &str = "PCL_MESH_ORIG";
+/// The inbound proxy's hand-overs in progress, by tuple (see
+/// [`MeshHandoverKey`]).
+pub const MESH_HANDOVER_MAP: &str = "PCL_MESH_HAND";
 
 /// Program names (the Rust function names in the kernel object).
 pub const PROG_CONNECT4: &str = "pcl_connect4";
@@ -578,6 +581,26 @@ pub struct MeshClientKey {
 }
 const _: () = assert!(core::mem::size_of::<MeshClientKey>() == 32);
 
+/// A connection the inbound proxy hands to an application on loopback, by
+/// its tuple. The agent registers it, with the mark it gives the socket,
+/// between bind and connect, and removes it when the connection ends. The
+/// kernel honours a hand-over mark only on TCP of a registered tuple with
+/// that mark: the mark alone is forgeable by any process in the pod with
+/// CAP_NET_RAW (SO_MARK on a raw or packet socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MeshHandoverKey {
+    /// The client's address, which the proxy's socket is bound to
+    /// (IPv4-mapped for IPv4).
+    pub client_addr: [u8; 16],
+    /// The application's address (the pod's own).
+    pub app_addr: [u8; 16],
+    pub client_port: u16,
+    pub app_port: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<MeshHandoverKey>() == 40);
+
 /// Whether a 16-byte address is the IPv4-mapped form of an IPv4 address.
 #[inline(always)]
 pub fn is_ipv4_mapped(addr: &[u8; 16]) -> bool {
@@ -619,6 +642,7 @@ mod pod {
     unsafe impl aya::Pod for MeshOriginal {}
     unsafe impl aya::Pod for MeshClientKey {}
     unsafe impl aya::Pod for MeshPending {}
+    unsafe impl aya::Pod for MeshHandoverKey {}
 }
 
 /// Bumped whenever a map's key or value layout changes, so an agent never

@@ -6,11 +6,11 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     BackendKey, BackendValue, ConversationKey, ConversationValue, CounterKey, EndpointKey,
-    EndpointValue, EventBudget, IdentityKeyData, IdentityValue, MeshClientKey, MeshOriginal,
-    MeshPending, PolicyKeyData, PolicyValue, ServiceKey, ServiceValue, Settings, State,
-    SvcReplyKey, SvcReplyValue, BACKENDS_CAPACITY, CONVERSATIONS_CAPACITY, COUNTERS_CAPACITY,
-    ENDPOINTS_CAPACITY, EVENTS_RING_BYTES, IDENTITIES_CAPACITY, MESH_CAPACITY, POLICY_CAPACITY,
-    SERVICES_CAPACITY, SVC_REPLIES_CAPACITY,
+    EndpointValue, EventBudget, IdentityKeyData, IdentityValue, MeshClientKey, MeshHandoverKey,
+    MeshOriginal, MeshPending, PolicyKeyData, PolicyValue, ServiceKey, ServiceValue, Settings,
+    State, SvcReplyKey, SvcReplyValue, BACKENDS_CAPACITY, CONVERSATIONS_CAPACITY,
+    COUNTERS_CAPACITY, ENDPOINTS_CAPACITY, EVENTS_RING_BYTES, IDENTITIES_CAPACITY, MESH_CAPACITY,
+    POLICY_CAPACITY, SERVICES_CAPACITY, SVC_REPLIES_CAPACITY,
 };
 
 // Map names below must equal the `*_MAP` constants in portcullis-common.
@@ -79,3 +79,10 @@ pub static MESH_PENDING: LruHashMap<u64, MeshPending> = LruHashMap::pinned(MESH_
 #[map(name = "PCL_MESH_ORIG")]
 pub static MESH_ORIGINAL: LruHashMap<MeshClientKey, MeshOriginal> =
     LruHashMap::pinned(MESH_CAPACITY, 0);
+
+/// The inbound proxy's hand-overs, by tuple, with the mark each was given:
+/// written by the agent only. A plain hash map, not an LRU: a live
+/// registration is never evicted, and a full map fails the agent's insert
+/// (the hand-over is refused) rather than a stranger's entry.
+#[map(name = "PCL_MESH_HAND")]
+pub static MESH_HANDOVERS: HashMap<MeshHandoverKey, u32> = HashMap::pinned(MESH_CAPACITY, 0);

@@ -15,11 +15,11 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     decide::is_local, ipv4_mapped, is_ipv4_mapped, mesh, packet::Headers, EndpointValue,
-    MeshClientKey, MeshOriginal, MeshPending, ENDPOINT_FLAG_MESHED, PROTO_TCP,
+    MeshClientKey, MeshHandoverKey, MeshOriginal, MeshPending, ENDPOINT_FLAG_MESHED, PROTO_TCP,
 };
 
 use crate::{
-    maps::{MESH_ORIGINAL, MESH_PENDING},
+    maps::{MESH_HANDOVERS, MESH_ORIGINAL, MESH_PENDING},
     service,
     sock::{set_sock_addr, Family},
 };
@@ -113,4 +113,20 @@ pub fn file_original(headers: &Headers, pending: &MeshPending) {
     // SAFETY: a helper without arguments.
     original.filed_ns = unsafe { bpf_ktime_get_ns() };
     let _ = MESH_ORIGINAL.insert(&key, &original, 0);
+}
+
+/// Whether the agent registered this packet's tuple as an inbound
+/// hand-over with `mark` (the client is the source, the application the
+/// destination: only packets towards the application are asked about).
+#[inline(always)]
+pub fn registered_handover(headers: &Headers, mark: u32) -> bool {
+    let key = MeshHandoverKey {
+        client_addr: headers.src_addr,
+        app_addr: headers.dst_addr,
+        client_port: headers.transport.src_port,
+        app_port: headers.transport.dst_port,
+        _pad: 0,
+    };
+    // SAFETY: the value is read at once.
+    unsafe { MESH_HANDOVERS.get(&key) }.is_some_and(|registered| *registered == mark)
 }

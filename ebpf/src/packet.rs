@@ -101,18 +101,24 @@ pub fn arrived_on_loopback(skb: &SkBuff) -> bool {
     unsafe { (*skb.skb).ingress_ifindex == 1 }
 }
 
-/// Handed over by the agent's inbound proxy: its mark, on loopback (a
-/// mark set anywhere else is scrubbed when the packet crosses a veth).
+/// Handed over by the agent's inbound proxy, for a packet that arrived on
+/// loopback (a mark set anywhere else is scrubbed when the packet crosses
+/// a veth): its mark, on a tuple the agent registered with that very mark.
+/// A process in the pod can set the mark on a packet it forges; it cannot
+/// register a tuple.
 #[inline(always)]
-pub fn mesh_handover(skb: &SkBuff) -> Handover {
-    if !arrived_on_loopback(skb) {
-        return Handover::None;
-    }
+pub fn mesh_handover(skb: &SkBuff, headers: &Headers) -> Handover {
     // SAFETY: the context pointer is valid for the program's run.
-    match unsafe { (*skb.skb).mark } {
+    let mark = unsafe { (*skb.skb).mark };
+    let kind = match mark {
         portcullis_common::mesh::MARK => Handover::Judged,
         portcullis_common::mesh::MARK_JUDGE => Handover::ToJudge,
-        _ => Handover::None,
+        _ => return Handover::None,
+    };
+    if crate::mesh::registered_handover(headers, mark) {
+        kind
+    } else {
+        Handover::None
     }
 }
 

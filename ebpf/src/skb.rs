@@ -95,7 +95,15 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
         Owner::NotProgrammed => return not_programmed(&flow),
         Owner::Free => return PASS,
     };
-    if spoofed(skb, &ep, &headers, egress) {
+    // Each read once: the verifier refuses a context pointer the compiler
+    // offsets and keeps for a second read.
+    let on_loopback = !egress && packet::arrived_on_loopback(skb);
+    let handover = if on_loopback && is_tcp && ep.flags & ENDPOINT_FLAG_MESHED != 0 {
+        packet::mesh_handover(skb, &headers)
+    } else {
+        Handover::None
+    };
+    if spoofed(&ep, &headers, egress, on_loopback, handover) {
         return refuse(&ep, &flow, &verdict::deny(REASON_SPOOFED));
     }
     if unclassified {
@@ -110,12 +118,6 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
         if egress && kernel_tcp {
             return kernel_syn(skb, &ep, &flow, &headers);
         }
-        let meshed = ep.flags & ENDPOINT_FLAG_MESHED != 0;
-        let handover = if meshed && !egress {
-            packet::mesh_handover(skb)
-        } else {
-            Handover::None
-        };
         if handover == Handover::Judged {
             // The inbound proxy allowed it on the client's identity, a
             // rule only the proxy can see, and counted it.
@@ -213,25 +215,26 @@ fn plaintext_refused(v: &PolicyValue) -> bool {
 /// An enforced endpoint may send only from its own addresses; a packet from
 /// the wire that claims to come from the endpoint itself (or loopback) is
 /// forged: real local traffic arrives on loopback. And loopback carries only
-/// that, plus the inbound proxy's hand-over (marked TCP with the client's
-/// address): a frame a packet socket writes on `lo` with another source is
-/// forged too, and would open a reply window to that source if let in.
+/// that, plus the inbound proxy's hand-over (`handover`: marked TCP from the
+/// client's address on a tuple the agent registered): a frame a packet
+/// socket writes on `lo` with another source is forged too, and would open
+/// a reply window to that source if let in.
 #[inline(always)]
-fn spoofed(skb: &SkBuff, ep: &EndpointValue, headers: &Headers, egress: bool) -> bool {
+fn spoofed(
+    ep: &EndpointValue,
+    headers: &Headers,
+    egress: bool,
+    on_loopback: bool,
+    handover: Handover,
+) -> bool {
     let local = is_local(ep, &headers.src_addr);
     if egress {
         !local
-    } else if packet::arrived_on_loopback(skb) {
-        !local && !(headers.transport.is_tcp() && handed_over(skb, ep))
+    } else if on_loopback {
+        !local && handover == Handover::None
     } else {
         local
     }
-}
-
-/// A packet of a meshed endpoint the inbound proxy handed over.
-#[inline(always)]
-fn handed_over(skb: &SkBuff, ep: &EndpointValue) -> bool {
-    ep.flags & ENDPOINT_FLAG_MESHED != 0 && packet::mesh_handover(skb) != Handover::None
 }
 
 /// A packet that is not IP the parser can read: an enforced endpoint's is

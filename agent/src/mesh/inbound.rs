@@ -20,6 +20,7 @@ use crate::{bpf::inspect::KernelView, metrics::MeshMetrics, reconcile::addr16};
 use super::{
     authz::IdentityRules,
     connections::{self, ConnectionRecord, ConnectionTable},
+    handovers::{Handovers, Registration},
     hbone::{InboundHandler, InboundRequest, Opened, Refusal},
     netns::{set_int_option, PodNetns},
     plan::{LocalPod, MeshPlan},
@@ -32,6 +33,9 @@ pub struct InboundPod {
     pub netns: Arc<PodNetns>,
     pub plan: watch::Receiver<Arc<MeshPlan>>,
     pub kernel: Arc<Mutex<KernelView>>,
+    /// Where each hand-over is registered for the kernel, which trusts the
+    /// mark only on a registered tuple.
+    pub handovers: Handovers,
     /// Rules naming identities, when some policy has them.
     pub identity_rules: watch::Receiver<Option<Arc<IdentityRules>>>,
     pub connections: ConnectionTable,
@@ -133,12 +137,14 @@ impl InboundPod {
     /// transparent socket in the pod's namespace, marked so the kernel
     /// judges it as the client's own connection (or, with [`mesh::MARK`],
     /// lets it through as judged here) and routes the replies back to it.
+    /// The tuple is registered with its mark between bind and connect, for
+    /// as long as the connection lives.
     async fn connect(
         &self,
         client: IpAddr,
         to: SocketAddr,
         mark: u32,
-    ) -> std::io::Result<TcpStream> {
+    ) -> std::io::Result<(TcpStream, Registration)> {
         if client.is_ipv4() != to.is_ipv4() {
             // The pod has no address of the client's family.
             return Err(std::io::Error::from(std::io::ErrorKind::AddrNotAvailable));
@@ -161,13 +167,21 @@ impl InboundPod {
             })
             .await
             .map_err(std::io::Error::other)??;
+        let registration = self
+            .handovers
+            .register(socket.local_addr()?, to, mark)
+            .map_err(std::io::Error::other)?;
         let stream = socket.connect(to).await?;
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        Ok((stream, registration))
     }
 
     /// Hands an allowed flow to the application.
-    async fn hand_over(&self, req: &InboundRequest, ruling: Ruling) -> Result<TcpStream, Refusal> {
+    async fn hand_over(
+        &self,
+        req: &InboundRequest,
+        ruling: Ruling,
+    ) -> Result<(TcpStream, Registration), Refusal> {
         let port = req.authority.port();
         let client = req.from.ip();
         let to = req.authority;
@@ -205,7 +219,7 @@ impl InboundPod {
                     tokio::time::timeout(WITNESS_WAIT, self.connect(client, to, mesh::MARK_JUDGE))
                         .await;
                 match witness {
-                    Ok(Ok(stream)) => Ok(stream),
+                    Ok(Ok(opened)) => Ok(opened),
                     _ => Err(denied()),
                 }
             }
@@ -250,11 +264,11 @@ impl InboundHandler for InboundGate {
                 peer_not_after: Some(connections::unix(req.peer.not_after)),
                 since: connections::unix(std::time::SystemTime::now()),
             };
-            let app = pod.open(req).await?;
+            let (app, registration) = pod.open(req).await?;
             let tracked = pod.connections.track(record);
             Ok(Opened {
                 app,
-                keep: Some(Box::new(tracked)),
+                keep: Some(Box::new((tracked, registration))),
             })
         }
         .boxed()
@@ -262,7 +276,7 @@ impl InboundHandler for InboundGate {
 }
 
 impl InboundPod {
-    async fn open(&self, req: InboundRequest) -> Result<TcpStream, Refusal> {
+    async fn open(&self, req: InboundRequest) -> Result<(TcpStream, Registration), Refusal> {
         let mode = self.pod.mode.as_str();
         let opened = match self.check(&req) {
             Ok(ruling) => self.hand_over(&req, ruling).await,

@@ -28,6 +28,7 @@ use crate::{
 use super::{
     authz::IdentityRules,
     connections::ConnectionTable,
+    handovers::{HandoverError, Handovers},
     hbone::{self, HbonePool, LocalIdentity, TrustInputs, TunnelRegistry},
     inbound::{InboundGate, InboundPod},
     mode::MeshMode,
@@ -43,6 +44,11 @@ pub enum MeshError {
     Originals {
         #[source]
         source: OriginalError,
+    },
+    #[error("the mesh needs the kernel's hand-over table")]
+    Handovers {
+        #[source]
+        source: HandoverError,
     },
     #[error("the mesh needs the kernel's policy maps")]
     Kernel {
@@ -154,6 +160,7 @@ struct Shared {
     certificates: watch::Receiver<crate::identity::manager::Certificates>,
     plan: watch::Receiver<Arc<MeshPlan>>,
     originals: Arc<Mutex<Originals>>,
+    handovers: Handovers,
     kernel: Arc<Mutex<KernelView>>,
     identity_rules: watch::Receiver<Option<Arc<IdentityRules>>>,
     connections: ConnectionTable,
@@ -172,6 +179,8 @@ pub fn start(
 ) -> Result<MeshHandle, MeshError> {
     let originals =
         Originals::open(&options.pin_dir).map_err(|source| MeshError::Originals { source })?;
+    let handovers =
+        Handovers::open(&options.pin_dir).map_err(|source| MeshError::Handovers { source })?;
     let kernel =
         KernelView::open(&options.pin_dir).map_err(|source| MeshError::Kernel { source })?;
     let (plan_tx, plan_rx) = watch::channel(Arc::new(MeshPlan::default()));
@@ -216,6 +225,7 @@ pub fn start(
             certificates,
             plan: plan_rx.clone(),
             originals: Arc::new(Mutex::new(originals)),
+            handovers,
             kernel: Arc::new(Mutex::new(kernel)),
             identity_rules: rules_rx,
             connections: connections.clone(),
@@ -400,6 +410,7 @@ async fn start_pod(shared: &Arc<Shared>, pod: &LocalPod) -> Result<Vec<JoinHandl
         netns: ns,
         plan: shared.plan.clone(),
         kernel: shared.kernel.clone(),
+        handovers: shared.handovers.clone(),
         identity_rules: shared.identity_rules.clone(),
         connections: shared.connections.clone(),
         metrics: shared.metrics.clone(),
