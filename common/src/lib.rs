@@ -59,6 +59,13 @@ pub const PROG_SETSOCKOPT: &str = "pcl_setsockopt";
 /// and the LSM hook it attaches to.
 pub const PROG_SOCKET_CREATE: &str = "pcl_socket_create";
 pub const LSM_HOOK_SOCKET_CREATE: &str = "socket_create";
+/// The BPF LSM program refusing PACKET_QDISC_BYPASS to enforced pods for
+/// every process, 32-bit ones included (the kernel runs no cgroup sockopt
+/// program for their setsockopt()), and its hook.
+pub const PROG_SOCKET_SETSOCKOPT: &str = "pcl_socket_setsockopt";
+pub const LSM_HOOK_SOCKET_SETSOCKOPT: &str = "socket_setsockopt";
+/// What every BPF LSM program's name starts with (their pinned links too).
+pub const LSM_PROGRAM_PREFIX: &str = "pcl_socket_";
 pub const PROG_RECVMSG4: &str = "pcl_recvmsg4";
 pub const PROG_RECVMSG6: &str = "pcl_recvmsg6";
 pub const PROG_GETPEERNAME4: &str = "pcl_getpeername4";

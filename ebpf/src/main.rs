@@ -114,6 +114,14 @@ pub fn pcl_socket_create(ctx: LsmContext) -> i32 {
     packet_socket::socket_create(&ctx)
 }
 
+/// The kernel runs no cgroup sockopt program for a 32-bit process's
+/// setsockopt(), so `pcl_setsockopt` alone would let one set
+/// PACKET_QDISC_BYPASS; the LSM hook runs for every call.
+#[lsm(hook = "socket_setsockopt")]
+pub fn pcl_socket_setsockopt(ctx: LsmContext) -> i32 {
+    packet_socket::socket_setsockopt(&ctx)
+}
+
 /// Counters and events name sockets no endpoint owns with this.
 #[inline(always)]
 fn no_endpoint() -> EndpointValue {

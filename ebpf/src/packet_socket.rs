@@ -9,6 +9,10 @@
 //! XDP (AF_XDP) sockets are refused to every enforced pod: in copy mode
 //! their frames go to the driver past tc, and no program here would judge
 //! them. Only CAP_NET_RAW is needed to open one, which pods have.
+//!
+//! The `socket_setsockopt` hook refuses PACKET_QDISC_BYPASS (frames past
+//! tc) to enforced pods, as `pcl_setsockopt` does, for 32-bit processes
+//! too, whose setsockopt() runs no cgroup sockopt program.
 
 use aya_ebpf::programs::LsmContext;
 use portcullis_common::{
@@ -18,7 +22,7 @@ use portcullis_common::{
 
 use crate::{
     endpoint::{self, Owner},
-    no_endpoint, report,
+    no_endpoint, report, tc,
     verdict::deny,
 };
 
@@ -77,4 +81,21 @@ pub fn socket_create(ctx: &LsmContext) -> i32 {
 #[inline(always)]
 fn is_packet(family: i32, kind: i32) -> bool {
     family == AF_PACKET || (family == AF_INET && kind & SOCK_TYPE_MASK == SOCK_PACKET)
+}
+
+/// `LSM_HOOK(int, 0, socket_setsockopt, struct socket *sock, int level,
+/// int optname)`, plus the verdict of the LSM programs before this one.
+#[inline(always)]
+pub fn socket_setsockopt(ctx: &LsmContext) -> i32 {
+    let level: i32 = ctx.arg(1);
+    let optname: i32 = ctx.arg(2);
+    let earlier: i32 = ctx.arg(3);
+    if earlier != 0 {
+        return earlier;
+    }
+    if tc::bypasses_tc(level, optname) && tc::enforced_task() {
+        -EPERM
+    } else {
+        0
+    }
 }

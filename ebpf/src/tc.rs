@@ -55,17 +55,32 @@ pub fn frame(ctx: &TcContext) -> i32 {
 const SOL_PACKET: i32 = 263;
 const PACKET_QDISC_BYPASS: i32 = 20;
 
+/// Whether a socket option hands a packet socket's frames to the driver
+/// past tc, and so past the frame guard.
+#[inline(always)]
+pub fn bypasses_tc(level: i32, optname: i32) -> bool {
+    level == SOL_PACKET && optname == PACKET_QDISC_BYPASS
+}
+
 /// Refuses PACKET_QDISC_BYPASS to sockets of enforced pods (and of pods
 /// not programmed yet): every other setsockopt() passes untouched.
 #[inline(always)]
 pub fn setsockopt(ctx: &SockoptContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let (level, optname) = unsafe { ((*ctx.sockopt).level, (*ctx.sockopt).optname) };
-    if level != SOL_PACKET || optname != PACKET_QDISC_BYPASS {
-        return PASS;
+    if !bypasses_tc(level, optname) || !enforced_task() {
+        PASS
+    } else {
+        REJECT
     }
-    match endpoint::of_current_task(endpoint::active_generation()) {
-        Owner::Free => PASS,
-        Owner::Endpoint(_) | Owner::NotProgrammed => REJECT,
-    }
+}
+
+/// Whether the current task is an enforced pod's, or a pod's not
+/// programmed yet.
+#[inline(always)]
+pub fn enforced_task() -> bool {
+    !matches!(
+        endpoint::of_current_task(endpoint::active_generation()),
+        Owner::Free
+    )
 }

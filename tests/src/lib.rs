@@ -33,8 +33,8 @@ static KERNEL: Mutex<()> = Mutex::const_new(());
 
 /// Fails the test (never skips it) when not root: these tests exist to
 /// exercise the real kernel data path.
-/// Pinned cgroup links under `pin_dir` (the packet socket guard's LSM link,
-/// pinned beside them where the kernel loads it, is not one).
+/// Pinned cgroup links under `pin_dir` (the packet socket guard's LSM
+/// links, pinned beside them where the kernel loads them, are not).
 pub fn cgroup_links(pin_dir: &std::path::Path) -> usize {
     std::fs::read_dir(pin_dir.join("links"))
         .expect("links directory")
@@ -42,7 +42,7 @@ pub fn cgroup_links(pin_dir: &std::path::Path) -> usize {
         .filter(|e| {
             !e.file_name()
                 .to_string_lossy()
-                .starts_with(portcullis_common::PROG_SOCKET_CREATE)
+                .starts_with(portcullis_common::LSM_PROGRAM_PREFIX)
         })
         .count()
 }

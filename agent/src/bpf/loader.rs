@@ -24,8 +24,8 @@ use aya::{
 use portcullis_common::{
     State, ABI_VERSION, BACKENDS_MAP, ENDPOINTS_MAP, IDENTITIES_MAP, POLICY_MAP, PROG_CONNECT4,
     PROG_CONNECT6, PROG_EGRESS, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_INGRESS, PROG_RECVMSG4,
-    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SETSOCKOPT, PROG_SOCKET_CREATE,
-    PROG_TC_EGRESS, SERVICES_MAP, STATE_MAP,
+    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SETSOCKOPT, PROG_TC_EGRESS, SERVICES_MAP,
+    STATE_MAP,
 };
 
 use super::{
@@ -155,8 +155,9 @@ const PROGRAMS: [(&str, Hook); 11] = [
 ];
 
 /// How many cgroup programs (and pinned links) the agent attaches; the
-/// packet socket guard pins one more link (named after
-/// [`PROG_SOCKET_CREATE`]) where the kernel loads BPF LSM programs.
+/// packet socket guard pins one more link per LSM program (named after it,
+/// [`portcullis_common::LSM_PROGRAM_PREFIX`]) where the kernel loads BPF
+/// LSM programs.
 pub const PROGRAM_COUNT: usize = PROGRAMS.len();
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoadError {
@@ -244,10 +245,7 @@ impl Dataplane {
         }
         // Not fatal: kernels without BPF LSM still get every other guarantee,
         // and the caller reports what is missing.
-        let socket_guard = socket_guard::attach(
-            &mut ebpf,
-            &links_dir.join(format!("{PROG_SOCKET_CREATE}-{stamp}")),
-        );
+        let socket_guard = socket_guard::attach(&mut ebpf, &links_dir, stamp);
         // The new programs run; now drop the previous agent's links.
         for path in old_links {
             let unpinned = PinnedLink::from_pin(&path)

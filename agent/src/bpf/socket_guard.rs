@@ -1,10 +1,12 @@
-//! Attaches the BPF LSM program that refuses packet (AF_PACKET) sockets to
-//! pods ingress policy restricts (`pcl_socket_create`, see ebpf/src/packet_socket.rs),
-//! and tells whether the kernel runs it.
+//! Attaches the BPF LSM programs (see ebpf/src/packet_socket.rs) and tells
+//! whether the kernel runs them: `pcl_socket_create` refuses packet
+//! (AF_PACKET) sockets to pods ingress policy restricts and XDP sockets to
+//! every enforced pod; `pcl_socket_setsockopt` refuses PACKET_QDISC_BYPASS
+//! to enforced pods, 32-bit processes included.
 //!
-//! The program needs a kernel built with `CONFIG_BPF_LSM` and the BPF LSM
+//! The programs need a kernel built with `CONFIG_BPF_LSM` and the BPF LSM
 //! enabled at boot (`bpf` in the `lsm=` list); attaching succeeds without
-//! the latter, but the hook never runs. Neither is true everywhere, so the
+//! the latter, but the hooks never run. Neither is true everywhere, so the
 //! agent runs on without the refusal, but never silently: the caller gets
 //! the reason, to log, publish in the status and show in a metric.
 
@@ -17,7 +19,15 @@ use aya::{
     programs::{links::FdLink, Lsm, ProgramError},
     Btf, BtfError, Ebpf,
 };
-use portcullis_common::{LSM_HOOK_SOCKET_CREATE, PROG_SOCKET_CREATE};
+use portcullis_common::{
+    LSM_HOOK_SOCKET_CREATE, LSM_HOOK_SOCKET_SETSOCKOPT, PROG_SOCKET_CREATE, PROG_SOCKET_SETSOCKOPT,
+};
+
+/// The LSM programs and their hooks.
+pub const LSM_PROGRAMS: [(&str, &str); 2] = [
+    (PROG_SOCKET_CREATE, LSM_HOOK_SOCKET_CREATE),
+    (PROG_SOCKET_SETSOCKOPT, LSM_HOOK_SOCKET_SETSOCKOPT),
+];
 
 /// The kernel's list of active LSMs (securityfs).
 pub const LSM_LIST: &str = "/sys/kernel/security/lsm";
@@ -30,25 +40,27 @@ pub enum SocketGuardError {
         #[source]
         source: BtfError,
     },
+    #[error("program {program} is missing from the eBPF object or is not an LSM program")]
+    MissingProgram { program: &'static str },
     #[error(
-        "program {PROG_SOCKET_CREATE} is missing from the eBPF object or is not an LSM program"
-    )]
-    MissingProgram,
-    #[error(
-        "loading {PROG_SOCKET_CREATE} on the LSM hook {LSM_HOOK_SOCKET_CREATE} (the kernel \
-         needs CONFIG_BPF_LSM=y, and the agent CAP_BPF and CAP_PERFMON)"
+        "loading {program} on the LSM hook {hook} (the kernel needs CONFIG_BPF_LSM=y, and the \
+         agent CAP_BPF and CAP_PERFMON)"
     )]
     Load {
+        program: &'static str,
+        hook: &'static str,
         #[source]
         source: ProgramError,
     },
-    #[error("attaching {PROG_SOCKET_CREATE}")]
+    #[error("attaching {program}")]
     Attach {
+        program: &'static str,
         #[source]
         source: ProgramError,
     },
-    #[error("pinning the link of {PROG_SOCKET_CREATE} at {path}")]
+    #[error("pinning the link of {program} at {path}")]
     Pin {
+        program: &'static str,
         path: PathBuf,
         #[source]
         source: aya::pin::PinError,
@@ -67,24 +79,38 @@ pub enum SocketGuardError {
     },
 }
 
-/// Loads and attaches the program, pins its link at `pin` (with the cgroup
-/// links, so it outlives the agent), then checks that the kernel runs it.
-pub fn attach(ebpf: &mut Ebpf, pin: &Path) -> Result<(), SocketGuardError> {
+/// Loads and attaches the programs, pins their links in `links_dir` as
+/// `<program>-<stamp>` (with the cgroup links, so they outlive the agent),
+/// then checks that the kernel runs them.
+pub fn attach(ebpf: &mut Ebpf, links_dir: &Path, stamp: u128) -> Result<(), SocketGuardError> {
     let btf = Btf::from_sys_fs().map_err(|source| SocketGuardError::Btf { source })?;
-    let program: &mut Lsm = ebpf
-        .program_mut(PROG_SOCKET_CREATE)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(SocketGuardError::MissingProgram)?;
-    program
-        .load(LSM_HOOK_SOCKET_CREATE, &btf)
-        .map_err(|source| SocketGuardError::Load { source })?;
-    let attach_err = |source| SocketGuardError::Attach { source };
-    let id = program.attach().map_err(attach_err)?;
-    let link = FdLink::from(program.take_link(id).map_err(attach_err)?);
-    link.pin(pin).map_err(|source| SocketGuardError::Pin {
-        path: pin.to_path_buf(),
-        source,
-    })?;
+    for (program_name, hook) in LSM_PROGRAMS {
+        let program: &mut Lsm = ebpf
+            .program_mut(program_name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(SocketGuardError::MissingProgram {
+                program: program_name,
+            })?;
+        program
+            .load(hook, &btf)
+            .map_err(|source| SocketGuardError::Load {
+                program: program_name,
+                hook,
+                source,
+            })?;
+        let attach_err = |source| SocketGuardError::Attach {
+            program: program_name,
+            source,
+        };
+        let id = program.attach().map_err(attach_err)?;
+        let link = FdLink::from(program.take_link(id).map_err(attach_err)?);
+        let pin = links_dir.join(format!("{program_name}-{stamp}"));
+        link.pin(&pin).map_err(|source| SocketGuardError::Pin {
+            program: program_name,
+            path: pin,
+            source,
+        })?;
+    }
     bpf_lsm_enabled(Path::new(LSM_LIST))
 }
 
