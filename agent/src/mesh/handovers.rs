@@ -38,14 +38,22 @@ pub struct Handovers {
 }
 
 impl Handovers {
+    /// Opens the pinned table and empties it: what a previous agent
+    /// registered is stale, since its connections died with it (a plain
+    /// hash map forgets nothing by itself), and a stale tuple is one a
+    /// forger could reuse.
     pub fn open(pin_dir: &Path) -> Result<Self, HandoverError> {
         let path = pin_dir.join(MESH_HANDOVER_MAP);
         let data = MapData::from_pin(&path).map_err(|source| HandoverError::Open {
             path: path.clone(),
             source,
         })?;
-        let map = HashMap::try_from(Map::HashMap(data))
+        let mut map: HashMap<MapData, MeshHandoverKey, u32> = HashMap::try_from(Map::HashMap(data))
             .map_err(|source| HandoverError::Open { path, source })?;
+        let stale: Vec<MeshHandoverKey> = map.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            let _ = map.remove(key);
+        }
         Ok(Self {
             map: Arc::new(Mutex::new(map)),
         })
