@@ -3,16 +3,12 @@
 //! leaves (`ebpf/src/mesh.rs`); the outbound listener takes it from there,
 //! once, and only while it is fresh.
 
-use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-    path::Path,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use portcullis_common::{mesh, MeshClientKey, MeshOriginal, MESH_ORIGINAL_MAP};
 
-use crate::reconcile::addr16;
+use crate::policy::compile::{addr16, addr_from16};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginalError {
@@ -92,7 +88,7 @@ fn judge_age(value: MeshOriginal, now_ns: u64) -> Taken {
     match now_ns.checked_sub(value.filed_ns) {
         Some(age) if value.filed_ns != 0 && age <= mesh::ORIGINAL_MAX_AGE_NS => {
             Taken::Fresh(Original {
-                destination: SocketAddr::new(address(value.addr), value.port),
+                destination: SocketAddr::new(addr_from16(value.addr), value.port),
                 endpoint_id: value.endpoint_id,
             })
         }
@@ -111,15 +107,6 @@ fn monotonic_ns() -> u64 {
     // exists, so the call cannot fail.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
-/// The 16-byte kernel form back to an address (IPv4-mapped is IPv4).
-pub fn address(addr: [u8; 16]) -> IpAddr {
-    let v6 = Ipv6Addr::from(addr);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
 }
 
 #[cfg(test)]
@@ -167,8 +154,8 @@ mod tests {
             portcullis_common::ipv4_mapped([127, 0, 0, 1])
         );
         assert_eq!(
-            address(addr16("::1".parse().unwrap())),
-            "::1".parse::<IpAddr>().unwrap()
+            addr_from16(addr16("::1".parse().unwrap())),
+            "::1".parse::<std::net::IpAddr>().unwrap()
         );
     }
 }
