@@ -55,7 +55,7 @@ use self::{
     class_delta::{ClassDelta, NamedCache},
     classes::{Member, PeerClass, PeerClasses},
     ids::IdAllocator,
-    memo::{Memo, Memoized, Recorder},
+    memo::{Memo, MemoKey, Memoized, Recorder},
     ports::{prefix_blocks, PortPartition, Segment},
     unaffected::{EndpointInputs, SharedInputs, Unchanged},
 };
@@ -365,6 +365,7 @@ impl Compiler {
             }
             _ => Unchanged::default(),
         };
+        let memo_size = previous.len();
         let mut pass = Pass {
             policies,
             inventory,
@@ -376,7 +377,7 @@ impl Compiler {
             memo: self.memo.as_ref(),
             previous,
             unchanged,
-            next: HashMap::new(),
+            next: HashMap::with_capacity_and_hasher(memo_size, Default::default()),
             pod_classes_print: None,
             reuse: Reuse::default(),
             out: Compiled {
@@ -425,7 +426,7 @@ impl Compiler {
             reuse,
             classes,
             class_identities,
-            mut named_now,
+            named_now,
             named_before,
             ..
         } = pass;
@@ -435,16 +436,17 @@ impl Compiler {
             // looked up; their answers still hold for these classes (they
             // were cleared above otherwise). Lists of removed rules are
             // carried too, so the cache is dropped when it outgrows the rules.
-            for (peers, named) in named_before {
-                named_now.entry(peers).or_insert(named);
-            }
-            if named_now.len() > 2 * rules + 64 {
-                named_now.clear();
+            // This compile's answers join the carried ones, not the other
+            // way round: they are few, the carried ones about one a rule.
+            let mut by_peers = named_before;
+            by_peers.extend(named_now);
+            if by_peers.len() > 2 * rules + 64 {
+                by_peers.clear();
             }
             self.named_cache = NamedCache {
                 classes: classes.classes,
                 identities: class_identities,
-                by_peers: named_now,
+                by_peers,
             };
         }
         self.reuse = reuse;
@@ -533,11 +535,11 @@ struct Pass<'p> {
     /// The compiler's memo (for its fingerprint keys), the previous
     /// compile's entries and this compile's.
     memo: Option<&'p Memo>,
-    previous: HashMap<(WorkloadRef, Direction), Memoized>,
+    previous: HashMap<MemoKey, Memoized>,
     /// Namespaces nothing their endpoints depend on changed in (beyond the
     /// endpoints themselves) since the previous compile.
     unchanged: Unchanged,
-    next: HashMap<(WorkloadRef, Direction), Memoized>,
+    next: HashMap<MemoKey, Memoized>,
     /// Fingerprint of every pod class's identity and named ports, for
     /// endpoints whose egress rules name ports; worked out once.
     pod_classes_print: Option<u128>,
@@ -753,25 +755,23 @@ impl<'p> Pass<'p> {
         endpoint_id: u32,
         direction: Direction,
     ) -> Result<(), CompileError> {
-        let memo_key = (endpoint.reference(), direction);
-        if self.unchanged.namespace(&endpoint.namespace)
-            && self
-                .previous
-                .get(&memo_key)
-                .is_some_and(|m| m.made_for(endpoint, endpoint_id))
-        {
-            let memoized = self.previous.remove(&memo_key).expect("looked up above");
+        // An endpoint id names one workload for the compiler's life (ids are
+        // never handed out again), and hashes without copying its name.
+        let memo_key = (endpoint_id, direction);
+        let before = self.previous.remove(&memo_key);
+        if let Some(memoized) = before.as_ref().filter(|m| {
+            self.unchanged.namespace(&endpoint.namespace) && m.made_for(endpoint, endpoint_id)
+        }) {
             memoized.replay(&mut self.out, cookie_ids);
             if memoized.applies() {
                 self.reuse.replayed += 1;
                 self.reuse.unexamined += 1;
             }
-            self.next.insert(memo_key, memoized);
+            self.next.insert(memo_key, before.expect("matched above"));
             return Ok(());
         }
         // Worked out from here on (or replayed after a fingerprint check):
         // the old entries leave `out.rules` unless replayed.
-        let before = self.previous.remove(&memo_key);
         let layers = self.layers(endpoint, direction);
         if layers.is_empty() {
             if let Some(before) = before {

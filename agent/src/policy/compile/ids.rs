@@ -5,10 +5,7 @@
 //! That keeps counters keyed by id from silently changing meaning, and
 //! forgetting keys that were not used keeps memory bounded under churn.
 
-use std::{
-    collections::{HashMap, HashSet},
-    hash::{BuildHasherDefault, Hash, Hasher},
-};
+use std::{collections::HashMap, hash::Hash};
 
 #[derive(Debug, Clone)]
 pub struct IdAllocator<K> {
@@ -33,7 +30,7 @@ impl<K: Hash + Eq + Clone> IdAllocator<K> {
     pub fn round(&self) -> IdRound<'_, K> {
         IdRound {
             previous: self,
-            kept: IdSet::default(),
+            kept: IdSet::below(self.next),
             fresh: HashMap::new(),
             next: self.next,
         }
@@ -41,34 +38,42 @@ impl<K: Hash + Eq + Clone> IdAllocator<K> {
 
     /// Ends a successful round: the allocator then knows only its keys.
     pub fn apply(&mut self, sweep: Sweep<K>) {
-        self.ids.retain(|_, id| sweep.kept.contains(id));
+        self.ids.retain(|_, id| sweep.kept.contains(*id));
         self.ids.extend(sweep.fresh);
         self.next = sweep.next;
     }
 }
 
-/// Multiplicative hashing of ids: they are dense and sequential, which the
-/// table's control bytes (the hash's top bits) must not see as one value.
+/// The ids a round used, one bit each: ids are dense (handed out in
+/// sequence), and a compile marks one per replayed entry, thousands a
+/// pass, which a hash set spent milliseconds on.
 #[derive(Default)]
-pub struct IdHasher(u64);
+struct IdSet {
+    words: Vec<u64>,
+}
 
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+impl IdSet {
+    /// Room for the ids below `end` without growing.
+    fn below(end: u32) -> Self {
+        Self {
+            words: vec![0; (end as usize).div_ceil(64)],
         }
     }
 
-    fn write_u32(&mut self, id: u32) {
-        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    fn insert(&mut self, id: u32) {
+        let word = id as usize / 64;
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        self.words[word] |= 1 << (id % 64);
     }
 
-    fn finish(&self) -> u64 {
-        self.0
+    fn contains(&self, id: u32) -> bool {
+        self.words
+            .get(id as usize / 64)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
     }
 }
-
-type IdSet = HashSet<u32, BuildHasherDefault<IdHasher>>;
 
 /// A compile's use of ids: previous ids it used (marked, by id alone, so a
 /// replay need not hash its keys) and keys new to it.

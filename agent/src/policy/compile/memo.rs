@@ -32,7 +32,7 @@ use super::{
     unaffected::{EndpointInputs, SharedInputs},
     Attribution, Compiled,
 };
-use crate::policy::model::{Direction, Workload, WorkloadRef};
+use crate::policy::model::{Direction, Workload};
 
 /// The entries of one endpoint and direction, and what they came from.
 #[derive(Debug, Clone)]
@@ -51,7 +51,8 @@ pub struct Memoized {
     made_for: EndpointInputs,
 }
 
-type MemoKey = (WorkloadRef, Direction);
+/// An endpoint id (one workload for the compiler's life) and direction.
+pub type MemoKey = (u32, Direction);
 
 /// Entries of the latest successful compile, by endpoint and direction.
 #[derive(Debug, Clone, Default)]
