@@ -836,16 +836,32 @@ impl Source for KubeSource {
             (Reread::Nothing, Some(kept)) => Ok(kept),
             (reread, kept) => self.read_view(reread, kept, walk),
         };
-        let s = &self.stores;
-        let network_policies = s.network_policies.state();
-        let l4 = s.l4_policies.state();
-        let cl4 = s.cluster_l4_policies.state();
-        let objects = network_policies
-            .iter()
-            .map(|o| ApiPolicy::Network(o))
-            .chain(l4.iter().map(|o| ApiPolicy::L4(o)))
-            .chain(cl4.iter().map(|o| ApiPolicy::ClusterL4(o)));
-        let tracked = self.tracker.track(objects);
+        // A policy object changes its store before its event marks it, so
+        // with no policy marked the stores serve what the last track read.
+        let policy_kinds = [
+            Watched::NetworkPolicies,
+            Watched::L4Policies,
+            Watched::ClusterL4Policies,
+        ];
+        let repeated = match policy_kinds.iter().any(|w| dirty.contains(w)) {
+            true => None,
+            false => self.tracker.repeat(),
+        };
+        let tracked = match repeated {
+            Some(tracked) => tracked,
+            None => {
+                let s = &self.stores;
+                let network_policies = s.network_policies.state();
+                let l4 = s.l4_policies.state();
+                let cl4 = s.cluster_l4_policies.state();
+                let objects = network_policies
+                    .iter()
+                    .map(|o| ApiPolicy::Network(o))
+                    .chain(l4.iter().map(|o| ApiPolicy::L4(o)))
+                    .chain(cl4.iter().map(|o| ApiPolicy::ClusterL4(o)));
+                self.tracker.track(objects)
+            }
+        };
         problems.extend(tracked.problems);
         let view = match view {
             Ok(view) => view,

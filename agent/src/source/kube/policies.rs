@@ -361,6 +361,22 @@ impl PolicyTracker {
         }
     }
 
+    /// The last track's answer again, for a pass whose events named no
+    /// policy object (the stores serve what the last track was given),
+    /// unless a settle committed something since. Saves walking and
+    /// comparing every served object: at a thousand policies that was
+    /// about 2 ms of every pod's pass.
+    pub fn repeat(&mut self) -> Option<TrackedPolicies> {
+        let (commits, answer) = self.last.as_ref()?;
+        if *commits != self.committed_changes {
+            return None;
+        }
+        // Settled as a full track would be: a change held back before may
+        // be applied by this pass.
+        self.unsettled = true;
+        Some(answer.clone())
+    }
+
     /// What the served objects mean for enforcement, in key order.
     fn answer(&self) -> TrackedPolicies {
         let mut served: Vec<&Served> = self.served.values().collect();
@@ -592,6 +608,13 @@ mod tests {
             first.policies,
             "a commit since the last track is seen"
         );
+        // With no policy event the answer is repeated, committed v1 included,
+        // and settled like a full track's.
+        tracker.settle(Some(&BTreeMap::new()));
+        let repeated = tracker.repeat().expect("nothing committed since");
+        assert_eq!(repeated.policies, after_commit.policies);
+        assert_eq!(repeated.previous, after_commit.previous);
+        assert!(tracker.settle(Some(&BTreeMap::new())).is_empty());
         // An invalid edit is judged, not answered from the last track, and
         // the committed v1 stays in force.
         tracker.settle(Some(&BTreeMap::new()));
@@ -603,6 +626,14 @@ mod tests {
         tracker.settle(Some(&BTreeMap::new()));
         let gone = tracker.track(Vec::<ApiPolicy>::new());
         assert!(gone.policies.is_empty() && gone.reports.is_empty());
+        // The settle forgets v1: a commit, so the last answer is stale.
+        tracker.settle(Some(&BTreeMap::new()));
+        assert!(tracker.repeat().is_none(), "a commit since the last track");
+    }
+
+    #[test]
+    fn nothing_is_repeated_before_a_first_track() {
+        assert!(PolicyTracker::default().repeat().is_none());
     }
 
     #[test]
