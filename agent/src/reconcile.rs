@@ -557,6 +557,7 @@ fn desired_state(
         .filter(|w| w.is_local())
         .map(|w| ((&*w.namespace, &*w.name), &**w))
         .collect();
+    let modes = mesh::mode::NamespaceModes::of(&snapshot.inventory);
     kept.paths.begin();
     for ep in &c.endpoints {
         let located = kept
@@ -606,7 +607,7 @@ fn desired_state(
         if let Some(w) = workloads.get(&(&*ep.workload.namespace, &*ep.workload.name)) {
             // A bad mode label is reported by the mesh (it is STRICT
             // meanwhile), not as a missing cgroup.
-            let (mode, _) = mesh::mode::of_workload(&snapshot.inventory, w);
+            let (mode, _) = modes.of_workload(w);
             value.flags |= mode.endpoint_flags();
         }
         if let Some(v4) = ep.ipv4 {
