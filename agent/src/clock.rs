@@ -30,3 +30,16 @@ fn date_time(t: OffsetDateTime) -> String {
         t.second()
     )
 }
+
+/// Clock `id` (`libc::CLOCK_*`) in nanoseconds. CLOCK_MONOTONIC is the
+/// clock of the kernel's `bpf_ktime_get_ns`.
+pub fn read_ns(id: libc::clockid_t) -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write; the clocks asked for
+    // always exist, so the call cannot fail.
+    unsafe { libc::clock_gettime(id, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}

@@ -54,13 +54,7 @@ pub struct Namer {
 }
 
 fn clock(id: libc::clockid_t) -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and timespec.
-    unsafe { libc::clock_gettime(id, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    crate::clock::read_ns(id) as f64 / 1e9
 }
 
 impl Namer {
@@ -162,8 +156,9 @@ impl Namer {
 /// Every meshed pod's address → its SPIFFE ID.
 fn meshed_identities(inventory: &Inventory, trust_domain: &str) -> BTreeMap<IpAddr, String> {
     let mut out = BTreeMap::new();
+    let modes = crate::mesh::mode::NamespaceModes::of(inventory);
     for w in &inventory.workloads {
-        if !crate::mesh::mode::of_workload(inventory, w).0.is_meshed() {
+        if !modes.of_workload(w).0.is_meshed() {
             continue;
         }
         let Ok(id) = SpiffeId::new(trust_domain, &w.namespace, w.service_account()) else {

@@ -31,8 +31,6 @@ use portcullis_agent::{
 /// the harness runs tests in parallel.
 static KERNEL: Mutex<()> = Mutex::const_new(());
 
-/// Fails the test (never skips it) when not root: these tests exist to
-/// exercise the real kernel data path.
 /// Pinned cgroup links under `pin_dir` (the packet socket guard's LSM
 /// links, pinned beside them where the kernel loads them, are not).
 pub fn cgroup_links(pin_dir: &std::path::Path) -> usize {
@@ -47,6 +45,8 @@ pub fn cgroup_links(pin_dir: &std::path::Path) -> usize {
         .count()
 }
 
+/// Fails the test (never skips it) when not root: these tests exist to
+/// exercise the real kernel data path.
 pub fn require_root() {
     assert!(
         nix_is_root(),

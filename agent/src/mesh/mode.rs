@@ -96,8 +96,9 @@ pub fn of_workload(inventory: &Inventory, workload: &Workload) -> (MeshMode, Opt
 }
 
 /// The namespaces' mode labels, looked up once for a pass that decides
-/// every local workload's mode (a search per workload was a quarter of
-/// working out the map contents at a thousand pods).
+/// many workloads' modes (the mesh plan, the map contents, the flow
+/// namer): searching the namespace list per workload was a quarter of
+/// working out the map contents at a thousand local pods.
 pub struct NamespaceModes<'a>(std::collections::HashMap<&'a str, &'a str>);
 
 impl<'a> NamespaceModes<'a> {

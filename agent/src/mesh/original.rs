@@ -77,7 +77,10 @@ impl Originals {
             Err(source) => return Err(OriginalError::Read { source }),
         };
         let _ = self.map.remove(&key);
-        Ok(judge_age(value, monotonic_ns()))
+        Ok(judge_age(
+            value,
+            crate::clock::read_ns(libc::CLOCK_MONOTONIC),
+        ))
     }
 }
 
@@ -96,17 +99,6 @@ fn judge_age(value: MeshOriginal, now_ns: u64) -> Taken {
             age: Duration::from_nanos(age.unwrap_or(0)),
         },
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid timespec to write; CLOCK_MONOTONIC always
-    // exists, so the call cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 #[cfg(test)]

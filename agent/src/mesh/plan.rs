@@ -64,8 +64,9 @@ pub struct MeshPlan {
 impl MeshPlan {
     pub fn new(inventory: &Inventory, trust_domain: &str, cgroup_mount: &Path) -> Self {
         let mut plan = Self::default();
+        let modes = mode::NamespaceModes::of(inventory);
         for w in &inventory.workloads {
-            let (mode, error) = mode::of_workload(inventory, w);
+            let (mode, error) = modes.of_workload(w);
             plan.problems.extend(error.map(|e| e.to_string()));
             if !mode.is_meshed() {
                 continue;
