@@ -55,7 +55,7 @@ use self::{
     class_delta::{ClassDelta, NamedCache},
     classes::{Member, PeerClass, PeerClasses},
     ids::IdAllocator,
-    memo::{Memo, MemoKey, Memoized, Recorder},
+    memo::{withdraw, Memo, MemoKey, Memoized, Recorder},
     ports::{prefix_blocks, PortPartition, Segment},
     unaffected::{EndpointInputs, SharedInputs, Unchanged},
 };
@@ -416,8 +416,8 @@ impl Compiler {
 
         // What is left was made for endpoints that are gone: their ids are
         // never handed out again, so nothing written above is withdrawn.
-        for (_, gone) in pass.previous.drain() {
-            gone.withdraw(&mut pass.out);
+        for (key, _) in pass.previous.drain() {
+            withdraw(&mut pass.out, key);
         }
         let rules: usize = pass.policies.all.iter().map(|p| p.rules().count()).sum();
         let Pass {
@@ -774,8 +774,8 @@ impl<'p> Pass<'p> {
         // the old entries leave `out.rules` unless replayed.
         let layers = self.layers(endpoint, direction);
         if layers.is_empty() {
-            if let Some(before) = before {
-                before.withdraw(&mut self.out);
+            if before.is_some() {
+                withdraw(&mut self.out, memo_key);
             }
             if self.memo.is_some() {
                 let made_for = EndpointInputs::of(endpoint, endpoint_id);
@@ -841,8 +841,8 @@ impl<'p> Pass<'p> {
             }
             (_, before) => before,
         };
-        if let Some(before) = before {
-            before.withdraw(&mut self.out);
+        if before.is_some() {
+            withdraw(&mut self.out, memo_key);
         }
         let mut recorder = Recorder::default();
 
@@ -1259,11 +1259,7 @@ fn emit(
             _pad: 0,
             rule_cookie,
         };
-        recorder.record(
-            slot,
-            &value,
-            outcome.attribution.map(|i| (i, &attributions[i])),
-        );
+        recorder.record(&value, outcome.attribution.map(|i| (i, &attributions[i])));
         Arc::make_mut(&mut out.rules).insert(slot, value);
     }
     Ok(())
