@@ -13,6 +13,7 @@ pub mod explain;
 pub mod flows;
 pub mod fuzzing;
 pub mod identity;
+pub mod intern;
 pub mod kube_plane;
 pub mod kube_report;
 pub mod lab;
