@@ -4,20 +4,61 @@
 //! `matchExpressions` requirement holds; the empty selector matches
 //! everything (as in Kubernetes, where `podSelector: {}` selects all pods).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    ops::Deref,
+    sync::Arc,
+};
 
 use thiserror::Error;
 
-use crate::policy::model::{
-    names::{self, abbreviate, NameError},
-    LabelSelector, Labels,
+use crate::{
+    intern::Table,
+    policy::model::{
+        names::{self, abbreviate, NameError},
+        LabelSelector, Labels,
+    },
 };
 
-/// A validated label selector.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct Selector {
+/// A validated label selector. Equal selectors share their terms: rules
+/// repeat a few selectors thousands of times, and each copy of a
+/// one-label `matchLabels` map was a half-kilobyte node.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Selector(Arc<SelectorTerms>);
+
+/// What a selector requires.
+#[derive(Debug, Default, PartialEq, Eq, Hash)]
+pub struct SelectorTerms {
     pub match_labels: Labels,
     pub requirements: Vec<Requirement>,
+}
+
+/// Every selector's terms, shared (see [`Selector`]). Process-wide: the
+/// parser that makes selectors keeps no state between policies.
+static SELECTORS: Table<SelectorTerms> = Table::new();
+
+impl Deref for Selector {
+    type Target = SelectorTerms;
+
+    fn deref(&self) -> &SelectorTerms {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Selector")
+            .field("match_labels", &self.match_labels)
+            .field("requirements", &self.requirements)
+            .finish()
+    }
+}
+
+impl Default for Selector {
+    fn default() -> Self {
+        Self::new(Labels::new(), Vec::new())
+    }
 }
 
 /// One `matchExpressions` entry, with the operator's value rules enforced by
@@ -100,6 +141,14 @@ impl SelectorError {
 }
 
 impl Selector {
+    /// The selector of these terms (their shared copy).
+    pub fn new(match_labels: Labels, requirements: Vec<Requirement>) -> Self {
+        Self(SELECTORS.share_owned(SelectorTerms {
+            match_labels,
+            requirements,
+        }))
+    }
+
     /// The selector that matches every label set.
     pub fn everything() -> Self {
         Self::default()
@@ -163,10 +212,7 @@ impl Selector {
             };
             requirements.push(requirement);
         }
-        Ok(Self {
-            match_labels,
-            requirements,
-        })
+        Ok(Self::new(match_labels, requirements))
     }
 
     /// The label keys the selector looks at: a label set's other keys never

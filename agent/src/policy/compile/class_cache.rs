@@ -333,10 +333,7 @@ mod tests {
     }
 
     fn labelled(key: &str, value: &str) -> Selector {
-        Selector {
-            match_labels: [(key.to_string(), value.to_string())].into(),
-            requirements: Vec::new(),
-        }
+        Selector::new([(key.to_string(), value.to_string())].into(), Vec::new())
     }
 
     /// Pods of namespace shop with `key` = "a".

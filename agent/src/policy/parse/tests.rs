@@ -105,10 +105,7 @@ spec: {podSelector: {}}
         peers[0],
         Peer::Pods {
             namespaces: NamespaceScope::Exactly("shop".into()),
-            pods: Selector {
-                match_labels: [("app".to_string(), "lb".to_string())].into(),
-                requirements: vec![],
-            }
+            pods: Selector::new([("app".to_string(), "lb".to_string())].into(), vec![])
         }
     );
     assert!(
