@@ -74,8 +74,9 @@ pub struct Compiled {
     pub identities: BTreeMap<AddrPrefix, u32>,
     /// Shared with the map state written from it, not copied.
     pub rules: Arc<BTreeMap<PolicySlot, PolicyValue>>,
-    /// Rule cookie → what decided; every cookie in `rules` is here.
-    pub cookies: BTreeMap<u32, Attribution>,
+    /// Rule cookie → what decided; every cookie in `rules` is here. Shared
+    /// with the next compile, which starts from it (see [`memo::Cookies`]).
+    pub cookies: memo::Cookies,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -346,6 +347,7 @@ impl Compiler {
             entries: previous,
             shared: shared_before,
             rules: rules_before,
+            cookies: cookies_before,
         } = self.memo.as_mut().map(Memo::take).unwrap_or_default();
         // Which classes a rule names depends only on its peers and the
         // classes: the previous answers are carried over to these classes.
@@ -430,8 +432,15 @@ impl Compiler {
             named_before,
             ..
         } = pass;
+        let mut out = out;
+        out.cookies = memo::all_cookies(cookies_before, out.cookies, |id| cookie_ids.kept(id));
         if let (Some(memo), Some(shared)) = (self.memo.as_mut(), shared) {
-            memo.restore(next, shared, Arc::clone(&out.rules));
+            memo.restore(
+                next,
+                shared,
+                Arc::clone(&out.rules),
+                Arc::clone(&out.cookies),
+            );
             // Peer lists only endpoints replayed unexamined use were not
             // looked up; their answers still hold for these classes (they
             // were cleared above otherwise). Lists of removed rules are
@@ -762,7 +771,7 @@ impl<'p> Pass<'p> {
         if let Some(memoized) = before.as_ref().filter(|m| {
             self.unchanged.namespace(&endpoint.namespace) && m.made_for(endpoint, endpoint_id)
         }) {
-            memoized.replay(&mut self.out, cookie_ids);
+            memoized.replay(cookie_ids);
             if memoized.applies() {
                 self.reuse.replayed += 1;
                 self.reuse.unexamined += 1;
@@ -833,7 +842,7 @@ impl<'p> Pass<'p> {
         });
         let before = match (fingerprint, before) {
             (Some(fingerprint), Some(memoized)) if memoized.fingerprint() == Some(fingerprint) => {
-                memoized.replay(&mut self.out, cookie_ids);
+                memoized.replay(cookie_ids);
                 let made_for = EndpointInputs::of(endpoint, endpoint_id);
                 self.next.insert(memo_key, memoized.now_for(made_for));
                 self.reuse.replayed += 1;
@@ -1259,13 +1268,15 @@ fn emit(
             _pad: 0,
             rule_cookie,
         };
-        recorder.record(&value, outcome.attribution.map(|i| (i, &attributions[i])));
+        recorder.record(&value, outcome.attribution);
         Arc::make_mut(&mut out.rules).insert(slot, value);
     }
     Ok(())
 }
 
-/// The cookie of `attribution` in this round, recorded in `out.cookies`.
+/// The cookie of `attribution` in this round, recorded in `out.cookies`
+/// (which holds, during the compile, the cookies of the entries it worked
+/// out; replayed ones join at the end, see [`memo::all_cookies`]).
 fn cookie_id(
     out: &mut Compiled,
     cookie_ids: &mut ids::IdRound<'_, Attribution>,
@@ -1276,7 +1287,9 @@ fn cookie_id(
         .ok_or(CompileError::IdsExhausted {
             what: "rule cookie",
         })?;
-    out.cookies.entry(id).or_insert_with(|| attribution.clone());
+    Arc::make_mut(&mut out.cookies)
+        .entry(id)
+        .or_insert_with(|| attribution.clone());
     Ok(id)
 }
 

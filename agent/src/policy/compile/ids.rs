@@ -118,6 +118,11 @@ impl<K: Hash + Eq + Clone> IdRound<'_, K> {
         self.kept.insert(id);
     }
 
+    /// Whether the round uses `id`, which the previous round handed out.
+    pub fn kept(&self, id: u32) -> bool {
+        self.kept.contains(id)
+    }
+
     pub fn finish(self) -> Sweep<K> {
         Sweep {
             kept: self.kept,

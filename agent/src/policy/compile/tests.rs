@@ -424,7 +424,7 @@ fn ids_are_stable_across_recompiles() {
     for (prefix, id) in &first.identities {
         assert_eq!(second.identities.get(prefix), Some(id), "{prefix}");
     }
-    for (cookie, attribution) in &first.cookies {
+    for (cookie, attribution) in first.cookies.iter() {
         assert_eq!(second.cookies.get(cookie), Some(attribution));
     }
     for (key, value) in first.rules.iter() {
