@@ -427,15 +427,18 @@ impl Translations {
                 None
             } else {
                 let listing = cgroups.listing();
-                let cgroup = if !translated.local {
-                    None
+                if !translated.local {
+                    Some(translated.with_cgroup(None))
                 } else if listing.is_some() && translated.looked_up_in == listing {
-                    translated.workload.cgroup.clone()
+                    // Looked up in this very listing: the workload has it
+                    // (copying and comparing a thousand paths was a tenth
+                    // of the view).
+                    Some(Arc::clone(&translated.workload))
                 } else {
                     translated.looked_up_in = listing;
-                    Some(cgroups.pod_cgroup(pod).unwrap_or_else(|expected| expected))
-                };
-                Some(translated.with_cgroup(cgroup))
+                    let cgroup = cgroups.pod_cgroup(pod).unwrap_or_else(|expected| expected);
+                    Some(translated.with_cgroup(Some(cgroup)))
+                }
             };
             if let Some(w) = workload.filter(|w| !w.ips.is_empty() || w.cgroup.is_some()) {
                 candidates.push((Arc::clone(pod), w));
@@ -443,6 +446,16 @@ impl Translations {
         }
         self.contested.clear();
         for i in 0..candidates.len() {
+            // Nearly every pod's addresses are its own: claimed without
+            // copying its address list (five thousand copies a view).
+            let own = &candidates[i].1.ips;
+            let uncontested = own.iter().enumerate().all(|(k, ip)| {
+                !node_ips.contains(ip) && !holders.contains_key(ip) && !own[..k].contains(ip)
+            });
+            if uncontested {
+                holders.extend(own.iter().map(|ip| (*ip, i)));
+                continue;
+            }
             let ips = candidates[i].1.ips.clone();
             for ip in ips {
                 if node_ips.contains(&ip) {
