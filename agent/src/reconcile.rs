@@ -106,7 +106,7 @@ pub struct Applied {
     pub endpoint_cgroups: Vec<PathBuf>,
     /// The policies now enforced (held-back objects at their previous
     /// version, or absent), for rules judged outside the kernel.
-    pub enforced: Vec<PolicyObject>,
+    pub enforced: Arc<Vec<PolicyObject>>,
     /// Where the pass spent its time (logged with each pass).
     pub timings: PassTimings,
 }
@@ -230,7 +230,7 @@ impl KeptRestricted {
 
 struct LastCompile {
     inventory: CheckedInventory,
-    policies: Vec<PolicyObject>,
+    policies: Arc<Vec<PolicyObject>>,
     compiled: Compiled,
 }
 
@@ -241,8 +241,8 @@ struct LastCompile {
 /// again. At 5,000 pods working out the map contents alone was 2–4 ms.
 struct LastPass {
     inventory: CheckedInventory,
-    policies: Vec<PolicyObject>,
-    previous: BTreeMap<PolicyRef, PolicyObject>,
+    policies: Arc<Vec<PolicyObject>>,
+    previous: Arc<BTreeMap<PolicyRef, PolicyObject>>,
     /// The listing the cgroup ids came from: another listing may differ.
     cgroup_ids: Arc<std::collections::HashMap<PathBuf, u64>>,
     guards: crate::source::Guards,
@@ -266,9 +266,9 @@ impl LastPass {
 /// searching again.
 struct HeldBack {
     inventory: CheckedInventory,
-    input: Vec<PolicyObject>,
-    previous: BTreeMap<PolicyRef, PolicyObject>,
-    policies: Vec<PolicyObject>,
+    input: Arc<Vec<PolicyObject>>,
+    previous: Arc<BTreeMap<PolicyRef, PolicyObject>>,
+    policies: Arc<Vec<PolicyObject>>,
     rejected: BTreeMap<PolicyRef, String>,
 }
 
@@ -305,11 +305,12 @@ impl Reconciler {
     fn compile(
         &mut self,
         inventory: &CheckedInventory,
-        policies: &[PolicyObject],
+        policies: &Arc<Vec<PolicyObject>>,
     ) -> Result<(), ReconcileError> {
+        // `Arc`'s equality takes the very same list as equal at once.
         let unchanged = self.last.as_ref().is_some_and(|l| {
             (CheckedInventory::same(&l.inventory, inventory) || l.inventory == *inventory)
-                && l.policies == policies
+                && l.policies == *policies
         });
         if !unchanged {
             let compiled = self
@@ -319,7 +320,7 @@ impl Reconciler {
             self.names = None;
             let replaced = self.last.replace(LastCompile {
                 inventory: inventory.clone(),
-                policies: policies.to_vec(),
+                policies: Arc::clone(policies),
                 compiled,
             });
             // A search for culprits compiles more than once a pass: only
@@ -391,11 +392,11 @@ impl Reconciler {
             let origin = policies[at].origin.clone();
             let consequence = match snapshot.previous.get(&culprit) {
                 Some(before) => {
-                    policies[at] = before.clone();
+                    Arc::make_mut(&mut policies)[at] = before.clone();
                     "its previous version stays enforced"
                 }
                 None => {
-                    policies.remove(at);
+                    Arc::make_mut(&mut policies).remove(at);
                     "it is NOT enforced: the pods it selects are not restricted by it \
                      until it fits"
                 }

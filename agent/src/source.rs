@@ -29,12 +29,15 @@ pub struct Snapshot {
     /// this load (absolute paths), so the pass need not look them up again;
     /// any other cgroup is looked up when the pass needs it.
     pub cgroup_ids: Arc<HashMap<PathBuf, u64>>,
-    pub policies: Vec<PolicyObject>,
+    /// Shared, as `previous` is: passes whose events named no policy
+    /// object hand on the last ones, and the reconciler keeps what it
+    /// compiled from; a thousand policies were copied several times a pass.
+    pub policies: Arc<Vec<PolicyObject>>,
     /// The version of each object in `policies` that was last valid and
     /// applied, where one is known: what the reconciler keeps enforced when
     /// the new version cannot be (see [`crate::reconcile`]). An object equal
     /// to its entry here is not a change.
-    pub previous: BTreeMap<PolicyRef, PolicyObject>,
+    pub previous: Arc<BTreeMap<PolicyRef, PolicyObject>>,
     pub problems: Vec<String>,
     /// Node-level guards beyond the workloads (Kubernetes mode).
     pub guards: Guards,

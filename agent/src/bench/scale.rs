@@ -165,7 +165,7 @@ fn measure(
         let compile_secs = started.elapsed().as_secs_f64();
         let snapshot = Snapshot {
             inventory: CheckedInventory::new(inventory.clone())?,
-            policies,
+            policies: std::sync::Arc::new(policies),
             ..Default::default()
         };
         let mut reconciler = Reconciler::new(mount.to_path_buf());

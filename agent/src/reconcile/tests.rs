@@ -59,11 +59,13 @@ fn admit(ns: &str, name: &str, cidrs: usize) -> PolicyObject {
 fn snapshot(policies: Vec<PolicyObject>, previous: &[PolicyObject]) -> Snapshot {
     Snapshot {
         inventory: CheckedInventory::new(lab()).unwrap(),
-        policies,
-        previous: previous
-            .iter()
-            .map(|p| (p.policy_ref(), p.clone()))
-            .collect(),
+        policies: Arc::new(policies),
+        previous: Arc::new(
+            previous
+                .iter()
+                .map(|p| (p.policy_ref(), p.clone()))
+                .collect(),
+        ),
         ..Default::default()
     }
 }
@@ -336,7 +338,7 @@ fn the_same_input_again_is_not_worked_out_again() {
     .unwrap();
     let pass = |inventory: &CheckedInventory| Snapshot {
         inventory: inventory.clone(),
-        policies: vec![admit("x", "first", 1)],
+        policies: Arc::new(vec![admit("x", "first", 1)]),
         ..Default::default()
     };
     let mut sink = Asked::default();
@@ -362,7 +364,7 @@ fn the_same_input_again_is_not_worked_out_again() {
     );
     // A changed policy on the same view: worked out, written.
     let mut changed = pass(&equal);
-    changed.policies.push(admit("x", "second", 1));
+    Arc::make_mut(&mut changed.policies).push(admit("x", "second", 1));
     assert!(reconciler.reconcile(&changed, &mut sink).unwrap().wrote);
     assert_eq!(sink.inner.0.applied.len(), 2);
 
@@ -379,7 +381,7 @@ fn the_same_input_again_is_not_worked_out_again() {
 fn snapshot_of(inventory: Inventory) -> Snapshot {
     Snapshot {
         inventory: CheckedInventory::new(inventory).unwrap(),
-        policies: vec![admit("x", "first", 1)],
+        policies: Arc::new(vec![admit("x", "first", 1)]),
         ..Default::default()
     }
 }

@@ -324,8 +324,8 @@ impl FileSource {
         self.pending = Some(pending);
         Ok(Snapshot {
             inventory,
-            policies,
-            previous,
+            policies: std::sync::Arc::new(policies),
+            previous: std::sync::Arc::new(previous),
             problems,
             ..Default::default()
         })
@@ -604,7 +604,10 @@ mod tests {
         );
         assert!(report.contains("last valid workloads"), "{report}");
         // Its objects are not a change: nothing for the reconciler to hold back.
-        assert_eq!(s.previous.values().cloned().collect::<Vec<_>>(), s.policies);
+        assert_eq!(
+            s.previous.values().cloned().collect::<Vec<_>>(),
+            *s.policies
+        );
 
         // Fixed: the new version applies and becomes the one kept.
         d.write("z.yaml", &deny("deny-v2"));
@@ -654,7 +657,7 @@ mod tests {
         assert!(source.settle(None).is_empty());
         d.write("z.yaml", "not: [valid");
         let s = pass(&mut d.source().unwrap());
-        assert_eq!(s.policies, [v1], "the version that was enforced");
+        assert_eq!(*s.policies, [v1], "the version that was enforced");
     }
 
     #[test]

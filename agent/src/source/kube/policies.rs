@@ -275,9 +275,9 @@ pub struct PolicyTracker {
 /// What one pass over the policy objects produced.
 #[derive(Clone)]
 pub struct TrackedPolicies {
-    pub policies: Vec<PolicyObject>,
+    pub policies: Arc<Vec<PolicyObject>>,
     /// The last applied version of each object that has one.
-    pub previous: BTreeMap<PolicyRef, PolicyObject>,
+    pub previous: Arc<BTreeMap<PolicyRef, PolicyObject>>,
     pub problems: Vec<String>,
     /// Shared with the tracker's last answer: most passes report what the
     /// last one did, and a thousand reports were a copy each pass.
@@ -382,12 +382,13 @@ impl PolicyTracker {
         let mut served: Vec<&Served> = self.served.values().collect();
         served.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let mut out = TrackedPolicies {
-            policies: Vec::with_capacity(served.len()),
-            previous: BTreeMap::new(),
+            policies: Arc::default(),
+            previous: Arc::default(),
             problems: Vec::new(),
             reports: Arc::default(),
         };
         let mut reports = Vec::with_capacity(served.len());
+        let mut policies = Vec::with_capacity(served.len());
         let mut previous = Vec::new();
         // Both in key order: walked side by side.
         let mut committed = self.committed.iter().peekable();
@@ -401,11 +402,11 @@ impl PolicyTracker {
                 previous.push((s.key.policy_ref(), last.policy.clone()));
             }
             match &s.outcome {
-                Ok((policy, _)) => out.policies.push(policy.clone()),
+                Ok((policy, _)) => policies.push(policy.clone()),
                 Err(e) => {
                     let consequence = match last {
                         Some(previous) => {
-                            out.policies.push(previous.policy.clone());
+                            policies.push(previous.policy.clone());
                             "its last valid version stays enforced"
                         }
                         None => "it is not applied",
@@ -416,7 +417,8 @@ impl PolicyTracker {
             reports.push(s.report.clone());
         }
         out.reports = Arc::new(reports);
-        out.previous = previous.into_iter().collect();
+        out.policies = Arc::new(policies);
+        out.previous = Arc::new(previous.into_iter().collect());
         out
     }
 
@@ -605,7 +607,7 @@ mod tests {
         let after_commit = tracker.track([ApiPolicy::L4(&v1)]);
         assert_eq!(
             after_commit.previous.values().cloned().collect::<Vec<_>>(),
-            first.policies,
+            *first.policies,
             "a commit since the last track is seen"
         );
         // With no policy event the answer is repeated, committed v1 included,
@@ -818,7 +820,7 @@ mod tests {
         let v2 = tracker.track([ApiPolicy::L4(&l4("web", "u1", json!(81)))]);
         assert_eq!(
             v2.previous.values().cloned().collect::<Vec<_>>(),
-            v1.policies
+            *v1.policies
         );
         let rejected = BTreeMap::from([(PolicyRef::l4_policy("x", "web"), "too big".into())]);
         tracker.settle(Some(&rejected));
