@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-/// Keeps glibc to one heap arena unless the operator chose otherwise
-/// (`MALLOC_ARENA_MAX` or `GLIBC_TUNABLES`). glibc gives a thread that
+/// Keeps glibc to one heap arena unless the operator chose a number
+/// (`MALLOC_ARENA_MAX`, or `glibc.malloc.arena_max` in `GLIBC_TUNABLES`). glibc gives a thread that
 /// finds the arenas busy one of its own (up to eight per core), and memory
 /// freed into an arena is reused only through it. The agent's threads take
 /// turns more than they contend (watchers fill the stores, then the sync
@@ -17,15 +17,26 @@ use std::time::{Duration, Instant};
 /// starts: a limit set later leaves the arenas threads already took.
 pub fn limit_arenas() {
     #[cfg(target_env = "gnu")]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none()
-        && std::env::var_os("GLIBC_TUNABLES").is_none()
-    {
+    if !arenas_chosen(
+        std::env::var_os("MALLOC_ARENA_MAX").is_some(),
+        std::env::var("GLIBC_TUNABLES").ok().as_deref(),
+    ) {
         // SAFETY: mallopt only sets the allocator's own parameter; no
         // other thread runs yet.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
+}
+
+/// Whether the operator set the arena count: other tunables leave it to
+/// [`limit_arenas`].
+fn arenas_chosen(malloc_arena_max: bool, tunables: Option<&str>) -> bool {
+    malloc_arena_max
+        || tunables.is_some_and(|t| {
+            t.split(':')
+                .any(|setting| setting.split('=').next() == Some("glibc.malloc.arena_max"))
+        })
 }
 
 /// Returns freed heap memory to the kernel (glibc's `malloc_trim`).
@@ -75,6 +86,21 @@ impl TrimWhenQuiet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_arena_count_the_operator_set_overrides_the_limit() {
+        assert!(!arenas_chosen(false, None));
+        assert!(arenas_chosen(true, None));
+        assert!(arenas_chosen(
+            false,
+            Some("glibc.malloc.tcache_count=0:glibc.malloc.arena_max=4")
+        ));
+        assert!(!arenas_chosen(false, Some("glibc.malloc.tcache_count=0")));
+        assert!(!arenas_chosen(
+            false,
+            Some("glibc.malloc.arena_test=2:glibc.mem.tagging=1")
+        ));
+    }
 
     #[test]
     fn a_trim_waits_for_a_lull_after_the_last_pass_and_comes_once() {

@@ -75,7 +75,7 @@ pub struct Compiled {
     /// Shared with the map state written from it, not copied.
     pub rules: Arc<BTreeMap<PolicySlot, PolicyValue>>,
     /// Rule cookie → what decided; every cookie in `rules` is here. Shared
-    /// with the next compile, which starts from it (see [`memo::Cookies`]).
+    /// with the next compile, which starts from it.
     pub cookies: memo::Cookies,
 }
 
