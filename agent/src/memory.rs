@@ -7,9 +7,10 @@
 use std::time::{Duration, Instant};
 
 /// Keeps glibc to one heap arena unless the operator chose a number
-/// (`MALLOC_ARENA_MAX`, or `glibc.malloc.arena_max` in `GLIBC_TUNABLES`). glibc gives a thread that
-/// finds the arenas busy one of its own (up to eight per core), and memory
-/// freed into an arena is reused only through it. The agent's threads take
+/// (`MALLOC_ARENA_MAX`, or `glibc.malloc.arena_max` in `GLIBC_TUNABLES`).
+/// glibc gives a thread that finds the arenas busy one of its own (up to
+/// eight per core), and memory freed into an arena is reused only through
+/// it. The agent's threads take
 /// turns more than they contend (watchers fill the stores, then the sync
 /// thread compiles), so extra arenas mostly kept freed memory resident: at
 /// 20,000 pods the churn bench's peak went from 143.9 MiB (default) and

@@ -423,7 +423,7 @@ impl Compiler {
         }
         let rules: usize = pass.policies.all.iter().map(|p| p.rules().count()).sum();
         let Pass {
-            out,
+            mut out,
             next,
             reuse,
             classes,
@@ -432,7 +432,6 @@ impl Compiler {
             named_before,
             ..
         } = pass;
-        let mut out = out;
         out.cookies = memo::all_cookies(cookies_before, out.cookies, |id| cookie_ids.kept(id));
         if let (Some(memo), Some(shared)) = (self.memo.as_mut(), shared) {
             memo.restore(
