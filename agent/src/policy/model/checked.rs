@@ -9,7 +9,7 @@ use std::{ops::Deref, sync::Arc};
 
 use foldhash::HashSet;
 
-use super::{Inventory, InventoryError, Workload};
+use super::{Inventory, InventoryError, Workload, WorkloadRef};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckedInventory(Arc<Inventory>);
@@ -31,6 +31,54 @@ impl CheckedInventory {
         let checked: HashSet<*const Workload> =
             previous.workloads.iter().map(Arc::as_ptr).collect();
         inventory.check_reusing(|w| checked.contains(&Arc::as_ptr(w)))?;
+        Ok(Self(Arc::new(inventory)))
+    }
+
+    /// This view with some workloads replaced, added or removed: each of
+    /// `changes` names a workload (namespace, name) and what it is now
+    /// (`None`: gone). The workloads stay in name order, and only the
+    /// changed ones are checked, each against all the rest (see
+    /// [`Inventory::check_in_place`]): everything else passed together
+    /// here already. A view not in name order is checked whole.
+    pub fn patch(
+        &self,
+        changes: impl IntoIterator<Item = (WorkloadRef, Option<Arc<Workload>>)>,
+    ) -> Result<Self, InventoryError> {
+        fn key(w: &Workload) -> (&str, &str) {
+            (&w.namespace, &w.name)
+        }
+        let mut inventory = Inventory::clone(&self.0);
+        let sorted = inventory
+            .workloads
+            .windows(2)
+            .all(|p| key(&p[0]) < key(&p[1]));
+        let mut changed: Vec<WorkloadRef> = Vec::new();
+        for (named, now) in changes {
+            let workloads = &mut inventory.workloads;
+            let place =
+                |ws: &[Arc<Workload>], k: (&str, &str)| ws.binary_search_by(|w| key(w).cmp(&k));
+            if let Ok(at) = place(workloads, (&named.namespace, &named.name)) {
+                workloads.remove(at);
+            }
+            let Some(now) = now else { continue };
+            match place(workloads, key(&now)) {
+                // Its name taken by another: the check below reports it.
+                Ok(at) | Err(at) => workloads.insert(at, Arc::clone(&now)),
+            }
+            changed.push(now.reference());
+        }
+        if !sorted {
+            return Self::new(inventory);
+        }
+        for named in &changed {
+            // The first of equal names (a name given twice is refused);
+            // none if a later change took it out again.
+            let k = (named.namespace.as_str(), named.name.as_str());
+            let at = inventory.workloads.partition_point(|w| key(w) < k);
+            if inventory.workloads.get(at).is_some_and(|w| key(w) == k) {
+                inventory.check_in_place(at)?;
+            }
+        }
         Ok(Self(Arc::new(inventory)))
     }
 
@@ -152,5 +200,151 @@ mod tests {
         let fine =
             CheckedInventory::new_after(with(workload("b", "/cg/2")), &previous).expect("valid");
         assert_eq!(fine.workloads.len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod patch_tests {
+    use std::{collections::BTreeMap, net::IpAddr};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::policy::model::Service;
+
+    /// A workload over a few names, addresses and cgroups, now and then
+    /// with a label key the check refuses.
+    fn workload() -> impl Strategy<Value = Workload> {
+        (
+            0..6u8,
+            prop::option::of(0..8u8),
+            prop::option::of(0..5u8),
+            prop::bool::weighted(0.05),
+        )
+            .prop_map(|(name, ip, cgroup, bad_label)| {
+                let mut w = Workload {
+                    name: format!("w{name}"),
+                    namespace: "x".into(),
+                    labels: Default::default(),
+                    cgroup: cgroup.map(|c| format!("/cg/{c}").into()),
+                    ips: ip
+                        .map(|i| IpAddr::from([10, 0, 0, i]))
+                        .into_iter()
+                        .collect(),
+                    ports: Vec::new(),
+                    service_account: None,
+                };
+                if bad_label {
+                    w.labels_mut().insert("not a key!".into(), "v".into());
+                }
+                w
+            })
+    }
+
+    /// Node address 10.0.0.0 and a Service on 10.0.0.7, which workloads
+    /// may also claim.
+    fn base(workloads: Vec<Workload>) -> Inventory {
+        let by_name: BTreeMap<String, Workload> =
+            workloads.into_iter().map(|w| (w.name.clone(), w)).collect();
+        Inventory {
+            node_ips: vec![IpAddr::from([10, 0, 0, 0])],
+            namespaces: Vec::new(),
+            workloads: by_name.into_values().map(Arc::new).collect(),
+            services: vec![Service {
+                name: "s".into(),
+                namespace: "x".into(),
+                cluster_ips: vec![IpAddr::from([10, 0, 0, 7])],
+                ports: Vec::new(),
+            }],
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+        /// A patch is accepted exactly when the whole patched view passes
+        /// the full check, and then it is that view.
+        #[test]
+        fn a_patch_is_checked_as_the_whole_view_would_be(
+            before in prop::collection::vec(workload(), 0..6),
+            changes in prop::collection::vec((0..6u8, prop::option::of(workload())), 1..4),
+        ) {
+            let Ok(previous) = CheckedInventory::new(base(before)) else {
+                return Ok(());
+            };
+            let changes: Vec<(WorkloadRef, Option<Arc<Workload>>)> = changes
+                .into_iter()
+                .map(|(name, now)| {
+                    let named = WorkloadRef { namespace: "x".into(), name: format!("w{name}") };
+                    let now = now.map(|mut w| {
+                        w.name = named.name.clone();
+                        Arc::new(w)
+                    });
+                    (named, now)
+                })
+                .collect();
+            let mut by_name: BTreeMap<String, Arc<Workload>> = previous
+                .workloads
+                .iter()
+                .map(|w| (w.name.clone(), Arc::clone(w)))
+                .collect();
+            for (named, now) in &changes {
+                match now {
+                    Some(w) => by_name.insert(named.name.clone(), Arc::clone(w)),
+                    None => by_name.remove(&named.name),
+                };
+            }
+            let whole = Inventory {
+                workloads: by_name.into_values().collect(),
+                ..Inventory::clone(&previous)
+            };
+            let full = CheckedInventory::new(whole);
+            let patched = previous.patch(changes);
+            prop_assert_eq!(patched.is_ok(), full.is_ok(), "{:?} / {:?}", patched, full);
+            if let (Ok(patched), Ok(full)) = (patched, full) {
+                prop_assert_eq!(patched, full);
+            }
+        }
+    }
+
+    /// The errors name the fields as the full check does: the later
+    /// claimant, and the first.
+    #[test]
+    fn a_patch_names_the_clash_as_the_full_check_does() {
+        let w = |name: &str, ip: u8, cgroup: &str| Workload {
+            name: name.into(),
+            namespace: "x".into(),
+            labels: Default::default(),
+            cgroup: Some(cgroup.into()),
+            ips: vec![IpAddr::from([10, 0, 0, ip])],
+            ports: Vec::new(),
+            service_account: None,
+        };
+        let previous = CheckedInventory::new(base(vec![w("a", 1, "/cg/a"), w("c", 3, "/cg/c")]))
+            .expect("valid");
+        let put = |w: Workload| (w.reference(), Some(Arc::new(w)));
+        for (change, message) in [
+            (w("b", 3, "/cg/b"), "workloads[2].ips[0]"),
+            (w("0", 1, "/cg/0"), "workloads[1].ips[0]"),
+            (w("b", 0, "/cg/b"), "workloads[1].ips[0]"),
+            (w("b", 7, "/cg/b"), "services[0].clusterIPs[0]"),
+        ] {
+            let patched = previous.patch([put(change.clone())]).unwrap_err();
+            let mut whole = Inventory::clone(&previous);
+            whole.workloads.push(Arc::new(change));
+            whole.workloads.sort_by(|a, b| a.name.cmp(&b.name));
+            let full = whole.check().unwrap_err();
+            assert_eq!(patched.to_string(), full.to_string());
+            assert!(patched.to_string().contains(message), "{patched}");
+        }
+        let taken = previous.patch([put(w("b", 2, "/cg/c"))]).unwrap_err();
+        assert!(
+            matches!(taken, InventoryError::DuplicateCgroup { .. }),
+            "{taken}"
+        );
+        let removed = previous
+            .patch([(w("a", 1, "/cg/a").reference(), None)])
+            .expect("a removal breaks nothing");
+        assert_eq!(removed.workloads.len(), 1);
     }
 }
