@@ -677,6 +677,40 @@ impl KubeSource {
     }
 }
 
+impl KubeSource {
+    /// The kept view with the `named` pods as the store has them now, when
+    /// those pods alone settle it (see `workloads::patch`); `None` leaves
+    /// the view to be read whole. The Services are the kept ones: none
+    /// changed, and none clashes with a pod's new address.
+    fn patch_view(
+        &mut self,
+        kept: &KeptView,
+        named: &BTreeSet<(String, String)>,
+    ) -> Option<Result<KeptView, crate::policy::model::InventoryError>> {
+        let unlisted = Listing::default();
+        let lookup = ListedCgroups {
+            mount: &self.mount,
+            finder: self.cgroups.finder(),
+            listed: &self.cgroups.last().unwrap_or(&unlisted).pods,
+            walk: kept.walk,
+        };
+        let pods = &self.stores.pods;
+        let changes = self.translations.patch(
+            &self.options.node_name,
+            &kept.inventory,
+            named.iter().map(|(ns, name)| (ns.as_str(), name.as_str())),
+            |ns, name| pods.get(&reflector::ObjectRef::new(name).within(ns)),
+            &lookup,
+        )?;
+        Some(kept.inventory.patch(changes).map(|inventory| KeptView {
+            inventory,
+            walk: kept.walk,
+            local: kept.local.clone(),
+            service_problems: Vec::new(),
+        }))
+    }
+}
+
 /// The agent's own cgroup in `mount`: its pod's, by UID, or else the one
 /// /proc/self/cgroup names (outside a cgroup namespace).
 pub fn own_cgroup(mount: &Path, options: &KubeOptions) -> Result<PathBuf, KubeSourceError> {
@@ -720,6 +754,9 @@ enum Reread {
     /// The kept workloads, namespaces and node; Services read again (they
     /// are checked against the workloads' addresses, which are kept).
     Services,
+    /// The kept view with the pods the events named read again, if that
+    /// settles it (see `workloads::patch`); everything otherwise.
+    NamedPods,
     Everything,
 }
 
@@ -728,29 +765,36 @@ impl Reread {
     /// walk number `walk` (`None`: not listed), and the last load kept
     /// `kept`. Without a kept view, or a listing to compare, everything.
     /// Changed pods are read again unless `pods_read_alike` tells that
-    /// those the events named leave the view as it was (asked only then).
+    /// those the events named leave the view as it was (asked only then);
+    /// only those pods when the events `named_pods` (all of them) and
+    /// nothing else changed that the view reads.
     fn after(
         dirty: &BTreeSet<Watched>,
         kept: Option<&KeptView>,
         walk: Option<u64>,
+        named_pods: bool,
         pods_read_alike: impl FnOnce() -> bool,
     ) -> Self {
         let view = [Watched::Namespaces, Watched::Node];
         let services = [Watched::Services, Watched::EndpointSlices];
-        match kept {
-            Some(kept)
-                if walk.is_some()
-                    && walk == kept.walk
-                    && !view.iter().any(|w| dirty.contains(w))
-                    && (!dirty.contains(&Watched::Pods) || pods_read_alike()) =>
-            {
-                if services.iter().any(|w| dirty.contains(w)) {
-                    Self::Services
-                } else {
-                    Self::Nothing
-                }
-            }
-            _ => Self::Everything,
+        let Some(kept) = kept else {
+            return Self::Everything;
+        };
+        if walk.is_none() || walk != kept.walk || view.iter().any(|w| dirty.contains(w)) {
+            return Self::Everything;
+        }
+        let services_changed = services.iter().any(|w| dirty.contains(w));
+        if dirty.contains(&Watched::Pods) && !pods_read_alike() {
+            // A Service the last view dropped for a clash may come back.
+            let patchable = named_pods && !services_changed && kept.service_problems.is_empty();
+            return match patchable {
+                true => Self::NamedPods,
+                false => Self::Everything,
+            };
+        }
+        match services_changed {
+            true => Self::Services,
+            false => Self::Nothing,
         }
     }
 }
@@ -831,10 +875,20 @@ impl Source for KubeSource {
                 |ns, name| pods.get(&reflector::ObjectRef::new(name).within(ns)),
             )
         };
-        let reread = Reread::after(&dirty, kept.as_ref(), walk, pods_read_alike);
-        let view = match (reread, kept) {
-            (Reread::Nothing, Some(kept)) => Ok(kept),
-            (reread, kept) => self.read_view(reread, kept, walk),
+        let reread = Reread::after(
+            &dirty,
+            kept.as_ref(),
+            walk,
+            named_pods.is_some(),
+            pods_read_alike,
+        );
+        let view = match (reread, kept, &named_pods) {
+            (Reread::Nothing, Some(kept), _) => Ok(kept),
+            (Reread::NamedPods, Some(kept), Some(named)) => match self.patch_view(&kept, named) {
+                Some(patched) => patched,
+                None => self.read_view(Reread::Everything, Some(kept), walk),
+            },
+            (reread, kept, _) => self.read_view(reread, kept, walk),
         };
         // A policy object changes its store before its event marks it, so
         // with no policy marked the stores serve what the last track read.
@@ -1006,7 +1060,9 @@ mod tests {
     #[test]
     fn a_load_reads_again_what_changed_and_what_depends_on_it() {
         let after = |dirty: &[Watched], kept: Option<&KeptView>, walk| {
-            Reread::after(&dirty.iter().copied().collect(), kept, walk, || false)
+            Reread::after(&dirty.iter().copied().collect(), kept, walk, false, || {
+                false
+            })
         };
         let listed = kept(Some(7));
         for what in Watched::ALL {
@@ -1040,6 +1096,7 @@ mod tests {
                 &dirty.iter().copied().collect(),
                 Some(&listed),
                 walk,
+                false,
                 || true,
             )
         };
@@ -1056,11 +1113,53 @@ mod tests {
         // Asked only when pods changed.
         let asked = std::cell::Cell::new(false);
         let policies = [Watched::NetworkPolicies].into_iter().collect();
-        Reread::after(&policies, Some(&listed), Some(7), || {
+        Reread::after(&policies, Some(&listed), Some(7), true, || {
             asked.set(true);
             true
         });
         assert!(!asked.get());
+
+        // Pods that change the view, all named by their events: only
+        // those, while nothing else the view reads changed and no Service
+        // was dropped for a clash (it may come back with a pod gone).
+        let named = |dirty: &[Watched], kept: &KeptView, walk| {
+            Reread::after(
+                &dirty.iter().copied().collect(),
+                Some(kept),
+                walk,
+                true,
+                || false,
+            )
+        };
+        assert_eq!(named(&[Watched::Pods], &listed, Some(7)), Reread::NamedPods);
+        assert_eq!(
+            named(&[Watched::Pods, Watched::NetworkPolicies], &listed, Some(7)),
+            Reread::NamedPods
+        );
+        for other in [
+            Watched::Services,
+            Watched::EndpointSlices,
+            Watched::Namespaces,
+            Watched::Node,
+        ] {
+            assert_eq!(
+                named(&[Watched::Pods, other], &listed, Some(7)),
+                Reread::Everything,
+                "{other}"
+            );
+        }
+        assert_eq!(
+            named(&[Watched::Pods], &listed, Some(8)),
+            Reread::Everything
+        );
+        let clashed = KeptView {
+            service_problems: vec!["Service x/s: cluster IP clash".into()],
+            ..kept(Some(7))
+        };
+        assert_eq!(
+            named(&[Watched::Pods], &clashed, Some(7)),
+            Reread::Everything
+        );
     }
 
     /// A load learns which pods the events named, until they are too many

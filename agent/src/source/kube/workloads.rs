@@ -21,6 +21,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::slim_pod::SlimPod as Pod;
 
+mod patch;
+
 use crate::policy::model::{
     is_valid_port_name, ContainerPort, Inventory, Namespace, Protocol, Workload,
 };
@@ -232,6 +234,46 @@ impl Translated {
         }
     }
 
+    /// The pod's workload in a view, before addresses and cgroups claimed
+    /// twice are settled: `None` for a pod that is not a peer of its own
+    /// (finished, unnamed, or on the host's network: a local host-network
+    /// pod's cgroup goes to `local`), or that has neither an address nor a
+    /// cgroup.
+    fn in_view(
+        &mut self,
+        pod: &Pod,
+        cgroups: &impl CgroupLookup,
+        local: &mut LocalPods,
+    ) -> Option<Arc<Workload>> {
+        let workload = if !self.usable {
+            None
+        } else if self.host_network {
+            // Shares the node's addresses: not a peer of its own, and
+            // NetworkPolicy does not apply to it.
+            if self.local {
+                if let Ok(cgroup) = cgroups.pod_cgroup(pod) {
+                    local.host_network.push(cgroup);
+                }
+            }
+            None
+        } else {
+            let listing = cgroups.listing();
+            if !self.local {
+                Some(self.with_cgroup(None))
+            } else if listing.is_some() && self.looked_up_in == listing {
+                // Looked up in this very listing: the workload has it
+                // (copying and comparing a thousand paths was a tenth of
+                // the view).
+                Some(Arc::clone(&self.workload))
+            } else {
+                self.looked_up_in = listing;
+                let cgroup = cgroups.pod_cgroup(pod).unwrap_or_else(|expected| expected);
+                Some(self.with_cgroup(Some(cgroup)))
+            }
+        };
+        workload.filter(|w| !w.ips.is_empty() || w.cgroup.is_some())
+    }
+
     /// The workload with this cgroup, shared with the last view when the
     /// cgroup is the same.
     fn with_cgroup(&mut self, cgroup: Option<PathBuf>) -> Arc<Workload> {
@@ -262,6 +304,12 @@ pub struct Translations {
     /// last view: who keeps one depends on the pods' deletion marks and
     /// ages, so a change to those decides the view there.
     contested: HashSet<IpAddr>,
+    /// The node's pod CIDR gateways in the last view: one is a node
+    /// address only while no pod holds it.
+    gateways: Vec<IpAddr>,
+    /// The last view gave a cgroup two pods claimed to the first only:
+    /// which one keeps it depends on all of them.
+    cgroup_taken: bool,
 }
 
 /// How the view orders pods: by namespace, then name.
@@ -413,34 +461,7 @@ impl Translations {
         let mut candidates: Vec<(Arc<Pod>, Arc<Workload>)> = Vec::new();
         for at in &self.order {
             let (pod, translated) = by_object.get_mut(at).expect("ordered pods are kept");
-            let pod = &*pod;
-            let workload = if !translated.usable {
-                None
-            } else if translated.host_network {
-                // Shares the node's addresses: not a peer of its own, and
-                // NetworkPolicy does not apply to it.
-                if translated.local {
-                    if let Ok(cgroup) = cgroups.pod_cgroup(pod) {
-                        local.host_network.push(cgroup);
-                    }
-                }
-                None
-            } else {
-                let listing = cgroups.listing();
-                if !translated.local {
-                    Some(translated.with_cgroup(None))
-                } else if listing.is_some() && translated.looked_up_in == listing {
-                    // Looked up in this very listing: the workload has it
-                    // (copying and comparing a thousand paths was a tenth
-                    // of the view).
-                    Some(Arc::clone(&translated.workload))
-                } else {
-                    translated.looked_up_in = listing;
-                    let cgroup = cgroups.pod_cgroup(pod).unwrap_or_else(|expected| expected);
-                    Some(translated.with_cgroup(Some(cgroup)))
-                }
-            };
-            if let Some(w) = workload.filter(|w| !w.ips.is_empty() || w.cgroup.is_some()) {
+            if let Some(w) = translated.in_view(pod, cgroups, &mut local) {
                 candidates.push((Arc::clone(pod), w));
             }
         }
@@ -477,7 +498,9 @@ impl Translations {
                 self.contested.insert(ip);
             }
         }
-        node_ips.extend(gateways.into_iter().filter(|g| !holders.contains_key(g)));
+        node_ips.extend(gateways.iter().filter(|g| !holders.contains_key(g)));
+        self.gateways = gateways;
+        self.cgroup_taken = false;
         node_ips.sort();
         // Two local pods never share a cgroup unless the lookup is confused;
         // keep the first rather than reject the node's whole state.
@@ -488,6 +511,7 @@ impl Translations {
             // Remote pods have none: only the local fifth is hashed.
             if let Some(cgroup) = candidate.cgroup.as_deref() {
                 if !cgroup_owners.insert(cgroup) {
+                    self.cgroup_taken = true;
                     Arc::make_mut(&mut w).cgroup = None;
                 }
             }
