@@ -12,13 +12,25 @@ use foldhash::HashSet;
 use super::{Inventory, InventoryError, Workload, WorkloadRef};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckedInventory(Arc<Inventory>);
+pub struct CheckedInventory {
+    inventory: Arc<Inventory>,
+    /// The workloads are in strict (namespace, name) order, as sources
+    /// list them: a patch can find its place by bisection.
+    in_name_order: bool,
+}
 
 impl CheckedInventory {
     /// Checks `inventory`; only a valid one becomes a `CheckedInventory`.
     pub fn new(inventory: Inventory) -> Result<Self, InventoryError> {
-        inventory.check()?;
-        Ok(Self(Arc::new(inventory)))
+        let in_name_order = inventory.check_reusing(|_| false)?;
+        Ok(Self::checked(inventory, in_name_order))
+    }
+
+    fn checked(inventory: Inventory, in_name_order: bool) -> Self {
+        Self {
+            inventory: Arc::new(inventory),
+            in_name_order,
+        }
     }
 
     /// [`CheckedInventory::new`] for a view rebuilt from `previous`: a
@@ -30,8 +42,8 @@ impl CheckedInventory {
         // `previous` keeps these alive, so no other workload has their address.
         let checked: HashSet<*const Workload> =
             previous.workloads.iter().map(Arc::as_ptr).collect();
-        inventory.check_reusing(|w| checked.contains(&Arc::as_ptr(w)))?;
-        Ok(Self(Arc::new(inventory)))
+        let in_name_order = inventory.check_reusing(|w| checked.contains(&Arc::as_ptr(w)))?;
+        Ok(Self::checked(inventory, in_name_order))
     }
 
     /// This view with some workloads replaced, added or removed: each of
@@ -39,7 +51,8 @@ impl CheckedInventory {
     /// (`None`: gone). The workloads stay in name order, and only the
     /// changed ones are checked, each against all the rest (see
     /// [`Inventory::check_in_place`]): everything else passed together
-    /// here already. A view not in name order is checked whole.
+    /// here already. A view not in name order is checked whole (and comes
+    /// out in order).
     pub fn patch(
         &self,
         changes: impl IntoIterator<Item = (WorkloadRef, Option<Arc<Workload>>)>,
@@ -47,11 +60,10 @@ impl CheckedInventory {
         fn key(w: &Workload) -> (&str, &str) {
             (&w.namespace, &w.name)
         }
-        let mut inventory = Inventory::clone(&self.0);
-        let sorted = inventory
-            .workloads
-            .windows(2)
-            .all(|p| key(&p[0]) < key(&p[1]));
+        let mut inventory = Inventory::clone(&self.inventory);
+        if !self.in_name_order {
+            inventory.workloads.sort_by(|a, b| key(a).cmp(&key(b)));
+        }
         let mut changed: Vec<WorkloadRef> = Vec::new();
         for (named, now) in changes {
             let workloads = &mut inventory.workloads;
@@ -67,7 +79,7 @@ impl CheckedInventory {
             }
             changed.push(now.reference());
         }
-        if !sorted {
+        if !self.in_name_order {
             return Self::new(inventory);
         }
         for named in &changed {
@@ -79,17 +91,17 @@ impl CheckedInventory {
                 inventory.check_in_place(at)?;
             }
         }
-        Ok(Self(Arc::new(inventory)))
+        Ok(Self::checked(inventory, true))
     }
 
     /// The view itself, to change (copied only if it is shared).
     pub fn into_inner(self) -> Inventory {
-        Arc::unwrap_or_clone(self.0)
+        Arc::unwrap_or_clone(self.inventory)
     }
 
     /// A changed copy, checked again.
     pub fn edit(&self, change: impl FnOnce(&mut Inventory)) -> Result<Self, InventoryError> {
-        let mut inventory = Inventory::clone(&self.0);
+        let mut inventory = Inventory::clone(&self.inventory);
         change(&mut inventory);
         Self::new(inventory)
     }
@@ -97,7 +109,7 @@ impl CheckedInventory {
     /// Whether both are the very same value (not merely equal): a cheap
     /// test for a pass repeated on the same view.
     pub fn same(a: &Self, b: &Self) -> bool {
-        Arc::ptr_eq(&a.0, &b.0)
+        Arc::ptr_eq(&a.inventory, &b.inventory)
     }
 }
 
@@ -105,7 +117,7 @@ impl CheckedInventory {
 /// conflict).
 impl Default for CheckedInventory {
     fn default() -> Self {
-        Self(Arc::new(Inventory::default()))
+        Self::checked(Inventory::default(), true)
     }
 }
 
@@ -113,7 +125,7 @@ impl Deref for CheckedInventory {
     type Target = Inventory;
 
     fn deref(&self) -> &Inventory {
-        &self.0
+        &self.inventory
     }
 }
 
@@ -346,5 +358,22 @@ mod patch_tests {
             .patch([(w("a", 1, "/cg/a").reference(), None)])
             .expect("a removal breaks nothing");
         assert_eq!(removed.workloads.len(), 1);
+
+        // A view out of name order (a source that does not sort) is
+        // patched all the same, and checked whole.
+        let unordered = CheckedInventory::new(Inventory {
+            workloads: vec![Arc::new(w("c", 3, "/cg/c")), Arc::new(w("a", 1, "/cg/a"))],
+            ..Default::default()
+        })
+        .expect("valid");
+        let patched = unordered
+            .patch([
+                (w("a", 1, "/cg/a").reference(), None),
+                put(w("b", 2, "/cg/b")),
+            ])
+            .expect("valid");
+        let names: Vec<&str> = patched.workloads.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["b", "c"]);
+        assert!(unordered.patch([put(w("b", 3, "/cg/b"))]).is_err());
     }
 }

@@ -292,16 +292,17 @@ impl Inventory {
     /// services with usable cluster IPs no workload or node uses, one per
     /// family, and each port and protocol once.
     pub fn check(&self) -> Result<(), InventoryError> {
-        self.check_reusing(|_| false)
+        self.check_reusing(|_| false).map(|_in_name_order| ())
     }
 
     /// [`Inventory::check`], trusting what a workload says of itself (its
     /// names, labels, addresses and ports) where `known_valid` vouches for
-    /// it; what workloads must not share is always checked.
+    /// it; what workloads must not share is always checked. Tells whether
+    /// the workloads are in strict name order, as sources list them.
     pub(crate) fn check_reusing(
         &self,
         known_valid: impl Fn(&Arc<Workload>) -> bool,
-    ) -> Result<(), InventoryError> {
+    ) -> Result<bool, InventoryError> {
         // Field names are only spelled out for an error: this runs on every
         // pass over thousands of pods.
         // Sized up front: growing maps of thousands of entries rehashes them.
@@ -456,7 +457,7 @@ impl Inventory {
                 }
             }
         }
-        Ok(())
+        Ok(strictly_sorted)
     }
 }
 
