@@ -48,17 +48,43 @@ impl CheckedInventory {
 
     /// This view with some workloads replaced, added or removed: each of
     /// `changes` names a workload (namespace, name) and what it is now
-    /// (`None`: gone). The workloads stay in name order, and only the
-    /// changed ones are checked, each against all the rest (see
-    /// [`Inventory::check_in_place`]): everything else passed together
-    /// here already. A view not in name order is checked whole (and comes
-    /// out in order).
+    /// (`None`: gone), under that same name. The workloads stay in name
+    /// order, and only the changed ones are checked, each against all the
+    /// rest (see [`Inventory::check_in_place`]): everything else passed
+    /// together here already. A view not in name order, or a change whose
+    /// workload has another name than the one it names, is checked whole.
+    /// Changes that leave every entry as it was give this very view, so a
+    /// pass can tell it unchanged by address.
     pub fn patch(
         &self,
         changes: impl IntoIterator<Item = (WorkloadRef, Option<Arc<Workload>>)>,
     ) -> Result<Self, InventoryError> {
         fn key(w: &Workload) -> (&str, &str) {
             (&w.namespace, &w.name)
+        }
+        fn place(ws: &[Arc<Workload>], k: (&str, &str)) -> Result<usize, usize> {
+            ws.binary_search_by(|w| key(w).cmp(&k))
+        }
+        let changes: Vec<_> = changes.into_iter().collect();
+        let renamed = changes.iter().any(|(named, now)| {
+            now.as_ref()
+                .is_some_and(|w| key(w) != (&named.namespace, &named.name))
+        });
+        debug_assert!(!renamed, "a patch names each workload by its own name");
+        let whole_check = renamed || !self.in_name_order;
+        let unchanged = !whole_check
+            && changes.iter().all(|(named, now)| {
+                let before = place(&self.workloads, (&named.namespace, &named.name))
+                    .ok()
+                    .map(|at| &self.workloads[at]);
+                match (before, now) {
+                    (None, None) => true,
+                    (Some(before), Some(now)) => Arc::ptr_eq(before, now),
+                    _ => false,
+                }
+            });
+        if unchanged {
+            return Ok(self.clone());
         }
         let mut inventory = Inventory::clone(&self.inventory);
         if !self.in_name_order {
@@ -67,8 +93,6 @@ impl CheckedInventory {
         let mut changed: Vec<WorkloadRef> = Vec::new();
         for (named, now) in changes {
             let workloads = &mut inventory.workloads;
-            let place =
-                |ws: &[Arc<Workload>], k: (&str, &str)| ws.binary_search_by(|w| key(w).cmp(&k));
             if let Ok(at) = place(workloads, (&named.namespace, &named.name)) {
                 workloads.remove(at);
             }
@@ -79,15 +103,13 @@ impl CheckedInventory {
             }
             changed.push(now.reference());
         }
-        if !self.in_name_order {
+        if whole_check {
             return Self::new(inventory);
         }
         for named in &changed {
-            // The first of equal names (a name given twice is refused);
-            // none if a later change took it out again.
+            // None if a later change took it out again.
             let k = (named.namespace.as_str(), named.name.as_str());
-            let at = inventory.workloads.partition_point(|w| key(w) < k);
-            if inventory.workloads.get(at).is_some_and(|w| key(w) == k) {
+            if let Ok(at) = place(&inventory.workloads, k) {
                 inventory.check_in_place(at)?;
             }
         }
@@ -319,8 +341,9 @@ mod patch_tests {
         }
     }
 
-    /// The errors name the fields as the full check does: the later
-    /// claimant, and the first.
+    /// A workload with one clash has it named as the full check names it:
+    /// the later claimant, and the first. (With several, each check may
+    /// report a different one first.)
     #[test]
     fn a_patch_names_the_clash_as_the_full_check_does() {
         let w = |name: &str, ip: u8, cgroup: &str| Workload {
@@ -358,6 +381,18 @@ mod patch_tests {
             .patch([(w("a", 1, "/cg/a").reference(), None)])
             .expect("a removal breaks nothing");
         assert_eq!(removed.workloads.len(), 1);
+
+        // Changes that change nothing give the very same view.
+        let same = previous
+            .patch([
+                (w("b", 2, "/cg/b").reference(), None),
+                (
+                    previous.workloads[0].reference(),
+                    Some(Arc::clone(&previous.workloads[0])),
+                ),
+            ])
+            .expect("valid");
+        assert!(CheckedInventory::same(&same, &previous));
 
         // A view out of name order (a source that does not sort) is
         // patched all the same, and checked whole.

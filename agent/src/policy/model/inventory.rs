@@ -473,7 +473,9 @@ impl Inventory {
         let w = &self.workloads[i];
         w.check_alone(&|| format!("workloads[{i}]"))?;
         let duplicate = |a: Claimant, b: Claimant, address: IpAddr| {
-            // Reported as the full check reports it: the later claimant.
+            // Reported as the full check reports it, the later claimant
+            // first (of several clashes, the two checks may meet another
+            // one first).
             let (first, field) = if a.precedes(&b) { (a, b) } else { (b, a) };
             InventoryError::DuplicateAddress {
                 field: field.to_string(),

@@ -45,6 +45,10 @@ impl Translations {
         if self.views == 0 || self.node_name != node_name || self.cgroup_taken {
             return None;
         }
+        // Each pod once, however often it is named.
+        let mut named: Vec<(&str, &str)> = named.into_iter().collect();
+        named.sort_unstable();
+        named.dedup();
         let mut changes: Vec<Changed> = Vec::new();
         for (namespace, name) in named {
             let kept = self.kept(namespace, name);
@@ -342,30 +346,32 @@ mod tests {
 
     type Store = BTreeMap<(String, String), Arc<Pod>>;
 
-    fn full_view(translations: &mut Translations, store: &Store) -> Inventory {
+    fn full_view(translations: &mut Translations, store: &Store) -> (Inventory, LocalPods) {
         let node = node();
-        translations
-            .inventory("n1", Some(&node), [], store.values(), &ByUid)
-            .0
+        translations.inventory("n1", Some(&node), [], store.values(), &ByUid)
+    }
+
+    /// A translation of the store from scratch: what every view must be.
+    fn fresh_view(store: &Store) -> (Inventory, LocalPods) {
+        full_view(&mut Translations::default(), store)
     }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
         /// After every batch of pod events, the view patched from the
-        /// pods the events name is the full view of the store, or the
-        /// patch declines and the full view is taken; and a view the full
-        /// check refuses is refused by the patch's check too.
+        /// pods the events name (each named once or more) is a fresh
+        /// translation of the store, host-network pods included, or the
+        /// patch declines and the full view is taken.
         #[test]
         fn a_patched_view_is_the_full_view(
             initial in prop::collection::vec(pod_spec(), 0..10),
             batches in prop::collection::vec(prop::collection::vec(event(), 1..4), 1..12),
         ) {
             let mut store: Store = initial.iter().map(|p| (p.key(), p.pod())).collect();
-            let mut full = Translations::default();
             let mut patched = Translations::default();
-            let first = full_view(&mut patched, &store);
-            prop_assert_eq!(&first, &full_view(&mut full, &store));
+            let (first, mut local) = full_view(&mut patched, &store);
+            prop_assert_eq!((&first, &local), (&fresh_view(&store).0, &fresh_view(&store).1));
             let mut last = CheckedInventory::new(first).expect("the full view is valid");
             for batch in batches {
                 let mut named = Vec::new();
@@ -382,8 +388,8 @@ mod tests {
                         }
                     }
                 }
-                let expected = CheckedInventory::new(full_view(&mut full, &store))
-                    .expect("the full view is valid");
+                let (expected, expected_local) = fresh_view(&store);
+                let expected = CheckedInventory::new(expected).expect("the full view is valid");
                 let changes = patched.patch(
                     "n1",
                     &last,
@@ -393,10 +399,15 @@ mod tests {
                 );
                 let now = match changes {
                     Some(changes) => last.patch(changes).expect("a patch the full view takes"),
-                    None => CheckedInventory::new(full_view(&mut patched, &store))
-                        .expect("the full view is valid"),
+                    None => {
+                        let (view, now_local) = full_view(&mut patched, &store);
+                        local = now_local;
+                        CheckedInventory::new(view).expect("the full view is valid")
+                    }
                 };
                 prop_assert_eq!(&*now, &*expected);
+                // A patched view keeps the last view's host-network pods.
+                prop_assert_eq!(&local, &expected_local);
                 last = now;
             }
         }
@@ -425,7 +436,7 @@ mod tests {
     fn a_pod_on_a_cluster_ip_is_left_to_the_full_view() {
         let mut translations = Translations::default();
         let mut store: Store = [(("x".into(), "p1".into()), web("1", "2"))].into();
-        let mut last = full_view(&mut translations, &store);
+        let (mut last, _) = full_view(&mut translations, &store);
         last.services.push(Service {
             name: "s".into(),
             namespace: "x".into(),
@@ -461,7 +472,7 @@ mod tests {
         assert!(translations
             .patch("n1", &empty, [("x", "p1")], lookup, &ByUid)
             .is_none());
-        let last = full_view(&mut translations, &store);
+        let (last, _) = full_view(&mut translations, &store);
         assert!(translations
             .patch("n2", &last, [("x", "p1")], lookup, &ByUid)
             .is_none());
