@@ -193,3 +193,60 @@ async fn node_and_own_address_are_always_allowed() {
         }
     }
 }
+
+/// The kernel keeps the decisions it made under the policy in force, so a
+/// repeated flow is not decided in full each time: the very next
+/// connection after a change must still meet the new policy, however often
+/// the flow was decided just before, on egress (EPERM at connect) and on
+/// ingress (the SYN dropped), closing and opening again.
+#[tokio::test]
+async fn a_policy_change_reaches_the_next_connection_at_once() {
+    let lab = start_lab("recheck").await;
+    let tcp80 = || "80/tcp".parse().unwrap();
+    let to_port_81 = |yaml: &str| yaml.replace("port: 80", "port: 81");
+    let probe = |from: &'static str, to: &'static str| {
+        let lab = &lab;
+        async move { lab.probe(from, to, tcp80(), Family::Ipv4).await.unwrap() }
+    };
+    let warm = |from: &'static str, to: &'static str| async move {
+        for _ in 0..5 {
+            assert_eq!(
+                probe(from, to).await,
+                ProbeOutcome::Reached,
+                "{from} → {to} warming"
+            );
+        }
+    };
+
+    lab.apply("egress.yaml", X_A_EGRESS_TO_Y_TCP80).await;
+    warm("x/a", "y/b").await;
+    lab.apply("egress.yaml", &to_port_81(X_A_EGRESS_TO_Y_TCP80))
+        .await;
+    assert_eq!(
+        probe("x/a", "y/b").await,
+        ProbeOutcome::Denied,
+        "an egress allow withdrawn must refuse the next connect"
+    );
+    lab.apply("egress.yaml", X_A_EGRESS_TO_Y_TCP80).await;
+    assert_eq!(
+        probe("x/a", "y/b").await,
+        ProbeOutcome::Reached,
+        "an egress allow given back must let the next connect out"
+    );
+
+    lab.apply("deny.yaml", Y_DEFAULT_DENY).await;
+    lab.apply("allow.yaml", Y_B_FROM_X_TCP80).await;
+    warm("x/b", "y/b").await;
+    lab.apply("allow.yaml", &to_port_81(Y_B_FROM_X_TCP80)).await;
+    assert_eq!(
+        probe("x/b", "y/b").await,
+        ProbeOutcome::TimedOut,
+        "an ingress allow withdrawn must drop the next SYN"
+    );
+    lab.apply("allow.yaml", Y_B_FROM_X_TCP80).await;
+    assert_eq!(
+        probe("x/b", "y/b").await,
+        ProbeOutcome::Reached,
+        "an ingress allow given back must admit the next SYN"
+    );
+}

@@ -13,6 +13,7 @@
 #![no_std]
 #![no_main]
 
+mod decisions;
 mod endpoint;
 mod events;
 mod maps;

@@ -16,8 +16,8 @@
 
 use aya_ebpf::programs::LsmContext;
 use portcullis_common::{
-    decide::Flow, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_FLAG_INGRESS_RESTRICTED,
-    PROTO_OTHER, REASON_PACKET_SOCKET,
+    decide::Flow, generation_of, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    ENDPOINT_FLAG_INGRESS_RESTRICTED, PROTO_OTHER, REASON_PACKET_SOCKET,
 };
 
 use crate::{
@@ -53,8 +53,8 @@ pub fn socket_create(ctx: &LsmContext) -> i32 {
     if kern != 0 || !(xdp || is_packet(family, kind)) {
         return 0;
     }
-    let generation = endpoint::active_generation();
-    let ep = match endpoint::of_current_task(generation) {
+    let epoch = endpoint::active_epoch();
+    let ep = match endpoint::of_current_task(epoch) {
         Owner::Free => return 0,
         // Its policy is not known yet: refused, like its traffic.
         Owner::NotProgrammed => no_endpoint(),
@@ -62,7 +62,7 @@ pub fn socket_create(ctx: &LsmContext) -> i32 {
         Owner::Endpoint(_) => return 0,
     };
     let flow = Flow {
-        generation,
+        generation: generation_of(epoch),
         // An XDP socket's danger is what it sends.
         direction: if xdp {
             DIRECTION_EGRESS

@@ -90,7 +90,7 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
         peer_port,
         policy_port: if egress { peer_port } else { local_port },
     };
-    let ep = match endpoint::of_skb(generation, skb.skb) {
+    let ep = match endpoint::of_skb(epoch, skb.skb) {
         Owner::Endpoint(ep) => ep,
         Owner::NotProgrammed => return not_programmed(&flow),
         Owner::Free => return PASS,
@@ -107,7 +107,7 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
         return refuse(&ep, &flow, &verdict::deny(REASON_SPOOFED));
     }
     if unclassified {
-        let mut v = verdict::decide(&ep, &flow);
+        let mut v = verdict::decide(epoch, &ep, &flow);
         if v.verdict == VERDICT_DENY {
             v.reason = REASON_UNCLASSIFIED;
         }
@@ -116,14 +116,14 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
     }
     if is_tcp {
         if egress && kernel_tcp {
-            return kernel_syn(skb, &ep, &flow, &headers);
+            return kernel_syn(skb, epoch, &ep, &flow, &headers);
         }
         if handover == Handover::Judged {
             // The inbound proxy allowed it on the client's identity, a
             // rule only the proxy can see, and counted it.
             return PASS;
         }
-        let v = verdict::decide(&ep, &flow);
+        let v = verdict::decide(epoch, &ep, &flow);
         if handover == Handover::ToJudge {
             // An authenticated client, from its own address: judged and
             // reported as its plaintext connection would be.
@@ -154,7 +154,7 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
 /// kernel worker opens). Allowed SYNs were counted at connect(); only a
 /// denial is news here.
 #[inline(always)]
-fn kernel_syn(skb: &SkBuff, ep: &EndpointValue, flow: &Flow, headers: &Headers) -> i32 {
+fn kernel_syn(skb: &SkBuff, epoch: u32, ep: &EndpointValue, flow: &Flow, headers: &Headers) -> i32 {
     // A connect the mesh redirected goes to the outbound listener on
     // loopback: the destination to judge is the one the application
     // named. It is filed for the agent only if it is still allowed, and
@@ -170,7 +170,7 @@ fn kernel_syn(skb: &SkBuff, ep: &EndpointValue, flow: &Flow, headers: &Headers) 
         },
         None => *flow,
     };
-    let v = verdict::decide(ep, &judged);
+    let v = verdict::decide(epoch, ep, &judged);
     if v.verdict == VERDICT_DENY {
         return refuse(ep, &judged, &v);
     }
@@ -194,7 +194,7 @@ fn datagram(ep: &EndpointValue, flow: &Flow, d: &Datagram, judged_at_socket: boo
     if verdict::onward(ep, flow, d) {
         return PASS;
     }
-    let v = verdict::decide(ep, flow);
+    let v = verdict::decide(d.epoch, ep, flow);
     if v.verdict == VERDICT_DENY {
         return refuse(ep, flow, &v);
     }
@@ -241,8 +241,9 @@ fn spoofed(
 /// dropped, whatever its policy (it has no addresses to judge).
 #[inline(always)]
 fn malformed(skb: &SkBuff, direction: u8) -> i32 {
-    let generation = endpoint::active_generation();
-    let ep = match endpoint::of_skb(generation, skb.skb) {
+    let epoch = endpoint::active_epoch();
+    let generation = generation_of(epoch);
+    let ep = match endpoint::of_skb(epoch, skb.skb) {
         Owner::Free => return PASS,
         Owner::Endpoint(ep) => ep,
         Owner::NotProgrammed => no_endpoint(),

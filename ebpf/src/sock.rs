@@ -11,7 +11,7 @@ use portcullis_common::{
 
 use crate::{
     endpoint::{self, Owner},
-    mesh, no_endpoint, not_programmed, refuse, report, report_flagged, service,
+    mesh, no_endpoint, not_programmed, refuse, report_flagged, service,
     service::Translation,
     verdict::{self, Conversation, Datagram},
     verdict_code, PASS,
@@ -118,7 +118,7 @@ pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
                 (backend, backend_port)
             }
             Translation::NoBackend => {
-                return refuse_no_backend(generation, protocol, addr, port);
+                return refuse_no_backend(epoch, protocol, addr, port);
             }
         }
     } else {
@@ -135,7 +135,7 @@ pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
         peer_port,
         policy_port: peer_port,
     };
-    let ep = match endpoint::of_current_task(generation) {
+    let ep = match endpoint::of_current_task(epoch) {
         Owner::Endpoint(ep) => ep,
         Owner::NotProgrammed => return not_programmed(&flow),
         Owner::Free => return PASS,
@@ -154,7 +154,7 @@ pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
             Conversation::New => {}
         }
     }
-    let v = verdict::decide(&ep, &flow);
+    let v = verdict::decide(epoch, &ep, &flow);
     let code = verdict_code(&v);
     let captured = code == PASS && mesh::captures(&ep, protocol, (&peer_addr, peer_port));
     report_flagged(&ep, &flow, &v, if captured { FLOW_FLAG_MESH } else { 0 });
@@ -167,8 +167,9 @@ pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
 /// A service port without backends: EPERM, counted and reported against the
 /// socket's endpoint (or the no-endpoint id for other sockets).
 #[inline(always)]
-fn refuse_no_backend(generation: u32, protocol: u8, addr: [u8; 16], port: u16) -> i32 {
-    let ep = match endpoint::of_current_task(generation) {
+fn refuse_no_backend(epoch: u32, protocol: u8, addr: [u8; 16], port: u16) -> i32 {
+    let generation = generation_of(epoch);
+    let ep = match endpoint::of_current_task(epoch) {
         Owner::Endpoint(ep) => ep,
         _ => no_endpoint(),
     };

@@ -9,7 +9,10 @@ use portcullis_common::{
     IDENTITY_KEY_FIXED_BITS, POLICY_KEY_FIXED_BITS, VERDICT_DENY,
 };
 
-use crate::maps::{CONVERSATIONS, COUNTERS, COUNTERS_LOST, IDENTITIES, POLICY};
+use crate::{
+    decisions::Slot,
+    maps::{CONVERSATIONS, COUNTERS, COUNTERS_LOST, IDENTITIES, POLICY},
+};
 
 pub use decide::deny;
 
@@ -39,11 +42,20 @@ impl PolicyMaps for KernelMaps {
     }
 }
 
-/// Decides a flow of an enforced endpoint (see `decide::decide`).
+/// Decides a flow of an enforced endpoint (see `decide::decide`) under
+/// policy epoch `epoch`, the one `flow.generation` was read with: from the
+/// decisions of that epoch if this flow was decided already.
 #[inline(always)]
-pub fn decide(ep: &EndpointValue, flow: &Flow) -> PolicyValue {
+pub fn decide(epoch: u32, ep: &EndpointValue, flow: &Flow) -> PolicyValue {
+    let slot = Slot::of(epoch, ep, flow);
+    if let Some(v) = slot.get() {
+        return v;
+    }
     match decide::decide(&KernelMaps, ep, flow) {
-        Ok(Decision { value, .. }) => value,
+        Ok(Decision { value, .. }) => {
+            slot.keep(value);
+            value
+        }
         // The kernel's lookups cannot fail; a map that could would deny.
         Err(()) => deny(portcullis_common::REASON_MALFORMED),
     }
@@ -146,7 +158,7 @@ pub fn reply(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> Conversation {
             },
             ..*flow
         };
-        let v = decide(ep, &start);
+        let v = decide(d.epoch, ep, &start);
         if v.verdict == VERDICT_DENY {
             return Conversation::Revoked(v);
         }

@@ -1,0 +1,98 @@
+//! Decisions already made under the policy epoch in force, so a repeated
+//! flow costs one hash lookup instead of the identity and policy tries.
+//!
+//! Every TCP connection is decided three times (its connect, its SYN as it
+//! leaves, the server's SYN as it arrives), each by two or three
+//! longest-prefix lookups; those tries were the largest share of what the
+//! programs add to a connection. A decision depends only on the endpoint,
+//! the flow and the maps of one epoch, and the agent never writes the maps
+//! of the epoch in force (it writes the other generation, then flips):
+//! keyed by the epoch, an entry can only be read while it is still true.
+//! The epoch is a u32 that wraps after 2^32 flips; an entry older than
+//! [`MAX_AGE_NS`] is decided again, so a wrapped epoch can never meet an
+//! entry of its namesake.
+//!
+//! The map is not pinned: each loaded program set has its own, created
+//! empty, so no entry outlives the programs that made it.
+
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::map, maps::LruHashMap};
+use portcullis_common::{decide::Flow, EndpointValue, PolicyValue};
+
+/// Distinct (endpoint, peer, port) flows remembered; LRU, so a table full
+/// of other flows only means deciding this one in full.
+const CAPACITY: u32 = 32_768;
+
+/// How long an entry is used; its flow is then decided afresh.
+const MAX_AGE_NS: u64 = 1_000_000_000;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DecisionKey {
+    epoch: u32,
+    endpoint_id: u32,
+    peer_addr: [u8; 16],
+    policy_port: u16,
+    direction: u8,
+    protocol: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Decided {
+    at_ns: u64,
+    value: PolicyValue,
+}
+
+#[map]
+static DECISIONS: LruHashMap<DecisionKey, Decided> = LruHashMap::with_max_entries(CAPACITY, 0);
+
+/// Where one flow's decision is kept.
+pub struct Slot {
+    key: DecisionKey,
+    now: u64,
+}
+
+impl Slot {
+    /// The slot of `flow` for endpoint `ep`, decided under `epoch` (the
+    /// epoch `flow.generation` was read with).
+    #[inline(always)]
+    pub fn of(epoch: u32, ep: &EndpointValue, flow: &Flow) -> Self {
+        Self {
+            key: DecisionKey {
+                epoch,
+                endpoint_id: ep.endpoint_id,
+                peer_addr: flow.peer_addr,
+                policy_port: flow.policy_port,
+                direction: flow.direction,
+                protocol: flow.protocol,
+            },
+            // The coarse clock (a tick's resolution is plenty for an age)
+            // reads no hardware counter: under a hypervisor the precise
+            // one cost a fifth of a decision.
+            // SAFETY: helper without arguments.
+            now: unsafe { bpf_ktime_get_coarse_ns() },
+        }
+    }
+
+    /// The decision made for this slot, if it is recent enough to use.
+    #[inline(always)]
+    pub fn get(&self) -> Option<PolicyValue> {
+        // SAFETY: the value is copied out at once.
+        let d = unsafe { DECISIONS.get(&self.key) }?;
+        if self.now.wrapping_sub(d.at_ns) >= MAX_AGE_NS {
+            return None;
+        }
+        Some(d.value)
+    }
+
+    /// Keeps a decision just made for this slot.
+    #[inline(always)]
+    pub fn keep(&self, value: PolicyValue) {
+        let d = Decided {
+            at_ns: self.now,
+            value,
+        };
+        // A failed insert only means the next packet decides in full.
+        let _ = DECISIONS.insert(&self.key, &d, 0);
+    }
+}
