@@ -14,8 +14,16 @@
 //!
 //! The map is not pinned: each loaded program set has its own, created
 //! empty, so no entry outlives the programs that made it.
+//!
+//! An LRU map reuses an evicted element at once, not after the readers of
+//! it are done: a value read in place may be, or become halfway, another
+//! flow's. So a value carries the key it was kept under and is copied out,
+//! and the copy counts only if it names this key and the lookup, made
+//! again, still finds the same element.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU, helpers::bpf_ktime_get_coarse_ns, macros::map, maps::LruHashMap,
+};
 use portcullis_common::{decide::Flow, EndpointValue, PolicyValue};
 
 /// Distinct (endpoint, peer, port) flows remembered; LRU, so a table full
@@ -26,7 +34,7 @@ const CAPACITY: u32 = 32_768;
 const MAX_AGE_NS: u64 = 1_000_000_000;
 
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct DecisionKey {
     epoch: u32,
     endpoint_id: u32,
@@ -41,10 +49,16 @@ struct DecisionKey {
 struct Decided {
     at_ns: u64,
     value: PolicyValue,
+    /// The key it was kept under (see the module's comment).
+    key: DecisionKey,
+    _pad: u32,
 }
 
+/// Each CPU evicts from its own LRU list: no lock shared between CPUs, and
+/// a pod churning through flows evicts only what its CPU kept.
 #[map]
-static DECISIONS: LruHashMap<DecisionKey, Decided> = LruHashMap::with_max_entries(CAPACITY, 0);
+static DECISIONS: LruHashMap<DecisionKey, Decided> =
+    LruHashMap::with_max_entries(CAPACITY, BPF_F_NO_COMMON_LRU);
 
 /// Where one flow's decision is kept.
 pub struct Slot {
@@ -77,12 +91,18 @@ impl Slot {
     /// The decision made for this slot, if it is recent enough to use.
     #[inline(always)]
     pub fn get(&self) -> Option<PolicyValue> {
-        // SAFETY: the value is copied out at once.
-        let d = unsafe { DECISIONS.get(&self.key) }?;
-        if self.now.wrapping_sub(d.at_ns) >= MAX_AGE_NS {
+        let found = DECISIONS.get_ptr(&self.key)?;
+        // SAFETY: map memory, valid for the program's run; copied in one
+        // go, then checked, as another flow may be writing it.
+        let d = unsafe { core::ptr::read_volatile(found) };
+        if d.key != self.key || self.now.wrapping_sub(d.at_ns) >= MAX_AGE_NS {
             return None;
         }
-        Some(d.value)
+        // Were the element reused while it was copied, it would have left
+        // this key's chain: the copy is this key's own (unless, within the
+        // copy, it went to another flow and then back to this very key).
+        let again = DECISIONS.get_ptr(&self.key)?;
+        core::ptr::eq(found, again).then_some(d.value)
     }
 
     /// Keeps a decision just made for this slot.
@@ -91,6 +111,8 @@ impl Slot {
         let d = Decided {
             at_ns: self.now,
             value,
+            key: self.key,
+            _pad: 0,
         };
         // A failed insert only means the next packet decides in full.
         let _ = DECISIONS.insert(&self.key, &d, 0);

@@ -153,7 +153,16 @@ fn report(ep: &EndpointValue, flow: &Flow, v: &PolicyValue) {
 fn report_flagged(ep: &EndpointValue, flow: &Flow, v: &PolicyValue, flags: u8) {
     if !quiet() {
         verdict::count(ep, flow, v);
-        events::emit(ep, flow, v, flags);
+        events::emit(ep, flow, v, flags, events::Clock::Coarse);
+    }
+}
+
+/// [`report`] from a BPF LSM program (see [`events::Clock::Precise`]).
+#[inline(always)]
+fn report_from_lsm(ep: &EndpointValue, flow: &Flow, v: &PolicyValue) {
+    if !quiet() {
+        verdict::count(ep, flow, v);
+        events::emit(ep, flow, v, 0, events::Clock::Precise);
     }
 }
 

@@ -16,13 +16,13 @@
 
 use aya_ebpf::programs::LsmContext;
 use portcullis_common::{
-    decide::Flow, generation_of, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    ENDPOINT_FLAG_INGRESS_RESTRICTED, PROTO_OTHER, REASON_PACKET_SOCKET,
+    decide::Flow, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_FLAG_INGRESS_RESTRICTED,
+    PROTO_OTHER, REASON_PACKET_SOCKET,
 };
 
 use crate::{
     endpoint::{self, Owner},
-    no_endpoint, report, tc,
+    no_endpoint, report_from_lsm, tc,
     verdict::deny,
 };
 
@@ -53,8 +53,8 @@ pub fn socket_create(ctx: &LsmContext) -> i32 {
     if kern != 0 || !(xdp || is_packet(family, kind)) {
         return 0;
     }
-    let epoch = endpoint::active_epoch();
-    let ep = match endpoint::of_current_task(epoch) {
+    let generation = endpoint::active_generation();
+    let ep = match endpoint::of_current_task(generation) {
         Owner::Free => return 0,
         // Its policy is not known yet: refused, like its traffic.
         Owner::NotProgrammed => no_endpoint(),
@@ -62,7 +62,7 @@ pub fn socket_create(ctx: &LsmContext) -> i32 {
         Owner::Endpoint(_) => return 0,
     };
     let flow = Flow {
-        generation: generation_of(epoch),
+        generation,
         // An XDP socket's danger is what it sends.
         direction: if xdp {
             DIRECTION_EGRESS
@@ -74,7 +74,7 @@ pub fn socket_create(ctx: &LsmContext) -> i32 {
         peer_port: 0,
         policy_port: 0,
     };
-    report(&ep, &flow, &deny(REASON_PACKET_SOCKET));
+    report_from_lsm(&ep, &flow, &deny(REASON_PACKET_SOCKET));
     -EPERM
 }
 

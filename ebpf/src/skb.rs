@@ -90,7 +90,7 @@ pub fn judge(skb: &SkBuff, direction: u8, socket: SocketKind, headers: Option<He
         peer_port,
         policy_port: if egress { peer_port } else { local_port },
     };
-    let ep = match endpoint::of_skb(epoch, skb.skb) {
+    let ep = match endpoint::of_skb(generation, skb.skb) {
         Owner::Endpoint(ep) => ep,
         Owner::NotProgrammed => return not_programmed(&flow),
         Owner::Free => return PASS,
@@ -241,9 +241,8 @@ fn spoofed(
 /// dropped, whatever its policy (it has no addresses to judge).
 #[inline(always)]
 fn malformed(skb: &SkBuff, direction: u8) -> i32 {
-    let epoch = endpoint::active_epoch();
-    let generation = generation_of(epoch);
-    let ep = match endpoint::of_skb(epoch, skb.skb) {
+    let generation = endpoint::active_generation();
+    let ep = match endpoint::of_skb(generation, skb.skb) {
         Owner::Free => return PASS,
         Owner::Endpoint(ep) => ep,
         Owner::NotProgrammed => no_endpoint(),

@@ -118,7 +118,7 @@ pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
                 (backend, backend_port)
             }
             Translation::NoBackend => {
-                return refuse_no_backend(epoch, protocol, addr, port);
+                return refuse_no_backend(generation, protocol, addr, port);
             }
         }
     } else {
@@ -135,7 +135,7 @@ pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
         peer_port,
         policy_port: peer_port,
     };
-    let ep = match endpoint::of_current_task(epoch) {
+    let ep = match endpoint::of_current_task(generation) {
         Owner::Endpoint(ep) => ep,
         Owner::NotProgrammed => return not_programmed(&flow),
         Owner::Free => return PASS,
@@ -167,9 +167,8 @@ pub fn egress(ctx: &SockAddrContext, family: Family) -> i32 {
 /// A service port without backends: EPERM, counted and reported against the
 /// socket's endpoint (or the no-endpoint id for other sockets).
 #[inline(always)]
-fn refuse_no_backend(epoch: u32, protocol: u8, addr: [u8; 16], port: u16) -> i32 {
-    let generation = generation_of(epoch);
-    let ep = match endpoint::of_current_task(epoch) {
+fn refuse_no_backend(generation: u32, protocol: u8, addr: [u8; 16], port: u16) -> i32 {
+    let ep = match endpoint::of_current_task(generation) {
         Owner::Endpoint(ep) => ep,
         _ => no_endpoint(),
     };

@@ -80,7 +80,7 @@ pub fn setsockopt(ctx: &SockoptContext) -> i32 {
 #[inline(always)]
 pub fn enforced_task() -> bool {
     !matches!(
-        endpoint::of_current_task(endpoint::active_epoch()),
+        endpoint::of_current_task(endpoint::active_generation()),
         Owner::Free
     )
 }
