@@ -27,7 +27,8 @@ use aya_ebpf::{
 use portcullis_common::{decide::Flow, EndpointValue, PolicyValue};
 
 /// Distinct (endpoint, peer, port) flows remembered; LRU, so a table full
-/// of other flows only means deciding this one in full.
+/// of other flows only means deciding this one in full. With a list per
+/// CPU the kernel splits these among the *possible* CPUs, online or not.
 const CAPACITY: u32 = 32_768;
 
 /// How long an entry is used; its flow is then decided afresh.
@@ -44,6 +45,8 @@ struct DecisionKey {
     protocol: u8,
 }
 
+const _: () = assert!(core::mem::size_of::<DecisionKey>() == 28);
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Decided {
@@ -53,6 +56,9 @@ struct Decided {
     key: DecisionKey,
     _pad: u32,
 }
+// No implicit padding: the verifier refuses to copy unwritten stack bytes
+// into a map.
+const _: () = assert!(core::mem::size_of::<Decided>() == 48);
 
 /// Each CPU evicts from its own LRU list: no lock shared between CPUs, and
 /// a pod churning through flows evicts only what its CPU kept.

@@ -62,8 +62,8 @@ impl Clock {
     }
 }
 
-/// Reports a decision on a new flow. Only an event that is sent takes the
-/// precise time.
+/// Reports a decision on a new flow, keeping the budget by `clock`; the
+/// event's own timestamp is always the precise time.
 #[inline(always)]
 pub fn emit(ep: &EndpointValue, flow: &Flow, v: &PolicyValue, flags: u8, clock: Clock) {
     if !take_token(clock.now()) {
