@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use portcullis_agent::lab::{pod::ProbeOutcome, Family};
-use portcullis_tests::start_lab;
+use portcullis_tests::{start_lab, TestLab};
 
 fn ns(pod: &str) -> &str {
     pod.split('/').next().unwrap()
@@ -202,51 +202,67 @@ async fn node_and_own_address_are_always_allowed() {
 #[tokio::test]
 async fn a_policy_change_reaches_the_next_connection_at_once() {
     let lab = start_lab("recheck").await;
-    let tcp80 = || "80/tcp".parse().unwrap();
-    let to_port_81 = |yaml: &str| yaml.replace("port: 80", "port: 81");
-    let probe = |from: &'static str, to: &'static str| {
-        let lab = &lab;
-        async move { lab.probe(from, to, tcp80(), Family::Ipv4).await.unwrap() }
-    };
-    let warm = |from: &'static str, to: &'static str| async move {
-        for _ in 0..5 {
-            assert_eq!(
-                probe(from, to).await,
-                ProbeOutcome::Reached,
-                "{from} → {to} warming"
-            );
-        }
-    };
-
     lab.apply("egress.yaml", X_A_EGRESS_TO_Y_TCP80).await;
-    warm("x/a", "y/b").await;
-    lab.apply("egress.yaml", &to_port_81(X_A_EGRESS_TO_Y_TCP80))
-        .await;
-    assert_eq!(
-        probe("x/a", "y/b").await,
+    withdraw_and_give_back(
+        &lab,
+        ("egress.yaml", X_A_EGRESS_TO_Y_TCP80),
+        "x/a",
         ProbeOutcome::Denied,
-        "an egress allow withdrawn must refuse the next connect"
-    );
-    lab.apply("egress.yaml", X_A_EGRESS_TO_Y_TCP80).await;
-    assert_eq!(
-        probe("x/a", "y/b").await,
-        ProbeOutcome::Reached,
-        "an egress allow given back must let the next connect out"
-    );
+        (
+            "an egress allow",
+            "refuse the next connect",
+            "let the next connect out",
+        ),
+    )
+    .await;
 
     lab.apply("deny.yaml", Y_DEFAULT_DENY).await;
     lab.apply("allow.yaml", Y_B_FROM_X_TCP80).await;
-    warm("x/b", "y/b").await;
-    lab.apply("allow.yaml", &to_port_81(Y_B_FROM_X_TCP80)).await;
-    assert_eq!(
-        probe("x/b", "y/b").await,
+    withdraw_and_give_back(
+        &lab,
+        ("allow.yaml", Y_B_FROM_X_TCP80),
+        "x/b",
         ProbeOutcome::TimedOut,
-        "an ingress allow withdrawn must drop the next SYN"
-    );
-    lab.apply("allow.yaml", Y_B_FROM_X_TCP80).await;
+        (
+            "an ingress allow",
+            "drop the next SYN",
+            "admit the next SYN",
+        ),
+    )
+    .await;
+}
+
+/// With `allow` (a policy file naming TCP 80) in force, connects `from` to
+/// y/b five times, so the flow's decision is kept; then moves the allow to
+/// port 81 and back, probing the very next connection after each change:
+/// `withdrawn` after the first, reached after the second. `what` names the
+/// allow and what each change must do, for the failure messages.
+async fn withdraw_and_give_back(
+    lab: &TestLab,
+    (file, allow): (&str, &str),
+    from: &str,
+    withdrawn: ProbeOutcome,
+    (what, when_withdrawn, when_given_back): (&str, &str, &str),
+) {
+    let probe = || lab.probe(from, "y/b", "80/tcp".parse().unwrap(), Family::Ipv4);
+    for _ in 0..5 {
+        assert_eq!(
+            probe().await.unwrap(),
+            ProbeOutcome::Reached,
+            "{from} → y/b warming"
+        );
+    }
+    lab.apply(file, &allow.replace("port: 80", "port: 81"))
+        .await;
     assert_eq!(
-        probe("x/b", "y/b").await,
+        probe().await.unwrap(),
+        withdrawn,
+        "{what} withdrawn must {when_withdrawn}"
+    );
+    lab.apply(file, allow).await;
+    assert_eq!(
+        probe().await.unwrap(),
         ProbeOutcome::Reached,
-        "an ingress allow given back must admit the next SYN"
+        "{what} given back must {when_given_back}"
     );
 }

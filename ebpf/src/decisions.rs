@@ -1,5 +1,6 @@
 //! Decisions already made under the policy epoch in force, so a repeated
-//! flow costs one hash lookup instead of the identity and policy tries.
+//! flow costs two lookups in one hash table instead of the identity and
+//! policy tries.
 //!
 //! Every TCP connection is decided three times (its connect, its SYN as it
 //! leaves, the server's SYN as it arrives), each by two or three
