@@ -390,11 +390,16 @@ const _: () = assert!(core::mem::size_of::<ConversationKey>() == 28);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConversationValue {
+    /// `bpf_ktime_get_coarse_ns`.
     pub last_seen_ns: u64,
     pub epoch: u32,
     pub _pad: u32,
+    /// The key it is kept under: an LRU map may hand the element to
+    /// another key while a program reads it (see `ebpf/src/lru.rs`).
+    pub key: ConversationKey,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<ConversationValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ConversationValue>() == 48);
 
 /// A decision on a new flow, as the kernel reports it to the agent: drops,
 /// audit verdicts and the first packet of allowed flows.
@@ -507,8 +512,10 @@ pub struct SvcReplyValue {
     pub service_addr: [u8; 16],
     pub service_port: u16,
     pub _pad: [u8; 6],
+    /// The key it is kept under (see [`ConversationValue::key`]).
+    pub key: SvcReplyKey,
 }
-const _: () = assert!(core::mem::size_of::<SvcReplyValue>() == 24);
+const _: () = assert!(core::mem::size_of::<SvcReplyValue>() == 56);
 
 /// Transparent mTLS between meshed pods: what the kernel and the agent's
 /// proxies agree on.
@@ -570,8 +577,11 @@ const _: () = assert!(core::mem::size_of::<MeshOriginal>() == 32);
 pub struct MeshPending {
     pub original: MeshOriginal,
     pub netns_cookie: u64,
+    /// The connecting socket's cookie, the key it is kept under (see
+    /// [`ConversationValue::key`]).
+    pub socket_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<MeshPending>() == 40);
+const _: () = assert!(core::mem::size_of::<MeshPending>() == 48);
 
 /// The client side of a redirected connection as the outbound listener
 /// sees it: the pod's network namespace and the client's address and port
@@ -654,7 +664,7 @@ mod pod {
 
 /// Bumped whenever a map's key or value layout changes, so an agent never
 /// reuses pinned maps written by an incompatible one.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 #[cfg(test)]
 mod tests {

@@ -16,16 +16,15 @@
 //! The map is not pinned: each loaded program set has its own, created
 //! empty, so no entry outlives the programs that made it.
 //!
-//! An LRU map reuses an evicted element at once, not after the readers of
-//! it are done: a value read in place may be, or become halfway, another
-//! flow's. So a value carries the key it was kept under and is copied out,
-//! and the copy counts only if it names this key and the lookup, made
-//! again, still finds the same element.
+//! Kept decisions carry their key and are read through [`crate::lru`]: an
+//! LRU map may hand an element to another flow while it is read.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU, helpers::bpf_ktime_get_coarse_ns, macros::map, maps::LruHashMap,
 };
 use portcullis_common::{decide::Flow, EndpointValue, PolicyValue};
+
+use crate::lru::{self, Keyed};
 
 /// Distinct (endpoint, peer, port) flows remembered; LRU, so a table full
 /// of other flows only means deciding this one in full. With a list per
@@ -53,13 +52,19 @@ const _: () = assert!(core::mem::size_of::<DecisionKey>() == 28);
 struct Decided {
     at_ns: u64,
     value: PolicyValue,
-    /// The key it was kept under (see the module's comment).
+    /// The key it was kept under (see [`crate::lru`]).
     key: DecisionKey,
     _pad: u32,
 }
 // No implicit padding: the verifier refuses to copy unwritten stack bytes
 // into a map.
 const _: () = assert!(core::mem::size_of::<Decided>() == 48);
+
+impl Keyed<DecisionKey> for Decided {
+    fn key(&self) -> &DecisionKey {
+        &self.key
+    }
+}
 
 /// Each CPU evicts from its own LRU list: no lock shared between CPUs, and
 /// a pod churning through flows evicts only what its CPU kept.
@@ -98,18 +103,8 @@ impl Slot {
     /// The decision made for this slot, if it is recent enough to use.
     #[inline(always)]
     pub fn get(&self) -> Option<PolicyValue> {
-        let found = DECISIONS.get_ptr(&self.key)?;
-        // SAFETY: map memory, valid for the program's run; copied in one
-        // go, then checked, as another flow may be writing it.
-        let d = unsafe { core::ptr::read_volatile(found) };
-        if d.key != self.key || self.now.wrapping_sub(d.at_ns) >= MAX_AGE_NS {
-            return None;
-        }
-        // Were the element reused while it was copied, it would have left
-        // this key's chain: the copy is this key's own (unless, within the
-        // copy, it went to another flow and then back to this very key).
-        let again = DECISIONS.get_ptr(&self.key)?;
-        core::ptr::eq(found, again).then_some(d.value)
+        let d = lru::copy(&DECISIONS, &self.key)?;
+        (self.now.wrapping_sub(d.at_ns) < MAX_AGE_NS).then_some(d.value)
     }
 
     /// Keeps a decision just made for this slot.

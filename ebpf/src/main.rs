@@ -16,6 +16,7 @@
 mod decisions;
 mod endpoint;
 mod events;
+mod lru;
 mod maps;
 mod mesh;
 mod packet;

@@ -19,6 +19,7 @@ use portcullis_common::{
 };
 
 use crate::{
+    lru::{self, Keyed},
     maps::{MESH_HANDOVERS, MESH_ORIGINAL, MESH_PENDING},
     service,
     sock::{set_sock_addr, Family},
@@ -70,6 +71,7 @@ pub fn redirect(ctx: &SockAddrContext, family: Family, ep: &EndpointValue, peer:
     let pending = MeshPending {
         original,
         netns_cookie,
+        socket_cookie: cookie,
     };
     // LRU: never fails for lack of room. Were the entry lost anyway, the
     // connect still goes to the listener, which finds no original and
@@ -77,6 +79,12 @@ pub fn redirect(ctx: &SockAddrContext, family: Family, ep: &EndpointValue, peer:
     let _ = MESH_PENDING.insert(&cookie, &pending, 0);
     set_sock_addr(ctx, family, listener, mesh::OUTBOUND_PORT);
     service::remember_reply(ctx, (listener, mesh::OUTBOUND_PORT), (addr, port));
+}
+
+impl Keyed<u64> for MeshPending {
+    fn key(&self) -> &u64 {
+        &self.socket_cookie
+    }
 }
 
 /// The pending original destination of a SYN to the outbound listener
@@ -91,8 +99,7 @@ pub fn pending_original(skb: &SkBuff, headers: &Headers) -> Option<MeshPending> 
     }
     // SAFETY: the context pointer is valid for the program's run.
     let cookie = unsafe { bpf_get_socket_cookie(skb.skb.cast()) };
-    // SAFETY: the value is copied out at once.
-    let pending = unsafe { MESH_PENDING.get(&cookie).copied() }?;
+    let pending = lru::copy(&MESH_PENDING, &cookie)?;
     let _ = MESH_PENDING.remove(&cookie);
     Some(pending)
 }

@@ -9,7 +9,10 @@ use aya_ebpf::{
 };
 use portcullis_common::{BackendKey, ServiceKey, SvcReplyKey, SvcReplyValue};
 
-use crate::maps::{BACKENDS, SERVICES, SVC_REPLIES};
+use crate::{
+    lru::{self, Keyed},
+    maps::{BACKENDS, SERVICES, SVC_REPLIES},
+};
 
 pub enum Translation {
     /// Not a service frontend: the destination stays as it is.
@@ -62,6 +65,12 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
 }
 
+impl Keyed<SvcReplyKey> for SvcReplyValue {
+    fn key(&self) -> &SvcReplyKey {
+        &self.key
+    }
+}
+
 /// Remembers that this socket's traffic to `service` goes to `backend`, so
 /// UDP replies and getpeername() can name the service ([`reply_source`]).
 #[inline(always)]
@@ -76,6 +85,7 @@ pub fn remember_reply(ctx: &SockAddrContext, backend: (&[u8; 16], u16), service:
         service_addr: *service.0,
         service_port: service.1,
         _pad: [0; 6],
+        key,
     };
     // LRU: a full table forgets the oldest conversation instead of failing.
     let _ = SVC_REPLIES.insert(&key, &value, 0);
@@ -92,6 +102,5 @@ pub fn reply_source(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> Option
         backend_port: port,
         _pad: [0; 6],
     };
-    // SAFETY: the value is copied out at once.
-    unsafe { SVC_REPLIES.get(&key) }.map(|v| (v.service_addr, v.service_port))
+    lru::copy(&SVC_REPLIES, &key).map(|v| (v.service_addr, v.service_port))
 }

@@ -1,7 +1,7 @@
 //! The kernel's side of the shared decision (`portcullis_common::decide`):
 //! its maps, its counters, and the conversation table that lets replies in.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{bindings::BPF_EXIST, helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use portcullis_common::{
     decide::{self, Decision, Flow, PolicyMaps},
     ConversationKey, ConversationValue, CounterKey, EndpointValue, IdentityKeyData, PolicyKeyData,
@@ -11,6 +11,7 @@ use portcullis_common::{
 
 use crate::{
     decisions::Slot,
+    lru::{self, Keyed},
     maps::{CONVERSATIONS, COUNTERS, COUNTERS_LOST, IDENTITIES, POLICY},
 };
 
@@ -93,6 +94,12 @@ pub fn count(ep: &EndpointValue, flow: &Flow, v: &PolicyValue) {
     }
 }
 
+impl Keyed<ConversationKey> for ConversationValue {
+    fn key(&self) -> &ConversationKey {
+        &self.key
+    }
+}
+
 /// A packet of a datagram conversation, from the endpoint's point of view.
 pub struct Datagram {
     /// The IP protocol (UDP, or one judged without ports).
@@ -138,13 +145,14 @@ pub enum Conversation {
 /// judged again, so a policy change reaches live conversations.
 #[inline(always)]
 pub fn reply(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> Conversation {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = coarse_now();
     let opposite = if flow.direction == DIRECTION_INGRESS {
         DIRECTION_EGRESS
     } else {
         DIRECTION_INGRESS
     };
-    let Some(entry) = live(&conversation_key(ep, flow, d, opposite), now) else {
+    let key = conversation_key(ep, flow, d, opposite);
+    let Some(entry) = live(&key, now) else {
         return Conversation::New;
     };
     if entry.epoch != d.epoch {
@@ -162,9 +170,8 @@ pub fn reply(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> Conversation {
         if v.verdict == VERDICT_DENY {
             return Conversation::Revoked(v);
         }
-        entry.epoch = d.epoch;
     }
-    entry.last_seen_ns = now;
+    refresh(&key, &entry, now, d.epoch);
     Conversation::Live
 }
 
@@ -172,26 +179,54 @@ pub fn reply(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> Conversation {
 /// started, judged under the current policy epoch?
 #[inline(always)]
 pub fn onward(ep: &EndpointValue, flow: &Flow, d: &Datagram) -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
-    match live(&conversation_key(ep, flow, d, flow.direction), now) {
+    let now = coarse_now();
+    let key = conversation_key(ep, flow, d, flow.direction);
+    match live(&key, now) {
         Some(entry) if entry.epoch == d.epoch => {
-            entry.last_seen_ns = now;
+            refresh(&key, &entry, now, d.epoch);
             true
         }
         _ => false,
     }
 }
 
-/// The entry of a conversation that has not timed out.
+/// How stale a live conversation's time may get before a packet writes it
+/// again: a write per packet would bounce the entry between CPUs, and a
+/// second is nothing against [`CONVERSATION_TIMEOUT_NS`].
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// The clock of conversations: a tick's resolution is plenty for a timeout
+/// of minutes, and it reads no hardware counter.
 #[inline(always)]
-fn live(key: &ConversationKey, now: u64) -> Option<&'static mut ConversationValue> {
-    let v = CONVERSATIONS.get_ptr_mut(key)?;
-    // SAFETY: plain data; a racing writer only stores a time or epoch.
-    let v = unsafe { &mut *v };
-    if now.saturating_sub(v.last_seen_ns) >= CONVERSATION_TIMEOUT_NS {
-        return None;
+fn coarse_now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// A copy of the conversation kept under `key`, if it has not timed out.
+#[inline(always)]
+fn live(key: &ConversationKey, now: u64) -> Option<ConversationValue> {
+    let v = lru::copy(&CONVERSATIONS, key)?;
+    (now.saturating_sub(v.last_seen_ns) < CONVERSATION_TIMEOUT_NS).then_some(v)
+}
+
+/// Records that the live conversation `entry` carried an allowed packet at
+/// `now`, its start allowed under `epoch`. Replaced whole, and only if it
+/// is still there: never written in place (see [`crate::lru`]).
+#[inline(always)]
+fn refresh(key: &ConversationKey, entry: &ConversationValue, now: u64, epoch: u32) {
+    if entry.epoch == epoch && now.saturating_sub(entry.last_seen_ns) < REFRESH_NS {
+        return;
     }
-    Some(v)
+    let value = ConversationValue {
+        last_seen_ns: now,
+        epoch,
+        _pad: 0,
+        key: *key,
+        _pad2: 0,
+    };
+    // Gone since the copy (evicted): the next packet is judged afresh.
+    let _ = CONVERSATIONS.insert(key, &value, BPF_EXIST as u64);
 }
 
 /// Remembers a conversation this allowed datagram starts (or continues
@@ -200,9 +235,11 @@ fn live(key: &ConversationKey, now: u64) -> Option<&'static mut ConversationValu
 pub fn remember(ep: &EndpointValue, flow: &Flow, d: &Datagram) {
     let key = conversation_key(ep, flow, d, flow.direction);
     let value = ConversationValue {
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: coarse_now(),
         epoch: d.epoch,
         _pad: 0,
+        key,
+        _pad2: 0,
     };
     // An LRU map evicts old conversations instead of failing when full.
     let _ = CONVERSATIONS.insert(&key, &value, 0);

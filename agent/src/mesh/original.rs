@@ -2,10 +2,22 @@
 //! client's network namespace, address and port when the connection's SYN
 //! leaves (`ebpf/src/mesh.rs`); the outbound listener takes it from there,
 //! once, and only while it is fresh.
+//!
+//! The entry is taken with one `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which
+//! copies and unlinks it under its bucket's lock. A lookup, then a delete,
+//! would copy an LRU element the kernel may be handing to another
+//! connection at that moment (its free lists do not wait for readers): a
+//! stranger's destination, or its endpoint and so its identity.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+    time::Duration,
+};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{MapData, MapError};
 use portcullis_common::{mesh, MeshClientKey, MeshOriginal, MESH_ORIGINAL_MAP};
 
 use crate::policy::compile::{addr16, addr_from16};
@@ -18,10 +30,10 @@ pub enum OriginalError {
         #[source]
         source: MapError,
     },
-    #[error("reading map {MESH_ORIGINAL_MAP}")]
+    #[error("taking an entry out of map {MESH_ORIGINAL_MAP}")]
     Read {
         #[source]
-        source: MapError,
+        source: io::Error,
     },
 }
 
@@ -47,18 +59,16 @@ pub enum Taken {
 }
 
 pub struct Originals {
-    map: HashMap<MapData, MeshClientKey, MeshOriginal>,
+    map: MapData,
 }
 
 impl Originals {
     pub fn open(pin_dir: &Path) -> Result<Self, OriginalError> {
         let path = pin_dir.join(MESH_ORIGINAL_MAP);
-        let data = MapData::from_pin(&path).map_err(|source| OriginalError::Open {
+        let map = MapData::from_pin(&path).map_err(|source| OriginalError::Open {
             path: path.clone(),
             source,
         })?;
-        let map = HashMap::try_from(Map::LruHashMap(data))
-            .map_err(|source| OriginalError::Open { path, source })?;
         Ok(Self { map })
     }
 
@@ -71,16 +81,57 @@ impl Originals {
             port: client.port(),
             _pad: [0; 6],
         };
-        let value = match self.map.get(&key, 0) {
-            Ok(v) => v,
-            Err(MapError::KeyNotFound) => return Ok(Taken::Missing),
+        let value = match lookup_and_delete(&self.map, &key) {
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(Taken::Missing),
             Err(source) => return Err(OriginalError::Read { source }),
         };
-        let _ = self.map.remove(&key);
         Ok(judge_age(
             value,
             crate::clock::read_ns(libc::CLOCK_MONOTONIC),
         ))
+    }
+}
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (uapi/linux/bpf.h), which aya 0.14
+/// offers for queues and stacks only.
+fn lookup_and_delete(map: &MapData, key: &MeshClientKey) -> io::Result<Option<MeshOriginal>> {
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    /// The map-element part of `union bpf_attr`.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = MeshOriginal::default();
+    let attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const MeshClientKey as u64,
+        value: &mut value as *mut MeshOriginal as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` names a live map descriptor, a key and a value buffer
+    // of the map's sizes (its layout is checked at load, ABI_VERSION).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if ret == 0 {
+        return Ok(Some(value));
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(err)
     }
 }
 
