@@ -236,3 +236,50 @@ async fn map_capacities_are_configurable_and_never_silently_resized() {
     probe_until(&lab, "x/a", "z/a", ProbeOutcome::TimedOut).await;
     drop(agent);
 }
+
+/// Two agents on one pin directory would both write the generation not in
+/// force and flip in turn. A second agent, here one whose policy directory
+/// is empty and would open every pod, waits for the first, refuses to
+/// start, and says why; the first keeps enforcing its policy.
+#[tokio::test]
+async fn a_second_agent_on_the_same_pins_is_refused() {
+    let mut lab = start_lab("twoagent").await;
+    lab.stop_agent();
+    let state = tempfile::tempdir().unwrap();
+    let first = AgentProcess::start(&lab, state.path());
+    let at = first.wait_applied(0).await;
+    lab.write_policy("z.yaml", Z_DEFAULT_DENY).unwrap();
+    first.wait_applied(at + 1).await;
+    probe_until(&lab, "x/a", "z/b", ProbeOutcome::TimedOut).await;
+
+    let other = tempfile::tempdir().unwrap();
+    let empty = other.path().join("policies");
+    std::fs::create_dir(&empty).unwrap();
+    let mut args = lab.agent_args();
+    let policies = args.iter().position(|a| a == "--policies").unwrap() + 1;
+    args[policies] = empty.into_os_string();
+    let names = args.iter().position(|a| a == "--names-file").unwrap() + 1;
+    args[names] = other.path().join("names").into_os_string();
+    let mut second = AgentProcess::spawn(args, &other.path().join("state"));
+    let status = second.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "the second agent must not run");
+    let log = second.log();
+    assert!(
+        log.contains("another Portcullis agent is using")
+            && log.contains(&lab.pin_dir().display().to_string()),
+        "the refusal names the pin directory; the second agent logged:\n{log}"
+    );
+    assert!(
+        !log.contains("policy applied"),
+        "the second agent wrote nothing:\n{log}"
+    );
+    probe_until(&lab, "x/a", "z/b", ProbeOutcome::TimedOut).await;
+    probe_until(&lab, "x/a", "y/b", ProbeOutcome::Reached).await;
+
+    // The first keeps applying changes.
+    let at = first.lines();
+    lab.write_policy("z.yaml", Z_FROM_X).unwrap();
+    first.wait_applied(at).await;
+    probe_until(&lab, "x/a", "z/b", ProbeOutcome::Reached).await;
+    first.kill(libc::SIGTERM);
+}

@@ -7,6 +7,7 @@ pub mod events;
 pub mod frames;
 pub mod inspect;
 pub mod loader;
+pub mod pin_lock;
 pub mod socket_guard;
 pub mod writer;
 

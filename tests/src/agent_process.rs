@@ -27,11 +27,18 @@ impl AgentProcess {
 
     /// With more `portcullis agent` arguments (identity, for the mesh).
     pub fn start_with(lab: &Lab, state_dir: &Path, extra: &[&std::ffi::OsStr]) -> Self {
+        let mut args = lab.agent_args();
+        args.extend(extra.iter().map(|a| a.to_os_string()));
+        Self::spawn(args, state_dir)
+    }
+
+    /// `portcullis` with these arguments (`agent` and its flags), no admin
+    /// endpoint, and state in `state_dir`.
+    pub fn spawn(args: Vec<std::ffi::OsString>, state_dir: &Path) -> Self {
         let mut child = Command::new(portcullis_agent::lab::portcullis_exe().unwrap())
-            .args(lab.agent_args())
+            .args(args)
             .args(["--admin-addr", "none", "--state-dir"])
             .arg(state_dir)
-            .args(extra)
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
             .spawn()

@@ -30,6 +30,7 @@ use portcullis_common::{
 
 use super::{
     frames::{FrameGuard, FrameGuardError},
+    pin_lock::{PinDirLock, PinLockError, WAIT_FOR_HOLDER},
     socket_guard::{self, SocketGuardError},
     writer::MapWriter,
 };
@@ -70,6 +71,8 @@ pub enum LoadError {
         found: u32,
         expected: u32,
     },
+    #[error(transparent)]
+    PinDirInUse(#[from] PinLockError),
     #[error("{action} {path}")]
     Io {
         action: &'static str,
@@ -132,6 +135,8 @@ pub struct Dataplane {
     frames: FrameGuard,
     /// Why packet sockets are not refused to restricted pods, if they are not.
     socket_guard: Result<(), SocketGuardError>,
+    /// This agent is the pin directory's only writer while it lives.
+    _lock: PinDirLock,
 }
 
 enum Hook {
@@ -206,9 +211,16 @@ impl Dataplane {
             return Err(LoadError::NoObject);
         }
         ensure_bpffs(opts.pin_dir.parent().unwrap_or(Path::new("/sys/fs/bpf")))?;
-        check_abi(&opts.pin_dir)?;
         let links_dir = opts.pin_dir.join(LINKS_DIR);
         fs::create_dir_all(&links_dir).map_err(io("creating", &links_dir))?;
+        let lock = PinDirLock::acquire(&opts.pin_dir, WAIT_FOR_HOLDER, || {
+            tracing::warn!(
+                pins = %opts.pin_dir.display(),
+                "another agent holds the pin directory; waiting up to {WAIT_FOR_HOLDER:?} for it \
+                 to exit"
+            )
+        })?;
+        check_abi(&opts.pin_dir)?;
 
         check_pinned_capacities(&opts.pin_dir, &opts.capacities)?;
         // The loader holds the kernel's parsed BTF (about 18 MiB here); it is
@@ -287,6 +299,7 @@ impl Dataplane {
             ebpf,
             frames,
             socket_guard,
+            _lock: lock,
         })
     }
 
@@ -479,6 +492,9 @@ fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
     })
 }
 
+/// How long `uninstall` waits for an agent that is exiting.
+const UNINSTALL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Refuses to reuse pinned maps that an agent with another map layout wrote.
 fn check_abi(pin_dir: &Path) -> Result<(), LoadError> {
     let path = pin_dir.join(STATE_MAP);
@@ -499,8 +515,15 @@ fn check_abi(pin_dir: &Path) -> Result<(), LoadError> {
 }
 
 /// Detaches the programs and removes every pinned map and link under
-/// `pin_dir`: enforcement stops. Missing state is not an error.
+/// `pin_dir`: enforcement stops. Missing state is not an error; a running
+/// agent's state is refused (after a moment's wait for it to exit).
 pub fn uninstall(pin_dir: &Path) -> Result<(), LoadError> {
+    let _lock = match PinDirLock::acquire(pin_dir, UNINSTALL_WAIT, || {}) {
+        Err(PinLockError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(())
+        }
+        locked => locked?,
+    };
     super::frames::uninstall(pin_dir).map_err(|e| LoadError::Link {
         name: PROG_TC_EGRESS,
         path: pin_dir.join(super::frames::POD_LINKS_DIR),
