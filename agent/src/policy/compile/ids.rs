@@ -5,7 +5,11 @@
 //! That keeps counters keyed by id from silently changing meaning, and
 //! forgetting keys that were not used keeps memory bounded under churn.
 
-use std::{collections::HashMap, hash::Hash};
+use std::hash::Hash;
+
+// foldhash, not SipHash: keys are peer classes (labels, namespaces), hashed
+// once per class per compile; foldhash is seeded per process.
+use foldhash::{HashMap, HashMapExt as _};
 
 #[derive(Debug, Clone)]
 pub struct IdAllocator<K> {
