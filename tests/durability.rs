@@ -281,5 +281,22 @@ async fn a_second_agent_on_the_same_pins_is_refused() {
     lab.write_policy("z.yaml", Z_FROM_X).unwrap();
     first.wait_applied(at).await;
     probe_until(&lab, "x/a", "z/b", ProbeOutcome::Reached).await;
+
+    // A successor started while the first still runs (a restart whose old
+    // process is slow to go) waits, then takes over once it has gone.
+    lab.write_policy("z.yaml", Z_DEFAULT_DENY).unwrap();
+    first.wait_applied(at + 1).await;
+    probe_until(&lab, "x/a", "z/b", ProbeOutcome::TimedOut).await;
+    let successor = AgentProcess::start(&lab, &other.path().join("successor"));
+    successor
+        .wait_line(0, "the successor to wait for the pins", |l| {
+            l.contains("another agent holds the pin directory")
+        })
+        .await;
     first.kill(libc::SIGTERM);
+    let at = successor.wait_applied(0).await;
+    lab.write_policy("z.yaml", Z_FROM_X).unwrap();
+    successor.wait_applied(at + 1).await;
+    probe_until(&lab, "x/a", "z/b", ProbeOutcome::Reached).await;
+    successor.kill(libc::SIGTERM);
 }

@@ -251,6 +251,11 @@ impl Drop for AgentHandle {
 /// Loads the programs and starts syncing. Errors that stop the agent from
 /// enforcing anything are returned here; later problems go to the status.
 pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
+    // First of all: a second agent on this node's pins must start nothing
+    // (not even the identity manager, which would publish over the first's
+    // identities file) before it is refused.
+    let pin_lock = crate::bpf::loader::lock_pin_dir(&opts.pin_dir)
+        .map_err(|source| AgentError::Load { source })?;
     // Settled before the kernel programs load, so a bad certificate or a
     // secure mode without Kubernetes leaves nothing attached.
     let exposure = match opts.admin_addr {
@@ -284,11 +289,14 @@ pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
         None => cgroup::cgroup2_mount().map_err(|source| AgentError::Cgroup { source })?,
     };
     let cgroup_root = opts.cgroup_root.clone().unwrap_or_else(|| mount.clone());
-    let dataplane = Dataplane::load(&DataplaneOptions {
-        pin_dir: opts.pin_dir.clone(),
-        cgroup_root: cgroup_root.clone(),
-        capacities: opts.map_capacities,
-    })
+    let dataplane = Dataplane::load_locked(
+        &DataplaneOptions {
+            pin_dir: opts.pin_dir.clone(),
+            cgroup_root: cgroup_root.clone(),
+            capacities: opts.map_capacities,
+        },
+        pin_lock,
+    )
     .map_err(|source| AgentError::Load { source })?;
     // Loading parsed the kernel's BTF; give those pages back.
     release_freed();

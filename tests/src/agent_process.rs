@@ -3,6 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader},
+    os::unix::process::CommandExt as _,
     path::Path,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -35,14 +36,25 @@ impl AgentProcess {
     /// `portcullis` with these arguments (`agent` and its flags), no admin
     /// endpoint, and state in `state_dir`.
     pub fn spawn(args: Vec<std::ffi::OsString>, state_dir: &Path) -> Self {
-        let mut child = Command::new(portcullis_agent::lab::portcullis_exe().unwrap())
+        let mut command = Command::new(portcullis_agent::lab::portcullis_exe().unwrap());
+        command
             .args(args)
             .args(["--admin-addr", "none", "--state-dir"])
             .arg(state_dir)
             .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting portcullis agent");
+            .stderr(Stdio::piped());
+        // SAFETY: prctl(2) only, between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // An agent outliving a killed test run would hold its lab's
+                // pins, and every later run of that lab would be refused.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let mut child = command.spawn().expect("starting portcullis agent");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let lines = log.clone();

@@ -75,7 +75,9 @@ fn update_settings(
 }
 
 /// Turns counting and flow events off (`quiet`) or on for the agent pinned
-/// at `pin_dir`. Only for measuring what they cost.
+/// at `pin_dir`. Only for measuring what they cost: it rewrites the
+/// settings beside the running agent, without its pin lock, which is safe
+/// only because that agent writes its settings once, at start.
 pub fn set_quiet(pin_dir: &Path, quiet: bool) -> Result<(), LoadError> {
     update_settings(pin_dir, |s| s.quiet = u32::from(quiet))
 }

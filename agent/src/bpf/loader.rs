@@ -210,16 +210,18 @@ impl Dataplane {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
-        ensure_bpffs(opts.pin_dir.parent().unwrap_or(Path::new("/sys/fs/bpf")))?;
+        Self::load_locked(opts, lock_pin_dir(&opts.pin_dir)?)
+    }
+
+    /// [`Dataplane::load`] with the pin directory's lock taken already
+    /// ([`lock_pin_dir`]), by a caller that must own the node before it
+    /// starts anything else.
+    pub fn load_locked(opts: &DataplaneOptions, lock: PinDirLock) -> Result<Self, LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
         let links_dir = opts.pin_dir.join(LINKS_DIR);
         fs::create_dir_all(&links_dir).map_err(io("creating", &links_dir))?;
-        let lock = PinDirLock::acquire(&opts.pin_dir, WAIT_FOR_HOLDER, || {
-            tracing::warn!(
-                pins = %opts.pin_dir.display(),
-                "another agent holds the pin directory; waiting up to {WAIT_FOR_HOLDER:?} for it \
-                 to exit"
-            )
-        })?;
         check_abi(&opts.pin_dir)?;
 
         check_pinned_capacities(&opts.pin_dir, &opts.capacities)?;
@@ -490,6 +492,20 @@ fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
         path: dir.to_path_buf(),
         source,
     })
+}
+
+/// Makes the pin directory (on a bpffs) and takes its lock: this process
+/// is then the only agent writing it, until the lock is dropped.
+pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock, LoadError> {
+    ensure_bpffs(pin_dir.parent().unwrap_or(Path::new("/sys/fs/bpf")))?;
+    fs::create_dir_all(pin_dir).map_err(io("creating", pin_dir))?;
+    Ok(PinDirLock::acquire(pin_dir, WAIT_FOR_HOLDER, || {
+        tracing::warn!(
+            pins = %pin_dir.display(),
+            "another agent holds the pin directory; waiting up to {WAIT_FOR_HOLDER:?} for it to \
+             exit"
+        )
+    })?)
 }
 
 /// How long `uninstall` waits for an agent that is exiting.

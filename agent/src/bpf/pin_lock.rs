@@ -14,7 +14,7 @@
 use std::{
     fs::File,
     io,
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -58,14 +58,23 @@ impl PinDirLock {
             pin_dir: pin_dir.to_path_buf(),
             source,
         };
-        let dir = File::open(pin_dir).map_err(io_error)?;
         let deadline = Instant::now() + wait;
         let mut on_wait = Some(on_wait);
+        let mut dir = File::open(pin_dir).map_err(io_error)?;
         loop {
             // SAFETY: flock(2) on a descriptor this function owns.
             let ret = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if ret == 0 {
-                return Ok(Self { _dir: dir });
+                // The holder may have removed the directory (`portcullis
+                // uninstall`) and another agent made a new one: a lock on
+                // the old inode guards nothing. Lock what the path names.
+                let held = dir.metadata().map_err(io_error)?;
+                let named = std::fs::metadata(pin_dir).map_err(io_error)?;
+                if (held.dev(), held.ino()) == (named.dev(), named.ino()) {
+                    return Ok(Self { _dir: dir });
+                }
+                dir = File::open(pin_dir).map_err(io_error)?;
+                continue;
             }
             let err = io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
@@ -105,5 +114,37 @@ mod tests {
         drop(first);
         PinDirLock::acquire(dir.path(), Duration::ZERO, || panic!("free: no wait"))
             .expect("released with its holder");
+    }
+
+    /// A holder that removes the directory (uninstall) while another waits:
+    /// the waiter must lock the directory the path names now, not the old
+    /// inode, or two agents would each hold "the" lock.
+    #[test]
+    fn a_waiter_locks_the_directory_the_path_names_now() {
+        let parent = tempfile::tempdir().unwrap();
+        let pins = parent.path().join("pins");
+        std::fs::create_dir(&pins).unwrap();
+        let first = PinDirLock::acquire(&pins, Duration::ZERO, || {}).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let pins = pins.clone();
+            std::thread::spawn(move || {
+                PinDirLock::acquire(&pins, Duration::from_secs(10), || tx.send(()).unwrap())
+            })
+        };
+        rx.recv().unwrap();
+        std::fs::remove_dir(&pins).unwrap();
+        std::fs::create_dir(&pins).unwrap();
+        let newcomer = PinDirLock::acquire(&pins, Duration::ZERO, || {}).unwrap();
+        drop(first);
+        // The waiter gets the old inode's lock, sees the path moved on, and
+        // then waits for the newcomer, who holds the directory in place.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!waiter.is_finished(), "the new directory is held");
+        drop(newcomer);
+        waiter
+            .join()
+            .unwrap()
+            .expect("its holder gone, the waiter takes it");
     }
 }

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapData, MapError};
+use aya::maps::{MapData, MapError, MapType};
 use portcullis_common::{mesh, MeshClientKey, MeshOriginal, MESH_ORIGINAL_MAP};
 
 use crate::policy::compile::{addr16, addr_from16};
@@ -30,6 +30,11 @@ pub enum OriginalError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "pinned map {path} is not the LRU hash of client → original destination this agent \
+         reads (pinned by another version?)"
+    )]
+    Layout { path: std::path::PathBuf },
     #[error("taking an entry out of map {MESH_ORIGINAL_MAP}")]
     Read {
         #[source]
@@ -69,6 +74,18 @@ impl Originals {
             path: path.clone(),
             source,
         })?;
+        // The take below writes what the kernel copies into a value of
+        // ours: the pinned map must be the LRU hash of exactly our layout.
+        let info = map.info().map_err(|source| OriginalError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let fits = matches!(info.map_type(), Ok(MapType::LruHash))
+            && info.key_size() as usize == std::mem::size_of::<MeshClientKey>()
+            && info.value_size() as usize == std::mem::size_of::<MeshOriginal>();
+        if !fits {
+            return Err(OriginalError::Layout { path });
+        }
         Ok(Self { map })
     }
 
