@@ -251,17 +251,17 @@ impl Drop for AgentHandle {
 /// Loads the programs and starts syncing. Errors that stop the agent from
 /// enforcing anything are returned here; later problems go to the status.
 pub fn start(opts: AgentOptions) -> Result<AgentHandle, AgentError> {
-    // First of all: a second agent on this node's pins must start nothing
-    // (not even the identity manager, which would publish over the first's
-    // identities file) before it is refused.
-    let pin_lock = crate::bpf::loader::lock_pin_dir(&opts.pin_dir)
-        .map_err(|source| AgentError::Load { source })?;
     // Settled before the kernel programs load, so a bad certificate or a
     // secure mode without Kubernetes leaves nothing attached.
     let exposure = match opts.admin_addr {
         Some(_) => Some(exposure(&opts).map_err(|source| AgentError::Admin { source })?),
         None => None,
     };
+    // Before anything starts: a second agent on this node's pins must start
+    // nothing (not even the identity manager, which would publish over the
+    // first's identities file) before it is refused.
+    let pin_lock = crate::bpf::loader::lock_pin_dir(&opts.pin_dir)
+        .map_err(|source| AgentError::Load { source })?;
     let metrics = Arc::new(Metrics::new());
     // Also before the programs load: a bad CA URL leaves nothing attached.
     let (identity, demand) = match &opts.identity {
