@@ -167,13 +167,14 @@ impl std::fmt::Debug for ClassCache {
 /// [`ClassPass::finish`].
 pub struct ClassPass<'c> {
     cache: &'c mut ClassCache,
+    inventory: &'c Inventory,
     namespaces: HashMap<String, Arc<Labels>>,
 }
 
 impl ClassCache {
     /// Starts a compile of `inventory` under `rules`: a changed lens
     /// forgets every workload's classes.
-    pub fn pass<'c>(&'c mut self, inventory: &Inventory, rules: &[&Rule]) -> ClassPass<'c> {
+    pub fn pass<'c>(&'c mut self, inventory: &'c Inventory, rules: &[&Rule]) -> ClassPass<'c> {
         self.policy_lenses.clear();
         self.start(inventory, Some(Lens::of(rules)))
     }
@@ -183,10 +184,13 @@ impl ClassCache {
     /// again only when a policy came, went or changed.
     pub fn pass_policies<'c>(
         &'c mut self,
-        inventory: &Inventory,
+        inventory: &'c Inventory,
         policies: &[&Arc<PolicyKind>],
     ) -> ClassPass<'c> {
-        let mut earlier = std::mem::take(&mut self.policy_lenses);
+        let mut earlier = std::mem::replace(
+            &mut self.policy_lenses,
+            HashMap::with_capacity(policies.len()),
+        );
         let mut changed = false;
         for policy in policies {
             let at = Arc::as_ptr(policy) as usize;
@@ -209,28 +213,23 @@ impl ClassCache {
     }
 
     /// `lens`: the new lens, or `None` when it is the last one.
-    fn start<'c>(&'c mut self, inventory: &Inventory, lens: Option<Lens>) -> ClassPass<'c> {
+    fn start<'c>(&'c mut self, inventory: &'c Inventory, lens: Option<Lens>) -> ClassPass<'c> {
         if let Some(lens) = lens.filter(|lens| *lens != self.lens) {
             self.workloads.clear();
             self.lens = lens;
         }
-        // Per namespace, not per pod: a namespace's labels are looked up by
-        // scanning the namespaces. An unchanged namespace keeps its `Arc`,
-        // so its pods' kept classes stay valid.
-        let mut namespaces = HashMap::new();
-        for w in &inventory.workloads {
-            if namespaces.contains_key(w.namespace.as_str()) {
+        // Per namespace, not per pod, from the namespaces listed (a pod in
+        // a namespace not listed gets its labels when it is first met, in
+        // `classes_of`). An unchanged namespace keeps its `Arc`, so its
+        // pods' kept classes stay valid.
+        let mut namespaces = HashMap::with_capacity(inventory.namespaces.len());
+        for ns in &inventory.namespaces {
+            if namespaces.contains_key(ns.name.as_str()) {
+                // The first of a name counts, as in `namespace_labels`.
                 continue;
             }
-            let labels = Lens::keep(
-                &inventory.namespace_labels(&w.namespace),
-                &self.lens.namespace_keys,
-            );
-            let labels = match self.namespaces.get(w.namespace.as_str()) {
-                Some(before) if **before == labels => Arc::clone(before),
-                _ => Arc::new(labels),
-            };
-            namespaces.insert(w.namespace.clone(), labels);
+            let labels = namespace_labels(&self.namespaces, inventory, &ns.name, &self.lens);
+            namespaces.insert(ns.name.clone(), labels);
         }
         // Workloads are marked in place (see `classes_of`): moving five
         // thousand to a new map each compile cost more than the few that
@@ -238,6 +237,7 @@ impl ClassCache {
         self.passes += 1;
         ClassPass {
             cache: self,
+            inventory,
             namespaces,
         }
     }
@@ -258,6 +258,15 @@ impl ClassPass<'_> {
     /// they were made for, under the same namespace labels.
     pub fn classes_of(&mut self, w: &Arc<Workload>) -> &[(IpAddr, Arc<PeerClass>)] {
         let at = Arc::as_ptr(w) as usize;
+        if !self.namespaces.contains_key(w.namespace.as_str()) {
+            let labels = namespace_labels(
+                &self.cache.namespaces,
+                self.inventory,
+                &w.namespace,
+                &self.cache.lens,
+            );
+            self.namespaces.insert(w.namespace.clone(), labels);
+        }
         let namespace_labels = &self.namespaces[w.namespace.as_str()];
         let pass = self.cache.passes;
         let cache = &mut *self.cache;
@@ -294,11 +303,28 @@ impl ClassPass<'_> {
     /// Ends the compile: workloads it did not see are forgotten, and so
     /// are classes nothing kept uses.
     pub fn finish(self) {
-        let ClassPass { cache, namespaces } = self;
+        let ClassPass {
+            cache, namespaces, ..
+        } = self;
         let pass = cache.passes;
         cache.workloads.retain(|_, kept| kept.seen_in == pass);
         cache.namespaces = namespaces;
         cache.canonical.retain(|class| Arc::strong_count(class) > 1);
+    }
+}
+
+/// `namespace`'s labels under `lens`: the `Arc` of the last compile
+/// (`before`) if they did not change.
+fn namespace_labels(
+    before: &HashMap<String, Arc<Labels>>,
+    inventory: &Inventory,
+    namespace: &str,
+    lens: &Lens,
+) -> Arc<Labels> {
+    let labels = Lens::keep(&inventory.namespace_labels(namespace), &lens.namespace_keys);
+    match before.get(namespace) {
+        Some(kept) if **kept == labels => Arc::clone(kept),
+        _ => Arc::new(labels),
     }
 }
 
