@@ -642,6 +642,9 @@ enum PodChange {
     Relabel(usize),
     /// Flip a namespace's `team` label.
     RelabelNamespace(usize),
+    /// Take a namespace out of the inventory's list (its pods stay), or
+    /// put it back.
+    Unlist(usize),
     /// Drop a workload, or bring back the last dropped.
     Remove(usize),
     Restore,
@@ -656,6 +659,7 @@ fn step() -> impl Strategy<Value = Step> {
             Just(PodChange::None),
             (0..6usize).prop_map(PodChange::Relabel),
             (0..NAMESPACES.len()).prop_map(PodChange::RelabelNamespace),
+            (0..NAMESPACES.len()).prop_map(PodChange::Unlist),
             (0..6usize).prop_map(PodChange::Remove),
             Just(PodChange::Restore),
             (0..6usize).prop_map(PodChange::Ports),
@@ -677,7 +681,12 @@ fn flip(labels: &mut BTreeMap<String, String>, key: &str, values: [&str; 2]) {
 }
 
 impl PodChange {
-    fn apply(&self, inventory: &mut Inventory, dropped: &mut Vec<Arc<Workload>>) {
+    fn apply(
+        &self,
+        inventory: &mut Inventory,
+        dropped: &mut Vec<Arc<Workload>>,
+        unlisted: &mut Vec<Namespace>,
+    ) {
         let n = inventory.workloads.len();
         match *self {
             Self::None => {}
@@ -689,8 +698,31 @@ impl PodChange {
                 );
             }
             Self::RelabelNamespace(i) => {
-                flip(&mut inventory.namespaces[i].labels, "team", ["a", "b"]);
+                if let Some(ns) = inventory
+                    .namespaces
+                    .iter_mut()
+                    .find(|n| n.name == NAMESPACES[i])
+                {
+                    flip(&mut ns.labels, "team", ["a", "b"]);
+                }
             }
+            Self::Unlist(i) => match inventory
+                .namespaces
+                .iter()
+                .position(|n| n.name == NAMESPACES[i])
+            {
+                Some(at) => unlisted.push(inventory.namespaces.remove(at)),
+                None => inventory.namespaces.push(
+                    unlisted
+                        .iter()
+                        .position(|n| n.name == NAMESPACES[i])
+                        .map(|at| unlisted.remove(at))
+                        .unwrap_or(Namespace {
+                            name: NAMESPACES[i].to_string(),
+                            labels: Default::default(),
+                        }),
+                ),
+            },
             Self::Remove(i) if n > 1 => dropped.push(inventory.workloads.remove(i % n)),
             Self::Restore => inventory.workloads.extend(dropped.pop()),
             Self::Ports(i) if n > 0 => {
@@ -732,8 +764,9 @@ proptest! {
         let mut incremental = Compiler::new();
         let mut full = Compiler::without_memo();
         let mut dropped = Vec::new();
+        let mut unlisted = Vec::new();
         for step in &steps {
-            step.change.apply(&mut inventory, &mut dropped);
+            step.change.apply(&mut inventory, &mut dropped, &mut unlisted);
             let policies: Vec<PolicyObject> = names
                 .iter()
                 .zip(step.versions.iter().cycle())
@@ -747,6 +780,9 @@ proptest! {
             let expected = full.compile(&inventory, &policies).map_err(|e| TestCaseError::fail(chain(&e)))?;
             let got = incremental.compile(&inventory, &policies).map_err(|e| TestCaseError::fail(chain(&e)))?;
             prop_assert_eq!(&got, &expected, "incremental differs from full\n{}", context);
+            // Both share the class derivation: the evaluator is the oracle
+            // for that (a namespace taken out of the list, for one).
+            check_agreement(&inventory, &policies, &got, &context)?;
         }
     }
 }

@@ -228,7 +228,9 @@ impl ClassCache {
                 // The first of a name counts, as in `namespace_labels`.
                 continue;
             }
-            let labels = namespace_labels(&self.namespaces, inventory, &ns.name, &self.lens);
+            // From the entry itself: looking each up by name would scan
+            // the list once per namespace.
+            let labels = under_lens(&self.namespaces, &ns.name, ns.selector_labels(), &self.lens);
             namespaces.insert(ns.name.clone(), labels);
         }
         // Workloads are marked in place (see `classes_of`): moving five
@@ -259,10 +261,10 @@ impl ClassPass<'_> {
     pub fn classes_of(&mut self, w: &Arc<Workload>) -> &[(IpAddr, Arc<PeerClass>)] {
         let at = Arc::as_ptr(w) as usize;
         if !self.namespaces.contains_key(w.namespace.as_str()) {
-            let labels = namespace_labels(
+            let labels = under_lens(
                 &self.cache.namespaces,
-                self.inventory,
                 &w.namespace,
+                self.inventory.namespace_labels(&w.namespace),
                 &self.cache.lens,
             );
             self.namespaces.insert(w.namespace.clone(), labels);
@@ -313,15 +315,15 @@ impl ClassPass<'_> {
     }
 }
 
-/// `namespace`'s labels under `lens`: the `Arc` of the last compile
-/// (`before`) if they did not change.
-fn namespace_labels(
+/// `namespace`'s selector labels (`all`) under `lens`: the `Arc` of the
+/// last compile (`before`) if they did not change.
+fn under_lens(
     before: &HashMap<String, Arc<Labels>>,
-    inventory: &Inventory,
     namespace: &str,
+    all: Labels,
     lens: &Lens,
 ) -> Arc<Labels> {
-    let labels = Lens::keep(&inventory.namespace_labels(namespace), &lens.namespace_keys);
+    let labels = Lens::keep(&all, &lens.namespace_keys);
     match before.get(namespace) {
         Some(kept) if **kept == labels => Arc::clone(kept),
         _ => Arc::new(labels),

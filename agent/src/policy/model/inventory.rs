@@ -84,6 +84,22 @@ pub struct Namespace {
     pub labels: Labels,
 }
 
+impl Namespace {
+    /// The labels namespace selectors see: its own, and its name under
+    /// `kubernetes.io/metadata.name`, which no label of its own overrides.
+    pub fn selector_labels(&self) -> Labels {
+        let mut labels = self.labels.clone();
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), self.name.clone());
+        labels
+    }
+
+    /// [`Namespace::selector_labels`] of a namespace the inventory does not
+    /// list: its name only.
+    pub fn unlisted_labels(name: &str) -> Labels {
+        Labels::from([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())])
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Workload {
@@ -277,14 +293,10 @@ impl Inventory {
     /// Labels of a namespace, including the `kubernetes.io/metadata.name`
     /// label every namespace carries; unlisted namespaces have only that one.
     pub fn namespace_labels(&self, namespace: &str) -> Labels {
-        let mut labels = self
-            .namespaces
-            .iter()
-            .find(|n| n.name == namespace)
-            .map(|n| n.labels.clone())
-            .unwrap_or_default();
-        labels.insert(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string());
-        labels
+        match self.namespaces.iter().find(|n| n.name == namespace) {
+            Some(listed) => listed.selector_labels(),
+            None => Namespace::unlisted_labels(namespace),
+        }
     }
 
     /// Checks what the type cannot express: unique names, addresses and
