@@ -650,6 +650,9 @@ enum PodChange {
     Restore,
     /// Give a workload another named port, or take its ports away.
     Ports(usize),
+    /// Two workloads trade addresses: each address changes hands within
+    /// one compile.
+    SwapAddresses(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -663,6 +666,7 @@ fn step() -> impl Strategy<Value = Step> {
             (0..6usize).prop_map(PodChange::Remove),
             Just(PodChange::Restore),
             (0..6usize).prop_map(PodChange::Ports),
+            (0..6usize).prop_map(PodChange::SwapAddresses),
         ],
     )
         .prop_map(|(versions, change)| Step { versions, change })
@@ -736,6 +740,15 @@ impl PodChange {
                 } else {
                     ports.clear();
                 }
+            }
+            Self::SwapAddresses(i) if n > 1 => {
+                let (a, b) = (i % n, (i + 1) % n);
+                let ips_of_a = inventory.workloads[a].ips.clone();
+                let ips_of_b = std::mem::replace(
+                    &mut Arc::make_mut(&mut inventory.workloads[b]).ips,
+                    ips_of_a,
+                );
+                Arc::make_mut(&mut inventory.workloads[a]).ips = ips_of_b;
             }
             _ => {}
         }

@@ -15,14 +15,22 @@
 //! The lens itself is kept per policy object (by its `Arc`, which a policy
 //! event replaces): scanning 10,000 rules for it was milliseconds of every
 //! compile, most of them for policies that had not changed.
+//!
+//! So are the pod addresses, sorted, each with its class: a workload worked
+//! out again, or gone, patches them. Sorting and collecting 5,000 addresses
+//! afresh was a sixth of a compile that followed one pod.
 
-use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use foldhash::{HashMap, HashMapExt as _, HashSet};
 
 use ipnet::IpNet;
 
-use super::classes::PeerClass;
+use super::{classes::PeerClass, AddrPrefix};
 use crate::policy::model::{
     Inventory, Labels, NamespaceScope, Peer, Peers, PolicyKind, PortSpec, Rule, Workload,
 };
@@ -36,8 +44,13 @@ pub struct ClassCache {
     policy_lenses: HashMap<usize, (Arc<PolicyKind>, Lens)>,
     /// Each namespace's labels under the lens, as of the last compile.
     namespaces: HashMap<String, Arc<Labels>>,
-    /// By the address of the workload, which `Kept::workload` pins.
+    /// By the address of the workload, which `Kept::_workload` pins.
     workloads: HashMap<usize, Kept>,
+    /// The kept workloads' addresses: each with its class and the address
+    /// of the workload that claims it (a checked inventory names each
+    /// address once, but a pod that took a gone pod's address may be
+    /// worked out before the gone one is dropped).
+    hosts: BTreeMap<AddrPrefix, (usize, Arc<PeerClass>)>,
     canonical: HashSet<Arc<PeerClass>>,
     /// Counts compiles.
     passes: u64,
@@ -45,7 +58,9 @@ pub struct ClassCache {
 
 #[derive(Clone)]
 struct Kept {
-    workload: Arc<Workload>,
+    /// Held, never read: while it is kept no other workload can live at
+    /// its address, which is its key.
+    _workload: Arc<Workload>,
     /// The namespace labels the classes were made with.
     namespace_labels: Arc<Labels>,
     classes: Vec<(IpAddr, Arc<PeerClass>)>,
@@ -216,6 +231,7 @@ impl ClassCache {
     fn start<'c>(&'c mut self, inventory: &'c Inventory, lens: Option<Lens>) -> ClassPass<'c> {
         if let Some(lens) = lens.filter(|lens| *lens != self.lens) {
             self.workloads.clear();
+            self.hosts.clear();
             self.lens = lens;
         }
         // Per namespace, not per pod, from the namespaces listed (a pod in
@@ -258,65 +274,105 @@ impl ClassPass<'_> {
 
     /// `w`'s classes, one per address: kept if `w` is the very workload
     /// they were made for, under the same namespace labels.
-    pub fn classes_of(&mut self, w: &Arc<Workload>) -> &[(IpAddr, Arc<PeerClass>)] {
+    /// Works out `w`'s classes unless they are kept (see the module docs),
+    /// and marks them used by this pass.
+    pub fn visit(&mut self, w: &Arc<Workload>) {
         let at = Arc::as_ptr(w) as usize;
-        if !self.namespaces.contains_key(w.namespace.as_str()) {
-            let labels = under_lens(
-                &self.cache.namespaces,
-                &w.namespace,
-                self.inventory.namespace_labels(&w.namespace),
-                &self.cache.lens,
-            );
-            self.namespaces.insert(w.namespace.clone(), labels);
-        }
-        let namespace_labels = &self.namespaces[w.namespace.as_str()];
-        let pass = self.cache.passes;
-        let cache = &mut *self.cache;
-        // A kept workload pins its address: the same address is the same
-        // workload exactly when it is the same `Arc`.
-        let reusable = cache.workloads.get(&at).is_some_and(|kept| {
-            Arc::ptr_eq(&kept.workload, w) && Arc::ptr_eq(&kept.namespace_labels, namespace_labels)
-        });
-        let kept = match reusable {
-            true => cache.workloads.get_mut(&at).expect("looked up above"),
-            false => {
-                let lens = &cache.lens;
-                let classes = w
-                    .ips
-                    .iter()
-                    .map(|ip| {
-                        let class = lens.pod_class(w, *ip, namespace_labels);
-                        (*ip, canonical(&mut cache.canonical, class))
-                    })
-                    .collect();
-                let made = Kept {
-                    workload: Arc::clone(w),
-                    namespace_labels: Arc::clone(namespace_labels),
-                    classes,
-                    seen_in: pass,
-                };
-                cache.workloads.entry(at).insert_entry(made).into_mut()
+        let namespace_labels = match self.namespaces.get(w.namespace.as_str()) {
+            Some(labels) => Arc::clone(labels),
+            None => {
+                let labels = under_lens(
+                    &self.cache.namespaces,
+                    &w.namespace,
+                    self.inventory.namespace_labels(&w.namespace),
+                    &self.cache.lens,
+                );
+                self.namespaces
+                    .insert(w.namespace.clone(), Arc::clone(&labels));
+                labels
             }
         };
-        kept.seen_in = pass;
-        &kept.classes
+        let pass = self.cache.passes;
+        let cache = &mut *self.cache;
+        if let Some(kept) = cache.workloads.get_mut(&at) {
+            // Kept pins the workload, so no other one lives at its address.
+            if Arc::ptr_eq(&kept.namespace_labels, &namespace_labels) {
+                kept.seen_in = pass;
+                return;
+            }
+        }
+        let lens = &cache.lens;
+        let classes: Vec<(IpAddr, Arc<PeerClass>)> = w
+            .ips
+            .iter()
+            .map(|ip| {
+                let class = lens.pod_class(w, *ip, &namespace_labels);
+                (*ip, canonical(&mut cache.canonical, class))
+            })
+            .collect();
+        for (ip, class) in &classes {
+            cache
+                .hosts
+                .insert(AddrPrefix::host(*ip), (at, Arc::clone(class)));
+        }
+        cache.workloads.insert(
+            at,
+            Kept {
+                _workload: Arc::clone(w),
+                namespace_labels,
+                classes,
+                seen_in: pass,
+            },
+        );
     }
 
-    /// Ends the compile: workloads it did not see are forgotten, and so
-    /// are classes nothing kept uses.
-    pub fn finish(self) {
+    /// `w`'s classes (after [`ClassPass::visit`]).
+    #[cfg(test)]
+    pub fn classes_of(&mut self, w: &Arc<Workload>) -> &[(IpAddr, Arc<PeerClass>)] {
+        self.visit(w);
+        &self.cache.workloads[&(Arc::as_ptr(w) as usize)].classes
+    }
+
+    /// Drops the workloads this pass did not visit, and the addresses they
+    /// still claim.
+    pub fn retire_unvisited(&mut self) {
+        let pass = self.cache.passes;
+        let ClassCache {
+            workloads, hosts, ..
+        } = &mut *self.cache;
+        workloads.retain(|at, kept| {
+            if kept.seen_in == pass {
+                return true;
+            }
+            for (ip, _) in &kept.classes {
+                let prefix = AddrPrefix::host(*ip);
+                if hosts.get(&prefix).is_some_and(|(owner, _)| owner == at) {
+                    hosts.remove(&prefix);
+                }
+            }
+            false
+        });
+    }
+
+    /// Every address of the visited workloads and its class, in address
+    /// order (after [`ClassPass::retire_unvisited`]).
+    pub fn hosts(&self) -> impl Iterator<Item = (&AddrPrefix, &Arc<PeerClass>)> {
+        self.cache
+            .hosts
+            .iter()
+            .map(|(prefix, (_, class))| (prefix, class))
+    }
+
+    pub fn finish(mut self) {
+        self.retire_unvisited();
         let ClassPass {
             cache, namespaces, ..
         } = self;
-        let pass = cache.passes;
-        cache.workloads.retain(|_, kept| kept.seen_in == pass);
         cache.namespaces = namespaces;
         cache.canonical.retain(|class| Arc::strong_count(class) > 1);
     }
 }
 
-/// `namespace`'s selector labels (`all`) under `lens`: the `Arc` of the
-/// last compile (`before`) if they did not change.
 fn under_lens(
     before: &HashMap<String, Arc<Labels>>,
     namespace: &str,

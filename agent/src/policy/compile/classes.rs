@@ -105,20 +105,19 @@ impl PeerClasses {
         for ip in &inventory.node_ips {
             prefixes.insert(AddrPrefix::host(*ip), Member::Host);
         }
-        // Sorted, then built in one go: thousands of inserts one by one
-        // were a large part of a compile.
-        let mut hosts: Vec<(AddrPrefix, usize)> = Vec::with_capacity(inventory.workloads.len());
         for w in &inventory.workloads {
-            for (ip, class) in pass.classes_of(w) {
-                hosts.push((AddrPrefix::host(*ip), intern(class)));
-            }
+            pass.visit(w);
         }
-        // A later member takes an address, as an insert would (a checked
-        // inventory names each address once).
-        hosts.reverse();
-        hosts.sort_by_key(|(prefix, _)| *prefix);
-        hosts.dedup_by_key(|(prefix, _)| *prefix);
-        let mut members: BTreeMap<AddrPrefix, usize> = hosts.into_iter().collect();
+        pass.retire_unvisited();
+        // The kept addresses come sorted; each distinct class is interned
+        // once (its address tells equal classes apart).
+        let mut members: Vec<(AddrPrefix, usize)> = pass
+            .hosts()
+            .map(|(prefix, class)| (*prefix, intern(class)))
+            .collect();
+        let is_member = |members: &[(AddrPrefix, usize)], prefix: &AddrPrefix| {
+            members.binary_search_by_key(prefix, |(p, _)| *p).is_ok()
+        };
         let mentioned: Vec<IpNet> = pass.cidrs().copied().collect();
         // Link-local addresses are nobody's in policy terms: ipBlocks never
         // match them (see `evaluate::is_ipv6_link_local`), so no class may
@@ -133,6 +132,7 @@ impl PeerClasses {
         {
             prefixes.insert(AddrPrefix::from_net(link_local), Member::World);
         }
+        let mut cidr_members: BTreeMap<AddrPrefix, usize> = BTreeMap::new();
         for net in &mentioned {
             if link_local.contains(net) {
                 continue;
@@ -140,10 +140,20 @@ impl PeerClasses {
             let prefix = AddrPrefix::from_net(*net);
             // A /32 or /128 naming a pod or node: the host entry already
             // carries (or overrides) what the CIDR would say.
-            if !members.contains_key(&prefix) && !prefixes.contains_key(&prefix) {
+            // (An IPv4 CIDR and its IPv4-mapped IPv6 twin are one prefix:
+            // the first, the IPv4 one, names it.)
+            if !is_member(&members, &prefix)
+                && !prefixes.contains_key(&prefix)
+                && !cidr_members.contains_key(&prefix)
+            {
                 let class = pass.canonical(PeerClass::Cidr(*net));
-                members.insert(prefix, intern(&class));
+                cidr_members.insert(prefix, intern(&class));
             }
+        }
+        if !cidr_members.is_empty() {
+            // Distinct from every host prefix (checked above): a merge.
+            members.extend(cidr_members);
+            members.sort_unstable_by_key(|(prefix, _)| *prefix);
         }
         // IPv4 lives at ::ffff:0:0/96 in the kernel's trie, so an IPv6 policy
         // CIDR covering that range (e.g. ::/0) would capture IPv4 addresses
@@ -151,7 +161,7 @@ impl PeerClasses {
         // 0.0.0.0/0 itself is a policy CIDR.
         let ipv4_space = AddrPrefix::from_net(IpNet::V4(Ipv4Net::default()));
         let mapped_root = IpAddr::V6(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
-        if !members.contains_key(&ipv4_space)
+        if !is_member(&members, &ipv4_space)
             && mentioned
                 .iter()
                 .any(|net| matches!(net, IpNet::V6(_)) && net.contains(&mapped_root))
@@ -159,11 +169,12 @@ impl PeerClasses {
             prefixes.insert(ipv4_space, Member::World);
         }
 
-        // Only classes some prefix still points at (one whose address was
-        // claimed again by a later member is not), in sorted order.
-        let mut used: Vec<usize> = members.values().copied().collect();
-        used.sort_unstable();
-        used.dedup();
+        // Only classes some prefix still points at, in sorted order.
+        let mut pointed = vec![false; interned.len()];
+        for (_, provisional) in &members {
+            pointed[*provisional] = true;
+        }
+        let mut used: Vec<usize> = (0..interned.len()).filter(|i| pointed[*i]).collect();
         used.sort_by(|a, b| interned[*a].cmp(&interned[*b]));
         let mut rank = vec![None; interned.len()];
         let classes: Vec<PeerClass> = used
