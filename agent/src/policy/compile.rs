@@ -363,7 +363,10 @@ impl Compiler {
         let unchanged = match (&shared, &shared_before, &delta) {
             (_, _, ClassDelta::Unknown) => Unchanged::default(),
             (Some(now), Some(before), _) => {
-                now.unchanged_since(before, |policy| delta.reaches(policy))
+                let class_cache = &self.class_cache;
+                now.unchanged_since(before, |policy| {
+                    delta.reaches(policy, class_cache.reach(policy))
+                })
             }
             _ => Unchanged::default(),
         };

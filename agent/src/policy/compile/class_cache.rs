@@ -30,9 +30,9 @@ use foldhash::{HashMap, HashMapExt as _, HashSet};
 
 use ipnet::IpNet;
 
-use super::{classes::PeerClass, AddrPrefix};
+use super::{class_delta::Reach, classes::PeerClass, AddrPrefix};
 use crate::policy::model::{
-    Inventory, Labels, NamespaceScope, Peer, Peers, PolicyKind, PortSpec, Rule, Workload,
+    Inventory, Labels, Namespace, NamespaceScope, Peer, Peers, PolicyKind, PortSpec, Rule, Workload,
 };
 
 /// Classes kept between compiles (see the module docs).
@@ -41,7 +41,7 @@ pub struct ClassCache {
     lens: Lens,
     /// Each policy's part of the lens, by the address of the policy, which
     /// the kept `Arc` pins.
-    policy_lenses: HashMap<usize, (Arc<PolicyKind>, Lens)>,
+    policy_lenses: HashMap<usize, (Arc<PolicyKind>, Lens, Reach)>,
     /// Each namespace's labels under the lens, as of the last compile.
     namespaces: HashMap<String, Arc<Labels>>,
     /// By the address of the workload, which `Kept::_workload` pins.
@@ -184,6 +184,10 @@ pub struct ClassPass<'c> {
     cache: &'c mut ClassCache,
     inventory: &'c Inventory,
     namespaces: HashMap<String, Arc<Labels>>,
+    /// Every namespace the last pass met has the labels it had then: a
+    /// kept workload's classes hold without looking its namespace up (a
+    /// read of the pod's own memory, most of what visiting it cost).
+    namespaces_unchanged: bool,
 }
 
 impl ClassCache {
@@ -212,19 +216,30 @@ impl ClassCache {
             if self.policy_lenses.contains_key(&at) {
                 continue;
             }
-            let part = match earlier.remove(&at) {
-                Some((kept, lens)) if Arc::ptr_eq(&kept, policy) => lens,
+            let (part, reach) = match earlier.remove(&at) {
+                Some((kept, lens, reach)) if Arc::ptr_eq(&kept, policy) => (lens, reach),
                 _ => {
                     changed = true;
-                    Lens::of(&policy.rules().collect::<Vec<_>>())
+                    let rules: Vec<&Rule> = policy.rules().collect();
+                    (Lens::of(&rules), Reach::of(rules))
                 }
             };
-            self.policy_lenses.insert(at, (Arc::clone(policy), part));
+            self.policy_lenses
+                .insert(at, (Arc::clone(policy), part, reach));
         }
         // A policy gone changes the lens as much as one added.
         changed |= !earlier.is_empty();
-        let lens = changed.then(|| Lens::union(self.policy_lenses.values().map(|(_, l)| l)));
+        let lens = changed.then(|| Lens::union(self.policy_lenses.values().map(|(_, l, _)| l)));
         self.start(inventory, lens)
+    }
+
+    /// The [`Reach`] of `policy`, if the last pass over policies met this
+    /// very object.
+    pub fn reach(&self, policy: &Arc<PolicyKind>) -> Option<&Reach> {
+        self.policy_lenses
+            .get(&(Arc::as_ptr(policy) as usize))
+            .filter(|(kept, _, _)| Arc::ptr_eq(kept, policy))
+            .map(|(_, _, reach)| reach)
     }
 
     /// `lens`: the new lens, or `None` when it is the last one.
@@ -236,8 +251,8 @@ impl ClassCache {
         }
         // Per namespace, not per pod, from the namespaces listed (a pod in
         // a namespace not listed gets its labels when it is first met, in
-        // `classes_of`). An unchanged namespace keeps its `Arc`, so its
-        // pods' kept classes stay valid.
+        // `visit`). An unchanged namespace keeps its `Arc`, so its pods'
+        // kept classes stay valid.
         let mut namespaces = HashMap::with_capacity(inventory.namespaces.len());
         for ns in &inventory.namespaces {
             if namespaces.contains_key(ns.name.as_str()) {
@@ -249,7 +264,31 @@ impl ClassCache {
             let labels = under_lens(&self.namespaces, &ns.name, ns.selector_labels(), &self.lens);
             namespaces.insert(ns.name.clone(), labels);
         }
-        // Workloads are marked in place (see `classes_of`): moving five
+        // The namespaces the last pass met but that are not listed now get
+        // their labels at once, so that every namespace a kept workload
+        // can be in is compared.
+        let unlisted_before: Vec<String> = self
+            .namespaces
+            .keys()
+            .filter(|name| !namespaces.contains_key(name.as_str()))
+            .cloned()
+            .collect();
+        for name in unlisted_before {
+            let labels = under_lens(
+                &self.namespaces,
+                &name,
+                Namespace::unlisted_labels(&name),
+                &self.lens,
+            );
+            namespaces.insert(name, labels);
+        }
+        let namespaces_unchanged = namespaces.len() == self.namespaces.len()
+            && namespaces.iter().all(|(name, labels)| {
+                self.namespaces
+                    .get(name)
+                    .is_some_and(|before| Arc::ptr_eq(before, labels))
+            });
+        // Workloads are marked in place (see `visit`): moving five
         // thousand to a new map each compile cost more than the few that
         // changed.
         self.passes += 1;
@@ -257,6 +296,7 @@ impl ClassCache {
             cache: self,
             inventory,
             namespaces,
+            namespaces_unchanged,
         }
     }
 }
@@ -278,6 +318,15 @@ impl ClassPass<'_> {
     /// and marks them used by this pass.
     pub fn visit(&mut self, w: &Arc<Workload>) {
         let at = Arc::as_ptr(w) as usize;
+        let pass = self.cache.passes;
+        if self.namespaces_unchanged {
+            // A kept workload's namespace was met by the last pass, and
+            // kept its labels.
+            if let Some(kept) = self.cache.workloads.get_mut(&at) {
+                kept.seen_in = pass;
+                return;
+            }
+        }
         let namespace_labels = match self.namespaces.get(w.namespace.as_str()) {
             Some(labels) => Arc::clone(labels),
             None => {
@@ -292,7 +341,6 @@ impl ClassPass<'_> {
                 labels
             }
         };
-        let pass = self.cache.passes;
         let cache = &mut *self.cache;
         if let Some(kept) = cache.workloads.get_mut(&at) {
             // Kept pins the workload, so no other one lives at its address.
@@ -363,13 +411,20 @@ impl ClassPass<'_> {
             .map(|(prefix, (_, class))| (prefix, class))
     }
 
-    pub fn finish(mut self) {
+    /// Ends the pass (as dropping it does).
+    pub fn finish(self) {}
+}
+
+/// A pass ends whole, even one cut short: what `visit` may skip rests on
+/// every kept workload having been visited by the last pass, under the
+/// namespace labels the cache keeps.
+impl Drop for ClassPass<'_> {
+    fn drop(&mut self) {
         self.retire_unvisited();
-        let ClassPass {
-            cache, namespaces, ..
-        } = self;
-        cache.namespaces = namespaces;
-        cache.canonical.retain(|class| Arc::strong_count(class) > 1);
+        self.cache.namespaces = std::mem::take(&mut self.namespaces);
+        self.cache
+            .canonical
+            .retain(|class| Arc::strong_count(class) > 1);
     }
 }
 

@@ -89,7 +89,7 @@ impl SharedInputs {
     pub fn unchanged_since(
         &self,
         before: &SharedInputs,
-        reached: impl Fn(&PolicyKind) -> bool,
+        reached: impl Fn(&Arc<PolicyKind>) -> bool,
     ) -> Unchanged {
         let same_list = |now: &[Seen], then: &[Seen]| {
             now.len() == then.len()
@@ -221,7 +221,7 @@ mod tests {
         assert!(u.namespace("a") && !u.namespace("b") && !u.namespace("c"));
 
         // A class change that reaches b's policy reaches b only.
-        let u = same.unchanged_since(&before, |p| *p == *db.kind);
+        let u = same.unchanged_since(&before, |p| **p == *db.kind);
         assert!(u.namespace("a") && !u.namespace("b"));
     }
 
