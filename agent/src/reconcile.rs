@@ -30,7 +30,7 @@ use crate::{
     policy::{
         compile::{Attribution, CompileError, Compiled, Compiler},
         describe,
-        model::{CheckedInventory, Workload},
+        model::{CheckedInventory, Workload, WorkloadRef},
         PolicyObject, PolicyRef,
     },
     source::Snapshot,
@@ -193,9 +193,11 @@ pub struct Reconciler {
     capacity: MapUsage,
     /// What the last desired state was worked out from, for the next.
     kept: Kept,
-    /// The names of `last`'s compile, once worked out: at 10,000 rules
-    /// spelling every cookie out again was milliseconds of each pass.
-    names: Option<Arc<PublishedNames>>,
+    /// The names last published, and the compile they were worked out
+    /// from: at 10,000 rules spelling every cookie out again was
+    /// milliseconds of each pass, and a compile that keeps every cookie
+    /// and endpoint (most passes) has the same names.
+    names: Option<NamesOf>,
     /// Published with the names (see [`PublishedNames::trust_domain`]).
     trust_domain: Option<String>,
     last_pass: Option<LastPass>,
@@ -225,6 +227,25 @@ impl KeptRestricted {
             self.from = Some(Arc::clone(rules));
         }
         Arc::clone(&self.restricted)
+    }
+}
+
+/// Published names, with what they were worked out from.
+struct NamesOf {
+    names: Arc<PublishedNames>,
+    cookies: Arc<BTreeMap<u32, Attribution>>,
+    endpoints: Vec<(u32, WorkloadRef)>,
+}
+
+impl NamesOf {
+    fn hold_for(&self, compiled: &Compiled) -> bool {
+        Arc::ptr_eq(&self.cookies, &compiled.cookies)
+            && self.endpoints.len() == compiled.endpoints.len()
+            && self
+                .endpoints
+                .iter()
+                .zip(&compiled.endpoints)
+                .all(|((id, workload), e)| *id == e.id && *workload == e.workload)
     }
 }
 
@@ -317,7 +338,6 @@ impl Reconciler {
                 .compiler
                 .compile_checked(inventory, policies)
                 .map_err(|source| ReconcileError::Compile { source })?;
-            self.names = None;
             let replaced = self.last.replace(LastCompile {
                 inventory: inventory.clone(),
                 policies: Arc::clone(policies),
@@ -448,11 +468,18 @@ impl Reconciler {
         let flipped_at = (wrote && written.is_ok()).then(std::time::SystemTime::now);
         self.retired = None;
         let usage = written.map_err(|source| ReconcileError::Write { source })?;
-        let trust_domain = &self.trust_domain;
-        let names = self
-            .names
-            .get_or_insert_with(|| Arc::new(published_names(compiled, trust_domain.clone())));
-        let names = Arc::clone(names);
+        if !self.names.as_ref().is_some_and(|n| n.hold_for(compiled)) {
+            self.names = Some(NamesOf {
+                names: Arc::new(published_names(compiled, self.trust_domain.clone())),
+                cookies: Arc::clone(&compiled.cookies),
+                endpoints: compiled
+                    .endpoints
+                    .iter()
+                    .map(|e| (e.id, e.workload.clone()))
+                    .collect(),
+            });
+        }
+        let names = Arc::clone(&self.names.as_ref().expect("worked out above").names);
         let applied = Applied {
             usage,
             endpoints,

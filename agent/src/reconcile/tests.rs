@@ -276,9 +276,10 @@ fn a_pass_that_changes_nothing_writes_nothing() {
 }
 
 /// The names a compile gives are worked out once: a pass that compiled
-/// nothing new hands on the very same names (so they are not published
-/// again), and a changed policy gives new names that say so. The trust
-/// domain goes with them.
+/// nothing new, or a compile that kept every rule cookie and endpoint (a
+/// pod elsewhere came), hands on the very same names (so they are not
+/// published again), and a changed policy gives new names that say so.
+/// The trust domain goes with them.
 #[test]
 fn names_are_worked_out_again_only_for_a_new_compile() {
     let mut sink = Enforcing::default();
@@ -292,6 +293,30 @@ fn names_are_worked_out_again_only_for_a_new_compile() {
         .unwrap();
     assert!(Arc::ptr_eq(&one.names, &again.names), "the same compile");
     assert_eq!(again.names.trust_domain.as_deref(), Some("cluster.local"));
+    let mut elsewhere = lab();
+    elsewhere.workloads.push(Arc::new(
+        inventory(
+            "workloads:\n\
+             - {name: c, namespace: z, labels: {app: c}, ips: [198.18.0.12]}\n",
+        )
+        .workloads[0]
+            .as_ref()
+            .clone(),
+    ));
+    let remote_came = reconciler
+        .reconcile(
+            &Snapshot {
+                inventory: CheckedInventory::new(elsewhere).unwrap(),
+                ..snapshot(vec![first.clone()], &[])
+            },
+            &mut sink,
+        )
+        .unwrap();
+    assert!(remote_came.wrote, "a new compile: the pod has an identity");
+    assert!(
+        Arc::ptr_eq(&one.names, &remote_came.names),
+        "the same cookies and endpoints"
+    );
     let named =
         |names: &PublishedNames, policy: &str| names.cookies.values().any(|c| c.contains(policy));
     assert!(named(&one.names, "first"));
