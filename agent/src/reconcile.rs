@@ -232,14 +232,16 @@ impl KeptRestricted {
 
 /// Published names, with what they were worked out from.
 struct NamesOf {
+    /// Carries the trust domain it was given.
     names: Arc<PublishedNames>,
     cookies: Arc<BTreeMap<u32, Attribution>>,
     endpoints: Vec<(u32, WorkloadRef)>,
 }
 
 impl NamesOf {
-    fn hold_for(&self, compiled: &Compiled) -> bool {
-        Arc::ptr_eq(&self.cookies, &compiled.cookies)
+    fn hold_for(&self, compiled: &Compiled, trust_domain: &Option<String>) -> bool {
+        self.names.trust_domain == *trust_domain
+            && Arc::ptr_eq(&self.cookies, &compiled.cookies)
             && self.endpoints.len() == compiled.endpoints.len()
             && self
                 .endpoints
@@ -468,7 +470,12 @@ impl Reconciler {
         let flipped_at = (wrote && written.is_ok()).then(std::time::SystemTime::now);
         self.retired = None;
         let usage = written.map_err(|source| ReconcileError::Write { source })?;
-        if !self.names.as_ref().is_some_and(|n| n.hold_for(compiled)) {
+        let trust_domain = &self.trust_domain;
+        if !self
+            .names
+            .as_ref()
+            .is_some_and(|n| n.hold_for(compiled, trust_domain))
+        {
             self.names = Some(NamesOf {
                 names: Arc::new(published_names(compiled, self.trust_domain.clone())),
                 cookies: Arc::clone(&compiled.cookies),

@@ -32,7 +32,7 @@ use ipnet::IpNet;
 
 use super::{class_delta::Reach, classes::PeerClass, AddrPrefix};
 use crate::policy::model::{
-    Inventory, Labels, Namespace, NamespaceScope, Peer, Peers, PolicyKind, PortSpec, Rule, Workload,
+    Inventory, Labels, NamespaceScope, Peer, Peers, PolicyKind, PortSpec, Rule, Workload,
 };
 
 /// Classes kept between compiles (see the module docs).
@@ -44,6 +44,8 @@ pub struct ClassCache {
     policy_lenses: HashMap<usize, (Arc<PolicyKind>, Lens, Reach)>,
     /// Each namespace's labels under the lens, as of the last compile.
     namespaces: HashMap<String, Arc<Labels>>,
+    /// Those of the namespaces listed, as of the last compile.
+    listed: HashMap<String, Arc<Labels>>,
     /// By the address of the workload, which `Kept::_workload` pins.
     workloads: HashMap<usize, Kept>,
     /// The kept workloads' addresses: each with its class and the address
@@ -178,15 +180,16 @@ impl std::fmt::Debug for ClassCache {
     }
 }
 
-/// One compile's use of the cache: [`ClassCache::pass`] to
-/// [`ClassPass::finish`].
+/// One compile's use of the cache: from [`ClassCache::pass`] until it is
+/// dropped ([`ClassPass::finish`] says so).
 pub struct ClassPass<'c> {
     cache: &'c mut ClassCache,
     inventory: &'c Inventory,
     namespaces: HashMap<String, Arc<Labels>>,
-    /// Every namespace the last pass met has the labels it had then: a
-    /// kept workload's classes hold without looking its namespace up (a
-    /// read of the pod's own memory, most of what visiting it cost).
+    /// No namespace came into or left the list, and none listed changed
+    /// its labels, since the last pass: a kept workload's classes hold
+    /// without looking its namespace up (a read of the pod's own memory,
+    /// most of what visiting it cost).
     namespaces_unchanged: bool,
 }
 
@@ -264,30 +267,18 @@ impl ClassCache {
             let labels = under_lens(&self.namespaces, &ns.name, ns.selector_labels(), &self.lens);
             namespaces.insert(ns.name.clone(), labels);
         }
-        // The namespaces the last pass met but that are not listed now get
-        // their labels at once, so that every namespace a kept workload
-        // can be in is compared.
-        let unlisted_before: Vec<String> = self
-            .namespaces
-            .keys()
-            .filter(|name| !namespaces.contains_key(name.as_str()))
-            .cloned()
-            .collect();
-        for name in unlisted_before {
-            let labels = under_lens(
-                &self.namespaces,
-                &name,
-                Namespace::unlisted_labels(&name),
-                &self.lens,
-            );
-            namespaces.insert(name, labels);
-        }
-        let namespaces_unchanged = namespaces.len() == self.namespaces.len()
+        // A kept workload's namespace labels still hold when no namespace
+        // came into or left the list, and none listed changed: a namespace
+        // not listed has labels its name alone decides.
+        let namespaces_unchanged = namespaces.len() == self.listed.len()
             && namespaces.iter().all(|(name, labels)| {
-                self.namespaces
+                self.listed
                     .get(name)
                     .is_some_and(|before| Arc::ptr_eq(before, labels))
             });
+        if !namespaces_unchanged {
+            self.listed = namespaces.clone();
+        }
         // Workloads are marked in place (see `visit`): moving five
         // thousand to a new map each compile cost more than the few that
         // changed.
@@ -312,16 +303,14 @@ impl ClassPass<'_> {
         canonical(&mut self.cache.canonical, class)
     }
 
-    /// `w`'s classes, one per address: kept if `w` is the very workload
-    /// they were made for, under the same namespace labels.
     /// Works out `w`'s classes unless they are kept (see the module docs),
     /// and marks them used by this pass.
     pub fn visit(&mut self, w: &Arc<Workload>) {
         let at = Arc::as_ptr(w) as usize;
         let pass = self.cache.passes;
         if self.namespaces_unchanged {
-            // A kept workload's namespace was met by the last pass, and
-            // kept its labels.
+            // A kept workload was visited by the last pass (see `Drop`),
+            // under labels its namespace still has.
             if let Some(kept) = self.cache.workloads.get_mut(&at) {
                 kept.seen_in = pass;
                 return;
@@ -383,7 +372,7 @@ impl ClassPass<'_> {
 
     /// Drops the workloads this pass did not visit, and the addresses they
     /// still claim.
-    pub fn retire_unvisited(&mut self) {
+    fn retire_unvisited(&mut self) {
         let pass = self.cache.passes;
         let ClassCache {
             workloads, hosts, ..
@@ -402,9 +391,10 @@ impl ClassPass<'_> {
         });
     }
 
-    /// Every address of the visited workloads and its class, in address
-    /// order (after [`ClassPass::retire_unvisited`]).
-    pub fn hosts(&self) -> impl Iterator<Item = (&AddrPrefix, &Arc<PeerClass>)> {
+    /// Every address of the workloads visited so far and its class, in
+    /// address order; the workloads not visited are retired first.
+    pub fn hosts(&mut self) -> impl Iterator<Item = (&AddrPrefix, &Arc<PeerClass>)> {
+        self.retire_unvisited();
         self.cache
             .hosts
             .iter()
@@ -428,6 +418,8 @@ impl Drop for ClassPass<'_> {
     }
 }
 
+/// `all` (a namespace's labels) under `lens`, as the `Arc` kept in
+/// `before` when it is equal, so kept workloads' classes stay valid.
 fn under_lens(
     before: &HashMap<String, Arc<Labels>>,
     namespace: &str,
@@ -587,6 +579,88 @@ mod tests {
             panic!("a pod class")
         };
         assert_eq!(namespace_labels["team"], "x");
+    }
+
+    fn team_rule(team: &str) -> Rule {
+        Rule {
+            peers: Peers::Only(vec![Peer::Pods {
+                namespaces: NamespaceScope::Matching(labelled("team", team)),
+                pods: Selector::default(),
+            }]),
+            ports: Vec::new(),
+        }
+    }
+
+    fn team_of(class: &PeerClass) -> Option<&str> {
+        let PeerClass::Pod {
+            namespace_labels, ..
+        } = class
+        else {
+            panic!("a pod class")
+        };
+        namespace_labels.get("team").map(String::as_str)
+    }
+
+    /// A namespace taken out of the list and put back with other labels
+    /// gives its kept pods the new labels: the passes in between may skip
+    /// looking pods up by namespace, this one may not.
+    #[test]
+    fn a_namespace_listed_again_with_other_labels_is_worked_out_again() {
+        let rule = team_rule("x");
+        let listed = |team: &str| Namespace {
+            name: "shop".into(),
+            labels: [("team".to_string(), team.to_string())].into(),
+        };
+        let mut inventory = two_web_pods();
+        inventory.namespaces.push(listed("x"));
+        let mut cache = ClassCache::default();
+        let first = classes(&mut cache, &inventory, &[&rule]);
+        assert_eq!(team_of(&first[0]), Some("x"));
+        inventory.namespaces.clear();
+        let unlisted = classes(&mut cache, &inventory, &[&rule]);
+        assert_eq!(team_of(&unlisted[0]), None);
+        let again = classes(&mut cache, &inventory, &[&rule]);
+        assert_eq!(team_of(&again[0]), None, "still not listed");
+        inventory.namespaces.push(listed("y"));
+        let relisted = classes(&mut cache, &inventory, &[&rule]);
+        assert_eq!(team_of(&relisted[0]), Some("y"));
+        assert_eq!(team_of(&relisted[1]), Some("y"));
+    }
+
+    /// A pass dropped half way (a compile cut short) leaves the cache as
+    /// a finished pass over the workloads it visited would: the next pass
+    /// gives what a fresh cache gives, addresses included.
+    #[test]
+    fn a_pass_cut_short_leaves_a_cache_the_next_pass_can_trust() {
+        let rule = team_rule("x");
+        let mut inventory = two_web_pods();
+        inventory.namespaces.push(Namespace {
+            name: "shop".into(),
+            labels: [("team".to_string(), "x".to_string())].into(),
+        });
+        let mut cache = ClassCache::default();
+        drop(classes(&mut cache, &inventory, &[&rule]));
+        // Relabelled namespace, and only the first pod visited.
+        inventory.namespaces[0].labels = [("team".to_string(), "y".to_string())].into();
+        {
+            let mut cut = cache.pass(&inventory, &[&rule]);
+            cut.visit(&inventory.workloads[0]);
+        }
+        let mut fresh = ClassCache::default();
+        let expected = classes(&mut fresh, &inventory, &[&rule]);
+        let got = classes(&mut cache, &inventory, &[&rule]);
+        assert_eq!(got, expected);
+        assert_eq!(team_of(&got[1]), Some("y"), "the pod not visited too");
+        let hosts = |cache: &mut ClassCache| -> Vec<(AddrPrefix, PeerClass)> {
+            let mut pass = cache.pass(&inventory, &[&rule]);
+            for w in &inventory.workloads {
+                pass.visit(w);
+            }
+            pass.hosts()
+                .map(|(prefix, class)| (*prefix, PeerClass::clone(class)))
+                .collect()
+        };
+        assert_eq!(hosts(&mut cache), hosts(&mut fresh));
     }
 
     fn ingress_policy(rule: Rule) -> Arc<PolicyKind> {

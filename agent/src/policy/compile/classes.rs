@@ -108,7 +108,6 @@ impl PeerClasses {
         for w in &inventory.workloads {
             pass.visit(w);
         }
-        pass.retire_unvisited();
         // The kept addresses come sorted; each distinct class is interned
         // once (its address tells equal classes apart).
         let mut members: Vec<(AddrPrefix, usize)> = pass
