@@ -46,7 +46,7 @@ pub struct ClassCache {
     namespaces: HashMap<String, Arc<Labels>>,
     /// Those of the namespaces listed, as of the last compile.
     listed: HashMap<String, Arc<Labels>>,
-    /// By the address of the workload, which `Kept::_workload` pins.
+    /// By the address of the workload, which `Kept::workload` pins.
     workloads: HashMap<usize, Kept>,
     /// The kept workloads' addresses: each with its class and the address
     /// of the workload that claims it (a checked inventory names each
@@ -60,12 +60,12 @@ pub struct ClassCache {
 
 #[derive(Clone)]
 struct Kept {
-    /// Held, never read: while it is kept no other workload can live at
-    /// its address, which is its key.
-    _workload: Arc<Workload>,
+    /// Held: while it is kept no other workload can live at its address,
+    /// which is its key. Its classes are in `ClassCache::hosts`, by its
+    /// addresses.
+    workload: Arc<Workload>,
     /// The namespace labels the classes were made with.
     namespace_labels: Arc<Labels>,
-    classes: Vec<(IpAddr, Arc<PeerClass>)>,
     /// The last compile that used them.
     seen_in: u64,
 }
@@ -338,36 +338,29 @@ impl ClassPass<'_> {
                 return;
             }
         }
-        let lens = &cache.lens;
-        let classes: Vec<(IpAddr, Arc<PeerClass>)> = w
-            .ips
-            .iter()
-            .map(|ip| {
-                let class = lens.pod_class(w, *ip, &namespace_labels);
-                (*ip, canonical(&mut cache.canonical, class))
-            })
-            .collect();
-        for (ip, class) in &classes {
-            cache
-                .hosts
-                .insert(AddrPrefix::host(*ip), (at, Arc::clone(class)));
+        for ip in &w.ips {
+            let class = cache.lens.pod_class(w, *ip, &namespace_labels);
+            let class = canonical(&mut cache.canonical, class);
+            cache.hosts.insert(AddrPrefix::host(*ip), (at, class));
         }
         cache.workloads.insert(
             at,
             Kept {
-                _workload: Arc::clone(w),
+                workload: Arc::clone(w),
                 namespace_labels,
-                classes,
                 seen_in: pass,
             },
         );
     }
 
-    /// `w`'s classes (after [`ClassPass::visit`]).
+    /// `w`'s classes, one per address (after [`ClassPass::visit`]).
     #[cfg(test)]
-    pub fn classes_of(&mut self, w: &Arc<Workload>) -> &[(IpAddr, Arc<PeerClass>)] {
+    pub fn classes_of(&mut self, w: &Arc<Workload>) -> Vec<Arc<PeerClass>> {
         self.visit(w);
-        &self.cache.workloads[&(Arc::as_ptr(w) as usize)].classes
+        w.ips
+            .iter()
+            .map(|ip| Arc::clone(&self.cache.hosts[&AddrPrefix::host(*ip)].1))
+            .collect()
     }
 
     /// Drops the workloads this pass did not visit, and the addresses they
@@ -381,7 +374,7 @@ impl ClassPass<'_> {
             if kept.seen_in == pass {
                 return true;
             }
-            for (ip, _) in &kept.classes {
+            for ip in &kept.workload.ips {
                 let prefix = AddrPrefix::host(*ip);
                 if hosts.get(&prefix).is_some_and(|(owner, _)| owner == at) {
                     hosts.remove(&prefix);
@@ -502,12 +495,7 @@ mod tests {
         let out = inventory
             .workloads
             .iter()
-            .flat_map(|w| {
-                pass.classes_of(w)
-                    .iter()
-                    .map(|(_, c)| Arc::clone(c))
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|w| pass.classes_of(w))
             .collect();
         pass.finish();
         out

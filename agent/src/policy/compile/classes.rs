@@ -168,25 +168,22 @@ impl PeerClasses {
             prefixes.insert(ipv4_space, Member::World);
         }
 
-        // Only classes some prefix still points at, in sorted order.
-        let mut pointed = vec![false; interned.len()];
-        for (_, provisional) in &members {
-            pointed[*provisional] = true;
-        }
-        let mut used: Vec<usize> = (0..interned.len()).filter(|i| pointed[*i]).collect();
-        used.sort_by(|a, b| interned[*a].cmp(&interned[*b]));
-        let mut rank = vec![None; interned.len()];
-        let classes: Vec<PeerClass> = used
+        // Every class interned is some member's: sorted, each numbered by
+        // its rank.
+        let mut order: Vec<usize> = (0..interned.len()).collect();
+        order.sort_by(|a, b| interned[*a].cmp(&interned[*b]));
+        let mut rank = vec![0; interned.len()];
+        let classes: Vec<PeerClass> = order
             .iter()
             .enumerate()
             .map(|(index, &provisional)| {
-                rank[provisional] = Some(index);
+                rank[provisional] = index;
                 PeerClass::clone(&interned[provisional])
             })
             .collect();
         let classed = members
             .into_iter()
-            .filter_map(|(prefix, provisional)| Some((prefix, Member::Class(rank[provisional]?))));
+            .map(|(prefix, provisional)| (prefix, Member::Class(rank[provisional])));
         let prefixes = overriding(prefixes, classed);
         drop(interned);
         pass.finish();
