@@ -28,7 +28,7 @@ use crate::{
     },
     cgroup, mesh,
     policy::{
-        compile::{Attribution, CompileError, Compiled, Compiler},
+        compile::{Attribution, Block, CompileError, Compiled, Compiler, RuleTable},
         describe,
         model::{CheckedInventory, Workload, WorkloadRef},
         PolicyObject, PolicyRef,
@@ -212,20 +212,37 @@ struct Kept {
 }
 
 /// [`ingress_restricted`] of the rules it was worked out from: a pass that
-/// kept the compile's rules (a pod's address, a Service) reuses it rather
-/// than walk every entry again (26,000 at 5,000 pods).
+/// kept the compile's rules (a pod's address, a Service) reuses it, and a
+/// pass that changed some endpoints' entries looks again only at theirs,
+/// rather than walk every entry (26,000 at 5,000 pods).
 #[derive(Default)]
 struct KeptRestricted {
-    from: Option<Arc<BTreeMap<PolicySlot, PolicyValue>>>,
+    from: Option<Arc<RuleTable>>,
     restricted: Arc<BTreeSet<u32>>,
+    /// Each endpoint's answer, with the very block it came from.
+    blocks: BTreeMap<u32, (Arc<Block>, bool)>,
 }
 
 impl KeptRestricted {
-    fn of(&mut self, rules: &Arc<BTreeMap<PolicySlot, PolicyValue>>) -> Arc<BTreeSet<u32>> {
-        if !self.from.as_ref().is_some_and(|r| Arc::ptr_eq(r, rules)) {
-            self.restricted = Arc::new(ingress_restricted(rules));
-            self.from = Some(Arc::clone(rules));
+    fn of(&mut self, rules: &Arc<RuleTable>) -> Arc<BTreeSet<u32>> {
+        if self.from.as_ref().is_some_and(|r| Arc::ptr_eq(r, rules)) {
+            return Arc::clone(&self.restricted);
         }
+        let mut restricted = BTreeSet::new();
+        let mut blocks = BTreeMap::new();
+        for (id, block) in rules.blocks() {
+            let answer = match self.blocks.get(id) {
+                Some((seen, answer)) if Arc::ptr_eq(seen, block) => *answer,
+                _ => restricts_ingress(block.iter()),
+            };
+            if answer {
+                restricted.insert(*id);
+            }
+            blocks.insert(*id, (Arc::clone(block), answer));
+        }
+        self.blocks = blocks;
+        self.restricted = Arc::new(restricted);
+        self.from = Some(Arc::clone(rules));
         Arc::clone(&self.restricted)
     }
 }
@@ -669,13 +686,24 @@ fn desired_state(
 /// The endpoints some ingress entry of whose policy denies
 /// (`ENDPOINT_FLAG_INGRESS_RESTRICTED`), so the kernel can refuse packet
 /// sockets to their processes without a policy lookup. Taken from the
-/// entries written with them, so the two never disagree.
-fn ingress_restricted(rules: &BTreeMap<PolicySlot, PolicyValue>) -> BTreeSet<u32> {
+/// entries written with them, so the two never disagree. Worked out from
+/// scratch here; passes keep it ([`KeptRestricted`]), and the tests check
+/// the kept answer against this one.
+#[cfg(test)]
+fn ingress_restricted(rules: &RuleTable) -> BTreeSet<u32> {
     rules
+        .blocks()
         .iter()
-        .filter(|(slot, v)| slot.direction == DIRECTION_INGRESS && v.verdict == VERDICT_DENY)
-        .map(|(slot, _)| slot.endpoint_id)
+        .filter(|(_, block)| restricts_ingress(block.iter()))
+        .map(|(id, _)| *id)
         .collect()
+}
+
+/// Whether some ingress entry among one endpoint's denies.
+fn restricts_ingress<'a>(
+    mut entries: impl Iterator<Item = (&'a PolicySlot, &'a PolicyValue)>,
+) -> bool {
+    entries.any(|(slot, v)| slot.direction == DIRECTION_INGRESS && v.verdict == VERDICT_DENY)
 }
 
 /// The 16-byte form the kernel uses for an address.

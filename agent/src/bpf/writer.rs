@@ -13,6 +13,8 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
+use crate::policy::compile::{Block, RuleTable};
+
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError};
 use portcullis_common::{
     generation_of, BackendKey, BackendValue, EndpointKey, EndpointValue, IdentityKeyData,
@@ -51,8 +53,8 @@ pub struct DesiredState {
     /// `reconcile::kept`).
     pub identities: Arc<BTreeMap<(u8, [u8; 16]), u32>>,
     /// Shared with the compile it came from (26,000 entries at 10,000
-    /// rules were a copy each pass).
-    pub policy: Arc<BTreeMap<PolicySlot, PolicyValue>>,
+    /// rules were a copy each pass), and so are its endpoints' blocks.
+    pub policy: Arc<RuleTable>,
     /// Service frontend → (service id, backend count).
     pub services: BTreeMap<ServiceSlot, ServiceValue>,
     /// (service id, index below the frontend's backend count) → backend.
@@ -260,10 +262,10 @@ impl MapWriter {
             })
             .map_err(map_err(POLICY_MAP))?,
         };
-        sync(
+        sync_blocks(
             present,
             shadow.map(|s| &*s.policy),
-            &*desired.policy,
+            &desired.policy,
             policy,
             |m, k| m.remove(&policy_key(g, k)),
             |m, k, v| m.insert(&policy_key(g, k), v, 0),
@@ -391,6 +393,59 @@ fn sync<M, K: Ord, V: PartialEq + Copy>(
         }
     }
     Ok(())
+}
+
+/// [`sync`] for the policy map, a block per endpoint: a block the
+/// generation holds already (the very one, shared since it was written) is
+/// skipped without comparing its entries, so a pass costs what it changed
+/// rather than a walk over every entry twice.
+fn sync_blocks<M>(
+    present: Vec<PolicySlot>,
+    known: Option<&RuleTable>,
+    desired: &RuleTable,
+    map: &mut M,
+    remove: impl Fn(&mut M, &PolicySlot) -> Result<(), MapError>,
+    insert: impl Fn(&mut M, &PolicySlot, PolicyValue) -> Result<(), MapError>,
+) -> Result<(), MapError> {
+    let Some(known) = known else {
+        // Unknown contents: what is present goes unless desired, and every
+        // desired entry is written.
+        let removed = |map: &mut M, k: &PolicySlot| match remove(map, k) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e),
+        };
+        for k in present.iter().filter(|k| desired.get(k).is_none()) {
+            removed(map, k)?;
+        }
+        for (k, v) in desired.iter() {
+            insert(map, k, *v)?;
+        }
+        return Ok(());
+    };
+    let empty = Block::new();
+    let (had, wanted) = (known.blocks(), desired.blocks());
+    // As in `sync`, every deletion before any write, so the generation
+    // never holds more than the larger of what it had and what is desired.
+    let written = |_: &mut M, _: &PolicySlot, _: PolicyValue| Ok(());
+    let kept = |_: &mut M, _: &PolicySlot| Ok(());
+    for (id, block) in had {
+        let now = block_of(wanted, id, &empty);
+        if !std::ptr::eq(&**block, now) {
+            sync(Vec::new(), Some(&**block), now, map, &remove, written)?;
+        }
+    }
+    for (id, block) in wanted {
+        let before = block_of(had, id, &empty);
+        if !std::ptr::eq(before, &**block) {
+            sync(Vec::new(), Some(before), block, map, kept, &insert)?;
+        }
+    }
+    Ok(())
+}
+
+/// An endpoint's block, or `empty` when it has none.
+fn block_of<'a>(blocks: &'a BTreeMap<u32, Arc<Block>>, id: &u32, empty: &'a Block) -> &'a Block {
+    blocks.get(id).map_or(empty, |b| b)
 }
 
 fn endpoint_key(generation: u32, cgroup_id: u64) -> EndpointKey {
@@ -521,6 +576,90 @@ mod tests {
             prop_assert_eq!(&after, &desired);
             let differing = desired.iter().filter(|(k, v)| held.get(k) != Some(v)).count();
             prop_assert_eq!(writes, differing);
+        }
+    }
+
+    /// A table from small numbers: endpoint, peer and a cookie each.
+    fn table(entries: &[(u8, u8, u8)]) -> RuleTable {
+        entries
+            .iter()
+            .map(|(endpoint, peer, cookie)| {
+                let slot = PolicySlot {
+                    endpoint_id: u32::from(*endpoint % 8),
+                    peer_identity: u32::from(*peer),
+                    ..PolicySlot::default()
+                };
+                let value = PolicyValue {
+                    rule_cookie: u32::from(*cookie % 4),
+                    ..PolicyValue::default()
+                };
+                (slot, value)
+            })
+            .collect()
+    }
+
+    /// A map that records what `sync_blocks` does to it: its contents,
+    /// the writes, and the most entries it held at once.
+    fn synced_blocks(
+        start: &RuleTable,
+        known: Option<&RuleTable>,
+        desired: &RuleTable,
+    ) -> (BTreeMap<PolicySlot, PolicyValue>, usize, usize) {
+        let held: BTreeMap<_, _> = start.iter().map(|(k, v)| (*k, *v)).collect();
+        let most = held.len();
+        let mut map = (held, 0usize, most);
+        sync_blocks(
+            start.keys().copied().collect(),
+            known,
+            desired,
+            &mut map,
+            |(m, _, _), k| m.remove(k).map(|_| ()).ok_or(MapError::KeyNotFound),
+            |(m, writes, most), k, v| {
+                *writes += 1;
+                m.insert(*k, v);
+                *most = (*most).max(m.len());
+                Ok(())
+            },
+        )
+        .expect("in-memory map");
+        map
+    }
+
+    proptest! {
+        /// The same for the policy map's blocks: exactly what is desired,
+        /// only differing entries written, blocks shared with what was
+        /// written before skipped, and never more entries at once than
+        /// the larger of before and after (deletions first).
+        #[test]
+        fn block_sync_makes_the_generation_equal_what_is_desired(
+            held in proptest::collection::vec(any::<(u8, u8, u8)>(), 0..48),
+            changes in proptest::collection::vec(any::<(u8, u8, u8)>(), 0..16),
+            withdrawn in proptest::collection::vec(0u8..8, 0..3),
+        ) {
+            let held = table(&held);
+            // What a compile does: starts from the table it wrote before,
+            // so untouched blocks stay shared.
+            let mut desired = held.clone();
+            for endpoint in withdrawn {
+                desired.withdraw(u32::from(endpoint), 0);
+            }
+            for (slot, value) in table(&changes).iter() {
+                desired.insert(*slot, *value);
+            }
+            let wanted: BTreeMap<_, _> = desired.iter().map(|(k, v)| (*k, *v)).collect();
+            let (after, _, _) = synced_blocks(&held, None, &desired);
+            prop_assert_eq!(&after, &wanted);
+            let (after, writes, most) = synced_blocks(&held, Some(&held), &desired);
+            prop_assert_eq!(&after, &wanted);
+            let differing = desired.iter().filter(|(k, v)| held.get(k) != Some(v)).count();
+            prop_assert_eq!(writes, differing);
+            prop_assert!(most <= held.len().max(desired.len()));
+            // A desired table equal but not shared is compared entry by
+            // entry, and still writes nothing.
+            let copy: RuleTable = held.iter().map(|(k, v)| (*k, *v)).collect();
+            let (after, writes, _) = synced_blocks(&held, Some(&held), &copy);
+            prop_assert_eq!(after.len(), held.len());
+            prop_assert_eq!(writes, 0);
         }
     }
 

@@ -29,6 +29,7 @@ mod ids;
 pub mod lookup;
 mod memo;
 mod ports;
+mod rule_table;
 mod unaffected;
 
 use std::{
@@ -50,6 +51,7 @@ use portcullis_common::{
 use thiserror::Error;
 
 pub use self::memo::Reuse;
+pub use self::rule_table::{Block, RuleTable};
 use self::{
     class_cache::ClassCache,
     class_delta::{ClassDelta, NamedCache},
@@ -72,8 +74,9 @@ pub struct Compiled {
     pub endpoints: Vec<CompiledEndpoint>,
     /// Address prefix → peer identity.
     pub identities: BTreeMap<AddrPrefix, u32>,
-    /// Shared with the map state written from it, not copied.
-    pub rules: Arc<BTreeMap<PolicySlot, PolicyValue>>,
+    /// Shared with the map state written from it, not copied (and each
+    /// endpoint's block with the compiles that did not change it).
+    pub rules: Arc<RuleTable>,
     /// Rule cookie → what decided; every cookie in `rules` is here. Shared
     /// with the next compile, which starts from it.
     pub cookies: memo::Cookies,

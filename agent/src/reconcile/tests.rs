@@ -225,7 +225,15 @@ fn endpoints_are_flagged_restricted_when_ingress_policy_denies() {
     let first = kept.of(&compiled.rules);
     assert_eq!(*first, BTreeSet::from([id("a")]));
     assert!(Arc::ptr_eq(&first, &kept.of(&compiled.rules)));
-    let none = kept.of(&Arc::new(BTreeMap::new()));
+    // An endpoint whose block changed is looked at again: a's ingress
+    // entries withdrawn, a is no longer restricted.
+    let mut open = (*compiled.rules).clone();
+    open.withdraw(id("a"), DIRECTION_INGRESS);
+    assert_eq!(*kept.of(&Arc::new(open.clone())), BTreeSet::new());
+    assert_eq!(ingress_restricted(&open), BTreeSet::new());
+    // And back: the unchanged blocks answered from before, a's again.
+    assert_eq!(*kept.of(&compiled.rules), BTreeSet::from([id("a")]));
+    let none = kept.of(&Arc::new(RuleTable::default()));
     assert!(
         none.is_empty(),
         "a new rule set is not answered from the old"

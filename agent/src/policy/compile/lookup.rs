@@ -3,18 +3,15 @@
 //! runs in the kernel: the identity of the longest address prefix, and the
 //! entry with the longest port prefix.
 
-use std::{collections::BTreeMap, convert::Infallible};
+use std::convert::Infallible;
 
 use portcullis_common::{decide::PolicyMaps, PolicyKeyData, PolicySlot, PolicyValue};
 
-use super::{AddrPrefix, Compiled};
+use super::{AddrPrefix, Compiled, RuleTable};
 
 /// The entry of `rules` for `key` (exact endpoint, peer, direction and
 /// protocol) whose port block holds the key's port most specifically.
-pub fn longest_rule(
-    rules: &BTreeMap<PolicySlot, PolicyValue>,
-    key: &PolicyKeyData,
-) -> Option<PolicyValue> {
+pub fn longest_rule(rules: &RuleTable, key: &PolicyKeyData) -> Option<PolicyValue> {
     let slot = |port, port_prefix_len| PolicySlot {
         endpoint_id: u32::from_be(key.endpoint_id_be),
         peer_identity: u32::from_be(key.peer_identity_be),
@@ -24,7 +21,8 @@ pub fn longest_rule(
         port_prefix_len,
     };
     let port = u16::from_be(key.port_be);
-    rules
+    let block = rules.blocks().get(&u32::from_be(key.endpoint_id_be))?;
+    block
         .range(slot(0, 0)..=slot(u16::MAX, u8::MAX))
         .filter(|(s, _)| s.holds_port(port))
         .max_by_key(|(s, _)| s.port_prefix_len)

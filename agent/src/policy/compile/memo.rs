@@ -25,7 +25,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 
 use foldhash::{HashMap, HashSet};
 
-use portcullis_common::{PolicySlot, PolicyValue};
+use portcullis_common::PolicyValue;
 
 use super::{
     ids::IdRound,
@@ -68,7 +68,7 @@ pub struct Memo {
     cookies: Option<Cookies>,
 }
 
-pub type Rules = std::sync::Arc<std::collections::BTreeMap<PolicySlot, PolicyValue>>;
+pub type Rules = std::sync::Arc<super::RuleTable>;
 
 /// Rule cookie → what decided.
 pub type Cookies = std::sync::Arc<std::collections::BTreeMap<u32, Attribution>>;
@@ -258,34 +258,12 @@ pub fn all_cookies(
 
 /// Takes the entries of `key` out of `out`, which started from the rules
 /// of the compile that made them: the endpoint-direction is worked out
-/// again, or gone. An endpoint's entries are one run of the rules (the
-/// endpoint id leads the slot's order); its other direction's stay.
+/// again, or gone. Its other direction's stay, and only its endpoint's
+/// block is copied (see [`super::RuleTable`]).
 pub fn withdraw(out: &mut Compiled, (endpoint_id, direction): MemoKey) {
-    let first = PolicySlot {
-        endpoint_id,
-        ..PolicySlot::default()
-    };
-    let last = PolicySlot {
-        endpoint_id,
-        peer_identity: u32::MAX,
-        direction: u8::MAX,
-        protocol: u8::MAX,
-        port: u16::MAX,
-        port_prefix_len: u8::MAX,
-    };
     let direction = direction.kernel_value();
-    let gone: Vec<PolicySlot> = out
-        .rules
-        .range(first..=last)
-        .map(|(slot, _)| *slot)
-        .filter(|slot| slot.direction == direction)
-        .collect();
-    if gone.is_empty() {
-        // Not copied when shared: most withdrawn directions had no entries.
-        return;
-    }
-    let rules = std::sync::Arc::make_mut(&mut out.rules);
-    for slot in &gone {
-        rules.remove(slot);
+    // Not copied when shared: most withdrawn directions had no entries.
+    if out.rules.has_direction(endpoint_id, direction) {
+        std::sync::Arc::make_mut(&mut out.rules).withdraw(endpoint_id, direction);
     }
 }
