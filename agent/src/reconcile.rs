@@ -207,6 +207,7 @@ pub struct Reconciler {
 #[derive(Default)]
 struct Kept {
     paths: kept::EndpointPaths,
+    endpoints: kept::KeptEndpoints,
     identities: kept::KeptIdentities,
     restricted: KeptRestricted,
 }
@@ -567,7 +568,6 @@ fn desired_state(
     let mut desired = DesiredState::default();
     let mut missing = Vec::new();
     let mut missing_paths = Vec::new();
-    let mut cgroups = Vec::with_capacity(c.endpoints.len());
     // Guards first: a pod registered as an endpoint overrides a guard on
     // the same cgroup.
     let guards = &snapshot.guards;
@@ -602,20 +602,99 @@ fn desired_state(
         }
     }
     let restricted = kept.restricted.of(&c.rules);
-    let workloads: HashMap<(&str, &str), &Workload> = snapshot
-        .inventory
-        .workloads
+    let inputs = kept::EndpointInputs {
+        endpoints: &c.endpoints,
+        listed: &snapshot.cgroup_ids,
+        restricted: &restricted,
+        local: snapshot
+            .inventory
+            .workloads
+            .iter()
+            .filter(|w| w.is_local())
+            .collect(),
+        namespace_modes: {
+            let mut modes: Vec<(&str, &str)> = snapshot
+                .inventory
+                .namespaces
+                .iter()
+                .filter_map(|n| {
+                    Some((
+                        n.name.as_str(),
+                        n.labels.get(mesh::mode::MODE_LABEL)?.as_str(),
+                    ))
+                })
+                .collect();
+            modes.sort_unstable();
+            modes
+        },
+    };
+    let entries = match kept.endpoints.of(&inputs) {
+        Some(entries) => entries.clone(),
+        None => {
+            let mut all_listed = true;
+            let entries = endpoint_entries(
+                &mut kept.paths,
+                mount,
+                c,
+                snapshot,
+                &inputs,
+                &mut desired,
+                &mut missing,
+                &mut missing_paths,
+                &mut all_listed,
+            );
+            if all_listed {
+                kept.endpoints.keep(&inputs, entries.clone());
+            } else {
+                kept.endpoints.forget();
+            }
+            entries
+        }
+    };
+    desired.endpoints.extend(entries.values);
+    let cgroups = entries.cgroups;
+    desired.identities = kept.identities.of(&c.identities);
+    desired.policy = Arc::clone(&c.rules);
+    (desired.services, desired.backends) = services::desired(&snapshot.inventory.services);
+    let missing = MissingCgroups {
+        problems: missing,
+        paths: missing_paths,
+    };
+    (desired, missing, cgroups)
+}
+
+/// The endpoints' map entries, worked out afresh: each endpoint's cgroup
+/// located, its flags from its policy and mesh mode. An endpoint whose
+/// cgroup is missing or too deep is reported in `missing` (a guard is put
+/// in `desired` for one too deep); `all_listed` is cleared when any cgroup
+/// was not found in the listing (the file system was asked).
+#[allow(clippy::too_many_arguments)]
+fn endpoint_entries(
+    paths: &mut kept::EndpointPaths,
+    mount: &Path,
+    c: &Compiled,
+    snapshot: &Snapshot,
+    inputs: &kept::EndpointInputs<'_>,
+    desired: &mut DesiredState,
+    missing: &mut Vec<String>,
+    missing_paths: &mut Vec<PathBuf>,
+    all_listed: &mut bool,
+) -> kept::EndpointEntries {
+    let mut entries = kept::EndpointEntries {
+        values: Vec::with_capacity(c.endpoints.len()),
+        cgroups: Vec::with_capacity(c.endpoints.len()),
+    };
+    let workloads: HashMap<(&str, &str), &Workload> = inputs
+        .local
         .iter()
-        .filter(|w| w.is_local())
-        .map(|w| ((&*w.namespace, &*w.name), &**w))
+        .map(|w| ((&*w.namespace, &*w.name), &***w))
         .collect();
     let modes = mesh::mode::NamespaceModes::of(&snapshot.inventory);
-    kept.paths.begin();
+    paths.begin();
     for ep in &c.endpoints {
-        let located = kept
-            .paths
-            .locate(mount, ep.id, &ep.cgroup, &snapshot.cgroup_ids);
+        let located = paths.locate(mount, ep.id, &ep.cgroup, &snapshot.cgroup_ids);
         let (path, depth) = (located.resolved, located.depth);
+        *all_listed &= located.from_listing;
         let id = match located.id {
             Ok(id) => id,
             Err(e) => {
@@ -629,6 +708,7 @@ fn desired_state(
             // rather than leave the workload unenforced, guard the deepest
             // ancestor it does reach, so the workload's traffic is denied
             // until it is moved up, and say so.
+            *all_listed = false;
             let visible = cgroup::deepest_visible(mount, path);
             missing.push(format!(
                 "{}: cgroup {} is {depth} levels deep, past the {MAX_CGROUP_DEPTH} the \
@@ -649,7 +729,7 @@ fn desired_state(
         }
         let mut value = EndpointValue {
             endpoint_id: ep.id,
-            flags: if restricted.contains(&ep.id) {
+            flags: if inputs.restricted.contains(&ep.id) {
                 ENDPOINT_FLAG_INGRESS_RESTRICTED
             } else {
                 0
@@ -670,17 +750,10 @@ fn desired_state(
             value.ipv6 = v6.octets();
             value.flags |= ENDPOINT_FLAG_HAS_IPV6;
         }
-        desired.endpoints.insert(id, value);
-        cgroups.push((id, path.to_path_buf()));
+        entries.values.push((id, value));
+        entries.cgroups.push((id, path.to_path_buf()));
     }
-    desired.identities = kept.identities.of(&c.identities);
-    desired.policy = Arc::clone(&c.rules);
-    (desired.services, desired.backends) = services::desired(&snapshot.inventory.services);
-    let missing = MissingCgroups {
-        problems: missing,
-        paths: missing_paths,
-    };
-    (desired, missing, cgroups)
+    entries
 }
 
 /// The endpoints some ingress entry of whose policy denies

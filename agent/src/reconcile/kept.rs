@@ -4,16 +4,20 @@
 //! rebuilding the identity map were most of the desired-state stage.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use foldhash::HashMap;
+use portcullis_common::EndpointValue;
 
 use crate::{
     cgroup::{self, CgroupError},
-    policy::compile::AddrPrefix,
+    policy::{
+        compile::{AddrPrefix, CompiledEndpoint},
+        model::Workload,
+    },
 };
 
 /// cgroup ids by absolute path, as the source's listing read them (see
@@ -41,6 +45,8 @@ pub(super) struct Located<'a> {
     /// Levels below the hierarchy's root.
     pub depth: usize,
     pub id: Result<u64, CgroupError>,
+    /// The id came from the listing, not the file system.
+    pub from_listing: bool,
 }
 
 /// Endpoints' cgroups by endpoint id, kept while the endpoint is.
@@ -84,17 +90,17 @@ impl EndpointPaths {
             .entry(endpoint)
             .insert_entry(entry)
             .into_mut();
-        let id = match &entry.listed {
-            Some((listing, id)) if Arc::ptr_eq(listing, listed) => Ok(*id),
+        let (id, from_listing) = match &entry.listed {
+            Some((listing, id)) if Arc::ptr_eq(listing, listed) => (Ok(*id), true),
             _ => match listed.get(&entry.resolved) {
                 Some(id) => {
                     entry.listed = Some((Arc::clone(listed), *id));
-                    Ok(*id)
+                    (Ok(*id), true)
                 }
                 // Not listed: asked every pass, it may appear any moment.
                 None => {
                     entry.listed = None;
-                    cgroup::cgroup_id(&entry.resolved)
+                    (cgroup::cgroup_id(&entry.resolved), false)
                 }
             },
         };
@@ -102,6 +108,7 @@ impl EndpointPaths {
             resolved: &entry.resolved,
             depth: entry.depth,
             id,
+            from_listing,
         }
     }
 }
@@ -127,6 +134,99 @@ impl KeptIdentities {
             self.from = identities.clone();
         }
         Arc::clone(&self.map)
+    }
+}
+
+/// Everything the endpoints' map entries are worked out from, besides the
+/// file system: the compile's endpoints, the cgroup listing, which
+/// endpoints ingress policy restricts, the local workloads (their mesh
+/// labels) and the namespaces' mesh labels.
+pub(super) struct EndpointInputs<'a> {
+    pub endpoints: &'a [CompiledEndpoint],
+    pub listed: &'a Listed,
+    pub restricted: &'a Arc<BTreeSet<u32>>,
+    /// The inventory's local workloads, in its order.
+    pub local: Vec<&'a Arc<Workload>>,
+    /// (namespace, its mesh mode label), sorted.
+    pub namespace_modes: Vec<(&'a str, &'a str)>,
+}
+
+/// The same inputs, owned. Workloads are kept by `Arc`, so one compares
+/// as the same only while it is the very object (an edited pod is a new
+/// one), and its address cannot be reused meanwhile.
+struct OwnedInputs {
+    endpoints: Vec<CompiledEndpoint>,
+    listed: Listed,
+    restricted: Arc<BTreeSet<u32>>,
+    local: Vec<Arc<Workload>>,
+    namespace_modes: Vec<(String, String)>,
+}
+
+impl OwnedInputs {
+    fn same(&self, now: &EndpointInputs<'_>) -> bool {
+        Arc::ptr_eq(&self.listed, now.listed)
+            && (Arc::ptr_eq(&self.restricted, now.restricted) || self.restricted == *now.restricted)
+            && self.local.len() == now.local.len()
+            && self
+                .local
+                .iter()
+                .zip(&now.local)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+            && self.namespace_modes.len() == now.namespace_modes.len()
+            && self
+                .namespace_modes
+                .iter()
+                .zip(&now.namespace_modes)
+                .all(|((n, m), (n2, m2))| n == n2 && m == m2)
+            && self.endpoints == now.endpoints
+    }
+}
+
+/// The endpoints' entries one pass worked out, and the cgroup of each.
+#[derive(Clone, Default)]
+pub(super) struct EndpointEntries {
+    pub values: Vec<(u64, EndpointValue)>,
+    pub cgroups: Vec<(u64, PathBuf)>,
+}
+
+/// The endpoints' entries of the last pass whose every endpoint's cgroup
+/// was found in the listing, within the depth the kernel searches: a pass
+/// with the same inputs has the same entries (a pod elsewhere in the
+/// cluster, a policy that restricts no other endpoint, a Service). A pass
+/// that read any cgroup from the file system is never kept: it is read
+/// again next time, as it may appear or be made again any moment.
+#[derive(Default)]
+pub(super) struct KeptEndpoints {
+    kept: Option<(OwnedInputs, EndpointEntries)>,
+}
+
+impl KeptEndpoints {
+    pub fn of(&self, now: &EndpointInputs<'_>) -> Option<&EndpointEntries> {
+        self.kept
+            .as_ref()
+            .filter(|(from, _)| from.same(now))
+            .map(|(_, entries)| entries)
+    }
+
+    /// Keeps `entries`, worked out from `now` with every cgroup listed.
+    pub fn keep(&mut self, now: &EndpointInputs<'_>, entries: EndpointEntries) {
+        let from = OwnedInputs {
+            endpoints: now.endpoints.to_vec(),
+            listed: Arc::clone(now.listed),
+            restricted: Arc::clone(now.restricted),
+            local: now.local.iter().map(|w| Arc::clone(w)).collect(),
+            namespace_modes: now
+                .namespace_modes
+                .iter()
+                .map(|(n, m)| (n.to_string(), m.to_string()))
+                .collect(),
+        };
+        self.kept = Some((from, entries));
+    }
+
+    /// Forgets what was kept (a pass that read the file system).
+    pub fn forget(&mut self) {
+        self.kept = None;
     }
 }
 

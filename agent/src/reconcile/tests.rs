@@ -3,7 +3,7 @@
 use super::*;
 use std::path::Path;
 
-use portcullis_common::IDENTITIES_MAP;
+use portcullis_common::{ENDPOINT_FLAG_MESHED, ENDPOINT_FLAG_MESH_STRICT, IDENTITIES_MAP};
 
 use crate::policy::{
     model::Inventory,
@@ -417,4 +417,111 @@ fn snapshot_of(inventory: Inventory) -> Snapshot {
         policies: Arc::new(vec![admit("x", "first", 1)]),
         ..Default::default()
     }
+}
+
+/// The endpoints' entries kept from the last pass equal entries worked out
+/// afresh, through every input they are made from: the cgroup listing, a
+/// namespace's or a pod's mesh label, a policy that restricts ingress, and
+/// a cgroup missing from the listing (read from the file system every
+/// pass, so never kept).
+#[test]
+fn kept_endpoint_entries_equal_entries_worked_out_afresh() {
+    let mount = Path::new("/nonexistent-cgroup-mount");
+    let base = inventory(
+        "namespaces:\n\
+         - {name: x, labels: {}}\n\
+         - {name: y, labels: {}}\n\
+         workloads:\n\
+         - {name: a, namespace: x, labels: {app: a}, cgroup: /pods/a, ips: [198.18.0.10]}\n\
+         - {name: b, namespace: y, labels: {app: b}, cgroup: /pods/b, ips: [198.18.0.11]}\n\
+         - {name: c, namespace: y, labels: {app: c}, ips: [198.18.0.12]}\n",
+    );
+    let listing = |ids: &[(&str, u64)]| {
+        Arc::new(
+            ids.iter()
+                .map(|(pod, id)| (mount.join("pods").join(pod), *id))
+                .collect::<std::collections::HashMap<_, _>>(),
+        )
+    };
+    let isolate_a = policies(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: a-in, namespace: x}\n\
+         spec: {podSelector: {matchLabels: {app: a}}, policyTypes: [Ingress]}\n",
+    );
+    let with_labels = |namespace: Option<&str>, pod: Option<&str>| {
+        let mut inv = base.clone();
+        if let Some(mode) = namespace {
+            inv.namespaces[1]
+                .labels
+                .insert(mesh::mode::MODE_LABEL.into(), mode.into());
+        }
+        if let Some(mode) = pod {
+            Arc::make_mut(&mut inv.workloads[1])
+                .labels_mut()
+                .insert(mesh::mode::MODE_LABEL.into(), mode.into());
+        }
+        CheckedInventory::new(inv).unwrap()
+    };
+    let plain = CheckedInventory::new(base.clone()).unwrap();
+    let strict_ns = with_labels(Some("strict"), None);
+    let permissive_pod = with_labels(Some("strict"), Some("permissive"));
+    let both = listing(&[("a", 11), ("b", 12)]);
+    let remade = listing(&[("a", 11), ("b", 13)]);
+    let b_unlisted = listing(&[("a", 11)]);
+    let steps: Vec<(&str, &CheckedInventory, &Arc<_>, &[PolicyObject])> = vec![
+        ("first", &plain, &both, &[]),
+        ("the same again", &plain, &both, &[]),
+        ("b's namespace STRICT", &strict_ns, &both, &[]),
+        ("b's own label PERMISSIVE", &permissive_pod, &both, &[]),
+        ("a's ingress restricted", &permissive_pod, &both, &isolate_a),
+        (
+            "b's cgroup made again",
+            &permissive_pod,
+            &remade,
+            &isolate_a,
+        ),
+        (
+            "b's cgroup not listed",
+            &permissive_pod,
+            &b_unlisted,
+            &isolate_a,
+        ),
+        ("still not listed", &permissive_pod, &b_unlisted, &isolate_a),
+        ("listed again", &plain, &both, &[]),
+    ];
+    let mut compiler = Compiler::new();
+    let mut kept = Kept::default();
+    for (step, inventory, listed, policies) in steps {
+        let compiled = compiler.compile_checked(inventory, policies).unwrap();
+        let snapshot = Snapshot {
+            inventory: inventory.clone(),
+            cgroup_ids: Arc::clone(listed),
+            ..Default::default()
+        };
+        let (desired, missing, cgroups) = desired_state(&mut kept, mount, &compiled, &snapshot);
+        let (fresh, fresh_missing, fresh_cgroups) =
+            desired_state(&mut Kept::default(), mount, &compiled, &snapshot);
+        assert_eq!(desired.endpoints, fresh.endpoints, "{step}");
+        assert_eq!(missing.problems, fresh_missing.problems, "{step}");
+        assert_eq!(cgroups, fresh_cgroups, "{step}");
+    }
+    // What the steps went through reached the entries.
+    let compiled = compiler
+        .compile_checked(&permissive_pod, &isolate_a)
+        .unwrap();
+    let snapshot = Snapshot {
+        inventory: permissive_pod.clone(),
+        cgroup_ids: Arc::clone(&remade),
+        ..Default::default()
+    };
+    let (desired, _, _) = desired_state(&mut kept, mount, &compiled, &snapshot);
+    let b = desired.endpoints[&13];
+    assert_eq!(
+        b.flags & (ENDPOINT_FLAG_MESHED | ENDPOINT_FLAG_MESH_STRICT),
+        ENDPOINT_FLAG_MESHED
+    );
+    assert_ne!(
+        desired.endpoints[&11].flags & ENDPOINT_FLAG_INGRESS_RESTRICTED,
+        0
+    );
 }
