@@ -658,7 +658,8 @@ mod tests {
             // entry, and still writes nothing.
             let copy: RuleTable = held.iter().map(|(k, v)| (*k, *v)).collect();
             let (after, writes, _) = synced_blocks(&held, Some(&held), &copy);
-            prop_assert_eq!(after.len(), held.len());
+            let was: BTreeMap<_, _> = held.iter().map(|(k, v)| (*k, *v)).collect();
+            prop_assert_eq!(&after, &was);
             prop_assert_eq!(writes, 0);
         }
     }

@@ -198,14 +198,24 @@ pub(super) struct EndpointEntries {
 #[derive(Default)]
 pub(super) struct KeptEndpoints {
     kept: Option<(OwnedInputs, EndpointEntries)>,
+    /// Passes that used the kept entries.
+    reused: u64,
 }
 
 impl KeptEndpoints {
-    pub fn of(&self, now: &EndpointInputs<'_>) -> Option<&EndpointEntries> {
-        self.kept
+    pub fn of(&mut self, now: &EndpointInputs<'_>) -> Option<&EndpointEntries> {
+        let entries = self
+            .kept
             .as_ref()
             .filter(|(from, _)| from.same(now))
-            .map(|(_, entries)| entries)
+            .map(|(_, entries)| entries);
+        self.reused += u64::from(entries.is_some());
+        entries
+    }
+
+    #[cfg(test)]
+    pub fn reused(&self) -> u64 {
+        self.reused
     }
 
     /// Keeps `entries`, worked out from `now` with every cgroup listed.

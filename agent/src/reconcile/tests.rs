@@ -468,30 +468,75 @@ fn kept_endpoint_entries_equal_entries_worked_out_afresh() {
     let both = listing(&[("a", 11), ("b", 12)]);
     let remade = listing(&[("a", 11), ("b", 13)]);
     let b_unlisted = listing(&[("a", 11)]);
-    let steps: Vec<(&str, &CheckedInventory, &Arc<_>, &[PolicyObject])> = vec![
-        ("first", &plain, &both, &[]),
-        ("the same again", &plain, &both, &[]),
-        ("b's namespace STRICT", &strict_ns, &both, &[]),
-        ("b's own label PERMISSIVE", &permissive_pod, &both, &[]),
-        ("a's ingress restricted", &permissive_pod, &both, &isolate_a),
+    // a's cgroup past the depth the kernel searches (listed all the same).
+    let deep_path = format!(
+        "/{}/a",
+        (0..MAX_CGROUP_DEPTH)
+            .map(|i| format!("l{i}"))
+            .collect::<Vec<_>>()
+            .join("/")
+    );
+    let mut deep = base.clone();
+    Arc::make_mut(&mut deep.workloads[0]).cgroup = Some(PathBuf::from(&deep_path));
+    let deep = CheckedInventory::new(deep).unwrap();
+    let deep_listed = Arc::new(
+        [
+            (mount.join(deep_path.trim_start_matches('/')), 11),
+            (mount.join("pods/b"), 12),
+        ]
+        .into_iter()
+        .collect::<std::collections::HashMap<_, _>>(),
+    );
+    // Each step: whether the entries kept from the step before are used.
+    let steps: Vec<(&str, &CheckedInventory, &Arc<_>, &[PolicyObject], bool)> = vec![
+        ("first", &plain, &both, &[], false),
+        ("the same again", &plain, &both, &[], true),
+        ("b's namespace STRICT", &strict_ns, &both, &[], false),
+        (
+            "b's own label PERMISSIVE",
+            &permissive_pod,
+            &both,
+            &[],
+            false,
+        ),
+        (
+            "a's ingress restricted",
+            &permissive_pod,
+            &both,
+            &isolate_a,
+            false,
+        ),
         (
             "b's cgroup made again",
             &permissive_pod,
             &remade,
             &isolate_a,
+            false,
         ),
         (
             "b's cgroup not listed",
             &permissive_pod,
             &b_unlisted,
             &isolate_a,
+            false,
         ),
-        ("still not listed", &permissive_pod, &b_unlisted, &isolate_a),
-        ("listed again", &plain, &both, &[]),
+        (
+            "still not listed",
+            &permissive_pod,
+            &b_unlisted,
+            &isolate_a,
+            false,
+        ),
+        ("listed again", &plain, &both, &[], false),
+        ("a too deep", &deep, &deep_listed, &[], false),
+        ("still too deep", &deep, &deep_listed, &[], false),
+        ("back", &plain, &both, &[], false),
+        ("back, the same again", &plain, &both, &[], true),
     ];
     let mut compiler = Compiler::new();
     let mut kept = Kept::default();
-    for (step, inventory, listed, policies) in steps {
+    for (step, inventory, listed, policies, reused) in steps {
+        let reused_before = kept.endpoints.reused();
         let compiled = compiler.compile_checked(inventory, policies).unwrap();
         let snapshot = Snapshot {
             inventory: inventory.clone(),
@@ -504,6 +549,18 @@ fn kept_endpoint_entries_equal_entries_worked_out_afresh() {
         assert_eq!(desired.endpoints, fresh.endpoints, "{step}");
         assert_eq!(missing.problems, fresh_missing.problems, "{step}");
         assert_eq!(cgroups, fresh_cgroups, "{step}");
+        assert_eq!(
+            kept.endpoints.reused() - reused_before,
+            u64::from(reused),
+            "{step}"
+        );
+        if step.contains("too deep") {
+            assert!(
+                missing.problems.iter().any(|p| p.contains("levels deep")),
+                "{step}: {:?}",
+                missing.problems
+            );
+        }
     }
     // What the steps went through reached the entries.
     let compiled = compiler
