@@ -612,21 +612,7 @@ fn desired_state(
             .iter()
             .filter(|w| w.is_local())
             .collect(),
-        namespace_modes: {
-            let mut modes: Vec<(&str, &str)> = snapshot
-                .inventory
-                .namespaces
-                .iter()
-                .filter_map(|n| {
-                    Some((
-                        n.name.as_str(),
-                        n.labels.get(mesh::mode::MODE_LABEL)?.as_str(),
-                    ))
-                })
-                .collect();
-            modes.sort_unstable();
-            modes
-        },
+        namespace_modes: mesh::mode::NamespaceModes::of(&snapshot.inventory),
     };
     let entries = match kept.endpoints.of(&inputs) {
         Some(entries) => entries.clone(),
@@ -636,7 +622,6 @@ fn desired_state(
                 &mut kept.paths,
                 mount,
                 c,
-                snapshot,
                 &inputs,
                 &mut desired,
                 &mut missing,
@@ -673,7 +658,6 @@ fn endpoint_entries(
     paths: &mut kept::EndpointPaths,
     mount: &Path,
     c: &Compiled,
-    snapshot: &Snapshot,
     inputs: &kept::EndpointInputs<'_>,
     desired: &mut DesiredState,
     missing: &mut Vec<String>,
@@ -689,10 +673,9 @@ fn endpoint_entries(
         .iter()
         .map(|w| ((&*w.namespace, &*w.name), &***w))
         .collect();
-    let modes = mesh::mode::NamespaceModes::of(&snapshot.inventory);
     paths.begin();
     for ep in &c.endpoints {
-        let located = paths.locate(mount, ep.id, &ep.cgroup, &snapshot.cgroup_ids);
+        let located = paths.locate(mount, ep.id, &ep.cgroup, inputs.listed);
         let (path, depth) = (located.resolved, located.depth);
         *all_listed &= located.from_listing;
         let id = match located.id {
@@ -739,7 +722,7 @@ fn endpoint_entries(
         if let Some(w) = workloads.get(&(&*ep.workload.namespace, &*ep.workload.name)) {
             // A bad mode label is reported by the mesh (it is STRICT
             // meanwhile), not as a missing cgroup.
-            let (mode, _) = modes.of_workload(w);
+            let (mode, _) = inputs.namespace_modes.of_workload(w);
             value.flags |= mode.endpoint_flags();
         }
         if let Some(v4) = ep.ipv4 {

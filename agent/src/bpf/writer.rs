@@ -359,10 +359,7 @@ fn sync<M, K: Ord, V: PartialEq + Copy>(
     remove: impl Fn(&mut M, &K) -> Result<(), MapError>,
     insert: impl Fn(&mut M, &K, V) -> Result<(), MapError>,
 ) -> Result<(), MapError> {
-    let removed = |map: &mut M, k: &K| match remove(map, k) {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(e),
-    };
+    let removed = tolerant(remove);
     let Some(known) = known else {
         for k in present.iter().filter(|k| !desired.contains_key(k)) {
             removed(map, k)?;
@@ -395,6 +392,16 @@ fn sync<M, K: Ord, V: PartialEq + Copy>(
     Ok(())
 }
 
+/// `remove`, for which a key already gone is not an error.
+fn tolerant<M, K>(
+    remove: impl Fn(&mut M, &K) -> Result<(), MapError>,
+) -> impl Fn(&mut M, &K) -> Result<(), MapError> {
+    move |map, k| match remove(map, k) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// [`sync`] for the policy map, a block per endpoint: a block the
 /// generation holds already (the very one, shared since it was written) is
 /// skipped without comparing its entries, so a pass costs what it changed
@@ -410,10 +417,7 @@ fn sync_blocks<M>(
     let Some(known) = known else {
         // Unknown contents: what is present goes unless desired, and every
         // desired entry is written.
-        let removed = |map: &mut M, k: &PolicySlot| match remove(map, k) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e),
-        };
+        let removed = tolerant(&remove);
         for k in present.iter().filter(|k| desired.get(k).is_none()) {
             removed(map, k)?;
         }

@@ -99,22 +99,34 @@ pub fn of_workload(inventory: &Inventory, workload: &Workload) -> (MeshMode, Opt
 /// many workloads' modes (the mesh plan, the map contents, the flow
 /// namer): searching the namespace list per workload was a quarter of
 /// working out the map contents at a thousand local pods.
-pub struct NamespaceModes<'a>(std::collections::HashMap<&'a str, &'a str>);
+/// Sorted by namespace, so two passes' labels compare as they are.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NamespaceModes<'a>(Vec<(&'a str, &'a str)>);
 
 impl<'a> NamespaceModes<'a> {
     pub fn of(inventory: &'a Inventory) -> Self {
-        Self(
-            inventory
-                .namespaces
-                .iter()
-                .filter_map(|n| Some((n.name.as_str(), n.labels.get(MODE_LABEL)?.as_str())))
-                .collect(),
-        )
+        let mut labels: Vec<(&str, &str)> = inventory
+            .namespaces
+            .iter()
+            .filter_map(|n| Some((n.name.as_str(), n.labels.get(MODE_LABEL)?.as_str())))
+            .collect();
+        labels.sort_unstable();
+        Self(labels)
+    }
+
+    /// (namespace, its mode label), by namespace.
+    pub fn labels(&self) -> &[(&'a str, &'a str)] {
+        &self.0
     }
 
     /// As [`of_workload`].
     pub fn of_workload(&self, workload: &Workload) -> (MeshMode, Option<ModeError>) {
-        decide(workload, self.0.get(workload.namespace.as_str()).copied())
+        let label = self
+            .0
+            .binary_search_by_key(&workload.namespace.as_str(), |(name, _)| name)
+            .ok()
+            .map(|at| self.0[at].1);
+        decide(workload, label)
     }
 }
 

@@ -14,6 +14,7 @@ use portcullis_common::EndpointValue;
 
 use crate::{
     cgroup::{self, CgroupError},
+    mesh::mode::NamespaceModes,
     policy::{
         compile::{AddrPrefix, CompiledEndpoint},
         model::Workload,
@@ -147,8 +148,7 @@ pub(super) struct EndpointInputs<'a> {
     pub restricted: &'a Arc<BTreeSet<u32>>,
     /// The inventory's local workloads, in its order.
     pub local: Vec<&'a Arc<Workload>>,
-    /// (namespace, its mesh mode label), sorted.
-    pub namespace_modes: Vec<(&'a str, &'a str)>,
+    pub namespace_modes: NamespaceModes<'a>,
 }
 
 /// The same inputs, owned. Workloads are kept by `Arc`, so one compares
@@ -172,11 +172,11 @@ impl OwnedInputs {
                 .iter()
                 .zip(&now.local)
                 .all(|(a, b)| Arc::ptr_eq(a, b))
-            && self.namespace_modes.len() == now.namespace_modes.len()
+            && self.namespace_modes.len() == now.namespace_modes.labels().len()
             && self
                 .namespace_modes
                 .iter()
-                .zip(&now.namespace_modes)
+                .zip(now.namespace_modes.labels())
                 .all(|((n, m), (n2, m2))| n == n2 && m == m2)
             && self.endpoints == now.endpoints
     }
@@ -227,6 +227,7 @@ impl KeptEndpoints {
             local: now.local.iter().map(|w| Arc::clone(w)).collect(),
             namespace_modes: now
                 .namespace_modes
+                .labels()
                 .iter()
                 .map(|(n, m)| (n.to_string(), m.to_string()))
                 .collect(),
